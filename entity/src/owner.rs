@@ -1,0 +1,22 @@
+//! An owner: the identity sandboxes belong to, with its quota overrides.
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "owners")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    /// Hash of the owner's API key; never the key itself.
+    pub api_key_hash: Option<String>,
+    /// Per-owner override of the global limit; `None` means "use the default".
+    pub max_sandboxes: Option<i32>,
+    pub max_ttl_ms: Option<i64>,
+    pub max_exec_timeout_ms: Option<i64>,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,25 @@
+//! A named sandbox recipe: image, limits, TTL and metadata.
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "templates")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub name: String,
+    pub owner_id: String,
+    pub image: String,
+    /// Empty means "the default provider".
+    pub provider: String,
+    pub memory_mb: i32,
+    pub vcpus: i32,
+    pub ttl_ms: i64,
+    /// JSON object of string to string.
+    pub metadata: Json,
+    pub created_at: DateTimeUtc,
+    pub updated_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,24 @@
+//! A worker: a process that runs providers (the local one, or remote ones).
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "workers")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub hostname: String,
+    /// `local` for the in-process worker, otherwise the worker's RPC address.
+    pub endpoint: String,
+    pub status: String,
+    /// JSON array of provider names this worker can run.
+    pub providers: Json,
+    /// Maximum number of sandboxes; 0 means unlimited.
+    pub capacity: i32,
+    pub last_heartbeat: DateTimeUtc,
+    pub created_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

@@ -1,0 +1,18 @@
+//! Schema migrations for StacyVM's store, run at start-up and by `stacyvm migrate`.
+//!
+//! Migrations are written explicitly (not derived from the entities) so that
+//! a change to an entity never silently changes history.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261128_000001_initial;
+
+/// Every migration, in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261128_000001_initial::Migration)]
+    }
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# The one test command: scripts/test.sh
+#
+#   1. sets up the test environment (scripts/test-env.sh: packages, dockerd,
+#      PostgreSQL, busybox rootfs + docker image, Python venv with the SDK)
+#   2. cargo build, cargo test --workspace (Rust suites read STACYVM_TEST_*)
+#   3. the Python SDK compatibility suite (tests/sdk, stacyvm==0.1.1 from PyPI)
+#      against a real `stacyvm serve`, once with --provider docker and once
+#      with --provider native (image imported with `stacyvm image import`).
+#
+# Every stage runs even if an earlier one failed (except when the build
+# fails); the exit status is non-zero if anything failed.
+#
+# Environment knobs:
+#   STACYVM_TEST_SKIP_CARGO_TEST=1   skip `cargo test` (SDK suites only)
+#   STACYVM_SDK_PROVIDERS="docker native"   which SDK passes to run
+#   STACYVM_SDK_PG_PROVIDERS="native proot"   SDK passes whose server uses
+#                                    PostgreSQL (--database-url) instead of SQLite
+#   PYTEST_ADDOPTS                   passed through to pytest (e.g. "-k exec -x")
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+section() { printf '\n========== %s ==========\n' "$*"; }
+
+SERVER_PID=""
+stop_server() {
+    if [ -n "$SERVER_PID" ]; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        local i
+        for i in $(seq 1 40); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.25
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+        SERVER_PID=""
+    fi
+}
+
+on_exit() {
+    local rc=$?
+    stop_server
+    if declare -F stacyvm_test_env_cleanup >/dev/null; then
+        stacyvm_test_env_cleanup
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+section "test environment"
+# shellcheck source=scripts/test-env.sh
+source "$ROOT/scripts/test-env.sh"
+
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$TARGET_DIR/debug/stacyvm"
+PY="$STACYVM_TEST_VENV/bin/python"
+
+declare -a RESULTS=()
+FAILED=0
+record() { # record NAME STATUS
+    if [ "$2" -eq 0 ]; then
+        RESULTS+=("PASS  $1")
+    else
+        RESULTS+=("FAIL  $1 (exit $2)")
+        FAILED=1
+    fi
+}
+
+summary() {
+    section "summary"
+    local r
+    for r in "${RESULTS[@]}"; do echo "$r"; done
+}
+
+section "cargo build"
+rc=0
+cargo build --workspace --all-targets || rc=$?
+record "cargo build" "$rc"
+if [ "$rc" -ne 0 ]; then
+    summary
+    exit 1
+fi
+
+if [ "${STACYVM_TEST_SKIP_CARGO_TEST:-0}" != 1 ]; then
+    section "cargo test --workspace"
+    rc=0
+    cargo test --workspace || rc=$?
+    record "cargo test --workspace" "$rc"
+fi
+
+# wait_health URL LOG: wait for GET URL/api/v1/health while the server lives.
+wait_health() {
+    "$PY" - "$1" "$SERVER_PID" "$2" <<'EOF'
+import os, sys, time, urllib.request
+url, pid, log = sys.argv[1] + "/api/v1/health", int(sys.argv[2]), sys.argv[3]
+deadline = time.monotonic() + 90
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("server exited before becoming healthy")
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.2)
+sys.exit("server not healthy after 90s")
+EOF
+}
+
+# run_sdk PROVIDER: fresh data dir + port, start the server, run pytest, stop it.
+run_sdk() {
+    local provider=$1 data port log url rc=0
+    data=$(mktemp -d "$STACYVM_TEST_TMPDIR/sdk-$provider.XXXXXX")
+    port=$(stacyvm_free_port)
+    log="$data/server.log"
+    url="http://127.0.0.1:$port"
+
+    local -a serve=(serve --host 127.0.0.1 --port "$port" --data-dir "$data/data" --provider "$provider")
+    if [ "$provider" != docker ]; then
+        echo "importing $STACYVM_TEST_IMAGE from $STACYVM_TEST_ROOTFS into $data/data"
+        # --data-dir on the subcommand (or global); then before it; then via env.
+        if ! "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" \
+            && ! "$BIN" --data-dir "$data/data" image import "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" \
+            && ! STACYVM_DATA_DIR="$data/data" "$BIN" image import "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS"; then
+            echo "image import failed"
+            return 1
+        fi
+    fi
+    # The docker pass uses the default store (SQLite in the data dir); the
+    # other passes run on a fresh PostgreSQL database, so the binary is tested
+    # end to end on both stores (STACYVM_SDK_PG_PROVIDERS to change).
+    case " ${STACYVM_SDK_PG_PROVIDERS-native proot} " in
+        *" $provider "*)
+            local db="sdk_${provider}_$$"
+            psql -q -v ON_ERROR_STOP=1 "$STACYVM_TEST_POSTGRES_URL" -c "CREATE DATABASE $db" || return 1
+            serve+=(--database-url "${STACYVM_TEST_POSTGRES_URL%/*}/$db")
+            echo "database: ${STACYVM_TEST_POSTGRES_URL%/*}/$db"
+            ;;
+    esac
+
+    echo "starting: stacyvm ${serve[*]} (log: $log)"
+    "$BIN" "${serve[@]}" >"$log" 2>&1 &
+    SERVER_PID=$!
+    if ! wait_health "$url" "$log"; then
+        echo "--- server log (tail) ---"
+        tail -n 50 "$log" || true
+        stop_server
+        return 1
+    fi
+    echo "server up at $url (pid $SERVER_PID)"
+
+    STACYVM_URL="$url" STACYVM_TEST_PROVIDER="$provider" \
+        "$PY" -m pytest "$ROOT/tests/sdk" -v -p no:cacheprovider --durations=10 || rc=$?
+
+    if [ "$rc" -ne 0 ]; then
+        echo "--- server log (tail) ---"
+        tail -n 80 "$log" || true
+    fi
+    stop_server
+    return "$rc"
+}
+
+for provider in ${STACYVM_SDK_PROVIDERS:-docker native}; do
+    section "Python SDK suite (stacyvm==0.1.1) -- provider $provider"
+    rc=0
+    run_sdk "$provider" || rc=$?
+    record "SDK suite, provider $provider" "$rc"
+done
+
+summary
+exit "$FAILED"

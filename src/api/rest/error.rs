@@ -1,0 +1,67 @@
+//! The REST error body `{"code","message"}` and the one mapping from error
+//! codes to HTTP status codes.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::service::{Error, ErrorCode};
+
+/// A service error on its way out as HTTP.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    code: &'static str,
+    message: &'a str,
+}
+
+/// The HTTP status for each StacyVM error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Timeout => StatusCode::REQUEST_TIMEOUT,
+        ErrorCode::Conflict => StatusCode::CONFLICT,
+        ErrorCode::ResourceLimit => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = self.0.code();
+        // Internal details were logged where the error was made; the
+        // client learns only that something broke on our side.
+        let message = match &self.0 {
+            Error::Internal(_) => "internal server error".to_string(),
+            other => other.to_string(),
+        };
+        let mut response = (
+            status_of(code),
+            axum::Json(Body {
+                code: code.as_str(),
+                message: &message,
+            }),
+        )
+            .into_response();
+        if let Error::ResourceLimit {
+            retry_after_secs, ..
+        } = &self.0
+            && let Ok(value) = HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}

@@ -1,0 +1,37 @@
+//! The REST compatibility layer under `/api/v1`: exactly the paths, bodies
+//! and answers that the published `stacyvm` SDKs use. One file per resource.
+
+mod error;
+mod exec;
+mod extract;
+mod files;
+mod sandboxes;
+mod system;
+mod templates;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
+
+use crate::service::{Error, Service};
+
+pub use error::ApiError;
+
+/// Every REST route.
+pub fn router(service: Service) -> Router {
+    let body_limit = service.config().server.max_body_bytes;
+    Router::new()
+        .merge(sandboxes::router())
+        .merge(exec::router())
+        .merge(files::router())
+        .merge(templates::router())
+        .merge(system::router())
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(service)
+}
+
+/// Unknown paths answer in StacyVM's error shape.
+pub async fn not_found() -> impl IntoResponse {
+    ApiError(Error::NotFound("no such route".into()))
+}

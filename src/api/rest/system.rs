@@ -1,0 +1,91 @@
+//! Health, readiness, providers, workers, pool and quota summary, plus a
+//! sandbox's logs and stats.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use super::extract::Query;
+use crate::auth::Caller;
+use crate::provider::RuntimeStats;
+use crate::service::{HealthReport, ProviderStatus, Service, WorkerStatus};
+use crate::store::QuotaSummary;
+
+pub fn router() -> Router<Service> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
+        .route("/providers", get(providers))
+        .route("/providers/test", post(test_providers))
+        .route("/workers", get(workers))
+        .route("/pool/status", get(pool_status))
+        .route("/quotas/summary", get(quota_summary))
+        .route("/sandboxes/{id}/logs", get(logs))
+        .route("/sandboxes/{id}/stats", get(stats))
+}
+
+async fn health(State(service): State<Service>) -> Json<HealthReport> {
+    Json(service.health())
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn ready(State(service): State<Service>) -> Result<Json<Value>, ApiError> {
+    service.ready().await?;
+    Ok(Json(json!({ "status": "ready" })))
+}
+
+async fn providers(State(service): State<Service>) -> Json<Vec<ProviderStatus>> {
+    Json(service.providers())
+}
+
+async fn test_providers(State(service): State<Service>) -> Json<BTreeMap<String, bool>> {
+    Json(service.test_providers().await)
+}
+
+async fn workers(State(service): State<Service>) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
+    Ok(Json(service.workers().await?))
+}
+
+/// Pool mode (many users sharing warm VMs) does not exist in this server.
+async fn pool_status() -> Json<Value> {
+    Json(json!({ "enabled": false }))
+}
+
+async fn quota_summary(
+    State(service): State<Service>,
+    caller: Caller,
+) -> Result<Json<QuotaSummary>, ApiError> {
+    Ok(Json(service.quota_summary(&caller).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct LogsQuery {
+    lines: Option<usize>,
+}
+
+async fn logs(
+    State(service): State<Service>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    let lines = q.lines.unwrap_or(100);
+    Ok(Json(service.sandbox_logs(&caller, &id, lines).await?))
+}
+
+async fn stats(
+    State(service): State<Service>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<RuntimeStats>, ApiError> {
+    Ok(Json(service.sandbox_stats(&caller, &id).await?))
+}

@@ -1,0 +1,196 @@
+//! Wiring: builds the store, providers, worker, scheduler and service from
+//! a [`Config`], runs the background loops, and serves HTTP until shutdown.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::events::EventBus;
+use crate::provider::Provider;
+use crate::provider::docker::DockerProvider;
+use crate::provider::image_store::ImageStore;
+use crate::provider::native::NativeProvider;
+use crate::provider::proot::ProotProvider;
+use crate::scheduler::Scheduler;
+use crate::service::Service;
+use crate::store::Store;
+use crate::worker::LocalWorker;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Provider(String),
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+    #[error("start-up recovery failed: {0}")]
+    Recovery(#[from] crate::service::Error),
+}
+
+/// The image store under the data directory.
+pub fn image_store(config: &Config) -> ImageStore {
+    ImageStore::new(config.data_dir.join("images"))
+}
+
+/// Connects to the store and applies migrations.
+pub async fn open_store(config: &Config) -> Result<Store, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store = Store::connect(&config.database_url()).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Every provider this server can offer.
+async fn build_providers(config: &Config) -> Result<Vec<Arc<dyn Provider>>, StartError> {
+    let images = image_store(config);
+    let sandboxes = config.data_dir.join("sandboxes");
+    let docker = DockerProvider::connect(&config.providers.docker)
+        .await
+        .map_err(|e| StartError::Provider(e.to_string()))?;
+    Ok(vec![
+        Arc::new(docker),
+        Arc::new(NativeProvider::new(images.clone(), sandboxes.join("native"))),
+        Arc::new(ProotProvider::new(
+            images,
+            sandboxes.join("proot"),
+            config.providers.proot.binary.clone(),
+        )),
+    ])
+}
+
+/// A running StacyVM: the service plus the handles of its background loops.
+pub struct App {
+    pub service: Service,
+    shutdown: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl App {
+    /// Builds everything and starts the background loops.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let store = open_store(&config).await?;
+        tracing::info!(store = store.backend_name(), url = %redact(&config.database_url()), "store ready");
+
+        let providers = build_providers(&config).await?;
+        let worker = Arc::new(LocalWorker::new(providers));
+        let health = worker.check_health(&store).await;
+        for (name, h) in &health {
+            match &h.error {
+                None => tracing::info!(provider = %name, "provider available"),
+                Some(e) => tracing::warn!(provider = %name, error = %e, "provider not available"),
+            }
+        }
+        worker.register(&store).await?;
+
+        let default = match config.providers.default.as_str() {
+            "auto" => {
+                if health.get("docker").is_some_and(|h| h.healthy) {
+                    "docker"
+                } else {
+                    "native"
+                }
+            }
+            other => other,
+        }
+        .to_string();
+        tracing::info!(provider = %default, "default provider");
+
+        let scheduler = Scheduler::new(worker.clone(), default);
+        let service = Service::new(store.clone(), scheduler, config.clone(), EventBus::new(1024));
+        service.recover_after_restart().await?;
+
+        let shutdown = CancellationToken::new();
+        let tasks = vec![
+            tokio::spawn(worker.clone().run(
+                store,
+                config.lifecycle.heartbeat_interval.0,
+                config.lifecycle.health_interval.0,
+                shutdown.child_token(),
+            )),
+            tokio::spawn(
+                service
+                    .clone()
+                    .run_reaper(config.lifecycle.reaper_interval.0, shutdown.child_token()),
+            ),
+        ];
+        Ok(App {
+            service,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Serves HTTP on `listener` until `signal` completes, then stops the
+    /// background loops.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let router = crate::api::router(self.service.clone());
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(signal)
+            .await
+            .map_err(StartError::Serve);
+        self.shutdown.cancel();
+        for task in self.tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "background task ended abnormally");
+            }
+        }
+        result
+    }
+}
+
+/// Hides the password in a database URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Binds the configured address.
+pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
+    let addr = format!("{}:{}", config.server.host, config.server.port);
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,348 @@
+//! Configuration: built-in defaults, then `stacyvm.yaml` (or
+//! `~/.stacyvm/config.yaml`), then `STACYVM_*` environment variables, then
+//! command-line flags, then validation. Key names follow the original
+//! StacyVM server wherever the feature exists.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Yaml};
+use serde::{Deserialize, Serialize};
+
+use crate::duration::GoDuration;
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration of a StacyVM server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the embedded database, image store and native sandboxes live.
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub providers: ProvidersConfig,
+    pub defaults: DefaultsConfig,
+    pub database: DatabaseConfig,
+    pub lifecycle: LifecycleConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Loopback by default: exposing StacyVM is a decision, not an accident.
+    pub host: String,
+    pub port: u16,
+    /// Domain used to build preview URLs (`<port>-<id>.<domain>`).
+    pub preview_domain: String,
+    /// Largest accepted request body; file writes are bounded by it.
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// `auto` picks docker when its daemon answers, else native.
+    pub default: String,
+    pub docker: DockerConfig,
+    pub proot: ProotConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Docker socket or URL; empty means the usual local defaults.
+    pub host: String,
+    /// Maximum number of processes inside one container.
+    pub pids_limit: i64,
+    /// Docker network mode for sandboxes (`none` isolates them from the network).
+    pub network: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProotConfig {
+    pub binary: PathBuf,
+}
+
+/// Defaults and limits applied to every request that does not say otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultsConfig {
+    pub ttl: GoDuration,
+    pub max_ttl: GoDuration,
+    pub image: String,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    pub exec_timeout: GoDuration,
+    pub max_exec_timeout: GoDuration,
+    /// Global cap on live sandboxes; 0 means unlimited.
+    pub max_sandboxes: u32,
+    /// Per-owner cap on live sandboxes; 0 means unlimited.
+    pub max_sandboxes_per_owner: u32,
+    /// Bytes of each output stream an exec answer carries before truncation.
+    pub max_exec_output_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://...` or `postgres://...`; empty means `<data_dir>/stacyvm.db`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// How often the reaper looks for expired and failed sandboxes.
+    pub reaper_interval: GoDuration,
+    /// How often provider health is probed.
+    pub health_interval: GoDuration,
+    /// How often the local worker records a heartbeat.
+    pub heartbeat_interval: GoDuration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A tracing filter such as `info` or `stacyvm=debug,info`.
+    pub level: String,
+}
+
+fn secs(s: u64) -> GoDuration {
+    GoDuration(std::time::Duration::from_secs(s))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            server: ServerConfig::default(),
+            providers: ProvidersConfig::default(),
+            defaults: DefaultsConfig::default(),
+            database: DatabaseConfig::default(),
+            lifecycle: LifecycleConfig::default(),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 7423,
+            preview_domain: "localhost".into(),
+            max_body_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        ProvidersConfig {
+            default: "auto".into(),
+            docker: DockerConfig::default(),
+            proot: ProotConfig::default(),
+        }
+    }
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            host: String::new(),
+            pids_limit: 512,
+            network: "none".into(),
+        }
+    }
+}
+
+impl Default for ProotConfig {
+    fn default() -> Self {
+        ProotConfig {
+            binary: PathBuf::from("proot"),
+        }
+    }
+}
+
+impl Default for DefaultsConfig {
+    fn default() -> Self {
+        DefaultsConfig {
+            ttl: secs(30 * 60),
+            max_ttl: secs(24 * 3600),
+            image: "alpine:latest".into(),
+            memory_mb: 1024,
+            vcpus: 1,
+            exec_timeout: secs(5 * 60),
+            max_exec_timeout: secs(10 * 60),
+            max_sandboxes: 0,
+            max_sandboxes_per_owner: 0,
+            max_exec_output_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            reaper_interval: secs(10),
+            health_interval: secs(15),
+            heartbeat_interval: secs(10),
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+/// Top-level sections; an environment variable is read only when it names
+/// one of them, so unrelated `STACYVM_*` variables (e.g. test settings) are
+/// not mistaken for configuration.
+const SECTIONS: [&str; 6] = [
+    "server",
+    "providers",
+    "defaults",
+    "database",
+    "lifecycle",
+    "logging",
+];
+
+/// Maps `STACYVM_AUTH_API_KEY` style names to `auth.api_key`: the first
+/// segment is the section, the rest is the key with underscores kept.
+/// Provider blocks nest one level deeper (`STACYVM_PROVIDERS_DOCKER_HOST`).
+fn env_key(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    if lower == "data_dir" {
+        return Some(lower);
+    }
+    let section = SECTIONS
+        .iter()
+        .find(|s| lower.starts_with(&format!("{s}_")))?;
+    let rest = &lower[section.len() + 1..];
+    if *section == "providers" {
+        for block in ["docker", "proot"] {
+            if let Some(key) = rest.strip_prefix(&format!("{block}_")) {
+                return Some(format!("providers.{block}.{key}"));
+            }
+        }
+    }
+    Some(format!("{section}.{rest}"))
+}
+
+impl Config {
+    /// Loads the layers. `file` overrides the search for a config file;
+    /// `overrides` are values from command-line flags (highest priority).
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError::Invalid(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
+                }
+                figment = figment.merge(Yaml::file_exact(path));
+            }
+            None => {
+                // Both files are optional; the local one wins.
+                let home = std::env::var_os("HOME")
+                    .map(|home| Path::new(&home).join(".stacyvm/config.yaml"));
+                for candidate in home.into_iter().chain([PathBuf::from("stacyvm.yaml")]) {
+                    if candidate.exists() {
+                        figment = figment.merge(Yaml::file_exact(candidate));
+                    }
+                }
+            }
+        }
+        figment = figment
+            .merge(
+                Env::prefixed("STACYVM_").filter_map(|key| env_key(key.as_str()).map(Into::into)),
+            )
+            .merge(overrides);
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field checks that serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let d = &self.defaults;
+        if d.ttl.0.is_zero() || d.ttl > d.max_ttl {
+            return Err(ConfigError::Invalid(format!(
+                "defaults.ttl must be positive and at most defaults.max_ttl ({})",
+                crate::duration::format(d.max_ttl.0)
+            )));
+        }
+        if d.exec_timeout.0.is_zero() || d.exec_timeout > d.max_exec_timeout {
+            return Err(ConfigError::Invalid(
+                "defaults.exec_timeout must be positive and at most defaults.max_exec_timeout"
+                    .into(),
+            ));
+        }
+        if d.memory_mb == 0 || d.vcpus == 0 {
+            return Err(ConfigError::Invalid(
+                "defaults.memory_mb and defaults.vcpus must be positive".into(),
+            ));
+        }
+        if !["auto", "docker", "native", "proot"].contains(&self.providers.default.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "providers.default must be auto, docker, native or proot, not {:?}",
+                self.providers.default
+            )));
+        }
+        Ok(())
+    }
+
+    /// The database URL in use: the configured one, or the embedded SQLite file.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("stacyvm.db").display()
+            )
+        } else {
+            self.database.url.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names_map_to_sections() {
+        assert_eq!(env_key("SERVER_PORT").as_deref(), Some("server.port"));
+        assert_eq!(
+            env_key("DEFAULTS_MAX_TTL").as_deref(),
+            Some("defaults.max_ttl")
+        );
+        assert_eq!(
+            env_key("PROVIDERS_DOCKER_PIDS_LIMIT").as_deref(),
+            Some("providers.docker.pids_limit")
+        );
+        assert_eq!(env_key("TEST_ROOTFS"), None);
+    }
+
+    #[test]
+    fn defaults_validate() {
+        assert!(Config::default().validate().is_ok());
+        let mut c = Config::default();
+        c.defaults.ttl = secs(48 * 3600);
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! The event bus: every state change is published here after it is
+//! persisted. REST's `/events`, GraphQL subscriptions and tests all read the
+//! same stream.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::lifecycle::SandboxState;
+
+/// Something that happened.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type")]
+pub enum Event {
+    /// A sandbox entered a new state.
+    #[serde(rename = "sandbox.state")]
+    SandboxState {
+        sandbox_id: String,
+        owner_id: String,
+        state: SandboxState,
+        reason: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// A command started or ended.
+    #[serde(rename = "exec")]
+    Exec {
+        execution_id: String,
+        sandbox_id: String,
+        owner_id: String,
+        /// started, completed, timeout or failed.
+        status: &'static str,
+        exit_code: Option<i32>,
+        at: DateTime<Utc>,
+    },
+}
+
+impl Event {
+    /// The owner whose resources the event concerns.
+    pub fn owner_id(&self) -> &str {
+        match self {
+            Event::SandboxState { owner_id, .. } | Event::Exec { owner_id, .. } => owner_id,
+        }
+    }
+}
+
+/// A broadcast channel of [`Event`]s. Slow readers lose old events (and are
+/// told so by `RecvError::Lagged`) rather than slowing publishers.
+#[derive(Clone)]
+pub struct EventBus {
+    sender: broadcast::Sender<Event>,
+}
+
+impl EventBus {
+    pub fn new(capacity: usize) -> EventBus {
+        let (sender, _) = broadcast::channel(capacity);
+        EventBus { sender }
+    }
+
+    /// Publishes an event; having no subscribers is fine.
+    pub fn publish(&self, event: Event) {
+        // An error only means nobody is subscribed right now.
+        let _ignored_no_subscribers = self.sender.send(event);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.sender.subscribe()
+    }
+}

@@ -1,0 +1,17 @@
+//! StacyVM: a self-hosted control plane for disposable, isolated sandboxes.
+//!
+//! See ARCHITECTURE.md for the map of this crate.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod duration;
+pub mod events;
+pub mod ids;
+pub mod lifecycle;
+pub mod provider;
+pub mod scheduler;
+pub mod service;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,186 @@
+//! The `stacyvm` command: `serve`, `migrate`, `image ...`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use figment::Figment;
+use figment::providers::Serialized;
+use serde_json::{Map, Value, json};
+
+use stacyvm::app::{self, App};
+use stacyvm::config::Config;
+
+/// StacyVM: disposable, isolated sandboxes for AI agents and code runners.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (default: ./stacyvm.yaml or ~/.stacyvm/config.yaml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Where the database, images and native sandboxes live.
+    #[arg(long, global = true, env = "STACYVM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// `sqlite://...` or `postgres://...` (default: <data-dir>/stacyvm.db).
+    #[arg(long, global = true, env = "STACYVM_DATABASE_URL")]
+    database_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API server, scheduler, local worker and providers.
+    Serve {
+        /// Address to bind (loopback unless you say otherwise).
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        /// Default provider: auto, docker, native or proot.
+        #[arg(long)]
+        provider: Option<String>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage the local image store used by the native and proot providers.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import a root filesystem tarball (as `docker export` writes it).
+    Import { name: String, tarball: PathBuf },
+    /// List imported images.
+    List,
+    /// Remove an image.
+    Rm { name: String },
+}
+
+/// Flags that were given, as a config layer above everything else.
+fn overrides(cli: &Cli) -> Figment {
+    let mut root = Map::new();
+    if let Some(dir) = &cli.data_dir {
+        root.insert("data_dir".into(), json!(dir));
+    }
+    if let Some(url) = &cli.database_url {
+        root.insert("database".into(), json!({ "url": url }));
+    }
+    if let Command::Serve {
+        host,
+        port,
+        provider,
+    } = &cli.command
+    {
+        let mut server = Map::new();
+        if let Some(host) = host {
+            server.insert("host".into(), json!(host));
+        }
+        if let Some(port) = port {
+            server.insert("port".into(), json!(port));
+        }
+        if !server.is_empty() {
+            root.insert("server".into(), Value::Object(server));
+        }
+        if let Some(provider) = provider {
+            root.insert("providers".into(), json!({ "default": provider }));
+        }
+    }
+    Figment::from(Serialized::defaults(Value::Object(root)))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Serve { .. } => {
+            let listener = app::bind(&config).await?;
+            let app = App::start(config.clone()).await?;
+            tracing::info!(address = %listener.local_addr()?, "StacyVM listening");
+            if !matches!(config.server.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+                tracing::warn!(host = %config.server.host, "listening beyond loopback without authentication");
+            }
+            app.serve(listener, shutdown_signal()).await?;
+        }
+        Command::Migrate => {
+            let store = app::open_store(&config).await?;
+            println!("migrations applied ({})", store.backend_name());
+        }
+        Command::Image { command } => {
+            let images = app::image_store(&config);
+            match command {
+                ImageCommand::Import { name, tarball } => {
+                    let info = images.import(&name, &tarball)?;
+                    println!("imported {} ({} bytes)", info.name, info.size_bytes);
+                }
+                ImageCommand::List => {
+                    for info in images.list()? {
+                        println!("{}\t{}\t{}", info.name, info.size_bytes, info.imported_at);
+                    }
+                }
+                ImageCommand::Rm { name } => {
+                    images.remove(&name)?;
+                    println!("removed {name}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), overrides(&cli)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stacyvm: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.logging.level)),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stacyvm: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("stacyvm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,824 @@
+//! The Docker provider: one container per sandbox, through bollard.
+//!
+//! Containers are named `stacyvm-<sandbox id>` and labelled with the sandbox
+//! id, so an inventory of the daemon always maps back to records. File reads
+//! and writes use the archive API; listing, stat, move, chmod, delete and
+//! glob run small POSIX commands inside the container, which keeps every path
+//! inside the container's own root by construction.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
+    UploadToContainerOptionsBuilder,
+};
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{
+    Capability, ExecExit, ExecSpec, FileEntry, OutputChunk, OutputSink, Provider, ProviderError,
+    ProviderResult, RuntimeHandle, RuntimeStats, SpawnSpec, StreamKind,
+};
+use crate::config::DockerConfig;
+
+/// Label that marks a container as a StacyVM sandbox; its value is the sandbox id.
+pub const SANDBOX_LABEL: &str = "io.stacyvm.sandbox";
+
+/// API version used when the daemon cannot be asked (it is down at start-up).
+/// 1.41 is Docker 20.10, the oldest daemon we support.
+const FALLBACK_API: bollard::ClientVersion = bollard::ClientVersion {
+    major_version: 1,
+    minor_version: 41,
+};
+
+/// Timeout for the helper commands behind the files API.
+const FILE_OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Capabilities kept in sandboxes: what ordinary root-in-a-container work
+/// needs (installing packages, chown, binding low ports). Everything else,
+/// including NET_RAW, MKNOD and SYS_CHROOT, is dropped.
+const KEPT_CAPABILITIES: [&str; 7] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "SETUID",
+    "SETGID",
+    "KILL",
+];
+
+/// The Docker provider.
+pub struct DockerProvider {
+    client: RwLock<Docker>,
+    /// Whether `client` speaks a version the daemon agreed to.
+    negotiated: RwLock<bool>,
+    config: DockerConfig,
+}
+
+impl DockerProvider {
+    /// Connects to the configured daemon. A daemon that is down is not an
+    /// error here: the provider reports itself unhealthy until it answers.
+    pub async fn connect(config: &DockerConfig) -> ProviderResult<DockerProvider> {
+        let client = if config.host.is_empty() {
+            Docker::connect_with_local_defaults()
+        } else if let Some(path) = config.host.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, 120, &FALLBACK_API)
+        } else {
+            Docker::connect_with_http(&config.host, 120, &FALLBACK_API)
+        }
+        .map_err(|e| ProviderError::Unavailable(format!("docker: {e}")))?;
+        let provider = DockerProvider {
+            client: RwLock::new(client),
+            negotiated: RwLock::new(false),
+            config: config.clone(),
+        };
+        provider.negotiate().await;
+        Ok(provider)
+    }
+
+    /// Agrees on an API version with the daemon, once it answers.
+    async fn negotiate(&self) {
+        if self.negotiated.read().map(|n| *n).unwrap_or(false) {
+            return;
+        }
+        let client = self.client();
+        match client.clone().negotiate_version().await {
+            Ok(negotiated) => {
+                if let Ok(mut c) = self.client.write() {
+                    *c = negotiated;
+                }
+                if let Ok(mut n) = self.negotiated.write() {
+                    *n = true;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "docker version negotiation failed"),
+        }
+    }
+
+    fn client(&self) -> Docker {
+        match self.client.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn container_name(sandbox_id: &str) -> String {
+        format!("stacyvm-{sandbox_id}")
+    }
+
+    /// Pulls `image` if the daemon does not have it.
+    async fn ensure_image(&self, image: &str) -> ProviderResult<()> {
+        let docker = self.client();
+        match docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(daemon_error(e)),
+        }
+        let options = CreateImageOptionsBuilder::default()
+            .from_image(image)
+            .build();
+        let mut pull = docker.create_image(Some(options), None, None);
+        while let Some(progress) = pull.next().await {
+            if let Err(e) = progress {
+                return Err(ProviderError::ImageNotFound {
+                    image: image.to_string(),
+                    reason: format!("not present locally and the pull failed: {}", short(&e)),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a helper command to completion and captures its output.
+    async fn run_capture(
+        &self,
+        container: &str,
+        argv: Vec<String>,
+    ) -> ProviderResult<(i32, String, String)> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let spec = ExecSpec {
+            argv,
+            env: Default::default(),
+            workdir: None,
+            timeout: FILE_OP_TIMEOUT,
+        };
+        let collect = async move {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while let Some(chunk) = rx.recv().await {
+                let chunk: OutputChunk = chunk;
+                match chunk.stream {
+                    StreamKind::Stdout => out.extend_from_slice(&chunk.data),
+                    StreamKind::Stderr => err.extend_from_slice(&chunk.data),
+                }
+            }
+            (out, err)
+        };
+        let (exit, (out, err)) = tokio::join!(self.exec(container, &spec, tx), collect);
+        let code = match exit? {
+            ExecExit::Exited(code) => code,
+            ExecExit::TimedOut => {
+                return Err(ProviderError::Runtime("file operation timed out".into()));
+            }
+        };
+        Ok((
+            code,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        ))
+    }
+
+    /// Runs a `sh -c` helper script with `args` as `$1...`, mapping the
+    /// conventional exit codes 2 (not found) and 3 (wrong kind) to errors.
+    async fn run_script(
+        &self,
+        container: &str,
+        script: &str,
+        args: &[&str],
+    ) -> ProviderResult<String> {
+        let mut argv = vec![
+            "/bin/sh".to_string(),
+            "-c".into(),
+            script.into(),
+            "sh".into(),
+        ];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let (code, out, err) = self.run_capture(container, argv).await?;
+        match code {
+            0 => Ok(out),
+            2 => Err(ProviderError::FileNotFound(
+                args.first().copied().unwrap_or_default().to_string(),
+            )),
+            _ => Err(ProviderError::InvalidRequest(
+                err.trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("file operation failed")
+                    .to_string(),
+            )),
+        }
+    }
+
+    async fn upload(&self, container: &str, dir: &str, tar: Vec<u8>) -> Result<(), DockerError> {
+        let options = UploadToContainerOptionsBuilder::default().path(dir).build();
+        self.client()
+            .upload_to_container(
+                container,
+                Some(options),
+                bollard::body_full(Bytes::from(tar)),
+            )
+            .await
+    }
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// The daemon's message without bollard's wrapping.
+fn short(e: &DockerError) -> String {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Maps a daemon error: connection failures mean the daemon is unreachable.
+fn daemon_error(e: DockerError) -> ProviderError {
+    match &e {
+        DockerError::DockerResponseServerError { .. } => ProviderError::Runtime(short(&e)),
+        DockerError::IOError { .. }
+        | DockerError::HyperResponseError { .. }
+        | DockerError::RequestTimeoutError
+        | DockerError::SocketNotFoundError(_) => {
+            ProviderError::Unavailable(format!("the Docker daemon is unreachable: {e}"))
+        }
+        _ => ProviderError::Runtime(e.to_string()),
+    }
+}
+
+fn runtime_error(container: &str, e: DockerError) -> ProviderError {
+    if is_not_found(&e) {
+        ProviderError::RuntimeNotFound(container.to_string())
+    } else {
+        daemon_error(e)
+    }
+}
+
+/// The parent directory and file name of an absolute sandbox path.
+fn split_path(path: &str) -> ProviderResult<(String, String)> {
+    let trimmed = path.trim_end_matches('/');
+    let (dir, name) = trimmed
+        .rsplit_once('/')
+        .ok_or_else(|| ProviderError::InvalidRequest(format!("invalid path {path:?}")))?;
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(ProviderError::InvalidRequest(format!(
+            "path {path:?} does not name a file"
+        )));
+    }
+    let dir = if dir.is_empty() { "/" } else { dir };
+    Ok((dir.to_string(), name.to_string()))
+}
+
+/// Parses one `stat -c '%s|%a|%F|%Y|%n'` line into an entry under `dir`.
+fn parse_stat_line(line: &str, dir: Option<&str>) -> Option<FileEntry> {
+    let mut parts = line.splitn(5, '|');
+    let size = parts.next()?.parse().ok()?;
+    let mode = parts.next()?.to_string();
+    let kind = parts.next()?;
+    let mtime: i64 = parts.next()?.parse().ok()?;
+    let name_or_path = parts.next()?;
+    let path = match dir {
+        Some(d) if d.ends_with('/') => format!("{d}{name_or_path}"),
+        Some(d) => format!("{d}/{name_or_path}"),
+        None => name_or_path.to_string(),
+    };
+    let name = path.rsplit('/').next().unwrap_or_default().to_string();
+    let mod_time = chrono::DateTime::from_timestamp(mtime, 0)
+        .unwrap_or_default()
+        .to_rfc3339();
+    Some(FileEntry {
+        name: if name.is_empty() { "/".into() } else { name },
+        path,
+        size,
+        mode,
+        is_dir: kind == "directory",
+        mod_time,
+    })
+}
+
+const STAT_FORMAT: &str = "%s|%a|%F|%Y|%n";
+
+/// SIGKILLs a process and all its descendants, found through /proc. Used
+/// on exec timeout: Docker has no API to kill an exec, and killing only the
+/// top process would leave children holding the output pipes open.
+fn kill_process_tree(root: i32) {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // The command name is in parentheses and may contain spaces.
+            let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+                continue;
+            };
+            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut stack = vec![root];
+    let mut all = Vec::new();
+    while let Some(pid) = stack.pop() {
+        all.push(pid);
+        if let Some(kids) = children.get(&pid) {
+            stack.extend(kids);
+        }
+    }
+    for pid in all {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            // Best effort: the process may already have exited.
+            if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::KILL) {
+                tracing::debug!(pid = pid.as_raw_nonzero().get(), error = %e, "kill failed");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for DockerProvider {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        vec![
+            Capability::Exec,
+            Capability::ExecStream,
+            Capability::Files,
+            Capability::Logs,
+            Capability::Stats,
+            Capability::MemoryLimit,
+            Capability::CpuLimit,
+            Capability::NetworkIsolation,
+        ]
+    }
+
+    async fn health(&self) -> ProviderResult<()> {
+        self.negotiate().await;
+        let ping = tokio::time::timeout(Duration::from_secs(3), self.client().ping()).await;
+        match ping {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(ProviderError::Unavailable(format!(
+                "the Docker daemon is unreachable: {e}"
+            ))),
+            Err(_) => Err(ProviderError::Unavailable(
+                "the Docker daemon did not answer within 3s".into(),
+            )),
+        }
+    }
+
+    async fn image_available(&self, image: &str) -> ProviderResult<bool> {
+        self.ensure_image(image).await.map(|()| true)
+    }
+
+    async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
+        self.ensure_image(&spec.image).await?;
+        let docker = self.client();
+        let name = Self::container_name(&spec.sandbox_id);
+        let memory = i64::from(spec.memory_mb) * 1024 * 1024;
+        let host_config = HostConfig {
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some(i64::from(spec.vcpus) * 1_000_000_000),
+            pids_limit: Some(self.config.pids_limit),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(KEPT_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            network_mode: Some(self.config.network.clone()),
+            // docker-init as PID 1 reaps the orphans that execs leave behind.
+            init: Some(true),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            // Keep the container alive regardless of the image's own command;
+            // work happens through exec.
+            entrypoint: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "while :; do sleep 3600; done".into(),
+            ]),
+            cmd: Some(vec![]),
+            working_dir: Some("/".into()),
+            hostname: Some(spec.sandbox_id.clone()),
+            labels: Some(HashMap::from([
+                (SANDBOX_LABEL.to_string(), spec.sandbox_id.clone()),
+                ("io.stacyvm.managed".to_string(), "true".to_string()),
+            ])),
+            host_config: Some(host_config),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| match &e {
+                DockerError::DockerResponseServerError {
+                    status_code: 400, ..
+                } => ProviderError::InvalidRequest(short(&e)),
+                _ => daemon_error(e),
+            })?;
+        if let Err(e) = docker.start_container(&created.id, None).await {
+            // Leave nothing behind: a created-but-unstarted container is an orphan.
+            if let Err(cleanup) = self.destroy(&created.id).await {
+                tracing::warn!(container = %created.id, error = %cleanup, "cleanup after failed start failed");
+            }
+            return Err(ProviderError::Runtime(format!(
+                "container failed to start: {}",
+                short(&e)
+            )));
+        }
+        Ok(RuntimeHandle {
+            runtime_id: created.id,
+        })
+    }
+
+    async fn destroy(&self, runtime_id: &str) -> ProviderResult<()> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self
+            .client()
+            .remove_container(runtime_id, Some(options))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            // "removal already in progress" means someone else is destroying it.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(daemon_error(e)),
+        }
+    }
+
+    async fn destroy_by_sandbox_id(&self, sandbox_id: &str) -> ProviderResult<()> {
+        self.destroy(&Self::container_name(sandbox_id)).await
+    }
+
+    async fn exec(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        let docker = self.client();
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let options = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(spec.argv.clone()),
+            env: (!env.is_empty()).then_some(env),
+            working_dir: spec.workdir.clone(),
+            ..Default::default()
+        };
+        let created = docker
+            .create_exec(runtime_id, options)
+            .await
+            .map_err(|e| runtime_error(runtime_id, e))?;
+        let started = docker
+            .start_exec(&created.id, None)
+            .await
+            .map_err(|e| runtime_error(runtime_id, e))?;
+        let StartExecResults::Attached { mut output, .. } = started else {
+            return Err(ProviderError::Runtime("exec did not attach".into()));
+        };
+        let deadline = tokio::time::sleep(spec.timeout);
+        tokio::pin!(deadline);
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                item = output.next() => {
+                    let Some(item) = item else { break };
+                    let chunk = match item {
+                        Ok(LogOutput::StdOut { message }) => OutputChunk { stream: StreamKind::Stdout, data: message },
+                        Ok(LogOutput::StdErr { message }) => OutputChunk { stream: StreamKind::Stderr, data: message },
+                        Ok(LogOutput::StdIn { .. } | LogOutput::Console { .. }) => continue,
+                        Err(e) => return Err(daemon_error(e)),
+                    };
+                    if listening && sink.send(chunk).await.is_err() {
+                        // Nobody listens any more; keep draining so the command is not blocked.
+                        listening = false;
+                    }
+                }
+                () = &mut deadline => {
+                    match docker.inspect_exec(&created.id).await {
+                        Ok(info) => {
+                            if let Some(pid) = info.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+                                tokio::task::spawn_blocking(move || kill_process_tree(pid));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot inspect timed-out exec"),
+                    }
+                    return Ok(ExecExit::TimedOut);
+                }
+            }
+        }
+        let info = docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| runtime_error(runtime_id, e))?;
+        let code = info.exit_code.unwrap_or(-1);
+        Ok(ExecExit::Exited(i32::try_from(code).unwrap_or(-1)))
+    }
+
+    async fn write_file(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        content: Bytes,
+        mode: u32,
+    ) -> ProviderResult<()> {
+        let (dir, name) = split_path(path)?;
+        let mut header = tar::Header::new_gnu();
+        header.set_size(content.len() as u64);
+        header.set_mode(mode);
+        header.set_mtime(chrono::Utc::now().timestamp().max(0) as u64);
+        header.set_entry_type(tar::EntryType::Regular);
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_data(&mut header, &name, content.as_ref())
+            .map_err(|e| ProviderError::InvalidRequest(format!("invalid file name: {e}")))?;
+        let archive = builder
+            .into_inner()
+            .map_err(|e| ProviderError::Runtime(e.to_string()))?;
+        match self.upload(runtime_id, &dir, archive.clone()).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => {
+                // The parent is missing (or the container is gone): create
+                // the parents and try once more.
+                self.run_script(runtime_id, "mkdir -p -- \"$1\" || exit 3", &[&dir])
+                    .await?;
+                self.upload(runtime_id, &dir, archive)
+                    .await
+                    .map_err(|e| runtime_error(runtime_id, e))
+            }
+            Err(DockerError::DockerResponseServerError { message, .. }) => {
+                Err(ProviderError::InvalidRequest(message))
+            }
+            Err(e) => Err(daemon_error(e)),
+        }
+    }
+
+    async fn read_file(&self, runtime_id: &str, path: &str) -> ProviderResult<Bytes> {
+        let mut current = path.to_string();
+        // Follow symlinks a few hops; the archive API returns a link as a link.
+        for _ in 0..8 {
+            let options = DownloadFromContainerOptionsBuilder::default()
+                .path(&current)
+                .build();
+            let mut stream = self
+                .client()
+                .download_from_container(runtime_id, Some(options));
+            let mut archive = Vec::new();
+            while let Some(part) = stream.next().await {
+                match part {
+                    Ok(bytes) => archive.extend_from_slice(&bytes),
+                    Err(e) if is_not_found(&e) => {
+                        return Err(ProviderError::FileNotFound(path.to_string()));
+                    }
+                    Err(e) => return Err(daemon_error(e)),
+                }
+            }
+            let mut reader = tar::Archive::new(archive.as_slice());
+            let mut entries = reader
+                .entries()
+                .map_err(|e| ProviderError::Runtime(e.to_string()))?;
+            let Some(entry) = entries.next() else {
+                return Err(ProviderError::FileNotFound(path.to_string()));
+            };
+            let mut entry = entry.map_err(|e| ProviderError::Runtime(e.to_string()))?;
+            match entry.header().entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    let mut data = Vec::new();
+                    std::io::Read::read_to_end(&mut entry, &mut data)
+                        .map_err(|e| ProviderError::Runtime(e.to_string()))?;
+                    return Ok(Bytes::from(data));
+                }
+                tar::EntryType::Directory => {
+                    return Err(ProviderError::InvalidRequest(format!(
+                        "{path} is a directory"
+                    )));
+                }
+                tar::EntryType::Symlink => {
+                    let target = entry
+                        .link_name()
+                        .ok()
+                        .flatten()
+                        .map(|t| t.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    current = if target.starts_with('/') {
+                        target
+                    } else {
+                        let (dir, _) = split_path(&current)?;
+                        format!("{}/{target}", dir.trim_end_matches('/'))
+                    };
+                }
+                _ => {
+                    return Err(ProviderError::InvalidRequest(format!(
+                        "{path} is not a regular file"
+                    )));
+                }
+            }
+        }
+        Err(ProviderError::InvalidRequest(format!(
+            "{path}: too many levels of symbolic links"
+        )))
+    }
+
+    async fn list_files(&self, runtime_id: &str, path: &str) -> ProviderResult<Vec<FileEntry>> {
+        let script = format!(
+            "[ -e \"$1\" ] || exit 2; [ -d \"$1\" ] || {{ echo \"$1 is not a directory\" >&2; exit 3; }}; \
+             cd -- \"$1\" || exit 3; stat -c '{STAT_FORMAT}' -- * .[!.]* ..?* 2>/dev/null; exit 0"
+        );
+        let out = self.run_script(runtime_id, &script, &[path]).await?;
+        let mut entries: Vec<FileEntry> = out
+            .lines()
+            .filter_map(|line| parse_stat_line(line, Some(path)))
+            .collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(entries)
+    }
+
+    async fn stat_file(&self, runtime_id: &str, path: &str) -> ProviderResult<FileEntry> {
+        let script =
+            format!("[ -e \"$1\" ] || [ -L \"$1\" ] || exit 2; stat -c '{STAT_FORMAT}' -- \"$1\"");
+        let out = self.run_script(runtime_id, &script, &[path]).await?;
+        out.lines()
+            .next()
+            .and_then(|line| parse_stat_line(line, None))
+            .map(|mut entry| {
+                entry.path = path.to_string();
+                entry
+            })
+            .ok_or_else(|| ProviderError::Runtime(format!("cannot parse stat output {out:?}")))
+    }
+
+    async fn move_file(&self, runtime_id: &str, from: &str, to: &str) -> ProviderResult<()> {
+        self.run_script(
+            runtime_id,
+            "[ -e \"$1\" ] || [ -L \"$1\" ] || exit 2; mkdir -p -- \"$(dirname -- \"$2\")\" && mv -- \"$1\" \"$2\"",
+            &[from, to],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn chmod_file(&self, runtime_id: &str, path: &str, mode: u32) -> ProviderResult<()> {
+        let mode = format!("{mode:o}");
+        self.run_script(
+            runtime_id,
+            "[ -e \"$2\" ] || exit 2; chmod \"$1\" \"$2\"",
+            &[&mode, path],
+        )
+        .await
+        .map_err(|e| match e {
+            // run_script reports $1 as the missing file; here that is the mode.
+            ProviderError::FileNotFound(_) => ProviderError::FileNotFound(path.to_string()),
+            other => other,
+        })
+        .map(drop)
+    }
+
+    async fn delete_file(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> ProviderResult<()> {
+        let script = if recursive {
+            "[ -e \"$1\" ] || [ -L \"$1\" ] || exit 2; rm -rf -- \"$1\""
+        } else {
+            "[ -e \"$1\" ] || [ -L \"$1\" ] || exit 2; \
+             if [ -d \"$1\" ] && [ ! -L \"$1\" ]; then rmdir -- \"$1\" 2>/dev/null || { echo \"directory $1 is not empty: delete it with recursive=true\" >&2; exit 3; }; \
+             else rm -f -- \"$1\"; fi"
+        };
+        self.run_script(runtime_id, script, &[path]).await.map(drop)
+    }
+
+    async fn glob_files(&self, runtime_id: &str, pattern: &str) -> ProviderResult<Vec<String>> {
+        // IFS='' keeps the pattern one word while still expanding it.
+        let out = self
+            .run_script(
+                runtime_id,
+                "cd / || exit 3; IFS=''; for f in $1; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then printf '%s\\n' \"$f\"; fi; done",
+                &[pattern],
+            )
+            .await?;
+        let mut paths: Vec<String> = out
+            .lines()
+            .map(|p| {
+                if p.starts_with('/') {
+                    p.to_string()
+                } else {
+                    format!("/{p}")
+                }
+            })
+            .collect();
+        paths.sort();
+        paths.dedup();
+        Ok(paths)
+    }
+
+    async fn logs(&self, runtime_id: &str, lines: usize) -> ProviderResult<Vec<String>> {
+        let options = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .timestamps(true)
+            .tail(&lines.to_string())
+            .build();
+        let mut stream = self.client().logs(runtime_id, Some(options));
+        let mut out = Vec::new();
+        while let Some(item) = stream.next().await {
+            let item = item.map_err(|e| runtime_error(runtime_id, e))?;
+            out.extend(
+                String::from_utf8_lossy(&item.into_bytes())
+                    .lines()
+                    .map(str::to_string),
+            );
+        }
+        let skip = out.len().saturating_sub(lines);
+        Ok(out.split_off(skip))
+    }
+
+    async fn stats(&self, runtime_id: &str) -> ProviderResult<RuntimeStats> {
+        let options = StatsOptionsBuilder::default().stream(false).build();
+        let mut stream = self.client().stats(runtime_id, Some(options));
+        let Some(stats) = stream.next().await else {
+            return Ok(RuntimeStats::default());
+        };
+        let stats = stats.map_err(|e| runtime_error(runtime_id, e))?;
+        let memory = stats.memory_stats.unwrap_or_default();
+        let cpu = stats.cpu_stats.unwrap_or_default();
+        let pre = stats.precpu_stats.unwrap_or_default();
+        let total = |c: &bollard::models::ContainerCpuStats| {
+            c.cpu_usage
+                .as_ref()
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0)
+        };
+        let cpu_delta = total(&cpu).saturating_sub(total(&pre)) as f64;
+        let system_delta = cpu
+            .system_cpu_usage
+            .unwrap_or(0)
+            .saturating_sub(pre.system_cpu_usage.unwrap_or(0)) as f64;
+        let cpus = f64::from(cpu.online_cpus.unwrap_or(1).max(1));
+        let cpu_pct = if system_delta > 0.0 {
+            cpu_delta / system_delta * cpus * 100.0
+        } else {
+            0.0
+        };
+        Ok(RuntimeStats {
+            supported: true,
+            cpu_pct,
+            mem_bytes: memory.usage.unwrap_or(0),
+            mem_limit_bytes: memory.limit.unwrap_or(0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_lines() {
+        let e = parse_stat_line("12|644|regular file|1700000000|a|b.txt", Some("/tmp"))
+            .unwrap_or_else(|| panic!("stat line should parse"));
+        assert_eq!(e.path, "/tmp/a|b.txt");
+        assert_eq!(e.name, "a|b.txt");
+        assert_eq!(e.size, 12);
+        assert_eq!(e.mode, "644");
+        assert!(!e.is_dir);
+        assert!(parse_stat_line("garbage", None).is_none());
+    }
+
+    #[test]
+    fn splits_paths() {
+        assert_eq!(
+            split_path("/a/b.txt").ok(),
+            Some(("/a".to_string(), "b.txt".to_string()))
+        );
+        assert_eq!(
+            split_path("/b.txt").ok(),
+            Some(("/".to_string(), "b.txt".to_string()))
+        );
+        assert!(split_path("/").is_err());
+        assert!(split_path("/a/..").is_err());
+    }
+}

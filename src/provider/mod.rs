@@ -1,0 +1,247 @@
+//! The runtime plane: every way StacyVM can run a sandbox sits behind [`Provider`].
+//!
+//! A provider knows nothing about owners, quotas, TTLs or the store. It turns
+//! "make a runtime from this image", "run this argv", "read this file" into
+//! runtime calls, and reports what happened. All product rules live in
+//! `service/`; this module only states the contract and hosts one file per
+//! implementation.
+
+pub mod docker;
+pub mod hostfs;
+pub mod image_store;
+pub mod native;
+pub mod proot;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    Stdout,
+    Stderr,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+        }
+    }
+}
+
+/// One piece of output, in the order the runtime produced it.
+#[derive(Debug, Clone)]
+pub struct OutputChunk {
+    pub stream: StreamKind,
+    pub data: Bytes,
+}
+
+/// Where a provider sends output while a command runs. A closed receiver
+/// means nobody listens any more; providers keep running the command and
+/// drop further output (the exec result still carries the exit code).
+pub type OutputSink = mpsc::Sender<OutputChunk>;
+
+/// What to create. Limits are already validated and defaulted by the service.
+#[derive(Debug, Clone)]
+pub struct SpawnSpec {
+    /// The StacyVM sandbox id; providers label or name the runtime with it
+    /// so that an inventory can always be matched back to a record.
+    pub sandbox_id: String,
+    pub image: String,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+}
+
+/// What a successful spawn returns: the provider's own handle for the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeHandle {
+    pub runtime_id: String,
+}
+
+/// A command to run. The service has already turned shell/argv modes into a
+/// plain argv, so providers never parse shell syntax.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the sandbox; `None` means the runtime default.
+    pub workdir: Option<String>,
+    /// The provider kills the command (and its children) when this elapses.
+    pub timeout: Duration,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecExit {
+    /// The process exited; a signal death is reported as 128 + signal.
+    Exited(i32),
+    /// The timeout elapsed and the provider killed the command.
+    TimedOut,
+}
+
+/// One directory entry or the answer to a stat.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    pub name: String,
+    pub size: u64,
+    /// Permission bits in octal text, e.g. "644", as StacyVM clients expect.
+    pub mode: String,
+    pub is_dir: bool,
+    /// RFC 3339 modification time.
+    pub mod_time: String,
+}
+
+/// Resource usage of one runtime, when the provider can measure it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RuntimeStats {
+    pub supported: bool,
+    pub cpu_pct: f64,
+    pub mem_bytes: u64,
+    pub mem_limit_bytes: u64,
+}
+
+/// Features a provider may or may not have; listed by `/providers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    Exec,
+    ExecStream,
+    Files,
+    Logs,
+    Stats,
+    MemoryLimit,
+    CpuLimit,
+    NetworkIsolation,
+}
+
+/// Everything that can go wrong inside a provider. The service maps these to
+/// API errors; the `Display` text is what a client will read, so it says what
+/// went wrong in the caller's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The image is not available and could not be obtained.
+    #[error("image {image:?} is not available: {reason}")]
+    ImageNotFound { image: String, reason: String },
+    /// The runtime behind the handle is gone (removed, never existed).
+    #[error("runtime {0} not found")]
+    RuntimeNotFound(String),
+    /// A path inside the sandbox does not exist.
+    #[error("no such file or directory: {0}")]
+    FileNotFound(String),
+    /// The request is invalid for this provider (bad path, bad mode, not a
+    /// directory, ...).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The operation is not supported by this provider.
+    #[error("provider {provider} does not support {operation}")]
+    Unsupported {
+        provider: &'static str,
+        operation: &'static str,
+    },
+    /// The runtime backend cannot be reached (daemon down, binary missing).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Anything else: an unexpected runtime failure.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+pub type ProviderResult<T> = Result<T, ProviderError>;
+
+/// The provider contract from the architecture reference: spawn, exec,
+/// stream, files, destroy, health, logs.
+///
+/// Every method may be called concurrently for different runtimes; an
+/// implementation holds no lock across runtime calls.
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// The stable name clients use to pick this provider (`docker`, `native`, ...).
+    fn name(&self) -> &'static str;
+
+    /// What this provider can do.
+    fn capabilities(&self) -> Vec<Capability>;
+
+    /// Is the backend usable right now? `Err` carries the reason.
+    async fn health(&self) -> ProviderResult<()>;
+
+    /// Is this image available to spawn from (locally, or obtainable)?
+    /// Spawn checks again; this exists so admission can refuse early.
+    async fn image_available(&self, image: &str) -> ProviderResult<bool>;
+
+    /// Create and start an isolated runtime. On error nothing is left behind.
+    async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle>;
+
+    /// Tear the runtime down. Idempotent: a runtime that is already gone is
+    /// not an error.
+    async fn destroy(&self, runtime_id: &str) -> ProviderResult<()>;
+
+    /// Destroys whatever runtime exists for `sandbox_id` when its handle was
+    /// never recorded (a spawn interrupted by a crash). Idempotent. The
+    /// default suits providers whose runtime id is the sandbox id.
+    async fn destroy_by_sandbox_id(&self, sandbox_id: &str) -> ProviderResult<()> {
+        self.destroy(sandbox_id).await
+    }
+
+    /// Run a command, sending output to `sink` as it is produced, and return
+    /// how it ended. On timeout the provider kills the command and its
+    /// children before returning.
+    async fn exec(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit>;
+
+    /// Write a file, creating parent directories. `mode` is the permission bits.
+    async fn write_file(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        content: Bytes,
+        mode: u32,
+    ) -> ProviderResult<()>;
+
+    /// Read a whole file.
+    async fn read_file(&self, runtime_id: &str, path: &str) -> ProviderResult<Bytes>;
+
+    /// List a directory (not recursive), sorted by name.
+    async fn list_files(&self, runtime_id: &str, path: &str) -> ProviderResult<Vec<FileEntry>>;
+
+    /// Describe one file or directory.
+    async fn stat_file(&self, runtime_id: &str, path: &str) -> ProviderResult<FileEntry>;
+
+    /// Rename a file or directory.
+    async fn move_file(&self, runtime_id: &str, from: &str, to: &str) -> ProviderResult<()>;
+
+    /// Change permission bits.
+    async fn chmod_file(&self, runtime_id: &str, path: &str, mode: u32) -> ProviderResult<()>;
+
+    /// Delete a file, or a directory (non-empty only with `recursive`).
+    async fn delete_file(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> ProviderResult<()>;
+
+    /// Absolute paths matching a shell glob pattern, sorted.
+    async fn glob_files(&self, runtime_id: &str, pattern: &str) -> ProviderResult<Vec<String>>;
+
+    /// The last `lines` lines of the runtime's diagnostics.
+    async fn logs(&self, runtime_id: &str, lines: usize) -> ProviderResult<Vec<String>>;
+
+    /// Resource usage, or `supported: false`.
+    async fn stats(&self, _runtime_id: &str) -> ProviderResult<RuntimeStats> {
+        Ok(RuntimeStats::default())
+    }
+}

@@ -1,0 +1,124 @@
+//! Admission: may this spawn go ahead? The same answer feeds the preflight
+//! endpoint and the spawn itself, in StacyVM's fixed order: TTL limit, an
+//! eligible worker, the global cap, the per-owner cap.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::sandboxes::SpawnPlan;
+use super::{Error, Result, Service, SpawnRequest};
+use crate::auth::Caller;
+use crate::duration;
+
+/// The admission answer; field names are the ones StacyVM SDKs read, and
+/// nothing else is serialized (SDK 0.1.1 refuses unknown keys).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AdmissionDecision {
+    pub allowed: bool,
+    pub queueable: bool,
+    pub reason: String,
+    pub active_sandboxes: u64,
+    pub max_sandboxes: u64,
+    pub active_owner_sandboxes: u64,
+    pub max_owner_sandboxes: u64,
+    pub max_ttl: String,
+}
+
+impl AdmissionDecision {
+    /// `Ok` when allowed, otherwise the error a spawn answers with.
+    pub fn into_result(self) -> Result<()> {
+        if self.allowed {
+            return Ok(());
+        }
+        match self.reason.as_str() {
+            "max_ttl" => Err(Error::BadRequest(format!(
+                "ttl exceeds the maximum of {}",
+                self.max_ttl
+            ))),
+            "worker_unavailable" => Err(Error::Unavailable(
+                "no worker can run this sandbox right now".into(),
+            )),
+            "max_sandboxes" => Err(Error::ResourceLimit {
+                message: format!(
+                    "the server runs its maximum of {} sandboxes",
+                    self.max_sandboxes
+                ),
+                retry_after_secs: 5,
+            }),
+            _ => Err(Error::ResourceLimit {
+                message: format!(
+                    "owner has reached its maximum of {} sandboxes",
+                    self.max_owner_sandboxes
+                ),
+                retry_after_secs: 5,
+            }),
+        }
+    }
+}
+
+impl Service {
+    /// The largest TTL `owner` may ask for.
+    pub(super) async fn max_ttl_for(&self, owner: &str) -> Result<Duration> {
+        let global = self.config().defaults.max_ttl.0;
+        let owner_max = self
+            .store()
+            .get_owner(owner)
+            .await?
+            .and_then(|o| o.max_ttl_ms)
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(Duration::from_millis);
+        Ok(owner_max.unwrap_or(global))
+    }
+
+    /// Preflight: would this spawn be admitted? Creates nothing.
+    pub async fn admission(&self, caller: &Caller, req: SpawnRequest) -> Result<AdmissionDecision> {
+        let plan = self.plan_spawn(caller, req).await?;
+        self.admission_for_plan(&plan).await
+    }
+
+    pub(super) async fn admission_for_plan(&self, plan: &SpawnPlan) -> Result<AdmissionDecision> {
+        let defaults = &self.config().defaults;
+        let owner = self.store().get_owner(&plan.owner_id).await?;
+        let max_ttl = self.max_ttl_for(&plan.owner_id).await?;
+        let max_sandboxes = u64::from(defaults.max_sandboxes);
+        let max_owner_sandboxes = owner
+            .and_then(|o| o.max_sandboxes)
+            .and_then(|m| u64::try_from(m).ok())
+            .unwrap_or(u64::from(defaults.max_sandboxes_per_owner));
+        let active_sandboxes = self.store().count_live_sandboxes(None).await?;
+        let active_owner_sandboxes = self
+            .store()
+            .count_live_sandboxes(Some(&plan.owner_id))
+            .await?;
+        let mut decision = AdmissionDecision {
+            allowed: true,
+            queueable: false,
+            reason: String::new(),
+            active_sandboxes,
+            max_sandboxes,
+            active_owner_sandboxes,
+            max_owner_sandboxes,
+            max_ttl: duration::format(max_ttl),
+        };
+        let refuse = |d: &mut AdmissionDecision, reason: &str, queueable: bool| {
+            d.allowed = false;
+            d.queueable = queueable;
+            d.reason = reason.to_string();
+        };
+        if plan.ttl > max_ttl {
+            refuse(&mut decision, "max_ttl", false);
+        } else if self
+            .scheduler()
+            .place(plan.provider.as_deref(), plan.vcpus)
+            .is_err()
+        {
+            refuse(&mut decision, "worker_unavailable", false);
+        } else if max_sandboxes > 0 && active_sandboxes >= max_sandboxes {
+            refuse(&mut decision, "max_sandboxes", true);
+        } else if max_owner_sandboxes > 0 && active_owner_sandboxes >= max_owner_sandboxes {
+            refuse(&mut decision, "max_sandboxes_per_owner", true);
+        }
+        Ok(decision)
+    }
+}

@@ -1,0 +1,205 @@
+//! Files inside a sandbox. Paths are normalised here (lexically, clamped at
+//! the sandbox root); the providers then keep every access inside the
+//! sandbox even through symlinks.
+
+use bytes::Bytes;
+
+use super::{Error, Result, Service};
+use crate::auth::Caller;
+use crate::provider::FileEntry;
+
+/// A file to write.
+#[derive(Debug, Clone)]
+pub struct FileWrite {
+    pub path: String,
+    pub content: Bytes,
+    /// Octal text such as "0644"; defaults to 0644.
+    pub mode: Option<String>,
+}
+
+const MAX_PATH_BYTES: usize = 4096;
+
+/// Makes `path` absolute and resolves `.` and `..` lexically, never above `/`.
+pub(crate) fn normalize_path(path: &str) -> Result<String> {
+    if path.is_empty() {
+        return Err(Error::BadRequest("path is required".into()));
+    }
+    if path.len() > MAX_PATH_BYTES || path.contains('\0') {
+        return Err(Error::BadRequest("invalid path".into()));
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// Parses permission bits written in octal ("644", "0755", "0o600").
+pub(crate) fn parse_mode(mode: &str) -> Result<u32> {
+    let digits = mode.strip_prefix("0o").unwrap_or(mode);
+    let bits = u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|bits| !digits.is_empty() && *bits <= 0o7777)
+        .ok_or_else(|| {
+            Error::BadRequest(format!(
+                "invalid mode {mode:?}: expected octal permission bits such as \"0644\""
+            ))
+        })?;
+    Ok(bits)
+}
+
+impl Service {
+    async fn file_target(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(std::sync::Arc<dyn crate::provider::Provider>, String)> {
+        let model = self.usable_sandbox(caller, id).await?;
+        let provider = self.scheduler().provider_for(&model.provider).ok_or_else(|| {
+            Error::Unavailable(format!("provider {} is not available", model.provider))
+        })?;
+        Ok((provider, model.runtime_id.unwrap_or_default()))
+    }
+
+    /// Writes a file, creating parent directories.
+    pub async fn write_file(&self, caller: &Caller, id: &str, write: FileWrite) -> Result<()> {
+        let outcome = async {
+            let path = normalize_path(&write.path)?;
+            if path == "/" {
+                return Err(Error::BadRequest("cannot write to /".into()));
+            }
+            let mode = match write.mode.as_deref() {
+                None | Some("") => 0o644,
+                Some(m) => parse_mode(m)?,
+            };
+            let (provider, runtime) = self.file_target(caller, id).await?;
+            Ok(provider
+                .write_file(&runtime, &path, write.content, mode)
+                .await?)
+        }
+        .await;
+        self.audit(caller, "file.write", id, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Reads a whole file.
+    pub async fn read_file(&self, caller: &Caller, id: &str, path: &str) -> Result<Bytes> {
+        let path = normalize_path(path)?;
+        let (provider, runtime) = self.file_target(caller, id).await?;
+        Ok(provider.read_file(&runtime, &path).await?)
+    }
+
+    /// Lists a directory.
+    pub async fn list_files(&self, caller: &Caller, id: &str, path: &str) -> Result<Vec<FileEntry>> {
+        let path = normalize_path(if path.is_empty() { "/" } else { path })?;
+        let (provider, runtime) = self.file_target(caller, id).await?;
+        Ok(provider.list_files(&runtime, &path).await?)
+    }
+
+    /// Describes one file.
+    pub async fn stat_file(&self, caller: &Caller, id: &str, path: &str) -> Result<FileEntry> {
+        let path = normalize_path(path)?;
+        let (provider, runtime) = self.file_target(caller, id).await?;
+        Ok(provider.stat_file(&runtime, &path).await?)
+    }
+
+    /// Renames a file or directory.
+    pub async fn move_file(&self, caller: &Caller, id: &str, from: &str, to: &str) -> Result<()> {
+        let outcome = async {
+            let from = normalize_path(from)?;
+            let to = normalize_path(to)?;
+            if from == "/" || to == "/" {
+                return Err(Error::BadRequest("cannot move /".into()));
+            }
+            let (provider, runtime) = self.file_target(caller, id).await?;
+            Ok(provider.move_file(&runtime, &from, &to).await?)
+        }
+        .await;
+        self.audit(caller, "file.move", id, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Changes permission bits.
+    pub async fn chmod_file(&self, caller: &Caller, id: &str, path: &str, mode: &str) -> Result<()> {
+        let outcome = async {
+            let path = normalize_path(path)?;
+            let mode = parse_mode(mode)?;
+            let (provider, runtime) = self.file_target(caller, id).await?;
+            Ok(provider.chmod_file(&runtime, &path, mode).await?)
+        }
+        .await;
+        self.audit(caller, "file.chmod", id, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Deletes a file, or a directory (non-empty ones only with `recursive`).
+    pub async fn delete_file(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<()> {
+        let outcome = async {
+            let path = normalize_path(path)?;
+            if path == "/" {
+                return Err(Error::BadRequest("cannot delete /".into()));
+            }
+            let (provider, runtime) = self.file_target(caller, id).await?;
+            Ok(provider.delete_file(&runtime, &path, recursive).await?)
+        }
+        .await;
+        self.audit(caller, "file.delete", id, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Paths matching a glob pattern.
+    pub async fn glob_files(&self, caller: &Caller, id: &str, pattern: &str) -> Result<Vec<String>> {
+        if pattern.is_empty() || pattern.contains('\0') || pattern.len() > MAX_PATH_BYTES {
+            return Err(Error::BadRequest("pattern is required".into()));
+        }
+        let pattern = if pattern.starts_with('/') {
+            pattern.to_string()
+        } else {
+            format!("/{pattern}")
+        };
+        let (provider, runtime) = self.file_target(caller, id).await?;
+        Ok(provider.glob_files(&runtime, &pattern).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_never_climb_above_root() {
+        let n = |p: &str| normalize_path(p).unwrap_or_default();
+        assert_eq!(n("../../etc/passwd"), "/etc/passwd");
+        assert_eq!(n("/tmp/../../x"), "/x");
+        assert_eq!(n("a/./b//c/"), "/a/b/c");
+        assert_eq!(n("/.."), "/");
+        assert!(normalize_path("").is_err());
+        assert!(normalize_path("a\0b").is_err());
+    }
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("0644").ok(), Some(0o644));
+        assert_eq!(parse_mode("755").ok(), Some(0o755));
+        assert_eq!(parse_mode("0o600").ok(), Some(0o600));
+        for bad in ["", "rwx", "999", "77777", "-1"] {
+            assert!(parse_mode(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Lifecycle mechanics shared by every operation: persisted transitions,
+//! state events, destruction, and the reaper that expires sandboxes and
+//! retries failed destroys.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Error, Result, Service};
+use crate::auth::Caller;
+use crate::events::Event;
+use crate::lifecycle::SandboxState;
+use crate::store::SandboxFilter;
+
+impl Service {
+    /// Persists a transition, then publishes it. Returns `None` when the
+    /// sandbox's current state does not allow the transition (someone else
+    /// moved it first).
+    pub(super) async fn transition(
+        &self,
+        id: &str,
+        to: SandboxState,
+        reason: Option<String>,
+        runtime_id: Option<String>,
+    ) -> Result<Option<entity::sandbox::Model>> {
+        let updated = self
+            .store()
+            .transition_sandbox_with(id, to, reason.clone(), runtime_id)
+            .await?;
+        if let Some(model) = &updated {
+            self.publish_state(id, &model.owner_id, to, reason);
+        }
+        Ok(updated)
+    }
+
+    pub(super) fn publish_state(
+        &self,
+        id: &str,
+        owner_id: &str,
+        state: SandboxState,
+        reason: Option<String>,
+    ) {
+        self.events().publish(Event::SandboxState {
+            sandbox_id: id.to_string(),
+            owner_id: owner_id.to_string(),
+            state,
+            reason,
+            at: Utc::now(),
+        });
+    }
+
+    /// Moves a sandbox through destroying to destroyed. When the provider
+    /// fails, the sandbox ends in `error` with the reason and the reaper
+    /// retries later.
+    pub(super) async fn destroy_record(
+        &self,
+        model: entity::sandbox::Model,
+        reason: Option<String>,
+    ) -> Result<()> {
+        let id = model.id.clone();
+        if self
+            .transition(&id, SandboxState::Destroying, reason.clone(), None)
+            .await?
+            .is_none()
+        {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} cannot be destroyed from state {}",
+                model.state
+            )));
+        }
+        let result = match (&model.runtime_id, self.scheduler().provider_for(&model.provider)) {
+            // No handle was recorded (the spawn failed, or the server died
+            // mid-spawn): make sure nothing was left behind under the id.
+            (None, Some(provider)) => provider.destroy_by_sandbox_id(&id).await,
+            (None, None) => Ok(()),
+            (Some(runtime_id), Some(provider)) => provider.destroy(runtime_id).await,
+            (Some(_), None) => Err(crate::provider::ProviderError::Unavailable(format!(
+                "provider {} is not configured on this server",
+                model.provider
+            ))),
+        };
+        match result {
+            Ok(()) => {
+                self.transition(&id, SandboxState::Destroyed, reason, None)
+                    .await?;
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("destroy failed: {e}");
+                tracing::warn!(sandbox = %id, error = %e, "destroy failed; will retry");
+                self.transition(&id, SandboxState::Error, Some(why), None)
+                    .await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Expires and destroys every usable sandbox whose TTL has passed.
+    /// Returns how many were destroyed.
+    pub async fn prune_expired(&self, caller: &Caller) -> Result<u64> {
+        let mut pruned = 0;
+        for model in self.store().expired_sandboxes(Utc::now()).await? {
+            if !caller.can_access(&model.owner_id) {
+                continue;
+            }
+            let id = model.id.clone();
+            let Some(expired) = self
+                .transition(&id, SandboxState::Expired, Some("ttl reached".into()), None)
+                .await?
+            else {
+                continue;
+            };
+            match self.destroy_record(expired, Some("ttl reached".into())).await {
+                Ok(()) => pruned += 1,
+                Err(e) => tracing::warn!(sandbox = %id, error = %e, "expiry destroy failed"),
+            }
+            self.audit(caller, "sandbox.expire", &id, Ok(())).await;
+        }
+        Ok(pruned)
+    }
+
+    /// Retries the destruction of sandboxes left in `error`.
+    async fn retry_failed(&self) -> Result<()> {
+        let filter = SandboxFilter {
+            owner_id: None,
+            states: Some(vec![SandboxState::Error]),
+        };
+        for model in self.store().list_sandboxes(&filter).await? {
+            let id = model.id.clone();
+            let reason = model.state_reason.clone();
+            if let Err(e) = self.destroy_record(model, reason).await {
+                tracing::debug!(sandbox = %id, error = %e, "retry of failed sandbox did not succeed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the reaper until `shutdown` fires.
+    pub async fn run_reaper(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        let system = Caller::system();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.prune_expired(&system).await {
+                        tracing::warn!(error = %e, "reaper pass failed");
+                    }
+                    if let Err(e) = self.retry_failed().await {
+                        tracing::warn!(error = %e, "error-state retry pass failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Service {
+    /// Runs once at start-up: a sandbox left `creating` or `destroying` by a
+    /// previous process can never finish that step, so it moves to `error`
+    /// with the reason, and the reaper destroys whatever runtime remains.
+    pub async fn recover_after_restart(&self) -> Result<()> {
+        let filter = SandboxFilter {
+            owner_id: None,
+            states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
+        };
+        for model in self.store().list_sandboxes(&filter).await? {
+            let reason = format!("server restarted while the sandbox was {}", model.state);
+            tracing::warn!(sandbox = %model.id, %reason, "recovering sandbox");
+            self.transition(&model.id, SandboxState::Error, Some(reason), None)
+                .await?;
+        }
+        Ok(())
+    }
+}

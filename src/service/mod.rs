@@ -1,0 +1,106 @@
+//! The service layer: every product rule lives here, exactly once.
+//!
+//! REST handlers, GraphQL resolvers and the CLI only translate their input
+//! into these calls and the answers back. Each call takes the [`Caller`],
+//! checks its preconditions (stated on the method), persists state changes
+//! before reporting them, and publishes events.
+
+mod admission;
+mod error;
+mod exec;
+mod files;
+mod lifecycle;
+mod sandboxes;
+mod system;
+mod templates;
+
+pub use admission::AdmissionDecision;
+pub use error::{Error, ErrorCode, Result};
+pub use exec::{CollectedExec, ExecOutput, ExecRequest, ExecResult, RunningExec};
+pub use files::FileWrite;
+pub use sandboxes::{Sandbox, SpawnRequest};
+pub use system::{HealthReport, ProviderStatus, WorkerStatus};
+pub use templates::{Template, TemplateInput};
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Mutex;
+
+use crate::auth::Caller;
+use crate::config::Config;
+use crate::events::EventBus;
+use crate::scheduler::Scheduler;
+use crate::store::{NewAuditEvent, Store};
+
+/// The StacyVM service; cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    scheduler: Scheduler,
+    config: Config,
+    events: EventBus,
+    /// Serialises "count live sandboxes, then insert one" so that concurrent
+    /// spawns cannot overshoot a quota. Held only around those two store
+    /// calls, never around provider work.
+    admission: Mutex<()>,
+    started_at: Instant,
+}
+
+impl Service {
+    pub fn new(store: Store, scheduler: Scheduler, config: Config, events: EventBus) -> Service {
+        Service {
+            inner: Arc::new(Inner {
+                store,
+                scheduler,
+                config,
+                events,
+                admission: Mutex::new(()),
+                started_at: Instant::now(),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.inner.events
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.inner.scheduler
+    }
+
+    /// Appends an audit event. Best effort: a failed audit write is logged
+    /// and never fails the action it describes.
+    async fn audit(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: &str,
+        outcome: std::result::Result<(), &Error>,
+    ) {
+        let event = NewAuditEvent {
+            actor: caller.owner_id.clone(),
+            tenant_id: caller.tenant_id.clone(),
+            action: action.to_string(),
+            target: target.to_string(),
+            outcome: if outcome.is_ok() { "success" } else { "failure" }.into(),
+            request_id: caller.request_id.clone(),
+            detail: outcome.err().map(|e| e.to_string()),
+        };
+        if let Err(e) = self.inner.store.append_audit(event).await {
+            tracing::warn!(error = %e, action, target, "cannot write audit event");
+        }
+    }
+}

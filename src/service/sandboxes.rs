@@ -1,0 +1,394 @@
+//! Sandboxes: spawn, look up, list, extend, destroy.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Error, Result, Service};
+use crate::auth::Caller;
+use crate::duration;
+use crate::lifecycle::SandboxState;
+use crate::provider::SpawnSpec;
+use crate::store::SandboxFilter;
+
+/// A sandbox as clients see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub state: SandboxState,
+    /// Why the sandbox is in this state (set for `error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_reason: Option<String>,
+    pub provider: String,
+    pub image: String,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    pub owner_id: String,
+    pub tenant_id: String,
+    pub worker_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub metadata: BTreeMap<String, String>,
+    pub preview_domain: String,
+    /// The provider's handle; internal, never serialized.
+    #[serde(skip)]
+    pub runtime_id: Option<String>,
+}
+
+/// What a client may ask for when spawning. Every field is optional.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnRequest {
+    pub image: Option<String>,
+    pub provider: Option<String>,
+    pub memory_mb: Option<u32>,
+    pub vcpus: Option<u32>,
+    /// A Go duration string.
+    pub ttl: Option<String>,
+    pub template: Option<String>,
+    pub owner_id: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A spawn request with defaults applied and every field validated.
+#[derive(Debug, Clone)]
+pub(super) struct SpawnPlan {
+    pub image: String,
+    pub provider: Option<String>,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    pub ttl: Duration,
+    pub template: Option<String>,
+    pub owner_id: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Memory bounds for one sandbox, in MiB.
+const MEMORY_MB_RANGE: std::ops::RangeInclusive<u32> = 16..=1024 * 1024;
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_METADATA_BYTES: usize = 16 * 1024;
+
+impl Service {
+    pub(super) fn to_sandbox(&self, m: entity::sandbox::Model) -> Result<Sandbox> {
+        let state = m
+            .state
+            .parse()
+            .map_err(|e: crate::lifecycle::UnknownState| Error::Internal(e.to_string()))?;
+        let metadata = crate::store::json_to_map(&m.metadata)?;
+        Ok(Sandbox {
+            id: m.id,
+            state,
+            state_reason: m.state_reason,
+            provider: m.provider,
+            image: m.image,
+            memory_mb: u32::try_from(m.memory_mb).unwrap_or_default(),
+            vcpus: u32::try_from(m.vcpus).unwrap_or_default(),
+            owner_id: m.owner_id,
+            tenant_id: m.tenant_id,
+            worker_id: m.worker_id,
+            template: m.template,
+            created_at: m.created_at,
+            expires_at: m.expires_at,
+            metadata,
+            preview_domain: self.config().server.preview_domain.clone(),
+            runtime_id: m.runtime_id,
+        })
+    }
+
+    /// Parses a TTL and checks it against the owner's maximum.
+    pub(super) fn parse_ttl(&self, ttl: Option<&str>) -> Result<Duration> {
+        let defaults = &self.config().defaults;
+        let ttl = match ttl {
+            None | Some("") => defaults.ttl.0,
+            Some(text) => duration::parse(text).map_err(|e| Error::BadRequest(format!("ttl: {e}")))?,
+        };
+        if ttl.is_zero() {
+            return Err(Error::BadRequest("ttl must be positive".into()));
+        }
+        Ok(ttl)
+    }
+
+    /// Applies defaults (and the template, if named) and validates.
+    pub(super) async fn plan_spawn(&self, caller: &Caller, req: SpawnRequest) -> Result<SpawnPlan> {
+        let defaults = &self.config().defaults;
+        let template = match req.template.as_deref() {
+            Some(name) if !name.is_empty() => Some(self.get_template_model(caller, name).await?),
+            _ => None,
+        };
+        let image = req
+            .image
+            .filter(|i| !i.trim().is_empty())
+            .or_else(|| template.as_ref().map(|t| t.image.clone()))
+            .unwrap_or_else(|| defaults.image.clone());
+        if image.len() > 512 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(Error::BadRequest(format!("invalid image name {image:?}")));
+        }
+        let provider = req
+            .provider
+            .filter(|p| !p.is_empty())
+            .or_else(|| template.as_ref().map(|t| t.provider.clone()).filter(|p| !p.is_empty()));
+        let memory_mb = req
+            .memory_mb
+            .filter(|m| *m > 0)
+            .or_else(|| template.as_ref().and_then(|t| u32::try_from(t.memory_mb).ok()))
+            .unwrap_or(defaults.memory_mb);
+        if !MEMORY_MB_RANGE.contains(&memory_mb) {
+            return Err(Error::BadRequest(format!(
+                "memory_mb must be between {} and {}, got {memory_mb}",
+                MEMORY_MB_RANGE.start(),
+                MEMORY_MB_RANGE.end()
+            )));
+        }
+        let vcpus = req
+            .vcpus
+            .filter(|v| *v > 0)
+            .or_else(|| template.as_ref().and_then(|t| u32::try_from(t.vcpus).ok()))
+            .unwrap_or(defaults.vcpus);
+        let ttl = match (req.ttl.as_deref(), &template) {
+            (Some(t), _) if !t.is_empty() => self.parse_ttl(Some(t))?,
+            (_, Some(t)) => Duration::from_millis(u64::try_from(t.ttl_ms).unwrap_or(0))
+                .max(Duration::from_secs(1)),
+            _ => self.parse_ttl(None)?,
+        };
+        let mut metadata = template
+            .as_ref()
+            .map(|t| crate::store::json_to_map(&t.metadata))
+            .transpose()?
+            .unwrap_or_default();
+        metadata.extend(req.metadata);
+        if let Some(t) = &template {
+            metadata.insert("template".into(), t.name.clone());
+        }
+        let metadata_bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if metadata.len() > MAX_METADATA_ENTRIES || metadata_bytes > MAX_METADATA_BYTES {
+            return Err(Error::BadRequest(format!(
+                "metadata is limited to {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes"
+            )));
+        }
+        Ok(SpawnPlan {
+            image,
+            provider,
+            memory_mb,
+            vcpus,
+            ttl,
+            template: template.map(|t| t.name),
+            owner_id: caller.effective_owner(req.owner_id.as_deref()),
+            metadata,
+        })
+    }
+
+    /// Creates a sandbox and returns it `running`.
+    ///
+    /// Order: validate, admit (quotas), place (scheduler), check the image,
+    /// persist `creating`, spawn, persist `running`. A spawn that fails
+    /// leaves no runtime behind and the record in `error` with the reason.
+    pub async fn spawn(&self, caller: &Caller, req: SpawnRequest) -> Result<Sandbox> {
+        let outcome = self.spawn_inner(caller, req).await;
+        let target = outcome.as_ref().map(|s| s.id.clone()).unwrap_or_default();
+        self.audit(caller, "sandbox.spawn", &target, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    async fn spawn_inner(&self, caller: &Caller, req: SpawnRequest) -> Result<Sandbox> {
+        let plan = self.plan_spawn(caller, req).await?;
+        let decision = self.admission_for_plan(&plan).await?;
+        if decision.reason == "worker_unavailable" {
+            // The scheduler says precisely why (unknown provider, unhealthy, ...).
+            self.scheduler().place(plan.provider.as_deref(), plan.vcpus)?;
+        }
+        decision.into_result()?;
+        let placement = self
+            .scheduler()
+            .place(plan.provider.as_deref(), plan.vcpus)?;
+        if !placement.provider.image_available(&plan.image).await? {
+            return Err(Error::BadRequest(format!(
+                "image {:?} is not available on provider {}",
+                plan.image,
+                placement.provider.name()
+            )));
+        }
+
+        let now = Utc::now();
+        let expires_at = now
+            + chrono::Duration::from_std(plan.ttl)
+                .map_err(|_| Error::BadRequest("ttl too large".into()))?;
+        let record = entity::sandbox::Model {
+            id: crate::ids::sandbox(),
+            owner_id: plan.owner_id.clone(),
+            tenant_id: caller.tenant_id.clone(),
+            worker_id: placement.worker.id.clone(),
+            provider: placement.provider.name().to_string(),
+            runtime_id: None,
+            image: plan.image.clone(),
+            template: plan.template.clone(),
+            memory_mb: plan.memory_mb as i32,
+            vcpus: plan.vcpus as i32,
+            state: SandboxState::Creating.as_str().into(),
+            state_reason: None,
+            metadata: serde_json::to_value(&plan.metadata)
+                .map_err(|e| Error::Internal(e.to_string()))?,
+            created_at: now,
+            updated_at: now,
+            expires_at,
+            destroyed_at: None,
+        };
+        // Re-check quotas and insert under one lock so that concurrent
+        // spawns cannot both take the last slot.
+        let record = {
+            let _guard = self.inner.admission.lock().await;
+            self.admission_for_plan(&plan).await?.into_result()?;
+            self.store().insert_sandbox(record).await?
+        };
+        let id = record.id.clone();
+        self.publish_state(&record.id, &record.owner_id, SandboxState::Creating, None);
+
+        let spec = SpawnSpec {
+            sandbox_id: id.clone(),
+            image: plan.image,
+            memory_mb: plan.memory_mb,
+            vcpus: plan.vcpus,
+        };
+        match placement.provider.spawn(&spec).await {
+            Ok(handle) => {
+                let running = self
+                    .transition(&id, SandboxState::Running, None, Some(handle.runtime_id.clone()))
+                    .await?;
+                match running {
+                    Some(model) => self.to_sandbox(model),
+                    None => {
+                        // Someone destroyed it while it was being created.
+                        placement
+                            .provider
+                            .destroy(&handle.runtime_id)
+                            .await
+                            .unwrap_or_else(|e| tracing::warn!(sandbox = %id, error = %e, "cleanup of a sandbox destroyed during spawn failed"));
+                        Err(Error::Conflict(format!("sandbox {id} was destroyed while it was being created")))
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = format!("spawn failed: {e}");
+                self.transition(&id, SandboxState::Error, Some(reason), None)
+                    .await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Loads a sandbox the caller may see, in a state other than destroyed.
+    /// Sandboxes of other owners answer exactly like missing ones.
+    pub(super) async fn visible_sandbox(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<entity::sandbox::Model> {
+        if !crate::ids::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        match self.store().get_sandbox(id).await? {
+            Some(m)
+                if caller.can_access(&m.owner_id)
+                    && m.state != SandboxState::Destroyed.as_str() =>
+            {
+                Ok(m)
+            }
+            _ => Err(Error::sandbox_not_found(id)),
+        }
+    }
+
+    /// Loads a sandbox that can run commands and file calls: running or unhealthy.
+    pub(super) async fn usable_sandbox(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<entity::sandbox::Model> {
+        let model = self.visible_sandbox(caller, id).await?;
+        let usable = SandboxState::USABLE
+            .iter()
+            .any(|s| s.as_str() == model.state);
+        if !usable || model.runtime_id.is_none() {
+            return Err(Error::Conflict(format!(
+                "sandbox {id} is {}, not running",
+                model.state
+            )));
+        }
+        Ok(model)
+    }
+
+    /// A sandbox by id (404 when destroyed or not the caller's).
+    pub async fn get_sandbox(&self, caller: &Caller, id: &str) -> Result<Sandbox> {
+        let model = self.visible_sandbox(caller, id).await?;
+        self.to_sandbox(model)
+    }
+
+    /// The caller's sandboxes that are not destroyed, oldest first.
+    pub async fn list_sandboxes(&self, caller: &Caller) -> Result<Vec<Sandbox>> {
+        let filter = SandboxFilter {
+            owner_id: (!caller.may_act_for_others).then(|| caller.owner_id.clone()),
+            states: None,
+        };
+        self.store()
+            .list_sandboxes(&filter)
+            .await?
+            .into_iter()
+            .map(|m| self.to_sandbox(m))
+            .collect()
+    }
+
+    /// Sets the expiry to now + `ttl`. Only for running or unhealthy sandboxes.
+    pub async fn extend_sandbox(&self, caller: &Caller, id: &str, ttl: &str) -> Result<Sandbox> {
+        let outcome = async {
+            if ttl.is_empty() {
+                return Err(Error::BadRequest("ttl is required, e.g. \"30m\"".into()));
+            }
+            let ttl = self.parse_ttl(Some(ttl))?;
+            let model = self.usable_sandbox(caller, id).await?;
+            let max = self.max_ttl_for(&model.owner_id).await?;
+            if ttl > max {
+                return Err(Error::BadRequest(format!(
+                    "ttl {} exceeds the maximum of {}",
+                    duration::format(ttl),
+                    duration::format(max)
+                )));
+            }
+            let expires_at = Utc::now()
+                + chrono::Duration::from_std(ttl)
+                    .map_err(|_| Error::BadRequest("ttl too large".into()))?;
+            let model = self
+                .store()
+                .set_sandbox_expiry(id, expires_at)
+                .await?
+                .ok_or_else(|| Error::sandbox_not_found(id))?;
+            self.to_sandbox(model)
+        }
+        .await;
+        self.audit(caller, "sandbox.extend", id, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Destroys a sandbox. Idempotent at the runtime level; a second call
+    /// on a destroyed sandbox is 404.
+    pub async fn destroy_sandbox(&self, caller: &Caller, id: &str) -> Result<()> {
+        let outcome = async {
+            let model = self.visible_sandbox(caller, id).await?;
+            if model.state == SandboxState::Destroying.as_str() {
+                return Err(Error::Conflict(format!("sandbox {id} is already being destroyed")));
+            }
+            if model.state == SandboxState::Creating.as_str() {
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is still being created; try again in a moment"
+                )));
+            }
+            self.destroy_record(model, None).await
+        }
+        .await;
+        self.audit(caller, "sandbox.destroy", id, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+}

@@ -1,0 +1,161 @@
+//! Server-wide views: health, readiness, providers, workers, quotas, and a
+//! sandbox's logs and resource usage.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Error, Result, Service};
+use crate::auth::Caller;
+use crate::provider::{Capability, RuntimeStats};
+use crate::store::QuotaSummary;
+
+/// `/health`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    pub status: &'static str,
+    pub version: &'static str,
+    /// Go duration string.
+    pub uptime: String,
+}
+
+/// One provider and its last health check.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProviderStatus {
+    pub name: String,
+    pub healthy: bool,
+    pub default: bool,
+    pub latency_ms: u64,
+    pub last_checked: Option<DateTime<Utc>>,
+    pub error: String,
+    pub capabilities: Vec<Capability>,
+}
+
+/// One worker.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStatus {
+    pub id: String,
+    pub hostname: String,
+    pub status: String,
+    pub providers: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub capacity: i32,
+    pub last_heartbeat: DateTime<Utc>,
+    /// No heartbeat for two minutes.
+    pub stale: bool,
+}
+
+/// Most log lines one request may ask for.
+const MAX_LOG_LINES: usize = 10_000;
+
+impl Service {
+    pub fn health(&self) -> HealthReport {
+        let uptime = self.inner.started_at.elapsed();
+        HealthReport {
+            status: "ok",
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: crate::duration::format(std::time::Duration::from_secs(uptime.as_secs())),
+        }
+    }
+
+    /// Ready when the store answers and at least one provider is healthy.
+    pub async fn ready(&self) -> Result<()> {
+        self.store().ping().await?;
+        let worker = self.scheduler().local_worker();
+        let healthy = worker
+            .providers()
+            .any(|p| worker.health_of(p.name()).is_some_and(|h| h.healthy));
+        if healthy {
+            Ok(())
+        } else {
+            Err(Error::Unavailable("no provider is healthy".into()))
+        }
+    }
+
+    /// Every provider with its last health check.
+    pub fn providers(&self) -> Vec<ProviderStatus> {
+        let worker = self.scheduler().local_worker();
+        let default = self.scheduler().default_provider();
+        worker
+            .providers()
+            .map(|p| {
+                let health = worker.health_of(p.name());
+                ProviderStatus {
+                    name: p.name().to_string(),
+                    healthy: health.as_ref().is_some_and(|h| h.healthy),
+                    default: p.name() == default,
+                    latency_ms: health.as_ref().map_or(0, |h| h.latency.as_millis() as u64),
+                    last_checked: health.as_ref().map(|h| h.checked_at),
+                    error: health.and_then(|h| h.error).unwrap_or_default(),
+                    capabilities: p.capabilities(),
+                }
+            })
+            .collect()
+    }
+
+    /// Probes every provider now.
+    pub async fn test_providers(&self) -> BTreeMap<String, bool> {
+        self.scheduler()
+            .local_worker()
+            .check_health(self.store())
+            .await
+            .into_iter()
+            .map(|(name, h)| (name, h.healthy))
+            .collect()
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerStatus>> {
+        let now = Utc::now();
+        Ok(self
+            .store()
+            .list_workers()
+            .await?
+            .into_iter()
+            .map(|w| {
+                let providers: Vec<String> = serde_json::from_value(w.providers).unwrap_or_default();
+                WorkerStatus {
+                    stale: now - w.last_heartbeat > chrono::Duration::minutes(2),
+                    capabilities: providers.clone(),
+                    providers,
+                    id: w.id,
+                    hostname: w.hostname,
+                    status: w.status,
+                    capacity: w.capacity,
+                    last_heartbeat: w.last_heartbeat,
+                }
+            })
+            .collect())
+    }
+
+    pub async fn quota_summary(&self, _caller: &Caller) -> Result<QuotaSummary> {
+        Ok(self.store().quota_summary().await?)
+    }
+
+    /// The last `lines` lines of a sandbox's diagnostics.
+    pub async fn sandbox_logs(&self, caller: &Caller, id: &str, lines: usize) -> Result<Vec<String>> {
+        if lines == 0 || lines > MAX_LOG_LINES {
+            return Err(Error::BadRequest(format!(
+                "lines must be between 1 and {MAX_LOG_LINES}"
+            )));
+        }
+        let model = self.usable_sandbox(caller, id).await?;
+        let provider = self.scheduler().provider_for(&model.provider).ok_or_else(|| {
+            Error::Unavailable(format!("provider {} is not available", model.provider))
+        })?;
+        Ok(provider
+            .logs(model.runtime_id.as_deref().unwrap_or_default(), lines)
+            .await?)
+    }
+
+    /// Resource usage of a sandbox, when its provider can measure it.
+    pub async fn sandbox_stats(&self, caller: &Caller, id: &str) -> Result<RuntimeStats> {
+        let model = self.usable_sandbox(caller, id).await?;
+        let provider = self.scheduler().provider_for(&model.provider).ok_or_else(|| {
+            Error::Unavailable(format!("provider {} is not available", model.provider))
+        })?;
+        Ok(provider
+            .stats(model.runtime_id.as_deref().unwrap_or_default())
+            .await?)
+    }
+}

@@ -1,0 +1,214 @@
+//! Templates: named sandbox recipes, and spawning from them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Error, Result, Sandbox, Service, SpawnRequest};
+use crate::auth::Caller;
+use crate::duration;
+
+/// A template as clients see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Template {
+    pub name: String,
+    pub image: String,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    /// Go duration string.
+    pub ttl: String,
+    pub provider: String,
+    pub metadata: BTreeMap<String, String>,
+    pub owner_id: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a client sends to create or replace a template.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateInput {
+    pub name: String,
+    pub image: String,
+    pub memory_mb: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub ttl: Option<String>,
+    pub provider: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "invalid template name {name:?}: use 1-64 letters, digits, '-', '_' or '.'"
+        )))
+    }
+}
+
+impl Service {
+    fn to_template(&self, m: entity::template::Model) -> Result<Template> {
+        Ok(Template {
+            metadata: crate::store::json_to_map(&m.metadata)?,
+            name: m.name,
+            image: m.image,
+            memory_mb: u32::try_from(m.memory_mb).unwrap_or_default(),
+            vcpus: u32::try_from(m.vcpus).unwrap_or_default(),
+            ttl: duration::format(Duration::from_millis(u64::try_from(m.ttl_ms).unwrap_or(0))),
+            provider: m.provider,
+            owner_id: m.owner_id,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+        })
+    }
+
+    /// A template the caller may use.
+    pub(super) async fn get_template_model(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<entity::template::Model> {
+        match self.store().get_template(name).await? {
+            Some(t) if caller.can_access(&t.owner_id) => Ok(t),
+            _ => Err(Error::NotFound(format!("template {name:?} not found"))),
+        }
+    }
+
+    /// Validates an input into a record for `owner`.
+    async fn template_model(
+        &self,
+        caller: &Caller,
+        input: TemplateInput,
+    ) -> Result<entity::template::Model> {
+        validate_name(&input.name)?;
+        if input.image.trim().is_empty() {
+            return Err(Error::BadRequest("image is required".into()));
+        }
+        let defaults = &self.config().defaults;
+        let ttl = self.parse_ttl(input.ttl.as_deref())?;
+        let max = self.max_ttl_for(&caller.owner_id).await?;
+        if ttl > max {
+            return Err(Error::BadRequest(format!(
+                "ttl exceeds the maximum of {}",
+                duration::format(max)
+            )));
+        }
+        let provider = input.provider.unwrap_or_default();
+        if !provider.is_empty() && self.scheduler().provider_for(&provider).is_none() {
+            return Err(Error::BadRequest(format!("unknown provider {provider:?}")));
+        }
+        let now = Utc::now();
+        Ok(entity::template::Model {
+            name: input.name,
+            owner_id: caller.owner_id.clone(),
+            image: input.image,
+            provider,
+            memory_mb: input.memory_mb.filter(|m| *m > 0).unwrap_or(defaults.memory_mb) as i32,
+            vcpus: input.vcpus.filter(|v| *v > 0).unwrap_or(defaults.vcpus) as i32,
+            ttl_ms: ttl.as_millis() as i64,
+            metadata: serde_json::to_value(&input.metadata)
+                .map_err(|e| Error::Internal(e.to_string()))?,
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    /// Creates a template; a taken name is 409.
+    pub async fn create_template(&self, caller: &Caller, input: TemplateInput) -> Result<Template> {
+        let name = input.name.clone();
+        let outcome = async {
+            let model = self.template_model(caller, input).await?;
+            let saved = self.store().insert_template(model).await.map_err(|e| match e {
+                crate::store::StoreError::AlreadyExists(what) => {
+                    Error::Conflict(format!("{what} already exists"))
+                }
+                other => other.into(),
+            })?;
+            self.to_template(saved)
+        }
+        .await;
+        self.audit(caller, "template.create", &name, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Replaces an existing template.
+    pub async fn update_template(
+        &self,
+        caller: &Caller,
+        name: &str,
+        mut input: TemplateInput,
+    ) -> Result<Template> {
+        let outcome = async {
+            let existing = self.get_template_model(caller, name).await?;
+            input.name = name.to_string();
+            let mut model = self.template_model(caller, input).await?;
+            model.owner_id = existing.owner_id;
+            model.created_at = existing.created_at;
+            let saved = self.store().update_template(model).await?;
+            self.to_template(saved)
+        }
+        .await;
+        self.audit(caller, "template.update", name, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    pub async fn get_template(&self, caller: &Caller, name: &str) -> Result<Template> {
+        let model = self.get_template_model(caller, name).await?;
+        self.to_template(model)
+    }
+
+    /// Templates the caller may use, by name.
+    pub async fn list_templates(&self, caller: &Caller) -> Result<Vec<Template>> {
+        self.store()
+            .list_templates()
+            .await?
+            .into_iter()
+            .filter(|t| caller.can_access(&t.owner_id))
+            .map(|t| self.to_template(t))
+            .collect()
+    }
+
+    pub async fn delete_template(&self, caller: &Caller, name: &str) -> Result<()> {
+        let outcome = async {
+            self.get_template_model(caller, name).await?;
+            self.store().delete_template(name).await?;
+            Ok(())
+        }
+        .await;
+        self.audit(caller, "template.delete", name, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Spawns a sandbox from a template; `provider` and `ttl` override it.
+    pub async fn spawn_from_template(
+        &self,
+        caller: &Caller,
+        name: &str,
+        provider: Option<String>,
+        ttl: Option<String>,
+    ) -> Result<Sandbox> {
+        // Resolve first so an unknown template is 404, not a spawn error.
+        self.get_template_model(caller, name).await?;
+        self.spawn(
+            caller,
+            SpawnRequest {
+                template: Some(name.to_string()),
+                provider,
+                ttl,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+}

@@ -1,0 +1,61 @@
+//! Execution records: one per command run.
+
+use chrono::Utc;
+use entity::execution::{self, Column, Entity};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, Set,
+};
+
+use super::{Store, StoreResult};
+
+/// How an execution ended, written once when it does.
+#[derive(Debug, Clone)]
+pub struct ExecutionFinish {
+    /// completed, timeout, failed or interrupted.
+    pub status: &'static str,
+    pub exit_code: Option<i32>,
+    pub duration_ms: i64,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+    pub error: Option<String>,
+}
+
+impl Store {
+    /// Records a command that is about to run.
+    pub async fn insert_execution(&self, model: execution::Model) -> StoreResult<()> {
+        model.into_active_model().insert(self.conn()).await?;
+        Ok(())
+    }
+
+    /// Records how a command ended.
+    pub async fn finish_execution(&self, id: &str, finish: ExecutionFinish) -> StoreResult<()> {
+        let Some(model) = Entity::find_by_id(id.to_string()).one(self.conn()).await? else {
+            return Ok(());
+        };
+        let mut active = model.into_active_model();
+        active.status = Set(finish.status.to_string());
+        active.exit_code = Set(finish.exit_code);
+        active.duration_ms = Set(Some(finish.duration_ms));
+        active.stdout_tail = Set(finish.stdout_tail);
+        active.stderr_tail = Set(finish.stderr_tail);
+        active.error = Set(finish.error);
+        active.finished_at = Set(Some(Utc::now()));
+        active.update(self.conn()).await?;
+        Ok(())
+    }
+
+    /// An execution by id.
+    pub async fn get_execution(&self, id: &str) -> StoreResult<Option<execution::Model>> {
+        Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
+    }
+
+    /// A sandbox's executions, oldest first.
+    pub async fn list_executions(&self, sandbox_id: &str) -> StoreResult<Vec<execution::Model>> {
+        Ok(Entity::find()
+            .filter(Column::SandboxId.eq(sandbox_id))
+            .order_by_asc(Column::CreatedAt)
+            .order_by_asc(Column::Id)
+            .all(self.conn())
+            .await?)
+    }
+}

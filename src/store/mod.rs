@@ -1,0 +1,109 @@
+//! The store: every read and write of persistent state goes through here.
+//!
+//! One code path for SQLite (the embedded default) and PostgreSQL. The rest
+//! of the crate never builds SQL; it calls the typed methods in this module's
+//! files, one file per table.
+
+mod audit;
+mod executions;
+mod owners;
+mod providers;
+mod sandboxes;
+mod templates;
+mod workers;
+
+pub use audit::{AuditFilter, NewAuditEvent};
+pub use executions::ExecutionFinish;
+pub use owners::QuotaSummary;
+pub use sandboxes::SandboxFilter;
+
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr};
+
+/// Why a store call failed. Database errors are internal errors: they are
+/// never the client's fault, so the API maps them to 500 and logs them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A handle on the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://...` or `postgres://...`). SQLite runs in
+    /// WAL mode with a busy timeout, so readers never block the writer and a
+    /// process killed mid-write leaves a consistent database.
+    pub async fn connect(url: &str) -> StoreResult<Store> {
+        let mut options = ConnectOptions::new(url.to_string());
+        options
+            .sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(30));
+        if url.starts_with("sqlite:") {
+            use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+            options
+                .map_sqlx_sqlite_opts(|o| {
+                    o.journal_mode(SqliteJournalMode::Wal)
+                        .synchronous(SqliteSynchronous::Normal)
+                        .busy_timeout(Duration::from_secs(10))
+                        .foreign_keys(true)
+                        .create_if_missing(true)
+                })
+                // SQLite has one writer; a small pool avoids lock convoys.
+                .max_connections(4);
+        } else {
+            options.max_connections(16);
+        }
+        let db = Database::connect(options)
+            .await
+            .map_err(|e| StoreError::Connect(e.to_string()))?;
+        Ok(Store { db })
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        Migrator::up(&self.db, None).await?;
+        Ok(())
+    }
+
+    /// "sqlite" or "postgres", for logs and health answers.
+    pub fn backend_name(&self) -> &'static str {
+        match self.db.get_database_backend() {
+            DbBackend::Sqlite => "sqlite",
+            DbBackend::Postgres => "postgres",
+            _ => "other",
+        }
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        self.db.ping().await?;
+        Ok(())
+    }
+
+    pub(crate) fn conn(&self) -> &DatabaseConnection {
+        &self.db
+    }
+}
+
+/// Converts a stored JSON object into a string map, refusing anything else.
+pub(crate) fn json_to_map(
+    value: &serde_json::Value,
+) -> StoreResult<std::collections::BTreeMap<String, String>> {
+    serde_json::from_value(value.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))
+}

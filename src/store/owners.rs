@@ -1,0 +1,55 @@
+//! Owners and their quota overrides.
+
+use entity::owner::{Column, Entity};
+use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter};
+use serde::Serialize;
+
+use super::{Store, StoreResult};
+
+/// How many owners have each kind of override; reveals no owner names.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct QuotaSummary {
+    pub total: u64,
+    pub with_max_sandboxes: u64,
+    pub with_max_ttl: u64,
+    pub with_max_exec_timeout: u64,
+}
+
+impl Store {
+    /// Counts owners with quota overrides.
+    pub async fn quota_summary(&self) -> StoreResult<QuotaSummary> {
+        let db = self.conn();
+        let with_max_sandboxes = Entity::find()
+            .filter(Column::MaxSandboxes.is_not_null())
+            .count(db)
+            .await?;
+        let with_max_ttl = Entity::find()
+            .filter(Column::MaxTtlMs.is_not_null())
+            .count(db)
+            .await?;
+        let with_max_exec_timeout = Entity::find()
+            .filter(Column::MaxExecTimeoutMs.is_not_null())
+            .count(db)
+            .await?;
+        let total = Entity::find()
+            .filter(
+                Condition::any()
+                    .add(Column::MaxSandboxes.is_not_null())
+                    .add(Column::MaxTtlMs.is_not_null())
+                    .add(Column::MaxExecTimeoutMs.is_not_null()),
+            )
+            .count(db)
+            .await?;
+        Ok(QuotaSummary {
+            total,
+            with_max_sandboxes,
+            with_max_ttl,
+            with_max_exec_timeout,
+        })
+    }
+
+    /// An owner's record, if any (it holds the quota overrides).
+    pub async fn get_owner(&self, id: &str) -> StoreResult<Option<entity::owner::Model>> {
+        Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
+    }
+}

@@ -1,0 +1,130 @@
+//! Sandbox records.
+
+use chrono::{DateTime, Utc};
+use entity::sandbox::{self, Column, Entity};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter,
+    QueryOrder, Set,
+};
+
+use super::{Store, StoreResult};
+use crate::lifecycle::SandboxState;
+
+/// Which sandboxes a listing returns.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxFilter {
+    /// Only this owner's sandboxes.
+    pub owner_id: Option<String>,
+    /// Only these states; `None` means every state but `destroyed`.
+    pub states: Option<Vec<SandboxState>>,
+}
+
+fn names(states: &[SandboxState]) -> Vec<&'static str> {
+    states.iter().map(|s| s.as_str()).collect()
+}
+
+impl Store {
+    /// Inserts a new sandbox record.
+    pub async fn insert_sandbox(&self, model: sandbox::Model) -> StoreResult<sandbox::Model> {
+        Ok(model.into_active_model().insert(self.conn()).await?)
+    }
+
+    /// A sandbox by id, in any state.
+    pub async fn get_sandbox(&self, id: &str) -> StoreResult<Option<sandbox::Model>> {
+        Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
+    }
+
+    /// Sandboxes matching `filter`, oldest first.
+    pub async fn list_sandboxes(&self, filter: &SandboxFilter) -> StoreResult<Vec<sandbox::Model>> {
+        let mut query = Entity::find();
+        query = match &filter.states {
+            Some(states) => query.filter(Column::State.is_in(names(states))),
+            None => query.filter(Column::State.ne(SandboxState::Destroyed.as_str())),
+        };
+        if let Some(owner) = &filter.owner_id {
+            query = query.filter(Column::OwnerId.eq(owner.as_str()));
+        }
+        Ok(query
+            .order_by_asc(Column::CreatedAt)
+            .order_by_asc(Column::Id)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Number of sandboxes that hold capacity, for one owner or for all.
+    pub async fn count_live_sandboxes(&self, owner_id: Option<&str>) -> StoreResult<u64> {
+        let mut query = Entity::find().filter(Column::State.is_in(names(&SandboxState::LIVE)));
+        if let Some(owner) = owner_id {
+            query = query.filter(Column::OwnerId.eq(owner));
+        }
+        Ok(query.count(self.conn()).await?)
+    }
+
+    /// Moves a sandbox to `to` if, and only if, its current state allows it.
+    /// The check and the write are one conditional UPDATE, so concurrent
+    /// actors cannot both perform the same transition. Returns the updated
+    /// record, or `None` when the transition did not apply.
+    pub async fn transition_sandbox(
+        &self,
+        id: &str,
+        to: SandboxState,
+        reason: Option<String>,
+    ) -> StoreResult<Option<sandbox::Model>> {
+        self.transition_sandbox_with(id, to, reason, None).await
+    }
+
+    /// [`Store::transition_sandbox`] that also records the runtime handle
+    /// (used for creating -> running).
+    pub async fn transition_sandbox_with(
+        &self,
+        id: &str,
+        to: SandboxState,
+        reason: Option<String>,
+        runtime_id: Option<String>,
+    ) -> StoreResult<Option<sandbox::Model>> {
+        let now = Utc::now();
+        let mut update = Entity::update_many()
+            .col_expr(Column::State, Expr::value(to.as_str()))
+            .col_expr(Column::StateReason, Expr::value(reason))
+            .col_expr(Column::UpdatedAt, Expr::value(now))
+            .filter(Column::Id.eq(id))
+            .filter(Column::State.is_in(names(&SandboxState::predecessors(to))));
+        if let Some(runtime_id) = runtime_id {
+            update = update.col_expr(Column::RuntimeId, Expr::value(runtime_id));
+        }
+        if to == SandboxState::Destroyed {
+            update = update.col_expr(Column::DestroyedAt, Expr::value(Some(now)));
+        }
+        let result = update.exec(self.conn()).await?;
+        if result.rows_affected == 0 {
+            return Ok(None);
+        }
+        self.get_sandbox(id).await
+    }
+
+    /// Sets a new expiry for a sandbox that is still usable.
+    pub async fn set_sandbox_expiry(
+        &self,
+        id: &str,
+        expires_at: DateTime<Utc>,
+    ) -> StoreResult<Option<sandbox::Model>> {
+        let Some(model) = self.get_sandbox(id).await? else {
+            return Ok(None);
+        };
+        let mut active = model.into_active_model();
+        active.expires_at = Set(expires_at);
+        active.updated_at = Set(Utc::now());
+        Ok(Some(active.update(self.conn()).await?))
+    }
+
+    /// Usable sandboxes whose TTL has passed at `now`.
+    pub async fn expired_sandboxes(&self, now: DateTime<Utc>) -> StoreResult<Vec<sandbox::Model>> {
+        Ok(Entity::find()
+            .filter(Column::State.is_in(names(&SandboxState::USABLE)))
+            .filter(Column::ExpiresAt.lte(now))
+            .order_by_asc(Column::ExpiresAt)
+            .all(self.conn())
+            .await?)
+    }
+}

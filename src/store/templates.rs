@@ -1,0 +1,51 @@
+//! Templates: named sandbox recipes.
+
+use entity::template::{self, Column, Entity};
+use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, QueryOrder, SqlErr};
+
+use super::{Store, StoreError, StoreResult};
+
+impl Store {
+    /// Inserts a template; a taken name is [`StoreError::AlreadyExists`].
+    pub async fn insert_template(&self, model: template::Model) -> StoreResult<template::Model> {
+        let name = model.name.clone();
+        match model.into_active_model().insert(self.conn()).await {
+            Ok(m) => Ok(m),
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                Err(StoreError::AlreadyExists(format!("template {name:?}")))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces every field of an existing template.
+    pub async fn update_template(&self, model: template::Model) -> StoreResult<template::Model> {
+        Ok(model
+            .into_active_model()
+            .reset_all()
+            .update(self.conn())
+            .await?)
+    }
+
+    pub async fn get_template(&self, name: &str) -> StoreResult<Option<template::Model>> {
+        Ok(Entity::find_by_id(name.to_string())
+            .one(self.conn())
+            .await?)
+    }
+
+    /// All templates, by name.
+    pub async fn list_templates(&self) -> StoreResult<Vec<template::Model>> {
+        Ok(Entity::find()
+            .order_by_asc(Column::Name)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Deletes a template; returns whether it existed.
+    pub async fn delete_template(&self, name: &str) -> StoreResult<bool> {
+        let result = Entity::delete_by_id(name.to_string())
+            .exec(self.conn())
+            .await?;
+        Ok(result.rows_affected > 0)
+    }
+}

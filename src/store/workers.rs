@@ -1,0 +1,49 @@
+//! Worker registrations and heartbeats.
+
+use chrono::{DateTime, Utc};
+use entity::worker::{self, Column, Entity};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{EntityTrait, IntoActiveModel, QueryOrder};
+
+use super::{Store, StoreResult};
+
+impl Store {
+    /// Registers a worker, or refreshes its registration.
+    pub async fn upsert_worker(&self, model: worker::Model) -> StoreResult<()> {
+        Entity::insert(model.into_active_model())
+            .on_conflict(
+                OnConflict::column(Column::Id)
+                    .update_columns([
+                        Column::Hostname,
+                        Column::Endpoint,
+                        Column::Status,
+                        Column::Providers,
+                        Column::Capacity,
+                        Column::LastHeartbeat,
+                    ])
+                    .to_owned(),
+            )
+            .exec(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Records that a worker is alive at `now`.
+    pub async fn worker_heartbeat(&self, id: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait, QueryFilter};
+        Entity::update_many()
+            .col_expr(Column::LastHeartbeat, Expr::value(now))
+            .filter(Column::Id.eq(id))
+            .exec(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_workers(&self) -> StoreResult<Vec<worker::Model>> {
+        Ok(Entity::find()
+            .order_by_asc(Column::Id)
+            .all(self.conn())
+            .await?)
+    }
+}

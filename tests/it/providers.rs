@@ -1,0 +1,688 @@
+//! Provider conformance: one set of cases, written once against
+//! `Arc<dyn Provider>`, run for every provider.
+//!
+//! Each case spawns its own sandbox, so cases are independent and run in
+//! parallel. To add a provider, write a fixture function returning a
+//! [`Fixture`] and add one line: `conformance_tests!(name, fixture().await);`.
+//!
+//! Providers that run image tarballs read the rootfs from the env var
+//! `STACYVM_TEST_ROOTFS` (default `/tmp/rootfs.tar`): a busybox tree.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use stacyvm::provider::image_store::ImageStore;
+use stacyvm::provider::native::NativeProvider;
+use stacyvm::provider::proot::ProotProvider;
+use stacyvm::provider::{
+    ExecExit, ExecSpec, OutputChunk, Provider, ProviderError, SpawnSpec, StreamKind,
+};
+use tokio::sync::mpsc;
+
+/// The image name the busybox tarball is imported under.
+const TEST_IMAGE: &str = "stacyvm-test:busybox";
+
+/// A provider under test and what the cases need to know about it.
+pub struct Fixture {
+    pub provider: Arc<dyn Provider>,
+    /// An image with busybox (`sh`, `echo`, `sleep`, `ln`, `cat`, ...).
+    pub image: String,
+    /// Where the provider keeps per-sandbox state on the host, if it does;
+    /// used to check that destroy and failed spawns leave nothing.
+    pub sandboxes_dir: Option<PathBuf>,
+    /// Whether a command killed by a signal is reported as 128 + signal.
+    /// proot cannot: it exits 255 and says so on stderr.
+    pub reports_signal_deaths: bool,
+    /// Keeps the temporary data dir alive for the test's duration.
+    pub _data: Option<tempfile::TempDir>,
+}
+
+fn rootfs_tarball() -> PathBuf {
+    std::env::var_os("STACYVM_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp/rootfs.tar"))
+}
+
+/// A fresh data dir with the test image imported.
+fn data_dir_with_image() -> (tempfile::TempDir, ImageStore) {
+    let data = tempfile::tempdir().expect("tempdir");
+    let store = ImageStore::new(data.path().join("images"));
+    let tarball = rootfs_tarball();
+    store.import(TEST_IMAGE, &tarball).unwrap_or_else(|e| {
+        panic!(
+            "importing {} failed ({e}); set STACYVM_TEST_ROOTFS to a busybox rootfs tarball",
+            tarball.display()
+        )
+    });
+    (data, store)
+}
+
+pub async fn native_fixture() -> Fixture {
+    let (data, store) = data_dir_with_image();
+    let dir = data.path().join("sandboxes/native");
+    Fixture {
+        provider: Arc::new(NativeProvider::new(store, dir.clone())),
+        image: TEST_IMAGE.into(),
+        sandboxes_dir: Some(dir),
+        reports_signal_deaths: true,
+        _data: Some(data),
+    }
+}
+
+pub async fn proot_fixture() -> Fixture {
+    let (data, store) = data_dir_with_image();
+    let dir = data.path().join("sandboxes/proot");
+    let proot = std::env::var_os("STACYVM_TEST_PROOT").unwrap_or_else(|| "proot".into());
+    Fixture {
+        provider: Arc::new(ProotProvider::new(store, dir.clone(), proot.into())),
+        image: TEST_IMAGE.into(),
+        sandboxes_dir: Some(dir),
+        reports_signal_deaths: false,
+        _data: Some(data),
+    }
+}
+
+/// Expand every conformance case into a `#[tokio::test]` for one provider.
+macro_rules! conformance_tests {
+    ($provider:ident, $fixture:expr) => {
+        mod $provider {
+            use super::*;
+            conformance_tests!(@cases $fixture;
+                health_and_image_available,
+                exec_stdout_stderr_and_logs,
+                exit_codes,
+                argv_is_passed_intact,
+                env_and_workdir,
+                output_streams_before_exit,
+                timeout_kills_the_process_tree,
+                file_operations,
+                delete_recursive,
+                read_missing_file,
+                path_escapes_are_contained,
+                destroy_is_idempotent_and_complete,
+                unknown_image_leaves_nothing
+            );
+        }
+    };
+    (@cases $fixture:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture = $fixture;
+                cases::$case(&fixture).await;
+            }
+        )*
+    };
+}
+
+conformance_tests!(native, native_fixture().await);
+conformance_tests!(proot, proot_fixture().await);
+
+/// What one exec produced.
+struct Run {
+    exit: ExecExit,
+    stdout: String,
+    stderr: String,
+    /// Each chunk with the time it was received.
+    chunks: Vec<(Instant, OutputChunk)>,
+    /// When `exec` returned.
+    ended: Instant,
+    started: Instant,
+}
+
+fn spec(argv: &[&str]) -> ExecSpec {
+    ExecSpec {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: BTreeMap::new(),
+        workdir: None,
+        timeout: Duration::from_secs(20),
+    }
+}
+
+async fn run(p: &Arc<dyn Provider>, id: &str, spec: ExecSpec) -> Run {
+    try_run(p, id, spec).await.expect("exec")
+}
+
+async fn try_run(p: &Arc<dyn Provider>, id: &str, spec: ExecSpec) -> Result<Run, ProviderError> {
+    let (tx, mut rx) = mpsc::channel(16);
+    let started = Instant::now();
+    let (p2, id2) = (p.clone(), id.to_string());
+    let exec = tokio::spawn(async move {
+        let result = p2.exec(&id2, &spec, tx).await;
+        (result, Instant::now())
+    });
+    let mut chunks = Vec::new();
+    while let Some(chunk) = rx.recv().await {
+        chunks.push((Instant::now(), chunk));
+    }
+    let (result, ended) = exec.await.expect("exec task");
+    let text = |kind: StreamKind| {
+        let bytes: Vec<u8> = chunks
+            .iter()
+            .filter(|(_, c)| c.stream == kind)
+            .flat_map(|(_, c)| c.data.to_vec())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    Ok(Run {
+        exit: result?,
+        stdout: text(StreamKind::Stdout),
+        stderr: text(StreamKind::Stderr),
+        chunks,
+        ended,
+        started,
+    })
+}
+
+async fn spawn(fx: &Fixture) -> String {
+    let id = format!("t-{}", uuid::Uuid::new_v4().as_simple());
+    let handle = fx
+        .provider
+        .spawn(&SpawnSpec {
+            sandbox_id: id.clone(),
+            image: fx.image.clone(),
+            memory_mb: 256,
+            vcpus: 1,
+        })
+        .await
+        .expect("spawn");
+    handle.runtime_id
+}
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Host processes whose command line contains `marker`.
+fn host_processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in dir_entries(Path::new("/proc")) {
+        if let Ok(cmdline) = std::fs::read(format!("/proc/{entry}/cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(marker) {
+                found.push(format!("{entry}: {cmdline}"));
+            }
+        }
+    }
+    found
+}
+
+mod cases {
+    use super::*;
+
+    pub async fn health_and_image_available(fx: &Fixture) {
+        fx.provider.health().await.expect("healthy");
+        assert!(fx.provider.image_available(&fx.image).await.expect("check"));
+        assert!(
+            !fx.provider
+                .image_available("stacyvm-test:never-imported")
+                .await
+                .expect("check")
+        );
+    }
+
+    pub async fn exec_stdout_stderr_and_logs(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        let r = run(p, &id, spec(&["echo", "hello"])).await;
+        assert_eq!(r.exit, ExecExit::Exited(0));
+        assert_eq!(r.stdout, "hello\n");
+        assert_eq!(r.stderr, "");
+
+        let r = run(p, &id, spec(&["sh", "-c", "echo out; echo err >&2"])).await;
+        assert_eq!(r.exit, ExecExit::Exited(0));
+        assert_eq!((r.stdout.as_str(), r.stderr.as_str()), ("out\n", "err\n"));
+
+        let r = run(p, &id, spec(&["no-such-command-xyz"])).await;
+        assert_eq!(r.exit, ExecExit::Exited(127));
+        assert!(r.stderr.contains("not found"), "{}", r.stderr);
+
+        let logs = p.logs(&id, 100).await.expect("logs");
+        assert!(logs.iter().any(|l| l.contains("spawned")), "{logs:?}");
+        assert!(logs.iter().any(|l| l.contains("\"hello\"")), "{logs:?}");
+        let last = p.logs(&id, 1).await.expect("logs");
+        assert_eq!(last.len(), 1);
+        assert!(last[0].contains("no-such-command-xyz"), "{last:?}");
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn exit_codes(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        let r = run(p, &id, spec(&["sh", "-c", "exit 3"])).await;
+        assert_eq!(r.exit, ExecExit::Exited(3));
+        let r = run(p, &id, spec(&["false"])).await;
+        assert_eq!(r.exit, ExecExit::Exited(1));
+        // A signal death is 128 + signal.
+        let r = run(p, &id, spec(&["sh", "-c", "kill -9 $$"])).await;
+        let expected = if fx.reports_signal_deaths { 137 } else { 255 };
+        assert_eq!(r.exit, ExecExit::Exited(expected));
+        // The command is not PID 1: default signal handling applies.
+        let r = run(p, &id, spec(&["sh", "-c", "kill -TERM $$; sleep 5"])).await;
+        let expected = if fx.reports_signal_deaths { 143 } else { 255 };
+        assert_eq!(r.exit, ExecExit::Exited(expected));
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn argv_is_passed_intact(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        let argv = ["printf", "%s|", "a b", "", "c  d", "$HOME", "'q'", "*"];
+        let r = run(p, &id, spec(&argv)).await;
+        assert_eq!(r.exit, ExecExit::Exited(0));
+        assert_eq!(r.stdout, "a b||c  d|$HOME|'q'|*|");
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn env_and_workdir(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        let mut s = spec(&["sh", "-c", "echo \"$FOO\"; pwd; env"]);
+        s.env.insert("FOO".into(), "bar baz".into());
+        s.workdir = Some("/tmp".into());
+        let r = run(p, &id, s).await;
+        assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+        let mut lines = r.stdout.lines();
+        assert_eq!(lines.next(), Some("bar baz"));
+        assert_eq!(lines.next(), Some("/tmp"));
+        let env: Vec<&str> = lines.collect();
+        assert!(env.iter().any(|l| l.starts_with("PATH=")), "{env:?}");
+        // The host's environment (cargo sets plenty) must not leak in.
+        assert!(!env.iter().any(|l| l.starts_with("CARGO")), "{env:?}");
+
+        // The default workdir is /, and an explicit PATH replaces the default.
+        let mut s = spec(&["/bin/sh", "-c", "pwd; echo $PATH"]);
+        s.env.insert("PATH".into(), "/bin".into());
+        let r = run(p, &id, s).await;
+        assert_eq!(r.stdout, "/\n/bin\n");
+
+        let mut s = spec(&["pwd"]);
+        s.workdir = Some("/does/not/exist".into());
+        assert!(matches!(
+            try_run(p, &id, s).await,
+            Err(ProviderError::InvalidRequest(_))
+        ));
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn output_streams_before_exit(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        let r = run(
+            p,
+            &id,
+            spec(&[
+                "sh",
+                "-c",
+                "echo one; sleep 1; echo two >&2; sleep 1; echo three",
+            ]),
+        )
+        .await;
+        assert_eq!(r.exit, ExecExit::Exited(0));
+        let texts: Vec<(StreamKind, String)> = r
+            .chunks
+            .iter()
+            .map(|(_, c)| (c.stream, String::from_utf8_lossy(&c.data).into_owned()))
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                (StreamKind::Stdout, "one\n".to_string()),
+                (StreamKind::Stderr, "two\n".to_string()),
+                (StreamKind::Stdout, "three\n".to_string()),
+            ]
+        );
+        // "one" was delivered while the command was still sleeping.
+        let first = r.chunks[0].0;
+        assert!(
+            r.ended.duration_since(first) >= Duration::from_millis(1500),
+            "first chunk arrived only {:?} before exit",
+            r.ended.duration_since(first)
+        );
+        assert!(first.duration_since(r.started) < Duration::from_millis(1000));
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn timeout_kills_the_process_tree(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        // A unique duration marks the processes so they can be found on the host.
+        let marker = format!("{}", 3000 + rand_u16() % 5000);
+        let script = format!("echo started; sleep {marker} & sleep {marker}; echo never");
+        let mut s = spec(&["sh", "-c", &script]);
+        s.timeout = Duration::from_secs(1);
+        let r = run(p, &id, s).await;
+        let took = r.ended.duration_since(r.started);
+        assert_eq!(r.exit, ExecExit::TimedOut);
+        assert!(took < Duration::from_secs(3), "took {took:?}");
+        assert_eq!(r.stdout, "started\n");
+        // Neither the command nor its background child survives.
+        let mut left = host_processes_with(&format!("sleep {marker}"));
+        for _ in 0..20 {
+            if left.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            left = host_processes_with(&format!("sleep {marker}"));
+        }
+        assert!(left.is_empty(), "left running: {left:?}");
+        // The sandbox is still usable.
+        let r = run(p, &id, spec(&["echo", "ok"])).await;
+        assert_eq!(r.stdout, "ok\n");
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn file_operations(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        p.write_file(
+            &id,
+            "/workspace/dir/a.txt",
+            Bytes::from_static(b"alpha"),
+            0o640,
+        )
+        .await
+        .expect("write");
+        // What the files API writes, commands see, and the other way round.
+        let r = run(p, &id, spec(&["cat", "/workspace/dir/a.txt"])).await;
+        assert_eq!(r.stdout, "alpha");
+        run(
+            p,
+            &id,
+            spec(&["sh", "-c", "echo beta > /workspace/dir/b.txt"]),
+        )
+        .await;
+        let data = p
+            .read_file(&id, "/workspace/dir/b.txt")
+            .await
+            .expect("read");
+        assert_eq!(&data[..], b"beta\n");
+
+        let st = p
+            .stat_file(&id, "/workspace/dir/a.txt")
+            .await
+            .expect("stat");
+        assert_eq!(st.path, "/workspace/dir/a.txt");
+        assert_eq!(st.name, "a.txt");
+        assert_eq!((st.size, st.mode.as_str(), st.is_dir), (5, "640", false));
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(&st.mod_time).is_ok(),
+            "{}",
+            st.mod_time
+        );
+        assert!(
+            p.stat_file(&id, "/workspace/dir")
+                .await
+                .expect("stat")
+                .is_dir
+        );
+
+        let listing = p.list_files(&id, "/workspace/dir").await.expect("list");
+        let names: Vec<_> = listing.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(names, vec!["/workspace/dir/a.txt", "/workspace/dir/b.txt"]);
+
+        p.move_file(&id, "/workspace/dir/a.txt", "/workspace/c.txt")
+            .await
+            .expect("move");
+        assert!(matches!(
+            p.read_file(&id, "/workspace/dir/a.txt").await,
+            Err(ProviderError::FileNotFound(_))
+        ));
+        assert_eq!(
+            &p.read_file(&id, "/workspace/c.txt").await.expect("read")[..],
+            b"alpha"
+        );
+
+        p.chmod_file(&id, "/workspace/c.txt", 0o755)
+            .await
+            .expect("chmod");
+        assert_eq!(
+            p.stat_file(&id, "/workspace/c.txt")
+                .await
+                .expect("stat")
+                .mode,
+            "755"
+        );
+        let r = run(p, &id, spec(&["stat", "-c", "%a", "/workspace/c.txt"])).await;
+        assert_eq!(r.stdout.trim(), "755");
+
+        let found = p
+            .glob_files(&id, "/workspace/**/*.txt")
+            .await
+            .expect("glob");
+        assert_eq!(found, vec!["/workspace/c.txt", "/workspace/dir/b.txt"]);
+        let found = p.glob_files(&id, "/workspace/*/b.*").await.expect("glob");
+        assert_eq!(found, vec!["/workspace/dir/b.txt"]);
+
+        p.delete_file(&id, "/workspace/c.txt", false)
+            .await
+            .expect("delete");
+        assert!(matches!(
+            p.stat_file(&id, "/workspace/c.txt").await,
+            Err(ProviderError::FileNotFound(_))
+        ));
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn delete_recursive(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        for f in ["/workspace/t/a", "/workspace/t/s/b", "/workspace/t/s/u/c"] {
+            p.write_file(&id, f, Bytes::from_static(b"x"), 0o644)
+                .await
+                .expect("write");
+        }
+        assert!(matches!(
+            p.delete_file(&id, "/workspace/t", false).await,
+            Err(ProviderError::InvalidRequest(_))
+        ));
+        assert!(
+            p.read_file(&id, "/workspace/t/s/u/c").await.is_ok(),
+            "a refused delete removed something"
+        );
+        p.delete_file(&id, "/workspace/t", true)
+            .await
+            .expect("delete");
+        assert!(matches!(
+            p.stat_file(&id, "/workspace/t").await,
+            Err(ProviderError::FileNotFound(_))
+        ));
+        // An empty directory goes without `recursive`.
+        p.write_file(&id, "/workspace/e/x", Bytes::new(), 0o644)
+            .await
+            .expect("write");
+        p.delete_file(&id, "/workspace/e/x", false)
+            .await
+            .expect("delete");
+        p.delete_file(&id, "/workspace/e", false)
+            .await
+            .expect("delete empty dir");
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn read_missing_file(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        assert!(matches!(
+            p.read_file(&id, "/workspace/nope.txt").await,
+            Err(ProviderError::FileNotFound(_))
+        ));
+        assert!(matches!(
+            p.list_files(&id, "/nope").await,
+            Err(ProviderError::FileNotFound(_))
+        ));
+        assert!(matches!(
+            p.delete_file(&id, "/nope", true).await,
+            Err(ProviderError::FileNotFound(_))
+        ));
+        assert!(matches!(
+            p.move_file(&id, "/nope", "/nope2").await,
+            Err(ProviderError::FileNotFound(_))
+        ));
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn path_escapes_are_contained(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        // A host file the sandbox must never reach.
+        let host = tempfile::tempdir().expect("tempdir");
+        let secret = host.path().join("secret");
+        std::fs::write(&secret, "host secret").expect("write");
+        let secret_path = secret.to_string_lossy().into_owned();
+        let host_dir = host.path().to_string_lossy().into_owned();
+
+        // `..` stops at the sandbox root.
+        p.write_file(
+            &id,
+            "/../../../../..//tmp/escape-probe",
+            Bytes::from_static(b"x"),
+            0o644,
+        )
+        .await
+        .expect("write");
+        assert!(!Path::new("/tmp/escape-probe").exists());
+        assert!(p.read_file(&id, "/tmp/escape-probe").await.is_ok());
+        assert!(
+            p.read_file(&id, &format!("/../../..{secret_path}"))
+                .await
+                .is_err()
+        );
+
+        // Links planted by code inside the sandbox.
+        let script = format!(
+            "ln -s {secret_path} /abs && ln -s {host_dir} /absdir && \
+             ln -s ../../../../../../../../.. /up"
+        );
+        let r = run(p, &id, spec(&["sh", "-c", &script])).await;
+        assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+        for path in [
+            "/abs".to_string(),
+            "/absdir/secret".to_string(),
+            format!("/up{secret_path}"),
+        ] {
+            match p.read_file(&id, &path).await {
+                Ok(data) => assert_ne!(&data[..], b"host secret", "{path} leaked"),
+                Err(_) => {}
+            }
+        }
+        for path in ["/absdir/pwned".to_string(), format!("/up{host_dir}/pwned")] {
+            let _ = p
+                .write_file(&id, &path, Bytes::from_static(b"pwned"), 0o644)
+                .await;
+        }
+        let _ = p.chmod_file(&id, "/abs", 0o777).await;
+        let _ = p.delete_file(&id, "/absdir/secret", true).await;
+        let _ = p
+            .move_file(&id, &format!("/up{secret_path}"), "/stolen")
+            .await;
+        assert_eq!(
+            std::fs::read_to_string(&secret).expect("secret still there"),
+            "host secret"
+        );
+        assert_eq!(dir_entries(host.path()), vec!["secret".to_string()]);
+        let listed = p.list_files(&id, "/up").await.expect("list");
+        assert!(
+            listed.iter().any(|e| e.name == "abs"),
+            "/up is the sandbox root"
+        );
+        assert!(
+            !p.glob_files(&id, "/**/secret")
+                .await
+                .expect("glob")
+                .iter()
+                .any(|m| m.ends_with("/secret")),
+        );
+        p.destroy(&id).await.expect("destroy");
+    }
+
+    pub async fn destroy_is_idempotent_and_complete(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = spawn(fx).await;
+        p.write_file(&id, "/workspace/f", Bytes::from_static(b"x"), 0o644)
+            .await
+            .expect("write");
+        p.destroy(&id).await.expect("destroy");
+        p.destroy(&id).await.expect("destroy again");
+        assert!(matches!(
+            try_run(p, &id, spec(&["true"])).await,
+            Err(ProviderError::RuntimeNotFound(_))
+        ));
+        assert!(matches!(
+            p.read_file(&id, "/workspace/f").await,
+            Err(ProviderError::RuntimeNotFound(_))
+        ));
+        assert!(matches!(
+            p.logs(&id, 10).await,
+            Err(ProviderError::RuntimeNotFound(_))
+        ));
+        if let Some(dir) = &fx.sandboxes_dir {
+            assert_eq!(dir_entries(dir), Vec::<String>::new());
+        }
+        // Destroying something never spawned is fine too.
+        p.destroy("t-never-existed").await.expect("destroy unknown");
+    }
+
+    pub async fn unknown_image_leaves_nothing(fx: &Fixture) {
+        let p = &fx.provider;
+        let id = format!("t-{}", uuid::Uuid::new_v4().as_simple());
+        let err = p
+            .spawn(&SpawnSpec {
+                sandbox_id: id.clone(),
+                image: "stacyvm-test:never-imported".into(),
+                memory_mb: 256,
+                vcpus: 1,
+            })
+            .await
+            .expect_err("spawn of an unknown image");
+        match err {
+            ProviderError::ImageNotFound { image, reason } => {
+                assert_eq!(image, "stacyvm-test:never-imported");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected ImageNotFound, got {other:?}"),
+        }
+        if let Some(dir) = &fx.sandboxes_dir {
+            assert_eq!(dir_entries(dir), Vec::<String>::new());
+        }
+        assert!(matches!(
+            try_run(p, &id, spec(&["true"])).await,
+            Err(ProviderError::RuntimeNotFound(_))
+        ));
+    }
+}
+
+/// A small random number without pulling in a RNG crate.
+fn rand_u16() -> u16 {
+    let id = uuid::Uuid::new_v4();
+    u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]])
+}
+
+/// Native exec latency: `echo hi` in a fresh set of namespaces must cost
+/// tens of milliseconds at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_exec_latency() {
+    let fx = native_fixture().await;
+    let id = spawn(&fx).await;
+    // Warm up (page cache, first fork).
+    run(&fx.provider, &id, spec(&["echo", "hi"])).await;
+    let rounds = 20;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let r = run(&fx.provider, &id, spec(&["echo", "hi"])).await;
+        assert_eq!(r.stdout, "hi\n");
+    }
+    let each = started.elapsed() / rounds;
+    eprintln!("native exec of `echo hi`: {each:?} per exec");
+    assert!(each < Duration::from_millis(100), "{each:?} per exec");
+    fx.provider.destroy(&id).await.expect("destroy");
+}
