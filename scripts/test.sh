@@ -55,6 +55,10 @@ section "test environment"
 # shellcheck source=scripts/test-env.sh
 source "$ROOT/scripts/test-env.sh"
 
+# Everything the Rust suites need is set up now: a missing setting is a
+# failure, never a silent skip.
+export STACYVM_TEST_STRICT=1
+
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET_DIR/debug/stacyvm"
 PY="$STACYVM_TEST_VENV/bin/python"
@@ -92,6 +96,11 @@ if [ "${STACYVM_TEST_SKIP_CARGO_TEST:-0}" != 1 ]; then
     record "cargo test --workspace" "$rc"
 fi
 
+section "cargo fmt --check && cargo clippy"
+rc=0
+cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings || rc=$?
+record "fmt + clippy" "$rc"
+
 # wait_health URL LOG: wait for GET URL/api/v1/health while the server lives.
 wait_health() {
     "$PY" - "$1" "$SERVER_PID" "$2" <<'EOF'
@@ -125,10 +134,7 @@ run_sdk() {
     local -a serve=(serve --host 127.0.0.1 --port "$port" --data-dir "$data/data" --provider "$provider")
     if [ "$provider" != docker ]; then
         echo "importing $STACYVM_TEST_IMAGE from $STACYVM_TEST_ROOTFS into $data/data"
-        # --data-dir on the subcommand (or global); then before it; then via env.
-        if ! "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" \
-            && ! "$BIN" --data-dir "$data/data" image import "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" \
-            && ! STACYVM_DATA_DIR="$data/data" "$BIN" image import "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS"; then
+        if ! "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS"; then
             echo "image import failed"
             return 1
         fi

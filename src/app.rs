@@ -68,7 +68,10 @@ async fn build_providers(config: &Config) -> Result<Vec<Arc<dyn Provider>>, Star
         .map_err(|e| StartError::Provider(e.to_string()))?;
     Ok(vec![
         Arc::new(docker),
-        Arc::new(NativeProvider::new(images.clone(), sandboxes.join("native"))),
+        Arc::new(NativeProvider::new(
+            images.clone(),
+            sandboxes.join("native"),
+        )),
         Arc::new(ProotProvider::new(
             images,
             sandboxes.join("proot"),
@@ -115,7 +118,12 @@ impl App {
         tracing::info!(provider = %default, "default provider");
 
         let scheduler = Scheduler::new(worker.clone(), default);
-        let service = Service::new(store.clone(), scheduler, config.clone(), EventBus::new(1024));
+        let service = Service::new(
+            store.clone(),
+            scheduler,
+            config.clone(),
+            EventBus::new(1024),
+        );
         service.recover_after_restart().await?;
 
         let shutdown = CancellationToken::new();

@@ -120,7 +120,10 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
             let listener = app::bind(&config).await?;
             let app = App::start(config.clone()).await?;
             tracing::info!(address = %listener.local_addr()?, "StacyVM listening");
-            if !matches!(config.server.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+            if !matches!(
+                config.server.host.as_str(),
+                "127.0.0.1" | "localhost" | "::1"
+            ) {
                 tracing::warn!(host = %config.server.host, "listening beyond loopback without authentication");
             }
             app.serve(listener, shutdown_signal()).await?;

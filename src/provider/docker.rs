@@ -7,7 +7,8 @@
 //! inside the container's own root by construction.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::collections::VecDeque;
+use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -63,7 +64,14 @@ pub struct DockerProvider {
     /// Whether `client` speaks a version the daemon agreed to.
     negotiated: RwLock<bool>,
     config: DockerConfig,
+    /// Recent lifecycle lines per container (spawn, each exec and its exit),
+    /// served by `logs` together with the container's own output. In memory:
+    /// lost on restart.
+    events: Mutex<HashMap<String, VecDeque<String>>>,
 }
+
+/// Lifecycle lines kept per container.
+const EVENT_LINES: usize = 1000;
 
 impl DockerProvider {
     /// Connects to the configured daemon. A daemon that is down is not an
@@ -81,6 +89,7 @@ impl DockerProvider {
             client: RwLock::new(client),
             negotiated: RwLock::new(false),
             config: config.clone(),
+            events: Mutex::new(HashMap::new()),
         };
         provider.negotiate().await;
         Ok(provider)
@@ -109,6 +118,17 @@ impl DockerProvider {
         match self.client.read() {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Appends a lifecycle line to a container's log.
+    fn log(&self, container: &str, line: String) {
+        if let Ok(mut events) = self.events.lock() {
+            let lines = events.entry(container.to_string()).or_default();
+            if lines.len() == EVENT_LINES {
+                lines.pop_front();
+            }
+            lines.push_back(format!("{} {line}", chrono::Utc::now().to_rfc3339()));
         }
     }
 
@@ -163,7 +183,7 @@ impl DockerProvider {
             }
             (out, err)
         };
-        let (exit, (out, err)) = tokio::join!(self.exec(container, &spec, tx), collect);
+        let (exit, (out, err)) = tokio::join!(self.run_exec(container, &spec, tx), collect);
         let code = match exit? {
             ExecExit::Exited(code) => code,
             ExecExit::TimedOut => {
@@ -208,6 +228,109 @@ impl DockerProvider {
         }
     }
 
+    /// Runs one exec (the trait's `exec` without the lifecycle log, which
+    /// the files API also uses for its helper commands).
+    async fn run_exec(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        let docker = self.client();
+        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let options = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(spec.argv.clone()),
+            env: (!env.is_empty()).then_some(env),
+            working_dir: spec.workdir.clone(),
+            ..Default::default()
+        };
+        let created = docker
+            .create_exec(runtime_id, options)
+            .await
+            .map_err(|e| runtime_error(runtime_id, e))?;
+        let started = docker
+            .start_exec(&created.id, None)
+            .await
+            .map_err(|e| runtime_error(runtime_id, e))?;
+        let StartExecResults::Attached { mut output, .. } = started else {
+            return Err(ProviderError::Runtime("exec did not attach".into()));
+        };
+        let deadline = tokio::time::sleep(spec.timeout);
+        tokio::pin!(deadline);
+        let mut listening = true;
+        let mut first = true;
+        // The runtime's own complaint when the process cannot start at all
+        // (missing command or workdir); held back and translated below.
+        let mut start_failure: Option<Bytes> = None;
+        loop {
+            tokio::select! {
+                item = output.next() => {
+                    let Some(item) = item else { break };
+                    let chunk = match item {
+                        Ok(LogOutput::StdOut { message }) => OutputChunk { stream: StreamKind::Stdout, data: message },
+                        Ok(LogOutput::StdErr { message }) => OutputChunk { stream: StreamKind::Stderr, data: message },
+                        Ok(LogOutput::StdIn { .. } | LogOutput::Console { .. }) => continue,
+                        Err(e) => return Err(daemon_error(e)),
+                    };
+                    if std::mem::take(&mut first) && chunk.data.starts_with(OCI_EXEC_FAILED) {
+                        start_failure = Some(chunk.data);
+                        continue;
+                    }
+                    if listening && sink.send(chunk).await.is_err() {
+                        // Nobody listens any more; keep draining so the command is not blocked.
+                        listening = false;
+                    }
+                }
+                () = &mut deadline => {
+                    match docker.inspect_exec(&created.id).await {
+                        Ok(info) => {
+                            if let Some(pid) = info.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+                                tokio::task::spawn_blocking(move || kill_process_tree(pid));
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "cannot inspect timed-out exec"),
+                    }
+                    return Ok(ExecExit::TimedOut);
+                }
+            }
+        }
+        let info = docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| runtime_error(runtime_id, e))?;
+        let code = i32::try_from(info.exit_code.unwrap_or(-1)).unwrap_or(-1);
+        let Some(failure) = start_failure else {
+            return Ok(ExecExit::Exited(code));
+        };
+        let text = String::from_utf8_lossy(&failure);
+        if text.contains("chdir to cwd") {
+            return Err(ProviderError::InvalidRequest(format!(
+                "working directory {:?} does not exist in the sandbox",
+                spec.workdir.as_deref().unwrap_or("/")
+            )));
+        }
+        // Report a missing command as a shell would: exit 127 on stderr.
+        let (message, code) = if text.contains("executable file not found")
+            || text.contains("no such file or directory")
+        {
+            let program = spec.argv.first().map(String::as_str).unwrap_or_default();
+            (format!("{program}: command not found\n"), 127)
+        } else {
+            (text.into_owned(), code)
+        };
+        if listening {
+            let chunk = OutputChunk {
+                stream: StreamKind::Stderr,
+                data: Bytes::from(message),
+            };
+            // A departed listener is fine here.
+            let _departed = sink.send(chunk).await;
+        }
+        Ok(ExecExit::Exited(code))
+    }
+
     async fn upload(&self, container: &str, dir: &str, tar: Vec<u8>) -> Result<(), DockerError> {
         let options = UploadToContainerOptionsBuilder::default().path(dir).build();
         self.client()
@@ -249,6 +372,20 @@ fn daemon_error(e: DockerError) -> ProviderError {
             ProviderError::Unavailable(format!("the Docker daemon is unreachable: {e}"))
         }
         _ => ProviderError::Runtime(e.to_string()),
+    }
+}
+
+/// A 404 from the daemon that is about the container, not a path in it.
+fn is_missing_container(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. } if message.contains("No such container"))
+}
+
+/// Maps a 404 from the archive API: a missing container or a missing path.
+fn archive_not_found(e: DockerError, container: &str, path: &str) -> ProviderError {
+    if is_missing_container(&e) {
+        ProviderError::RuntimeNotFound(container.to_string())
+    } else {
+        ProviderError::FileNotFound(path.to_string())
     }
 }
 
@@ -301,6 +438,9 @@ fn parse_stat_line(line: &str, dir: Option<&str>) -> Option<FileEntry> {
         mod_time,
     })
 }
+
+/// How runc begins its message when an exec cannot start.
+const OCI_EXEC_FAILED: &[u8] = b"OCI runtime exec failed";
 
 const STAT_FORMAT: &str = "%s|%a|%F|%Y|%n";
 
@@ -382,7 +522,14 @@ impl Provider for DockerProvider {
     }
 
     async fn image_available(&self, image: &str) -> ProviderResult<bool> {
-        self.ensure_image(image).await.map(|()| true)
+        match self.ensure_image(image).await {
+            Ok(()) => Ok(true),
+            Err(ProviderError::ImageNotFound { reason, .. }) => {
+                tracing::info!(%image, %reason, "image not available");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
@@ -399,8 +546,9 @@ impl Provider for DockerProvider {
             cap_add: Some(KEPT_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
             security_opt: Some(vec!["no-new-privileges".into()]),
             network_mode: Some(self.config.network.clone()),
-            // docker-init as PID 1 reaps the orphans that execs leave behind.
-            init: Some(true),
+            // No docker-init: with /bin/sh as PID 1 a missing shell fails the
+            // start itself instead of leaving a container that dies a moment
+            // later. The shell's wait loop reaps orphaned exec children.
             ..Default::default()
         };
         let body = ContainerCreateBody {
@@ -437,11 +585,30 @@ impl Provider for DockerProvider {
             if let Err(cleanup) = self.destroy(&created.id).await {
                 tracing::warn!(container = %created.id, error = %cleanup, "cleanup after failed start failed");
             }
-            return Err(ProviderError::Runtime(format!(
-                "container failed to start: {}",
+            // Almost always the image's fault (no /bin/sh, wrong platform).
+            return Err(ProviderError::InvalidRequest(format!(
+                "the sandbox container failed to start (StacyVM needs /bin/sh in the image): {}",
                 short(&e)
             )));
         }
+        // "Started" is not "running": make sure PID 1 is alive before we
+        // report the sandbox as running.
+        let running = docker
+            .inspect_container(&created.id, None)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .and_then(|state| state.running)
+            .unwrap_or(false);
+        if !running {
+            if let Err(cleanup) = self.destroy(&created.id).await {
+                tracing::warn!(container = %created.id, error = %cleanup, "cleanup of a dead container failed");
+            }
+            return Err(ProviderError::InvalidRequest(
+                "the sandbox container exited right after it started (StacyVM needs /bin/sh in the image)".into(),
+            ));
+        }
+        self.log(&created.id, format!("spawned from image {}", spec.image));
         Ok(RuntimeHandle {
             runtime_id: created.id,
         })
@@ -452,6 +619,9 @@ impl Provider for DockerProvider {
             .force(true)
             .v(true)
             .build();
+        if let Ok(mut events) = self.events.lock() {
+            events.remove(runtime_id);
+        }
         match self
             .client()
             .remove_container(runtime_id, Some(options))
@@ -477,64 +647,14 @@ impl Provider for DockerProvider {
         spec: &ExecSpec,
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
-        let docker = self.client();
-        let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let options = CreateExecOptions {
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            cmd: Some(spec.argv.clone()),
-            env: (!env.is_empty()).then_some(env),
-            working_dir: spec.workdir.clone(),
-            ..Default::default()
+        let result = self.run_exec(runtime_id, spec, sink).await;
+        let outcome = match &result {
+            Ok(ExecExit::Exited(code)) => format!("exit {code}"),
+            Ok(ExecExit::TimedOut) => "timed out".to_string(),
+            Err(e) => format!("failed: {e}"),
         };
-        let created = docker
-            .create_exec(runtime_id, options)
-            .await
-            .map_err(|e| runtime_error(runtime_id, e))?;
-        let started = docker
-            .start_exec(&created.id, None)
-            .await
-            .map_err(|e| runtime_error(runtime_id, e))?;
-        let StartExecResults::Attached { mut output, .. } = started else {
-            return Err(ProviderError::Runtime("exec did not attach".into()));
-        };
-        let deadline = tokio::time::sleep(spec.timeout);
-        tokio::pin!(deadline);
-        let mut listening = true;
-        loop {
-            tokio::select! {
-                item = output.next() => {
-                    let Some(item) = item else { break };
-                    let chunk = match item {
-                        Ok(LogOutput::StdOut { message }) => OutputChunk { stream: StreamKind::Stdout, data: message },
-                        Ok(LogOutput::StdErr { message }) => OutputChunk { stream: StreamKind::Stderr, data: message },
-                        Ok(LogOutput::StdIn { .. } | LogOutput::Console { .. }) => continue,
-                        Err(e) => return Err(daemon_error(e)),
-                    };
-                    if listening && sink.send(chunk).await.is_err() {
-                        // Nobody listens any more; keep draining so the command is not blocked.
-                        listening = false;
-                    }
-                }
-                () = &mut deadline => {
-                    match docker.inspect_exec(&created.id).await {
-                        Ok(info) => {
-                            if let Some(pid) = info.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
-                                tokio::task::spawn_blocking(move || kill_process_tree(pid));
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot inspect timed-out exec"),
-                    }
-                    return Ok(ExecExit::TimedOut);
-                }
-            }
-        }
-        let info = docker
-            .inspect_exec(&created.id)
-            .await
-            .map_err(|e| runtime_error(runtime_id, e))?;
-        let code = info.exit_code.unwrap_or(-1);
-        Ok(ExecExit::Exited(i32::try_from(code).unwrap_or(-1)))
+        self.log(runtime_id, format!("exec {:?} -> {outcome}", spec.argv));
+        result
     }
 
     async fn write_file(
@@ -559,9 +679,11 @@ impl Provider for DockerProvider {
             .map_err(|e| ProviderError::Runtime(e.to_string()))?;
         match self.upload(runtime_id, &dir, archive.clone()).await {
             Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) && is_missing_container(&e) => {
+                Err(ProviderError::RuntimeNotFound(runtime_id.to_string()))
+            }
             Err(e) if is_not_found(&e) => {
-                // The parent is missing (or the container is gone): create
-                // the parents and try once more.
+                // The parent directory is missing: create it and try once more.
                 self.run_script(runtime_id, "mkdir -p -- \"$1\" || exit 3", &[&dir])
                     .await?;
                 self.upload(runtime_id, &dir, archive)
@@ -590,7 +712,7 @@ impl Provider for DockerProvider {
                 match part {
                     Ok(bytes) => archive.extend_from_slice(&bytes),
                     Err(e) if is_not_found(&e) => {
-                        return Err(ProviderError::FileNotFound(path.to_string()));
+                        return Err(archive_not_found(e, runtime_id, path));
                     }
                     Err(e) => return Err(daemon_error(e)),
                 }
@@ -712,24 +834,44 @@ impl Provider for DockerProvider {
     }
 
     async fn glob_files(&self, runtime_id: &str, pattern: &str) -> ProviderResult<Vec<String>> {
-        // IFS='' keeps the pattern one word while still expanding it.
-        let out = self
-            .run_script(
-                runtime_id,
-                "cd / || exit 3; IFS=''; for f in $1; do if [ -e \"$f\" ] || [ -L \"$f\" ]; then printf '%s\\n' \"$f\"; fi; done",
-                &[pattern],
-            )
-            .await?;
+        // List candidates under the pattern's literal prefix with `find`,
+        // then match in Rust with the same matcher as the host-directory
+        // providers, so `**` and dot rules agree everywhere.
+        let parts: Vec<&str> = pattern.split('/').filter(|p| !p.is_empty()).collect();
+        let literal = parts
+            .iter()
+            .take_while(|p| !p.contains(['*', '?', '[']))
+            .count();
+        let base = format!("/{}", parts[..literal].join("/"));
+        let remaining = parts.len() - literal;
+        if remaining == 0 {
+            return match self.stat_file(runtime_id, &base).await {
+                Ok(_) => Ok(vec![base]),
+                Err(ProviderError::FileNotFound(_)) => Ok(Vec::new()),
+                Err(e) => Err(e),
+            };
+        }
+        let depth = if parts[literal..].contains(&"**") {
+            String::new()
+        } else {
+            format!("-maxdepth {remaining}")
+        };
+        let script = format!(
+            "[ -d \"$1\" ] || exit 0; find \"$1\" -mindepth 1 {depth} 2>/dev/null | head -n {}",
+            crate::provider::hostfs::GLOB_LIMIT * 10
+        );
+        let out = self.run_script(runtime_id, &script, &[&base]).await?;
         let mut paths: Vec<String> = out
             .lines()
-            .map(|p| {
-                if p.starts_with('/') {
-                    p.to_string()
-                } else {
-                    format!("/{p}")
-                }
-            })
+            .filter(|p| crate::provider::hostfs::glob_path_matches(pattern, p))
+            .map(str::to_string)
             .collect();
+        if paths.len() > crate::provider::hostfs::GLOB_LIMIT {
+            return Err(ProviderError::InvalidRequest(format!(
+                "glob matches more than {} paths; narrow the pattern",
+                crate::provider::hostfs::GLOB_LIMIT
+            )));
+        }
         paths.sort();
         paths.dedup();
         Ok(paths)
@@ -743,7 +885,16 @@ impl Provider for DockerProvider {
             .tail(&lines.to_string())
             .build();
         let mut stream = self.client().logs(runtime_id, Some(options));
-        let mut out = Vec::new();
+        let mut out: Vec<String> = self
+            .events
+            .lock()
+            .map(|events| {
+                events
+                    .get(runtime_id)
+                    .map(|l| l.iter().cloned().collect())
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default();
         while let Some(item) = stream.next().await {
             let item = item.map_err(|e| runtime_error(runtime_id, e))?;
             out.extend(

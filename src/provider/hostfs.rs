@@ -721,6 +721,36 @@ fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
     pattern[p..].iter().all(|&c| c == b'*')
 }
 
+/// Whether an absolute `path` matches an absolute glob `pattern`, component
+/// by component, with `**` matching any number of directories and
+/// wildcards not matching a leading dot (as in the shell). For providers
+/// that list candidates themselves (docker) and match here, so every
+/// provider agrees on glob semantics.
+pub(crate) fn glob_path_matches(pattern: &str, path: &str) -> bool {
+    fn parts(s: &str) -> Vec<&str> {
+        s.split('/').filter(|p| !p.is_empty()).collect()
+    }
+    fn walk(pattern: &[&str], path: &[&str]) -> bool {
+        match pattern.split_first() {
+            None => path.is_empty(),
+            Some((&"**", rest)) => {
+                walk(rest, path)
+                    || path
+                        .split_first()
+                        .is_some_and(|(first, tail)| !first.starts_with('.') && walk(pattern, tail))
+            }
+            Some((first, rest)) => path.split_first().is_some_and(|(name, tail)| {
+                let dot_ok = !name.starts_with('.') || first.starts_with('.');
+                dot_ok && glob_match(first.as_bytes(), name.as_bytes()) && walk(rest, tail)
+            }),
+        }
+    }
+    walk(&parts(pattern), &parts(path))
+}
+
+/// The most paths one glob may return.
+pub(crate) const GLOB_LIMIT: usize = MAX_GLOB_RESULTS;
+
 /// Match `c` against the class at the start of `pattern` (which begins with
 /// `[`). Returns whether it matched and the class length, or `None` if the
 /// class is not terminated.
@@ -746,6 +776,31 @@ fn match_class(pattern: &[u8], c: u8) -> Option<(bool, usize)> {
             matched |= lo == c;
             i += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod path_match_tests {
+    use super::glob_path_matches;
+
+    #[test]
+    fn matches_like_the_tree_walk() {
+        assert!(glob_path_matches("/workspace/**/*.txt", "/workspace/c.txt"));
+        assert!(glob_path_matches(
+            "/workspace/**/*.txt",
+            "/workspace/dir/b.txt"
+        ));
+        assert!(!glob_path_matches(
+            "/workspace/**/*.txt",
+            "/workspace/.hidden/b.txt"
+        ));
+        assert!(glob_path_matches(
+            "/workspace/*/b.*",
+            "/workspace/dir/b.txt"
+        ));
+        assert!(!glob_path_matches("/workspace/*/b.*", "/workspace/b.txt"));
+        assert!(glob_path_matches("/tmp/[a-c]?", "/tmp/b1"));
+        assert!(!glob_path_matches("/tmp/*", "/tmp/.x"));
     }
 }
 

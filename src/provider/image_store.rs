@@ -95,6 +95,13 @@ impl ImageStore {
         }
         fs::create_dir_all(&self.dir)
             .map_err(io_err(format!("creating {}", self.dir.display())))?;
+        // Images keep their setuid bits; only the owner may reach them, or
+        // any local user could run an image's setuid binary on the host.
+        fs::set_permissions(
+            &self.dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(io_err(format!("securing {}", self.dir.display())))?;
         let tmp = self
             .dir
             .join(format!("{TMP_PREFIX}{}", uuid::Uuid::new_v4().as_simple()));

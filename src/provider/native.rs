@@ -135,6 +135,9 @@ impl SandboxDirs {
         let id = spec.sandbox_id.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             fs::create_dir_all(&parent)?;
+            // Sandbox trees hold setuid binaries from their images; keep
+            // other local users out so they cannot run them on the host.
+            fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
             if dest.exists() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -637,7 +640,7 @@ fn run_as_child(program: &str, args: &[String], memory_bytes: Option<u64>) -> i3
         // the parent; it runs between fork and exec as pre_exec requires.
         unsafe {
             cmd.pre_exec(move || {
-                rustix::process::setrlimit(rustix::process::Resource::As, limit.clone())
+                rustix::process::setrlimit(rustix::process::Resource::As, limit)
                     .map_err(io::Error::from)
             });
         }

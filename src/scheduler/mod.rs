@@ -21,7 +21,10 @@ pub struct Placement {
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
     #[error("unknown provider {requested:?}: available providers are {available}")]
-    UnknownProvider { requested: String, available: String },
+    UnknownProvider {
+        requested: String,
+        available: String,
+    },
     #[error("provider {provider} is unavailable: {reason}")]
     ProviderUnavailable { provider: String, reason: String },
     #[error("{requested} vcpus requested but this worker has {available}")]

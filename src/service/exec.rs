@@ -122,7 +122,9 @@ fn build_argv(req: &ExecRequest) -> Result<Vec<String>> {
         return Err(Error::BadRequest("command is required".into()));
     }
     if req.command.contains('\0') || req.args.iter().any(|a| a.contains('\0')) {
-        return Err(Error::BadRequest("command and args may not contain NUL bytes".into()));
+        return Err(Error::BadRequest(
+            "command and args may not contain NUL bytes".into(),
+        ));
     }
     match req.mode.as_deref().unwrap_or("") {
         "" | "shell" => {
@@ -147,7 +149,9 @@ fn build_argv(req: &ExecRequest) -> Result<Vec<String>> {
 fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
     for (key, value) in env {
         if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
-            return Err(Error::BadRequest(format!("invalid environment variable name {key:?}")));
+            return Err(Error::BadRequest(format!(
+                "invalid environment variable name {key:?}"
+            )));
         }
     }
     Ok(())
@@ -169,27 +173,41 @@ impl Service {
     /// Starts a command in a running sandbox and returns at once. The
     /// command runs to completion (and is recorded) even if the caller
     /// stops reading.
-    pub async fn start_exec(&self, caller: &Caller, id: &str, req: ExecRequest) -> Result<RunningExec> {
+    pub async fn start_exec(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: ExecRequest,
+    ) -> Result<RunningExec> {
         let outcome = self.start_exec_inner(caller, id, req).await;
         self.audit(caller, "sandbox.exec", id, outcome.as_ref().map(drop))
             .await;
         outcome
     }
 
-    async fn start_exec_inner(&self, caller: &Caller, id: &str, req: ExecRequest) -> Result<RunningExec> {
+    async fn start_exec_inner(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: ExecRequest,
+    ) -> Result<RunningExec> {
         let argv = build_argv(&req)?;
         validate_env(&req.env)?;
         if let Some(dir) = &req.workdir
             && !dir.is_empty()
             && !dir.starts_with('/')
         {
-            return Err(Error::BadRequest(format!("workdir must be an absolute path, got {dir:?}")));
+            return Err(Error::BadRequest(format!(
+                "workdir must be an absolute path, got {dir:?}"
+            )));
         }
         let model = self.usable_sandbox(caller, id).await?;
         let max = self.max_exec_timeout_for(&model.owner_id).await?;
         let timeout = match req.timeout.as_deref() {
             None | Some("") => self.config().defaults.exec_timeout.0.min(max),
-            Some(text) => duration::parse(text).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?,
+            Some(text) => {
+                duration::parse(text).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?
+            }
         };
         if timeout.is_zero() || timeout > max {
             return Err(Error::BadRequest(format!(
@@ -200,7 +218,9 @@ impl Service {
         let provider = self
             .scheduler()
             .provider_for(&model.provider)
-            .ok_or_else(|| Error::Unavailable(format!("provider {} is not available", model.provider)))?;
+            .ok_or_else(|| {
+                Error::Unavailable(format!("provider {} is not available", model.provider))
+            })?;
         let runtime_id = model.runtime_id.clone().unwrap_or_default();
 
         let execution_id = crate::ids::execution();
@@ -279,7 +299,11 @@ impl Service {
             let [stdout_tail, stderr_tail] = tails;
             let (status, exit_code, error) = match &exit {
                 Ok(ExecExit::Exited(code)) => ("completed", Some(*code), None),
-                Ok(ExecExit::TimedOut) => ("timeout", None, Some(format!("timed out after {}", duration::format(timeout)))),
+                Ok(ExecExit::TimedOut) => (
+                    "timeout",
+                    None,
+                    Some(format!("timed out after {}", duration::format(timeout))),
+                ),
                 Err(e) => ("failed", None, Some(e.to_string())),
             };
             let finish = ExecutionFinish {

@@ -61,9 +61,12 @@ impl Service {
         id: &str,
     ) -> Result<(std::sync::Arc<dyn crate::provider::Provider>, String)> {
         let model = self.usable_sandbox(caller, id).await?;
-        let provider = self.scheduler().provider_for(&model.provider).ok_or_else(|| {
-            Error::Unavailable(format!("provider {} is not available", model.provider))
-        })?;
+        let provider = self
+            .scheduler()
+            .provider_for(&model.provider)
+            .ok_or_else(|| {
+                Error::Unavailable(format!("provider {} is not available", model.provider))
+            })?;
         Ok((provider, model.runtime_id.unwrap_or_default()))
     }
 
@@ -97,7 +100,12 @@ impl Service {
     }
 
     /// Lists a directory.
-    pub async fn list_files(&self, caller: &Caller, id: &str, path: &str) -> Result<Vec<FileEntry>> {
+    pub async fn list_files(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+    ) -> Result<Vec<FileEntry>> {
         let path = normalize_path(if path.is_empty() { "/" } else { path })?;
         let (provider, runtime) = self.file_target(caller, id).await?;
         Ok(provider.list_files(&runtime, &path).await?)
@@ -128,7 +136,13 @@ impl Service {
     }
 
     /// Changes permission bits.
-    pub async fn chmod_file(&self, caller: &Caller, id: &str, path: &str, mode: &str) -> Result<()> {
+    pub async fn chmod_file(
+        &self,
+        caller: &Caller,
+        id: &str,
+        path: &str,
+        mode: &str,
+    ) -> Result<()> {
         let outcome = async {
             let path = normalize_path(path)?;
             let mode = parse_mode(mode)?;
@@ -164,7 +178,12 @@ impl Service {
     }
 
     /// Paths matching a glob pattern.
-    pub async fn glob_files(&self, caller: &Caller, id: &str, pattern: &str) -> Result<Vec<String>> {
+    pub async fn glob_files(
+        &self,
+        caller: &Caller,
+        id: &str,
+        pattern: &str,
+    ) -> Result<Vec<String>> {
         if pattern.is_empty() || pattern.contains('\0') || pattern.len() > MAX_PATH_BYTES {
             return Err(Error::BadRequest("pattern is required".into()));
         }

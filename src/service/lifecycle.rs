@@ -69,7 +69,10 @@ impl Service {
                 model.state
             )));
         }
-        let result = match (&model.runtime_id, self.scheduler().provider_for(&model.provider)) {
+        let result = match (
+            &model.runtime_id,
+            self.scheduler().provider_for(&model.provider),
+        ) {
             // No handle was recorded (the spawn failed, or the server died
             // mid-spawn): make sure nothing was left behind under the id.
             (None, Some(provider)) => provider.destroy_by_sandbox_id(&id).await,
@@ -111,7 +114,10 @@ impl Service {
             else {
                 continue;
             };
-            match self.destroy_record(expired, Some("ttl reached".into())).await {
+            match self
+                .destroy_record(expired, Some("ttl reached".into()))
+                .await
+            {
                 Ok(()) => pruned += 1,
                 Err(e) => tracing::warn!(sandbox = %id, error = %e, "expiry destroy failed"),
             }

@@ -95,7 +95,12 @@ impl Service {
             tenant_id: caller.tenant_id.clone(),
             action: action.to_string(),
             target: target.to_string(),
-            outcome: if outcome.is_ok() { "success" } else { "failure" }.into(),
+            outcome: if outcome.is_ok() {
+                "success"
+            } else {
+                "failure"
+            }
+            .into(),
             request_id: caller.request_id.clone(),
             detail: outcome.err().map(|e| e.to_string()),
         };

@@ -103,7 +103,9 @@ impl Service {
         let defaults = &self.config().defaults;
         let ttl = match ttl {
             None | Some("") => defaults.ttl.0,
-            Some(text) => duration::parse(text).map_err(|e| Error::BadRequest(format!("ttl: {e}")))?,
+            Some(text) => {
+                duration::parse(text).map_err(|e| Error::BadRequest(format!("ttl: {e}")))?
+            }
         };
         if ttl.is_zero() {
             return Err(Error::BadRequest("ttl must be positive".into()));
@@ -126,14 +128,20 @@ impl Service {
         if image.len() > 512 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(Error::BadRequest(format!("invalid image name {image:?}")));
         }
-        let provider = req
-            .provider
-            .filter(|p| !p.is_empty())
-            .or_else(|| template.as_ref().map(|t| t.provider.clone()).filter(|p| !p.is_empty()));
+        let provider = req.provider.filter(|p| !p.is_empty()).or_else(|| {
+            template
+                .as_ref()
+                .map(|t| t.provider.clone())
+                .filter(|p| !p.is_empty())
+        });
         let memory_mb = req
             .memory_mb
             .filter(|m| *m > 0)
-            .or_else(|| template.as_ref().and_then(|t| u32::try_from(t.memory_mb).ok()))
+            .or_else(|| {
+                template
+                    .as_ref()
+                    .and_then(|t| u32::try_from(t.memory_mb).ok())
+            })
             .unwrap_or(defaults.memory_mb);
         if !MEMORY_MB_RANGE.contains(&memory_mb) {
             return Err(Error::BadRequest(format!(
@@ -198,7 +206,8 @@ impl Service {
         let decision = self.admission_for_plan(&plan).await?;
         if decision.reason == "worker_unavailable" {
             // The scheduler says precisely why (unknown provider, unhealthy, ...).
-            self.scheduler().place(plan.provider.as_deref(), plan.vcpus)?;
+            self.scheduler()
+                .place(plan.provider.as_deref(), plan.vcpus)?;
         }
         decision.into_result()?;
         let placement = self
@@ -255,7 +264,12 @@ impl Service {
         match placement.provider.spawn(&spec).await {
             Ok(handle) => {
                 let running = self
-                    .transition(&id, SandboxState::Running, None, Some(handle.runtime_id.clone()))
+                    .transition(
+                        &id,
+                        SandboxState::Running,
+                        None,
+                        Some(handle.runtime_id.clone()),
+                    )
                     .await?;
                 match running {
                     Some(model) => self.to_sandbox(model),
@@ -266,7 +280,9 @@ impl Service {
                             .destroy(&handle.runtime_id)
                             .await
                             .unwrap_or_else(|e| tracing::warn!(sandbox = %id, error = %e, "cleanup of a sandbox destroyed during spawn failed"));
-                        Err(Error::Conflict(format!("sandbox {id} was destroyed while it was being created")))
+                        Err(Error::Conflict(format!(
+                            "sandbox {id} was destroyed while it was being created"
+                        )))
                     }
                 }
             }
@@ -377,7 +393,9 @@ impl Service {
         let outcome = async {
             let model = self.visible_sandbox(caller, id).await?;
             if model.state == SandboxState::Destroying.as_str() {
-                return Err(Error::Conflict(format!("sandbox {id} is already being destroyed")));
+                return Err(Error::Conflict(format!(
+                    "sandbox {id} is already being destroyed"
+                )));
             }
             if model.state == SandboxState::Creating.as_str() {
                 return Err(Error::Conflict(format!(

@@ -113,7 +113,8 @@ impl Service {
             .await?
             .into_iter()
             .map(|w| {
-                let providers: Vec<String> = serde_json::from_value(w.providers).unwrap_or_default();
+                let providers: Vec<String> =
+                    serde_json::from_value(w.providers).unwrap_or_default();
                 WorkerStatus {
                     stale: now - w.last_heartbeat > chrono::Duration::minutes(2),
                     capabilities: providers.clone(),
@@ -133,16 +134,24 @@ impl Service {
     }
 
     /// The last `lines` lines of a sandbox's diagnostics.
-    pub async fn sandbox_logs(&self, caller: &Caller, id: &str, lines: usize) -> Result<Vec<String>> {
+    pub async fn sandbox_logs(
+        &self,
+        caller: &Caller,
+        id: &str,
+        lines: usize,
+    ) -> Result<Vec<String>> {
         if lines == 0 || lines > MAX_LOG_LINES {
             return Err(Error::BadRequest(format!(
                 "lines must be between 1 and {MAX_LOG_LINES}"
             )));
         }
         let model = self.usable_sandbox(caller, id).await?;
-        let provider = self.scheduler().provider_for(&model.provider).ok_or_else(|| {
-            Error::Unavailable(format!("provider {} is not available", model.provider))
-        })?;
+        let provider = self
+            .scheduler()
+            .provider_for(&model.provider)
+            .ok_or_else(|| {
+                Error::Unavailable(format!("provider {} is not available", model.provider))
+            })?;
         Ok(provider
             .logs(model.runtime_id.as_deref().unwrap_or_default(), lines)
             .await?)
@@ -151,9 +160,12 @@ impl Service {
     /// Resource usage of a sandbox, when its provider can measure it.
     pub async fn sandbox_stats(&self, caller: &Caller, id: &str) -> Result<RuntimeStats> {
         let model = self.usable_sandbox(caller, id).await?;
-        let provider = self.scheduler().provider_for(&model.provider).ok_or_else(|| {
-            Error::Unavailable(format!("provider {} is not available", model.provider))
-        })?;
+        let provider = self
+            .scheduler()
+            .provider_for(&model.provider)
+            .ok_or_else(|| {
+                Error::Unavailable(format!("provider {} is not available", model.provider))
+            })?;
         Ok(provider
             .stats(model.runtime_id.as_deref().unwrap_or_default())
             .await?)

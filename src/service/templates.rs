@@ -111,7 +111,10 @@ impl Service {
             owner_id: caller.owner_id.clone(),
             image: input.image,
             provider,
-            memory_mb: input.memory_mb.filter(|m| *m > 0).unwrap_or(defaults.memory_mb) as i32,
+            memory_mb: input
+                .memory_mb
+                .filter(|m| *m > 0)
+                .unwrap_or(defaults.memory_mb) as i32,
             vcpus: input.vcpus.filter(|v| *v > 0).unwrap_or(defaults.vcpus) as i32,
             ttl_ms: ttl.as_millis() as i64,
             metadata: serde_json::to_value(&input.metadata)
@@ -126,12 +129,16 @@ impl Service {
         let name = input.name.clone();
         let outcome = async {
             let model = self.template_model(caller, input).await?;
-            let saved = self.store().insert_template(model).await.map_err(|e| match e {
-                crate::store::StoreError::AlreadyExists(what) => {
-                    Error::Conflict(format!("{what} already exists"))
-                }
-                other => other.into(),
-            })?;
+            let saved = self
+                .store()
+                .insert_template(model)
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::AlreadyExists(what) => {
+                        Error::Conflict(format!("{what} already exists"))
+                    }
+                    other => other.into(),
+                })?;
             self.to_template(saved)
         }
         .await;

@@ -14,7 +14,7 @@ mod workers;
 
 pub use audit::{AuditFilter, NewAuditEvent};
 pub use executions::ExecutionFinish;
-pub use owners::QuotaSummary;
+pub use owners::{OwnerQuota, QuotaSummary};
 pub use sandboxes::SandboxFilter;
 
 use std::time::Duration;
@@ -96,13 +96,13 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) fn conn(&self) -> &DatabaseConnection {
+    fn conn(&self) -> &DatabaseConnection {
         &self.db
     }
 }
 
 /// Converts a stored JSON object into a string map, refusing anything else.
-pub(crate) fn json_to_map(
+pub fn json_to_map(
     value: &serde_json::Value,
 ) -> StoreResult<std::collections::BTreeMap<String, String>> {
     serde_json::from_value(value.clone()).map_err(|e| StoreError::Corrupt(e.to_string()))

@@ -53,3 +53,45 @@ impl Store {
         Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
     }
 }
+
+/// Quota overrides for one owner; `None` fields fall back to the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnerQuota {
+    pub max_sandboxes: Option<i32>,
+    pub max_ttl_ms: Option<i64>,
+    pub max_exec_timeout_ms: Option<i64>,
+}
+
+impl Store {
+    /// Creates the owner if needed and sets its quota overrides.
+    pub async fn set_owner_quota(&self, id: &str, quota: OwnerQuota) -> StoreResult<()> {
+        use sea_orm::sea_query::OnConflict;
+        use sea_orm::{IntoActiveModel, Set};
+        let now = chrono::Utc::now();
+        let model = entity::owner::Model {
+            id: id.to_string(),
+            api_key_hash: None,
+            max_sandboxes: quota.max_sandboxes,
+            max_ttl_ms: quota.max_ttl_ms,
+            max_exec_timeout_ms: quota.max_exec_timeout_ms,
+            created_at: now,
+            updated_at: now,
+        };
+        let mut active = model.into_active_model();
+        active.updated_at = Set(now);
+        Entity::insert(active)
+            .on_conflict(
+                OnConflict::column(Column::Id)
+                    .update_columns([
+                        Column::MaxSandboxes,
+                        Column::MaxTtlMs,
+                        Column::MaxExecTimeoutMs,
+                        Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec(self.conn())
+            .await?;
+        Ok(())
+    }
+}

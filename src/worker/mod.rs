@@ -87,7 +87,10 @@ impl LocalWorker {
             };
             (name.clone(), health)
         });
-        let results: BTreeMap<_, _> = futures::future::join_all(checks).await.into_iter().collect();
+        let results: BTreeMap<_, _> = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .collect();
         for (name, health) in &results {
             let previous = self.health_of(name);
             if previous.as_ref().map(|p| p.healthy) != Some(health.healthy) {

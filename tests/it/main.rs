@@ -1,1 +1,4 @@
+mod api;
 mod providers;
+mod store;
+mod support;

@@ -23,11 +23,13 @@ where
     async fn from_request(req: Request, state: &Service) -> Result<Self, Self::Rejection> {
         let limit = state.config().server.max_body_bytes;
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError(Error::BadRequest(if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                format!("request body is larger than {limit} bytes")
-            } else {
-                format!("cannot read request body: {e}")
-            }))
+            ApiError(Error::BadRequest(
+                if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    format!("request body is larger than {limit} bytes")
+                } else {
+                    format!("cannot read request body: {e}")
+                },
+            ))
         })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(JsonBody(T::default()));
@@ -59,7 +61,10 @@ where
 impl FromRequestParts<Service> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &Service) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &Service,
+    ) -> Result<Self, Self::Rejection> {
         let header = |name: &str| {
             parts
                 .headers

@@ -110,7 +110,9 @@ async fn delete(
             ))));
         }
     };
-    service.delete_file(&caller, &id, &q.path, recursive).await?;
+    service
+        .delete_file(&caller, &id, &q.path, recursive)
+        .await?;
     Ok(Json(json!({ "status": "deleted" })))
 }
 
@@ -159,6 +161,8 @@ async fn chmod(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ChmodBody>,
 ) -> Result<Json<Value>, ApiError> {
-    service.chmod_file(&caller, &id, &body.path, &body.mode).await?;
+    service
+        .chmod_file(&caller, &id, &body.path, &body.mode)
+        .await?;
     Ok(Json(json!({ "status": "chmod applied" })))
 }

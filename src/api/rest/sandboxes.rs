@@ -68,7 +68,10 @@ async fn admission(
     Ok(Json(service.admission(&caller, body.into()).await?))
 }
 
-async fn list(State(service): State<Service>, caller: Caller) -> Result<Json<Vec<Sandbox>>, ApiError> {
+async fn list(
+    State(service): State<Service>,
+    caller: Caller,
+) -> Result<Json<Vec<Sandbox>>, ApiError> {
     Ok(Json(service.list_sandboxes(&caller).await?))
 }
 

@@ -17,10 +17,7 @@ use crate::service::{Sandbox, Service, Template, TemplateInput};
 pub fn router() -> Router<Service> {
     Router::new()
         .route("/templates", get(list).post(create))
-        .route(
-            "/templates/{name}",
-            get(get_one).put(update).delete(delete),
-        )
+        .route("/templates/{name}", get(get_one).put(update).delete(delete))
         .route("/templates/{name}/spawn", post(spawn))
 }
 
@@ -52,7 +49,10 @@ impl From<TemplateBody> for TemplateInput {
     }
 }
 
-async fn list(State(service): State<Service>, caller: Caller) -> Result<Json<Vec<Template>>, ApiError> {
+async fn list(
+    State(service): State<Service>,
+    caller: Caller,
+) -> Result<Json<Vec<Template>>, ApiError> {
     Ok(Json(service.list_templates(&caller).await?))
 }
 
@@ -79,7 +79,9 @@ async fn update(
     Path(name): Path<String>,
     JsonBody(body): JsonBody<TemplateBody>,
 ) -> Result<Json<Template>, ApiError> {
-    Ok(Json(service.update_template(&caller, &name, body.into()).await?))
+    Ok(Json(
+        service.update_template(&caller, &name, body.into()).await?,
+    ))
 }
 
 async fn delete(

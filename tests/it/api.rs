@@ -1,0 +1,562 @@
+//! End-to-end tests of the REST API on a real server with real providers:
+//! lifecycle, failures that must leave nothing behind, bad input, quotas,
+//! concurrency and restart recovery.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{
+    TestServer, docker_containers_for, docker_enabled, docker_image, rootfs_tarball,
+};
+
+fn id_of(body: &Value) -> String {
+    body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {body}"))
+        .to_string()
+}
+
+async fn spawn_ok(server: &TestServer, body: Value) -> String {
+    let (status, sandbox) = server.post("/sandboxes", body).await;
+    assert_eq!(status, 201, "{sandbox}");
+    assert_eq!(sandbox["state"], "running");
+    id_of(&sandbox)
+}
+
+/// A server whose native provider has the test image imported.
+async fn native_server(tweak: impl FnOnce(&mut stacyvm::config::Config)) -> TestServer {
+    let server = TestServer::start(|c| {
+        c.providers.default = "native".into();
+        tweak(c);
+    })
+    .await;
+    stacyvm::app::image_store(server.app_service.config())
+        .import(&docker_image(), &rootfs_tarball())
+        .unwrap_or_else(|e| panic!("import: {e}"));
+    server
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["code"], want_code, "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_lifecycle_keeps_records_and_removes_containers() {
+    if !docker_enabled() {
+        return;
+    }
+    let server = TestServer::start(|c| c.providers.default = "docker".into()).await;
+    let id = spawn_ok(
+        &server,
+        json!({"image": docker_image(), "memory_mb": 128, "metadata": {"team": "x"}}),
+    )
+    .await;
+    assert!(stacyvm::ids::is_sandbox_id(&id));
+    assert_eq!(docker_containers_for(&id).len(), 1);
+
+    let (status, out) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "echo", "args": ["a b", "$X"], "env": {"X": "y"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(out["stdout"], "a b $X\n");
+    let (_, out) = server.post(&format!("/sandboxes/{id}/exec"), json!({"command": "/bin/sh", "args": ["-c", "echo $X"], "mode": "argv", "env": {"X": "y"}})).await;
+    assert_eq!(out["stdout"], "y\n");
+
+    // The execution is recorded with its exit code and output tail.
+    let execution_id = out["execution_id"].as_str().unwrap_or_default().to_string();
+    let record = server
+        .app_service
+        .store()
+        .get_execution(&execution_id)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no execution row"));
+    assert_eq!(
+        (
+            record.status.as_str(),
+            record.exit_code,
+            record.stdout_tail.as_str()
+        ),
+        ("completed", Some(0), "y\n")
+    );
+
+    // Limits reached the container.
+    let inspect = std::process::Command::new("docker")
+        .args([
+            "inspect",
+            "-f",
+            "{{.HostConfig.Memory}} {{.HostConfig.SecurityOpt}} {{.HostConfig.CapDrop}}",
+            &format!("stacyvm-{id}"),
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let inspect = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        inspect.starts_with(&(128 * 1024 * 1024).to_string()),
+        "{inspect}"
+    );
+    assert!(inspect.contains("no-new-privileges"), "{inspect}");
+
+    let (status, _) = server.delete(&format!("/sandboxes/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        docker_containers_for(&id).is_empty(),
+        "container left behind"
+    );
+    let (status, body) = server.get(&format!("/sandboxes/{id}")).await;
+    assert_error(status, &body, 404, "NOT_FOUND");
+    let kept = server
+        .app_service
+        .store()
+        .get_sandbox(&id)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("record must be kept"));
+    assert_eq!(kept.state, "destroyed");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_image_is_a_clear_400_and_leaves_nothing() {
+    if !docker_enabled() {
+        return;
+    }
+    let server = TestServer::start(|c| c.providers.default = "docker".into()).await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": "stacyvm-test:no-such-image"}))
+        .await;
+    assert_error(status, &body, 400, "BAD_REQUEST");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no-such-image"),
+        "{body}"
+    );
+    let all = server
+        .app_service
+        .store()
+        .list_sandboxes(&stacyvm::store::SandboxFilter {
+            owner_id: None,
+            states: Some(stacyvm::lifecycle::SandboxState::ALL.to_vec()),
+        })
+        .await
+        .unwrap_or_default();
+    assert!(all.is_empty(), "no record for a refused spawn: {all:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_that_fails_to_start_ends_in_error_then_is_cleaned_up() {
+    if !docker_enabled() {
+        return;
+    }
+    // An image with no /bin/sh: the container is created but cannot start.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(dir.path().join("hello.txt"), "hi").unwrap_or_else(|e| panic!("{e}"));
+    let tar = dir.path().join("empty.tar");
+    let ok = std::process::Command::new("tar")
+        .args([
+            "-C",
+            &dir.path().display().to_string(),
+            "-cf",
+            &tar.display().to_string(),
+            "hello.txt",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "tar failed");
+    let ok = std::process::Command::new("docker")
+        .args([
+            "import",
+            &tar.display().to_string(),
+            "stacyvm-test:no-shell",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "docker import failed");
+
+    let server = TestServer::start(|c| c.providers.default = "docker".into()).await;
+    let mut events = server.app_service.events().subscribe();
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": "stacyvm-test:no-shell"}))
+        .await;
+    assert_error(status, &body, 400, "BAD_REQUEST");
+
+    // The record went creating -> error (with the reason), and the reaper
+    // then destroyed it; no container remains.
+    let mut seen = Vec::new();
+    let mut id = String::new();
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+        if let stacyvm::events::Event::SandboxState {
+            sandbox_id,
+            state,
+            reason,
+            ..
+        } = event
+        {
+            id = sandbox_id;
+            seen.push((state.as_str().to_string(), reason));
+            if state == stacyvm::lifecycle::SandboxState::Destroyed {
+                break;
+            }
+        }
+    }
+    let states: Vec<_> = seen.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        states,
+        ["creating", "error", "destroying", "destroyed"],
+        "{seen:?}"
+    );
+    assert!(
+        seen[1]
+            .1
+            .as_deref()
+            .unwrap_or_default()
+            .contains("spawn failed"),
+        "{seen:?}"
+    );
+    assert!(
+        docker_containers_for(&id).is_empty(),
+        "container left behind"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_expiry_destroys_and_extend_moves_expiry() {
+    let server = native_server(|_| {}).await;
+    let short = spawn_ok(&server, json!({"image": docker_image(), "ttl": "1s"})).await;
+    let long = spawn_ok(&server, json!({"image": docker_image(), "ttl": "1s"})).await;
+    let (status, body) = server
+        .post(&format!("/sandboxes/{long}/extend"), json!({"ttl": "1h"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let expires =
+        chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+    let from_now = expires.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    assert!(from_now > chrono::Duration::minutes(59), "{from_now}");
+
+    let record = server
+        .wait_for_state(&short, "destroyed", Duration::from_secs(10))
+        .await;
+    assert_eq!(record.state_reason.as_deref(), Some("ttl reached"));
+    assert!(
+        !server
+            .data_dir
+            .path()
+            .join("sandboxes/native")
+            .join(&short)
+            .exists(),
+        "sandbox dir left behind"
+    );
+    let (status, body) = server.get(&format!("/sandboxes/{long}")).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("running")));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_4xx_errors() {
+    let server = native_server(|c| c.server.max_body_bytes = 64 * 1024).await;
+    let id = spawn_ok(&server, json!({"image": docker_image()})).await;
+    let raw = |path: &str, body: &'static str| {
+        let req = server
+            .http
+            .post(server.url(path))
+            .header("content-type", "application/json")
+            .body(body);
+        async move {
+            let resp = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (s, b) = raw("/sandboxes", "{not json").await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = raw("/sandboxes", r#"{"memory_mb": "lots"}"#).await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server.post("/sandboxes", json!({"ttl": "banana"})).await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server.post("/sandboxes", json!({"ttl": "100h"})).await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server
+        .post("/sandboxes", json!({"provider": "firecracker"}))
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server.post("/sandboxes", json!({"memory_mb": 1})).await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server
+        .post("/sandboxes", json!({"image": "not-imported:latest"}))
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server.post("/sandboxes", json!({"surprise": 1})).await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+
+    let exec = format!("/sandboxes/{id}/exec");
+    let (s, b) = server
+        .post(&exec, json!({"command": "ls", "mode": "bogus"}))
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server.post(&exec, json!({"command": ""})).await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server
+        .post(&exec, json!({"command": "ls", "timeout": "-1s"}))
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server
+        .post(&exec, json!({"command": "ls", "timeout": "11m"}))
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server
+        .post(&exec, json!({"command": "ls", "workdir": "relative"}))
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+
+    for unknown in ["sb-00000000", "garbage", "sb-../../etc"] {
+        let (s, b) = server
+            .post(
+                &format!("/sandboxes/{unknown}/exec"),
+                json!({"command": "ls"}),
+            )
+            .await;
+        assert_error(s, &b, 404, "NOT_FOUND");
+    }
+    let (s, b) = server
+        .post(
+            &format!("/sandboxes/{id}/files/chmod"),
+            json!({"path": "/tmp", "mode": "rwx"}),
+        )
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server
+        .get(&format!("/sandboxes/{id}/files?path=/no/such/file"))
+        .await;
+    assert_error(s, &b, 404, "NOT_FOUND");
+    let (s, b) = server.get(&format!("/sandboxes/{id}/logs?lines=abc")).await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server
+        .post(&format!("/sandboxes/{id}/extend"), json!({}))
+        .await;
+    assert_error(s, &b, 400, "BAD_REQUEST");
+    let (s, b) = server.get("/no/such/route").await;
+    assert_error(s, &b, 404, "NOT_FOUND");
+
+    // A body over the limit is refused without reaching the sandbox.
+    let big = "x".repeat(128 * 1024);
+    let (s, b) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/tmp/big", "content": big}),
+        )
+        .await;
+    assert!((400..500).contains(&s), "{s} {b}");
+    assert_eq!(b["code"], "BAD_REQUEST");
+
+    // A path that climbs out stays inside the sandbox.
+    let (s, _) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/tmp/../../../stacyvm-escape-test", "content": "x"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(
+        !std::path::Path::new("/stacyvm-escape-test").exists(),
+        "file escaped the sandbox"
+    );
+    let (s, b) = server
+        .get(&format!("/sandboxes/{id}/files?path=/stacyvm-escape-test"))
+        .await;
+    assert_eq!((s, b), (200, Value::String("x".into())));
+
+    // The sandbox still works after all that.
+    let (s, b) = server.post(&exec, json!({"command": "echo ok"})).await;
+    assert_eq!((s, b["stdout"].as_str()), (200, Some("ok\n")));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_owner_quota_admits_exactly_the_limit_under_concurrency() {
+    let server = native_server(|c| c.defaults.max_sandboxes_per_owner = 3).await;
+    let spawns = (0..10).map(|_| {
+        server.post(
+            "/sandboxes",
+            json!({"image": docker_image(), "owner_id": "team-a"}),
+        )
+    });
+    let results = futures::future::join_all(spawns).await;
+    let admitted = results.iter().filter(|(s, _)| *s == 201).count();
+    let refused: Vec<_> = results.iter().filter(|(s, _)| *s != 201).collect();
+    assert_eq!(admitted, 3, "{results:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(s, b)| *s == 429 && b["code"] == "RESOURCE_LIMIT"),
+        "{refused:?}"
+    );
+
+    let (s, decision) = server
+        .post("/sandboxes/admission", json!({"owner_id": "team-a"}))
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        decision,
+        json!({
+            "allowed": false, "queueable": true, "reason": "max_sandboxes_per_owner",
+            "active_sandboxes": 3, "max_sandboxes": 0, "active_owner_sandboxes": 3,
+            "max_owner_sandboxes": 3, "max_ttl": "24h0m0s"
+        })
+    );
+    let (_, other) = server
+        .post("/sandboxes/admission", json!({"owner_id": "team-b"}))
+        .await;
+    assert_eq!(other["allowed"], true);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_in_different_sandboxes_run_concurrently() {
+    let server = native_server(|_| {}).await;
+    let slow = spawn_ok(&server, json!({"image": docker_image()})).await;
+    let fast = spawn_ok(&server, json!({"image": docker_image()})).await;
+    // Start a command that blocks until a file appears, then prove another
+    // sandbox's exec completes while it is still running.
+    let slow_exec = {
+        let req = server.http.post(server.url(&format!("/sandboxes/{slow}/exec"))).json(&json!({
+            "command": "i=0; while [ ! -e /tmp/go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; echo released"
+        }));
+        tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, b) = server
+        .post(
+            &format!("/sandboxes/{fast}/exec"),
+            json!({"command": "echo fast"}),
+        )
+        .await;
+    assert_eq!((s, b["stdout"].as_str()), (200, Some("fast\n")));
+    assert!(
+        !slow_exec.is_finished(),
+        "the slow command should still be running"
+    );
+    let (s, _) = server
+        .post(
+            &format!("/sandboxes/{slow}/files"),
+            json!({"path": "/tmp/go", "content": ""}),
+        )
+        .await;
+    assert_eq!(s, 200, "file calls must not wait for the running command");
+    let status = tokio::time::timeout(Duration::from_secs(20), slow_exec).await;
+    assert!(matches!(status, Ok(Ok(Ok(200)))), "{status:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_recovers_sandboxes_left_mid_spawn() {
+    if !docker_enabled() {
+        return;
+    }
+    let server = TestServer::start(|c| c.providers.default = "docker".into()).await;
+    // Simulate a crash between "record creating" and "record running": a
+    // record in `creating` and a labelled container that it never learned of.
+    let id = stacyvm::ids::sandbox();
+    let now = chrono::Utc::now();
+    server
+        .app_service
+        .store()
+        .insert_sandbox(entity::sandbox::Model {
+            id: id.clone(),
+            owner_id: "anonymous".into(),
+            tenant_id: "default".into(),
+            worker_id: "wk-test".into(),
+            provider: "docker".into(),
+            runtime_id: None,
+            image: docker_image(),
+            template: None,
+            memory_mb: 64,
+            vcpus: 1,
+            state: "creating".into(),
+            state_reason: None,
+            metadata: json!({}),
+            created_at: now,
+            updated_at: now,
+            expires_at: now + chrono::Duration::minutes(30),
+            destroyed_at: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ok = std::process::Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--name",
+            &format!("stacyvm-{id}"),
+            "--label",
+            &format!("io.stacyvm.sandbox={id}"),
+            &docker_image(),
+            "sleep",
+            "600",
+        ])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "docker run failed");
+    let data_dir = server.stop().await;
+
+    let server = TestServer::start_in(data_dir, |c| c.providers.default = "docker".into()).await;
+    let record = server
+        .wait_for_state(&id, "destroyed", Duration::from_secs(15))
+        .await;
+    assert!(
+        record
+            .state_reason
+            .unwrap_or_default()
+            .contains("server restarted")
+    );
+    assert!(
+        docker_containers_for(&id).is_empty(),
+        "orphan container survived the restart"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_runs_on_postgres() {
+    let Some(url) = crate::support::postgres_url().await else {
+        return;
+    };
+    let server = native_server(move |c| c.database.url = url).await;
+    assert_eq!(server.app_service.store().backend_name(), "postgres");
+    let id = spawn_ok(
+        &server,
+        json!({"image": docker_image(), "metadata": {"db": "pg"}}),
+    )
+    .await;
+    let (s, b) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "echo pg"}),
+        )
+        .await;
+    assert_eq!((s, b["stdout"].as_str()), (200, Some("pg\n")));
+    let (s, list) = server.get("/sandboxes").await;
+    assert_eq!(s, 200);
+    assert_eq!(list[0]["metadata"]["db"], "pg");
+    let (s, _) = server.delete(&format!("/sandboxes/{id}")).await;
+    assert_eq!(s, 200);
+    server.stop().await;
+}
