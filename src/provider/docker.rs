@@ -648,11 +648,7 @@ impl Provider for DockerProvider {
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
         let result = self.run_exec(runtime_id, spec, sink).await;
-        let outcome = match &result {
-            Ok(ExecExit::Exited(code)) => format!("exit {code}"),
-            Ok(ExecExit::TimedOut) => "timed out".to_string(),
-            Err(e) => format!("failed: {e}"),
-        };
+        let outcome = super::describe_exit(&result);
         self.log(runtime_id, format!("exec {:?} -> {outcome}", spec.argv));
         result
     }

@@ -87,6 +87,15 @@ pub enum ExecExit {
     TimedOut,
 }
 
+/// How an exec ended, in words, for provider logs.
+pub fn describe_exit(result: &ProviderResult<ExecExit>) -> String {
+    match result {
+        Ok(ExecExit::Exited(code)) => format!("exit {code}"),
+        Ok(ExecExit::TimedOut) => "timed out".to_string(),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
 /// One directory entry or the answer to a stat.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FileEntry {

@@ -771,11 +771,7 @@ impl Provider for NativeProvider {
             let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
         };
         let result = drive(stdout, stderr, sink, spec.timeout, cancel, wait, kill).await;
-        let outcome = match &result {
-            Ok(ExecExit::Exited(code)) => format!("exit {code}"),
-            Ok(ExecExit::TimedOut) => "timed out".to_string(),
-            Err(e) => format!("failed: {e}"),
-        };
+        let outcome = super::describe_exit(&result);
         self.dirs
             .log(runtime_id, format!("exec {:?}: {outcome}", spec.argv));
         result

@@ -176,11 +176,7 @@ impl Provider for ProotProvider {
         };
         let cancel = self.dirs.cancel_token(runtime_id);
         let result = drive(stdout, stderr, sink, spec.timeout, cancel, wait, kill).await;
-        let outcome = match &result {
-            Ok(ExecExit::Exited(code)) => format!("exit {code}"),
-            Ok(ExecExit::TimedOut) => "timed out".to_string(),
-            Err(e) => format!("failed: {e}"),
-        };
+        let outcome = super::describe_exit(&result);
         self.dirs
             .log(runtime_id, format!("exec {:?}: {outcome}", spec.argv));
         result

@@ -201,7 +201,7 @@ impl Service {
                 "workdir must be an absolute path, got {dir:?}"
             )));
         }
-        let model = self.usable_sandbox(caller, id).await?;
+        let (model, provider, runtime_id) = self.sandbox_runtime(caller, id).await?;
         let max = self.max_exec_timeout_for(&model.owner_id).await?;
         let timeout = match req.timeout.as_deref() {
             None | Some("") => self.config().defaults.exec_timeout.0.min(max),
@@ -215,13 +215,6 @@ impl Service {
                 duration::format(max)
             )));
         }
-        let provider = self
-            .scheduler()
-            .provider_for(&model.provider)
-            .ok_or_else(|| {
-                Error::Unavailable(format!("provider {} is not available", model.provider))
-            })?;
-        let runtime_id = model.runtime_id.clone().unwrap_or_default();
 
         let execution_id = crate::ids::execution();
         self.store()

@@ -60,14 +60,8 @@ impl Service {
         caller: &Caller,
         id: &str,
     ) -> Result<(std::sync::Arc<dyn crate::provider::Provider>, String)> {
-        let model = self.usable_sandbox(caller, id).await?;
-        let provider = self
-            .scheduler()
-            .provider_for(&model.provider)
-            .ok_or_else(|| {
-                Error::Unavailable(format!("provider {} is not available", model.provider))
-            })?;
-        Ok((provider, model.runtime_id.unwrap_or_default()))
+        let (_, provider, runtime) = self.sandbox_runtime(caller, id).await?;
+        Ok((provider, runtime))
     }
 
     /// Writes a file, creating parent directories.

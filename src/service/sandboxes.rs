@@ -335,6 +335,27 @@ impl Service {
         Ok(model)
     }
 
+    /// A usable sandbox with the provider that runs it and its runtime handle.
+    pub(super) async fn sandbox_runtime(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<(
+        entity::sandbox::Model,
+        std::sync::Arc<dyn crate::provider::Provider>,
+        String,
+    )> {
+        let model = self.usable_sandbox(caller, id).await?;
+        let provider = self
+            .scheduler()
+            .provider_for(&model.provider)
+            .ok_or_else(|| {
+                Error::Unavailable(format!("provider {} is not available", model.provider))
+            })?;
+        let runtime = model.runtime_id.clone().unwrap_or_default();
+        Ok((model, provider, runtime))
+    }
+
     /// A sandbox by id (404 when destroyed or not the caller's).
     pub async fn get_sandbox(&self, caller: &Caller, id: &str) -> Result<Sandbox> {
         let model = self.visible_sandbox(caller, id).await?;

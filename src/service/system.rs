@@ -145,29 +145,13 @@ impl Service {
                 "lines must be between 1 and {MAX_LOG_LINES}"
             )));
         }
-        let model = self.usable_sandbox(caller, id).await?;
-        let provider = self
-            .scheduler()
-            .provider_for(&model.provider)
-            .ok_or_else(|| {
-                Error::Unavailable(format!("provider {} is not available", model.provider))
-            })?;
-        Ok(provider
-            .logs(model.runtime_id.as_deref().unwrap_or_default(), lines)
-            .await?)
+        let (_, provider, runtime) = self.sandbox_runtime(caller, id).await?;
+        Ok(provider.logs(&runtime, lines).await?)
     }
 
     /// Resource usage of a sandbox, when its provider can measure it.
     pub async fn sandbox_stats(&self, caller: &Caller, id: &str) -> Result<RuntimeStats> {
-        let model = self.usable_sandbox(caller, id).await?;
-        let provider = self
-            .scheduler()
-            .provider_for(&model.provider)
-            .ok_or_else(|| {
-                Error::Unavailable(format!("provider {} is not available", model.provider))
-            })?;
-        Ok(provider
-            .stats(model.runtime_id.as_deref().unwrap_or_default())
-            .await?)
+        let (_, provider, runtime) = self.sandbox_runtime(caller, id).await?;
+        Ok(provider.stats(&runtime).await?)
     }
 }
