@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Test environment for StacyVM: system packages, a Docker daemon, a private
-# PostgreSQL 15 cluster, the busybox test rootfs/image and a Python venv with
-# the reference SDK (stacyvm==0.1.1).
+# Test environment for StacyVM: system packages (including Chromium for the
+# playground browser test), a Docker daemon, a private PostgreSQL 15 cluster,
+# the busybox test rootfs/image and a Python venv with the reference SDK
+# (stacyvm==0.1.1).
 #
 # Meant for a bare Debian 12 machine, as root. Idempotent: whatever is already
 # there (packages, a running dockerd, the image, the venv) is reused.
@@ -59,6 +60,9 @@ _stacyvm_env_packages() {
     # Debian's python3 ships venv without ensurepip unless python3-venv is installed.
     "$py" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+    # The playground browser test (tests/browser) drives Debian's Chromium.
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    _stacyvm_pkg_installed fonts-liberation || missing+=(fonts-liberation)
 
     if [ "${#missing[@]}" -eq 0 ]; then
         _stacyvm_env_log "system packages: all present"

@@ -7,6 +7,10 @@
 #   3. the Python SDK compatibility suite (tests/sdk, stacyvm==0.1.1 from PyPI)
 #      against a real `stacyvm serve`, once with --provider docker and once
 #      with --provider native (image imported with `stacyvm image import`).
+#   4. the playground browser test (tests/browser: node --test, playwright-core
+#      driving Debian's headless Chromium) against a real `stacyvm serve
+#      --provider docker`: the GraphiQL page loads with no outside request, a
+#      query shows data, subscriptions stream live.
 #
 # Every stage runs even if an earlier one failed (except when the build
 # fails); the exit status is non-zero if anything failed.
@@ -14,6 +18,7 @@
 # Environment knobs:
 #   STACYVM_TEST_SKIP_CARGO_TEST=1   skip `cargo test` (SDK suites only)
 #   STACYVM_SDK_PROVIDERS="docker native"   which SDK passes to run
+#   STACYVM_TEST_SKIP_BROWSER=1      skip the playground browser test
 #   STACYVM_SDK_PG_PROVIDERS="native proot"   SDK passes whose server uses
 #                                    PostgreSQL (--database-url) instead of SQLite
 #   PYTEST_ADDOPTS                   passed through to pytest (e.g. "-k exec -x")
@@ -179,6 +184,60 @@ for provider in ${STACYVM_SDK_PROVIDERS:-docker native}; do
     run_sdk "$provider" || rc=$?
     record "SDK suite, provider $provider" "$rc"
 done
+
+# browser_deps: node_modules for tests/browser (playwright-core), from the
+# lockfile; `npm ci` only when package-lock.json changed since the last one.
+browser_deps() {
+    local dir="$ROOT/tests/browser" stamp="$ROOT/tests/browser/node_modules/.stacyvm-lock"
+    if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+        echo "node and npm (Node.js >= 20) are needed for the browser test"
+        return 1
+    fi
+    if [ -f "$stamp" ] && cmp -s "$stamp" "$dir/package-lock.json" \
+        && [ -f "$dir/node_modules/playwright-core/package.json" ]; then
+        echo "tests/browser/node_modules up to date"
+        return 0
+    fi
+    (cd "$dir" && npm ci --no-audit --no-fund) || return 1
+    cp "$dir/package-lock.json" "$stamp"
+}
+
+# run_browser: the GraphQL playground in headless Chromium against a real
+# server (docker provider): page loads offline, a query, live subscriptions.
+run_browser() {
+    local data port log url rc=0
+    browser_deps || return 1
+    data=$(mktemp -d "$STACYVM_TEST_TMPDIR/browser.XXXXXX")
+    port=$(stacyvm_free_port)
+    log="$data/server.log"
+    url="http://127.0.0.1:$port"
+    echo "starting: stacyvm serve --port $port (docker; log: $log)"
+    "$BIN" serve --host 127.0.0.1 --port "$port" --data-dir "$data/data" --provider docker >"$log" 2>&1 &
+    SERVER_PID=$!
+    if ! wait_health "$url" "$log"; then
+        echo "--- server log (tail) ---"
+        tail -n 50 "$log" || true
+        stop_server
+        return 1
+    fi
+    echo "server up at $url (pid $SERVER_PID)"
+    STACYVM_URL="$url" node --test "$ROOT/tests/browser/playground.test.mjs" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "--- server log (tail) ---"
+        tail -n 80 "$log" || true
+    else
+        echo "screenshot: $TARGET_DIR/playground.png"
+    fi
+    stop_server
+    return "$rc"
+}
+
+if [ "${STACYVM_TEST_SKIP_BROWSER:-0}" != 1 ]; then
+    section "playground browser test"
+    rc=0
+    run_browser || rc=$?
+    record "playground browser test" "$rc"
+fi
 
 summary
 exit "$FAILED"

@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub preview_domain: String,
     /// Largest accepted request body; file writes are bounded by it.
     pub max_body_bytes: usize,
+    /// Whether GraphQL introspection (schema discovery) is allowed.
+    pub graphql_introspection: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -141,6 +143,7 @@ impl Default for ServerConfig {
             port: 7423,
             preview_domain: "localhost".into(),
             max_body_bytes: 32 * 1024 * 1024,
+            graphql_introspection: true,
         }
     }
 }

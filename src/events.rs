@@ -32,6 +32,39 @@ pub enum Event {
         exit_code: Option<i32>,
         at: DateTime<Utc>,
     },
+    /// An audit event was written.
+    #[serde(rename = "audit")]
+    Audit(AuditRecord),
+}
+
+/// An audit event as published on the bus.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub id: String,
+    pub actor: String,
+    pub tenant_id: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub request_id: String,
+    pub detail: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<entity::audit_event::Model> for AuditRecord {
+    fn from(m: entity::audit_event::Model) -> Self {
+        AuditRecord {
+            id: m.id,
+            actor: m.actor,
+            tenant_id: m.tenant_id,
+            action: m.action,
+            target: m.target,
+            outcome: m.outcome,
+            request_id: m.request_id,
+            detail: m.detail,
+            created_at: m.created_at,
+        }
+    }
 }
 
 impl Event {
@@ -39,6 +72,7 @@ impl Event {
     pub fn owner_id(&self) -> &str {
         match self {
             Event::SandboxState { owner_id, .. } | Event::Exec { owner_id, .. } => owner_id,
+            Event::Audit(event) => &event.actor,
         }
     }
 }

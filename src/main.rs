@@ -43,6 +43,8 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Print the GraphQL schema (SDL), as committed in schema.graphql.
+    Schema,
     /// Manage the local image store used by the native and proot providers.
     Image {
         #[command(subcommand)]
@@ -128,6 +130,7 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
             }
             app.serve(listener, shutdown_signal()).await?;
         }
+        Command::Schema => print!("{}", stacyvm::api::graphql::sdl()),
         Command::Migrate => {
             let store = app::open_store(&config).await?;
             println!("migrations applied ({})", store.backend_name());

@@ -1,6 +1,9 @@
 //! The HTTP surface. Only this module knows axum, HTTP and JSON shapes; it
 //! translates requests into service calls and answers back.
 
+mod caller;
+pub mod graphql;
+pub mod playground;
 pub mod rest;
 
 use axum::Router;
@@ -17,6 +20,8 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(service: Service) -> Router {
     Router::new()
         .nest("/api/v1", rest::router(service.clone()))
+        .merge(graphql::router(service.clone()))
+        .merge(playground::router())
         .fallback(rest::not_found)
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

@@ -14,6 +14,9 @@ use crate::events::Event;
 use crate::provider::{ExecExit, ExecSpec, OutputChunk, StreamKind};
 use crate::store::ExecutionFinish;
 
+use super::output::OutputEnd;
+use bytes::Bytes;
+
 /// Bytes of each stream kept on the execution record.
 const TAIL_BYTES: usize = 16 * 1024;
 
@@ -70,19 +73,25 @@ struct Utf8Splitter {
 }
 
 impl Utf8Splitter {
-    fn push(&mut self, bytes: &[u8]) -> String {
+    /// Text for every complete character so far, and the bytes it came from.
+    fn push(&mut self, bytes: &[u8]) -> (String, Bytes) {
         self.pending.extend_from_slice(bytes);
         let keep = incomplete_suffix_len(&self.pending);
         let rest = self.pending.split_off(self.pending.len() - keep);
-        let text = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending = rest;
-        text
+        let complete = std::mem::replace(&mut self.pending, rest);
+        (
+            String::from_utf8_lossy(&complete).into_owned(),
+            Bytes::from(complete),
+        )
     }
 
-    fn finish(&mut self) -> String {
-        let text = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        text
+    /// Whatever is left at the end, even an incomplete character.
+    fn finish(&mut self) -> (String, Bytes) {
+        let rest = std::mem::take(&mut self.pending);
+        (
+            String::from_utf8_lossy(&rest).into_owned(),
+            Bytes::from(rest),
+        )
     }
 }
 
@@ -248,6 +257,10 @@ impl Service {
             workdir: req.workdir.filter(|w| !w.is_empty()),
             timeout,
         };
+        let log = self
+            .inner
+            .outputs
+            .open(&execution_id, &model.id, &model.owner_id);
         let (out_tx, out_rx) = mpsc::channel(64);
         let (result_tx, result_rx) = oneshot::channel();
         let service = self.clone();
@@ -259,16 +272,20 @@ impl Service {
             let mut splitters = [Utf8Splitter::default(), Utf8Splitter::default()];
             let mut tails = [String::new(), String::new()];
             let mut listening = true;
-            let forward = |stream: StreamKind, text: String, tails: &mut [String; 2]| {
-                if text.is_empty() {
-                    return None;
-                }
-                push_tail(&mut tails[stream as usize], &text);
-                Some(ExecOutput { stream, data: text })
-            };
+            // Every chunk goes to the shared log (never waits) and to the
+            // caller that started the command (waits: backpressure).
+            let forward =
+                |stream: StreamKind, (text, bytes): (String, Bytes), tails: &mut [String; 2]| {
+                    if bytes.is_empty() {
+                        return None;
+                    }
+                    push_tail(&mut tails[stream as usize], &text);
+                    log.append(stream, text.clone(), bytes);
+                    Some(ExecOutput { stream, data: text })
+                };
             while let Some(chunk) = chunks.recv().await {
-                let text = splitters[chunk.stream as usize].push(&chunk.data);
-                if let Some(out) = forward(chunk.stream, text, &mut tails)
+                let piece = splitters[chunk.stream as usize].push(&chunk.data);
+                if let Some(out) = forward(chunk.stream, piece, &mut tails)
                     && listening
                     && out_tx.send(out).await.is_err()
                 {
@@ -276,8 +293,8 @@ impl Service {
                 }
             }
             for stream in [StreamKind::Stdout, StreamKind::Stderr] {
-                let text = splitters[stream as usize].finish();
-                if let Some(out) = forward(stream, text, &mut tails)
+                let piece = splitters[stream as usize].finish();
+                if let Some(out) = forward(stream, piece, &mut tails)
                     && listening
                 {
                     // A departed listener is fine: the record is still written.
@@ -318,6 +335,16 @@ impl Service {
                 exit_code,
                 at: Utc::now(),
             });
+            log.finish(OutputEnd {
+                exit_code,
+                duration,
+                timed_out: status == "timeout",
+                error: match &exit {
+                    Err(e) => Some(e.to_string()),
+                    Ok(_) => None,
+                },
+            });
+            service.inner.outputs.retire(exec_id.clone());
             let result = exit.map(|exit| ExecResult {
                 execution_id: exec_id,
                 exit_code: match exit {
@@ -384,9 +411,9 @@ mod tests {
         let bytes = text.as_bytes();
         for cut in 0..bytes.len() {
             let mut s = Utf8Splitter::default();
-            let mut out = s.push(&bytes[..cut]);
-            out.push_str(&s.push(&bytes[cut..]));
-            out.push_str(&s.finish());
+            let mut out = s.push(&bytes[..cut]).0;
+            out.push_str(&s.push(&bytes[cut..]).0);
+            out.push_str(&s.finish().0);
             assert_eq!(out, text, "cut at {cut}");
         }
     }

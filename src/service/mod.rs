@@ -9,7 +9,10 @@ mod admission;
 mod error;
 mod exec;
 mod files;
+mod follow;
 mod lifecycle;
+mod listing;
+mod output;
 mod sandboxes;
 mod system;
 mod templates;
@@ -18,6 +21,9 @@ pub use admission::AdmissionDecision;
 pub use error::{Error, ErrorCode, Result};
 pub use exec::{CollectedExec, ExecOutput, ExecRequest, ExecResult, RunningExec};
 pub use files::FileWrite;
+pub use follow::Followed;
+pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor};
+pub use output::{OutputChunk, OutputEnd, OutputEvent, OutputFollower, OutputHub};
 pub use sandboxes::{Sandbox, SpawnRequest};
 pub use system::{HealthReport, ProviderStatus, WorkerStatus};
 pub use templates::{Template, TemplateInput};
@@ -44,6 +50,8 @@ struct Inner {
     scheduler: Scheduler,
     config: Config,
     events: EventBus,
+    /// Live output of running and recently finished executions.
+    outputs: OutputHub,
     /// Serialises "count live sandboxes, then insert one" so that concurrent
     /// spawns cannot overshoot a quota. Held only around those two store
     /// calls, never around provider work.
@@ -59,6 +67,7 @@ impl Service {
                 scheduler,
                 config,
                 events,
+                outputs: OutputHub::default(),
                 admission: Mutex::new(()),
                 started_at: Instant::now(),
             }),
@@ -104,8 +113,12 @@ impl Service {
             request_id: caller.request_id.clone(),
             detail: outcome.err().map(|e| e.to_string()),
         };
-        if let Err(e) = self.inner.store.append_audit(event).await {
-            tracing::warn!(error = %e, action, target, "cannot write audit event");
+        match self.inner.store.append_audit(event).await {
+            Ok(written) => self
+                .inner
+                .events
+                .publish(crate::events::Event::Audit(written.into())),
+            Err(e) => tracing::warn!(error = %e, action, target, "cannot write audit event"),
         }
     }
 }

@@ -46,6 +46,22 @@ pub struct WorkerStatus {
     pub stale: bool,
 }
 
+impl From<entity::worker::Model> for WorkerStatus {
+    fn from(w: entity::worker::Model) -> Self {
+        let providers: Vec<String> = serde_json::from_value(w.providers).unwrap_or_default();
+        WorkerStatus {
+            stale: Utc::now() - w.last_heartbeat > chrono::Duration::minutes(2),
+            capabilities: providers.clone(),
+            providers,
+            id: w.id,
+            hostname: w.hostname,
+            status: w.status,
+            capacity: w.capacity,
+            last_heartbeat: w.last_heartbeat,
+        }
+    }
+}
+
 /// Most log lines one request may ask for.
 const MAX_LOG_LINES: usize = 10_000;
 
@@ -106,26 +122,12 @@ impl Service {
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerStatus>> {
-        let now = Utc::now();
         Ok(self
             .store()
             .list_workers()
             .await?
             .into_iter()
-            .map(|w| {
-                let providers: Vec<String> =
-                    serde_json::from_value(w.providers).unwrap_or_default();
-                WorkerStatus {
-                    stale: now - w.last_heartbeat > chrono::Duration::minutes(2),
-                    capabilities: providers.clone(),
-                    providers,
-                    id: w.id,
-                    hostname: w.hostname,
-                    status: w.status,
-                    capacity: w.capacity,
-                    last_heartbeat: w.last_heartbeat,
-                }
-            })
+            .map(WorkerStatus::from)
             .collect())
     }
 

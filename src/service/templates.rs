@@ -70,6 +70,22 @@ impl Service {
         })
     }
 
+    /// A stored template as clients see it.
+    pub fn template_view(&self, m: entity::template::Model) -> Result<Template> {
+        self.to_template(m)
+    }
+
+    /// Creates the template, or replaces it when the name exists.
+    pub async fn save_template(&self, caller: &Caller, input: TemplateInput) -> Result<Template> {
+        let exists = self.store().get_template(&input.name).await?.is_some();
+        if exists {
+            let name = input.name.clone();
+            self.update_template(caller, &name, input).await
+        } else {
+            self.create_template(caller, input).await
+        }
+    }
+
     /// A template the caller may use.
     pub(super) async fn get_template_model(
         &self,

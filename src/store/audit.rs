@@ -25,7 +25,12 @@ pub struct NewAuditEvent {
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
     pub actor: Option<String>,
+    pub action: Option<String>,
     pub target: Option<String>,
+    /// Only events of these targets (batch loading for many sandboxes).
+    pub targets: Option<Vec<String>>,
+    /// Events older than this one (newest-first pagination).
+    pub before: Option<super::PageCursor>,
     pub limit: u64,
 }
 
@@ -54,6 +59,23 @@ impl Store {
         }
         if let Some(target) = &filter.target {
             query = query.filter(Column::Target.eq(target.as_str()));
+        }
+        if let Some(action) = &filter.action {
+            query = query.filter(Column::Action.eq(action.as_str()));
+        }
+        if let Some(targets) = &filter.targets {
+            query = query.filter(Column::Target.is_in(targets.iter().map(String::as_str)));
+        }
+        if let Some(before) = &filter.before {
+            query = query.filter(
+                sea_orm::Condition::any()
+                    .add(Column::CreatedAt.lt(before.created_at))
+                    .add(
+                        sea_orm::Condition::all()
+                            .add(Column::CreatedAt.eq(before.created_at))
+                            .add(Column::Id.lt(before.id.as_str())),
+                    ),
+            );
         }
         Ok(query
             .order_by_desc(Column::CreatedAt)

@@ -49,6 +49,47 @@ impl Store {
         Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
     }
 
+    /// Executions of several sandboxes in one query, oldest first.
+    pub async fn executions_of(
+        &self,
+        sandbox_ids: &[String],
+    ) -> StoreResult<Vec<execution::Model>> {
+        Ok(Entity::find()
+            .filter(Column::SandboxId.is_in(sandbox_ids.iter().map(String::as_str)))
+            .order_by_asc(Column::CreatedAt)
+            .order_by_asc(Column::Id)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// One page of a sandbox's executions, oldest first, after `after`.
+    pub async fn page_executions(
+        &self,
+        sandbox_id: &str,
+        after: Option<&super::PageCursor>,
+        limit: u64,
+    ) -> StoreResult<Vec<execution::Model>> {
+        use sea_orm::{Condition, QuerySelect};
+        let mut query = Entity::find().filter(Column::SandboxId.eq(sandbox_id));
+        if let Some(after) = after {
+            query = query.filter(
+                Condition::any()
+                    .add(Column::CreatedAt.gt(after.created_at))
+                    .add(
+                        Condition::all()
+                            .add(Column::CreatedAt.eq(after.created_at))
+                            .add(Column::Id.gt(after.id.as_str())),
+                    ),
+            );
+        }
+        Ok(query
+            .order_by_asc(Column::CreatedAt)
+            .order_by_asc(Column::Id)
+            .limit(limit)
+            .all(self.conn())
+            .await?)
+    }
+
     /// A sandbox's executions, oldest first.
     pub async fn list_executions(&self, sandbox_id: &str) -> StoreResult<Vec<execution::Model>> {
         Ok(Entity::find()

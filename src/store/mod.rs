@@ -15,8 +15,10 @@ mod workers;
 pub use audit::{AuditFilter, NewAuditEvent};
 pub use executions::ExecutionFinish;
 pub use owners::{OwnerQuota, QuotaSummary};
-pub use sandboxes::SandboxFilter;
+pub use sandboxes::{PageCursor, SandboxFilter, SandboxQuery};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
@@ -42,6 +44,9 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
+    /// Statements run so far; lets tests prove that batching bounds the
+    /// number of queries a GraphQL page costs.
+    queries: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -69,10 +74,15 @@ impl Store {
         } else {
             options.max_connections(16);
         }
-        let db = Database::connect(options)
+        let mut db = Database::connect(options)
             .await
             .map_err(|e| StoreError::Connect(e.to_string()))?;
-        Ok(Store { db })
+        let queries = Arc::new(AtomicU64::new(0));
+        let counter = queries.clone();
+        db.set_metric_callback(move |_| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        Ok(Store { db, queries })
     }
 
     /// Applies pending migrations.
@@ -94,6 +104,11 @@ impl Store {
     pub async fn ping(&self) -> StoreResult<()> {
         self.db.ping().await?;
         Ok(())
+    }
+
+    /// How many statements this store has run.
+    pub fn query_count(&self) -> u64 {
+        self.queries.load(Ordering::Relaxed)
     }
 
     fn conn(&self) -> &DatabaseConnection {

@@ -20,6 +20,26 @@ pub struct SandboxFilter {
     pub states: Option<Vec<SandboxState>>,
 }
 
+/// A position in a listing ordered by (created_at, id): the last row seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+/// A filtered, paginated listing of sandboxes, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxQuery {
+    pub owner_id: Option<String>,
+    /// Only these states; `None` means every state but `destroyed`.
+    pub states: Option<Vec<SandboxState>>,
+    pub provider: Option<String>,
+    pub image: Option<String>,
+    /// Rows after this one.
+    pub after: Option<PageCursor>,
+    pub limit: u64,
+}
+
 fn names(states: &[SandboxState]) -> Vec<&'static str> {
     states.iter().map(|s| s.as_str()).collect()
 }
@@ -48,6 +68,50 @@ impl Store {
         Ok(query
             .order_by_asc(Column::CreatedAt)
             .order_by_asc(Column::Id)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// One page of sandboxes matching `q`, ordered by (created_at, id).
+    pub async fn page_sandboxes(&self, q: &SandboxQuery) -> StoreResult<Vec<sandbox::Model>> {
+        use sea_orm::{Condition, QuerySelect};
+        let mut query = Entity::find();
+        query = match &q.states {
+            Some(states) => query.filter(Column::State.is_in(names(states))),
+            None => query.filter(Column::State.ne(SandboxState::Destroyed.as_str())),
+        };
+        if let Some(owner) = &q.owner_id {
+            query = query.filter(Column::OwnerId.eq(owner.as_str()));
+        }
+        if let Some(provider) = &q.provider {
+            query = query.filter(Column::Provider.eq(provider.as_str()));
+        }
+        if let Some(image) = &q.image {
+            query = query.filter(Column::Image.eq(image.as_str()));
+        }
+        if let Some(after) = &q.after {
+            query = query.filter(
+                Condition::any()
+                    .add(Column::CreatedAt.gt(after.created_at))
+                    .add(
+                        Condition::all()
+                            .add(Column::CreatedAt.eq(after.created_at))
+                            .add(Column::Id.gt(after.id.as_str())),
+                    ),
+            );
+        }
+        Ok(query
+            .order_by_asc(Column::CreatedAt)
+            .order_by_asc(Column::Id)
+            .limit(q.limit)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Sandboxes by id, in one query.
+    pub async fn sandboxes_by_ids(&self, ids: &[String]) -> StoreResult<Vec<sandbox::Model>> {
+        Ok(Entity::find()
+            .filter(Column::Id.is_in(ids.iter().map(String::as_str)))
             .all(self.conn())
             .await?)
     }

@@ -33,6 +33,15 @@ impl Store {
             .await?)
     }
 
+    /// Templates by name, in one query.
+    pub async fn templates_by_names(&self, names: &[String]) -> StoreResult<Vec<template::Model>> {
+        use sea_orm::{ColumnTrait, QueryFilter};
+        Ok(Entity::find()
+            .filter(Column::Name.is_in(names.iter().map(String::as_str)))
+            .all(self.conn())
+            .await?)
+    }
+
     /// All templates, by name.
     pub async fn list_templates(&self) -> StoreResult<Vec<template::Model>> {
         Ok(Entity::find()

@@ -40,6 +40,15 @@ impl Store {
         Ok(())
     }
 
+    /// Workers by id, in one query.
+    pub async fn workers_by_ids(&self, ids: &[String]) -> StoreResult<Vec<worker::Model>> {
+        use sea_orm::{ColumnTrait, QueryFilter};
+        Ok(Entity::find()
+            .filter(Column::Id.is_in(ids.iter().map(String::as_str)))
+            .all(self.conn())
+            .await?)
+    }
+
     pub async fn list_workers(&self) -> StoreResult<Vec<worker::Model>> {
         Ok(Entity::find()
             .order_by_asc(Column::Id)

@@ -1,4 +1,5 @@
 mod api;
+mod graphql;
 mod providers;
 mod store;
 mod support;

@@ -295,8 +295,8 @@ async fn audit_is_newest_first_and_filtered(store: &Store) {
     let alice = store
         .list_audit(&AuditFilter {
             actor: Some("alice".into()),
-            target: None,
             limit: 10,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -312,6 +312,23 @@ async fn audit_is_newest_first_and_filtered(store: &Store) {
         .await
         .unwrap_or_default();
     assert_eq!(one.len(), 1);
+    // Newest-first pagination: the page after the newest event.
+    let before = stacyvm::store::PageCursor {
+        created_at: one[0].created_at,
+        id: one[0].id.clone(),
+    };
+    let older = store
+        .list_audit(&AuditFilter {
+            before: Some(before),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        older.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["action.1", "action.0"]
+    );
 }
 
 async fn workers_and_quotas(store: &Store) {

@@ -1,0 +1,124 @@
+//! The GraphQL API: one endpoint for dashboards and web UIs.
+//!
+//! `POST /graphql` runs queries and mutations; `GET /graphql/ws` speaks
+//! both WebSocket subprotocols (graphql-transport-ws and the legacy
+//! graphql-ws) for subscriptions. Every resolver is a thin adapter over
+//! `Service`: it reads the [`Caller`] and the service from the context and
+//! makes one call. Errors carry `extensions.code` from the one API error type.
+
+mod errors;
+mod loaders;
+mod mutation;
+mod query;
+mod subscription;
+mod types;
+mod ws;
+
+use async_graphql::dataloader::DataLoader;
+use async_graphql::{Context, Data, Schema};
+use axum::Router;
+use axum::extract::State;
+use axum::routing::{get, post};
+
+use crate::auth::Caller;
+use crate::service::Service;
+
+pub use errors::ErrorCodes;
+pub use mutation::MutationRoot;
+pub use query::QueryRoot;
+pub use subscription::SubscriptionRoot;
+
+/// The StacyVM schema.
+pub type StacySchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
+
+/// Deepest query accepted: deep enough for sandbox -> executions -> sandbox
+/// round trips, shallow enough to refuse abusive nesting.
+pub const MAX_DEPTH: usize = 10;
+/// Largest query complexity accepted (a field costs 1, lists multiply).
+pub const MAX_COMPLEXITY: usize = 2000;
+
+/// Builds the schema; tests and `stacyvm schema` call it without HTTP.
+pub fn build_schema(service: Service) -> StacySchema {
+    let introspection = service.config().server.graphql_introspection;
+    let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .data(service)
+        .extension(ErrorCodes)
+        .limit_depth(MAX_DEPTH)
+        .limit_complexity(MAX_COMPLEXITY);
+    if introspection {
+        builder.finish()
+    } else {
+        builder.disable_introspection().finish()
+    }
+}
+
+/// The schema in SDL, as committed in `schema.graphql`.
+pub fn sdl() -> String {
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
+        .finish()
+        .sdl()
+}
+
+/// Per-request data: who calls, and batch loaders scoped to this request.
+fn request_data(service: &Service, caller: Caller) -> Data {
+    let mut data = Data::default();
+    data.insert(caller);
+    data.insert(DataLoader::new(
+        loaders::StoreLoader::new(service.clone()),
+        tokio::spawn,
+    ));
+    data
+}
+
+/// The service and caller of a resolver.
+pub(crate) fn ctx<'a>(cx: &'a Context<'_>) -> async_graphql::Result<(&'a Service, &'a Caller)> {
+    Ok((cx.data::<Service>()?, cx.data::<Caller>()?))
+}
+
+#[derive(Clone)]
+struct GraphqlState {
+    schema: StacySchema,
+    service: Service,
+}
+
+impl axum::extract::FromRef<GraphqlState> for Service {
+    fn from_ref(state: &GraphqlState) -> Service {
+        state.service.clone()
+    }
+}
+
+/// The GraphQL routes: `POST /graphql` and `GET /graphql/ws`.
+pub fn router(service: Service) -> Router {
+    let state = GraphqlState {
+        schema: build_schema(service.clone()),
+        service,
+    };
+    Router::new()
+        .route("/graphql", post(execute))
+        .route("/graphql/ws", get(ws::upgrade))
+        .with_state(state)
+}
+
+async fn execute(
+    State(state): State<GraphqlState>,
+    caller: Caller,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // Parsed here rather than by the stock extractor so that a malformed
+    // body is a GraphQL error with a code, not a plain-text 400.
+    let mut request: async_graphql::Request = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => {
+            let error = errors::gql_error(crate::service::Error::BadRequest(format!(
+                "invalid GraphQL request body: {e}"
+            )));
+            let response = async_graphql::Response::from_errors(vec![
+                error.into_server_error(async_graphql::Pos::default()),
+            ]);
+            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(response)).into_response();
+        }
+    };
+    request.data = request_data(&state.service, caller);
+    async_graphql_axum::GraphQLResponse::from(state.schema.execute(request).await).into_response()
+}

@@ -1,0 +1,304 @@
+//! Mutation: every change, as input objects.
+
+use std::collections::BTreeMap;
+
+use async_graphql::{Context, ID, InputObject, Json, Object};
+use base64::Engine;
+
+use super::ctx;
+use super::errors::GqlResult;
+use super::types::{ExecMode, ExecResult, Execution, GoDuration, Sandbox, Template};
+use crate::duration;
+use crate::service::{
+    Error, ExecRequest, FileWrite, SpawnRequest, TemplateInput as ServiceTemplateInput,
+};
+
+#[derive(InputObject, Default)]
+pub struct SpawnSandboxInput {
+    pub image: Option<String>,
+    pub provider: Option<String>,
+    pub memory_mb: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub ttl: Option<GoDuration>,
+    pub template: Option<String>,
+    pub owner_id: Option<String>,
+    pub metadata: Option<Json<BTreeMap<String, String>>>,
+}
+
+#[derive(InputObject)]
+pub struct ExtendSandboxInput {
+    pub id: ID,
+    pub ttl: GoDuration,
+}
+
+/// A command to run.
+#[derive(InputObject)]
+pub struct ExecCommandInput {
+    pub command: String,
+    #[graphql(default)]
+    pub args: Vec<String>,
+    #[graphql(default)]
+    pub mode: ExecMode,
+    pub env: Option<Json<BTreeMap<String, String>>>,
+    pub workdir: Option<String>,
+    pub timeout: Option<GoDuration>,
+}
+
+impl From<ExecCommandInput> for ExecRequest {
+    fn from(i: ExecCommandInput) -> Self {
+        ExecRequest {
+            command: i.command,
+            args: i.args,
+            mode: Some(match i.mode {
+                ExecMode::Shell => "shell".into(),
+                ExecMode::Argv => "argv".into(),
+            }),
+            env: i.env.map(|e| e.0).unwrap_or_default(),
+            workdir: i.workdir,
+            timeout: i.timeout.map(|t| duration::format(t.0)),
+        }
+    }
+}
+
+#[derive(InputObject)]
+pub struct WriteFileInput {
+    pub sandbox_id: ID,
+    pub path: String,
+    /// Text content; or give `contentBase64` for binary files.
+    pub content: Option<String>,
+    pub content_base64: Option<String>,
+    /// Octal permission bits, default "0644".
+    pub mode: Option<String>,
+}
+
+#[derive(InputObject)]
+pub struct DeleteFileInput {
+    pub sandbox_id: ID,
+    pub path: String,
+    #[graphql(default)]
+    pub recursive: bool,
+}
+
+#[derive(InputObject)]
+pub struct MoveFileInput {
+    pub sandbox_id: ID,
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(InputObject)]
+pub struct ChmodFileInput {
+    pub sandbox_id: ID,
+    pub path: String,
+    pub mode: String,
+}
+
+/// A template to create or replace.
+#[derive(InputObject)]
+pub struct TemplateInput {
+    pub name: String,
+    pub image: String,
+    pub memory_mb: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub ttl: Option<GoDuration>,
+    pub provider: Option<String>,
+    pub metadata: Option<Json<BTreeMap<String, String>>>,
+}
+
+/// The root of all changes.
+pub struct MutationRoot;
+
+#[Object]
+impl MutationRoot {
+    /// Creates a sandbox; answers once it is running.
+    async fn spawn_sandbox(
+        &self,
+        cx: &Context<'_>,
+        input: SpawnSandboxInput,
+    ) -> async_graphql::Result<Sandbox> {
+        let (service, caller) = ctx(cx)?;
+        let req = SpawnRequest {
+            image: input.image,
+            provider: input.provider,
+            memory_mb: input.memory_mb,
+            vcpus: input.vcpus,
+            ttl: input.ttl.map(|t| duration::format(t.0)),
+            template: input.template,
+            owner_id: input.owner_id,
+            metadata: input.metadata.map(|m| m.0).unwrap_or_default(),
+        };
+        Ok(Sandbox(service.spawn(caller, req).await.gql()?))
+    }
+
+    /// Destroys a sandbox.
+    async fn destroy_sandbox(&self, cx: &Context<'_>, id: ID) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        service.destroy_sandbox(caller, &id).await.gql()?;
+        Ok(true)
+    }
+
+    /// Sets a sandbox's expiry to now + ttl.
+    async fn extend_sandbox(
+        &self,
+        cx: &Context<'_>,
+        input: ExtendSandboxInput,
+    ) -> async_graphql::Result<Sandbox> {
+        let (service, caller) = ctx(cx)?;
+        let ttl = duration::format(input.ttl.0);
+        Ok(Sandbox(
+            service
+                .extend_sandbox(caller, &input.id, &ttl)
+                .await
+                .gql()?,
+        ))
+    }
+
+    /// Runs a command and waits for its result.
+    async fn exec(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        input: ExecCommandInput,
+    ) -> async_graphql::Result<ExecResult> {
+        let (service, caller) = ctx(cx)?;
+        let done = service
+            .exec(caller, &sandbox_id, input.into())
+            .await
+            .gql()?;
+        Ok(ExecResult {
+            execution_id: ID(done.result.execution_id),
+            exit_code: done.result.exit_code,
+            stdout: done.stdout,
+            stderr: done.stderr,
+            duration: GoDuration(std::time::Duration::from_millis(
+                done.result.duration.as_millis() as u64,
+            )),
+        })
+    }
+
+    /// Starts a command and returns its execution at once; follow its
+    /// output with the `execOutput` subscription.
+    async fn start_exec(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        input: ExecCommandInput,
+    ) -> async_graphql::Result<Execution> {
+        let (service, caller) = ctx(cx)?;
+        let running = service
+            .start_exec(caller, &sandbox_id, input.into())
+            .await
+            .gql()?;
+        drop(running.output);
+        Ok(Execution(
+            service
+                .get_execution(caller, &running.execution_id)
+                .await
+                .gql()?,
+        ))
+    }
+
+    async fn write_file(
+        &self,
+        cx: &Context<'_>,
+        input: WriteFileInput,
+    ) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        let content = match (input.content, input.content_base64) {
+            (Some(text), None) => bytes::Bytes::from(text),
+            (None, Some(b64)) => bytes::Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| Error::BadRequest(format!("contentBase64: {e}")))
+                    .gql()?,
+            ),
+            (None, None) => bytes::Bytes::new(),
+            (Some(_), Some(_)) => {
+                return Err(Error::BadRequest(
+                    "give content or contentBase64, not both".into(),
+                ))
+                .gql();
+            }
+        };
+        let write = FileWrite {
+            path: input.path,
+            content,
+            mode: input.mode,
+        };
+        service
+            .write_file(caller, &input.sandbox_id, write)
+            .await
+            .gql()?;
+        Ok(true)
+    }
+
+    async fn delete_file(
+        &self,
+        cx: &Context<'_>,
+        input: DeleteFileInput,
+    ) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        service
+            .delete_file(caller, &input.sandbox_id, &input.path, input.recursive)
+            .await
+            .gql()?;
+        Ok(true)
+    }
+
+    async fn move_file(
+        &self,
+        cx: &Context<'_>,
+        input: MoveFileInput,
+    ) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        service
+            .move_file(caller, &input.sandbox_id, &input.from, &input.to)
+            .await
+            .gql()?;
+        Ok(true)
+    }
+
+    async fn chmod_file(
+        &self,
+        cx: &Context<'_>,
+        input: ChmodFileInput,
+    ) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        service
+            .chmod_file(caller, &input.sandbox_id, &input.path, &input.mode)
+            .await
+            .gql()?;
+        Ok(true)
+    }
+
+    /// Creates a template, or replaces the one with that name.
+    async fn save_template(
+        &self,
+        cx: &Context<'_>,
+        input: TemplateInput,
+    ) -> async_graphql::Result<Template> {
+        let (service, caller) = ctx(cx)?;
+        let input = ServiceTemplateInput {
+            name: input.name,
+            image: input.image,
+            memory_mb: input.memory_mb,
+            vcpus: input.vcpus,
+            ttl: input.ttl.map(|t| duration::format(t.0)),
+            provider: input.provider,
+            metadata: input.metadata.map(|m| m.0).unwrap_or_default(),
+        };
+        Ok(Template(service.save_template(caller, input).await.gql()?))
+    }
+
+    async fn delete_template(&self, cx: &Context<'_>, name: String) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        service.delete_template(caller, &name).await.gql()?;
+        Ok(true)
+    }
+
+    /// Destroys every expired sandbox now; returns how many.
+    async fn prune_expired(&self, cx: &Context<'_>) -> async_graphql::Result<u64> {
+        let (service, caller) = ctx(cx)?;
+        service.prune_expired(caller).await.gql()
+    }
+}

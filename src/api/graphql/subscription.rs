@@ -1,0 +1,106 @@
+//! Subscription: live output and events over WebSockets.
+
+use async_graphql::{Context, ID, Subscription};
+use futures::{Stream, StreamExt};
+
+use super::ctx;
+use super::errors::GqlResult;
+use super::mutation::ExecCommandInput;
+use super::types::{AuditEvent, ExecEvent, SandboxEvent};
+use crate::events::Event;
+use crate::service::{Followed, OutputFollower};
+
+fn output_stream(follower: OutputFollower) -> impl Stream<Item = ExecEvent> {
+    futures::stream::unfold(follower, |mut f| async move {
+        f.next().await.map(|event| (ExecEvent::from(event), f))
+    })
+}
+
+/// The root of all subscriptions.
+pub struct SubscriptionRoot;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// An execution's output from `fromSeq`: ordered chunks, then one
+    /// ExecExit. Late joiners and reconnects replay what they missed.
+    async fn exec_output(
+        &self,
+        cx: &Context<'_>,
+        execution_id: ID,
+        #[graphql(default = 0)] from_seq: u64,
+    ) -> async_graphql::Result<impl Stream<Item = ExecEvent>> {
+        let (service, caller) = ctx(cx)?;
+        let follower = service
+            .follow_execution(caller, &execution_id, from_seq)
+            .await
+            .gql()?;
+        Ok(output_stream(follower))
+    }
+
+    /// Starts a command and follows its output in one operation.
+    async fn exec_stream(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        input: ExecCommandInput,
+    ) -> async_graphql::Result<impl Stream<Item = ExecEvent>> {
+        let (service, caller) = ctx(cx)?;
+        let (_, follower) = service
+            .start_and_follow(caller, &sandbox_id, input.into())
+            .await
+            .gql()?;
+        Ok(output_stream(follower))
+    }
+
+    /// Sandbox state changes (of one sandbox, or all the caller may see),
+    /// each pushed as soon as it is persisted.
+    async fn sandbox_events(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: Option<ID>,
+    ) -> async_graphql::Result<impl Stream<Item = SandboxEvent>> {
+        let (service, caller) = ctx(cx)?;
+        if let Some(id) = &sandbox_id {
+            // Unknown or foreign sandboxes are an error, not a silent stream.
+            service.get_sandbox(caller, id).await.gql()?;
+        }
+        let want = sandbox_id.map(|id| id.0);
+        Ok(service.follow_events(caller).filter_map(move |item| {
+            let event = match item {
+                Followed::Event(Event::SandboxState {
+                    sandbox_id,
+                    owner_id,
+                    state,
+                    reason,
+                    at,
+                }) if want.as_ref().is_none_or(|w| *w == sandbox_id) => Some(SandboxEvent {
+                    sandbox_id: ID(sandbox_id),
+                    owner_id,
+                    state: state.into(),
+                    reason,
+                    at,
+                }),
+                Followed::Lagged(n) => {
+                    tracing::warn!(missed = n, "sandboxEvents subscriber lagged");
+                    None
+                }
+                _ => None,
+            };
+            std::future::ready(event)
+        }))
+    }
+
+    /// Audit events as they are written.
+    async fn audit_events(
+        &self,
+        cx: &Context<'_>,
+    ) -> async_graphql::Result<impl Stream<Item = AuditEvent>> {
+        let (service, caller) = ctx(cx)?;
+        Ok(service.follow_events(caller).filter_map(|item| {
+            std::future::ready(match item {
+                Followed::Event(Event::Audit(record)) => Some(AuditEvent(record)),
+                _ => None,
+            })
+        }))
+    }
+}

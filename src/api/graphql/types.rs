@@ -1,0 +1,451 @@
+//! GraphQL object types, scalars and enums: wrappers over the service's
+//! domain types, so the domain never depends on GraphQL.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_graphql::dataloader::DataLoader;
+use async_graphql::{
+    ComplexObject, Context, Enum, ID, InputValueError, InputValueResult, Json, Object, Scalar,
+    ScalarType, SimpleObject, Union, Value,
+};
+use base64::Engine;
+use chrono::{DateTime, Utc};
+
+use super::errors::GqlResult;
+use super::loaders::{AuditOf, ExecutionsOf, StoreLoader, TemplateNamed, WorkerId};
+use crate::duration;
+use crate::service::{self, OutputEvent};
+
+/// A Go-style duration string ("30s", "1h30m", "127ms").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GoDuration(pub Duration);
+
+#[Scalar(name = "Duration")]
+impl ScalarType for GoDuration {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        match &value {
+            Value::String(s) => duration::parse(s)
+                .map(GoDuration)
+                .map_err(|e| InputValueError::custom(e.to_string())),
+            _ => Err(InputValueError::expected_type(value)),
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(duration::format(self.0))
+    }
+}
+
+/// Where a sandbox is in its life.
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::lifecycle::SandboxState")]
+pub enum SandboxState {
+    Creating,
+    Running,
+    Unhealthy,
+    Expired,
+    Destroying,
+    Destroyed,
+    Error,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::provider::StreamKind")]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// How a command is run.
+#[derive(Enum, Copy, Clone, Eq, PartialEq, Default)]
+pub enum ExecMode {
+    /// `sh -c` with the arguments shell-quoted and appended.
+    #[default]
+    Shell,
+    /// The command and arguments as they are, no shell.
+    Argv,
+}
+
+/// A sandbox.
+pub struct Sandbox(pub service::Sandbox);
+
+/// A sandbox: an isolated runtime with a TTL.
+#[Object]
+impl Sandbox {
+    async fn id(&self) -> ID {
+        ID(self.0.id.clone())
+    }
+    async fn state(&self) -> SandboxState {
+        self.0.state.into()
+    }
+    /// Why the sandbox is in its state (set for errors).
+    async fn state_reason(&self) -> Option<&str> {
+        self.0.state_reason.as_deref()
+    }
+    async fn provider(&self) -> &str {
+        &self.0.provider
+    }
+    async fn image(&self) -> &str {
+        &self.0.image
+    }
+    async fn memory_mb(&self) -> u32 {
+        self.0.memory_mb
+    }
+    async fn vcpus(&self) -> u32 {
+        self.0.vcpus
+    }
+    async fn owner_id(&self) -> &str {
+        &self.0.owner_id
+    }
+    async fn tenant_id(&self) -> &str {
+        &self.0.tenant_id
+    }
+    async fn worker_id(&self) -> &str {
+        &self.0.worker_id
+    }
+    async fn template_name(&self) -> Option<&str> {
+        self.0.template.as_deref()
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+    async fn expires_at(&self) -> DateTime<Utc> {
+        self.0.expires_at
+    }
+    /// Labels given at spawn, as a JSON object of strings.
+    async fn metadata(&self) -> Json<BTreeMap<String, String>> {
+        Json(self.0.metadata.clone())
+    }
+    async fn preview_domain(&self) -> &str {
+        &self.0.preview_domain
+    }
+    /// The most recent executions (up to `last`, oldest first).
+    async fn executions(
+        &self,
+        cx: &Context<'_>,
+        #[graphql(default = 10, validator(minimum = 1, maximum = 100))] last: usize,
+    ) -> async_graphql::Result<Vec<Execution>> {
+        let loader = cx.data::<DataLoader<StoreLoader>>()?;
+        let all = loader.load_one(ExecutionsOf(self.0.id.clone())).await?;
+        let all = all.unwrap_or_default();
+        let skip = all.len().saturating_sub(last);
+        Ok(all
+            .into_iter()
+            .skip(skip)
+            .map(|m| Execution(m.into()))
+            .collect())
+    }
+    /// The worker that runs this sandbox.
+    async fn worker(&self, cx: &Context<'_>) -> async_graphql::Result<Option<Worker>> {
+        let loader = cx.data::<DataLoader<StoreLoader>>()?;
+        Ok(loader
+            .load_one(WorkerId(self.0.worker_id.clone()))
+            .await?
+            .map(Worker::from_model))
+    }
+    /// The template this sandbox was spawned from.
+    async fn template(&self, cx: &Context<'_>) -> async_graphql::Result<Option<Template>> {
+        let Some(name) = &self.0.template else {
+            return Ok(None);
+        };
+        let loader = cx.data::<DataLoader<StoreLoader>>()?;
+        let model = loader.load_one(TemplateNamed(name.clone())).await?;
+        let service = cx.data::<service::Service>()?;
+        model
+            .map(|m| service.template_view(m).map(Template).gql())
+            .transpose()
+    }
+    /// Audit events about this sandbox, newest first.
+    async fn audit_events(
+        &self,
+        cx: &Context<'_>,
+        #[graphql(default = 20, validator(minimum = 1, maximum = 100))] last: usize,
+    ) -> async_graphql::Result<Vec<AuditEvent>> {
+        let loader = cx.data::<DataLoader<StoreLoader>>()?;
+        let events = loader
+            .load_one(AuditOf(self.0.id.clone()))
+            .await?
+            .unwrap_or_default();
+        Ok(events.into_iter().take(last).map(AuditEvent).collect())
+    }
+}
+
+/// One command run in a sandbox.
+pub struct Execution(pub service::Execution);
+
+#[Object]
+impl Execution {
+    async fn id(&self) -> ID {
+        ID(self.0.id.clone())
+    }
+    async fn sandbox_id(&self) -> ID {
+        ID(self.0.sandbox_id.clone())
+    }
+    /// running, completed, timeout, failed or interrupted.
+    async fn status(&self) -> &str {
+        &self.0.status
+    }
+    async fn exit_code(&self) -> Option<i32> {
+        self.0.exit_code
+    }
+    async fn duration(&self) -> Option<GoDuration> {
+        self.0.duration.map(GoDuration)
+    }
+    async fn argv(&self) -> &[String] {
+        &self.0.argv
+    }
+    /// The last bytes of stdout (bounded).
+    async fn stdout_tail(&self) -> &str {
+        &self.0.stdout_tail
+    }
+    /// The last bytes of stderr (bounded).
+    async fn stderr_tail(&self) -> &str {
+        &self.0.stderr_tail
+    }
+    async fn error(&self) -> Option<&str> {
+        self.0.error.as_deref()
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+    async fn finished_at(&self) -> Option<DateTime<Utc>> {
+        self.0.finished_at
+    }
+}
+
+/// The answer of a command run to completion.
+#[derive(SimpleObject)]
+pub struct ExecResult {
+    pub execution_id: ID,
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration: GoDuration,
+}
+
+/// A worker: where sandboxes run.
+#[derive(SimpleObject)]
+pub struct Worker {
+    pub id: ID,
+    pub hostname: String,
+    pub status: String,
+    pub providers: Vec<String>,
+    pub capacity: i32,
+    pub last_heartbeat: DateTime<Utc>,
+    /// No heartbeat for two minutes.
+    pub stale: bool,
+}
+
+impl Worker {
+    pub fn from_model(m: entity::worker::Model) -> Worker {
+        Worker::from(service::WorkerStatus::from(m))
+    }
+}
+
+impl From<service::WorkerStatus> for Worker {
+    fn from(w: service::WorkerStatus) -> Self {
+        Worker {
+            id: ID(w.id),
+            hostname: w.hostname,
+            status: w.status,
+            providers: w.providers,
+            capacity: w.capacity,
+            last_heartbeat: w.last_heartbeat,
+            stale: w.stale,
+        }
+    }
+}
+
+/// A runtime provider and its last health check.
+#[derive(SimpleObject)]
+pub struct Provider {
+    pub name: String,
+    pub healthy: bool,
+    pub default: bool,
+    pub latency_ms: u64,
+    pub last_checked: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub capabilities: Vec<String>,
+}
+
+impl From<service::ProviderStatus> for Provider {
+    fn from(p: service::ProviderStatus) -> Self {
+        Provider {
+            capabilities: p
+                .capabilities
+                .iter()
+                .map(|c| {
+                    serde_json::to_value(c)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default()
+                })
+                .collect(),
+            error: (!p.error.is_empty()).then_some(p.error),
+            name: p.name,
+            healthy: p.healthy,
+            default: p.default,
+            latency_ms: p.latency_ms,
+            last_checked: p.last_checked,
+        }
+    }
+}
+
+/// A named sandbox recipe.
+pub struct Template(pub service::Template);
+
+#[Object]
+impl Template {
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+    async fn image(&self) -> &str {
+        &self.0.image
+    }
+    async fn memory_mb(&self) -> u32 {
+        self.0.memory_mb
+    }
+    async fn vcpus(&self) -> u32 {
+        self.0.vcpus
+    }
+    async fn ttl(&self) -> &str {
+        &self.0.ttl
+    }
+    /// Empty means the default provider.
+    async fn provider(&self) -> &str {
+        &self.0.provider
+    }
+    async fn metadata(&self) -> Json<BTreeMap<String, String>> {
+        Json(self.0.metadata.clone())
+    }
+    async fn owner_id(&self) -> &str {
+        &self.0.owner_id
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+}
+
+/// Who did what to which target, and how it ended.
+pub struct AuditEvent(pub crate::events::AuditRecord);
+
+#[Object]
+impl AuditEvent {
+    async fn id(&self) -> ID {
+        ID(self.0.id.clone())
+    }
+    async fn actor(&self) -> &str {
+        &self.0.actor
+    }
+    async fn tenant_id(&self) -> &str {
+        &self.0.tenant_id
+    }
+    async fn action(&self) -> &str {
+        &self.0.action
+    }
+    async fn target(&self) -> &str {
+        &self.0.target
+    }
+    /// success or failure.
+    async fn outcome(&self) -> &str {
+        &self.0.outcome
+    }
+    async fn request_id(&self) -> &str {
+        &self.0.request_id
+    }
+    async fn detail(&self) -> Option<&str> {
+        self.0.detail.as_deref()
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+}
+
+/// Server health.
+#[derive(SimpleObject)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub uptime: String,
+}
+
+/// A piece of output. `data` is text that never splits a character;
+/// `dataBase64` carries the exact bytes (binary output is not UTF-8).
+#[derive(SimpleObject)]
+#[graphql(complex)]
+pub struct OutputChunk {
+    pub seq: u64,
+    pub stream: OutputStream,
+    pub data: String,
+    #[graphql(skip)]
+    pub bytes: bytes::Bytes,
+}
+
+#[ComplexObject]
+impl OutputChunk {
+    async fn data_base64(&self) -> String {
+        base64::engine::general_purpose::STANDARD.encode(&self.bytes)
+    }
+}
+
+/// Chunks `fromSeq..toSeq` were dropped before this subscriber read them
+/// (it fell behind the server's bounded buffer).
+#[derive(SimpleObject)]
+pub struct OutputTruncated {
+    pub from_seq: u64,
+    pub to_seq: u64,
+}
+
+/// How the command ended; always the last event.
+#[derive(SimpleObject)]
+pub struct ExecExit {
+    pub exit_code: Option<i32>,
+    pub duration: GoDuration,
+    pub timed_out: bool,
+    pub error: Option<String>,
+}
+
+/// One event of a command's output stream.
+#[derive(Union)]
+pub enum ExecEvent {
+    OutputChunk(OutputChunk),
+    OutputTruncated(OutputTruncated),
+    ExecExit(ExecExit),
+}
+
+impl From<OutputEvent> for ExecEvent {
+    fn from(e: OutputEvent) -> Self {
+        match e {
+            OutputEvent::Chunk(c) => ExecEvent::OutputChunk(OutputChunk {
+                seq: c.seq,
+                stream: c.stream.into(),
+                data: c.text,
+                bytes: c.bytes,
+            }),
+            OutputEvent::Truncated { from_seq, to_seq } => {
+                ExecEvent::OutputTruncated(OutputTruncated { from_seq, to_seq })
+            }
+            OutputEvent::End(end) => ExecEvent::ExecExit(ExecExit {
+                exit_code: end.exit_code,
+                duration: GoDuration(end.duration),
+                timed_out: end.timed_out,
+                error: end.error,
+            }),
+        }
+    }
+}
+
+/// A sandbox changed state.
+#[derive(SimpleObject)]
+pub struct SandboxEvent {
+    pub sandbox_id: ID,
+    pub owner_id: String,
+    pub state: SandboxState,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}

@@ -1,0 +1,98 @@
+//! Following things as they happen: an execution's output and the event
+//! bus, filtered to what the caller may see.
+
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use super::output::{OutputEnd, OutputFollower, OutputLog};
+use super::{Error, ExecRequest, Result, Service};
+use crate::auth::Caller;
+use crate::events::Event;
+
+/// What an event subscriber receives.
+#[derive(Debug, Clone)]
+pub enum Followed {
+    Event(Event),
+    /// The subscriber fell behind and `n` events were dropped for it.
+    Lagged(u64),
+}
+
+impl Service {
+    /// Follows an execution's output from `from_seq`. Works while it runs
+    /// and for a while after; an older execution replays its stored tails.
+    pub async fn follow_execution(
+        &self,
+        caller: &Caller,
+        execution_id: &str,
+        from_seq: u64,
+    ) -> Result<OutputFollower> {
+        if let Some(log) = self.inner.outputs.get(execution_id) {
+            if !caller.can_access(&log.owner_id) {
+                return Err(Error::NotFound(format!(
+                    "execution {execution_id} not found"
+                )));
+            }
+            return Ok(log.follow(from_seq));
+        }
+        let execution = self.get_execution(caller, execution_id).await?;
+        if execution.status == "running" {
+            // Running on another server instance, or interrupted: nothing to follow here.
+            return Err(Error::Conflict(format!(
+                "execution {execution_id} is not running on this server"
+            )));
+        }
+        let log = Arc::new(OutputLog::detached(
+            &execution.sandbox_id,
+            &execution.owner_id,
+        ));
+        for (stream, tail) in [
+            (crate::provider::StreamKind::Stdout, &execution.stdout_tail),
+            (crate::provider::StreamKind::Stderr, &execution.stderr_tail),
+        ] {
+            if !tail.is_empty() {
+                log.append(
+                    stream,
+                    tail.clone(),
+                    bytes::Bytes::from(tail.clone().into_bytes()),
+                );
+            }
+        }
+        log.finish(OutputEnd {
+            exit_code: execution.exit_code,
+            duration: execution.duration.unwrap_or_default(),
+            timed_out: execution.status == "timeout",
+            error: execution.error.clone(),
+        });
+        Ok(log.follow(from_seq))
+    }
+
+    /// Starts a command and follows its output from the first chunk.
+    pub async fn start_and_follow(
+        &self,
+        caller: &Caller,
+        sandbox_id: &str,
+        req: ExecRequest,
+    ) -> Result<(String, OutputFollower)> {
+        let running = self.start_exec(caller, sandbox_id, req).await?;
+        let follower = self
+            .follow_execution(caller, &running.execution_id, 0)
+            .await?;
+        // Nobody reads the direct channel; dropping it never blocks the command.
+        drop(running.output);
+        Ok((running.execution_id, follower))
+    }
+
+    /// Every event the caller may see, as it is published.
+    pub fn follow_events(&self, caller: &Caller) -> impl Stream<Item = Followed> + Send + 'static {
+        let caller = caller.clone();
+        BroadcastStream::new(self.events().subscribe()).filter_map(move |item| match item {
+            Ok(event) if caller.can_access(event.owner_id()) => Some(Followed::Event(event)),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Followed::Lagged(n)),
+        })
+    }
+}
