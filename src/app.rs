@@ -16,7 +16,7 @@ use crate::provider::image_store::ImageStore;
 use crate::provider::native::NativeProvider;
 use crate::provider::proot::ProotProvider;
 use crate::scheduler::Scheduler;
-use crate::service::Service;
+use crate::service::{Identity, Service, load_pepper};
 use crate::store::Store;
 use crate::worker::LocalWorker;
 
@@ -39,6 +39,14 @@ pub enum StartError {
     Provider(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Identity(#[from] crate::service::IdentityError),
+    #[error(
+        "refusing to listen on {0} without authentication: configure auth.api_key, \
+         auth.admin_api_key, auth.jwt or create a key with `stacyvm keys create`, \
+         or bind to 127.0.0.1"
+    )]
+    OpenBeyondLoopback(String),
     #[error("start-up recovery failed: {0}")]
     Recovery(#[from] crate::service::Error),
 }
@@ -57,6 +65,20 @@ pub async fn open_store(config: &Config) -> Result<Store, StartError> {
     let store = Store::connect(&config.database_url()).await?;
     store.migrate().await?;
     Ok(store)
+}
+
+/// The identity component: stored keys, static keys and JWT settings.
+pub fn identity(config: &Config, store: &Store) -> Result<Identity, StartError> {
+    let pepper = load_pepper(&config.auth, &config.data_dir)?;
+    Ok(Identity::new(store.clone(), config.auth.clone(), pepper)?)
+}
+
+/// Whether `host` only accepts connections from this machine.
+pub fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Every provider this server can offer.
@@ -93,6 +115,21 @@ impl App {
         let store = open_store(&config).await?;
         tracing::info!(store = store.backend_name(), url = %redact(&config.database_url()), "store ready");
 
+        let identity = identity(&config, &store)?;
+        if identity
+            .auth_required()
+            .await
+            .map_err(StartError::Recovery)?
+        {
+            tracing::info!("authentication required");
+        } else if is_loopback(&config.server.host) {
+            tracing::warn!(
+                "no credentials configured: running open on loopback (anyone on this machine can use it)"
+            );
+        } else {
+            return Err(StartError::OpenBeyondLoopback(config.server.host.clone()));
+        }
+
         let providers = build_providers(&config).await?;
         let worker = Arc::new(LocalWorker::new(providers));
         let health = worker.check_health(&store).await;
@@ -123,6 +160,7 @@ impl App {
             scheduler,
             config.clone(),
             EventBus::new(1024),
+            identity,
         );
         service.recover_after_restart().await?;
 

@@ -32,6 +32,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub lifecycle: LifecycleConfig,
     pub logging: LoggingConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: crate::service::RateLimitConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +93,11 @@ pub struct DefaultsConfig {
     pub max_sandboxes_per_owner: u32,
     /// Bytes of each output stream an exec answer carries before truncation.
     pub max_exec_output_bytes: usize,
+    /// What a spawn over a sandbox cap does: `reject` (429) or `queue`
+    /// (wait for capacity, bounded by the two settings below).
+    pub spawn_overflow: String,
+    pub spawn_queue_size: usize,
+    pub spawn_queue_timeout: GoDuration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -98,6 +105,33 @@ pub struct DefaultsConfig {
 pub struct DatabaseConfig {
     /// `sqlite://...` or `postgres://...`; empty means `<data_dir>/stacyvm.db`.
     pub url: String,
+}
+
+/// The `auth` section of the configuration.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A shared key (sent as `X-API-Key`): callers act as owner `default`
+    /// and may name their pool-mode user with `X-User-ID`.
+    pub api_key: String,
+    /// A shared admin key (sent as `X-Admin-API-Key`).
+    pub admin_api_key: String,
+    /// The secret stored keys are hashed with. Empty: a random one kept in
+    /// `<data_dir>/key_pepper`. Servers sharing one database need the same.
+    pub key_pepper: String,
+    pub jwt: crate::auth::jwt::JwtConfig,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mask = |s: &str| if s.is_empty() { "" } else { "***" };
+        f.debug_struct("AuthConfig")
+            .field("api_key", &mask(&self.api_key))
+            .field("admin_api_key", &mask(&self.admin_api_key))
+            .field("key_pepper", &mask(&self.key_pepper))
+            .field("jwt", &self.jwt)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -132,6 +166,8 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             lifecycle: LifecycleConfig::default(),
             logging: LoggingConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limit: Default::default(),
         }
     }
 }
@@ -189,6 +225,9 @@ impl Default for DefaultsConfig {
             max_sandboxes: 0,
             max_sandboxes_per_owner: 0,
             max_exec_output_bytes: 16 * 1024 * 1024,
+            spawn_overflow: "reject".into(),
+            spawn_queue_size: 100,
+            spawn_queue_timeout: secs(30),
         }
     }
 }
@@ -214,13 +253,15 @@ impl Default for LoggingConfig {
 /// Top-level sections; an environment variable is read only when it names
 /// one of them, so unrelated `STACYVM_*` variables (e.g. test settings) are
 /// not mistaken for configuration.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 8] = [
     "server",
     "providers",
     "defaults",
     "database",
     "lifecycle",
     "logging",
+    "auth",
+    "rate_limit",
 ];
 
 /// Maps `STACYVM_AUTH_API_KEY` style names to `auth.api_key`: the first
@@ -235,11 +276,14 @@ fn env_key(name: &str) -> Option<String> {
         .iter()
         .find(|s| lower.starts_with(&format!("{s}_")))?;
     let rest = &lower[section.len() + 1..];
-    if *section == "providers" {
-        for block in ["docker", "proot"] {
-            if let Some(key) = rest.strip_prefix(&format!("{block}_")) {
-                return Some(format!("providers.{block}.{key}"));
-            }
+    let nested: &[&str] = match *section {
+        "providers" => &["docker", "proot"],
+        "auth" => &["jwt"],
+        _ => &[],
+    };
+    for block in nested {
+        if let Some(key) = rest.strip_prefix(&format!("{block}_")) {
+            return Some(format!("{section}.{block}.{key}"));
         }
     }
     Some(format!("{section}.{rest}"))
@@ -301,6 +345,12 @@ impl Config {
                 "defaults.memory_mb and defaults.vcpus must be positive".into(),
             ));
         }
+        if !["reject", "queue"].contains(&d.spawn_overflow.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "defaults.spawn_overflow must be reject or queue, not {:?}",
+                d.spawn_overflow
+            )));
+        }
         if !["auto", "docker", "native", "proot"].contains(&self.providers.default.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "providers.default must be auto, docker, native or proot, not {:?}",
@@ -339,6 +389,11 @@ mod tests {
             Some("providers.docker.pids_limit")
         );
         assert_eq!(env_key("TEST_ROOTFS"), None);
+        assert_eq!(env_key("AUTH_API_KEY").as_deref(), Some("auth.api_key"));
+        assert_eq!(
+            env_key("AUTH_JWT_HS256_SECRET").as_deref(),
+            Some("auth.jwt.hs256_secret")
+        );
     }
 
     #[test]

@@ -45,11 +45,43 @@ enum Command {
     Migrate,
     /// Print the GraphQL schema (SDL), as committed in schema.graphql.
     Schema,
+    /// Manage API keys (only hashes are stored; a key is printed once).
+    Keys {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Manage the local image store used by the native and proot providers.
     Image {
         #[command(subcommand)]
         command: ImageCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a key for an owner and print it (once).
+    Create {
+        #[arg(long)]
+        owner: String,
+        /// admin, operator, viewer or owner.
+        #[arg(long, default_value = "owner")]
+        role: String,
+        /// Shorthand for --role admin.
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime as a Go duration, e.g. 720h; default: no expiry.
+        #[arg(long)]
+        expires: Option<String>,
+        /// Let the key name its pool-mode user with X-User-ID.
+        #[arg(long)]
+        allow_user_header: bool,
+    },
+    /// List keys (by prefix; never the keys themselves).
+    List,
+    /// Revoke a key by id or prefix.
+    Revoke { id_or_prefix: String },
 }
 
 #[derive(Subcommand)]
@@ -122,15 +154,69 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
             let listener = app::bind(&config).await?;
             let app = App::start(config.clone()).await?;
             tracing::info!(address = %listener.local_addr()?, "StacyVM listening");
-            if !matches!(
-                config.server.host.as_str(),
-                "127.0.0.1" | "localhost" | "::1"
-            ) {
-                tracing::warn!(host = %config.server.host, "listening beyond loopback without authentication");
-            }
             app.serve(listener, shutdown_signal()).await?;
         }
         Command::Schema => print!("{}", stacyvm::api::graphql::sdl()),
+        Command::Keys { command } => {
+            let store = app::open_store(&config).await?;
+            let identity = app::identity(&config, &store)?;
+            match command {
+                KeyCommand::Create {
+                    owner,
+                    role,
+                    admin,
+                    tenant,
+                    expires,
+                    allow_user_header,
+                } => {
+                    let role: stacyvm::auth::Role = if admin {
+                        "admin".parse()?
+                    } else {
+                        role.parse()?
+                    };
+                    let expires_in = expires
+                        .as_deref()
+                        .map(stacyvm::duration::parse)
+                        .transpose()?;
+                    let (key, info) = identity
+                        .create_key(stacyvm::service::NewApiKey {
+                            owner_id: owner,
+                            tenant_id: tenant,
+                            role,
+                            expires_in,
+                            allow_user_header,
+                        })
+                        .await?;
+                    eprintln!(
+                        "created key {} ({}) for owner {} with role {}; it is shown only once:",
+                        info.id, info.prefix, info.owner_id, info.role
+                    );
+                    println!("{key}");
+                }
+                KeyCommand::List => {
+                    println!("ID\tPREFIX\tOWNER\tROLE\tCREATED\tEXPIRES\tREVOKED");
+                    for k in identity.list_keys().await? {
+                        let opt = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                            t.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
+                        };
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{}\t{}",
+                            k.id,
+                            k.prefix,
+                            k.owner_id,
+                            k.role,
+                            k.created_at.to_rfc3339(),
+                            opt(k.expires_at),
+                            opt(k.revoked_at)
+                        );
+                    }
+                }
+                KeyCommand::Revoke { id_or_prefix } => {
+                    let n = identity.revoke_key(&id_or_prefix).await?;
+                    println!("revoked {n} key(s)");
+                }
+            }
+        }
         Command::Migrate => {
             let store = app::open_store(&config).await?;
             println!("migrations applied ({})", store.backend_name());

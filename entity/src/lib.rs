@@ -3,6 +3,7 @@
 //! One module per table. Timestamps are UTC; durations are stored as
 //! milliseconds; string maps (metadata) as JSON.
 
+pub mod api_key;
 pub mod audit_event;
 pub mod execution;
 pub mod lease;

@@ -31,9 +31,50 @@
     url: '/graphql',
     wsClient: wsClient,
   });
+
+  // GraphiQL 4 works out the operation name (and the parsed document it
+  // passes as `documentAST`, which decides WebSocket or POST) from the query
+  // editor's text 100 ms after the text last changed. Switching tabs replaces
+  // the text, so an operation run within those 100 ms (a quick click on Run,
+  // Ctrl-Enter) went out with the previous tab's operation name: "Unknown
+  // operation named ...", or a query sent as a subscription. The query text
+  // GraphiQL hands us is always the current one, so take both from it: keep
+  // the chosen name if the document has it, else the document's first
+  // operation, as GraphiQL itself settles on once its 100 ms are up.
+  function currentOperation(params, opts) {
+    var documentAST;
+    try {
+      documentAST = GraphiQL.GraphQL.parse(params.query);
+    } catch (e) {
+      return null; // not valid GraphQL: the server says why
+    }
+    var names = [];
+    documentAST.definitions.forEach(function (def) {
+      if (def.kind === 'OperationDefinition') {
+        names.push(def.name ? def.name.value : null);
+      }
+    });
+    var operationName = params.operationName;
+    if (names.length > 0 && (operationName == null || names.indexOf(operationName) === -1)) {
+      operationName = names[0];
+    }
+    return {
+      params: Object.assign({}, params, { operationName: operationName == null ? null : operationName }),
+      opts: Object.assign({}, opts, { documentAST: documentAST }),
+    };
+  }
+
   function fetcher(params, opts) {
     if (opts && opts.headers) {
       lastHeaders = opts.headers;
+    }
+    // Schema introspection is GraphiQL's own request, not the editor's.
+    if (params.operationName !== 'IntrospectionQuery' && typeof params.query === 'string') {
+      var current = currentOperation(params, opts);
+      if (current) {
+        params = current.params;
+        opts = current.opts;
+      }
     }
     return graphiqlFetcher(params, opts);
   }

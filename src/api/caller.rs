@@ -1,38 +1,126 @@
-//! The caller of an HTTP request (REST, GraphQL and its WebSocket alike).
+//! Authentication for every HTTP surface: one middleware turns the
+//! credentials into a [`Caller`] (or a refusal), applies the per-key rate
+//! limit, and leaves the caller in the request for the handlers.
 
-use axum::extract::{FromRef, FromRequestParts};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 
 use crate::api::rest::ApiError;
 use crate::auth::Caller;
-use crate::service::{Error, Service};
+use crate::service::{Credentials, Error, Service};
 
-impl<S> FromRequestParts<S> for Caller
-where
-    Service: FromRef<S>,
-    S: Send + Sync,
-{
+/// Paths anyone may read: liveness probes and the playground's static page.
+fn is_public(path: &str) -> bool {
+    matches!(
+        path,
+        "/api/v1/health" | "/api/v1/live" | "/api/v1/ready" | "/playground"
+    ) || path.starts_with("/playground/assets/")
+        || path == "/graphql"
+}
+
+/// Credentials as headers carry them (also used for WebSocket init payloads).
+pub fn credentials(get: impl Fn(&str) -> Option<String>, request_id: String) -> Credentials {
+    let bearer = get("authorization").and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .map(|t| t.trim().to_string())
+    });
+    Credentials {
+        api_key: get("x-api-key"),
+        admin_api_key: get("x-admin-api-key"),
+        bearer,
+        user_id: get("x-user-id"),
+        request_id,
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+}
+
+/// Why a request has no caller; kept so the WebSocket endpoint can retry
+/// with the credentials of its init message.
+#[derive(Clone)]
+pub struct AuthFailure(pub std::sync::Arc<Error>);
+
+/// The middleware.
+pub async fn authenticate(
+    State(service): State<Service>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let headers = req.headers();
+    let request_id = header(headers, "x-request-id").unwrap_or_else(crate::ids::request);
+    let creds = credentials(|name| header(headers, name), request_id);
+    let path = req.uri().path().to_string();
+    let is_get = req.method() == axum::http::Method::GET;
+    match service.authenticate(creds).await {
+        Ok(caller) => {
+            let decision = service.check_rate(&caller);
+            if let Some(decision) = &decision
+                && !decision.allowed
+            {
+                let mut response = ApiError(Error::ResourceLimit {
+                    message: "rate limit exceeded; slow down".into(),
+                    retry_after_secs: decision
+                        .retry_after
+                        .map_or(1, |d| d.as_secs_f64().ceil() as u64),
+                })
+                .into_response();
+                add_headers(&mut response, decision.headers());
+                return response;
+            }
+            req.extensions_mut().insert(caller);
+            let mut response = next.run(req).await;
+            if let Some(decision) = decision {
+                add_headers(&mut response, decision.headers());
+            }
+            response
+        }
+        // Public pages need no caller; the WebSocket may authenticate in
+        // its init message instead of headers (browsers cannot set them).
+        Err(e) if (is_public(&path) && is_get) || path == "/graphql/ws" => {
+            req.extensions_mut()
+                .insert(AuthFailure(std::sync::Arc::new(e)));
+            next.run(req).await
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+fn add_headers(response: &mut Response, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let header = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .map(str::to_string)
-        };
-        let request_id = header("x-request-id").unwrap_or_else(crate::ids::request);
-        let mut caller = Caller::anonymous(request_id);
-        // The SDK's pool-mode user: in open mode it names the owner.
-        if let Some(user) = header("x-user-id") {
-            if user.len() > 128 || user.chars().any(char::is_control) {
-                return Err(ApiError(Error::BadRequest("invalid X-User-ID".into())));
-            }
-            caller.owner_id = user;
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
         }
-        Ok(caller)
+        let error = match parts.extensions.get::<AuthFailure>() {
+            Some(AuthFailure(e)) => match e.code() {
+                crate::service::ErrorCode::Forbidden => Error::Forbidden(e.to_string()),
+                crate::service::ErrorCode::BadRequest => Error::BadRequest(e.to_string()),
+                _ => Error::Unauthorized(e.to_string()),
+            },
+            None => Error::Unauthorized("authentication required".into()),
+        };
+        Err(ApiError(error))
     }
 }

@@ -1,7 +1,7 @@
 //! The HTTP surface. Only this module knows axum, HTTP and JSON shapes; it
 //! translates requests into service calls and answers back.
 
-mod caller;
+pub mod caller;
 pub mod graphql;
 pub mod playground;
 pub mod rest;
@@ -23,6 +23,10 @@ pub fn router(service: Service) -> Router {
         .merge(graphql::router(service.clone()))
         .merge(playground::router())
         .fallback(rest::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            service.clone(),
+            caller::authenticate,
+        ))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

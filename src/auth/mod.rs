@@ -1,7 +1,63 @@
-//! Who is calling. Every service call takes a [`Caller`]; today every caller
-//! is anonymous (keys, JWT and roles arrive with the identity work), but the
-//! service already decides ownership from it so that adding real identities
-//! changes this module, not the rules.
+//! Who is calling, and what they may do.
+//!
+//! Every service call takes a [`Caller`]. It is built once per request from
+//! the credentials (an API key, an admin key, or a JWT bearer token; see
+//! `service::identity`) and then decides, in the service, which owners'
+//! resources the call may see and whether it may change anything.
+
+pub mod jwt;
+pub mod keys;
+
+use std::fmt;
+use std::str::FromStr;
+
+/// What a caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything, for every owner: keys, quotas, the whole audit trail.
+    Admin,
+    /// Operates every owner's sandboxes; cannot manage keys or quotas.
+    Operator,
+    /// Reads its own owner's resources; changes nothing.
+    Viewer,
+    /// Creates and manages its own sandboxes and templates.
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Viewer => "viewer",
+            Role::Owner => "owner",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A role name that is not one of [`Role`].
+#[derive(Debug, thiserror::Error)]
+#[error("unknown role {0:?}: use admin, operator, viewer or owner")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "operator" => Ok(Role::Operator),
+            "viewer" => Ok(Role::Viewer),
+            "owner" => Ok(Role::Owner),
+            other => Err(UnknownRole(other.to_string())),
+        }
+    }
+}
 
 /// The identity a request acts as.
 #[derive(Debug, Clone)]
@@ -9,16 +65,19 @@ pub struct Caller {
     /// The owner this caller acts for by default.
     pub owner_id: String,
     pub tenant_id: String,
-    /// True when the caller may act for any owner (admins, and the open
-    /// loopback mode that runs without keys).
-    pub may_act_for_others: bool,
+    pub role: Role,
+    /// True for the open mode of a loopback server without credentials.
+    pub open: bool,
+    /// The credential used (API key id, "jwt:<sub>", "static"), for rate
+    /// limits and audit; `None` when open.
+    pub credential: Option<String>,
     /// Correlates audit events and logs with the HTTP request.
     pub request_id: String,
 }
 
 /// The owner recorded when an anonymous caller names none.
 pub const ANONYMOUS_OWNER: &str = "anonymous";
-/// The tenant of anonymous callers.
+/// The tenant of callers that name none.
 pub const DEFAULT_TENANT: &str = "default";
 
 impl Caller {
@@ -27,7 +86,9 @@ impl Caller {
         Caller {
             owner_id: ANONYMOUS_OWNER.into(),
             tenant_id: DEFAULT_TENANT.into(),
-            may_act_for_others: true,
+            role: Role::Admin,
+            open: true,
+            credential: None,
             request_id: request_id.into(),
         }
     }
@@ -37,22 +98,39 @@ impl Caller {
         Caller {
             owner_id: "system".into(),
             tenant_id: DEFAULT_TENANT.into(),
-            may_act_for_others: true,
+            role: Role::Admin,
+            open: false,
+            credential: Some("system".into()),
             request_id: String::new(),
         }
+    }
+
+    /// May this caller see and act on other owners' resources?
+    pub fn may_act_for_others(&self) -> bool {
+        matches!(self.role, Role::Admin | Role::Operator)
+    }
+
+    /// May this caller change anything?
+    pub fn can_write(&self) -> bool {
+        self.role != Role::Viewer
+    }
+
+    /// May this caller manage keys, quotas and read every owner's audit trail?
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
     }
 
     /// The owner a new resource belongs to: the requested one when the
     /// caller may act for others, otherwise the caller itself.
     pub fn effective_owner(&self, requested: Option<&str>) -> String {
         match requested {
-            Some(owner) if self.may_act_for_others && !owner.is_empty() => owner.to_string(),
+            Some(owner) if self.may_act_for_others() && !owner.is_empty() => owner.to_string(),
             _ => self.owner_id.clone(),
         }
     }
 
     /// May this caller see and touch a resource of `owner_id`?
     pub fn can_access(&self, owner_id: &str) -> bool {
-        self.may_act_for_others || self.owner_id == owner_id
+        self.may_act_for_others() || self.owner_id == owner_id
     }
 }

@@ -168,7 +168,7 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
 
 impl Service {
     /// The longest timeout `owner` may ask for.
-    async fn max_exec_timeout_for(&self, owner: &str) -> Result<Duration> {
+    pub(super) async fn max_exec_timeout_for(&self, owner: &str) -> Result<Duration> {
         let owner_max = self
             .store()
             .get_owner(owner)
@@ -200,6 +200,7 @@ impl Service {
         id: &str,
         req: ExecRequest,
     ) -> Result<RunningExec> {
+        self.require_write(caller)?;
         let argv = build_argv(&req)?;
         validate_env(&req.env)?;
         if let Some(dir) = &req.workdir

@@ -67,6 +67,7 @@ impl Service {
     /// Writes a file, creating parent directories.
     pub async fn write_file(&self, caller: &Caller, id: &str, write: FileWrite) -> Result<()> {
         let outcome = async {
+            self.require_write(caller)?;
             let path = normalize_path(&write.path)?;
             if path == "/" {
                 return Err(Error::BadRequest("cannot write to /".into()));
@@ -115,6 +116,7 @@ impl Service {
     /// Renames a file or directory.
     pub async fn move_file(&self, caller: &Caller, id: &str, from: &str, to: &str) -> Result<()> {
         let outcome = async {
+            self.require_write(caller)?;
             let from = normalize_path(from)?;
             let to = normalize_path(to)?;
             if from == "/" || to == "/" {
@@ -138,6 +140,7 @@ impl Service {
         mode: &str,
     ) -> Result<()> {
         let outcome = async {
+            self.require_write(caller)?;
             let path = normalize_path(path)?;
             let mode = parse_mode(mode)?;
             let (provider, runtime) = self.file_target(caller, id).await?;
@@ -158,6 +161,7 @@ impl Service {
         recursive: bool,
     ) -> Result<()> {
         let outcome = async {
+            self.require_write(caller)?;
             let path = normalize_path(path)?;
             if path == "/" {
                 return Err(Error::BadRequest("cannot delete /".into()));

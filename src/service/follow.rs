@@ -90,6 +90,12 @@ impl Service {
     pub fn follow_events(&self, caller: &Caller) -> impl Stream<Item = Followed> + Send + 'static {
         let caller = caller.clone();
         BroadcastStream::new(self.events().subscribe()).filter_map(move |item| match item {
+            // Audit events follow the audit rule: admins see all, others
+            // their own actions.
+            Ok(Event::Audit(record)) if caller.is_admin() || record.actor == caller.owner_id => {
+                Some(Followed::Event(Event::Audit(record)))
+            }
+            Ok(Event::Audit(_)) => None,
             Ok(event) if caller.can_access(event.owner_id()) => Some(Followed::Event(event)),
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(n)) => Some(Followed::Lagged(n)),

@@ -30,6 +30,9 @@ impl Service {
             .await?;
         if let Some(model) = &updated {
             self.publish_state(id, &model.owner_id, to, reason);
+            if to == SandboxState::Destroyed {
+                self.inner.spawn_queue.notify_capacity_freed();
+            }
         }
         Ok(updated)
     }
@@ -102,6 +105,7 @@ impl Service {
     /// Expires and destroys every usable sandbox whose TTL has passed.
     /// Returns how many were destroyed.
     pub async fn prune_expired(&self, caller: &Caller) -> Result<u64> {
+        self.require_write(caller)?;
         let mut pruned = 0;
         for model in self.store().expired_sandboxes(Utc::now()).await? {
             if !caller.can_access(&model.owner_id) {

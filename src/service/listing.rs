@@ -115,7 +115,7 @@ impl Service {
         listing: SandboxListing,
     ) -> Result<Page<Sandbox>> {
         let size = page_size(listing.first)?;
-        let owner_id = if caller.may_act_for_others {
+        let owner_id = if caller.may_act_for_others() {
             listing.owner_id.clone()
         } else if listing
             .owner_id
@@ -223,7 +223,7 @@ impl Service {
         after: Option<String>,
     ) -> Result<Page<entity::audit_event::Model>> {
         let size = page_size(first)?;
-        if !caller.may_act_for_others {
+        if !caller.is_admin() {
             if filter
                 .actor
                 .as_deref()

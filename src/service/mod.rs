@@ -10,10 +10,14 @@ mod error;
 mod exec;
 mod files;
 mod follow;
+mod identity;
 mod lifecycle;
 mod listing;
 mod output;
+mod quotas;
+mod rate_limit;
 mod sandboxes;
+mod spawn_queue;
 mod system;
 mod templates;
 
@@ -22,9 +26,13 @@ pub use error::{Error, ErrorCode, Result};
 pub use exec::{CollectedExec, ExecOutput, ExecRequest, ExecResult, RunningExec};
 pub use files::FileWrite;
 pub use follow::Followed;
+pub use identity::{ApiKeyInfo, Credentials, Identity, IdentityError, NewApiKey, load_pepper};
 pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor};
 pub use output::{OutputChunk, OutputEnd, OutputEvent, OutputFollower, OutputHub};
+pub use quotas::{QuotaInput, QuotaPolicy, QuotaUsage};
+pub use rate_limit::{RateDecision, RateLimitConfig, RateLimiter};
 pub use sandboxes::{Sandbox, SpawnRequest};
+pub use spawn_queue::{Admission, QueueError, SpawnQueue};
 pub use system::{HealthReport, ProviderStatus, WorkerStatus};
 pub use templates::{Template, TemplateInput};
 
@@ -52,6 +60,10 @@ struct Inner {
     events: EventBus,
     /// Live output of running and recently finished executions.
     outputs: OutputHub,
+    identity: Identity,
+    rate_limiter: RateLimiter,
+    /// Spawns waiting for capacity under `spawn_overflow: queue`.
+    spawn_queue: spawn_queue::SpawnQueue,
     /// Serialises "count live sandboxes, then insert one" so that concurrent
     /// spawns cannot overshoot a quota. Held only around those two store
     /// calls, never around provider work.
@@ -60,9 +72,21 @@ struct Inner {
 }
 
 impl Service {
-    pub fn new(store: Store, scheduler: Scheduler, config: Config, events: EventBus) -> Service {
+    pub fn new(
+        store: Store,
+        scheduler: Scheduler,
+        config: Config,
+        events: EventBus,
+        identity: Identity,
+    ) -> Service {
         Service {
             inner: Arc::new(Inner {
+                rate_limiter: RateLimiter::new(config.rate_limit.clone()),
+                spawn_queue: spawn_queue::SpawnQueue::new(
+                    config.defaults.spawn_queue_size,
+                    config.defaults.spawn_queue_timeout.0,
+                ),
+                identity,
                 store,
                 scheduler,
                 config,
@@ -88,6 +112,66 @@ impl Service {
 
     pub fn scheduler(&self) -> &Scheduler {
         &self.inner.scheduler
+    }
+
+    /// The identity component (keys, credentials).
+    pub fn identity(&self) -> &Identity {
+        &self.inner.identity
+    }
+
+    /// Turns credentials into a caller. A refusal is audited.
+    pub async fn authenticate(&self, creds: Credentials) -> Result<Caller> {
+        let presented = if creds.admin_api_key.is_some() {
+            "admin-key"
+        } else if creds.api_key.is_some() {
+            "api-key"
+        } else if creds.bearer.is_some() {
+            "bearer"
+        } else {
+            "none"
+        };
+        let request_id = creds.request_id.clone();
+        let result = self.inner.identity.authenticate(creds).await;
+        if let Err(e) = &result {
+            let unknown = Caller {
+                owner_id: format!("unauthenticated:{presented}"),
+                request_id,
+                ..Caller::system()
+            };
+            self.audit(&unknown, "auth.denied", "", Err(e)).await;
+        }
+        result
+    }
+
+    /// The rate-limit decision for this caller's credential, when limits
+    /// are on.
+    pub fn check_rate(&self, caller: &Caller) -> Option<RateDecision> {
+        if !self.inner.rate_limiter.enabled() {
+            return None;
+        }
+        let key = caller.credential.as_deref().unwrap_or("open");
+        Some(self.inner.rate_limiter.check(key))
+    }
+
+    /// Refuses callers that may only read.
+    fn require_write(&self, caller: &Caller) -> Result<()> {
+        if caller.can_write() {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!(
+                "role {} is read-only",
+                caller.role
+            )))
+        }
+    }
+
+    /// Refuses callers that are not administrators.
+    fn require_admin(&self, caller: &Caller) -> Result<()> {
+        if caller.is_admin() {
+            Ok(())
+        } else {
+            Err(Error::Forbidden("this needs an admin key".into()))
+        }
     }
 
     /// Appends an audit event. Best effort: a failed audit write is logged

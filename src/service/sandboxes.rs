@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::spawn_queue::{Admission, QueueError};
 use super::{Error, Result, Service};
 use crate::auth::Caller;
 use crate::duration;
@@ -194,7 +195,13 @@ impl Service {
     /// persist `creating`, spawn, persist `running`. A spawn that fails
     /// leaves no runtime behind and the record in `error` with the reason.
     pub async fn spawn(&self, caller: &Caller, req: SpawnRequest) -> Result<Sandbox> {
-        let outcome = self.spawn_inner(caller, req).await;
+        // Run to completion even if the client goes away: a spawn cut off
+        // between "record created" and "runtime started" would leave a
+        // record that lies (and maybe a runtime nobody tracks).
+        let (service, task_caller) = (self.clone(), caller.clone());
+        let outcome = tokio::spawn(async move { service.spawn_inner(&task_caller, req).await })
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("spawn task failed: {e}"))));
         let target = outcome.as_ref().map(|s| s.id.clone()).unwrap_or_default();
         self.audit(caller, "sandbox.spawn", &target, outcome.as_ref().map(drop))
             .await;
@@ -202,6 +209,7 @@ impl Service {
     }
 
     async fn spawn_inner(&self, caller: &Caller, req: SpawnRequest) -> Result<Sandbox> {
+        self.require_write(caller)?;
         let plan = self.plan_spawn(caller, req).await?;
         let decision = self.admission_for_plan(&plan).await?;
         if decision.reason == "worker_unavailable" {
@@ -209,7 +217,10 @@ impl Service {
             self.scheduler()
                 .place(plan.provider.as_deref(), plan.vcpus)?;
         }
-        decision.into_result()?;
+        let queueing = self.config().defaults.spawn_overflow == "queue";
+        if !(queueing && decision.queueable) {
+            decision.into_result()?;
+        }
         let placement = self
             .scheduler()
             .place(plan.provider.as_deref(), plan.vcpus)?;
@@ -247,7 +258,28 @@ impl Service {
         };
         // Re-check quotas and insert under one lock so that concurrent
         // spawns cannot both take the last slot.
-        let record = {
+        let record = if queueing {
+            // Over a queueable cap, wait (bounded, FIFO) for capacity.
+            let wait = self.config().defaults.spawn_queue_timeout.0;
+            self.inner
+                .spawn_queue
+                .wait_for_capacity(|| self.try_reserve(&plan, record.clone()))
+                .await
+                .map_err(|e| match e {
+                    QueueError::Full => Error::ResourceLimit {
+                        message: "at capacity and the spawn queue is full".into(),
+                        retry_after_secs: 5,
+                    },
+                    QueueError::Timeout => Error::ResourceLimit {
+                        message: format!(
+                            "at capacity: no sandbox was freed within {}",
+                            crate::duration::format(wait)
+                        ),
+                        retry_after_secs: 5,
+                    },
+                    QueueError::Admit(e) => e,
+                })?
+        } else {
             let _guard = self.inner.admission.lock().await;
             self.admission_for_plan(&plan).await?.into_result()?;
             self.store().insert_sandbox(record).await?
@@ -293,6 +325,33 @@ impl Service {
                 Err(e.into())
             }
         }
+    }
+
+    /// Re-checks quotas and inserts the record under the admission lock.
+    /// Over a queueable cap it answers `StillFull` for the spawn queue.
+    async fn try_reserve(
+        &self,
+        plan: &SpawnPlan,
+        record: entity::sandbox::Model,
+    ) -> Result<Admission<entity::sandbox::Model>> {
+        let _guard = self.inner.admission.lock().await;
+        let decision = self.admission_for_plan(plan).await?;
+        if decision.allowed {
+            // The TTL counts from admission, not from the start of a wait.
+            let mut record = record;
+            let now = Utc::now();
+            record.expires_at = now + (record.expires_at - record.created_at);
+            record.created_at = now;
+            record.updated_at = now;
+            return Ok(Admission::Admitted(
+                self.store().insert_sandbox(record).await?,
+            ));
+        }
+        if decision.queueable {
+            return Ok(Admission::StillFull);
+        }
+        decision.into_result()?;
+        Err(Error::Internal("admission refused without a reason".into()))
     }
 
     /// Loads a sandbox the caller may see, in a state other than destroyed.
@@ -365,7 +424,7 @@ impl Service {
     /// The caller's sandboxes that are not destroyed, oldest first.
     pub async fn list_sandboxes(&self, caller: &Caller) -> Result<Vec<Sandbox>> {
         let filter = SandboxFilter {
-            owner_id: (!caller.may_act_for_others).then(|| caller.owner_id.clone()),
+            owner_id: (!caller.may_act_for_others()).then(|| caller.owner_id.clone()),
             states: None,
         };
         self.store()
@@ -379,6 +438,7 @@ impl Service {
     /// Sets the expiry to now + `ttl`. Only for running or unhealthy sandboxes.
     pub async fn extend_sandbox(&self, caller: &Caller, id: &str, ttl: &str) -> Result<Sandbox> {
         let outcome = async {
+            self.require_write(caller)?;
             if ttl.is_empty() {
                 return Err(Error::BadRequest("ttl is required, e.g. \"30m\"".into()));
             }
@@ -411,7 +471,16 @@ impl Service {
     /// Destroys a sandbox. Idempotent at the runtime level; a second call
     /// on a destroyed sandbox is 404.
     pub async fn destroy_sandbox(&self, caller: &Caller, id: &str) -> Result<()> {
+        // Like spawn, a destroy runs to completion once started.
+        let (service, task_caller, task_id) = (self.clone(), caller.clone(), id.to_string());
+        tokio::spawn(async move { service.destroy_sandbox_now(&task_caller, &task_id).await })
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("destroy task failed: {e}"))))
+    }
+
+    async fn destroy_sandbox_now(&self, caller: &Caller, id: &str) -> Result<()> {
         let outcome = async {
+            self.require_write(caller)?;
             let model = self.visible_sandbox(caller, id).await?;
             if model.state == SandboxState::Destroying.as_str() {
                 return Err(Error::Conflict(format!(

@@ -144,6 +144,7 @@ impl Service {
     pub async fn create_template(&self, caller: &Caller, input: TemplateInput) -> Result<Template> {
         let name = input.name.clone();
         let outcome = async {
+            self.require_write(caller)?;
             let model = self.template_model(caller, input).await?;
             let saved = self
                 .store()
@@ -171,6 +172,7 @@ impl Service {
         mut input: TemplateInput,
     ) -> Result<Template> {
         let outcome = async {
+            self.require_write(caller)?;
             let existing = self.get_template_model(caller, name).await?;
             input.name = name.to_string();
             let mut model = self.template_model(caller, input).await?;
@@ -203,6 +205,7 @@ impl Service {
 
     pub async fn delete_template(&self, caller: &Caller, name: &str) -> Result<()> {
         let outcome = async {
+            self.require_write(caller)?;
             self.get_template_model(caller, name).await?;
             self.store().delete_template(name).await?;
             Ok(())

@@ -6,6 +6,7 @@
 
 mod audit;
 mod executions;
+mod keys;
 mod owners;
 mod providers;
 mod sandboxes;

@@ -95,3 +95,31 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// Owners with at least one quota override, by id.
+    pub async fn list_owner_quotas(&self) -> StoreResult<Vec<entity::owner::Model>> {
+        use sea_orm::QueryOrder;
+        Ok(Entity::find()
+            .filter(
+                Condition::any()
+                    .add(Column::MaxSandboxes.is_not_null())
+                    .add(Column::MaxTtlMs.is_not_null())
+                    .add(Column::MaxExecTimeoutMs.is_not_null()),
+            )
+            .order_by_asc(Column::Id)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Clears an owner's overrides; returns whether it had any.
+    pub async fn clear_owner_quota(&self, id: &str) -> StoreResult<bool> {
+        let had = self.get_owner(id).await?.is_some_and(|o| {
+            o.max_sandboxes.is_some() || o.max_ttl_ms.is_some() || o.max_exec_timeout_ms.is_some()
+        });
+        if had {
+            self.set_owner_quota(id, OwnerQuota::default()).await?;
+        }
+        Ok(had)
+    }
+}

@@ -11,7 +11,9 @@
 //   - a query typed into the editor and run with the button shows its data;
 //   - the preloaded "Exec" subscription streams a command's output into the
 //     result pane while the command still runs (line 1 long before the exit);
-//   - the preloaded "Events" subscription shows a sandbox being destroyed.
+//   - the preloaded "Events" subscription shows a sandbox being destroyed;
+//   - a preloaded tab run the moment it is opened runs its own operation
+//     (GraphiQL settles a tab's operation name 100 ms after its text changes).
 // A screenshot is saved to target/playground.png.
 //
 // Knobs: CHROMIUM (default /usr/bin/chromium).
@@ -240,5 +242,28 @@ test('the Events subscription shows a sandbox being destroyed', { timeout: 90_00
   assert.equal(JSON.parse(text).data.sandboxEvents.sandboxId, id, text);
   // Stop the subscription (the run button is a stop button while it runs).
   await runButton().click();
+  assert.deepEqual(problems, []);
+});
+
+test('a tab run the moment it is opened runs its own operation', { timeout: 60_000 }, async () => {
+  // From the Events tab (a subscription) to the Health tab (a query), Run
+  // clicked as soon as the editor shows the new text, in the same turn of the
+  // page: no time for GraphiQL's 100 ms re-read of the operation name.
+  await selectTab('Events');
+  await page.waitForTimeout(300);
+  await page.evaluate(async () => {
+    const editor = document.querySelector('.graphiql-query-editor .CodeMirror').CodeMirror;
+    document.querySelector('button.graphiql-tab-button[title="Health"]').click();
+    const deadline = Date.now() + 5_000;
+    while (!/query Health/.test(editor.getValue())) {
+      if (Date.now() > deadline) throw new Error(`the Health tab never opened: ${editor.getValue()}`);
+      await new Promise((r) => setTimeout(r, 0));
+    }
+    document.querySelector('button.graphiql-execute-button').click();
+  });
+  const text = await waitForResult((t) => t.includes('"health"') || t.includes('"errors"'), 'the Health data');
+  const shown = JSON.parse(text);
+  assert.equal(shown.errors, undefined, text);
+  assert.equal(shown.data.health.status, 'ok', text);
   assert.deepEqual(problems, []);
 });

@@ -15,7 +15,15 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn server() -> TestServer {
-    let server = TestServer::start(|c| c.providers.default = "native".into()).await;
+    server_with(|_| {}).await
+}
+
+async fn server_with(tweak: impl FnOnce(&mut stacyvm::config::Config)) -> TestServer {
+    let server = TestServer::start(|c| {
+        c.providers.default = "native".into();
+        tweak(c);
+    })
+    .await;
     stacyvm::app::image_store(server.app_service.config())
         .import(&docker_image(), &rootfs_tarball())
         .unwrap_or_else(|e| panic!("import: {e}"));
@@ -527,7 +535,14 @@ async fn depth_limit_is_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_of_sandboxes_costs_a_bounded_number_of_queries() {
-    let server = server().await;
+    // No background loop may touch the store while statements are counted.
+    let server = server_with(|c| {
+        let hour = stacyvm::duration::GoDuration(Duration::from_secs(3600));
+        c.lifecycle.reaper_interval = hour;
+        c.lifecycle.health_interval = hour;
+        c.lifecycle.heartbeat_interval = hour;
+    })
+    .await;
     let query = "{ sandboxes(first: 100, filter: {labels: {team: \"ml\"}}) { edges { node { id worker { id } template { name } executions { id } auditEvents { id } } } pageInfo { hasNextPage } } }";
     let mut costs = Vec::new();
     for target in [3usize, 12] {

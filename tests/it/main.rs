@@ -1,4 +1,5 @@
 mod api;
+mod auth;
 mod graphql;
 mod providers;
 mod store;

@@ -34,6 +34,8 @@ class Config:
     url: str
     image: str
     provider: str
+    # Set when the server requires authentication (STACYVM_API_KEY).
+    api_key: str | None = None
 
 
 def pytest_configure(config):
@@ -50,6 +52,7 @@ def cfg() -> Config:
         url=os.environ["STACYVM_URL"].rstrip("/"),
         image=os.environ.get("STACYVM_TEST_IMAGE", "stacyvm-test:busybox"),
         provider=os.environ["STACYVM_TEST_PROVIDER"],
+        api_key=os.environ.get("STACYVM_API_KEY") or None,
     )
 
 
@@ -88,7 +91,7 @@ def now_utc() -> datetime:
 
 @pytest.fixture
 def client(cfg):
-    c = stacyvm.Client(cfg.url, timeout=120.0)
+    c = stacyvm.Client(cfg.url, api_key=cfg.api_key, timeout=120.0)
     yield c
     c.close()
 
@@ -123,7 +126,7 @@ class Spawner:
 @pytest.fixture
 def spawn(cfg):
     # Own HTTP client: cleanup must work even if the test closed `client`.
-    c = stacyvm.Client(cfg.url, timeout=120.0)
+    c = stacyvm.Client(cfg.url, api_key=cfg.api_key, timeout=120.0)
     s = Spawner(c, cfg)
     yield s
     try:
@@ -135,7 +138,7 @@ def spawn(cfg):
 @pytest.fixture(scope="module")
 def shared_sb(cfg):
     """One sandbox for read-mostly tests in a module (each test uses its own paths)."""
-    c = stacyvm.Client(cfg.url, timeout=120.0)
+    c = stacyvm.Client(cfg.url, api_key=cfg.api_key, timeout=120.0)
     sb = c.spawn(image=cfg.image, provider=cfg.provider, ttl="30m")
     yield sb
     try:
@@ -174,14 +177,14 @@ class AsyncSpawner:
 
 @pytest_asyncio.fixture
 async def aclient(cfg):
-    c = stacyvm.AsyncClient(cfg.url, timeout=120.0)
+    c = stacyvm.AsyncClient(cfg.url, api_key=cfg.api_key, timeout=120.0)
     yield c
     await c.close()
 
 
 @pytest_asyncio.fixture
 async def aspawn(cfg):
-    c = stacyvm.AsyncClient(cfg.url, timeout=120.0)
+    c = stacyvm.AsyncClient(cfg.url, api_key=cfg.api_key, timeout=120.0)
     s = AsyncSpawner(c, cfg)
     yield s
     try:

@@ -83,14 +83,14 @@ def test_client_constructor_options_and_context_manager(cfg):
         assert c.health()["status"] == "ok"
         assert isinstance(c.templates, TemplateManager)
     assert c._http.is_closed
-    c2 = Client(cfg.url)
+    c2 = Client(cfg.url, api_key=cfg.api_key)
     c2.close()
     assert c2._http.is_closed
 
 
 def test_user_id_header_sets_owner(cfg, spawn):
     owner = f"sdk-user-{uid()}"
-    with Client(cfg.url, user_id=owner, timeout=120.0) as c:
+    with Client(cfg.url, api_key=cfg.api_key, user_id=owner, timeout=120.0) as c:
         sb = c.spawn(image=cfg.image, provider=cfg.provider, ttl="10m")
         spawn.track(sb)
         assert sb._info["owner_id"] == owner
@@ -788,7 +788,7 @@ async def test_async_system(aclient, cfg):
 
 @pytest.mark.asyncio
 async def test_async_context_managers(cfg):
-    async with AsyncClient(cfg.url, timeout=120.0) as ac:
+    async with AsyncClient(cfg.url, api_key=cfg.api_key, timeout=120.0) as ac:
         async with await ac.spawn(image=cfg.image, provider=cfg.provider, ttl="10m") as sb:
             assert isinstance(sb, AsyncSandbox)
             assert (await sb.exec("echo async")).stdout == "async\n"

@@ -7,8 +7,9 @@ use base64::Engine;
 
 use super::ctx;
 use super::errors::GqlResult;
-use super::types::{ExecMode, ExecResult, Execution, GoDuration, Sandbox, Template};
+use super::types::{ExecMode, ExecResult, Execution, GoDuration, QuotaPolicy, Sandbox, Template};
 use crate::duration;
+use crate::service::QuotaInput;
 use crate::service::{
     Error, ExecRequest, FileWrite, SpawnRequest, TemplateInput as ServiceTemplateInput,
 };
@@ -103,6 +104,15 @@ pub struct TemplateInput {
     pub ttl: Option<GoDuration>,
     pub provider: Option<String>,
     pub metadata: Option<Json<BTreeMap<String, String>>>,
+}
+
+/// Quota overrides for one owner; a missing field clears that override.
+#[derive(InputObject)]
+pub struct SetQuotaInput {
+    pub owner_id: String,
+    pub max_sandboxes: Option<u64>,
+    pub max_ttl: Option<GoDuration>,
+    pub max_exec_timeout: Option<GoDuration>,
 }
 
 /// The root of all changes.
@@ -293,6 +303,36 @@ impl MutationRoot {
     async fn delete_template(&self, cx: &Context<'_>, name: String) -> async_graphql::Result<bool> {
         let (service, caller) = ctx(cx)?;
         service.delete_template(caller, &name).await.gql()?;
+        Ok(true)
+    }
+
+    /// Sets an owner's quota overrides (admins).
+    async fn set_quota(
+        &self,
+        cx: &Context<'_>,
+        input: SetQuotaInput,
+    ) -> async_graphql::Result<QuotaPolicy> {
+        let (service, caller) = ctx(cx)?;
+        let quota = QuotaInput {
+            max_sandboxes: input.max_sandboxes,
+            max_ttl: input.max_ttl.map(|d| duration::format(d.0)),
+            max_exec_timeout: input.max_exec_timeout.map(|d| duration::format(d.0)),
+        };
+        Ok(service
+            .set_quota(caller, &input.owner_id, quota)
+            .await
+            .gql()?
+            .into())
+    }
+
+    /// Clears an owner's quota overrides (admins).
+    async fn delete_quota(
+        &self,
+        cx: &Context<'_>,
+        owner_id: String,
+    ) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        service.delete_quota(caller, &owner_id).await.gql()?;
         Ok(true)
     }
 

@@ -11,6 +11,7 @@ use super::errors::GqlResult;
 use super::types::{
     AuditEvent, Execution, Health, Provider, Sandbox, SandboxState, Template, Worker,
 };
+use super::types::{QuotaPolicy, QuotaUsage};
 use crate::service::{Page, SandboxListing};
 use crate::store::AuditFilter;
 
@@ -170,6 +171,28 @@ impl QueryRoot {
             .await
             .gql()?;
         Ok(connection(page, |m| AuditEvent(m.into()), has_previous))
+    }
+
+    /// Every owner's quota overrides (admins).
+    async fn quotas(&self, cx: &Context<'_>) -> async_graphql::Result<Vec<QuotaPolicy>> {
+        let (service, caller) = ctx(cx)?;
+        Ok(service
+            .list_quotas(caller)
+            .await
+            .gql()?
+            .into_iter()
+            .map(QuotaPolicy::from)
+            .collect())
+    }
+
+    /// An owner's usage against its limits (admins, or the owner itself).
+    async fn quota_usage(
+        &self,
+        cx: &Context<'_>,
+        owner_id: String,
+    ) -> async_graphql::Result<QuotaUsage> {
+        let (service, caller) = ctx(cx)?;
+        Ok(service.quota_usage(caller, &owner_id).await.gql()?.into())
     }
 
     async fn health(&self, cx: &Context<'_>) -> async_graphql::Result<Health> {

@@ -449,3 +449,52 @@ pub struct SandboxEvent {
     pub reason: Option<String>,
     pub at: DateTime<Utc>,
 }
+
+/// An owner's quota overrides (0 / "" = not overridden).
+#[derive(SimpleObject)]
+pub struct QuotaPolicy {
+    pub owner_id: String,
+    pub max_sandboxes: u64,
+    pub max_ttl: String,
+    pub max_exec_timeout: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<service::QuotaPolicy> for QuotaPolicy {
+    fn from(q: service::QuotaPolicy) -> Self {
+        QuotaPolicy {
+            owner_id: q.owner_id,
+            max_sandboxes: q.max_sandboxes,
+            max_ttl: q.max_ttl,
+            max_exec_timeout: q.max_exec_timeout,
+            created_at: q.created_at,
+            updated_at: q.updated_at,
+        }
+    }
+}
+
+/// An owner's usage against its effective limits.
+#[derive(SimpleObject)]
+pub struct QuotaUsage {
+    pub owner_id: String,
+    pub active_sandboxes: u64,
+    /// 0 = unlimited.
+    pub max_sandboxes: u64,
+    pub max_ttl: String,
+    pub max_exec_timeout: String,
+    pub quota_configured: bool,
+}
+
+impl From<service::QuotaUsage> for QuotaUsage {
+    fn from(u: service::QuotaUsage) -> Self {
+        QuotaUsage {
+            owner_id: u.owner_id,
+            active_sandboxes: u.active_sandboxes,
+            max_sandboxes: u.max_sandboxes,
+            max_ttl: u.max_ttl,
+            max_exec_timeout: u.max_exec_timeout,
+            quota_configured: u.quota_configured,
+        }
+    }
+}

@@ -10,8 +10,10 @@ use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 
-use super::{GraphqlState, request_data};
+use super::{GraphqlState, errors, request_data};
+use crate::api::caller::AuthFailure;
 use crate::auth::Caller;
+use crate::service::Credentials;
 
 /// Largest client message accepted; a bigger one closes the connection
 /// with 1009 (message too big).
@@ -19,12 +21,36 @@ pub const MAX_WS_MESSAGE_BYTES: usize = 64 * 1024;
 /// How often the server pings an open connection.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
+/// Credentials in a `connection_init` payload: header names as keys, at
+/// the top level or under `headers` (what GraphiQL's header editor sends).
+fn payload_credentials(payload: &serde_json::Value, request_id: String) -> Option<Credentials> {
+    let object = payload.get("headers").unwrap_or(payload).as_object()?;
+    let get = |name: &str| {
+        object
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.as_str())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
+    let creds = crate::api::caller::credentials(get, request_id);
+    let any = creds.api_key.is_some() || creds.admin_api_key.is_some() || creds.bearer.is_some();
+    any.then_some(creds)
+}
+
 pub async fn upgrade(
     State(state): State<GraphqlState>,
-    caller: Caller,
+    caller: Option<axum::Extension<Caller>>,
+    failure: Option<axum::Extension<AuthFailure>>,
     protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let from_headers: Result<Caller, String> = match (caller, failure) {
+        (Some(axum::Extension(caller)), _) => Ok(caller),
+        (None, Some(axum::Extension(AuthFailure(e)))) => Err(e.to_string()),
+        (None, None) => Err("authentication required".into()),
+    };
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(MAX_WS_MESSAGE_BYTES)
@@ -51,9 +77,23 @@ pub async fn upgrade(
                 // Best effort: the peer may already be gone.
                 let _closed = socket_sink.close().await;
             });
-            let data = request_data(&state.service, caller);
+            let service = state.service.clone();
+            // Credentials in the init message win over the upgrade request's
+            // headers (browsers cannot set headers on a WebSocket).
+            let on_init = move |payload: serde_json::Value| async move {
+                let caller = match payload_credentials(&payload, crate::ids::request()) {
+                    Some(creds) => service
+                        .authenticate(creds)
+                        .await
+                        .map_err(errors::gql_error)?,
+                    None => from_headers.map_err(|message| {
+                        errors::gql_error(crate::service::Error::Unauthorized(message))
+                    })?,
+                };
+                Ok(request_data(&service, caller))
+            };
             GraphQLWebSocket::new_with_pair(tx, socket_stream, state.schema.clone(), protocol)
-                .with_data(data)
+                .on_connection_init(on_init)
                 .serve()
                 .await;
             if let Err(e) = pump.await {

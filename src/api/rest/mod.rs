@@ -1,10 +1,12 @@
 //! The REST compatibility layer under `/api/v1`: exactly the paths, bodies
 //! and answers that the published `stacyvm` SDKs use. One file per resource.
 
+mod admin;
 mod error;
 mod exec;
 mod extract;
 mod files;
+mod quotas;
 mod sandboxes;
 mod system;
 mod templates;
@@ -26,6 +28,8 @@ pub fn router(service: Service) -> Router {
         .merge(files::router())
         .merge(templates::router())
         .merge(system::router())
+        .merge(quotas::router())
+        .merge(admin::router())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(service)

@@ -14,7 +14,6 @@ use super::extract::Query;
 use crate::auth::Caller;
 use crate::provider::RuntimeStats;
 use crate::service::{HealthReport, ProviderStatus, Service, WorkerStatus};
-use crate::store::QuotaSummary;
 
 pub fn router() -> Router<Service> {
     Router::new()
@@ -25,7 +24,6 @@ pub fn router() -> Router<Service> {
         .route("/providers/test", post(test_providers))
         .route("/workers", get(workers))
         .route("/pool/status", get(pool_status))
-        .route("/quotas/summary", get(quota_summary))
         .route("/sandboxes/{id}/logs", get(logs))
         .route("/sandboxes/{id}/stats", get(stats))
 }
@@ -58,13 +56,6 @@ async fn workers(State(service): State<Service>) -> Result<Json<Vec<WorkerStatus
 /// Pool mode (many users sharing warm VMs) does not exist in this server.
 async fn pool_status() -> Json<Value> {
     Json(json!({ "enabled": false }))
-}
-
-async fn quota_summary(
-    State(service): State<Service>,
-    caller: Caller,
-) -> Result<Json<QuotaSummary>, ApiError> {
-    Ok(Json(service.quota_summary(&caller).await?))
 }
 
 #[derive(Debug, Deserialize)]

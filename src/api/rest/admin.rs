@@ -1,0 +1,109 @@
+//! `/admin/...`: the audit trail (JSON or CSV) and worker listing.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::ApiError;
+use super::extract::Query;
+use crate::auth::Caller;
+use crate::events::AuditRecord;
+use crate::service::{Error, Service, WorkerStatus};
+use crate::store::AuditFilter;
+
+pub fn router() -> Router<Service> {
+    Router::new()
+        .route("/admin/audit", get(audit))
+        .route("/admin/workers", get(workers))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    limit: Option<u64>,
+    actor: Option<String>,
+    action: Option<String>,
+    target: Option<String>,
+    /// Cursor from the previous page's `X-Next-Cursor` header.
+    after: Option<String>,
+    format: Option<String>,
+}
+
+/// Quotes a CSV field when it needs it (RFC 4180).
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+async fn audit(
+    State(service): State<Service>,
+    caller: Caller,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let filter = AuditFilter {
+        actor: q.actor,
+        action: q.action,
+        target: q.target,
+        ..Default::default()
+    };
+    let page = service
+        .audit_page(&caller, filter, Some(q.limit.unwrap_or(100)), q.after)
+        .await?;
+    let next = page
+        .has_next_page
+        .then(|| page.items.last().map(|(cursor, _)| cursor.clone()))
+        .flatten();
+    let events: Vec<AuditRecord> = page.items.into_iter().map(|(_, m)| m.into()).collect();
+    let mut response = match q.format.as_deref() {
+        None | Some("json") => Json(events).into_response(),
+        Some("csv") => {
+            let mut out = String::from(
+                "id,created_at,actor,tenant_id,action,target,outcome,request_id,detail\n",
+            );
+            for e in &events {
+                let row = [
+                    e.id.as_str(),
+                    &e.created_at.to_rfc3339(),
+                    &e.actor,
+                    &e.tenant_id,
+                    &e.action,
+                    &e.target,
+                    &e.outcome,
+                    &e.request_id,
+                    e.detail.as_deref().unwrap_or(""),
+                ]
+                .map(csv_field)
+                .join(",");
+                out.push_str(&row);
+                out.push('\n');
+            }
+            ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response()
+        }
+        Some(other) => {
+            return Err(ApiError(Error::BadRequest(format!(
+                "format must be json or csv, not {other:?}"
+            ))));
+        }
+    };
+    if let Some(next) = next
+        && let Ok(value) = header::HeaderValue::from_str(&next)
+    {
+        response.headers_mut().insert("x-next-cursor", value);
+    }
+    Ok(response)
+}
+
+async fn workers(
+    State(service): State<Service>,
+    caller: Caller,
+) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
+    if !caller.is_admin() {
+        return Err(ApiError(Error::Forbidden("this needs an admin key".into())));
+    }
+    Ok(Json(service.workers().await?))
+}

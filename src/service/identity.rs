@@ -1,0 +1,344 @@
+//! Identity: turning credentials into a [`Caller`], and managing API keys.
+//!
+//! Credentials, in the order they are tried: `X-Admin-API-Key` (the static
+//! admin key or an admin-role key), `X-API-Key` (the static key or a stored
+//! key), `Authorization: Bearer <jwt>`. With none configured anywhere the
+//! server is open (loopback only, enforced at start-up); otherwise a request
+//! without credentials is 401.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Error, Result};
+use crate::auth::jwt::JwtVerifier;
+use crate::auth::keys::{self, KeyHasher};
+use crate::auth::{Caller, DEFAULT_TENANT, Role};
+use crate::config::AuthConfig;
+use crate::store::Store;
+
+/// What a request presented.
+#[derive(Debug, Clone, Default)]
+pub struct Credentials {
+    pub api_key: Option<String>,
+    pub admin_api_key: Option<String>,
+    pub bearer: Option<String>,
+    /// `X-User-ID`: the SDK's pool-mode user.
+    pub user_id: Option<String>,
+    pub request_id: String,
+}
+
+/// A stored key as listed (never the key itself).
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub prefix: String,
+    pub owner_id: String,
+    pub tenant_id: String,
+    pub role: String,
+    pub allow_user_header: bool,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl From<entity::api_key::Model> for ApiKeyInfo {
+    fn from(m: entity::api_key::Model) -> Self {
+        ApiKeyInfo {
+            id: m.id,
+            prefix: m.prefix,
+            owner_id: m.owner_id,
+            tenant_id: m.tenant_id,
+            role: m.role,
+            allow_user_header: m.allow_user_header,
+            created_at: m.created_at,
+            expires_at: m.expires_at,
+            revoked_at: m.revoked_at,
+        }
+    }
+}
+
+/// A key to create.
+#[derive(Debug, Clone)]
+pub struct NewApiKey {
+    pub owner_id: String,
+    pub tenant_id: Option<String>,
+    pub role: Role,
+    pub expires_in: Option<Duration>,
+    pub allow_user_header: bool,
+}
+
+/// How long "are there stored keys?" is cached while the server is open.
+const OPEN_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Authenticates requests and manages keys.
+pub struct Identity {
+    store: Store,
+    hasher: KeyHasher,
+    config: AuthConfig,
+    jwt: Option<JwtVerifier>,
+    /// When stored keys were last counted, and whether any was usable.
+    keys_exist: Mutex<Option<(Instant, bool)>>,
+}
+
+/// Why the identity component could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read or create the key pepper {path}: {source}")]
+    Pepper {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("jwt: {0}")]
+    Jwt(#[from] crate::auth::jwt::JwtError),
+}
+
+/// The pepper from the configuration, or from (a new) `<data_dir>/key_pepper`.
+pub fn load_pepper(
+    config: &AuthConfig,
+    data_dir: &Path,
+) -> std::result::Result<String, IdentityError> {
+    if !config.key_pepper.is_empty() {
+        return Ok(config.key_pepper.clone());
+    }
+    let path = data_dir.join("key_pepper");
+    let fail = |source| IdentityError::Pepper {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(p) if !p.trim().is_empty() => Ok(p.trim().to_string()),
+        _ => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(data_dir).map_err(fail)?;
+            let pepper = keys::generate_pepper();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(fail)?;
+            file.write_all(pepper.as_bytes()).map_err(fail)?;
+            Ok(pepper)
+        }
+    }
+}
+
+fn valid_user_id(user: &str) -> Result<()> {
+    if user.is_empty() || user.len() > 128 || user.chars().any(char::is_control) {
+        return Err(Error::BadRequest("invalid X-User-ID".into()));
+    }
+    Ok(())
+}
+
+impl Identity {
+    pub fn new(
+        store: Store,
+        config: AuthConfig,
+        pepper: String,
+    ) -> std::result::Result<Identity, IdentityError> {
+        let jwt = JwtVerifier::from_config(&config.jwt)?;
+        Ok(Identity {
+            store,
+            hasher: KeyHasher::new(pepper),
+            config,
+            jwt,
+            keys_exist: Mutex::new(None),
+        })
+    }
+
+    /// Whether any credential is configured: the server must then refuse
+    /// requests without one.
+    pub async fn auth_required(&self) -> Result<bool> {
+        if !self.config.api_key.is_empty()
+            || !self.config.admin_api_key.is_empty()
+            || self.jwt.is_some()
+        {
+            return Ok(true);
+        }
+        if let Ok(cached) = self.keys_exist.lock()
+            && let Some((at, exist)) = *cached
+            && (exist || at.elapsed() < OPEN_CHECK_EVERY)
+        {
+            // Once keys exist the server stays closed until restart.
+            return Ok(exist);
+        }
+        let exist = self.store.count_usable_api_keys(Utc::now()).await? > 0;
+        if let Ok(mut cached) = self.keys_exist.lock() {
+            *cached = Some((Instant::now(), exist));
+        }
+        Ok(exist)
+    }
+
+    /// The caller behind `creds`.
+    pub async fn authenticate(&self, creds: Credentials) -> Result<Caller> {
+        let mut caller = if let Some(key) = &creds.admin_api_key {
+            let caller = self.caller_for_key(key, &creds.request_id, true).await?;
+            if !caller.is_admin() {
+                return Err(Error::Unauthorized(
+                    "X-Admin-API-Key is not an admin key".into(),
+                ));
+            }
+            caller
+        } else if let Some(key) = &creds.api_key {
+            self.caller_for_key(key, &creds.request_id, false).await?
+        } else if let Some(token) = &creds.bearer {
+            let verifier = self.jwt.as_ref().ok_or_else(|| {
+                Error::Unauthorized("bearer tokens are not configured on this server".into())
+            })?;
+            let token = verifier
+                .verify(token)
+                .map_err(|e| Error::Unauthorized(format!("invalid bearer token: {e}")))?;
+            let role = match token.role.as_deref() {
+                None | Some("") => Role::Owner,
+                Some(r) => r
+                    .parse()
+                    .map_err(|e: crate::auth::UnknownRole| Error::Unauthorized(e.to_string()))?,
+            };
+            Caller {
+                credential: Some(format!("jwt:{}", token.subject)),
+                owner_id: token.subject,
+                tenant_id: token.tenant.unwrap_or_else(|| DEFAULT_TENANT.into()),
+                role,
+                open: false,
+                request_id: creds.request_id.clone(),
+            }
+        } else if self.auth_required().await? {
+            return Err(Error::Unauthorized(
+                "authentication required: send X-API-Key, X-Admin-API-Key or Authorization: Bearer"
+                    .into(),
+            ));
+        } else {
+            Caller::anonymous(creds.request_id.clone())
+        };
+        if let Some(user) = creds.user_id {
+            valid_user_id(&user)?;
+            let allowed =
+                caller.open || caller.may_act_for_others() || self.user_header_allowed(&caller);
+            if !allowed {
+                return Err(Error::Forbidden(
+                    "this key may not act for another user (X-User-ID)".into(),
+                ));
+            }
+            caller.owner_id = user;
+        }
+        Ok(caller)
+    }
+
+    fn user_header_allowed(&self, caller: &Caller) -> bool {
+        caller
+            .credential
+            .as_deref()
+            .is_some_and(|c| c == "static" || c.ends_with("+user"))
+    }
+
+    async fn caller_for_key(
+        &self,
+        key: &str,
+        request_id: &str,
+        admin_header: bool,
+    ) -> Result<Caller> {
+        let static_match = |expected: &str| !expected.is_empty() && self.hasher.same(key, expected);
+        if admin_header && static_match(&self.config.admin_api_key) {
+            return Ok(Caller {
+                owner_id: "admin".into(),
+                tenant_id: DEFAULT_TENANT.into(),
+                role: Role::Admin,
+                open: false,
+                credential: Some("static-admin".into()),
+                request_id: request_id.to_string(),
+            });
+        }
+        if !admin_header && static_match(&self.config.api_key) {
+            return Ok(Caller {
+                owner_id: "default".into(),
+                tenant_id: DEFAULT_TENANT.into(),
+                role: Role::Owner,
+                open: false,
+                credential: Some("static".into()),
+                request_id: request_id.to_string(),
+            });
+        }
+        let invalid = || Error::Unauthorized("invalid API key".into());
+        let stored = self
+            .store
+            .api_key_by_hash(&self.hasher.hash(key))
+            .await?
+            .ok_or_else(invalid)?;
+        if stored.revoked_at.is_some() {
+            return Err(Error::Unauthorized("API key revoked".into()));
+        }
+        if stored.expires_at.is_some_and(|at| at <= Utc::now()) {
+            return Err(Error::Unauthorized("API key expired".into()));
+        }
+        let role: Role = stored.role.parse().map_err(|_| invalid())?;
+        let mut credential = stored.id.clone();
+        if stored.allow_user_header {
+            credential.push_str("+user");
+        }
+        Ok(Caller {
+            owner_id: stored.owner_id,
+            tenant_id: stored.tenant_id,
+            role,
+            open: false,
+            credential: Some(credential),
+            request_id: request_id.to_string(),
+        })
+    }
+
+    /// Creates a key and returns it (shown once) with its listing.
+    pub async fn create_key(&self, new: NewApiKey) -> Result<(String, ApiKeyInfo)> {
+        valid_user_id(&new.owner_id).map_err(|_| Error::BadRequest("invalid owner name".into()))?;
+        let (key, prefix) = keys::generate();
+        let now = Utc::now();
+        let expires_at = new
+            .expires_in
+            .map(|d| chrono::Duration::from_std(d).map(|d| now + d))
+            .transpose()
+            .map_err(|_| Error::BadRequest("expiry too far away".into()))?;
+        let model = entity::api_key::Model {
+            id: format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+            prefix,
+            hash: self.hasher.hash(&key),
+            owner_id: new.owner_id,
+            tenant_id: new.tenant_id.unwrap_or_else(|| DEFAULT_TENANT.into()),
+            role: new.role.as_str().into(),
+            allow_user_header: new.allow_user_header,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+        };
+        self.store.insert_api_key(model.clone()).await?;
+        if let Ok(mut cached) = self.keys_exist.lock() {
+            *cached = None;
+        }
+        Ok((key, model.into()))
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<ApiKeyInfo>> {
+        Ok(self
+            .store
+            .list_api_keys()
+            .await?
+            .into_iter()
+            .map(ApiKeyInfo::from)
+            .collect())
+    }
+
+    /// Revokes keys by id or listing prefix; 404 when none matched.
+    pub async fn revoke_key(&self, id_or_prefix: &str) -> Result<u64> {
+        if id_or_prefix.len() < 6 {
+            return Err(Error::BadRequest(
+                "give a key id or a prefix of at least 6 characters".into(),
+            ));
+        }
+        match self.store.revoke_api_keys(id_or_prefix).await? {
+            0 => Err(Error::NotFound(format!("no active key {id_or_prefix}"))),
+            n => Ok(n),
+        }
+    }
+}

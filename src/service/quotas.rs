@@ -1,0 +1,190 @@
+//! Per-owner quota overrides and usage. Setting and clearing quotas is for
+//! admins; an owner may read its own.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{Error, Result, Service};
+use crate::auth::Caller;
+use crate::duration;
+use crate::store::OwnerQuota;
+
+/// An owner's overrides as clients see them (0 / "" = not overridden).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct QuotaPolicy {
+    pub owner_id: String,
+    pub max_sandboxes: u64,
+    pub max_ttl: String,
+    pub max_exec_timeout: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What an admin sets; a missing field clears that override.
+#[derive(Debug, Clone, Default)]
+pub struct QuotaInput {
+    pub max_sandboxes: Option<u64>,
+    pub max_ttl: Option<String>,
+    pub max_exec_timeout: Option<String>,
+}
+
+/// An owner's usage against its effective limits.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub owner_id: String,
+    pub active_sandboxes: u64,
+    /// 0 = unlimited.
+    pub max_sandboxes: u64,
+    pub max_ttl: String,
+    pub max_exec_timeout: String,
+    /// Whether the owner has its own overrides.
+    pub quota_configured: bool,
+}
+
+fn ms_text(ms: Option<i64>) -> String {
+    ms.and_then(|m| u64::try_from(m).ok())
+        .map(|m| duration::format(Duration::from_millis(m)))
+        .unwrap_or_default()
+}
+
+fn policy(o: entity::owner::Model) -> QuotaPolicy {
+    QuotaPolicy {
+        max_sandboxes: o
+            .max_sandboxes
+            .and_then(|m| u64::try_from(m).ok())
+            .unwrap_or(0),
+        max_ttl: ms_text(o.max_ttl_ms),
+        max_exec_timeout: ms_text(o.max_exec_timeout_ms),
+        owner_id: o.id,
+        created_at: o.created_at,
+        updated_at: o.updated_at,
+    }
+}
+
+fn parse_limit(name: &str, text: Option<&str>) -> Result<Option<i64>> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(t) => {
+            let d = duration::parse(t).map_err(|e| Error::BadRequest(format!("{name}: {e}")))?;
+            if d.is_zero() {
+                return Err(Error::BadRequest(format!("{name} must be positive")));
+            }
+            Ok(Some(d.as_millis() as i64))
+        }
+    }
+}
+
+impl Service {
+    /// Every owner with overrides (admins).
+    pub async fn list_quotas(&self, caller: &Caller) -> Result<Vec<QuotaPolicy>> {
+        self.require_admin(caller)?;
+        Ok(self
+            .store()
+            .list_owner_quotas()
+            .await?
+            .into_iter()
+            .map(policy)
+            .collect())
+    }
+
+    /// One owner's overrides (admins, or the owner itself).
+    pub async fn get_quota(&self, caller: &Caller, owner: &str) -> Result<QuotaPolicy> {
+        if !caller.is_admin() && caller.owner_id != owner {
+            return Err(Error::NotFound(format!("no quota for owner {owner}")));
+        }
+        match self.store().get_owner(owner).await? {
+            Some(o)
+                if o.max_sandboxes.is_some()
+                    || o.max_ttl_ms.is_some()
+                    || o.max_exec_timeout_ms.is_some() =>
+            {
+                Ok(policy(o))
+            }
+            _ => Err(Error::NotFound(format!("no quota for owner {owner}"))),
+        }
+    }
+
+    /// Sets an owner's overrides (admins).
+    pub async fn set_quota(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        input: QuotaInput,
+    ) -> Result<QuotaPolicy> {
+        let outcome = async {
+            self.require_admin(caller)?;
+            if owner.is_empty() || owner.len() > 128 {
+                return Err(Error::BadRequest("invalid owner".into()));
+            }
+            let quota = OwnerQuota {
+                max_sandboxes: input
+                    .max_sandboxes
+                    .filter(|m| *m > 0)
+                    .map(|m| {
+                        i32::try_from(m)
+                            .map_err(|_| Error::BadRequest("max_sandboxes too large".into()))
+                    })
+                    .transpose()?,
+                max_ttl_ms: parse_limit("max_ttl", input.max_ttl.as_deref())?,
+                max_exec_timeout_ms: parse_limit(
+                    "max_exec_timeout",
+                    input.max_exec_timeout.as_deref(),
+                )?,
+            };
+            self.store().set_owner_quota(owner, quota).await?;
+            let saved = self
+                .store()
+                .get_owner(owner)
+                .await?
+                .ok_or_else(|| Error::Internal("quota vanished after write".into()))?;
+            Ok(policy(saved))
+        }
+        .await;
+        self.audit(caller, "quota.set", owner, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// Clears an owner's overrides (admins).
+    pub async fn delete_quota(&self, caller: &Caller, owner: &str) -> Result<()> {
+        let outcome = async {
+            self.require_admin(caller)?;
+            if self.store().clear_owner_quota(owner).await? {
+                Ok(())
+            } else {
+                Err(Error::NotFound(format!("no quota for owner {owner}")))
+            }
+        }
+        .await;
+        self.audit(caller, "quota.delete", owner, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// An owner's usage (admins, or the owner itself).
+    pub async fn quota_usage(&self, caller: &Caller, owner: &str) -> Result<QuotaUsage> {
+        if !caller.is_admin() && caller.owner_id != owner {
+            return Err(Error::NotFound(format!("no quota for owner {owner}")));
+        }
+        let defaults = &self.config().defaults;
+        let record = self.store().get_owner(owner).await?;
+        let configured = record.as_ref().is_some_and(|o| {
+            o.max_sandboxes.is_some() || o.max_ttl_ms.is_some() || o.max_exec_timeout_ms.is_some()
+        });
+        let max_sandboxes = record
+            .as_ref()
+            .and_then(|o| o.max_sandboxes)
+            .and_then(|m| u64::try_from(m).ok())
+            .unwrap_or(u64::from(defaults.max_sandboxes_per_owner));
+        Ok(QuotaUsage {
+            owner_id: owner.to_string(),
+            active_sandboxes: self.store().count_live_sandboxes(Some(owner)).await?,
+            max_sandboxes,
+            max_ttl: duration::format(self.max_ttl_for(owner).await?),
+            max_exec_timeout: duration::format(self.max_exec_timeout_for(owner).await?),
+            quota_configured: configured,
+        })
+    }
+}
