@@ -127,7 +127,33 @@ impl Service {
             }
             self.audit(caller, "sandbox.expire", &id, Ok(())).await;
         }
+        self.await_expiries_in_flight(caller).await?;
         Ok(pruned)
+    }
+
+    /// Waits (bounded) for expired sandboxes that another actor (the
+    /// reaper) is already destroying, so that after a prune no expired
+    /// sandbox is still listed.
+    async fn await_expiries_in_flight(&self, caller: &Caller) -> Result<()> {
+        const LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        let filter = SandboxFilter {
+            owner_id: (!caller.may_act_for_others()).then(|| caller.owner_id.clone()),
+            states: Some(vec![SandboxState::Expired, SandboxState::Destroying]),
+        };
+        loop {
+            let now = Utc::now();
+            let pending = self
+                .store()
+                .list_sandboxes(&filter)
+                .await?
+                .into_iter()
+                .any(|m| m.expires_at <= now);
+            if !pending || tokio::time::Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Retries the destruction of sandboxes left in `error`.

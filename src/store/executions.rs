@@ -69,18 +69,10 @@ impl Store {
         after: Option<&super::PageCursor>,
         limit: u64,
     ) -> StoreResult<Vec<execution::Model>> {
-        use sea_orm::{Condition, QuerySelect};
+        use sea_orm::QuerySelect;
         let mut query = Entity::find().filter(Column::SandboxId.eq(sandbox_id));
         if let Some(after) = after {
-            query = query.filter(
-                Condition::any()
-                    .add(Column::CreatedAt.gt(after.created_at))
-                    .add(
-                        Condition::all()
-                            .add(Column::CreatedAt.eq(after.created_at))
-                            .add(Column::Id.gt(after.id.as_str())),
-                    ),
-            );
+            query = query.filter(super::after_cursor(Column::CreatedAt, Column::Id, after));
         }
         Ok(query
             .order_by_asc(Column::CreatedAt)

@@ -117,6 +117,20 @@ impl Store {
     }
 }
 
+/// Rows strictly after `cursor` in (created_at, id) order.
+pub(crate) fn after_cursor<C: sea_orm::ColumnTrait>(
+    created_at: C,
+    id: C,
+    cursor: &PageCursor,
+) -> sea_orm::Condition {
+    use sea_orm::Condition;
+    Condition::any().add(created_at.gt(cursor.created_at)).add(
+        Condition::all()
+            .add(created_at.eq(cursor.created_at))
+            .add(id.gt(cursor.id.as_str())),
+    )
+}
+
 /// Converts a stored JSON object into a string map, refusing anything else.
 pub fn json_to_map(
     value: &serde_json::Value,

@@ -74,7 +74,7 @@ impl Store {
 
     /// One page of sandboxes matching `q`, ordered by (created_at, id).
     pub async fn page_sandboxes(&self, q: &SandboxQuery) -> StoreResult<Vec<sandbox::Model>> {
-        use sea_orm::{Condition, QuerySelect};
+        use sea_orm::QuerySelect;
         let mut query = Entity::find();
         query = match &q.states {
             Some(states) => query.filter(Column::State.is_in(names(states))),
@@ -90,15 +90,7 @@ impl Store {
             query = query.filter(Column::Image.eq(image.as_str()));
         }
         if let Some(after) = &q.after {
-            query = query.filter(
-                Condition::any()
-                    .add(Column::CreatedAt.gt(after.created_at))
-                    .add(
-                        Condition::all()
-                            .add(Column::CreatedAt.eq(after.created_at))
-                            .add(Column::Id.gt(after.id.as_str())),
-                    ),
-            );
+            query = query.filter(super::after_cursor(Column::CreatedAt, Column::Id, after));
         }
         Ok(query
             .order_by_asc(Column::CreatedAt)

@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::support::{
-    TestServer, docker_containers_for, docker_enabled, docker_image, rootfs_tarball,
-};
+use crate::support::{TestServer, docker_containers_for, docker_enabled, docker_image};
 
 fn id_of(body: &Value) -> String {
     body["id"]
@@ -26,15 +24,7 @@ async fn spawn_ok(server: &TestServer, body: Value) -> String {
 
 /// A server whose native provider has the test image imported.
 async fn native_server(tweak: impl FnOnce(&mut stacyvm::config::Config)) -> TestServer {
-    let server = TestServer::start(|c| {
-        c.providers.default = "native".into();
-        tweak(c);
-    })
-    .await;
-    stacyvm::app::image_store(server.app_service.config())
-        .import(&docker_image(), &rootfs_tarball())
-        .unwrap_or_else(|e| panic!("import: {e}"));
-    server
+    crate::support::native_server(tweak).await
 }
 
 fn assert_error(status: u16, body: &Value, want_status: u16, want_code: &str) {

@@ -12,18 +12,10 @@ use stacyvm::service::NewApiKey;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{TestServer, docker_image, rootfs_tarball};
+use crate::support::{TestServer, docker_image};
 
 async fn server(tweak: impl FnOnce(&mut stacyvm::config::Config)) -> TestServer {
-    let server = TestServer::start(|c| {
-        c.providers.default = "native".into();
-        tweak(c);
-    })
-    .await;
-    stacyvm::app::image_store(server.app_service.config())
-        .import(&docker_image(), &rootfs_tarball())
-        .unwrap_or_else(|e| panic!("import: {e}"));
-    server
+    crate::support::native_server(tweak).await
 }
 
 async fn key(server: &TestServer, owner: &str, role: Role) -> String {

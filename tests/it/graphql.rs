@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{TestServer, docker_image, rootfs_tarball};
+use crate::support::{TestServer, docker_image};
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -19,15 +19,7 @@ async fn server() -> TestServer {
 }
 
 async fn server_with(tweak: impl FnOnce(&mut stacyvm::config::Config)) -> TestServer {
-    let server = TestServer::start(|c| {
-        c.providers.default = "native".into();
-        tweak(c);
-    })
-    .await;
-    stacyvm::app::image_store(server.app_service.config())
-        .import(&docker_image(), &rootfs_tarball())
-        .unwrap_or_else(|e| panic!("import: {e}"));
-    server
+    crate::support::native_server(tweak).await
 }
 
 fn graphql_url(server: &TestServer) -> String {
@@ -559,9 +551,15 @@ async fn a_page_of_sandboxes_costs_a_bounded_number_of_queries() {
             let id = spawn(&server).await;
             gql_ok(&server, "mutation($id: ID!) { exec(sandboxId: $id, input: {command: \"true\"}) { exitCode } }", json!({"id": id})).await;
         }
-        let before = server.app_service.store().query_count();
-        let data = gql_ok(&server, query, json!({})).await;
-        let cost = server.app_service.store().query_count() - before;
+        // The open-mode credential check refreshes at most every 2 s and may
+        // land inside one measurement; the least of three is the page's cost.
+        let mut cost = u64::MAX;
+        let mut data = Value::Null;
+        for _ in 0..3 {
+            let before = server.app_service.store().query_count();
+            data = gql_ok(&server, query, json!({})).await;
+            cost = cost.min(server.app_service.store().query_count() - before);
+        }
         let edges = data["sandboxes"]["edges"]
             .as_array()
             .cloned()

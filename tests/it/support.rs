@@ -219,6 +219,19 @@ async fn decode(resp: reqwest::Response) -> (u16, serde_json::Value) {
     (status, value)
 }
 
+/// A server whose default provider is native, with the test image imported.
+pub async fn native_server(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let server = TestServer::start(|c| {
+        c.providers.default = "native".into();
+        tweak(c);
+    })
+    .await;
+    stacyvm::app::image_store(server.app_service.config())
+        .import(&docker_image(), &rootfs_tarball())
+        .unwrap_or_else(|e| panic!("import: {e}"));
+    server
+}
+
 /// Names of containers labelled with a sandbox id, via the docker CLI
 /// (independent of the provider under test).
 pub fn docker_containers_for(sandbox_id: &str) -> Vec<String> {
