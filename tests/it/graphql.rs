@@ -633,3 +633,44 @@ fn schema_graphql_is_in_sync() {
         "schema.graphql is out of date: run `cargo run -- schema > schema.graphql`"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_websocket_messages_close_the_connection() {
+    let server = server().await;
+    let mut ws = Ws::connect(&server, false).await;
+    let huge = "x".repeat(stacyvm::api::graphql::MAX_WS_MESSAGE_BYTES + 1024);
+    ws.send(json!({"id": "big", "type": "subscribe", "payload": {"query": huge}}))
+        .await;
+    // The server closes with 1009 (message too big) rather than buffering it.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match ws.socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    })
+    .await;
+    assert!(matches!(closed, Ok(Some(1009)) | Ok(None)), "{closed:?}");
+    // Other connections are unaffected.
+    let data = gql_ok(&server, "{ health { status } }", json!({})).await;
+    assert_eq!(data["health"]["status"], "ok");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_can_be_turned_off() {
+    let open = server().await;
+    let query = "{ __schema { queryType { name } } }";
+    assert_eq!(
+        gql_ok(&open, query, json!({})).await["__schema"]["queryType"]["name"],
+        "QueryRoot"
+    );
+    open.stop().await;
+    let closed = server_with(|c| c.server.graphql_introspection = false).await;
+    // Disabled introspection answers no schema (async-graphql returns null).
+    let response = gql(&closed, query, json!({})).await;
+    assert!(response["data"]["__schema"].is_null(), "{response}");
+    closed.stop().await;
+}

@@ -14,6 +14,8 @@ mod subscription;
 mod types;
 mod ws;
 
+pub use ws::MAX_WS_MESSAGE_BYTES;
+
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{Context, Data, Schema};
 use axum::Router;
