@@ -131,6 +131,12 @@ impl Service {
             .collect())
     }
 
+    /// Workers with admin detail (the admin route).
+    pub async fn admin_workers(&self, caller: &Caller) -> Result<Vec<WorkerStatus>> {
+        self.require_admin(caller)?;
+        self.workers().await
+    }
+
     pub async fn quota_summary(&self, _caller: &Caller) -> Result<QuotaSummary> {
         Ok(self.store().quota_summary().await?)
     }

@@ -102,8 +102,5 @@ async fn workers(
     State(service): State<Service>,
     caller: Caller,
 ) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
-    if !caller.is_admin() {
-        return Err(ApiError(Error::Forbidden("this needs an admin key".into())));
-    }
-    Ok(Json(service.workers().await?))
+    Ok(Json(service.admin_workers(&caller).await?))
 }
