@@ -60,7 +60,8 @@ const KEPT_CAPABILITIES: [&str; 7] = [
 
 /// The Docker provider.
 pub struct DockerProvider {
-    client: RwLock<Docker>,
+    /// `None` until the daemon's socket exists.
+    client: RwLock<Option<Docker>>,
     /// Whether `client` speaks a version the daemon agreed to.
     negotiated: RwLock<bool>,
     config: DockerConfig,
@@ -77,14 +78,15 @@ impl DockerProvider {
     /// Connects to the configured daemon. A daemon that is down is not an
     /// error here: the provider reports itself unhealthy until it answers.
     pub async fn connect(config: &DockerConfig) -> ProviderResult<DockerProvider> {
-        let client = if config.host.is_empty() {
-            Docker::connect_with_local_defaults()
-        } else if let Some(path) = config.host.strip_prefix("unix://") {
-            Docker::connect_with_unix(path, 120, &FALLBACK_API)
-        } else {
-            Docker::connect_with_http(&config.host, 120, &FALLBACK_API)
-        }
-        .map_err(|e| ProviderError::Unavailable(format!("docker: {e}")))?;
+        let client = match Self::open(config) {
+            Ok(client) => Some(client),
+            Err(e) => {
+                // No socket yet (dockerd not installed or not started):
+                // unhealthy until it appears.
+                tracing::warn!(error = %e, "docker daemon not reachable");
+                None
+            }
+        };
         let provider = DockerProvider {
             client: RwLock::new(client),
             negotiated: RwLock::new(false),
@@ -95,16 +97,36 @@ impl DockerProvider {
         Ok(provider)
     }
 
-    /// Agrees on an API version with the daemon, once it answers.
+    fn open(config: &DockerConfig) -> Result<Docker, DockerError> {
+        if config.host.is_empty() {
+            Docker::connect_with_local_defaults()
+        } else if let Some(path) = config.host.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, 120, &FALLBACK_API)
+        } else {
+            Docker::connect_with_http(&config.host, 120, &FALLBACK_API)
+        }
+    }
+
+    /// Connects if needed and agrees on an API version with the daemon,
+    /// once it answers.
     async fn negotiate(&self) {
         if self.negotiated.read().map(|n| *n).unwrap_or(false) {
             return;
         }
-        let client = self.client();
+        let client = match self.client() {
+            Ok(client) => client,
+            Err(_) => match Self::open(&self.config) {
+                Ok(client) => client,
+                Err(e) => {
+                    tracing::debug!(error = %e, "docker daemon still not reachable");
+                    return;
+                }
+            },
+        };
         match client.clone().negotiate_version().await {
             Ok(negotiated) => {
                 if let Ok(mut c) = self.client.write() {
-                    *c = negotiated;
+                    *c = Some(negotiated);
                 }
                 if let Ok(mut n) = self.negotiated.write() {
                     *n = true;
@@ -114,11 +136,14 @@ impl DockerProvider {
         }
     }
 
-    fn client(&self) -> Docker {
-        match self.client.read() {
+    fn client(&self) -> ProviderResult<Docker> {
+        let client = match self.client.read() {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        };
+        client.ok_or_else(|| {
+            ProviderError::Unavailable("the Docker daemon is unreachable (no socket)".into())
+        })
     }
 
     /// Appends a lifecycle line to a container's log.
@@ -138,7 +163,7 @@ impl DockerProvider {
 
     /// Pulls `image` if the daemon does not have it.
     async fn ensure_image(&self, image: &str) -> ProviderResult<()> {
-        let docker = self.client();
+        let docker = self.client()?;
         match docker.inspect_image(image).await {
             Ok(_) => return Ok(()),
             Err(e) if is_not_found(&e) => {}
@@ -236,7 +261,7 @@ impl DockerProvider {
         spec: &ExecSpec,
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
-        let docker = self.client();
+        let docker = self.client()?;
         let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let options = CreateExecOptions {
             attach_stdout: Some(true),
@@ -333,7 +358,12 @@ impl DockerProvider {
 
     async fn upload(&self, container: &str, dir: &str, tar: Vec<u8>) -> Result<(), DockerError> {
         let options = UploadToContainerOptionsBuilder::default().path(dir).build();
-        self.client()
+        let Ok(client) = self.client() else {
+            return Err(DockerError::SocketNotFoundError(
+                "the Docker daemon is unreachable".into(),
+            ));
+        };
+        client
             .upload_to_container(
                 container,
                 Some(options),
@@ -509,7 +539,7 @@ impl Provider for DockerProvider {
 
     async fn health(&self) -> ProviderResult<()> {
         self.negotiate().await;
-        let ping = tokio::time::timeout(Duration::from_secs(3), self.client().ping()).await;
+        let ping = tokio::time::timeout(Duration::from_secs(3), self.client()?.ping()).await;
         match ping {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(ProviderError::Unavailable(format!(
@@ -534,7 +564,7 @@ impl Provider for DockerProvider {
 
     async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
         self.ensure_image(&spec.image).await?;
-        let docker = self.client();
+        let docker = self.client()?;
         let name = Self::container_name(&spec.sandbox_id);
         let memory = i64::from(spec.memory_mb) * 1024 * 1024;
         let host_config = HostConfig {
@@ -623,7 +653,7 @@ impl Provider for DockerProvider {
             events.remove(runtime_id);
         }
         match self
-            .client()
+            .client()?
             .remove_container(runtime_id, Some(options))
             .await
         {
@@ -701,7 +731,7 @@ impl Provider for DockerProvider {
                 .path(&current)
                 .build();
             let mut stream = self
-                .client()
+                .client()?
                 .download_from_container(runtime_id, Some(options));
             let mut archive = Vec::new();
             while let Some(part) = stream.next().await {
@@ -880,7 +910,7 @@ impl Provider for DockerProvider {
             .timestamps(true)
             .tail(&lines.to_string())
             .build();
-        let mut stream = self.client().logs(runtime_id, Some(options));
+        let mut stream = self.client()?.logs(runtime_id, Some(options));
         let mut out: Vec<String> = self
             .events
             .lock()
@@ -905,7 +935,7 @@ impl Provider for DockerProvider {
 
     async fn stats(&self, runtime_id: &str) -> ProviderResult<RuntimeStats> {
         let options = StatsOptionsBuilder::default().stream(false).build();
-        let mut stream = self.client().stats(runtime_id, Some(options));
+        let mut stream = self.client()?.stats(runtime_id, Some(options));
         let Some(stats) = stream.next().await else {
             return Ok(RuntimeStats::default());
         };

