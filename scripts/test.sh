@@ -81,8 +81,16 @@ record() { # record NAME STATUS
 
 summary() {
     section "summary"
-    local r
-    for r in "${RESULTS[@]}"; do echo "$r"; done
+    local r passed=0 failed=0
+    for r in "${RESULTS[@]}"; do
+        echo "$r"
+        case "$r" in
+            PASS*) passed=$((passed + 1)) ;;
+            *) failed=$((failed + 1)) ;;
+        esac
+    done
+    # One closing line that any reader of the log understands.
+    echo "stages: $passed passed, $failed failed"
 }
 
 section "cargo build"
