@@ -13,30 +13,18 @@ use bollard::Docker;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use clap::Parser;
 use futures::StreamExt;
 use serde_json::{Value, json};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
+/// Spawn, exec and destroy through the API and directly, side by side.
+#[derive(Parser)]
 struct Args {
+    /// A local image with /bin/sh.
+    #[arg(long, default_value = "stacyvm-test:busybox")]
     image: String,
+    #[arg(long, default_value_t = 20)]
     runs: usize,
-}
-
-fn args() -> Args {
-    let mut out = Args {
-        image: "stacyvm-test:busybox".into(),
-        runs: 20,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        match (flag.as_str(), it.next()) {
-            ("--image", Some(v)) => out.image = v,
-            ("--runs", Some(v)) => out.runs = v.parse().unwrap_or(20),
-            _ => eprintln!("ignoring argument {flag}"),
-        }
-    }
-    out
 }
 
 #[derive(Default)]
@@ -172,23 +160,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+mod common;
+
+use common::{BenchServer, BoxError};
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args = args();
-    let data = tempfile::tempdir()?;
-    let mut config = stacyvm::config::Config {
-        data_dir: data.path().to_path_buf(),
-        ..Default::default()
-    };
-    config.server.port = 0;
-    config.providers.default = "docker".into();
-    let listener = stacyvm::app::bind(&config).await?;
-    let base = format!("http://{}/api/v1", listener.local_addr()?);
-    let app = stacyvm::app::App::start(config).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.serve(listener, async move {
-        let _stop = stopped.await;
-    }));
+    let args = Args::parse();
+    let server = BenchServer::start(|_| {}).await?;
+    let base = format!("{}/api/v1", server.base);
 
     let http = reqwest::Client::new();
     let docker = Docker::connect_with_local_defaults()?
@@ -228,7 +208,6 @@ async fn main() -> Result<(), BoxError> {
             a50.as_secs_f64() / d50.as_secs_f64().max(1e-9)
         );
     }
-    let _ = stop.send(());
-    server.await??;
+    server.stop().await?;
     Ok(())
 }

@@ -11,35 +11,23 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::exec::{CreateExecOptions, StartExecResults};
+use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
+/// Stream stdout through GraphQL, REST NDJSON and bollard, side by side.
+#[derive(Parser)]
 struct Args {
+    /// A local image with /bin/sh, head and tr.
+    #[arg(long, default_value = "stacyvm-test:busybox")]
     image: String,
+    /// Megabytes of stdout per run.
+    #[arg(long, default_value_t = 100)]
     mb: u64,
+    #[arg(long, default_value_t = 3)]
     runs: usize,
-}
-
-fn args() -> Args {
-    let mut out = Args {
-        image: "stacyvm-test:busybox".into(),
-        mb: 100,
-        runs: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        match (flag.as_str(), it.next()) {
-            ("--image", Some(v)) => out.image = v,
-            ("--mb", Some(v)) => out.mb = v.parse().unwrap_or(100),
-            ("--runs", Some(v)) => out.runs = v.parse().unwrap_or(3),
-            _ => eprintln!("ignoring argument {flag}"),
-        }
-    }
-    out
 }
 
 /// What one run delivered.
@@ -174,24 +162,16 @@ fn median(mut runs: Vec<Run>) -> Run {
     runs.swap_remove(mid)
 }
 
+mod common;
+
+use common::{BenchServer, BoxError};
+
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let args = args();
-    let data = tempfile::tempdir()?;
-    let mut config = stacyvm::config::Config {
-        data_dir: data.path().to_path_buf(),
-        ..Default::default()
-    };
-    config.server.port = 0;
-    config.providers.default = "docker".into();
-    config.defaults.max_exec_output_bytes = 512 * 1024 * 1024;
-    let listener = stacyvm::app::bind(&config).await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let app = stacyvm::app::App::start(config).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.serve(listener, async move {
-        let _stop = stopped.await;
-    }));
+    let args = Args::parse();
+    let server =
+        BenchServer::start(|c| c.defaults.max_exec_output_bytes = 512 * 1024 * 1024).await?;
+    let base = server.base.clone();
 
     let http = reqwest::Client::new();
     let sandbox: Value = http
@@ -240,7 +220,6 @@ async fn main() -> Result<(), BoxError> {
     http.delete(format!("{base}/api/v1/sandboxes/{id}"))
         .send()
         .await?;
-    let _stopped = stop.send(());
-    server.await??;
+    server.stop().await?;
     Ok(())
 }
