@@ -60,15 +60,17 @@ impl AdmissionDecision {
 impl Service {
     /// The largest TTL `owner` may ask for.
     pub(super) async fn max_ttl_for(&self, owner: &str) -> Result<Duration> {
-        let global = self.config().defaults.max_ttl.0;
-        let owner_max = self
-            .store()
-            .get_owner(owner)
-            .await?
+        let record = self.store().get_owner(owner).await?;
+        Ok(self.max_ttl_of(record.as_ref()))
+    }
+
+    /// The TTL cap given an owner's record (overrides win over the default).
+    fn max_ttl_of(&self, owner: Option<&entity::owner::Model>) -> Duration {
+        owner
             .and_then(|o| o.max_ttl_ms)
             .and_then(|ms| u64::try_from(ms).ok())
-            .map(Duration::from_millis);
-        Ok(owner_max.unwrap_or(global))
+            .map(Duration::from_millis)
+            .unwrap_or(self.config().defaults.max_ttl.0)
     }
 
     /// Preflight: would this spawn be admitted? Creates nothing.
@@ -79,8 +81,9 @@ impl Service {
 
     pub(super) async fn admission_for_plan(&self, plan: &SpawnPlan) -> Result<AdmissionDecision> {
         let defaults = &self.config().defaults;
+        // One read of the owner's record serves every limit below.
         let owner = self.store().get_owner(&plan.owner_id).await?;
-        let max_ttl = self.max_ttl_for(&plan.owner_id).await?;
+        let max_ttl = self.max_ttl_of(owner.as_ref());
         let max_sandboxes = u64::from(defaults.max_sandboxes);
         let max_owner_sandboxes = owner
             .and_then(|o| o.max_sandboxes)

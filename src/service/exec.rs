@@ -302,7 +302,8 @@ impl Service {
                     let _departed = out_tx.send(out).await;
                 }
             }
-            let duration = started.elapsed();
+            // Reported to the millisecond everywhere (REST, GraphQL, records).
+            let duration = Duration::from_millis(started.elapsed().as_millis() as u64);
             let exit = match run.await {
                 Ok(result) => result.map_err(Error::from),
                 Err(join) => Err(Error::Internal(format!("exec task failed: {join}"))),

@@ -87,7 +87,7 @@ impl Service {
     }
 
     /// Every event the caller may see, as it is published.
-    pub fn follow_events(&self, caller: &Caller) -> impl Stream<Item = Followed> + Send + 'static {
+    pub fn follow_events(&self, caller: &Caller) -> impl Stream<Item = Followed> + Send + use<> {
         let caller = caller.clone();
         BroadcastStream::new(self.events().subscribe()).filter_map(move |item| match item {
             // Audit events follow the audit rule: admins see all, others
@@ -100,5 +100,36 @@ impl Service {
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(n)) => Some(Followed::Lagged(n)),
         })
+    }
+
+    /// State changes of one sandbox (which must be visible to the caller:
+    /// an unknown or foreign id is NOT_FOUND, not a silent stream) or of
+    /// every sandbox the caller may see.
+    pub async fn follow_sandbox_states(
+        &self,
+        caller: &Caller,
+        sandbox_id: Option<&str>,
+    ) -> Result<impl Stream<Item = Event> + Send + use<>> {
+        if let Some(id) = sandbox_id {
+            self.visible_sandbox(caller, id).await?;
+        }
+        let want = sandbox_id.map(str::to_string);
+        Ok(self
+            .follow_events(caller)
+            .filter_map(move |item| match item {
+                Followed::Event(event @ Event::SandboxState { .. }) => {
+                    let Event::SandboxState { sandbox_id, .. } = &event else {
+                        return None;
+                    };
+                    want.as_ref()
+                        .is_none_or(|w| w == sandbox_id)
+                        .then_some(event)
+                }
+                Followed::Lagged(n) => {
+                    tracing::warn!(missed = n, "sandbox state subscriber lagged");
+                    None
+                }
+                Followed::Event(_) => None,
+            }))
     }
 }

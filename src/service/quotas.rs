@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::{Error, Result, Service};
 use crate::auth::Caller;
 use crate::duration;
-use crate::store::OwnerQuota;
+use crate::store::{OwnerQuota, overrides_quota};
 
 /// An owner's overrides as clients see them (0 / "" = not overridden).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -95,13 +95,7 @@ impl Service {
             return Err(Error::NotFound(format!("no quota for owner {owner}")));
         }
         match self.store().get_owner(owner).await? {
-            Some(o)
-                if o.max_sandboxes.is_some()
-                    || o.max_ttl_ms.is_some()
-                    || o.max_exec_timeout_ms.is_some() =>
-            {
-                Ok(policy(o))
-            }
+            Some(o) if overrides_quota(&o) => Ok(policy(o)),
             _ => Err(Error::NotFound(format!("no quota for owner {owner}"))),
         }
     }
@@ -170,9 +164,7 @@ impl Service {
         }
         let defaults = &self.config().defaults;
         let record = self.store().get_owner(owner).await?;
-        let configured = record.as_ref().is_some_and(|o| {
-            o.max_sandboxes.is_some() || o.max_ttl_ms.is_some() || o.max_exec_timeout_ms.is_some()
-        });
+        let configured = record.as_ref().is_some_and(overrides_quota);
         let max_sandboxes = record
             .as_ref()
             .and_then(|o| o.max_sandboxes)

@@ -81,14 +81,4 @@ impl Store {
             .all(self.conn())
             .await?)
     }
-
-    /// A sandbox's executions, oldest first.
-    pub async fn list_executions(&self, sandbox_id: &str) -> StoreResult<Vec<execution::Model>> {
-        Ok(Entity::find()
-            .filter(Column::SandboxId.eq(sandbox_id))
-            .order_by_asc(Column::CreatedAt)
-            .order_by_asc(Column::Id)
-            .all(self.conn())
-            .await?)
-    }
 }

@@ -15,7 +15,7 @@ mod workers;
 
 pub use audit::{AuditFilter, NewAuditEvent};
 pub use executions::ExecutionFinish;
-pub use owners::{OwnerQuota, QuotaSummary};
+pub use owners::{OwnerQuota, QuotaSummary, overrides_quota};
 pub use sandboxes::{PageCursor, SandboxFilter, SandboxQuery};
 
 use std::sync::Arc;

@@ -6,6 +6,21 @@ use serde::Serialize;
 
 use super::{Store, StoreResult};
 
+/// Owners with at least one quota override (the SQL twin of [`overrides_quota`]).
+fn has_override() -> Condition {
+    Condition::any()
+        .add(Column::MaxSandboxes.is_not_null())
+        .add(Column::MaxTtlMs.is_not_null())
+        .add(Column::MaxExecTimeoutMs.is_not_null())
+}
+
+/// Whether an owner has at least one quota override.
+pub fn overrides_quota(owner: &entity::owner::Model) -> bool {
+    owner.max_sandboxes.is_some()
+        || owner.max_ttl_ms.is_some()
+        || owner.max_exec_timeout_ms.is_some()
+}
+
 /// How many owners have each kind of override; reveals no owner names.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct QuotaSummary {
@@ -31,15 +46,7 @@ impl Store {
             .filter(Column::MaxExecTimeoutMs.is_not_null())
             .count(db)
             .await?;
-        let total = Entity::find()
-            .filter(
-                Condition::any()
-                    .add(Column::MaxSandboxes.is_not_null())
-                    .add(Column::MaxTtlMs.is_not_null())
-                    .add(Column::MaxExecTimeoutMs.is_not_null()),
-            )
-            .count(db)
-            .await?;
+        let total = Entity::find().filter(has_override()).count(db).await?;
         Ok(QuotaSummary {
             total,
             with_max_sandboxes,
@@ -101,12 +108,7 @@ impl Store {
     pub async fn list_owner_quotas(&self) -> StoreResult<Vec<entity::owner::Model>> {
         use sea_orm::QueryOrder;
         Ok(Entity::find()
-            .filter(
-                Condition::any()
-                    .add(Column::MaxSandboxes.is_not_null())
-                    .add(Column::MaxTtlMs.is_not_null())
-                    .add(Column::MaxExecTimeoutMs.is_not_null()),
-            )
+            .filter(has_override())
             .order_by_asc(Column::Id)
             .all(self.conn())
             .await?)
@@ -114,9 +116,10 @@ impl Store {
 
     /// Clears an owner's overrides; returns whether it had any.
     pub async fn clear_owner_quota(&self, id: &str) -> StoreResult<bool> {
-        let had = self.get_owner(id).await?.is_some_and(|o| {
-            o.max_sandboxes.is_some() || o.max_ttl_ms.is_some() || o.max_exec_timeout_ms.is_some()
-        });
+        let had = self
+            .get_owner(id)
+            .await?
+            .is_some_and(|o| overrides_quota(&o));
         if had {
             self.set_owner_quota(id, OwnerQuota::default()).await?;
         }

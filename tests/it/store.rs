@@ -268,7 +268,7 @@ async fn executions_record(store: &Store) {
     assert!(got.finished_at.is_some());
     assert_eq!(
         store
-            .list_executions("sb-00000001")
+            .executions_of(&["sb-00000001".to_string()])
             .await
             .unwrap_or_default()
             .len(),

@@ -180,9 +180,7 @@ impl MutationRoot {
             exit_code: done.result.exit_code,
             stdout: done.stdout,
             stderr: done.stderr,
-            duration: GoDuration(std::time::Duration::from_millis(
-                done.result.duration.as_millis() as u64,
-            )),
+            duration: GoDuration(done.result.duration),
         })
     }
 

@@ -60,33 +60,27 @@ impl SubscriptionRoot {
         sandbox_id: Option<ID>,
     ) -> async_graphql::Result<impl Stream<Item = SandboxEvent>> {
         let (service, caller) = ctx(cx)?;
-        if let Some(id) = &sandbox_id {
-            // Unknown or foreign sandboxes are an error, not a silent stream.
-            service.get_sandbox(caller, id).await.gql()?;
-        }
-        let want = sandbox_id.map(|id| id.0);
-        Ok(service.follow_events(caller).filter_map(move |item| {
-            let event = match item {
-                Followed::Event(Event::SandboxState {
+        let events = service
+            .follow_sandbox_states(caller, sandbox_id.as_ref().map(|id| id.as_str()))
+            .await
+            .gql()?;
+        Ok(events.filter_map(|event| {
+            std::future::ready(match event {
+                Event::SandboxState {
                     sandbox_id,
                     owner_id,
                     state,
                     reason,
                     at,
-                }) if want.as_ref().is_none_or(|w| *w == sandbox_id) => Some(SandboxEvent {
+                } => Some(SandboxEvent {
                     sandbox_id: ID(sandbox_id),
                     owner_id,
                     state: state.into(),
                     reason,
                     at,
                 }),
-                Followed::Lagged(n) => {
-                    tracing::warn!(missed = n, "sandboxEvents subscriber lagged");
-                    None
-                }
                 _ => None,
-            };
-            std::future::ready(event)
+            })
         }))
     }
 

@@ -54,11 +54,6 @@ fn ndjson_line(stream: &str, data: &str) -> Bytes {
     Bytes::from(line)
 }
 
-/// Rounds a measured duration to the millisecond, as clients display it.
-fn round_ms(d: std::time::Duration) -> std::time::Duration {
-    std::time::Duration::from_millis(d.as_millis() as u64)
-}
-
 async fn exec(
     State(service): State<Service>,
     caller: Caller,
@@ -80,7 +75,7 @@ async fn exec(
             exit_code: collected.result.exit_code,
             stdout: collected.stdout,
             stderr: collected.stderr,
-            duration: duration::format(round_ms(collected.result.duration)),
+            duration: duration::format(collected.result.duration),
             execution_id: collected.result.execution_id,
         })
         .into_response());
