@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod duration;
 pub mod events;
+pub mod failpoint;
 pub mod ids;
 pub mod lifecycle;
 pub mod provider;
