@@ -81,11 +81,35 @@ pub fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// This installation's identity, created on first start and kept in
+/// `data_dir/instance_id`: runtimes are labelled with it so that servers
+/// sharing a Docker daemon only ever reconcile their own.
+pub fn instance_id(data_dir: &std::path::Path) -> Result<String, StartError> {
+    let path = data_dir.join("instance_id");
+    let fail = |source| StartError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            std::fs::create_dir_all(data_dir).map_err(fail)?;
+            let id = format!("in-{}", uuid::Uuid::new_v4().as_simple());
+            // Write then rename, so a crash never leaves an empty id behind.
+            let tmp = data_dir.join(format!(".instance_id-{}", std::process::id()));
+            std::fs::write(&tmp, &id).map_err(fail)?;
+            std::fs::rename(&tmp, &path).map_err(fail)?;
+            Ok(id)
+        }
+    }
+}
+
 /// Every provider this server can offer.
 async fn build_providers(config: &Config) -> Result<Vec<Arc<dyn Provider>>, StartError> {
     let images = image_store(config);
     let sandboxes = config.data_dir.join("sandboxes");
-    let docker = DockerProvider::connect(&config.providers.docker)
+    let instance = instance_id(&config.data_dir)?;
+    let docker = DockerProvider::connect(&config.providers.docker, &instance)
         .await
         .map_err(|e| StartError::Provider(e.to_string()))?;
     Ok(vec![
@@ -163,6 +187,9 @@ impl App {
             identity,
         );
         service.recover_after_restart().await?;
+        // Before serving: adopt what survived, destroy what has no record,
+        // finish what the previous process left half-done.
+        service.reconcile(true).await?;
 
         let shutdown = CancellationToken::new();
         let tasks = vec![
@@ -177,6 +204,10 @@ impl App {
                     .clone()
                     .run_reaper(config.lifecycle.reaper_interval.0, shutdown.child_token()),
             ),
+            tokio::spawn(service.clone().run_reconciler(
+                config.lifecycle.reconcile_interval.0,
+                shutdown.child_token(),
+            )),
         ];
         Ok(App {
             service,
@@ -185,25 +216,84 @@ impl App {
         })
     }
 
-    /// Serves HTTP on `listener` until `signal` completes, then stops the
-    /// background loops.
+    /// Serves HTTP on `listener` until `signal` completes, then shuts down
+    /// gracefully: new work is refused, running commands get
+    /// `lifecycle.shutdown_timeout` to finish (the rest are interrupted),
+    /// streams end with a final event, the background loops stop, and
+    /// sandboxes stay for the next start to adopt unless
+    /// `lifecycle.destroy_on_shutdown` is set.
     pub async fn serve(
         self,
         listener: TcpListener,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
         let router = crate::api::router(self.service.clone());
-        let result = axum::serve(listener, router)
-            .with_graceful_shutdown(signal)
-            .await
-            .map_err(StartError::Serve);
+        let service = self.service.clone();
+        let lifecycle = service.config().lifecycle.clone();
+        // The listener closes as soon as the signal comes; connections in
+        // flight (streams of running commands) are served until they end.
+        let stop_accepting = {
+            let service = service.clone();
+            async move {
+                signal.await;
+                tracing::info!("shutting down: refusing new work");
+                service.begin_shutdown();
+            }
+        };
+        let server = tokio::spawn(
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop_accepting)
+                .into_future(),
+        );
+        tokio::pin!(server);
+        let early = tokio::select! {
+            joined = &mut server => Some(joined),
+            () = service.draining() => None,
+        };
+        let result = match early {
+            // The server failed before any signal.
+            Some(joined) => flatten(joined),
+            None => {
+                let report = service.drain(lifecycle.shutdown_timeout.0).await;
+                tracing::info!(
+                    finished = report.finished,
+                    interrupted = report.interrupted,
+                    "running commands drained"
+                );
+                // Connections that still linger (a client that never reads)
+                // do not hold the process hostage.
+                match tokio::time::timeout(std::time::Duration::from_secs(5), &mut server).await {
+                    Ok(joined) => flatten(joined),
+                    Err(_) => {
+                        tracing::warn!("closing lingering connections");
+                        server.abort();
+                        Ok(())
+                    }
+                }
+            }
+        };
         self.shutdown.cancel();
         for task in self.tasks {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "background task ended abnormally");
             }
         }
+        if lifecycle.destroy_on_shutdown {
+            match service.destroy_all_for_shutdown().await {
+                Ok(n) => tracing::info!(destroyed = n, "sandboxes destroyed at shutdown"),
+                Err(e) => tracing::warn!(error = %e, "destroying sandboxes at shutdown failed"),
+            }
+        } else {
+            tracing::info!("sandboxes left running for the next start to adopt");
+        }
         result
+    }
+}
+
+fn flatten(joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<(), StartError> {
+    match joined {
+        Ok(result) => result.map_err(StartError::Serve),
+        Err(e) => Err(StartError::Serve(std::io::Error::other(e))),
     }
 }
 

@@ -137,12 +137,28 @@ impl std::fmt::Debug for AuthConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LifecycleConfig {
-    /// How often the reaper looks for expired and failed sandboxes.
+    /// How often the reaper looks for sandboxes whose TTL has passed.
     pub reaper_interval: GoDuration,
     /// How often provider health is probed.
     pub health_interval: GoDuration,
     /// How often the local worker records a heartbeat.
     pub heartbeat_interval: GoDuration,
+    /// How often the reconciler compares records with runtimes (and so
+    /// how quickly a sandbox killed from outside is reported).
+    pub reconcile_interval: GoDuration,
+    /// How long a runtime without a live record is left alone before the
+    /// reconciler destroys it (at start-up it is destroyed at once).
+    pub orphan_grace: GoDuration,
+    /// Consecutive failed observations before `running` turns `unhealthy`.
+    pub unhealthy_after: u32,
+    /// Consecutive good observations before `unhealthy` turns `running`.
+    pub healthy_after: u32,
+    /// On SIGTERM/Ctrl-C, how long running commands may go on before
+    /// they are cut off.
+    pub shutdown_timeout: GoDuration,
+    /// Destroy every sandbox on shutdown instead of leaving them for the
+    /// next start to adopt.
+    pub destroy_on_shutdown: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,8 +252,14 @@ impl Default for LifecycleConfig {
     fn default() -> Self {
         LifecycleConfig {
             reaper_interval: secs(10),
-            health_interval: secs(15),
+            health_interval: secs(5),
             heartbeat_interval: secs(10),
+            reconcile_interval: secs(2),
+            orphan_grace: secs(60),
+            unhealthy_after: 2,
+            healthy_after: 2,
+            shutdown_timeout: secs(30),
+            destroy_on_shutdown: false,
         }
     }
 }
@@ -350,6 +372,25 @@ impl Config {
                 "defaults.spawn_overflow must be reject or queue, not {:?}",
                 d.spawn_overflow
             )));
+        }
+        let l = &self.lifecycle;
+        if [
+            l.reaper_interval,
+            l.health_interval,
+            l.heartbeat_interval,
+            l.reconcile_interval,
+        ]
+        .iter()
+        .any(|d| d.0.is_zero())
+        {
+            return Err(ConfigError::Invalid(
+                "lifecycle intervals must be positive".into(),
+            ));
+        }
+        if l.unhealthy_after == 0 || l.healthy_after == 0 {
+            return Err(ConfigError::Invalid(
+                "lifecycle.unhealthy_after and lifecycle.healthy_after must be at least 1".into(),
+            ));
         }
         if !["auto", "docker", "native", "proot"].contains(&self.providers.default.as_str()) {
             return Err(ConfigError::Invalid(format!(

@@ -2,8 +2,8 @@
 //!
 //! ```text
 //! creating -> running | error
-//! running  -> unhealthy | expired | destroying
-//! unhealthy -> running | expired | destroying
+//! running  -> unhealthy | expired | destroying | error
+//! unhealthy -> running | expired | destroying | error
 //! expired  -> destroying
 //! destroying -> destroyed | error
 //! error    -> destroying
@@ -72,8 +72,9 @@ impl SandboxState {
         use SandboxState::*;
         match self {
             Creating => &[Running, Error],
-            Running => &[Unhealthy, Expired, Destroying],
-            Unhealthy => &[Running, Expired, Destroying],
+            // -> Error: the runtime died or vanished behind our back.
+            Running => &[Unhealthy, Expired, Destroying, Error],
+            Unhealthy => &[Running, Expired, Destroying, Error],
             Expired => &[Destroying],
             Destroying => &[Destroyed, Error],
             Destroyed => &[],

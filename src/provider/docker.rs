@@ -19,21 +19,26 @@ use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
-    UploadToContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{
-    Capability, ExecExit, ExecSpec, FileEntry, OutputChunk, OutputSink, Provider, ProviderError,
-    ProviderResult, RuntimeHandle, RuntimeStats, SpawnSpec, StreamKind,
+    Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputChunk, OutputSink, Provider,
+    ProviderError, ProviderResult, RuntimeHandle, RuntimeStats, RuntimeStatus, SpawnSpec,
+    StreamKind,
 };
 use crate::config::DockerConfig;
 
 /// Label that marks a container as a StacyVM sandbox; its value is the sandbox id.
 pub const SANDBOX_LABEL: &str = "io.stacyvm.sandbox";
+
+/// Label naming the StacyVM installation (its data directory) that owns a
+/// container, so that servers sharing one daemon only reconcile their own.
+pub const INSTANCE_LABEL: &str = "io.stacyvm.instance";
 
 /// API version used when the daemon cannot be asked (it is down at start-up).
 /// 1.41 is Docker 20.10, the oldest daemon we support.
@@ -65,10 +70,22 @@ pub struct DockerProvider {
     /// Whether `client` speaks a version the daemon agreed to.
     negotiated: RwLock<bool>,
     config: DockerConfig,
+    /// The value of [`INSTANCE_LABEL`] on this server's containers.
+    instance: String,
     /// Recent lifecycle lines per container (spawn, each exec and its exit),
     /// served by `logs` together with the container's own output. In memory:
     /// lost on restart.
     events: Mutex<HashMap<String, VecDeque<String>>>,
+    /// When the daemon last answered a health check, and whether a check
+    /// has failed since: after an outage, sandboxes the daemon stopped on
+    /// its way down are started again.
+    availability: Mutex<Availability>,
+}
+
+#[derive(Debug, Default)]
+struct Availability {
+    last_ok: Option<chrono::DateTime<chrono::Utc>>,
+    down_since_ok: bool,
 }
 
 /// Lifecycle lines kept per container.
@@ -77,7 +94,9 @@ const EVENT_LINES: usize = 1000;
 impl DockerProvider {
     /// Connects to the configured daemon. A daemon that is down is not an
     /// error here: the provider reports itself unhealthy until it answers.
-    pub async fn connect(config: &DockerConfig) -> ProviderResult<DockerProvider> {
+    /// `instance` identifies this installation; containers are labelled with
+    /// it and the inventory only lists those.
+    pub async fn connect(config: &DockerConfig, instance: &str) -> ProviderResult<DockerProvider> {
         let client = match Self::open(config) {
             Ok(client) => Some(client),
             Err(e) => {
@@ -91,7 +110,9 @@ impl DockerProvider {
             client: RwLock::new(client),
             negotiated: RwLock::new(false),
             config: config.clone(),
+            instance: instance.to_string(),
             events: Mutex::new(HashMap::new()),
+            availability: Mutex::new(Availability::default()),
         };
         provider.negotiate().await;
         Ok(provider)
@@ -356,6 +377,49 @@ impl DockerProvider {
         Ok(ExecExit::Exited(code))
     }
 
+    /// Starts again the sandboxes that stopped while the daemon was away
+    /// (a daemon shutdown stops every container). Their files survive;
+    /// processes that ran at the time do not.
+    async fn restart_stopped_during_outage(&self, since: chrono::DateTime<chrono::Utc>) {
+        let Ok(inventory) = self.inventory().await else {
+            return;
+        };
+        let Ok(docker) = self.client() else {
+            return;
+        };
+        for item in inventory {
+            if item.status == RuntimeStatus::Running {
+                continue;
+            }
+            let Ok(container) = docker.inspect_container(&item.runtime_id, None).await else {
+                continue;
+            };
+            let state = container.state.unwrap_or_default();
+            let finished = state
+                .finished_at
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
+            // Only what stopped during the outage: a sandbox killed before
+            // it (docker kill, OOM) stays stopped and is reported as such.
+            if state.oom_killed == Some(true) || finished.is_none_or(|f| f < since) {
+                continue;
+            }
+            match docker.start_container(&item.runtime_id, None).await {
+                Ok(()) => {
+                    tracing::warn!(sandbox = %item.sandbox_id, "restarted a sandbox the Docker daemon stopped while it was away");
+                    self.log(
+                        &item.runtime_id,
+                        "restarted after the Docker daemon came back; processes running before were lost".into(),
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %item.sandbox_id, error = %short(&e), "cannot restart sandbox after the daemon came back");
+                }
+            }
+        }
+    }
+
     async fn upload(&self, container: &str, dir: &str, tar: Vec<u8>) -> Result<(), DockerError> {
         let options = UploadToContainerOptionsBuilder::default().path(dir).build();
         let Ok(client) = self.client() else {
@@ -371,6 +435,26 @@ impl DockerProvider {
             )
             .await
     }
+}
+
+/// Why a container's init is no longer running, in a user's words.
+fn stop_cause(state: &bollard::models::ContainerState) -> String {
+    if state.oom_killed == Some(true) {
+        return "its init was killed by the kernel OOM killer (the memory limit was reached)"
+            .into();
+    }
+    let code = state.exit_code.unwrap_or(-1);
+    let mut cause = match code {
+        137 => "its init was killed (SIGKILL, exit code 137)".to_string(),
+        143 => "its init was terminated (SIGTERM, exit code 143)".to_string(),
+        c if c > 128 && c < 160 => format!("its init died of signal {} (exit code {c})", c - 128),
+        -1 => "its init is not running".to_string(),
+        c => format!("its init exited with code {c}"),
+    };
+    if let Some(error) = state.error.as_deref().filter(|e| !e.is_empty()) {
+        cause.push_str(&format!(": {error}"));
+    }
+    cause
 }
 
 fn is_not_found(e: &DockerError) -> bool {
@@ -540,15 +624,92 @@ impl Provider for DockerProvider {
     async fn health(&self) -> ProviderResult<()> {
         self.negotiate().await;
         let ping = tokio::time::timeout(Duration::from_secs(3), self.client()?.ping()).await;
-        match ping {
+        let result = match ping {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(ProviderError::Unavailable(format!(
                 "the Docker daemon is unreachable: {e}"
             ))),
             Err(_) => Err(ProviderError::Unavailable(
-                "the Docker daemon did not answer within 3s".into(),
+                "the Docker daemon is unreachable: it did not answer within 3s".into(),
             )),
+        };
+        let outage_began = {
+            let Ok(mut availability) = self.availability.lock() else {
+                return result;
+            };
+            match &result {
+                Err(_) => {
+                    availability.down_since_ok = true;
+                    None
+                }
+                Ok(()) => {
+                    let began = availability
+                        .down_since_ok
+                        .then_some(availability.last_ok)
+                        .flatten();
+                    availability.down_since_ok = false;
+                    availability.last_ok = Some(chrono::Utc::now());
+                    began
+                }
+            }
+        };
+        if let Some(since) = outage_began {
+            self.restart_stopped_during_outage(since).await;
         }
+        result
+    }
+
+    async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
+        let container = match self.client()?.inspect_container(runtime_id, None).await {
+            Ok(container) => container,
+            Err(e) if is_not_found(&e) => return Ok(RuntimeStatus::Missing),
+            Err(e) => return Err(daemon_error(e)),
+        };
+        let state = container.state.unwrap_or_default();
+        if state.running == Some(true) {
+            return Ok(RuntimeStatus::Running);
+        }
+        Ok(RuntimeStatus::Stopped {
+            cause: stop_cause(&state),
+        })
+    }
+
+    async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>> {
+        let mine = format!("{INSTANCE_LABEL}={}", self.instance);
+        let filters = HashMap::from([("label", vec![SANDBOX_LABEL.to_string(), mine])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .client()?
+            .list_containers(Some(options))
+            .await
+            .map_err(daemon_error)?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let sandbox_id = c.labels.as_ref()?.get(SANDBOX_LABEL)?.clone();
+                let running = matches!(
+                    c.state,
+                    Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
+                );
+                Some(InventoryItem {
+                    sandbox_id,
+                    runtime_id: c.id?,
+                    created_at: c
+                        .created
+                        .and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
+                    status: if running {
+                        RuntimeStatus::Running
+                    } else {
+                        RuntimeStatus::Stopped {
+                            cause: c.status.unwrap_or_else(|| "not running".into()),
+                        }
+                    },
+                })
+            })
+            .collect())
     }
 
     async fn image_available(&self, image: &str) -> ProviderResult<bool> {
@@ -595,6 +756,7 @@ impl Provider for DockerProvider {
             hostname: Some(spec.sandbox_id.clone()),
             labels: Some(HashMap::from([
                 (SANDBOX_LABEL.to_string(), spec.sandbox_id.clone()),
+                (INSTANCE_LABEL.to_string(), self.instance.clone()),
                 ("io.stacyvm.managed".to_string(), "true".to_string()),
             ])),
             host_config: Some(host_config),

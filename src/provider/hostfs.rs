@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use rustix::fs::{
-    AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Stat, fstat, mkdirat, openat, openat2,
-    renameat, statat, unlinkat,
+    AtFlags, CWD, Dir, FileType, Mode, OFlags, ResolveFlags, Stat, fstat, linkat, mkdirat, openat,
+    openat2, renameat, statat, unlinkat,
 };
 use rustix::io::Errno;
 
@@ -40,6 +40,18 @@ const RESOLVE_RETRIES: usize = 16;
 /// The most paths one glob may return; a bigger answer is refused rather
 /// than silently truncated.
 const MAX_GLOB_RESULTS: usize = 10_000;
+
+/// Prefix of the hidden name a write gives its new content just before
+/// renaming it over the target.
+const WRITE_TEMP_PREFIX: &str = ".stacyvm-write-";
+
+/// How many random temporary names a write tries before giving up (a
+/// clash means something else created that very name first).
+const TEMP_NAME_ATTEMPTS: usize = 8;
+
+/// The crash point a chaos test arms to kill the server after a write's
+/// content is durable but before it has any name.
+const WRITE_FAILPOINT: &str = "files.write.before_commit";
 
 /// Sandbox files rooted at a host directory. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -74,8 +86,17 @@ impl HostFs {
         &self.root
     }
 
-    /// Write a whole file, creating missing parent directories (0755).
-    /// An existing file is truncated; a symlink or non-file is refused.
+    /// Write a whole file with exactly `mode`, creating missing parent
+    /// directories (0755). A symlink or non-file at the path is refused.
+    ///
+    /// The write is atomic, also across a crash of the server: the content
+    /// goes into a new, unnamed file, is synced, and is then renamed over
+    /// the path, so the path always holds either the old or the new
+    /// content in full. The price is that an existing file is replaced by
+    /// a new inode rather than rewritten: hard links to the old file keep
+    /// the old content, and the new file is owned by the server's uid
+    /// (which is what the sandbox's root maps to) and has no extended
+    /// attributes of the old one.
     pub async fn write(&self, path: &str, content: Bytes, mode: u32) -> ProviderResult<()> {
         let path = path.to_string();
         self.blocking(move |fs| fs.write_sync(&path, &content, mode))
@@ -216,34 +237,33 @@ impl HostFs {
             }
         }
         let parent = resolve_dir(&root, parent_parts).map_err(|e| map_errno(e, &shown))?;
-        let fd = match openat(
+        // An existing entry must be a regular file. Look at it without
+        // opening it for real (opening a FIFO or device has side effects).
+        match openat(
             &parent,
             name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(mode),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
         ) {
-            Ok(fd) => fd,
-            Err(Errno::EXIST) => {
-                // Existing entry: look at it without opening it for real
-                // (opening a FIFO or device has side effects), then reopen
-                // that very inode for writing.
-                let probe = openat(
-                    &parent,
-                    name,
-                    OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| map_errno(e, &shown))?;
-                require_regular(&probe, &shown)?;
-                reopen(&probe, OFlags::WRONLY | OFlags::TRUNC).map_err(|e| map_errno(e, &shown))?
-            }
+            Ok(probe) => require_regular(&probe, &shown)?,
+            Err(Errno::NOENT) => {}
             Err(e) => return Err(map_errno(e, &shown)),
-        };
-        // The create mode was filtered by the umask; set exactly what was asked.
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| map_errno(e, &shown))?;
-        let mut file = std::fs::File::from(fd);
-        file.write_all(content)
-            .map_err(|e| ProviderError::Runtime(format!("{shown}: {e}")))
+        }
+        let mode = Mode::from_raw_mode(mode);
+        match openat(
+            &parent,
+            ".",
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            mode,
+        ) {
+            Ok(fd) => write_unnamed(&parent, name, fd, content, mode, &shown),
+            // The filesystem cannot make unnamed files (old kernels report
+            // EISDIR, some filesystems EINVAL).
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+                write_named(&parent, name, content, mode, &shown)
+            }
+            Err(e) => Err(map_errno(e, &shown)),
+        }
     }
 
     fn read_sync(&self, path: &str) -> ProviderResult<Bytes> {
@@ -462,8 +482,129 @@ fn resolve_dir(root: &OwnedFd, parts: &[String]) -> Result<OwnedFd, Errno> {
     resolve(root, &relative, OFlags::PATH | OFlags::DIRECTORY)
 }
 
-fn proc_fd_path(fd: &OwnedFd) -> String {
-    format!("/proc/self/fd/{}", fd.as_raw_fd())
+fn proc_fd_path(fd: impl AsFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd())
+}
+
+/// A fresh hidden name for a write's content before it is committed.
+fn temp_name() -> String {
+    format!("{WRITE_TEMP_PREFIX}{}", uuid::Uuid::new_v4().as_simple())
+}
+
+/// Give `fd` exactly `mode` (the create mode was filtered by the umask),
+/// write `content` into it, and make the data durable.
+fn fill(fd: OwnedFd, content: &[u8], mode: Mode, shown: &str) -> ProviderResult<std::fs::File> {
+    rustix::fs::fchmod(&fd, mode).map_err(|e| map_errno(e, shown))?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(content)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| ProviderError::Runtime(format!("{shown}: {e}")))?;
+    Ok(file)
+}
+
+/// Commit a write through an `O_TMPFILE` descriptor `fd` of `parent`: the
+/// content has no name until it is complete and durable, so a crash at any
+/// earlier point leaves nothing behind.
+fn write_unnamed(
+    parent: &OwnedFd,
+    name: &str,
+    fd: OwnedFd,
+    content: &[u8],
+    mode: Mode,
+    shown: &str,
+) -> ProviderResult<()> {
+    let file = fill(fd, content, mode, shown)?;
+    crate::failpoint::hit(WRITE_FAILPOINT);
+    let temp = link_unnamed(&file, parent).map_err(|e| map_errno(e, shown))?;
+    drop(file);
+    replace(parent, &temp, name, shown)
+}
+
+/// Commit a write through a hidden named file, for filesystems without
+/// `O_TMPFILE`. The name is removed on every error; only a crash between
+/// its creation and the rename can leave it behind.
+fn write_named(
+    parent: &OwnedFd,
+    name: &str,
+    content: &[u8],
+    mode: Mode,
+    shown: &str,
+) -> ProviderResult<()> {
+    let (temp, fd) = create_temp(parent, mode).map_err(|e| map_errno(e, shown))?;
+    match fill(fd, content, mode, shown) {
+        Ok(file) => drop(file),
+        Err(e) => {
+            let _ = unlinkat(parent, temp.as_str(), AtFlags::empty());
+            return Err(e);
+        }
+    }
+    crate::failpoint::hit(WRITE_FAILPOINT);
+    replace(parent, &temp, name, shown)
+}
+
+/// Create a new regular file under a fresh hidden name in `parent`.
+fn create_temp(parent: &OwnedFd, mode: Mode) -> Result<(String, OwnedFd), Errno> {
+    let mut last = Errno::EXIST;
+    for _ in 0..TEMP_NAME_ATTEMPTS {
+        let temp = temp_name();
+        match openat(
+            parent,
+            temp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            mode,
+        ) {
+            Ok(fd) => return Ok((temp, fd)),
+            Err(e @ Errno::EXIST) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// Link the unnamed file `file` into `parent` under a fresh hidden name.
+///
+/// Linking through our own `/proc/self/fd` entry needs no privilege;
+/// `AT_EMPTY_PATH` (which needs CAP_DAC_READ_SEARCH on most kernels) is
+/// the fallback when that fails for another reason than a name clash.
+fn link_unnamed(file: &impl AsFd, parent: &OwnedFd) -> Result<String, Errno> {
+    let mut last = Errno::EXIST;
+    for _ in 0..TEMP_NAME_ATTEMPTS {
+        let temp = temp_name();
+        let linked = match linkat(
+            CWD,
+            proc_fd_path(file),
+            parent,
+            temp.as_str(),
+            AtFlags::SYMLINK_FOLLOW,
+        ) {
+            Err(e) if e != Errno::EXIST => {
+                match linkat(file, "", parent, temp.as_str(), AtFlags::EMPTY_PATH) {
+                    Ok(()) => Ok(()),
+                    Err(Errno::EXIST) => Err(Errno::EXIST),
+                    // Report why the unprivileged way failed.
+                    Err(_) => Err(e),
+                }
+            }
+            other => other,
+        };
+        match linked {
+            Ok(()) => return Ok(temp),
+            Err(e @ Errno::EXIST) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+/// Atomically rename `temp` over `name` in `parent`; on failure the
+/// temporary name is removed.
+fn replace(parent: &OwnedFd, temp: &str, name: &str, shown: &str) -> ProviderResult<()> {
+    // renameat never follows a symlink at either name, and replaces the
+    // target in one step: readers see the old file or the new one.
+    renameat(parent, temp, parent, name).map_err(|e| {
+        let _ = unlinkat(parent, temp, AtFlags::empty());
+        map_errno(e, shown)
+    })
 }
 
 /// Open the inode behind an O_PATH descriptor with real access flags.
@@ -1129,6 +1270,267 @@ mod tests {
         );
         assert!(f.fs.glob("/w/nope/*").await.expect("glob").is_empty());
         assert!(f.fs.glob("/w/../*").await.is_err());
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::symlink_metadata(path).expect("meta").permissions(),
+        ) & 0o7777
+    }
+
+    /// Every hidden temporary name of a write anywhere under `dir`.
+    fn leftover_temps(dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let path = entry.path();
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(WRITE_TEMP_PREFIX)
+            {
+                found.push(path.clone());
+            }
+            if entry.file_type().expect("file type").is_dir() {
+                found.extend(leftover_temps(&path));
+            }
+        }
+        found
+    }
+
+    fn open_dir_path(dir: &Path) -> OwnedFd {
+        rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open dir")
+    }
+
+    #[tokio::test]
+    async fn overwrite_replaces_content_and_sets_exact_mode() {
+        let f = fixture();
+        let long = Bytes::from(vec![b'x'; 64 * 1024]);
+        f.fs.write("/w/f", long, 0o600).await.expect("write");
+        assert_eq!(mode_of(&f.root.join("w/f")), 0o600);
+        // Shorter content, and a mode the umask would normally filter.
+        f.fs.write("/w/f", Bytes::from_static(b"short"), 0o777)
+            .await
+            .expect("overwrite");
+        assert_eq!(&f.fs.read("/w/f").await.expect("read")[..], b"short");
+        assert_eq!(mode_of(&f.root.join("w/f")), 0o777);
+        f.fs.write("/w/f", Bytes::new(), 0o640)
+            .await
+            .expect("overwrite empty");
+        assert!(f.fs.read("/w/f").await.expect("read").is_empty());
+        assert_eq!(mode_of(&f.root.join("w/f")), 0o640);
+        // The parents are still created with 0755.
+        assert_eq!(mode_of(&f.root.join("w")), 0o755);
+    }
+
+    #[tokio::test]
+    async fn write_leaves_no_temporary_names() {
+        let f = fixture();
+        f.fs.write("/w/new", Bytes::from_static(b"1"), 0o644)
+            .await
+            .expect("create");
+        f.fs.write("/w/new", Bytes::from_static(b"2"), 0o644)
+            .await
+            .expect("overwrite");
+        f.fs.write("/etc/passwd", Bytes::from_static(b"3"), 0o644)
+            .await
+            .expect("overwrite");
+        // Refused writes leave nothing behind either.
+        assert!(
+            f.fs.write("/etc", Bytes::from_static(b"4"), 0o644)
+                .await
+                .is_err()
+        );
+        assert!(
+            f.fs.write("/etc/passwd/x", Bytes::from_static(b"5"), 0o644)
+                .await
+                .is_err()
+        );
+        assert_eq!(leftover_temps(&f.root), Vec::<PathBuf>::new());
+        let mut names: Vec<_> = std::fs::read_dir(f.root.join("w"))
+            .expect("read_dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["new"]);
+    }
+
+    #[tokio::test]
+    async fn write_refuses_directories_symlinks_and_special_files() {
+        let f = fixture();
+        assert!(matches!(
+            f.fs.write("/etc", Bytes::from_static(b"x"), 0o644).await,
+            Err(ProviderError::InvalidRequest(m)) if m.contains("is a directory")
+        ));
+        // A symlink to an in-root file is refused, not replaced or followed.
+        symlink("/etc/passwd", f.root.join("pw")).expect("symlink");
+        assert!(matches!(
+            f.fs.write("/pw", Bytes::from_static(b"x"), 0o644).await,
+            Err(ProviderError::InvalidRequest(m)) if m.contains("symbolic link")
+        ));
+        assert!(
+            std::fs::symlink_metadata(f.root.join("pw"))
+                .expect("meta")
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(
+            std::fs::read_to_string(f.root.join("etc/passwd")).expect("read"),
+            "sandbox passwd"
+        );
+        // A dangling one too.
+        symlink("/nowhere", f.root.join("dangling")).expect("symlink");
+        assert!(matches!(
+            f.fs.write("/dangling", Bytes::from_static(b"x"), 0o644).await,
+            Err(ProviderError::InvalidRequest(m)) if m.contains("symbolic link")
+        ));
+        assert!(!f.root.join("nowhere").exists());
+        // A FIFO is refused without being opened (which would block).
+        rustix::fs::mknodat(
+            CWD,
+            f.root.join("fifo").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .expect("mkfifo");
+        assert!(matches!(
+            f.fs.write("/fifo", Bytes::from_static(b"x"), 0o644).await,
+            Err(ProviderError::InvalidRequest(m)) if m.contains("not a regular file")
+        ));
+        assert_eq!(leftover_temps(&f.root), Vec::<PathBuf>::new());
+    }
+
+    #[tokio::test]
+    async fn write_replaces_the_inode() {
+        let f = fixture();
+        std::fs::hard_link(f.root.join("etc/passwd"), f.root.join("etc/passwd.link"))
+            .expect("link");
+        f.fs.write("/etc/passwd", Bytes::from_static(b"new"), 0o644)
+            .await
+            .expect("write");
+        assert_eq!(&f.fs.read("/etc/passwd").await.expect("read")[..], b"new");
+        // The documented price of atomicity: other links keep the old file.
+        assert_eq!(
+            &f.fs.read("/etc/passwd.link").await.expect("read")[..],
+            b"sandbox passwd"
+        );
+    }
+
+    #[tokio::test]
+    async fn write_under_an_escaping_parent_stays_inside() {
+        let f = fixture();
+        symlink("../outside", f.root.join("reldir")).expect("symlink");
+        symlink(&f.outside, f.root.join("absdir")).expect("symlink");
+        // `../outside` resolves to `/outside` inside the root.
+        std::fs::create_dir(f.root.join("outside")).expect("mkdir");
+        f.fs.write("/reldir/new", Bytes::from_static(b"x"), 0o644)
+            .await
+            .expect("write");
+        assert_eq!(
+            std::fs::read_to_string(f.root.join("outside/new")).expect("read"),
+            "x"
+        );
+        let _ =
+            f.fs.write("/absdir/secret", Bytes::from_static(b"pwned"), 0o644)
+                .await;
+        let outside: Vec<_> = std::fs::read_dir(&f.outside)
+            .expect("read_dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(outside, vec!["secret"]);
+        assert_eq!(
+            std::fs::read_to_string(f.outside.join("secret")).expect("read"),
+            "host secret"
+        );
+        assert_eq!(leftover_temps(&f.root), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn both_commit_paths_write_and_clean_up() {
+        let f = fixture();
+        let parent = open_dir_path(&f.root);
+        let mode = Mode::from_raw_mode(0o640);
+        // Without O_TMPFILE: a hidden named file renamed into place.
+        write_named(&parent, "named", b"by name", mode, "/named").expect("write_named");
+        assert_eq!(
+            std::fs::read_to_string(f.root.join("named")).expect("read"),
+            "by name"
+        );
+        assert_eq!(mode_of(&f.root.join("named")), 0o640);
+        // With O_TMPFILE (this test's filesystem must support it).
+        let tmpfile = || {
+            openat(
+                &parent,
+                ".",
+                OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+                mode,
+            )
+            .unwrap_or_else(|e| panic!("O_TMPFILE unsupported here: {e}"))
+        };
+        write_unnamed(&parent, "named", tmpfile(), b"unnamed", mode, "/named")
+            .expect("write_unnamed");
+        assert_eq!(
+            std::fs::read_to_string(f.root.join("named")).expect("read"),
+            "unnamed"
+        );
+        // A rename that fails (the target became a non-empty directory
+        // after the probe) removes the temporary name again.
+        assert!(matches!(
+            write_named(&parent, "etc", b"x", mode, "/etc"),
+            Err(ProviderError::InvalidRequest(_))
+        ));
+        assert!(matches!(
+            write_unnamed(&parent, "etc", tmpfile(), b"x", mode, "/etc"),
+            Err(ProviderError::InvalidRequest(_))
+        ));
+        assert!(f.root.join("etc/passwd").exists());
+        assert_eq!(leftover_temps(&f.root), Vec::<PathBuf>::new());
+    }
+
+    #[test]
+    fn readers_never_see_a_partial_write() {
+        let f = fixture();
+        let big = Bytes::from(vec![b'a'; 512 * 1024]);
+        let small = Bytes::from(vec![b'b'; 100 * 1024]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(f.fs.write("/f", big.clone(), 0o644))
+            .expect("write");
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (path, stop) = (f.root.join("f"), stop.clone());
+            let (big, small) = (big.clone(), small.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let data = std::fs::read(&path).expect("the file is always there");
+                    assert!(
+                        data[..] == big[..] || data[..] == small[..],
+                        "read a partial file of {} bytes",
+                        data.len()
+                    );
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for i in 0..40 {
+            let content = if i % 2 == 0 { &small } else { &big };
+            rt.block_on(f.fs.write("/f", content.clone(), 0o644))
+                .expect("write");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let reads = reader.join().expect("reader");
+        assert!(reads > 0);
+        assert_eq!(leftover_temps(&f.root), Vec::<PathBuf>::new());
     }
 
     #[test]

@@ -119,6 +119,33 @@ pub struct RuntimeStats {
     pub mem_limit_bytes: u64,
 }
 
+/// What the runtime behind a handle is doing, as its provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeStatus {
+    /// Alive and able to run commands.
+    Running,
+    /// It still exists but no longer runs: its init ended. `cause` says
+    /// why in a user's words ("killed by the kernel OOM killer", "exited
+    /// with code 137").
+    Stopped { cause: String },
+    /// Nothing exists behind the handle any more (removed from outside).
+    Missing,
+}
+
+/// One runtime a provider holds for StacyVM, as listed by
+/// [`Provider::inventory`].
+#[derive(Debug, Clone)]
+pub struct InventoryItem {
+    /// The sandbox id the runtime was labelled or named with at spawn.
+    pub sandbox_id: String,
+    pub runtime_id: String,
+    /// When the runtime was created, if the provider knows.
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether it runs. `Stopped` causes here may be terse; call
+    /// [`Provider::inspect`] for the detailed cause.
+    pub status: RuntimeStatus,
+}
+
 /// Features a provider may or may not have; listed by `/providers`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -199,6 +226,24 @@ pub trait Provider: Send + Sync + 'static {
     /// default suits providers whose runtime id is the sandbox id.
     async fn destroy_by_sandbox_id(&self, sandbox_id: &str) -> ProviderResult<()> {
         self.destroy(sandbox_id).await
+    }
+
+    /// What the runtime behind `runtime_id` is doing now. A cheap,
+    /// provider-specific check: the reconciler calls it for runtimes its
+    /// inventory reports as not running, to learn why.
+    async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus>;
+
+    /// Every runtime this provider holds for StacyVM (containers labelled
+    /// with a sandbox id, sandbox directories), whatever their state. The
+    /// reconciler compares it with the store.
+    async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>>;
+
+    /// Removes what an interrupted operation of a previous process left
+    /// behind (half-built or half-deleted directories). Called once at
+    /// start-up, before any spawn can be in flight. Returns how many
+    /// leftovers were removed.
+    async fn sweep_leftovers(&self) -> ProviderResult<usize> {
+        Ok(0)
     }
 
     /// Run a command, sending output to `sink` as it is produced, and return

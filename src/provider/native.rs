@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use super::hostfs::HostFs;
 use super::image_store::ImageStore;
 use super::{
-    Capability, ExecExit, ExecSpec, FileEntry, OutputChunk, OutputSink, Provider, ProviderError,
-    ProviderResult, RuntimeHandle, SpawnSpec, StreamKind,
+    Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputChunk, OutputSink, Provider,
+    ProviderError, ProviderResult, RuntimeHandle, RuntimeStatus, SpawnSpec, StreamKind,
 };
 
 /// The image name that means "the host's own root, read-only".
@@ -224,6 +224,82 @@ impl SandboxDirs {
         .map_err(|e| ProviderError::Runtime(format!("destroying sandbox {id}: {e}")))?;
         lock(&self.logs).remove(id);
         Ok(())
+    }
+
+    /// A sandbox directory is its runtime: it runs while its metadata is
+    /// readable, and is missing once the directory is gone.
+    pub(crate) fn inspect(&self, id: &str) -> ProviderResult<RuntimeStatus> {
+        match self.meta(id) {
+            Ok(_) => Ok(RuntimeStatus::Running),
+            Err(ProviderError::RuntimeNotFound(_)) => Ok(RuntimeStatus::Missing),
+            Err(e) => Ok(RuntimeStatus::Stopped {
+                cause: e.to_string(),
+            }),
+        }
+    }
+
+    /// Every sandbox directory (hidden `.tmp-*`/`.trash-*` work directories
+    /// are not sandboxes).
+    pub(crate) async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>> {
+        let dir = self.dir.clone();
+        let names = tokio::task::spawn_blocking(
+            move || -> io::Result<Vec<(String, Option<std::time::SystemTime>)>> {
+                let entries = match fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(e),
+                };
+                let mut names = Vec::new();
+                for entry in entries {
+                    let entry = entry?;
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') || !entry.file_type()?.is_dir() {
+                        continue;
+                    }
+                    let created = entry.metadata().ok().and_then(|m| m.modified().ok());
+                    names.push((name, created));
+                }
+                Ok(names)
+            },
+        )
+        .await
+        .map_err(|e| ProviderError::Runtime(format!("listing sandboxes: {e}")))?
+        .map_err(|e| ProviderError::Runtime(format!("listing sandboxes: {e}")))?;
+        Ok(names
+            .into_iter()
+            .map(|(name, created)| InventoryItem {
+                status: self.inspect(&name).unwrap_or(RuntimeStatus::Missing),
+                created_at: created.map(chrono::DateTime::<chrono::Utc>::from),
+                runtime_id: name.clone(),
+                sandbox_id: name,
+            })
+            .collect())
+    }
+
+    /// Deletes `.tmp-*` (a spawn that never finished) and `.trash-*` (a
+    /// destroy that never finished) directories. Only safe while no spawn
+    /// or destroy runs, i.e. at start-up.
+    pub(crate) async fn sweep_leftovers(&self) -> ProviderResult<usize> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || -> usize {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                return 0;
+            };
+            let mut removed = 0;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !(name.starts_with(".tmp-") || name.starts_with(".trash-")) {
+                    continue;
+                }
+                match fs::remove_dir_all(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove leftover"),
+                }
+            }
+            removed
+        })
+        .await
+        .map_err(|e| ProviderError::Runtime(format!("sweeping leftovers: {e}")))
     }
 
     /// A token cancelled when the sandbox is destroyed.
@@ -710,6 +786,18 @@ impl Provider for NativeProvider {
 
     async fn destroy(&self, runtime_id: &str) -> ProviderResult<()> {
         self.dirs.destroy(runtime_id).await
+    }
+
+    async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
+        self.dirs.inspect(runtime_id)
+    }
+
+    async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>> {
+        self.dirs.inventory().await
+    }
+
+    async fn sweep_leftovers(&self) -> ProviderResult<usize> {
+        self.dirs.sweep_leftovers().await
     }
 
     async fn exec(

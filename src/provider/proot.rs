@@ -18,8 +18,8 @@ use bytes::Bytes;
 use super::image_store::ImageStore;
 use super::native::{HOST_IMAGE, SandboxDirs, drive, image_not_found};
 use super::{
-    Capability, ExecExit, ExecSpec, FileEntry, OutputSink, Provider, ProviderError, ProviderResult,
-    RuntimeHandle, SpawnSpec,
+    Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputSink, Provider, ProviderError,
+    ProviderResult, RuntimeHandle, RuntimeStatus, SpawnSpec,
 };
 
 /// How long `proot --version` may take before proot is declared unusable.
@@ -100,6 +100,18 @@ impl Provider for ProotProvider {
 
     async fn destroy(&self, runtime_id: &str) -> ProviderResult<()> {
         self.dirs.destroy(runtime_id).await
+    }
+
+    async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
+        self.dirs.inspect(runtime_id)
+    }
+
+    async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>> {
+        self.dirs.inventory().await
+    }
+
+    async fn sweep_leftovers(&self) -> ProviderResult<usize> {
+        self.dirs.sweep_leftovers().await
     }
 
     async fn exec(

@@ -201,6 +201,7 @@ impl Service {
         req: ExecRequest,
     ) -> Result<RunningExec> {
         self.require_write(caller)?;
+        self.refuse_if_draining()?;
         let argv = build_argv(&req)?;
         validate_env(&req.env)?;
         if let Some(dir) = &req.workdir
@@ -266,10 +267,13 @@ impl Service {
         let (result_tx, result_rx) = oneshot::channel();
         let service = self.clone();
         let exec_id = execution_id.clone();
-        tokio::spawn(async move {
+        let cutoff = self.exec_cutoff();
+        // Tracked, so that a graceful shutdown can wait for it.
+        self.inner.shutdown.execs.spawn(async move {
             let started = Instant::now();
             let (sink, mut chunks) = mpsc::channel::<OutputChunk>(64);
             let run = tokio::spawn(async move { provider.exec(&runtime_id, &spec, sink).await });
+            tokio::pin!(cutoff);
             let mut splitters = [Utf8Splitter::default(), Utf8Splitter::default()];
             let mut tails = [String::new(), String::new()];
             let mut listening = true;
@@ -284,7 +288,16 @@ impl Service {
                     log.append(stream, text.clone(), bytes);
                     Some(ExecOutput { stream, data: text })
                 };
-            while let Some(chunk) = chunks.recv().await {
+            let mut interrupted = false;
+            loop {
+                let chunk = tokio::select! {
+                    chunk = chunks.recv() => chunk,
+                    () = &mut cutoff => {
+                        interrupted = true;
+                        None
+                    }
+                };
+                let Some(chunk) = chunk else { break };
                 let piece = splitters[chunk.stream as usize].push(&chunk.data);
                 if let Some(out) = forward(chunk.stream, piece, &mut tails)
                     && listening
@@ -304,9 +317,18 @@ impl Service {
             }
             // Reported to the millisecond everywhere (REST, GraphQL, records).
             let duration = Duration::from_millis(started.elapsed().as_millis() as u64);
-            let exit = match run.await {
-                Ok(result) => result.map_err(Error::from),
-                Err(join) => Err(Error::Internal(format!("exec task failed: {join}"))),
+            let exit = if interrupted {
+                // The server is going away; the command's own process
+                // ends with it (native, proot) or with its sandbox (docker).
+                run.abort();
+                Err(Error::Unavailable(
+                    "interrupted: the server shut down before the command finished".into(),
+                ))
+            } else {
+                match run.await {
+                    Ok(result) => result.map_err(Error::from),
+                    Err(join) => Err(Error::Internal(format!("exec task failed: {join}"))),
+                }
             };
             let [stdout_tail, stderr_tail] = tails;
             let (status, exit_code, error) = match &exit {
@@ -316,6 +338,7 @@ impl Service {
                     None,
                     Some(format!("timed out after {}", duration::format(timeout))),
                 ),
+                Err(e) if interrupted => ("interrupted", None, Some(e.to_string())),
                 Err(e) => ("failed", None, Some(e.to_string())),
             };
             let finish = ExecutionFinish {

@@ -86,10 +86,13 @@ impl Service {
         Ok((running.execution_id, follower))
     }
 
-    /// Every event the caller may see, as it is published.
+    /// Every event the caller may see, as it is published. The stream ends
+    /// when the server shuts down.
     pub fn follow_events(&self, caller: &Caller) -> impl Stream<Item = Followed> + Send + use<> {
         let caller = caller.clone();
-        BroadcastStream::new(self.events().subscribe()).filter_map(move |item| match item {
+        let events = BroadcastStream::new(self.events().subscribe());
+        let events = futures::StreamExt::take_until(events, self.streams_closed());
+        events.filter_map(move |item| match item {
             // Audit events follow the audit rule: admins see all, others
             // their own actions.
             Ok(Event::Audit(record)) if caller.is_admin() || record.actor == caller.owner_id => {

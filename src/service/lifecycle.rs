@@ -1,6 +1,7 @@
 //! Lifecycle mechanics shared by every operation: persisted transitions,
-//! state events, destruction, and the reaper that expires sandboxes and
-//! retries failed destroys.
+//! state events, destruction, the reaper that expires sandboxes, and
+//! start-up recovery. Failed destroys are retried by the reconciler
+//! (`reconcile.rs`).
 
 use std::time::Duration;
 
@@ -24,9 +25,34 @@ impl Service {
         reason: Option<String>,
         runtime_id: Option<String>,
     ) -> Result<Option<entity::sandbox::Model>> {
+        self.transition_full(id, &SandboxState::predecessors(to), to, reason, runtime_id)
+            .await
+    }
+
+    /// Like [`Service::transition`], but only from the states in `from`:
+    /// for observers (the reconciler) whose verdict holds only for the
+    /// state they saw.
+    pub(super) async fn transition_from(
+        &self,
+        id: &str,
+        from: &[SandboxState],
+        to: SandboxState,
+        reason: Option<String>,
+    ) -> Result<Option<entity::sandbox::Model>> {
+        self.transition_full(id, from, to, reason, None).await
+    }
+
+    async fn transition_full(
+        &self,
+        id: &str,
+        from: &[SandboxState],
+        to: SandboxState,
+        reason: Option<String>,
+        runtime_id: Option<String>,
+    ) -> Result<Option<entity::sandbox::Model>> {
         let updated = self
             .store()
-            .transition_sandbox_with(id, to, reason.clone(), runtime_id)
+            .transition_sandbox_from(id, from, to, reason.clone(), runtime_id)
             .await?;
         if let Some(model) = &updated {
             self.publish_state(id, &model.owner_id, to, reason);
@@ -156,22 +182,6 @@ impl Service {
         }
     }
 
-    /// Retries the destruction of sandboxes left in `error`.
-    async fn retry_failed(&self) -> Result<()> {
-        let filter = SandboxFilter {
-            owner_id: None,
-            states: Some(vec![SandboxState::Error]),
-        };
-        for model in self.store().list_sandboxes(&filter).await? {
-            let id = model.id.clone();
-            let reason = model.state_reason.clone();
-            if let Err(e) = self.destroy_record(model, reason).await {
-                tracing::debug!(sandbox = %id, error = %e, "retry of failed sandbox did not succeed");
-            }
-        }
-        Ok(())
-    }
-
     /// Runs the reaper until `shutdown` fires.
     pub async fn run_reaper(self, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);
@@ -183,9 +193,6 @@ impl Service {
                     if let Err(e) = self.prune_expired(&system).await {
                         tracing::warn!(error = %e, "reaper pass failed");
                     }
-                    if let Err(e) = self.retry_failed().await {
-                        tracing::warn!(error = %e, "error-state retry pass failed");
-                    }
                 }
             }
         }
@@ -193,10 +200,35 @@ impl Service {
 }
 
 impl Service {
-    /// Runs once at start-up: a sandbox left `creating` or `destroying` by a
-    /// previous process can never finish that step, so it moves to `error`
-    /// with the reason, and the reaper destroys whatever runtime remains.
+    /// Runs once at start-up, before the start-up reconcile pass: a sandbox
+    /// left `creating` or `destroying` by a previous process can never
+    /// finish that step, so it moves to `error` with the reason (the
+    /// reconciler then destroys whatever runtime remains); executions it
+    /// was running are `interrupted`; half-done provider work is swept.
     pub async fn recover_after_restart(&self) -> Result<()> {
+        let interrupted = self
+            .store()
+            .interrupt_running_executions("interrupted: the server stopped while the command ran")
+            .await?;
+        if interrupted > 0 {
+            tracing::warn!(
+                count = interrupted,
+                "executions interrupted by the previous shutdown"
+            );
+        }
+        for provider in self.scheduler().local_worker().providers() {
+            match provider.sweep_leftovers().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    provider = provider.name(),
+                    removed = n,
+                    "swept leftovers of interrupted work"
+                ),
+                Err(e) => {
+                    tracing::warn!(provider = provider.name(), error = %e, "cannot sweep leftovers")
+                }
+            }
+        }
         let filter = SandboxFilter {
             owner_id: None,
             states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),

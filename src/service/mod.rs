@@ -16,7 +16,9 @@ mod listing;
 mod output;
 mod quotas;
 mod rate_limit;
+mod reconcile;
 mod sandboxes;
+mod shutdown;
 mod spawn_queue;
 mod system;
 mod templates;
@@ -31,7 +33,9 @@ pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor}
 pub use output::{OutputChunk, OutputEnd, OutputEvent, OutputFollower, OutputHub};
 pub use quotas::{QuotaInput, QuotaPolicy, QuotaUsage};
 pub use rate_limit::{RateDecision, RateLimitConfig, RateLimiter};
+pub use reconcile::ReconcileReport;
 pub use sandboxes::{Sandbox, SpawnRequest};
+pub use shutdown::DrainReport;
 pub use spawn_queue::{Admission, QueueError, SpawnQueue};
 pub use system::{HealthReport, ProviderStatus, WorkerStatus};
 pub use templates::{Template, TemplateInput};
@@ -68,6 +72,10 @@ struct Inner {
     /// spawns cannot overshoot a quota. Held only around those two store
     /// calls, never around provider work.
     admission: Mutex<()>,
+    /// What the reconciler remembers between passes.
+    reconcile: reconcile::ReconcileMemory,
+    /// Shutdown phases and the running commands they wait for.
+    shutdown: shutdown::ShutdownState,
     started_at: Instant,
 }
 
@@ -93,6 +101,8 @@ impl Service {
                 events,
                 outputs: OutputHub::default(),
                 admission: Mutex::new(()),
+                reconcile: Default::default(),
+                shutdown: Default::default(),
                 started_at: Instant::now(),
             }),
         }
@@ -183,19 +193,31 @@ impl Service {
         target: &str,
         outcome: std::result::Result<(), &Error>,
     ) {
+        let (verdict, detail) = match outcome {
+            Ok(()) => ("success", None),
+            Err(e) => ("failure", Some(e.to_string())),
+        };
+        self.audit_with_detail(caller, action, target, verdict, detail)
+            .await;
+    }
+
+    /// Appends an audit event with an explicit outcome and detail.
+    async fn audit_with_detail(
+        &self,
+        caller: &Caller,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        detail: Option<String>,
+    ) {
         let event = NewAuditEvent {
             actor: caller.owner_id.clone(),
             tenant_id: caller.tenant_id.clone(),
             action: action.to_string(),
             target: target.to_string(),
-            outcome: if outcome.is_ok() {
-                "success"
-            } else {
-                "failure"
-            }
-            .into(),
+            outcome: outcome.to_string(),
             request_id: caller.request_id.clone(),
-            detail: outcome.err().map(|e| e.to_string()),
+            detail,
         };
         match self.inner.store.append_audit(event).await {
             Ok(written) => self

@@ -210,6 +210,7 @@ impl Service {
 
     async fn spawn_inner(&self, caller: &Caller, req: SpawnRequest) -> Result<Sandbox> {
         self.require_write(caller)?;
+        self.refuse_if_draining()?;
         let plan = self.plan_spawn(caller, req).await?;
         let decision = self.admission_for_plan(&plan).await?;
         if decision.reason == "worker_unavailable" {

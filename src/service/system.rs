@@ -75,17 +75,23 @@ impl Service {
         }
     }
 
-    /// Ready when the store answers and at least one provider is healthy.
+    /// Ready when the server is not shutting down, the store answers and
+    /// the default provider (where a spawn without a provider goes) is
+    /// healthy.
     pub async fn ready(&self) -> Result<()> {
+        self.refuse_if_draining()?;
         self.store().ping().await?;
         let worker = self.scheduler().local_worker();
-        let healthy = worker
-            .providers()
-            .any(|p| worker.health_of(p.name()).is_some_and(|h| h.healthy));
-        if healthy {
-            Ok(())
-        } else {
-            Err(Error::Unavailable("no provider is healthy".into()))
+        let default = self.scheduler().default_provider();
+        match worker.health_of(default) {
+            Some(h) if h.healthy => Ok(()),
+            Some(h) => Err(Error::Unavailable(format!(
+                "provider {default} is unavailable: {}",
+                h.error.unwrap_or_else(|| "unhealthy".into())
+            ))),
+            None => Err(Error::Unavailable(format!(
+                "provider {default} has not been checked yet"
+            ))),
         }
     }
 

@@ -44,6 +44,20 @@ impl Store {
         Ok(())
     }
 
+    /// Marks every execution still `running` as `interrupted` with `reason`
+    /// (at start-up: the process that ran them is gone). Returns how many.
+    pub async fn interrupt_running_executions(&self, reason: &str) -> StoreResult<u64> {
+        use sea_orm::sea_query::Expr;
+        let result = Entity::update_many()
+            .col_expr(Column::Status, Expr::value("interrupted"))
+            .col_expr(Column::Error, Expr::value(Some(reason.to_string())))
+            .col_expr(Column::FinishedAt, Expr::value(Some(Utc::now())))
+            .filter(Column::Status.eq("running"))
+            .exec(self.conn())
+            .await?;
+        Ok(result.rows_affected)
+    }
+
     /// An execution by id.
     pub async fn get_execution(&self, id: &str) -> StoreResult<Option<execution::Model>> {
         Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)

@@ -139,13 +139,37 @@ impl Store {
         reason: Option<String>,
         runtime_id: Option<String>,
     ) -> StoreResult<Option<sandbox::Model>> {
+        self.transition_sandbox_from(id, &SandboxState::predecessors(to), to, reason, runtime_id)
+            .await
+    }
+
+    /// Like [`Store::transition_sandbox_with`], but only from the states in
+    /// `from` (each must be a legal predecessor of `to`): an observer that
+    /// saw the sandbox `running` must not overwrite a `destroying` someone
+    /// else wrote in between.
+    pub async fn transition_sandbox_from(
+        &self,
+        id: &str,
+        from: &[SandboxState],
+        to: SandboxState,
+        reason: Option<String>,
+        runtime_id: Option<String>,
+    ) -> StoreResult<Option<sandbox::Model>> {
+        let legal: Vec<SandboxState> = from
+            .iter()
+            .copied()
+            .filter(|s| s.next_states().contains(&to))
+            .collect();
+        if legal.is_empty() {
+            return Ok(None);
+        }
         let now = Utc::now();
         let mut update = Entity::update_many()
             .col_expr(Column::State, Expr::value(to.as_str()))
             .col_expr(Column::StateReason, Expr::value(reason))
             .col_expr(Column::UpdatedAt, Expr::value(now))
             .filter(Column::Id.eq(id))
-            .filter(Column::State.is_in(names(&SandboxState::predecessors(to))));
+            .filter(Column::State.is_in(names(&legal)));
         if let Some(runtime_id) = runtime_id {
             update = update.col_expr(Column::RuntimeId, Expr::value(runtime_id));
         }

@@ -472,7 +472,7 @@ async fn restart_recovers_sandboxes_left_mid_spawn() {
             id: id.clone(),
             owner_id: "anonymous".into(),
             tenant_id: "default".into(),
-            worker_id: "wk-test".into(),
+            worker_id: server.app_service.scheduler().local_worker().id.clone(),
             provider: "docker".into(),
             runtime_id: None,
             image: docker_image(),

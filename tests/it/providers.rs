@@ -92,9 +92,12 @@ pub async fn docker_fixture() -> Option<Fixture> {
         return None;
     }
     let config = stacyvm::config::DockerConfig::default();
-    let provider = stacyvm::provider::docker::DockerProvider::connect(&config)
-        .await
-        .unwrap_or_else(|e| panic!("docker: {e}"));
+    let provider = stacyvm::provider::docker::DockerProvider::connect(
+        &config,
+        &format!("in-test-{}", crate::support::uuid_hex()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("docker: {e}"));
     Some(Fixture {
         provider: Arc::new(provider),
         image: crate::support::docker_image(),
@@ -122,7 +125,8 @@ macro_rules! conformance_tests {
                 read_missing_file,
                 path_escapes_are_contained,
                 destroy_is_idempotent_and_complete,
-                unknown_image_leaves_nothing
+                unknown_image_leaves_nothing,
+                inventory_and_inspect_follow_the_runtime
             );
         }
     };
@@ -198,6 +202,11 @@ async fn try_run(p: &Arc<dyn Provider>, id: &str, spec: ExecSpec) -> Result<Run,
 }
 
 async fn spawn(fx: &Fixture) -> String {
+    spawn_with_id(fx).await.1
+}
+
+/// Spawns a sandbox; returns (sandbox id, runtime id).
+async fn spawn_with_id(fx: &Fixture) -> (String, String) {
     let id = format!("t-{}", uuid::Uuid::new_v4().as_simple());
     let handle = fx
         .provider
@@ -209,7 +218,7 @@ async fn spawn(fx: &Fixture) -> String {
         })
         .await
         .expect("spawn");
-    handle.runtime_id
+    (id, handle.runtime_id)
 }
 
 fn dir_entries(dir: &Path) -> Vec<String> {
@@ -652,6 +661,46 @@ mod cases {
         }
         // Destroying something never spawned is fine too.
         p.destroy("t-never-existed").await.expect("destroy unknown");
+    }
+
+    pub async fn inventory_and_inspect_follow_the_runtime(fx: &Fixture) {
+        use stacyvm::provider::RuntimeStatus;
+        let p = &fx.provider;
+        let (a_id, a) = spawn_with_id(fx).await;
+        let (b_id, b) = spawn_with_id(fx).await;
+        let listed = |items: &[stacyvm::provider::InventoryItem]| {
+            let mut v: Vec<(String, String, RuntimeStatus)> = items
+                .iter()
+                .map(|i| (i.sandbox_id.clone(), i.runtime_id.clone(), i.status.clone()))
+                .collect();
+            v.sort_by(|x, y| x.0.cmp(&y.0));
+            v
+        };
+        let mut expected = vec![
+            (a_id.clone(), a.clone(), RuntimeStatus::Running),
+            (b_id.clone(), b.clone(), RuntimeStatus::Running),
+        ];
+        expected.sort_by(|x, y| x.0.cmp(&y.0));
+        let inventory = p.inventory().await.expect("inventory");
+        assert_eq!(listed(&inventory), expected);
+        assert!(inventory.iter().all(|i| i.created_at.is_some()));
+        assert_eq!(
+            p.inspect(&a).await.expect("inspect"),
+            RuntimeStatus::Running
+        );
+
+        p.destroy(&a).await.expect("destroy");
+        assert_eq!(
+            p.inspect(&a).await.expect("inspect"),
+            RuntimeStatus::Missing
+        );
+        let inventory = p.inventory().await.expect("inventory");
+        assert_eq!(
+            listed(&inventory),
+            vec![(b_id, b.clone(), RuntimeStatus::Running)]
+        );
+        p.destroy(&b).await.expect("destroy");
+        assert!(p.inventory().await.expect("inventory").is_empty());
     }
 
     pub async fn unknown_image_leaves_nothing(fx: &Fixture) {

@@ -77,7 +77,9 @@ pub async fn upgrade(
                 // Best effort: the peer may already be gone.
                 let _closed = socket_sink.close().await;
             });
+            let close_tx = tx.clone();
             let service = state.service.clone();
+            let closing = state.service.streams_closed();
             // Credentials in the init message win over the upgrade request's
             // headers (browsers cannot set headers on a WebSocket).
             let on_init = move |payload: serde_json::Value| async move {
@@ -92,10 +94,29 @@ pub async fn upgrade(
                 };
                 Ok(request_data(&service, caller))
             };
-            GraphQLWebSocket::new_with_pair(tx, socket_stream, state.schema.clone(), protocol)
-                .on_connection_init(on_init)
-                .serve()
-                .await;
+            let session =
+                GraphQLWebSocket::new_with_pair(tx, socket_stream, state.schema.clone(), protocol)
+                    .on_connection_init(on_init)
+                    .serve();
+            tokio::pin!(session);
+            let server_closing = tokio::select! {
+                () = &mut session => false,
+                () = closing => true,
+            };
+            let mut close_tx = close_tx;
+            if server_closing {
+                // Subscriptions are ending: let the session send their
+                // final `complete` messages, then say goodbye.
+                let _still_open =
+                    tokio::time::timeout(Duration::from_millis(300), &mut session).await;
+                let goodbye = axum::extract::ws::CloseFrame {
+                    code: axum::extract::ws::close_code::AWAY,
+                    reason: "server shutting down".into(),
+                };
+                let _peer_gone = close_tx.send(Message::Close(Some(goodbye))).await;
+            }
+            // The pump ends once every sender is gone.
+            drop(close_tx);
             if let Err(e) = pump.await {
                 tracing::debug!(error = %e, "websocket pump ended abnormally");
             }

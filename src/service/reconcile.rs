@@ -1,0 +1,452 @@
+//! The reconciler: makes the store tell the truth about the runtimes.
+//!
+//! Each sandbox has a desired state (its record) and an observed state (what
+//! its provider's inventory says). One pass compares the two for every
+//! provider of the local worker and acts:
+//!
+//! - a record whose runtime runs is kept (at start-up: adopted);
+//! - a runtime that stopped (killed, OOM, its init exited) or vanished
+//!   moves its record to `error` with the cause;
+//! - a sandbox that cannot be observed (the provider is down) turns
+//!   `unhealthy`, and `running` again once it answers; both need a few
+//!   consecutive observations, so one slow probe does not flap;
+//! - `error` sandboxes are destroyed, retried with exponential backoff;
+//! - a runtime with no live record is destroyed (after a grace period,
+//!   except at start-up when no spawn can be in flight).
+//!
+//! Every action is a persisted transition (hence a state event with the
+//! reason) and an audit event by `system`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::{Result, Service};
+use crate::auth::Caller;
+use crate::lifecycle::SandboxState;
+use crate::provider::{InventoryItem, Provider, RuntimeStatus};
+use crate::store::SandboxFilter;
+
+/// First wait before retrying a failed destroy; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// How long a record may sit in `expired` (set just before its destroy)
+/// before the reconciler takes over the destroy.
+const EXPIRED_STUCK_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+/// What one pass did, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Records whose runtime was found running (start-up: adopted).
+    pub running: usize,
+    /// Records moved to `error` because their runtime stopped or vanished.
+    pub failed: usize,
+    /// Records moved between `running` and `unhealthy`.
+    pub health_changes: usize,
+    /// Sandboxes destroyed from `error` or `expired`.
+    pub destroyed: usize,
+    /// Runtimes without a live record that were destroyed.
+    pub orphans_destroyed: usize,
+}
+
+/// What the reconciler remembers between passes (in memory: a restart
+/// starts counting afresh, which only delays a verdict by one pass).
+#[derive(Debug, Default)]
+pub(super) struct ReconcileMemory {
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    sandboxes: HashMap<String, Observation>,
+    /// Runtime id -> when it was first seen without a live record.
+    orphans: HashMap<String, Instant>,
+}
+
+/// Consecutive observations of one sandbox.
+#[derive(Debug, Default, Clone)]
+struct Observation {
+    /// The runtime could not be observed (provider down, probe failed).
+    failures: u32,
+    /// The runtime was seen running.
+    successes: u32,
+    /// The runtime was seen stopped.
+    stops: u32,
+    /// When the next destroy of an `error` sandbox may be tried, and the
+    /// wait after that one.
+    retry_at: Option<(Instant, Duration)>,
+}
+
+/// The verdict on one usable sandbox after an observation.
+enum Verdict {
+    Nothing,
+    Unhealthy(String),
+    Recovered,
+    Failed(String),
+}
+
+impl ReconcileMemory {
+    fn with<T>(&self, f: impl FnOnce(&mut MemoryInner) -> T) -> T {
+        let mut guard = match self.inner.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    fn observe(&self, id: &str, update: impl FnOnce(&mut Observation)) -> Observation {
+        self.with(|m| {
+            let obs = m.sandboxes.entry(id.to_string()).or_default();
+            update(obs);
+            obs.clone()
+        })
+    }
+
+    fn forget(&self, id: &str) {
+        self.with(|m| m.sandboxes.remove(id));
+    }
+}
+
+impl Service {
+    /// Runs the reconciler every `every` until `shutdown` fires.
+    pub async fn run_reconciler(self, every: Duration, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.reconcile(false).await {
+                        tracing::warn!(error = %e, "reconcile pass failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One reconcile pass over every provider of the local worker. With
+    /// `startup`, runtimes without a record are destroyed at once (no spawn
+    /// can be in flight yet) and surviving sandboxes are reported adopted.
+    pub async fn reconcile(&self, startup: bool) -> Result<ReconcileReport> {
+        let worker = self.scheduler().local_worker().clone();
+        let records = self
+            .store()
+            .list_sandboxes(&SandboxFilter {
+                owner_id: None,
+                states: Some(SandboxState::LIVE.to_vec()),
+            })
+            .await?;
+        let mut report = ReconcileReport::default();
+        for provider in worker.providers() {
+            let mine: Vec<_> = records
+                .iter()
+                .filter(|r| r.provider == provider.name() && r.worker_id == worker.id)
+                .cloned()
+                .collect();
+            // Records are read before the inventory: a runtime created after
+            // the inventory was taken belongs to a record we did not read.
+            let unhealthy = worker
+                .health_of(provider.name())
+                .filter(|h| !h.healthy)
+                .map(|h| h.error.unwrap_or_else(|| "provider unhealthy".into()));
+            let inventory = match unhealthy {
+                Some(why) => Err(why),
+                None => provider.inventory().await.map_err(|e| e.to_string()),
+            };
+            match inventory {
+                Ok(items) => {
+                    self.reconcile_provider(provider.as_ref(), mine, items, startup, &mut report)
+                        .await?;
+                }
+                Err(why) => {
+                    // Nothing can be observed: usable sandboxes count a
+                    // failed probe; destroys wait for the provider.
+                    for record in mine.iter().filter(|r| is_usable(r)) {
+                        let obs = self.inner.reconcile.observe(&record.id, |o| {
+                            o.failures += 1;
+                            o.successes = 0;
+                        });
+                        if obs.failures >= self.config().lifecycle.unhealthy_after
+                            && record.state == SandboxState::Running.as_str()
+                        {
+                            let why = format!("cannot observe the sandbox: {why}");
+                            if self.apply(record, Verdict::Unhealthy(why)).await? {
+                                report.health_changes += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if startup {
+            tracing::info!(?report, "start-up reconcile");
+        } else if report != ReconcileReport::default()
+            && (report.failed + report.health_changes + report.destroyed + report.orphans_destroyed)
+                > 0
+        {
+            tracing::info!(?report, "reconcile pass acted");
+        }
+        Ok(report)
+    }
+
+    async fn reconcile_provider(
+        &self,
+        provider: &dyn Provider,
+        records: Vec<entity::sandbox::Model>,
+        inventory: Vec<InventoryItem>,
+        startup: bool,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let mut by_sandbox: HashMap<String, InventoryItem> = inventory
+            .into_iter()
+            .map(|item| (item.sandbox_id.clone(), item))
+            .collect();
+        let now = Utc::now();
+        for record in records {
+            let item = by_sandbox.remove(&record.id);
+            let state = record.state.parse::<SandboxState>().ok();
+            match state {
+                Some(SandboxState::Running | SandboxState::Unhealthy) => {
+                    let verdict = self.observe(provider, &record, item).await;
+                    match verdict {
+                        Verdict::Nothing => {}
+                        Verdict::Failed(_) => {
+                            if self.apply(&record, verdict).await? {
+                                report.failed += 1;
+                            }
+                            continue;
+                        }
+                        Verdict::Unhealthy(_) | Verdict::Recovered => {
+                            if self.apply(&record, verdict).await? {
+                                report.health_changes += 1;
+                            }
+                        }
+                    }
+                    report.running += 1;
+                    if startup {
+                        self.audit_system("sandbox.adopt", &record.id, None).await;
+                    }
+                }
+                Some(SandboxState::Error) => {
+                    let destroyed = self.retry_destroy(record).await?;
+                    report.destroyed += usize::from(destroyed);
+                }
+                Some(SandboxState::Expired)
+                    if startup || now - record.updated_at > EXPIRED_STUCK_AFTER =>
+                {
+                    let reason = record.state_reason.clone();
+                    let id = record.id.clone();
+                    match self.destroy_record(record, reason).await {
+                        Ok(()) => report.destroyed += 1,
+                        Err(e) => {
+                            tracing::warn!(sandbox = %id, error = %e, "destroy of an expired sandbox failed")
+                        }
+                    }
+                }
+                // creating, destroying: an operation is in flight (start-up
+                // recovery has already moved those a crash interrupted).
+                _ => {}
+            }
+        }
+        // What is left in the inventory has no live record of this provider.
+        let grace = self.config().lifecycle.orphan_grace.0;
+        for item in by_sandbox.into_values() {
+            let record = self.store().get_sandbox(&item.sandbox_id).await?;
+            if record.as_ref().is_some_and(is_live) {
+                // Live under another provider or worker: not ours to judge.
+                continue;
+            }
+            let first_seen = self.inner.reconcile.with(|m| {
+                *m.orphans
+                    .entry(item.runtime_id.clone())
+                    .or_insert_with(Instant::now)
+            });
+            let old_enough = item
+                .created_at
+                .is_some_and(|t| (now - t).to_std().is_ok_and(|age| age >= grace));
+            if !(startup || old_enough || first_seen.elapsed() >= grace) {
+                continue;
+            }
+            let why = match &record {
+                Some(r) => format!("runtime outlived its sandbox record (state {})", r.state),
+                None => "runtime has no sandbox record".to_string(),
+            };
+            tracing::warn!(sandbox = %item.sandbox_id, runtime = %item.runtime_id, %why, "destroying orphaned runtime");
+            match provider.destroy(&item.runtime_id).await {
+                Ok(()) => {
+                    self.inner
+                        .reconcile
+                        .with(|m| m.orphans.remove(&item.runtime_id));
+                    report.orphans_destroyed += 1;
+                    self.audit_system("sandbox.orphan.destroy", &item.sandbox_id, Some(why))
+                        .await;
+                }
+                Err(e) => {
+                    tracing::warn!(runtime = %item.runtime_id, error = %e, "cannot destroy orphaned runtime; will retry");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Observes one usable sandbox and decides, with hysteresis, whether
+    /// its state must change.
+    async fn observe(
+        &self,
+        provider: &dyn Provider,
+        record: &entity::sandbox::Model,
+        item: Option<InventoryItem>,
+    ) -> Verdict {
+        let lifecycle = &self.config().lifecycle;
+        let memory = &self.inner.reconcile;
+        let status = match item {
+            None => RuntimeStatus::Missing,
+            Some(item) if item.status == RuntimeStatus::Running => RuntimeStatus::Running,
+            // Ask for the detailed cause (and double-check: it may have
+            // come back since the listing).
+            Some(item) => match provider.inspect(&item.runtime_id).await {
+                Ok(status) => status,
+                Err(e) => {
+                    let obs = memory.observe(&record.id, |o| {
+                        o.failures += 1;
+                        o.successes = 0;
+                    });
+                    return if obs.failures >= lifecycle.unhealthy_after {
+                        Verdict::Unhealthy(format!("cannot inspect the sandbox: {e}"))
+                    } else {
+                        Verdict::Nothing
+                    };
+                }
+            },
+        };
+        match status {
+            RuntimeStatus::Running => {
+                let obs = memory.observe(&record.id, |o| {
+                    o.successes += 1;
+                    o.failures = 0;
+                    o.stops = 0;
+                });
+                if record.state == SandboxState::Unhealthy.as_str()
+                    && obs.successes >= lifecycle.healthy_after
+                {
+                    Verdict::Recovered
+                } else {
+                    Verdict::Nothing
+                }
+            }
+            // Gone is gone: one observation is enough (records are read
+            // before the inventory, so a spawn in flight cannot look gone).
+            RuntimeStatus::Missing => {
+                Verdict::Failed("the runtime was removed outside StacyVM".to_string())
+            }
+            RuntimeStatus::Stopped { cause } => {
+                let obs = memory.observe(&record.id, |o| {
+                    o.stops += 1;
+                    o.successes = 0;
+                });
+                // Twice in a row: a runtime being restarted by its daemon
+                // is not declared dead on one look.
+                if obs.stops >= 2 {
+                    Verdict::Failed(format!("the sandbox stopped: {cause}"))
+                } else {
+                    Verdict::Nothing
+                }
+            }
+        }
+    }
+
+    /// Applies a verdict with a conditional transition from the states it
+    /// was made in. Returns whether the record changed.
+    async fn apply(&self, record: &entity::sandbox::Model, verdict: Verdict) -> Result<bool> {
+        use SandboxState::{Error, Running, Unhealthy};
+        let (from, to, reason, action): (&[SandboxState], _, _, _) = match verdict {
+            Verdict::Nothing => return Ok(false),
+            Verdict::Unhealthy(why) => (&[Running], Unhealthy, why, "sandbox.unhealthy"),
+            Verdict::Recovered => (
+                &[Unhealthy],
+                Running,
+                "the runtime answers again".to_string(),
+                "sandbox.recover",
+            ),
+            Verdict::Failed(why) => (&[Running, Unhealthy], Error, why, "sandbox.fail"),
+        };
+        let changed = self
+            .transition_from(&record.id, from, to, Some(reason.clone()))
+            .await?
+            .is_some();
+        if changed {
+            tracing::warn!(sandbox = %record.id, state = %to, %reason, "sandbox state observed");
+            if to != Running {
+                // A new condition starts its own count.
+                self.inner
+                    .reconcile
+                    .observe(&record.id, |o| o.successes = 0);
+            }
+            if to == Error {
+                self.inner
+                    .reconcile
+                    .observe(&record.id, |o| o.retry_at = None);
+            }
+            self.audit_system(action, &record.id, Some(reason)).await;
+        }
+        Ok(changed)
+    }
+
+    /// Destroys a sandbox in `error` when its backoff allows. Returns
+    /// whether it is now destroyed.
+    async fn retry_destroy(&self, record: entity::sandbox::Model) -> Result<bool> {
+        let memory = &self.inner.reconcile;
+        let now = Instant::now();
+        let due = memory.with(|m| {
+            m.sandboxes
+                .get(&record.id)
+                .and_then(|o| o.retry_at)
+                .is_none_or(|(at, _)| now >= at)
+        });
+        if !due {
+            return Ok(false);
+        }
+        let id = record.id.clone();
+        let reason = record.state_reason.clone();
+        match self.destroy_record(record, reason.clone()).await {
+            Ok(()) => {
+                memory.forget(&id);
+                self.audit_system("sandbox.destroy", &id, reason).await;
+                Ok(true)
+            }
+            Err(e) => {
+                let obs = memory.observe(&id, |o| {
+                    let wait = o
+                        .retry_at
+                        .map_or(FIRST_BACKOFF, |(_, wait)| (wait * 2).min(MAX_BACKOFF));
+                    o.retry_at = Some((now + wait, wait));
+                });
+                let wait = obs.retry_at.map(|(_, w)| w).unwrap_or(FIRST_BACKOFF);
+                tracing::warn!(sandbox = %id, error = %e, retry_in = ?wait, "destroy failed; will retry");
+                Ok(false)
+            }
+        }
+    }
+
+    /// An audit event by the server itself.
+    async fn audit_system(&self, action: &str, target: &str, detail: Option<String>) {
+        self.audit_with_detail(&Caller::system(), action, target, "success", detail)
+            .await;
+    }
+}
+
+fn is_usable(record: &entity::sandbox::Model) -> bool {
+    SandboxState::USABLE
+        .iter()
+        .any(|s| s.as_str() == record.state)
+}
+
+fn is_live(record: &entity::sandbox::Model) -> bool {
+    SandboxState::LIVE
+        .iter()
+        .any(|s| s.as_str() == record.state)
+}
