@@ -402,7 +402,7 @@ impl DockerProvider {
                 .map(|t| t.with_timezone(&chrono::Utc));
             // Only what stopped during the outage: a sandbox killed before
             // it (docker kill, OOM) stays stopped and is reported as such.
-            if state.oom_killed == Some(true) || finished.is_none_or(|f| f < since) {
+            if finished.is_none_or(|f| f < since) {
                 continue;
             }
             match docker.start_container(&item.runtime_id, None).await {
@@ -439,18 +439,22 @@ impl DockerProvider {
 
 /// Why a container's init is no longer running, in a user's words.
 fn stop_cause(state: &bollard::models::ContainerState) -> String {
-    if state.oom_killed == Some(true) {
-        return "its init was killed by the kernel OOM killer (the memory limit was reached)"
-            .into();
-    }
     let code = state.exit_code.unwrap_or(-1);
+    // Docker's OOMKilled means "the OOM killer struck in this container at
+    // some point", which is the cause when the init died of SIGKILL.
+    let oom = state.oom_killed == Some(true);
     let mut cause = match code {
+        137 if oom => "its init was killed by the kernel OOM killer (the memory limit was reached)"
+            .to_string(),
         137 => "its init was killed (SIGKILL, exit code 137)".to_string(),
         143 => "its init was terminated (SIGTERM, exit code 143)".to_string(),
         c if c > 128 && c < 160 => format!("its init died of signal {} (exit code {c})", c - 128),
         -1 => "its init is not running".to_string(),
         c => format!("its init exited with code {c}"),
     };
+    if oom && code != 137 {
+        cause.push_str(" after the kernel OOM killer struck (the memory limit was reached)");
+    }
     if let Some(error) = state.error.as_deref().filter(|e| !e.is_empty()) {
         cause.push_str(&format!(": {error}"));
     }
@@ -481,6 +485,8 @@ fn daemon_error(e: DockerError) -> ProviderError {
         DockerError::DockerResponseServerError { .. } => ProviderError::Runtime(short(&e)),
         DockerError::IOError { .. }
         | DockerError::HyperResponseError { .. }
+        | DockerError::HyperLegacyError { .. }
+        | DockerError::HttpClientError { .. }
         | DockerError::RequestTimeoutError
         | DockerError::SocketNotFoundError(_) => {
             ProviderError::Unavailable(format!("the Docker daemon is unreachable: {e}"))
@@ -746,10 +752,13 @@ impl Provider for DockerProvider {
             image: Some(spec.image.clone()),
             // Keep the container alive regardless of the image's own command;
             // work happens through exec.
+            // SIGTERM ends the sandbox at once (a daemon shutdown or `docker
+            // stop` does not wait 10 s for a shell that ignores it), as
+            // `kill 1` from inside does, like any init with a handler.
             entrypoint: Some(vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                "while :; do sleep 3600; done".into(),
+                "trap 'exit 143' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
             ]),
             cmd: Some(vec![]),
             working_dir: Some("/".into()),

@@ -298,6 +298,7 @@ impl Service {
                     }
                 };
                 let Some(chunk) = chunk else { break };
+                crate::failpoint::hit("exec.output_flowing");
                 let piece = splitters[chunk.stream as usize].push(&chunk.data);
                 if let Some(out) = forward(chunk.stream, piece, &mut tails)
                     && listening

@@ -114,6 +114,7 @@ impl Service {
         };
         match result {
             Ok(()) => {
+                crate::failpoint::hit("destroy.runtime_removed");
                 self.transition(&id, SandboxState::Destroyed, reason, None)
                     .await?;
                 Ok(())
@@ -144,6 +145,7 @@ impl Service {
             else {
                 continue;
             };
+            crate::failpoint::hit("expire.marked");
             match self
                 .destroy_record(expired, Some("ttl reached".into()))
                 .await

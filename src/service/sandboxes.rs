@@ -296,6 +296,7 @@ impl Service {
         };
         match placement.provider.spawn(&spec).await {
             Ok(handle) => {
+                crate::failpoint::hit("spawn.runtime_started");
                 let running = self
                     .transition(
                         &id,
@@ -366,11 +367,16 @@ impl Service {
             return Err(Error::sandbox_not_found(id));
         }
         match self.store().get_sandbox(id).await? {
-            Some(m)
-                if caller.can_access(&m.owner_id)
-                    && m.state != SandboxState::Destroyed.as_str() =>
-            {
-                Ok(m)
+            Some(m) if caller.can_access(&m.owner_id) => {
+                if m.state != SandboxState::Destroyed.as_str() {
+                    return Ok(m);
+                }
+                // Still 404 (clients rely on it), but the owner learns why
+                // the sandbox is gone, e.g. that the OOM killer struck.
+                Err(Error::NotFound(match &m.state_reason {
+                    Some(reason) => format!("sandbox {id} not found: it was destroyed ({reason})"),
+                    None => format!("sandbox {id} not found: it was destroyed"),
+                }))
             }
             _ => Err(Error::sandbox_not_found(id)),
         }

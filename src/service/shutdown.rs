@@ -24,6 +24,9 @@ pub(super) struct ShutdownState {
     streams_closed: CancellationToken,
     /// Every running command's task.
     pub(super) execs: TaskTracker,
+    /// Every open long-lived stream (WebSocket sessions), so that shutdown
+    /// can wait for their goodbyes.
+    streams: TaskTracker,
 }
 
 /// What a drain found.
@@ -55,6 +58,12 @@ impl Service {
     /// Resolves when streams must end (the last phase of a shutdown).
     pub fn streams_closed(&self) -> WaitForCancellationFutureOwned {
         self.inner.shutdown.streams_closed.clone().cancelled_owned()
+    }
+
+    /// Marks a long-lived stream as open until the guard is dropped; a
+    /// shutdown waits (briefly) for every guard after ending the streams.
+    pub fn stream_guard(&self) -> tokio_util::task::task_tracker::TaskTrackerToken {
+        self.inner.shutdown.streams.token()
     }
 
     /// Resolves when running commands must be cut off.
@@ -109,6 +118,14 @@ impl Service {
             }
         }
         self.inner.shutdown.streams_closed.cancel();
+        let streams = &self.inner.shutdown.streams;
+        streams.close();
+        if tokio::time::timeout(Duration::from_secs(3), streams.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(open = streams.len(), "streams did not close in time");
+        }
         report
     }
 

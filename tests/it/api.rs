@@ -493,6 +493,8 @@ async fn restart_recovers_sandboxes_left_mid_spawn() {
         .args([
             "run",
             "-d",
+            "--network",
+            "none",
             "--name",
             &format!("stacyvm-{id}"),
             "--label",

@@ -69,7 +69,8 @@ async fn spawn(server: &TestServer) -> String {
 }
 
 /// A graphql-transport-ws (or legacy graphql-ws) client.
-struct Ws {
+/// A GraphQL WebSocket client (shared with the chaos suite).
+pub(crate) struct Ws {
     socket: Socket,
     legacy: bool,
 }
@@ -77,6 +78,11 @@ struct Ws {
 impl Ws {
     async fn connect(server: &TestServer, legacy: bool) -> Ws {
         let url = graphql_url(server).replace("http://", "ws://") + "/ws";
+        Ws::connect_url(&url, legacy).await
+    }
+
+    /// Connects to a `ws://.../graphql/ws` URL and completes the handshake.
+    pub(crate) async fn connect_url(url: &str, legacy: bool) -> Ws {
         let mut request = url.into_client_request().unwrap_or_else(|e| panic!("{e}"));
         let protocol = if legacy {
             "graphql-ws"
@@ -105,7 +111,7 @@ impl Ws {
         ws
     }
 
-    async fn send(&mut self, message: Value) {
+    pub(crate) async fn send(&mut self, message: Value) {
         self.socket
             .send(Message::Text(message.to_string().into()))
             .await
@@ -113,7 +119,7 @@ impl Ws {
     }
 
     /// The next protocol message, answering pings and skipping keep-alives.
-    async fn recv(&mut self) -> Value {
+    pub(crate) async fn recv(&mut self) -> Value {
         loop {
             let next = tokio::time::timeout(Duration::from_secs(20), self.socket.next())
                 .await
@@ -135,7 +141,31 @@ impl Ws {
         }
     }
 
-    async fn subscribe(&mut self, id: &str, query: &str, variables: Value) {
+    /// Every protocol message until the server closes the socket, and the
+    /// close code it sent (None when the socket just ended).
+    pub(crate) async fn until_closed(&mut self, limit: Duration) -> (Vec<Value>, Option<u16>) {
+        let mut messages = Vec::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("socket still open after {limit:?}: {messages:?}"));
+            match next {
+                Some(Ok(Message::Text(text))) => {
+                    let value: Value =
+                        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+                    messages.push(value);
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return (messages, frame.map(|f| u16::from(f.code)));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return (messages, None),
+            }
+        }
+    }
+
+    pub(crate) async fn subscribe(&mut self, id: &str, query: &str, variables: Value) {
         let kind = if self.legacy { "start" } else { "subscribe" };
         self.send(
             json!({"id": id, "type": kind, "payload": {"query": query, "variables": variables}}),
@@ -144,7 +174,7 @@ impl Ws {
     }
 
     /// Payloads of `next`/`data` messages for `id` until `complete`.
-    async fn collect(&mut self, id: &str) -> Vec<Value> {
+    pub(crate) async fn collect(&mut self, id: &str) -> Vec<Value> {
         let mut out = Vec::new();
         loop {
             let message = self.recv().await;

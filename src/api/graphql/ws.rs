@@ -55,6 +55,8 @@ pub async fn upgrade(
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(MAX_WS_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
+            // Shutdown waits for this session's goodbye.
+            let _open = state.service.stream_guard();
             let (mut socket_sink, socket_stream) = socket.split();
             // GraphQL writes into a channel; this task forwards it and
             // interleaves pings.
