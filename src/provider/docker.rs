@@ -1157,6 +1157,23 @@ mod tests {
     }
 
     #[test]
+    fn stop_causes_name_oom_signals_and_exit_codes() {
+        use bollard::models::ContainerState;
+        let state = |code: i64, oom: bool| ContainerState {
+            exit_code: Some(code),
+            oom_killed: Some(oom),
+            ..Default::default()
+        };
+        assert!(stop_cause(&state(137, true)).contains("OOM killer"));
+        assert!(stop_cause(&state(137, false)).contains("SIGKILL"));
+        assert!(!stop_cause(&state(137, false)).contains("OOM"));
+        assert!(stop_cause(&state(143, false)).contains("SIGTERM"));
+        assert!(stop_cause(&state(130, false)).contains("signal 2"));
+        assert_eq!(stop_cause(&state(3, false)), "its init exited with code 3");
+        assert!(stop_cause(&state(1, true)).contains("after the kernel OOM killer struck"));
+    }
+
+    #[test]
     fn splits_paths() {
         assert_eq!(
             split_path("/a/b.txt").ok(),

@@ -141,6 +141,11 @@ impl Service {
             })
             .await?;
         let mut report = ReconcileReport::default();
+        // Forget sandboxes that are no longer live (destroyed by anyone).
+        let live: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+        self.inner
+            .reconcile
+            .with(|m| m.sandboxes.retain(|id, _| live.contains(id.as_str())));
         for provider in worker.providers() {
             let mine: Vec<_> = records
                 .iter()

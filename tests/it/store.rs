@@ -149,6 +149,20 @@ async fn transitions_are_conditional(store: &Store) {
         .count();
     assert_eq!(winners, 1);
 
+    // An observer that saw it running must not turn the destroy into an
+    // error, although destroying -> error is a legal transition.
+    let observed = store
+        .transition_sandbox_from(
+            "sb-0000000a",
+            &[SandboxState::Running, SandboxState::Unhealthy],
+            SandboxState::Error,
+            Some("runtime gone".into()),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(observed.is_none());
+
     let destroyed = store
         .transition_sandbox("sb-0000000a", SandboxState::Destroyed, Some("bye".into()))
         .await
