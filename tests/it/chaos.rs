@@ -285,13 +285,15 @@ const NATIVE: &[(&str, &str)] = &[("STACYVM_PROVIDERS_DEFAULT", "native")];
 // kill -9 of the server at each step, then a restart
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_during_spawn_leaves_no_runtime_and_no_transient_record() {
-    if !docker_enabled() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let mut server = ServerProcess::start(dir.path(), DOCKER, Some("spawn.runtime_started")).await;
+/// Kills the server between "runtime started" and "record running", then
+/// restarts it. `runtimes(id)` lists what the provider holds for the
+/// sandbox: one runtime after the crash, none after the restart.
+async fn kill_during_spawn(
+    env: &[(&str, &str)],
+    data_dir: &Path,
+    runtimes: impl Fn(&str) -> usize,
+) {
+    let mut server = ServerProcess::start(data_dir, env, Some("spawn.runtime_started")).await;
     let answer = server
         .request(
             reqwest::Method::POST,
@@ -303,13 +305,13 @@ async fn kill_during_spawn_leaves_no_runtime_and_no_transient_record() {
     server.expect_killed_at("spawn.runtime_started").await;
 
     // The crash really was mid-spawn: a record in `creating` and a
-    // container it never learned about.
-    let store = store_of(dir.path()).await;
+    // runtime it never learned about.
+    let store = store_of(data_dir).await;
     let stuck = only_sandbox(&store).await;
     assert_eq!(stuck.state, "creating");
-    assert_eq!(docker_containers_for(&stuck.id).len(), 1);
+    assert_eq!(runtimes(&stuck.id), 1);
 
-    let _server = ServerProcess::start(dir.path(), DOCKER, None).await;
+    let _server = ServerProcess::start(data_dir, env, None).await;
     // The start-up pass runs before the server answers.
     let after = record(&store, &stuck.id).await;
     assert_eq!(after.state, "destroyed", "{after:?}");
@@ -321,7 +323,7 @@ async fn kill_during_spawn_leaves_no_runtime_and_no_transient_record() {
             .contains("server restarted while the sandbox was creating"),
         "{after:?}"
     );
-    assert!(docker_containers_for(&stuck.id).is_empty());
+    assert_eq!(runtimes(&stuck.id), 0);
     assert_no_transient_records(&store).await;
     let audit = system_audit(&store, &stuck.id).await;
     assert!(
@@ -331,28 +333,23 @@ async fn kill_during_spawn_leaves_no_runtime_and_no_transient_record() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_during_native_spawn_leaves_no_directory() {
+async fn kill_during_docker_spawn_leaves_no_container_and_no_transient_record() {
+    if !docker_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    kill_during_spawn(DOCKER, dir.path(), |id| docker_containers_for(id).len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_during_native_spawn_leaves_no_directory_and_no_transient_record() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     import_native_image(dir.path());
-    let mut server = ServerProcess::start(dir.path(), NATIVE, Some("spawn.runtime_started")).await;
-    let answer = server
-        .request(
-            reqwest::Method::POST,
-            "/sandboxes",
-            Some(json!({"image": docker_image()})),
-        )
-        .await;
-    assert!(answer.is_err(), "the spawn answered: {answer:?}");
-    server.expect_killed_at("spawn.runtime_started").await;
-    let store = store_of(dir.path()).await;
-    let stuck = only_sandbox(&store).await;
-    assert_eq!(stuck.state, "creating");
-    assert_eq!(native_dirs(dir.path()), vec![stuck.id.clone()]);
-
-    let _server = ServerProcess::start(dir.path(), NATIVE, None).await;
-    assert_eq!(record(&store, &stuck.id).await.state, "destroyed");
-    assert_eq!(native_dirs(dir.path()), Vec::<String>::new());
-    assert_no_transient_records(&store).await;
+    let data_dir = dir.path().to_path_buf();
+    kill_during_spawn(NATIVE, dir.path(), move |id| {
+        native_dirs(&data_dir).iter().filter(|d| *d == id).count()
+    })
+    .await;
 }
 
 /// Runs `command` in a sandbox until the server dies with its output
