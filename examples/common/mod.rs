@@ -9,6 +9,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct BenchServer {
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// The server's service, for benchmarks that time internal passes.
+    #[allow(dead_code)]
+    pub service: stacyvm::service::Service,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), stacyvm::app::StartError>>,
     _data: tempfile::TempDir,
@@ -28,12 +31,14 @@ impl BenchServer {
         let listener = stacyvm::app::bind(&config).await?;
         let base = format!("http://{}", listener.local_addr()?);
         let app = stacyvm::app::App::start(config).await?;
+        let service = app.service.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.serve(listener, async move {
             let _stop_or_dropped = stopped.await;
         }));
         Ok(BenchServer {
             base,
+            service,
             stop,
             task,
             _data: data,

@@ -74,8 +74,6 @@ struct Observation {
     failures: u32,
     /// The runtime was seen running.
     successes: u32,
-    /// The runtime was seen stopped.
-    stops: u32,
     /// When the next destroy of an `error` sandbox may be tried, and the
     /// wait after that one.
     retry_at: Option<(Instant, Duration)>,
@@ -333,7 +331,6 @@ impl Service {
                 let obs = memory.observe(&record.id, |o| {
                     o.successes += 1;
                     o.failures = 0;
-                    o.stops = 0;
                 });
                 if record.state == SandboxState::Unhealthy.as_str()
                     && obs.successes >= lifecycle.healthy_after
@@ -348,18 +345,12 @@ impl Service {
             RuntimeStatus::Missing => {
                 Verdict::Failed("the runtime was removed outside StacyVM".to_string())
             }
+            // The inventory said stopped and `inspect` confirmed it just now.
+            // Nothing restarts sandboxes behind our back (no restart policy;
+            // after a daemon outage the provider restarts them before it
+            // reports healthy), so one confirmed look is a verdict.
             RuntimeStatus::Stopped { cause } => {
-                let obs = memory.observe(&record.id, |o| {
-                    o.stops += 1;
-                    o.successes = 0;
-                });
-                // Twice in a row: a runtime being restarted by its daemon
-                // is not declared dead on one look.
-                if obs.stops >= 2 {
-                    Verdict::Failed(format!("the sandbox stopped: {cause}"))
-                } else {
-                    Verdict::Nothing
-                }
+                Verdict::Failed(format!("the sandbox stopped: {cause}"))
             }
         }
     }
