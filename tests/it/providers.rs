@@ -744,7 +744,7 @@ fn rand_u16() -> u16 {
     u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]])
 }
 
-/// Native exec latency: `echo hi` in a fresh set of namespaces must cost
+/// Native exec latency: `echo hi` joining the sandbox's namespaces must cost
 /// tens of milliseconds at most.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_exec_latency() {
@@ -832,16 +832,27 @@ async fn native_background_processes_live_until_destroy() {
     let script = format!("sleep {marker} >/dev/null 2>&1 & echo $! > /tmp/bg");
     let r = run(p, &id, spec(&["sh", "-c", &script])).await;
     assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
-    let r = run(p, &id, spec(&["sh", "-c", "kill -0 $(cat /tmp/bg) && echo alive"])).await;
+    let r = run(
+        p,
+        &id,
+        spec(&["sh", "-c", "kill -0 $(cat /tmp/bg) && echo alive"]),
+    )
+    .await;
     assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
     assert_eq!(r.stdout, "alive\n");
     // Orphans are reaped by the init: `ps` shows it as PID 1.
-    let r = run(p, &id, spec(&["sh", "-c", "cat /proc/1/status | grep PPid"])).await;
+    let r = run(
+        p,
+        &id,
+        spec(&["sh", "-c", "cat /proc/1/status | grep PPid"]),
+    )
+    .await;
     assert_eq!(r.stdout.trim(), "PPid:\t0");
     assert!(!host_processes_with(&format!("sleep {marker}")).is_empty());
     p.destroy(&id).await.expect("destroy");
     let gone = eventually(Duration::from_secs(5), || {
-        host_processes_with(&format!("sleep {marker}")).is_empty() && host_processes_with(&id).is_empty()
+        host_processes_with(&format!("sleep {marker}")).is_empty()
+            && host_processes_with(&id).is_empty()
     })
     .await;
     assert!(
@@ -863,7 +874,10 @@ async fn native_kill_1_stops_the_sandbox() {
     let fx = native_fixture().await;
     let p = &fx.provider;
     let id = spawn(&fx).await;
-    assert_eq!(p.inspect(&id).await.expect("inspect"), RuntimeStatus::Running);
+    assert_eq!(
+        p.inspect(&id).await.expect("inspect"),
+        RuntimeStatus::Running
+    );
     // The exec itself dies with the namespace; how it is reported does not
     // matter here.
     let _ = try_run(p, &id, spec(&["sh", "-c", "kill 1; sleep 5"])).await;
@@ -893,12 +907,17 @@ async fn native_kill_1_stops_the_sandbox() {
         other => panic!("expected a runtime error, got {:?}", other.map(|r| r.exit)),
     }
     p.destroy(&id).await.expect("destroy");
-    assert_eq!(p.inspect(&id).await.expect("inspect"), RuntimeStatus::Missing);
+    assert_eq!(
+        p.inspect(&id).await.expect("inspect"),
+        RuntimeStatus::Missing
+    );
     if let Some(dir) = &fx.sandboxes_dir {
         assert_eq!(dir_entries(dir), Vec::<String>::new());
     }
     assert!(
-        eventually(Duration::from_secs(5), || host_processes_with(&id).is_empty()).await,
+        eventually(Duration::from_secs(5), || host_processes_with(&id)
+            .is_empty())
+        .await,
         "{:?}",
         host_processes_with(&id)
     );
@@ -936,13 +955,20 @@ async fn native_init_survives_the_provider() {
         second.inspect(&id).await.expect("inspect"),
         RuntimeStatus::Running
     );
-    let r = run(&second, &id, spec(&["sh", "-c", "kill -0 $(cat /tmp/bg) && hostname"])).await;
+    let r = run(
+        &second,
+        &id,
+        spec(&["sh", "-c", "kill -0 $(cat /tmp/bg) && hostname"]),
+    )
+    .await;
     assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
     assert_eq!(r.stdout, format!("{id}\n"));
     second.destroy(&id).await.expect("destroy");
     assert_eq!(dir_entries(&dir), Vec::<String>::new());
     assert!(
-        eventually(Duration::from_secs(5), || host_processes_with(&id).is_empty()).await,
+        eventually(Duration::from_secs(5), || host_processes_with(&id)
+            .is_empty())
+        .await,
         "{:?}",
         host_processes_with(&id)
     );
@@ -955,18 +981,19 @@ async fn native_keeper_exits_when_its_directory_goes() {
     let fx = native_fixture().await;
     let p = &fx.provider;
     let id = spawn(&fx).await;
-    let r = run(
-        p,
-        &id,
-        spec(&["sh", "-c", "sleep 300 >/dev/null 2>&1 &"]),
-    )
-    .await;
+    let r = run(p, &id, spec(&["sh", "-c", "sleep 300 >/dev/null 2>&1 &"])).await;
     assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
     assert!(!host_processes_with(&id).is_empty(), "no keeper found");
-    let dir = fx.sandboxes_dir.as_ref().expect("native has a dir").join(&id);
+    let dir = fx
+        .sandboxes_dir
+        .as_ref()
+        .expect("native has a dir")
+        .join(&id);
     std::fs::remove_dir_all(&dir).expect("remove the sandbox dir");
     assert!(
-        eventually(Duration::from_secs(10), || host_processes_with(&id).is_empty()).await,
+        eventually(Duration::from_secs(10), || host_processes_with(&id)
+            .is_empty())
+        .await,
         "left running: {:?}",
         host_processes_with(&id)
     );

@@ -89,9 +89,9 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     // Die (well: kill the command) with the server. The signal is tied
     // to the server thread that spawned us; the provider spawns from
     // long-lived runtime threads.
-    if let Err(e) = rustix::process::set_parent_process_death_signal(Some(
-        rustix::process::Signal::TERM,
-    )) {
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+    {
         return fail(format!("prctl: {e}"));
     }
     if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {

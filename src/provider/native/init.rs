@@ -409,7 +409,10 @@ fn start_container(
             break pid;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the container ended at start-up: {}", status.reason));
+            return Err(format!(
+                "the container ended at start-up: {}",
+                status.reason
+            ));
         }
         if Instant::now() >= deadline {
             let _ = child.kill();

@@ -522,8 +522,10 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
 /// timeout and the sandbox's destruction.
 ///
 /// `wait` resolves with the exit code once the command has ended; `kill`
-/// must kill the command and everything it started (it is also called once
-/// after a normal exit to reap leftovers, so it must tolerate that).
+/// must kill the command and everything it started. It is also called once
+/// after a normal exit, so it must tolerate that: proot uses it to reap
+/// leftovers, native makes it a no-op then (background processes belong
+/// to the sandbox's init).
 pub(crate) async fn drive<O, E, W, K>(
     stdout: O,
     stderr: E,
@@ -707,7 +709,6 @@ impl Drop for TermOnDrop {
     }
 }
 
-
 #[async_trait]
 impl Provider for NativeProvider {
     fn name(&self) -> &'static str {
@@ -841,7 +842,9 @@ impl Provider for NativeProvider {
             ProviderError::Unavailable(format!("cannot run {}: {e}", helper.display()))
         })?;
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            return Err(ProviderError::Runtime("the exec helper has no output pipes".into()));
+            return Err(ProviderError::Runtime(
+                "the exec helper has no output pipes".into(),
+            ));
         };
         // Not reaped until waited on below, so the pid still names it.
         let pidfd = child
@@ -860,11 +863,9 @@ impl Provider for NativeProvider {
                 .map_err(|e| ProviderError::Runtime(format!("waiting for the exec helper: {e}")))?;
             let mut why = String::new();
             let mut status_pipe = status_pipe;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                status_pipe.read_to_string(&mut why),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), status_pipe.read_to_string(&mut why))
+                    .await;
             if !why.is_empty() {
                 return Err(ProviderError::Runtime(why));
             }
