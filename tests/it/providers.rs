@@ -998,3 +998,21 @@ async fn native_keeper_exits_when_its_directory_goes() {
         host_processes_with(&id)
     );
 }
+
+/// The command's environment reaches the command only: the exec helper
+/// starts on the host, where the dynamic loader must not obey a request's
+/// `LD_PRELOAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_request_env_never_reaches_the_host_loader() {
+    let fx = native_fixture().await;
+    let p = &fx.provider;
+    let id = spawn(&fx).await;
+    let mut s = spec(&["sh", "-c", "echo \"$LD_PRELOAD\""]);
+    s.env
+        .insert("LD_PRELOAD".into(), "/nonexistent-stacyvm-probe.so".into());
+    let r = run(p, &id, s).await;
+    assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    assert_eq!(r.stdout, "/nonexistent-stacyvm-probe.so\n");
+    assert_eq!(r.stderr, "", "the host loader saw the request's LD_PRELOAD");
+    p.destroy(&id).await.expect("destroy");
+}

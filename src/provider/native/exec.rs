@@ -5,11 +5,15 @@
 //! stacyvm __native-exec <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]
 //! ```
 //!
-//! The helper is started by the provider with the command's environment
-//! (already prepared), its stdout/stderr pipes, and as stdin the write end
-//! of a *status pipe*: if the helper cannot enter the sandbox it writes why
-//! there and exits 125, so that a setup failure is never confused with the
-//! command's own exit code or output. Otherwise it exits with the
+//! The provider starts the helper with an empty environment, the command's
+//! stdout/stderr pipes, and as stdin one end of a *control socket*. The
+//! provider writes the command's environment there (`KEY=VALUE` entries,
+//! each ended by a NUL byte) and shuts its writing side. The environment
+//! never is the helper's own: the helper starts on the host as the
+//! server's user, where a request's `LD_PRELOAD` would be obeyed by the
+//! dynamic loader. If the helper cannot enter the sandbox it writes why on
+//! the socket and exits 125, so that a setup failure is never confused
+//! with the command's own exit code or output. Otherwise it exits with the
 //! command's status (128 + signal for a signal death).
 //!
 //! The command runs in its own process group. SIGTERM or SIGINT to the
@@ -18,8 +22,7 @@
 //! killed: background processes live on under the sandbox's init.
 
 use std::ffi::OsString;
-use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -64,10 +67,16 @@ fn parse(args: &[OsString]) -> Option<Request> {
 /// Entry point of `stacyvm __native-exec`. Must run before any thread
 /// exists: joining a user namespace requires a single-threaded process.
 pub fn exec_main(args: &[OsString]) -> i32 {
-    // The status pipe arrives as stdin; keep it on a close-on-exec fd so
-    // the command never inherits it.
-    let status = rustix::io::fcntl_dupfd_cloexec(rustix::stdio::stdin(), 3).ok();
-    let mut status = status.map(fs::File::from);
+    // The control socket arrives as stdin; keep it on a close-on-exec fd
+    // so the command never inherits it.
+    let control = rustix::io::fcntl_dupfd_cloexec(rustix::stdio::stdin(), 3).ok();
+    let mut control = control.map(std::os::unix::net::UnixStream::from);
+    let mut env = Vec::new();
+    let read = match control.as_mut() {
+        Some(c) => c.read_to_end(&mut env).map(|_| ()),
+        None => Err(io::Error::other("no control socket")),
+    };
+    let mut status = control;
     let mut fail = |why: String| -> i32 {
         match status.as_mut() {
             Some(s) => {
@@ -77,6 +86,9 @@ pub fn exec_main(args: &[OsString]) -> i32 {
         }
         SETUP_FAILED
     };
+    if let Err(e) = read {
+        return fail(format!("reading the command's environment: {e}"));
+    }
     let Some(request) = parse(args) else {
         return fail("usage: stacyvm __native-exec <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]".into());
     };
@@ -102,6 +114,16 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     }
     let mut cmd = std::process::Command::new(&request.program);
     cmd.args(&request.args)
+        .env_clear()
+        .envs(env.split(|b| *b == 0).filter_map(|entry| {
+            let at = entry.iter().position(|b| *b == b'=')?;
+            let (key, value) = (&entry[..at], &entry[at + 1..]);
+            use std::os::unix::ffi::OsStrExt;
+            Some((
+                std::ffi::OsStr::from_bytes(key),
+                std::ffi::OsStr::from_bytes(value),
+            ))
+        }))
         .stdin(std::process::Stdio::null())
         // Own process group: a timeout kills the command and everything it
         // started, and nothing else in the sandbox.

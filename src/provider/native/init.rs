@@ -179,9 +179,16 @@ pub(crate) async fn launch(helper: &Path, dir: &Path) -> Result<InitRecord, Stri
         .append(true)
         .open(dir.join(LOG_FILE))
         .map_err(|e| format!("opening {LOG_FILE}: {e}"))?;
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(format!("invalid sandbox directory {}", dir.display()));
+    };
+    // The keeper gets the sandbox's name relative to its working directory:
+    // its command line, inherited by PID 1, is visible inside the sandbox,
+    // and the host's data directory is none of the sandbox's business.
     let mut child = tokio::process::Command::new(helper)
         .arg("__native-init")
-        .arg(dir)
+        .arg(name)
+        .current_dir(parent)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
@@ -315,6 +322,15 @@ pub fn keeper_main(args: &[OsString]) -> i32 {
     let Some(dir) = args.first().map(PathBuf::from) else {
         eprintln!("usage: stacyvm __native-init <sandbox-dir>");
         return 2;
+    };
+    // Relative to the working directory the provider gave us; absolute
+    // from here on, as the keeper moves to `/`.
+    let dir = match std::path::absolute(&dir) {
+        Ok(dir) => dir,
+        Err(e) => {
+            println!("error {}: {e}", dir.display());
+            return 1;
+        }
     };
     // Own session: the keeper must not receive the terminal's or the
     // server's process-group signals.

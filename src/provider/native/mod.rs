@@ -692,11 +692,6 @@ impl NativeProvider {
     }
 }
 
-fn pipe_reader_std(fd: OwnedFd) -> ProviderResult<tokio::net::unix::pipe::Receiver> {
-    tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-        .map_err(|e| ProviderError::Runtime(format!("status pipe: {e}")))
-}
-
 /// Sends SIGTERM to the exec helper when the exec is abandoned (its future
 /// dropped), so that the command does not run on unobserved.
 struct TermOnDrop(Option<Arc<OwnedFd>>);
@@ -815,10 +810,13 @@ impl Provider for NativeProvider {
         };
         // Address-space limit of the command (0: none).
         let memory_bytes = u64::from(meta.memory_mb) * 1024 * 1024;
-        // The helper reports a failure to enter the sandbox on this pipe,
-        // given to it as stdin.
-        let (status_read, status_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| ProviderError::Runtime(format!("status pipe: {e}")))?;
+        // The control socket, given to the helper as stdin: it carries the
+        // command's environment in, and a failure to enter the sandbox out.
+        // The environment must not be the helper's own: the helper starts
+        // on the host as the server's user, where LD_PRELOAD and friends
+        // from a request would be honoured by the dynamic loader.
+        let (control, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
         let mut cmd = tokio::process::Command::new(&helper);
         cmd.arg("__native-exec")
             .arg(record.pid.to_string())
@@ -828,19 +826,35 @@ impl Provider for NativeProvider {
             .arg("--")
             .arg(&program)
             .args(spec.argv.iter().skip(1))
-            // The command gets exactly the sandbox's environment.
             .env_clear()
-            .envs(&env)
-            .stdin(std::process::Stdio::from(status_write))
+            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let spawned = cmd.spawn();
-        // Our copy of the status pipe's write end must go, or reading it
-        // would never see EOF.
+        // Our copy of the helper's end must go, or reading ours would never
+        // see EOF.
         drop(cmd);
         let mut child = spawned.map_err(|e| {
             ProviderError::Unavailable(format!("cannot run {}: {e}", helper.display()))
         })?;
+        let mut control = control
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(control))
+            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
+        let mut encoded = Vec::new();
+        for (key, value) in &env {
+            // prepare() refused NUL bytes in names and values.
+            encoded.extend_from_slice(key.as_bytes());
+            encoded.push(b'=');
+            encoded.extend_from_slice(value.as_bytes());
+            encoded.push(0);
+        }
+        {
+            use tokio::io::AsyncWriteExt;
+            // A helper that died early shows in its status below.
+            let _ = control.write_all(&encoded).await;
+            let _ = control.shutdown().await;
+        }
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(ProviderError::Runtime(
                 "the exec helper has no output pipes".into(),
@@ -855,17 +869,14 @@ impl Provider for NativeProvider {
             })
             .map(Arc::new);
         let guard = TermOnDrop(pidfd.clone());
-        let status_pipe = pipe_reader_std(status_read)?;
         let wait = async move {
             let status = child
                 .wait()
                 .await
                 .map_err(|e| ProviderError::Runtime(format!("waiting for the exec helper: {e}")))?;
             let mut why = String::new();
-            let mut status_pipe = status_pipe;
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), status_pipe.read_to_string(&mut why))
-                    .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.read_to_string(&mut why))
+                .await;
             if !why.is_empty() {
                 return Err(ProviderError::Runtime(why));
             }
