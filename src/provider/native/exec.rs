@@ -2,7 +2,7 @@
 //! joining the namespaces of its init.
 //!
 //! ```text
-//! stacyvm __native-exec <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]
+//! stacyvm __native-exec <server-pid> <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]
 //! ```
 //!
 //! The provider starts the helper with an empty environment, the command's
@@ -41,6 +41,9 @@ pub(crate) const SETUP_FAILED: i32 = 125;
 pub(crate) const INIT_NOT_RUNNING: &str = "the sandbox's init is not running";
 
 struct Request {
+    /// The process that started the helper: if the helper's parent is not
+    /// (or no longer) this one, the server is gone.
+    server: i32,
     pid: i32,
     start: u64,
     memory_bytes: u64,
@@ -51,16 +54,17 @@ struct Request {
 
 fn parse(args: &[OsString]) -> Option<Request> {
     let text = |i: usize| args.get(i).and_then(|a| a.to_str());
-    if args.get(4).map(|a| a.as_os_str()) != Some("--".as_ref()) {
+    if args.get(5).map(|a| a.as_os_str()) != Some("--".as_ref()) {
         return None;
     }
     Some(Request {
-        pid: text(0)?.parse().ok()?,
-        start: text(1)?.parse().ok()?,
-        memory_bytes: text(2)?.parse().ok()?,
-        workdir: args.get(3)?.clone(),
-        program: args.get(5)?.clone(),
-        args: args.get(6..).map(<[OsString]>::to_vec).unwrap_or_default(),
+        server: text(0)?.parse().ok()?,
+        pid: text(1)?.parse().ok()?,
+        start: text(2)?.parse().ok()?,
+        memory_bytes: text(3)?.parse().ok()?,
+        workdir: args.get(4)?.clone(),
+        program: args.get(6)?.clone(),
+        args: args.get(7..).map(<[OsString]>::to_vec).unwrap_or_default(),
     })
 }
 
@@ -90,7 +94,7 @@ pub fn exec_main(args: &[OsString]) -> i32 {
         return fail(format!("reading the command's environment: {e}"));
     }
     let Some(request) = parse(args) else {
-        return fail("usage: stacyvm __native-exec <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]".into());
+        return fail("usage: stacyvm __native-exec <server-pid> <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]".into());
     };
     // SIGTERM/SIGINT (the provider's kill, the parent-death signal) are
     // collected with sigtimedwait, never lost between here and the wait.
@@ -106,7 +110,8 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     {
         return fail(format!("prctl: {e}"));
     }
-    if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+    // The server may have died before the signal was armed.
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(request.server) {
         return fail("the server went away".into());
     }
     if let Err(why) = enter(&request) {

@@ -819,6 +819,7 @@ impl Provider for NativeProvider {
             .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
         let mut cmd = tokio::process::Command::new(&helper);
         cmd.arg("__native-exec")
+            .arg(std::process::id().to_string())
             .arg(record.pid.to_string())
             .arg(record.start.to_string())
             .arg(memory_bytes.to_string())
