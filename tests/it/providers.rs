@@ -981,21 +981,30 @@ async fn native_keeper_exits_when_its_directory_goes() {
     let fx = native_fixture().await;
     let p = &fx.provider;
     let id = spawn(&fx).await;
-    let r = run(p, &id, spec(&["sh", "-c", "sleep 300 >/dev/null 2>&1 &"])).await;
+    let marker = format!("sleep {}", 3000 + rand_u16() % 5000);
+    let script = format!("{marker} >/dev/null 2>&1 &");
+    let r = run(p, &id, spec(&["sh", "-c", &script])).await;
     assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
     assert!(!host_processes_with(&id).is_empty(), "no keeper found");
+    assert!(
+        !host_processes_with(&marker).is_empty(),
+        "no background process"
+    );
     let dir = fx
         .sandboxes_dir
         .as_ref()
         .expect("native has a dir")
         .join(&id);
     std::fs::remove_dir_all(&dir).expect("remove the sandbox dir");
+    let gone = eventually(Duration::from_secs(10), || {
+        host_processes_with(&id).is_empty() && host_processes_with(&marker).is_empty()
+    })
+    .await;
     assert!(
-        eventually(Duration::from_secs(10), || host_processes_with(&id)
-            .is_empty())
-        .await,
-        "left running: {:?}",
-        host_processes_with(&id)
+        gone,
+        "left running: {:?} {:?}",
+        host_processes_with(&id),
+        host_processes_with(&marker)
     );
 }
 

@@ -635,3 +635,77 @@ fn init_loop() -> i32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: i32, exit_code: Option<i32>) -> hakoniwa::ExitStatus {
+        hakoniwa::ExitStatus {
+            code,
+            reason: String::new(),
+            exit_code,
+            rusage: None,
+            proc_pid_smaps_rollup: None,
+            proc_pid_status: None,
+        }
+    }
+
+    #[test]
+    fn init_ends_are_told_in_words() {
+        // The init loop's own exit on a handled SIGTERM / SIGINT.
+        let term = classify(&status(143, Some(143)));
+        assert_eq!(term.describe(), "its init was terminated (SIGTERM)");
+        let int = classify(&status(130, Some(130)));
+        assert_eq!(int.describe(), "its init was interrupted (SIGINT)");
+        // Killed from outside (destroy, the OOM killer).
+        let kill = classify(&status(137, None));
+        assert_eq!(kill.describe(), "its init was killed (SIGKILL)");
+        let code = classify(&status(3, Some(3)));
+        assert_eq!(code.describe(), "its init exited with code 3");
+    }
+
+    #[test]
+    fn start_time_reads_this_process() {
+        let me = std::process::id() as i32;
+        let start = start_time(me).expect("own start time");
+        assert!(is_same_process(me, start));
+        assert!(!is_same_process(me, start + 1));
+        assert!(!is_same_process(0, start));
+        assert_eq!(
+            parent_of(me),
+            Some(std::os::unix::process::parent_id() as i32)
+        );
+    }
+
+    #[test]
+    fn a_missing_record_reads_as_never_started() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            super::status(dir.path()),
+            RuntimeStatus::Stopped {
+                cause: "its init never started".into()
+            }
+        );
+        let dead = InitRecord {
+            pid: i32::MAX,
+            start: 1,
+            keeper_pid: i32::MAX,
+            keeper_start: 1,
+        };
+        let bytes = serde_json::to_vec(&dead).expect("encode");
+        write_atomic(&dir.path().join(PID_FILE), &bytes).expect("write");
+        let exit = serde_json::to_vec(&InitExit {
+            code: None,
+            signal: Some(libc::SIGTERM),
+        })
+        .expect("encode");
+        write_atomic(&dir.path().join(EXIT_FILE), &exit).expect("write");
+        assert_eq!(
+            super::status(dir.path()),
+            RuntimeStatus::Stopped {
+                cause: "its init was terminated (SIGTERM)".into()
+            }
+        );
+    }
+}
