@@ -71,6 +71,9 @@ fn parse(args: &[OsString]) -> Option<Request> {
 /// Entry point of `stacyvm __native-exec`. Must run before any thread
 /// exists: joining a user namespace requires a single-threaded process.
 pub fn exec_main(args: &[OsString]) -> i32 {
+    // Whatever the server inherited (a supervisor's pipes, a jobserver)
+    // must not reach the command.
+    super::init::close_inherited_fds(true);
     // The control socket arrives as stdin; keep it on a close-on-exec fd
     // so the command never inherits it.
     let control = rustix::io::fcntl_dupfd_cloexec(rustix::stdio::stdin(), 3).ok();

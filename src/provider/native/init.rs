@@ -332,6 +332,10 @@ pub fn keeper_main(args: &[OsString]) -> i32 {
             return 1;
         }
     };
+    // Descriptors the server inherited from whoever started it (a
+    // supervisor's pipes, a jobserver) must not be held open by a process
+    // that outlives the server.
+    close_inherited_fds(false);
     // Own session: the keeper must not receive the terminal's or the
     // server's process-group signals.
     let _ = rustix::process::setsid();
@@ -587,18 +591,42 @@ fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Conta
     Ok(c)
 }
 
+/// Closes (or, with `on_exec`, marks close-on-exec) every descriptor
+/// above stderr.
+pub(crate) fn close_inherited_fds(on_exec: bool) {
+    let flags = if on_exec {
+        libc::CLOSE_RANGE_CLOEXEC
+    } else {
+        0
+    };
+    // SAFETY: close_range only affects this process's descriptor table; it
+    // runs first thing in a single-threaded helper, before any descriptor
+    // that Rust code owns has been opened.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, flags);
+    }
+}
+
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// PID 1 of a sandbox: reap every child (orphans are re-parented here)
 /// until SIGTERM or SIGINT, then exit with 128 + that signal. Ending PID 1
 /// makes the kernel kill everything else in the namespace.
 fn init_loop() -> i32 {
-    // SAFETY: plain libc signal calls on locally owned, initialised
-    // structures; this process is single threaded. The handler does
-    // nothing (it never even runs: the signals are blocked and collected
-    // with sigtimedwait), but the kernel only delivers signals sent from
-    // inside the namespace to its init when a handler is installed.
+    // SAFETY: plain libc calls on locally owned, initialised structures
+    // and a NUL-terminated literal; this process is single threaded. The
+    // handler does nothing (it never even runs: the signals are blocked and
+    // collected with sigtimedwait), but the kernel only delivers signals
+    // sent from inside the namespace to its init when a handler is
+    // installed.
     unsafe {
+        // Stderr is the keeper's log on the host; its path is none of the
+        // sandbox's business (`ls -l /proc/1/fd` inside would show it).
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGCHLD] {
