@@ -122,7 +122,11 @@ pub(crate) fn exit_cause(dir: &Path) -> String {
         .ok()
         .and_then(|b| serde_json::from_slice::<InitExit>(&b).ok())
         .map(|e| e.describe())
-        .unwrap_or_else(|| "its init is gone (how it ended was not recorded)".to_string())
+        .unwrap_or_else(|| {
+            // The keeper records every end it sees: it was killed along
+            // with its init, or the host restarted.
+            "its init is no longer running (no end was recorded: its keeper was killed or the host restarted)".to_string()
+        })
 }
 
 /// Start time of a live process, from `/proc/<pid>/stat` (field 22).
