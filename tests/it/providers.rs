@@ -1025,3 +1025,18 @@ async fn native_request_env_never_reaches_the_host_loader() {
     assert_eq!(r.stderr, "", "the host loader saw the request's LD_PRELOAD");
     p.destroy(&id).await.expect("destroy");
 }
+
+/// Without its helper binary the native provider is unhealthy, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_without_its_helper_binary_is_unhealthy() {
+    let (data, store) = data_dir_with_image();
+    let provider = NativeProvider::new(store, data.path().join("sandboxes/native"))
+        .with_helper_binary(data.path().join("no-such-stacyvm"));
+    match provider.health().await {
+        Err(ProviderError::Unavailable(why)) => {
+            assert!(why.contains("helper binary"), "{why}");
+            assert!(why.contains("no-such-stacyvm"), "{why}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
