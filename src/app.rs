@@ -112,12 +112,13 @@ async fn build_providers(config: &Config) -> Result<Vec<Arc<dyn Provider>>, Star
     let docker = DockerProvider::connect(&config.providers.docker, &instance)
         .await
         .map_err(|e| StartError::Provider(e.to_string()))?;
+    let mut native = NativeProvider::new(images.clone(), sandboxes.join("native"));
+    if !config.providers.native.helper_binary.as_os_str().is_empty() {
+        native = native.with_helper_binary(config.providers.native.helper_binary.clone());
+    }
     Ok(vec![
         Arc::new(docker),
-        Arc::new(NativeProvider::new(
-            images.clone(),
-            sandboxes.join("native"),
-        )),
+        Arc::new(native),
         Arc::new(ProotProvider::new(
             images,
             sandboxes.join("proot"),

@@ -56,6 +56,7 @@ pub struct ProvidersConfig {
     /// `auto` picks docker when its daemon answers, else native.
     pub default: String,
     pub docker: DockerConfig,
+    pub native: NativeConfig,
     pub proot: ProotConfig,
 }
 
@@ -68,6 +69,15 @@ pub struct DockerConfig {
     pub pids_limit: i64,
     /// Docker network mode for sandboxes (`none` isolates them from the network).
     pub network: String,
+}
+
+/// The `native` provider.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NativeConfig {
+    /// The `stacyvm` binary whose hidden helpers start sandbox inits and
+    /// run commands in them; empty means the running executable.
+    pub helper_binary: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +215,7 @@ impl Default for ProvidersConfig {
         ProvidersConfig {
             default: "auto".into(),
             docker: DockerConfig::default(),
+            native: NativeConfig::default(),
             proot: ProotConfig::default(),
         }
     }
@@ -299,7 +310,7 @@ fn env_key(name: &str) -> Option<String> {
         .find(|s| lower.starts_with(&format!("{s}_")))?;
     let rest = &lower[section.len() + 1..];
     let nested: &[&str] = match *section {
-        "providers" => &["docker", "proot"],
+        "providers" => &["docker", "native", "proot"],
         "auth" => &["jwt"],
         _ => &[],
     };
@@ -428,6 +439,10 @@ mod tests {
         assert_eq!(
             env_key("PROVIDERS_DOCKER_PIDS_LIMIT").as_deref(),
             Some("providers.docker.pids_limit")
+        );
+        assert_eq!(
+            env_key("PROVIDERS_NATIVE_HELPER_BINARY").as_deref(),
+            Some("providers.native.helper_binary")
         );
         assert_eq!(env_key("TEST_ROOTFS"), None);
         assert_eq!(env_key("AUTH_API_KEY").as_deref(), Some("auth.api_key"));

@@ -243,7 +243,25 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
     Ok(())
 }
 
+/// Runs a hidden helper subcommand of the native provider, if that is
+/// what was asked for. These run before anything else (no runtime, no
+/// thread): joining a user namespace requires a single-threaded process.
+/// They are not clap subcommands, so `--help` does not list them.
+fn native_helper() -> Option<ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let helper = match args.first().and_then(|a| a.to_str()) {
+        Some("__native-init") => stacyvm::provider::native::keeper_main,
+        Some("__native-exec") => stacyvm::provider::native::exec_main,
+        _ => return None,
+    };
+    let code = helper(&args[1..]);
+    Some(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)))
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = native_helper() {
+        return code;
+    }
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref(), overrides(&cli)) {
         Ok(c) => c,

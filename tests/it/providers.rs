@@ -61,11 +61,17 @@ fn data_dir_with_image() -> (tempfile::TempDir, ImageStore) {
     (data, store)
 }
 
+/// A native provider using the real `stacyvm` binary for its helpers (the
+/// test binary cannot serve as one).
+fn native_provider(store: ImageStore, dir: PathBuf) -> NativeProvider {
+    NativeProvider::new(store, dir).with_helper_binary(env!("CARGO_BIN_EXE_stacyvm").into())
+}
+
 pub async fn native_fixture() -> Fixture {
     let (data, store) = data_dir_with_image();
     let dir = data.path().join("sandboxes/native");
     Fixture {
-        provider: Arc::new(NativeProvider::new(store, dir.clone())),
+        provider: Arc::new(native_provider(store, dir.clone())),
         image: TEST_IMAGE.into(),
         sandboxes_dir: Some(dir),
         reports_signal_deaths: true,
@@ -738,7 +744,7 @@ fn rand_u16() -> u16 {
     u16::from_le_bytes([id.as_bytes()[0], id.as_bytes()[1]])
 }
 
-/// Native exec latency: `echo hi` in a fresh set of namespaces must cost
+/// Native exec latency: `echo hi` joining the sandbox's namespaces must cost
 /// tens of milliseconds at most.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_exec_latency() {
@@ -798,5 +804,239 @@ async fn native_host_image() {
     p.destroy(&id).await.expect("destroy");
     if let Some(dir) = &fx.sandboxes_dir {
         assert_eq!(dir_entries(dir), Vec::<String>::new());
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes.
+async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A native sandbox has an init: a background process outlives the exec
+/// that started it, and dies with the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_background_processes_live_until_destroy() {
+    let fx = native_fixture().await;
+    let p = &fx.provider;
+    let id = spawn(&fx).await;
+    let marker = format!("{}", 3000 + rand_u16() % 5000);
+    let script = format!("sleep {marker} >/dev/null 2>&1 & echo $! > /tmp/bg");
+    let r = run(p, &id, spec(&["sh", "-c", &script])).await;
+    assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    let r = run(
+        p,
+        &id,
+        spec(&["sh", "-c", "kill -0 $(cat /tmp/bg) && echo alive"]),
+    )
+    .await;
+    assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    assert_eq!(r.stdout, "alive\n");
+    // Orphans are reaped by the init: `ps` shows it as PID 1.
+    let r = run(
+        p,
+        &id,
+        spec(&["sh", "-c", "cat /proc/1/status | grep PPid"]),
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "PPid:\t0");
+    assert!(!host_processes_with(&format!("sleep {marker}")).is_empty());
+    p.destroy(&id).await.expect("destroy");
+    let gone = eventually(Duration::from_secs(5), || {
+        host_processes_with(&format!("sleep {marker}")).is_empty()
+            && host_processes_with(&id).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "left running: {:?} {:?}",
+        host_processes_with(&format!("sleep {marker}")),
+        host_processes_with(&id)
+    );
+    if let Some(dir) = &fx.sandboxes_dir {
+        assert_eq!(dir_entries(dir), Vec::<String>::new());
+    }
+}
+
+/// `kill 1` inside a native sandbox stops it, as in Docker: the provider
+/// reports it stopped with the cause, refuses commands, and still destroys it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_kill_1_stops_the_sandbox() {
+    use stacyvm::provider::RuntimeStatus;
+    let fx = native_fixture().await;
+    let p = &fx.provider;
+    let id = spawn(&fx).await;
+    assert_eq!(
+        p.inspect(&id).await.expect("inspect"),
+        RuntimeStatus::Running
+    );
+    // The exec itself dies with the namespace; how it is reported does not
+    // matter here.
+    let _ = try_run(p, &id, spec(&["sh", "-c", "kill 1; sleep 5"])).await;
+    let mut status = p.inspect(&id).await.expect("inspect");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !matches!(&status, RuntimeStatus::Stopped { cause } if cause.contains("SIGTERM"))
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        status = p.inspect(&id).await.expect("inspect");
+    }
+    match &status {
+        RuntimeStatus::Stopped { cause } => assert!(cause.contains("SIGTERM"), "{cause}"),
+        other => panic!("expected Stopped, got {other:?}"),
+    }
+    let listed = p.inventory().await.expect("inventory");
+    assert!(
+        listed
+            .iter()
+            .any(|i| i.sandbox_id == id && matches!(i.status, RuntimeStatus::Stopped { .. })),
+        "{listed:?}"
+    );
+    match try_run(p, &id, spec(&["true"])).await {
+        Err(ProviderError::Runtime(why)) => {
+            assert!(why.contains("init is not running"), "{why}")
+        }
+        other => panic!("expected a runtime error, got {:?}", other.map(|r| r.exit)),
+    }
+    p.destroy(&id).await.expect("destroy");
+    assert_eq!(
+        p.inspect(&id).await.expect("inspect"),
+        RuntimeStatus::Missing
+    );
+    if let Some(dir) = &fx.sandboxes_dir {
+        assert_eq!(dir_entries(dir), Vec::<String>::new());
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || host_processes_with(&id)
+            .is_empty())
+        .await,
+        "{:?}",
+        host_processes_with(&id)
+    );
+}
+
+/// The init outlives its provider: a new provider over the same directory
+/// (a restarted server) finds the sandbox running, with its processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_init_survives_the_provider() {
+    use stacyvm::provider::RuntimeStatus;
+    let (data, store) = data_dir_with_image();
+    let dir = data.path().join("sandboxes/native");
+    let first: Arc<dyn Provider> = Arc::new(native_provider(store.clone(), dir.clone()));
+    let id = format!("t-{}", uuid::Uuid::new_v4().as_simple());
+    first
+        .spawn(&SpawnSpec {
+            sandbox_id: id.clone(),
+            image: TEST_IMAGE.into(),
+            memory_mb: 256,
+            vcpus: 1,
+        })
+        .await
+        .expect("spawn");
+    let r = run(
+        &first,
+        &id,
+        spec(&["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $! > /tmp/bg"]),
+    )
+    .await;
+    assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    drop(first);
+
+    let second: Arc<dyn Provider> = Arc::new(native_provider(store, dir.clone()));
+    assert_eq!(
+        second.inspect(&id).await.expect("inspect"),
+        RuntimeStatus::Running
+    );
+    let r = run(
+        &second,
+        &id,
+        spec(&["sh", "-c", "kill -0 $(cat /tmp/bg) && hostname"]),
+    )
+    .await;
+    assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    assert_eq!(r.stdout, format!("{id}\n"));
+    second.destroy(&id).await.expect("destroy");
+    assert_eq!(dir_entries(&dir), Vec::<String>::new());
+    assert!(
+        eventually(Duration::from_secs(5), || host_processes_with(&id)
+            .is_empty())
+        .await,
+        "{:?}",
+        host_processes_with(&id)
+    );
+}
+
+/// A keeper never outlives its sandbox directory: deleting the tree behind
+/// the provider's back ends the sandbox's processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_keeper_exits_when_its_directory_goes() {
+    let fx = native_fixture().await;
+    let p = &fx.provider;
+    let id = spawn(&fx).await;
+    let marker = format!("sleep {}", 3000 + rand_u16() % 5000);
+    let script = format!("{marker} >/dev/null 2>&1 &");
+    let r = run(p, &id, spec(&["sh", "-c", &script])).await;
+    assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    assert!(!host_processes_with(&id).is_empty(), "no keeper found");
+    assert!(
+        !host_processes_with(&marker).is_empty(),
+        "no background process"
+    );
+    let dir = fx
+        .sandboxes_dir
+        .as_ref()
+        .expect("native has a dir")
+        .join(&id);
+    std::fs::remove_dir_all(&dir).expect("remove the sandbox dir");
+    let gone = eventually(Duration::from_secs(10), || {
+        host_processes_with(&id).is_empty() && host_processes_with(&marker).is_empty()
+    })
+    .await;
+    assert!(
+        gone,
+        "left running: {:?} {:?}",
+        host_processes_with(&id),
+        host_processes_with(&marker)
+    );
+}
+
+/// The command's environment reaches the command only: the exec helper
+/// starts on the host, where the dynamic loader must not obey a request's
+/// `LD_PRELOAD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_request_env_never_reaches_the_host_loader() {
+    let fx = native_fixture().await;
+    let p = &fx.provider;
+    let id = spawn(&fx).await;
+    let mut s = spec(&["sh", "-c", "echo \"$LD_PRELOAD\""]);
+    s.env
+        .insert("LD_PRELOAD".into(), "/nonexistent-stacyvm-probe.so".into());
+    let r = run(p, &id, s).await;
+    assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    assert_eq!(r.stdout, "/nonexistent-stacyvm-probe.so\n");
+    assert_eq!(r.stderr, "", "the host loader saw the request's LD_PRELOAD");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// Without its helper binary the native provider is unhealthy, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_without_its_helper_binary_is_unhealthy() {
+    let (data, store) = data_dir_with_image();
+    let provider = NativeProvider::new(store, data.path().join("sandboxes/native"))
+        .with_helper_binary(data.path().join("no-such-stacyvm"));
+    match provider.health().await {
+        Err(ProviderError::Unavailable(why)) => {
+            assert!(why.contains("helper binary"), "{why}");
+            assert!(why.contains("no-such-stacyvm"), "{why}");
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
     }
 }

@@ -106,6 +106,9 @@ impl TestServer {
             ..Default::default()
         };
         config.server.port = 0;
+        // The test binary is not `stacyvm`: native sandboxes need the real
+        // binary for their init and exec helpers.
+        config.providers.native.helper_binary = PathBuf::from(env!("CARGO_BIN_EXE_stacyvm"));
         config.lifecycle.reaper_interval =
             stacyvm::duration::GoDuration(Duration::from_millis(500));
         tweak(&mut config);

@@ -1,15 +1,34 @@
-//! The `native` provider: each sandbox is a directory tree on the host, and
-//! each exec is a fresh set of Linux namespaces (user, mount, pid, net, ipc,
-//! uts) over that tree, built by hakoniwa.
+//! The `native` provider: each sandbox is a directory tree on the host
+//! plus a long-lived init, like a container.
 //!
-//! There is no long-lived process per sandbox: state is the tree itself, so
-//! a sandbox survives a control-plane restart, and an exec costs one
-//! container start (milliseconds). Killing the container's first process
-//! tears down its PID namespace, which takes every child with it; that is
-//! how timeouts kill whole process trees.
+//! Spawn copies the image into `<data>/sandboxes/native/<id>/rootfs` (or
+//! lays out `hostfs/` for the `host` image) and starts the sandbox's init
+//! through the hidden `stacyvm __native-init` helper ([`init`]): a keeper
+//! process, detached from the server, builds the Linux namespaces once
+//! (user, mount, pid, net, ipc, uts) with hakoniwa and waits on PID 1,
+//! which reaps orphans and ends on SIGTERM/SIGINT (`kill 1` inside the
+//! sandbox stops it, as in Docker). The init outlives the server, so a
+//! restarted server adopts running sandboxes with their background
+//! processes.
+//!
+//! Each exec runs the hidden `stacyvm __native-exec` helper ([`exec`]),
+//! which joins the init's namespaces and root and runs the command in its
+//! own process group: a timeout kills that group; a normal exit kills
+//! nothing, so `cmd &` keeps running until the sandbox is destroyed.
+//! Destroy SIGKILLs PID 1, which takes the whole PID namespace with it,
+//! then deletes the tree.
 //!
 //! The directory layout, logs, output pumping and timeout handling are
-//! shared with `proot` through [`SandboxDirs`] and [`drive`].
+//! shared with `proot` (which has no init) through [`SandboxDirs`] and
+//! [`drive`].
+
+mod exec;
+mod init;
+
+#[doc(hidden)]
+pub use exec::exec_main;
+#[doc(hidden)]
+pub use init::keeper_main;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
@@ -75,6 +94,9 @@ pub(crate) struct SandboxDirs {
     logs: Mutex<HashMap<String, VecDeque<String>>>,
     /// Cancelled by destroy so that running execs are killed.
     live: Mutex<HashMap<String, CancellationToken>>,
+    /// Whether each sandbox has a long-lived init (native) whose liveness
+    /// is the sandbox's, or is just its tree (proot).
+    has_init: bool,
 }
 
 impl SandboxDirs {
@@ -84,7 +106,15 @@ impl SandboxDirs {
             dir,
             logs: Mutex::default(),
             live: Mutex::default(),
+            has_init: false,
         }
+    }
+
+    /// Sandboxes run while their init runs (see [`init`]), not merely
+    /// while their tree exists.
+    pub(crate) fn with_init(mut self) -> Self {
+        self.has_init = true;
+        self
     }
 
     pub(crate) fn image_available(&self, image: &str, allow_host: bool) -> bool {
@@ -198,12 +228,17 @@ impl SandboxDirs {
         }
     }
 
-    /// Kill running execs and delete the tree. Idempotent.
-    pub(crate) async fn destroy(&self, id: &str) -> ProviderResult<()> {
-        let dir = self.sandbox_dir(id)?;
+    /// Kill running execs (their drivers kill the commands).
+    pub(crate) fn cancel_execs(&self, id: &str) {
         if let Some(token) = lock(&self.live).remove(id) {
             token.cancel();
         }
+    }
+
+    /// Kill running execs and delete the tree. Idempotent.
+    pub(crate) async fn destroy(&self, id: &str) -> ProviderResult<()> {
+        let dir = self.sandbox_dir(id)?;
+        self.cancel_execs(id);
         let parent = self.dir.clone();
         let id_owned = id.to_string();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
@@ -226,10 +261,13 @@ impl SandboxDirs {
         Ok(())
     }
 
-    /// A sandbox directory is its runtime: it runs while its metadata is
-    /// readable, and is missing once the directory is gone.
+    /// Without an init, a sandbox directory is its runtime: it runs while
+    /// its metadata is readable. With one, it runs while its init runs and
+    /// is stopped (with the init's end as the cause) once that is gone.
+    /// Either way it is missing once the directory is gone.
     pub(crate) fn inspect(&self, id: &str) -> ProviderResult<RuntimeStatus> {
         match self.meta(id) {
+            Ok(_) if self.has_init => Ok(init::status(&self.sandbox_dir(id)?)),
             Ok(_) => Ok(RuntimeStatus::Running),
             Err(ProviderError::RuntimeNotFound(_)) => Ok(RuntimeStatus::Missing),
             Err(e) => Ok(RuntimeStatus::Stopped {
@@ -484,8 +522,10 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
 /// timeout and the sandbox's destruction.
 ///
 /// `wait` resolves with the exit code once the command has ended; `kill`
-/// must kill the command and everything it started (it is also called once
-/// after a normal exit to reap leftovers, so it must tolerate that).
+/// must kill the command and everything it started. It is also called once
+/// after a normal exit, so it must tolerate that: proot uses it to reap
+/// leftovers, native makes it a no-op then (background processes belong
+/// to the sandbox's init).
 pub(crate) async fn drive<O, E, W, K>(
     stdout: O,
     stderr: E,
@@ -552,58 +592,58 @@ async fn pump<R: AsyncRead + Unpin>(mut reader: R, stream: StreamKind, sink: Out
     }
 }
 
-/// Namespaces over a host tree, built by hakoniwa.
+/// Namespaces over a host tree, built by hakoniwa, kept alive by a
+/// per-sandbox init.
 pub struct NativeProvider {
     dirs: SandboxDirs,
+    /// The `stacyvm` binary that provides the hidden `__native-init` and
+    /// `__native-exec` helpers, or why it is unknown.
+    helper: Result<PathBuf, String>,
     health: Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 impl NativeProvider {
     /// `sandboxes_dir` is `<data-dir>/sandboxes/native`; images come from
-    /// `images` (plus the built-in `host` image).
+    /// `images` (plus the built-in `host` image). The helper binary is the
+    /// running executable unless [`NativeProvider::with_helper_binary`]
+    /// says otherwise.
     pub fn new(images: ImageStore, sandboxes_dir: PathBuf) -> Self {
         Self {
-            dirs: SandboxDirs::new(images, sandboxes_dir),
+            dirs: SandboxDirs::new(images, sandboxes_dir).with_init(),
+            helper: std::env::current_exe()
+                .map_err(|e| format!("cannot locate the stacyvm binary: {e}")),
             health: Mutex::new(None),
         }
     }
 
-    fn container(&self, id: &str, meta: &SandboxMeta) -> ProviderResult<hakoniwa::Container> {
-        use hakoniwa::{Container, Namespace, Rlimit, Runctl};
-        let mut c = Container::empty();
-        // A user namespace even when StacyVM runs as root: root inside is
-        // then root only over the sandbox's own namespaces, so it cannot
-        // load modules, mknod host devices or touch host networking.
-        // Container root maps to the uid running StacyVM, which owns the tree.
-        for ns in [
-            Namespace::User,
-            Namespace::Mount,
-            Namespace::Pid,
-            Namespace::Network,
-            Namespace::Ipc,
-            Namespace::Uts,
-        ] {
-            c.unshare(ns);
+    /// Uses `path` (a `stacyvm` binary) for the sandbox init and exec
+    /// helpers; needed where the running executable is not `stacyvm`
+    /// (tests embedding a server).
+    pub fn with_helper_binary(mut self, path: PathBuf) -> Self {
+        self.helper = Ok(path);
+        self
+    }
+
+    fn helper(&self) -> ProviderResult<&Path> {
+        self.helper
+            .as_deref()
+            .map_err(|e| ProviderError::Unavailable(e.clone()))
+    }
+
+    fn check_helper(&self) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.helper.as_deref().map_err(Clone::clone)?;
+        match fs::metadata(path) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+            Ok(_) => Err(format!(
+                "the native helper binary {} is not an executable file (providers.native.helper_binary)",
+                path.display()
+            )),
+            Err(e) => Err(format!(
+                "the native helper binary {} is missing: {e} (providers.native.helper_binary)",
+                path.display()
+            )),
         }
-        c.uidmap(0).gidmap(0);
-        if meta.image == HOST_IMAGE {
-            c.rootfs("/")
-                .map_err(|e| ProviderError::Runtime(format!("preparing host rootfs: {e}")))?;
-            let dirs = self.dirs.host_dirs(id)?;
-            for sub in ["workspace", "tmp"] {
-                let host = dirs.join(sub);
-                c.bindmount_rw(&host.to_string_lossy(), &format!("/{sub}"));
-            }
-        } else {
-            let rootfs = self.dirs.rootfs(id)?;
-            c.rootdir(&rootfs).runctl(Runctl::RootdirRW);
-        }
-        c.procfsmount("/proc").devfsmount("/dev").hostname(id);
-        // The memory limit is applied by `run_as_child` to the command only:
-        // PID 1 is a fork of this (large, multi-threaded) server and would
-        // already exceed it.
-        c.setrlimit(Rlimit::Nproc, NPROC_LIMIT, NPROC_LIMIT);
-        Ok(c)
     }
 
     fn check_namespaces() -> Result<(), String> {
@@ -633,114 +673,35 @@ impl NativeProvider {
             Err(format!("cannot create namespaces: {}", status.reason))
         }
     }
-}
 
-/// A started hakoniwa container: the handle to wait on, a pidfd to signal
-/// it without pid-reuse races, and its output pipes.
-struct Started {
-    child: hakoniwa::Child,
-    pidfd: Arc<OwnedFd>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-}
-
-fn start(
-    container: hakoniwa::Container,
-    program: String,
-    spec: ExecSpec,
-    env: BTreeMap<String, String>,
-    memory_mb: u32,
-) -> Result<Started, String> {
-    let devnull = fs::File::open("/dev/null").map_err(|e| format!("opening /dev/null: {e}"))?;
-    let args: Vec<String> = spec.argv.iter().skip(1).cloned().collect();
-    // Address-space limit: the closest per-process memory cap that needs no
-    // cgroup delegation.
-    let memory_bytes = (memory_mb > 0).then(|| u64::from(memory_mb) * 1024 * 1024);
-    let init = move || run_as_child(&program, &args, memory_bytes);
-    // SAFETY: the closure runs in hakoniwa's forked child, which is single
-    // threaded by then; it only spawns and waits for one process through
-    // std, as hakoniwa's own child code (which allocates) already does.
-    let mut cmd = unsafe { container.command_from_closure(init) };
-    cmd.envs(env)
-        .current_dir(spec.workdir.as_deref().unwrap_or("/"))
-        .stdin(hakoniwa::Stdio::from(devnull))
-        .stdout(hakoniwa::Stdio::piped())
-        .stderr(hakoniwa::Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("starting container: {e}"))?;
-    let pid = rustix::process::Pid::from_raw(child.id() as i32);
-    // The child is not reaped until we wait on it, so the pid still names it.
-    let pidfd = pid
-        .ok_or_else(|| "invalid child pid".to_string())
-        .and_then(|pid| {
-            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-                .map_err(|e| format!("pidfd_open: {e}"))
-        });
-    let pidfd = match pidfd {
-        Ok(fd) => fd,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e);
-        }
-    };
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err("container has no output pipes".into());
-    };
-    Ok(Started {
-        child,
-        pidfd: Arc::new(pidfd),
-        stdout: stdout.into(),
-        stderr: stderr.into(),
-    })
-}
-
-/// The sandbox's PID 1: run the command as its child and report how it
-/// ended. The command must not be PID 1 itself, because the kernel shields
-/// PID 1 from signals it has no handler for (`kill -9 $$` would be a no-op
-/// and default SIGTERM handling would be lost), unlike in other runtimes.
-/// Environment and working directory were already set up by hakoniwa.
-fn run_as_child(program: &str, args: &[String], memory_bytes: Option<u64>) -> i32 {
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    if let Some(bytes) = memory_bytes {
-        let limit = rustix::process::Rlimit {
-            current: Some(bytes),
-            maximum: Some(bytes),
-        };
-        // SAFETY: setrlimit is async-signal-safe and touches no memory of
-        // the parent; it runs between fork and exec as pre_exec requires.
-        unsafe {
-            cmd.pre_exec(move || {
-                rustix::process::setrlimit(rustix::process::Resource::As, limit)
-                    .map_err(io::Error::from)
-            });
-        }
-    }
-    match cmd.status() {
-        Ok(status) => match (status.code(), status.signal()) {
-            (Some(code), _) => code,
-            (None, Some(signal)) => 128 + signal,
-            (None, None) => 128,
-        },
-        Err(e) => {
-            eprintln!("stacyvm: {program}: {e}");
-            if e.kind() == io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            }
+    /// The live init of a sandbox, or why commands cannot run in it.
+    fn running_init(&self, id: &str) -> ProviderResult<init::InitRecord> {
+        let dir = self.dirs.sandbox_dir(id)?;
+        match init::read_record(&dir) {
+            Some(record) if record.init_alive() => Ok(record),
+            Some(_) => Err(ProviderError::Runtime(format!(
+                "sandbox {id} cannot run commands: {} ({}); destroy it",
+                exec::INIT_NOT_RUNNING,
+                init::exit_cause(&dir)
+            ))),
+            None => Err(ProviderError::Runtime(format!(
+                "sandbox {id} cannot run commands: {} (it never started); destroy it",
+                exec::INIT_NOT_RUNNING
+            ))),
         }
     }
 }
 
-fn pipe_reader(fd: OwnedFd) -> ProviderResult<tokio::net::unix::pipe::Receiver> {
-    tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-        .map_err(|e| ProviderError::Runtime(format!("output pipe: {e}")))
+/// Sends SIGTERM to the exec helper when the exec is abandoned (its future
+/// dropped), so that the command does not run on unobserved.
+struct TermOnDrop(Option<Arc<OwnedFd>>);
+
+impl Drop for TermOnDrop {
+    fn drop(&mut self) {
+        if let Some(pidfd) = &self.0 {
+            let _ = rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM);
+        }
+    }
 }
 
 #[async_trait]
@@ -766,9 +727,12 @@ impl Provider for NativeProvider {
         {
             return verdict.clone().map_err(ProviderError::Unavailable);
         }
-        let verdict = tokio::task::spawn_blocking(Self::check_namespaces)
-            .await
-            .map_err(|e| ProviderError::Runtime(format!("health check: {e}")))?;
+        let verdict = match self.check_helper() {
+            Ok(()) => tokio::task::spawn_blocking(Self::check_namespaces)
+                .await
+                .map_err(|e| ProviderError::Runtime(format!("health check: {e}")))?,
+            Err(e) => Err(e),
+        };
         *lock(&self.health) = Some((Instant::now(), verdict.clone()));
         verdict.map_err(ProviderError::Unavailable)
     }
@@ -778,13 +742,38 @@ impl Provider for NativeProvider {
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
+        let helper = self.helper()?.to_path_buf();
         self.dirs.create(spec, true).await?;
-        Ok(RuntimeHandle {
-            runtime_id: spec.sandbox_id.clone(),
-        })
+        let dir = self.dirs.sandbox_dir(&spec.sandbox_id)?;
+        match init::launch(&helper, &dir).await {
+            Ok(record) => {
+                self.dirs.log(
+                    &spec.sandbox_id,
+                    format!("init started (host pid {})", record.pid),
+                );
+                Ok(RuntimeHandle {
+                    runtime_id: spec.sandbox_id.clone(),
+                })
+            }
+            Err(why) => {
+                // Nothing may stay behind: stop whatever started, then
+                // delete the tree.
+                if let Err(e) = self.destroy(&spec.sandbox_id).await {
+                    tracing::warn!(sandbox = %spec.sandbox_id, error = %e, "cleaning up a failed spawn");
+                }
+                Err(ProviderError::Runtime(why))
+            }
+        }
     }
 
     async fn destroy(&self, runtime_id: &str) -> ProviderResult<()> {
+        let dir = self.dirs.sandbox_dir(runtime_id)?;
+        self.dirs.cancel_execs(runtime_id);
+        // Killing PID 1 takes the whole PID namespace with it; then the
+        // tree can go.
+        tokio::task::spawn_blocking(move || init::stop(&dir))
+            .await
+            .map_err(|e| ProviderError::Runtime(format!("stopping the sandbox's init: {e}")))?;
         self.dirs.destroy(runtime_id).await
     }
 
@@ -807,6 +796,8 @@ impl Provider for NativeProvider {
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
         let meta = self.dirs.meta(runtime_id)?;
+        let record = self.running_init(runtime_id)?;
+        let helper = self.helper()?.to_path_buf();
         let (program, env) = match self.dirs.prepare(runtime_id, &meta, spec, &sink).await? {
             Ok(ready) => ready,
             Err(exit) => {
@@ -817,48 +808,102 @@ impl Provider for NativeProvider {
                 return Ok(exit);
             }
         };
-        let container = self.container(runtime_id, &meta)?;
-        let cancel = self.dirs.cancel_token(runtime_id);
-        let spec_owned = spec.clone();
-        let memory_mb = meta.memory_mb;
-        let started = tokio::task::spawn_blocking(move || {
-            start(container, program, spec_owned, env, memory_mb)
-        })
-        .await
-        .map_err(|e| ProviderError::Runtime(format!("starting container: {e}")))?
-        .map_err(ProviderError::Runtime)?;
-        let Started {
-            mut child,
-            pidfd,
-            stdout,
-            stderr,
-        } = started;
-        let (stdout, stderr) = (pipe_reader(stdout)?, pipe_reader(stderr)?);
+        // Address-space limit of the command (0: none).
+        let memory_bytes = u64::from(meta.memory_mb) * 1024 * 1024;
+        // The control socket, given to the helper as stdin: it carries the
+        // command's environment in, and a failure to enter the sandbox out.
+        // The environment must not be the helper's own: the helper starts
+        // on the host as the server's user, where LD_PRELOAD and friends
+        // from a request would be honoured by the dynamic loader.
+        let (control, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
+        let mut cmd = tokio::process::Command::new(&helper);
+        cmd.arg("__native-exec")
+            .arg(std::process::id().to_string())
+            .arg(record.pid.to_string())
+            .arg(record.start.to_string())
+            .arg(memory_bytes.to_string())
+            .arg(spec.workdir.as_deref().unwrap_or("/"))
+            .arg("--")
+            .arg(&program)
+            .args(spec.argv.iter().skip(1))
+            .env_clear()
+            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let spawned = cmd.spawn();
+        // Our copy of the helper's end must go, or reading ours would never
+        // see EOF.
+        drop(cmd);
+        let mut child = spawned.map_err(|e| {
+            ProviderError::Unavailable(format!("cannot run {}: {e}", helper.display()))
+        })?;
+        let mut control = control
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(control))
+            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
+        let mut encoded = Vec::new();
+        for (key, value) in &env {
+            // prepare() refused NUL bytes in names and values.
+            encoded.extend_from_slice(key.as_bytes());
+            encoded.push(b'=');
+            encoded.extend_from_slice(value.as_bytes());
+            encoded.push(0);
+        }
+        {
+            use tokio::io::AsyncWriteExt;
+            // A helper that died early shows in its status below.
+            let _ = control.write_all(&encoded).await;
+            let _ = control.shutdown().await;
+        }
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(ProviderError::Runtime(
+                "the exec helper has no output pipes".into(),
+            ));
+        };
+        // Not reaped until waited on below, so the pid still names it.
+        let pidfd = child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+            .and_then(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+            })
+            .map(Arc::new);
+        let guard = TermOnDrop(pidfd.clone());
         let wait = async move {
-            // One blocking thread per running exec; the kill below does not
-            // depend on it, so a timeout is enforced even while it waits.
-            let status = tokio::task::spawn_blocking(move || child.wait())
+            let status = child
+                .wait()
                 .await
-                .map_err(|e| ProviderError::Runtime(format!("waiting for container: {e}")))?
-                .map_err(|e| ProviderError::Runtime(format!("waiting for container: {e}")))?;
-            // hakoniwa reports its own failures (and our SIGKILL) as 125
-            // without an exit code; a signal death is 128+n and also has none.
-            if status.exit_code.is_none() && status.code == 125 {
-                return Err(ProviderError::Runtime(format!(
-                    "container failed: {}",
-                    status.reason
-                )));
+                .map_err(|e| ProviderError::Runtime(format!("waiting for the exec helper: {e}")))?;
+            let mut why = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.read_to_string(&mut why))
+                .await;
+            if !why.is_empty() {
+                return Err(ProviderError::Runtime(why));
             }
-            Ok(status.code)
+            use std::os::unix::process::ExitStatusExt;
+            match (status.code(), status.signal()) {
+                (Some(code), _) => Ok(code),
+                (None, Some(signal)) => Err(ProviderError::Runtime(format!(
+                    "the exec helper was killed by signal {signal}"
+                ))),
+                (None, None) => Err(ProviderError::Runtime(format!(
+                    "the exec helper ended oddly: {status}"
+                ))),
+            }
         };
         let kill = move || {
-            // The pidfd names our child even after it was reaped, so this can
-            // never hit a recycled pid. Killing the container's supervisor
-            // kills PID 1 of the sandbox (parent-death signal), and with it
-            // the whole PID namespace.
-            let _ = rustix::process::pidfd_send_signal(&*pidfd, rustix::process::Signal::KILL);
+            // SIGTERM makes the helper SIGKILL the command's process group.
+            // After a normal exit the helper is gone (reaped, and the pidfd
+            // cannot name a recycled pid), so this is a no-op: background
+            // processes stay, under the sandbox's init.
+            if let Some(pidfd) = &pidfd {
+                let _ = rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM);
+            }
         };
+        let cancel = self.dirs.cancel_token(runtime_id);
         let result = drive(stdout, stderr, sink, spec.timeout, cancel, wait, kill).await;
+        drop(guard);
         let outcome = super::describe_exit(&result);
         self.dirs
             .log(runtime_id, format!("exec {:?}: {outcome}", spec.argv));
