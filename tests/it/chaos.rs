@@ -1020,3 +1020,86 @@ async fn dockerd_stopping_and_returning_is_survived_without_a_restart() {
     server.stop().await;
     drop(tokio::task::spawn_blocking(move || drop(daemon)).await);
 }
+
+// ---------------------------------------------------------------------------
+// Native sandboxes: a killed init, and a live init adopted after kill -9
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_sandbox_whose_init_is_killed_from_inside_is_reported_and_cleaned_up() {
+    let server = crate::support::native_server(|c| {
+        c.lifecycle.reconcile_interval = stacyvm::duration::GoDuration(Duration::from_millis(300));
+    })
+    .await;
+    let (id, mut ws) = docker_sandbox_with_events(&server, json!({"image": docker_image()})).await;
+    // A process inside the sandbox signals its init (PID 1 handles SIGTERM,
+    // as a container's init does).
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "kill 1; sleep 5", "mode": "shell"}),
+        )
+        .await;
+    eprintln!("exec that killed its init: {status} {body}");
+    let seen = states_until(&mut ws, "destroyed").await;
+    assert!(
+        seen.iter()
+            .any(|(state, reason)| state == "error" && reason.contains("SIGTERM")),
+        "{seen:?}"
+    );
+    assert_reason_everywhere(&server, &id, "SIGTERM").await;
+    let dirs = native_dirs(server.data_dir.path());
+    assert!(!dirs.contains(&id), "{dirs:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !crate::providers::host_processes_with(&id).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "processes left: {:?}",
+            crate::providers::host_processes_with(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_sandbox_and_its_processes_survive_kill_9_of_the_server() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    import_native_image(dir.path());
+    let mut server = ServerProcess::start(dir.path(), NATIVE, None).await;
+    let id = server.spawn(json!({"image": docker_image()})).await;
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "sleep 300 >/dev/null 2>&1 & echo $! > /tmp/bg", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    server.signal(rustix::process::Signal::KILL);
+    let exit = server.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(exit.signal(), Some(9));
+
+    let server = ServerProcess::start(dir.path(), NATIVE, None).await;
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "kill -0 $(cat /tmp/bg) && echo alive", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "alive\n", "{body}");
+    let store = store_of(dir.path()).await;
+    assert_eq!(record(&store, &id).await.state, "running");
+    assert!(
+        system_audit(&store, &id)
+            .await
+            .iter()
+            .any(|(a, _)| a == "sandbox.adopt")
+    );
+    let (status, _) = server
+        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200);
+    assert!(crate::providers::host_processes_with(&id).is_empty());
+}

@@ -238,7 +238,7 @@ fn dir_entries(dir: &Path) -> Vec<String> {
 }
 
 /// Host processes whose command line contains `marker`.
-fn host_processes_with(marker: &str) -> Vec<String> {
+pub(crate) fn host_processes_with(marker: &str) -> Vec<String> {
     let mut found = Vec::new();
     for entry in dir_entries(Path::new("/proc")) {
         if let Ok(cmdline) = std::fs::read(format!("/proc/{entry}/cmdline")) {
