@@ -247,30 +247,40 @@ impl App {
                 .into_future(),
         );
         tokio::pin!(server);
-        let early = tokio::select! {
+        let finished = tokio::select! {
             joined = &mut server => Some(joined),
             () = service.draining() => None,
         };
-        let result = match early {
+        let result = if !service.is_draining() {
             // The server failed before any signal.
-            Some(joined) => flatten(joined),
-            None => {
-                let report = service.drain(lifecycle.shutdown_timeout.0).await;
-                tracing::info!(
-                    finished = report.finished,
-                    interrupted = report.interrupted,
-                    "running commands drained"
-                );
-                // Connections that still linger (a client that never reads)
-                // do not hold the process hostage.
-                match tokio::time::timeout(std::time::Duration::from_secs(5), &mut server).await {
+            match finished {
+                Some(joined) => flatten(joined),
+                None => Ok(()),
+            }
+        } else {
+            // Upgraded connections (WebSockets) are not HTTP connections to
+            // axum: it may be done at once, yet streams still need their
+            // final events. Drain either way.
+            let report = service.drain(lifecycle.shutdown_timeout.0).await;
+            tracing::info!(
+                finished = report.finished,
+                interrupted = report.interrupted,
+                "running commands drained"
+            );
+            match finished {
+                Some(joined) => flatten(joined),
+                // Connections that still linger (a client that never
+                // reads) do not hold the process hostage.
+                None => match tokio::time::timeout(std::time::Duration::from_secs(5), &mut server)
+                    .await
+                {
                     Ok(joined) => flatten(joined),
                     Err(_) => {
                         tracing::warn!("closing lingering connections");
                         server.abort();
                         Ok(())
                     }
-                }
+                },
             }
         };
         self.shutdown.cancel();

@@ -672,6 +672,11 @@ impl Provider for DockerProvider {
             Err(e) => return Err(daemon_error(e)),
         };
         let state = container.state.unwrap_or_default();
+        // `docker rm -f` marks the container as being removed before it
+        // kills it: report the removal, not the kill it implies.
+        if state.status == Some(bollard::models::ContainerStateStatusEnum::REMOVING) {
+            return Ok(RuntimeStatus::Missing);
+        }
         if state.running == Some(true) {
             return Ok(RuntimeStatus::Running);
         }
@@ -696,10 +701,12 @@ impl Provider for DockerProvider {
             .into_iter()
             .filter_map(|c| {
                 let sandbox_id = c.labels.as_ref()?.get(SANDBOX_LABEL)?.clone();
-                let running = matches!(
-                    c.state,
-                    Some(bollard::models::ContainerSummaryStateEnum::RUNNING)
-                );
+                use bollard::models::ContainerSummaryStateEnum as State;
+                if c.state == Some(State::REMOVING) {
+                    // Being removed (`docker rm -f`): as good as gone.
+                    return None;
+                }
+                let running = c.state == Some(State::RUNNING);
                 Some(InventoryItem {
                     sandbox_id,
                     runtime_id: c.id?,
