@@ -117,6 +117,14 @@ async fn main() -> Result<(), BoxError> {
     // Phase 2: docker kill -> record `error`.
     let mut latencies = Vec::new();
     for id in ids.iter().take(args.kills) {
+        // Kill at a random point of the reconcile cycle, not right after
+        // the pass that noticed the previous kill. (Microseconds: the
+        // clock's nanoseconds may be coarse.)
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_micros())
+            .unwrap_or_default();
+        tokio::time::sleep(interval.mul_f64(f64::from(micros % 1000) / 1000.0)).await;
         let kill = KillContainerOptionsBuilder::default()
             .signal("KILL")
             .build();
