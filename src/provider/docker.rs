@@ -653,14 +653,22 @@ impl Provider for DockerProvider {
                         .down_since_ok
                         .then_some(availability.last_ok)
                         .flatten();
-                    availability.down_since_ok = false;
-                    availability.last_ok = Some(chrono::Utc::now());
+                    if began.is_none() {
+                        availability.down_since_ok = false;
+                        availability.last_ok = Some(chrono::Utc::now());
+                    }
                     began
                 }
             }
         };
         if let Some(since) = outage_began {
             self.restart_stopped_during_outage(since).await;
+            // Only now: if this check is cut short (the worker's timeout),
+            // the next one restarts the rest.
+            if let Ok(mut availability) = self.availability.lock() {
+                availability.down_since_ok = false;
+                availability.last_ok = Some(chrono::Utc::now());
+            }
         }
         result
     }

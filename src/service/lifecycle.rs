@@ -210,7 +210,10 @@ impl Service {
     pub async fn recover_after_restart(&self) -> Result<()> {
         let interrupted = self
             .store()
-            .interrupt_running_executions("interrupted: the server stopped while the command ran")
+            .interrupt_running_executions(
+                &self.scheduler().local_worker().id,
+                "interrupted: the server stopped while the command ran",
+            )
             .await?;
         if interrupted > 0 {
             tracing::warn!(

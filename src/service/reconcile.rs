@@ -63,8 +63,9 @@ pub(super) struct ReconcileMemory {
 #[derive(Debug, Default)]
 struct MemoryInner {
     sandboxes: HashMap<String, Observation>,
-    /// Runtime id -> when it was first seen without a live record.
-    orphans: HashMap<String, Instant>,
+    /// (provider, runtime id) -> when it was first seen without a live
+    /// record.
+    orphans: HashMap<(String, String), Instant>,
 }
 
 /// Consecutive observations of one sandbox.
@@ -257,6 +258,14 @@ impl Service {
         }
         // What is left in the inventory has no live record of this provider.
         let grace = self.config().lifecycle.orphan_grace.0;
+        let name = provider.name().to_string();
+        // Forget runtimes of this provider that are no longer left over.
+        let leftover: std::collections::HashSet<String> =
+            by_sandbox.values().map(|i| i.runtime_id.clone()).collect();
+        self.inner.reconcile.with(|m| {
+            m.orphans
+                .retain(|(p, runtime), _| *p != name || leftover.contains(runtime))
+        });
         for item in by_sandbox.into_values() {
             let record = self.store().get_sandbox(&item.sandbox_id).await?;
             if record.as_ref().is_some_and(is_live) {
@@ -265,7 +274,7 @@ impl Service {
             }
             let first_seen = self.inner.reconcile.with(|m| {
                 *m.orphans
-                    .entry(item.runtime_id.clone())
+                    .entry((name.clone(), item.runtime_id.clone()))
                     .or_insert_with(Instant::now)
             });
             let old_enough = item
@@ -283,7 +292,7 @@ impl Service {
                 Ok(()) => {
                     self.inner
                         .reconcile
-                        .with(|m| m.orphans.remove(&item.runtime_id));
+                        .with(|m| m.orphans.remove(&(name.clone(), item.runtime_id.clone())));
                     report.orphans_destroyed += 1;
                     self.audit_system("sandbox.orphan.destroy", &item.sandbox_id, Some(why))
                         .await;
