@@ -92,6 +92,9 @@ pub fn instance_id(data_dir: &std::path::Path) -> Result<String, StartError> {
     };
     match std::fs::read_to_string(&path) {
         Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        // A new id would orphan every container of the old one: only a
+        // missing (or empty) file gets one, any other error stops start-up.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(fail(e)),
         _ => {
             std::fs::create_dir_all(data_dir).map_err(fail)?;
             let id = format!("in-{}", uuid::Uuid::new_v4().as_simple());

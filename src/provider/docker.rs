@@ -377,15 +377,102 @@ impl DockerProvider {
         Ok(ExecExit::Exited(code))
     }
 
+    /// This installation's sandbox containers, in any state.
+    async fn list_sandbox_containers(&self) -> ProviderResult<Vec<InventoryItem>> {
+        let mine = format!("{INSTANCE_LABEL}={}", self.instance);
+        let filters = HashMap::from([("label", vec![SANDBOX_LABEL.to_string(), mine])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let containers = self
+            .client()?
+            .list_containers(Some(options))
+            .await
+            .map_err(daemon_error)?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let sandbox_id = c.labels.as_ref()?.get(SANDBOX_LABEL)?.clone();
+                use bollard::models::ContainerSummaryStateEnum as State;
+                if c.state == Some(State::REMOVING) {
+                    // Being removed (`docker rm -f`): as good as gone.
+                    return None;
+                }
+                let running = c.state == Some(State::RUNNING);
+                Some(InventoryItem {
+                    sandbox_id,
+                    runtime_id: c.id?,
+                    created_at: c
+                        .created
+                        .and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
+                    status: if running {
+                        RuntimeStatus::Running
+                    } else {
+                        RuntimeStatus::Stopped {
+                            cause: c.status.unwrap_or_else(|| "not running".into()),
+                        }
+                    },
+                })
+            })
+            .collect())
+    }
+
+    /// Records whether the daemon answered a call. On the first answer after
+    /// an outage (or the first answer this process gets), starts again the
+    /// sandboxes the daemon stopped meanwhile, before anyone can judge them
+    /// stopped. Returns whether it restarted anything.
+    async fn note_daemon(&self, answered: bool) -> bool {
+        // Some(window start): restart what stopped since then; Some(None):
+        // nobody watched, restart what a daemon shutdown stopped.
+        let window = {
+            let Ok(mut availability) = self.availability.lock() else {
+                return false;
+            };
+            if !answered {
+                availability.down_since_ok = true;
+                return false;
+            }
+            if availability.down_since_ok || availability.last_ok.is_none() {
+                Some(if availability.down_since_ok {
+                    availability.last_ok
+                } else {
+                    None
+                })
+            } else {
+                availability.last_ok = Some(chrono::Utc::now());
+                None
+            }
+        };
+        let Some(since) = window else {
+            return false;
+        };
+        let restarted = self.restart_stopped_during_outage(since).await;
+        // Only now: if this call is cut short (the worker's health timeout),
+        // the next one restarts the rest.
+        if let Ok(mut availability) = self.availability.lock() {
+            availability.down_since_ok = false;
+            availability.last_ok = Some(chrono::Utc::now());
+        }
+        restarted > 0
+    }
+
     /// Starts again the sandboxes that stopped while the daemon was away
     /// (a daemon shutdown stops every container). Their files survive;
-    /// processes that ran at the time do not.
-    async fn restart_stopped_during_outage(&self, since: chrono::DateTime<chrono::Utc>) {
-        let Ok(inventory) = self.inventory().await else {
-            return;
+    /// processes that ran at the time do not. With `since`, what stopped
+    /// after it; without (nobody watched: StacyVM was down too, or the host
+    /// rebooted), what ended by SIGTERM (exit 143), which is how a daemon
+    /// shutdown ends our init. Returns how many were started.
+    async fn restart_stopped_during_outage(
+        &self,
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> usize {
+        let Ok(inventory) = self.list_sandbox_containers().await else {
+            return 0;
         };
+        let mut restarted = 0;
         let Ok(docker) = self.client() else {
-            return;
+            return 0;
         };
         for item in inventory {
             if item.status == RuntimeStatus::Running {
@@ -402,11 +489,16 @@ impl DockerProvider {
                 .map(|t| t.with_timezone(&chrono::Utc));
             // Only what stopped during the outage: a sandbox killed before
             // it (docker kill, OOM) stays stopped and is reported as such.
-            if finished.is_none_or(|f| f < since) {
+            let stopped_by_outage = match since {
+                Some(since) => finished.is_some_and(|f| f >= since),
+                None => state.exit_code == Some(143),
+            };
+            if !stopped_by_outage {
                 continue;
             }
             match docker.start_container(&item.runtime_id, None).await {
                 Ok(()) => {
+                    restarted += 1;
                     tracing::warn!(sandbox = %item.sandbox_id, "restarted a sandbox the Docker daemon stopped while it was away");
                     self.log(
                         &item.runtime_id,
@@ -418,6 +510,7 @@ impl DockerProvider {
                 }
             }
         }
+        restarted
     }
 
     async fn upload(&self, container: &str, dir: &str, tar: Vec<u8>) -> Result<(), DockerError> {
@@ -639,37 +732,7 @@ impl Provider for DockerProvider {
                 "the Docker daemon is unreachable: it did not answer within 3s".into(),
             )),
         };
-        let outage_began = {
-            let Ok(mut availability) = self.availability.lock() else {
-                return result;
-            };
-            match &result {
-                Err(_) => {
-                    availability.down_since_ok = true;
-                    None
-                }
-                Ok(()) => {
-                    let began = availability
-                        .down_since_ok
-                        .then_some(availability.last_ok)
-                        .flatten();
-                    if began.is_none() {
-                        availability.down_since_ok = false;
-                        availability.last_ok = Some(chrono::Utc::now());
-                    }
-                    began
-                }
-            }
-        };
-        if let Some(since) = outage_began {
-            self.restart_stopped_during_outage(since).await;
-            // Only now: if this check is cut short (the worker's timeout),
-            // the next one restarts the rest.
-            if let Ok(mut availability) = self.availability.lock() {
-                availability.down_since_ok = false;
-                availability.last_ok = Some(chrono::Utc::now());
-            }
-        }
+        self.note_daemon(result.is_ok()).await;
         result
     }
 
@@ -694,43 +757,13 @@ impl Provider for DockerProvider {
     }
 
     async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>> {
-        let mine = format!("{INSTANCE_LABEL}={}", self.instance);
-        let filters = HashMap::from([("label", vec![SANDBOX_LABEL.to_string(), mine])]);
-        let options = ListContainersOptionsBuilder::default()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let containers = self
-            .client()?
-            .list_containers(Some(options))
-            .await
-            .map_err(daemon_error)?;
-        Ok(containers
-            .into_iter()
-            .filter_map(|c| {
-                let sandbox_id = c.labels.as_ref()?.get(SANDBOX_LABEL)?.clone();
-                use bollard::models::ContainerSummaryStateEnum as State;
-                if c.state == Some(State::REMOVING) {
-                    // Being removed (`docker rm -f`): as good as gone.
-                    return None;
-                }
-                let running = c.state == Some(State::RUNNING);
-                Some(InventoryItem {
-                    sandbox_id,
-                    runtime_id: c.id?,
-                    created_at: c
-                        .created
-                        .and_then(|t| chrono::DateTime::from_timestamp(t, 0)),
-                    status: if running {
-                        RuntimeStatus::Running
-                    } else {
-                        RuntimeStatus::Stopped {
-                            cause: c.status.unwrap_or_else(|| "not running".into()),
-                        }
-                    },
-                })
-            })
-            .collect())
+        let listed = self.list_sandbox_containers().await;
+        let answered = !matches!(listed, Err(ProviderError::Unavailable(_)));
+        if self.note_daemon(answered).await {
+            // Containers were started again: list what is true now.
+            return self.list_sandbox_containers().await;
+        }
+        listed
     }
 
     async fn image_available(&self, image: &str) -> ProviderResult<bool> {

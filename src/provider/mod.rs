@@ -238,11 +238,12 @@ pub trait Provider: Send + Sync + 'static {
     /// reconciler compares it with the store.
     async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>>;
 
-    /// Removes what an interrupted operation of a previous process left
-    /// behind (half-built or half-deleted directories). Called once at
-    /// start-up, before any spawn can be in flight. Returns how many
-    /// leftovers were removed.
-    async fn sweep_leftovers(&self) -> ProviderResult<usize> {
+    /// Brings the provider's own state back to something the reconciler
+    /// can judge after the previous process ended: removes what interrupted
+    /// operations left behind (half-built or half-deleted directories) and
+    /// upgrades runtimes made by an older version. Called once at start-up,
+    /// before any spawn can be in flight. Returns how many things it fixed.
+    async fn recover_at_startup(&self) -> ProviderResult<usize> {
         Ok(0)
     }
 

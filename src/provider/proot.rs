@@ -110,7 +110,7 @@ impl Provider for ProotProvider {
         self.dirs.inventory().await
     }
 
-    async fn sweep_leftovers(&self) -> ProviderResult<usize> {
+    async fn recover_at_startup(&self) -> ProviderResult<usize> {
         self.dirs.sweep_leftovers().await
     }
 

@@ -201,6 +201,9 @@ impl Service {
         req: ExecRequest,
     ) -> Result<RunningExec> {
         self.require_write(caller)?;
+        // Counted by the drain from here on, so that a command admitted
+        // just before a shutdown began is waited for like any other.
+        let in_flight = self.inner.shutdown.execs.token();
         self.refuse_if_draining()?;
         let argv = build_argv(&req)?;
         validate_env(&req.env)?;
@@ -268,8 +271,9 @@ impl Service {
         let service = self.clone();
         let exec_id = execution_id.clone();
         let cutoff = self.exec_cutoff();
-        // Tracked, so that a graceful shutdown can wait for it.
-        self.inner.shutdown.execs.spawn(async move {
+        // The token moves into the task: a graceful shutdown waits for it.
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
             let started = Instant::now();
             let (sink, mut chunks) = mpsc::channel::<OutputChunk>(64);
             let run = tokio::spawn(async move { provider.exec(&runtime_id, &spec, sink).await });

@@ -120,7 +120,12 @@ impl Service {
                 Ok(())
             }
             Err(e) => {
-                let why = format!("destroy failed: {e}");
+                // A sandbox that was already in `error` keeps the reason it
+                // failed for (OOM, removed, ...); the destroy error is logged.
+                let why = match (&model.state_reason, model.state.as_str()) {
+                    (Some(first), "error") => first.clone(),
+                    _ => format!("destroy failed: {e}"),
+                };
                 tracing::warn!(sandbox = %id, error = %e, "destroy failed; will retry");
                 self.transition(&id, SandboxState::Error, Some(why), None)
                     .await?;
@@ -222,15 +227,15 @@ impl Service {
             );
         }
         for provider in self.scheduler().local_worker().providers() {
-            match provider.sweep_leftovers().await {
+            match provider.recover_at_startup().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     provider = provider.name(),
-                    removed = n,
-                    "swept leftovers of interrupted work"
+                    fixed = n,
+                    "recovered provider state left by the previous process"
                 ),
                 Err(e) => {
-                    tracing::warn!(provider = provider.name(), error = %e, "cannot sweep leftovers")
+                    tracing::warn!(provider = provider.name(), error = %e, "provider start-up recovery failed")
                 }
             }
         }
@@ -238,7 +243,10 @@ impl Service {
             owner_id: None,
             states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
         };
-        for model in self.store().list_sandboxes(&filter).await? {
+        let worker_id = self.scheduler().local_worker().id.clone();
+        // Other workers' sandboxes in flight are theirs to finish.
+        let mine = self.store().list_sandboxes(&filter).await?;
+        for model in mine.into_iter().filter(|m| m.worker_id == worker_id) {
             let reason = format!("server restarted while the sandbox was {}", model.state);
             tracing::warn!(sandbox = %model.id, %reason, "recovering sandbox");
             self.transition(&model.id, SandboxState::Error, Some(reason), None)

@@ -315,12 +315,19 @@ impl Service {
     ) -> Verdict {
         let lifecycle = &self.config().lifecycle;
         let memory = &self.inner.reconcile;
-        let status = match item {
+        // Not listed: ask by handle before believing it is gone (a runtime
+        // made before the inventory's labels existed is still found).
+        let handle = match &item {
+            Some(item) if item.status == RuntimeStatus::Running => None,
+            Some(item) => Some(item.runtime_id.clone()),
+            None => record.runtime_id.clone(),
+        };
+        let status = match handle {
+            None if item.is_some() => RuntimeStatus::Running,
             None => RuntimeStatus::Missing,
-            Some(item) if item.status == RuntimeStatus::Running => RuntimeStatus::Running,
             // Ask for the detailed cause (and double-check: it may have
             // come back since the listing).
-            Some(item) => match provider.inspect(&item.runtime_id).await {
+            Some(handle) => match provider.inspect(&handle).await {
                 Ok(status) => status,
                 Err(e) => {
                     let obs = memory.observe(&record.id, |o| {

@@ -22,7 +22,8 @@ pub(super) struct ShutdownState {
     cutoff: CancellationToken,
     /// Set last: event streams end and WebSockets close.
     streams_closed: CancellationToken,
-    /// Every running command's task.
+    /// One token per running command (taken before it is admitted,
+    /// dropped when its task ends).
     pub(super) execs: TaskTracker,
     /// Every open long-lived stream (WebSocket sessions), so that shutdown
     /// can wait for their goodbyes.

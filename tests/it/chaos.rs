@@ -1066,8 +1066,23 @@ async fn a_native_sandbox_whose_init_is_killed_from_inside_is_reported_and_clean
 async fn a_native_sandbox_and_its_processes_survive_kill_9_of_the_server() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     import_native_image(dir.path());
-    let mut server = ServerProcess::start(dir.path(), NATIVE, None).await;
+    // A secret in the server's environment (an API key, a database URL)...
+    let env = [
+        ("STACYVM_PROVIDERS_DEFAULT", "native"),
+        ("STACYVM_CHAOS_SECRET", "do-not-leak-7f3a"),
+    ];
+    let mut server = ServerProcess::start(dir.path(), &env, None).await;
     let id = server.spawn(json!({"image": docker_image()})).await;
+    // ...is not readable from inside a sandbox, not even from its init.
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "cat /proc/1/environ /proc/self/environ; cat /proc/1/cmdline", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let seen = format!("{body}");
+    assert!(!seen.contains("do-not-leak"), "{seen}");
     let (status, body) = server
         .post(
             &format!("/sandboxes/{id}/exec"),
@@ -1102,4 +1117,166 @@ async fn a_native_sandbox_and_its_processes_survive_kill_9_of_the_server() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, 200);
     assert!(crate::providers::host_processes_with(&id).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Restarts that must not cost users their sandboxes
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_stopped_while_the_server_was_down_are_started_again() {
+    if !docker_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut server = ServerProcess::start(dir.path(), DOCKER, None).await;
+    let id = server.spawn(json!({"image": docker_image()})).await;
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/workspace/kept.txt", "content": "kept\n"}),
+        )
+        .await;
+    assert!(status < 300, "{body}");
+    server.signal(rustix::process::Signal::KILL);
+    server.wait_exit(Duration::from_secs(10)).await;
+    // What a daemon restart or a reboot does to it while nobody watches.
+    docker(&["stop", &format!("stacyvm-{id}")]);
+
+    let server = ServerProcess::start(dir.path(), DOCKER, None).await;
+    let store = store_of(dir.path()).await;
+    assert_eq!(record(&store, &id).await.state, "running");
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "cat /workspace/kept.txt", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "kept\n", "{body}");
+    let (status, _) = server
+        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtimes_from_an_older_version_are_adopted_not_destroyed() {
+    if !docker_enabled() {
+        return;
+    }
+    // A docker sandbox made before containers carried the instance label.
+    let server = fast_docker_server().await;
+    let id = stacyvm::ids::sandbox();
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--name",
+            &format!("stacyvm-{id}"),
+            "--label",
+            &format!("io.stacyvm.sandbox={id}"),
+            &docker_image(),
+            "sh",
+            "-c",
+            "while :; do sleep 3600; done",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{out:?}");
+    let container = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let now = chrono::Utc::now();
+    server
+        .app_service
+        .store()
+        .insert_sandbox(entity::sandbox::Model {
+            id: id.clone(),
+            owner_id: "anonymous".into(),
+            tenant_id: "default".into(),
+            worker_id: server.app_service.scheduler().local_worker().id.clone(),
+            provider: "docker".into(),
+            runtime_id: Some(container),
+            image: docker_image(),
+            template: None,
+            memory_mb: 64,
+            vcpus: 1,
+            state: "running".into(),
+            state_reason: None,
+            metadata: json!({}),
+            created_at: now,
+            updated_at: now,
+            expires_at: now + chrono::Duration::minutes(30),
+            destroyed_at: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Several reconcile passes later it is still there and usable.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "echo old", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "old\n");
+    assert_eq!(docker_containers_for(&id).len(), 1);
+    let (status, _) = server.delete(&format!("/sandboxes/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(docker_containers_for(&id).is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_native_sandbox_without_an_init_gets_one_at_start_up() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    import_native_image(dir.path());
+    let mut server = ServerProcess::start(dir.path(), NATIVE, None).await;
+    let id = server.spawn(json!({"image": docker_image()})).await;
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/workspace/kept.txt", "content": "kept\n"}),
+        )
+        .await;
+    assert!(status < 300, "{body}");
+    server.signal(rustix::process::Signal::KILL);
+    server.wait_exit(Duration::from_secs(10)).await;
+    // Make it look like a sandbox of the version before inits: no init
+    // process, no init records.
+    for line in crate::providers::host_processes_with(&id) {
+        if let Some(pid) = line
+            .split(':')
+            .next()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _gone = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sandbox_dir = dir.path().join("sandboxes/native").join(&id);
+    for file in ["init.pid", "init.exit"] {
+        let _absent = std::fs::remove_file(sandbox_dir.join(file));
+    }
+
+    let server = ServerProcess::start(dir.path(), NATIVE, None).await;
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "cat /workspace/kept.txt", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "kept\n", "{body}");
+    let store = store_of(dir.path()).await;
+    assert_eq!(record(&store, &id).await.state, "running");
+    let (status, _) = server
+        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200);
 }

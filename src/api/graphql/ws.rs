@@ -100,7 +100,7 @@ pub async fn upgrade(
                 GraphQLWebSocket::new_with_pair(tx, socket_stream, state.schema.clone(), protocol)
                     .on_connection_init(on_init)
                     .serve();
-            tokio::pin!(session);
+            let mut session = Box::pin(session);
             let server_closing = tokio::select! {
                 () = &mut session => false,
                 () = closing => true,
@@ -117,7 +117,8 @@ pub async fn upgrade(
                 };
                 let _peer_gone = close_tx.send(Message::Close(Some(goodbye))).await;
             }
-            // The pump ends once every sender is gone.
+            // The pump ends once every sender is gone (the session holds one).
+            drop(session);
             drop(close_tx);
             if let Err(e) = pump.await {
                 tracing::debug!(error = %e, "websocket pump ended abnormally");

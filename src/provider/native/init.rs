@@ -100,20 +100,68 @@ pub(crate) fn read_record(dir: &Path) -> Option<InitRecord> {
 }
 
 /// Whether the sandbox in `dir` (which exists) can run commands, and if
-/// not, why.
-pub(crate) fn status(dir: &Path) -> RuntimeStatus {
-    match read_record(dir) {
-        Some(record) if record.init_alive() => RuntimeStatus::Running,
-        Some(_) => RuntimeStatus::Stopped {
+/// not, why. `Err` means "cannot tell right now" (an I/O error, too many
+/// open files): the reconciler counts that as a failed observation, never
+/// as a verdict, so a transient error cannot get a sandbox destroyed.
+pub(crate) fn status(dir: &Path) -> io::Result<RuntimeStatus> {
+    let record = match fs::read(dir.join(PID_FILE)) {
+        Ok(bytes) => serde_json::from_slice::<InitRecord>(&bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{PID_FILE}: {e}")))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(RuntimeStatus::Stopped {
+                cause: match fs::metadata(dir.join(EXIT_FILE)) {
+                    Ok(_) => exit_cause(dir),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        "its init never started".to_string()
+                    }
+                    Err(e) => return Err(e),
+                },
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    if process_alive(record.pid, record.start)? {
+        Ok(RuntimeStatus::Running)
+    } else {
+        Ok(RuntimeStatus::Stopped {
             cause: exit_cause(dir),
-        },
-        None => RuntimeStatus::Stopped {
-            cause: match fs::read(dir.join(EXIT_FILE)) {
-                Ok(_) => exit_cause(dir),
-                Err(_) => "its init never started".to_string(),
-            },
-        },
+        })
     }
+}
+
+/// Like [`is_same_process`], but an unreadable `/proc` entry for any
+/// reason other than the process being gone is an error, not "dead".
+fn process_alive(pid: i32, start: u64) -> io::Result<bool> {
+    if pid <= 0 {
+        return Ok(false);
+    }
+    let stat = match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat,
+        // ESRCH shows up when the process exits while being read.
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let Some(close) = stat.rfind(')') else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unreadable /proc stat",
+        ));
+    };
+    let mut fields = stat[close + 1..].split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return Ok(false);
+    }
+    Ok(fields.nth(18).and_then(|s| s.parse::<u64>().ok()) == Some(start))
+}
+
+/// True when the sandbox in `dir` has neither a running nor an ended init
+/// on record: it was made by a version without inits (or its spawn was cut
+/// short, in which case its record is being cleaned up anyway).
+pub(crate) fn never_had_init(dir: &Path) -> bool {
+    let missing = |file: &str| matches!(fs::metadata(dir.join(file)), Err(e) if e.kind() == io::ErrorKind::NotFound);
+    missing(PID_FILE) && missing(EXIT_FILE)
 }
 
 /// The recorded end of PID 1, in words.
@@ -192,6 +240,10 @@ pub(crate) async fn launch(helper: &Path, dir: &Path) -> Result<InitRecord, Stri
     let mut child = tokio::process::Command::new(helper)
         .arg("__native-init")
         .arg(name)
+        // PID 1 is a fork of the keeper: whatever environment the keeper
+        // starts with stays readable in /proc/1/environ inside the sandbox.
+        // The server's environment (keys, database URLs) must not be there.
+        .env_clear()
         .current_dir(parent)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -714,11 +766,12 @@ mod tests {
     fn a_missing_record_reads_as_never_started() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(
-            super::status(dir.path()),
+            super::status(dir.path()).expect("status"),
             RuntimeStatus::Stopped {
                 cause: "its init never started".into()
             }
         );
+        assert!(super::never_had_init(dir.path()));
         let dead = InitRecord {
             pid: i32::MAX,
             start: 1,
@@ -734,10 +787,14 @@ mod tests {
         .expect("encode");
         write_atomic(&dir.path().join(EXIT_FILE), &exit).expect("write");
         assert_eq!(
-            super::status(dir.path()),
+            super::status(dir.path()).expect("status"),
             RuntimeStatus::Stopped {
                 cause: "its init was terminated (SIGTERM)".into()
             }
         );
+        assert!(!super::never_had_init(dir.path()));
+        // An unreadable record is "cannot tell", never a verdict.
+        std::fs::write(dir.path().join(PID_FILE), b"{not json").expect("write");
+        assert!(super::status(dir.path()).is_err());
     }
 }

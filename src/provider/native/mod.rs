@@ -200,7 +200,11 @@ impl SandboxDirs {
     /// The metadata of an existing sandbox, or RuntimeNotFound.
     pub(crate) fn meta(&self, id: &str) -> ProviderResult<SandboxMeta> {
         let path = self.sandbox_dir(id)?.join(META_FILE);
-        let bytes = fs::read(path).map_err(|_| ProviderError::RuntimeNotFound(id.to_string()))?;
+        let bytes = fs::read(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ProviderError::RuntimeNotFound(id.to_string()),
+            // Anything else (EMFILE, EIO) says nothing about the sandbox.
+            _ => ProviderError::Runtime(format!("reading sandbox {id}: {e}")),
+        })?;
         serde_json::from_slice(&bytes)
             .map_err(|e| ProviderError::Runtime(format!("sandbox {id} metadata is corrupt: {e}")))
     }
@@ -266,13 +270,15 @@ impl SandboxDirs {
     /// is stopped (with the init's end as the cause) once that is gone.
     /// Either way it is missing once the directory is gone.
     pub(crate) fn inspect(&self, id: &str) -> ProviderResult<RuntimeStatus> {
+        // Only a missing directory is a verdict; any other error is "cannot
+        // tell now" and reaches the reconciler as an error.
         match self.meta(id) {
-            Ok(_) if self.has_init => Ok(init::status(&self.sandbox_dir(id)?)),
+            Ok(_) if self.has_init => init::status(&self.sandbox_dir(id)?).map_err(|e| {
+                ProviderError::Runtime(format!("cannot tell whether sandbox {id} runs: {e}"))
+            }),
             Ok(_) => Ok(RuntimeStatus::Running),
             Err(ProviderError::RuntimeNotFound(_)) => Ok(RuntimeStatus::Missing),
-            Err(e) => Ok(RuntimeStatus::Stopped {
-                cause: e.to_string(),
-            }),
+            Err(e) => Err(e),
         }
     }
 
@@ -306,7 +312,13 @@ impl SandboxDirs {
         Ok(names
             .into_iter()
             .map(|(name, created)| InventoryItem {
-                status: self.inspect(&name).unwrap_or(RuntimeStatus::Missing),
+                // Listed, so it exists: an error here sends the reconciler
+                // to `inspect`, which reports it as an error too (no verdict).
+                status: self
+                    .inspect(&name)
+                    .unwrap_or_else(|e| RuntimeStatus::Stopped {
+                        cause: e.to_string(),
+                    }),
                 created_at: created.map(chrono::DateTime::<chrono::Utc>::from),
                 runtime_id: name.clone(),
                 sandbox_id: name,
@@ -785,8 +797,27 @@ impl Provider for NativeProvider {
         self.dirs.inventory().await
     }
 
-    async fn sweep_leftovers(&self) -> ProviderResult<usize> {
-        self.dirs.sweep_leftovers().await
+    async fn recover_at_startup(&self) -> ProviderResult<usize> {
+        let mut fixed = self.dirs.sweep_leftovers().await?;
+        // Sandboxes made before native sandboxes had an init never had
+        // one: give them one instead of reporting them dead.
+        let helper = self.helper()?.to_path_buf();
+        for item in self.dirs.inventory().await? {
+            let dir = self.dirs.sandbox_dir(&item.sandbox_id)?;
+            if !init::never_had_init(&dir) {
+                continue;
+            }
+            match init::launch(&helper, &dir).await {
+                Ok(record) => {
+                    fixed += 1;
+                    tracing::info!(sandbox = %item.sandbox_id, pid = record.pid, "gave a sandbox from an older version an init");
+                }
+                Err(why) => {
+                    tracing::warn!(sandbox = %item.sandbox_id, %why, "cannot give an older sandbox an init")
+                }
+            }
+        }
+        Ok(fixed)
     }
 
     async fn exec(
