@@ -1230,8 +1230,28 @@ async fn runtimes_from_an_older_version_are_adopted_not_destroyed() {
     server.stop().await;
 }
 
+/// Kills every host process of a native sandbox (keeper, init, children),
+/// as a host reboot or an operator's `kill -9` would.
+async fn kill_native_sandbox_processes(id: &str) {
+    for line in crate::providers::host_processes_with(id) {
+        if let Some(pid) = line
+            .split(':')
+            .next()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _gone = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !crate::providers::host_processes_with(id).is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "processes survived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_native_sandbox_without_an_init_gets_one_at_start_up() {
+async fn native_sandboxes_whose_init_vanished_while_the_server_was_down_get_a_new_one() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     import_native_image(dir.path());
     let mut server = ServerProcess::start(dir.path(), NATIVE, None).await;
@@ -1243,35 +1263,28 @@ async fn a_native_sandbox_without_an_init_gets_one_at_start_up() {
         )
         .await;
     assert!(status < 300, "{body}");
-    server.signal(rustix::process::Signal::KILL);
-    server.wait_exit(Duration::from_secs(10)).await;
-    // Make it look like a sandbox of the version before inits: no init
-    // process, no init records.
-    for line in crate::providers::host_processes_with(&id) {
-        if let Some(pid) = line
-            .split(':')
-            .next()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _gone = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let sandbox_dir = dir.path().join("sandboxes/native").join(&id);
-    for file in ["init.pid", "init.exit"] {
-        let _absent = std::fs::remove_file(sandbox_dir.join(file));
+    // First as after a reboot (init records left, processes gone), then as
+    // a sandbox of the version before inits (no records either).
+    for forget_records in [false, true] {
+        server.signal(rustix::process::Signal::KILL);
+        server.wait_exit(Duration::from_secs(10)).await;
+        kill_native_sandbox_processes(&id).await;
+        if forget_records {
+            for file in ["init.pid", "init.exit"] {
+                let _absent = std::fs::remove_file(sandbox_dir.join(file));
+            }
+        }
+        server = ServerProcess::start(dir.path(), NATIVE, None).await;
+        let (status, body) = server
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                json!({"command": "cat /workspace/kept.txt", "mode": "shell"}),
+            )
+            .await;
+        assert_eq!(status, 200, "forget_records={forget_records}: {body}");
+        assert_eq!(body["stdout"], "kept\n", "{body}");
     }
-
-    let server = ServerProcess::start(dir.path(), NATIVE, None).await;
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "cat /workspace/kept.txt", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stdout"], "kept\n", "{body}");
     let store = store_of(dir.path()).await;
     assert_eq!(record(&store, &id).await.state, "running");
     let (status, _) = server

@@ -160,8 +160,29 @@ fn process_alive(pid: i32, start: u64) -> io::Result<bool> {
 /// on record: it was made by a version without inits (or its spawn was cut
 /// short, in which case its record is being cleaned up anyway).
 pub(crate) fn never_had_init(dir: &Path) -> bool {
-    let missing = |file: &str| matches!(fs::metadata(dir.join(file)), Err(e) if e.kind() == io::ErrorKind::NotFound);
-    missing(PID_FILE) && missing(EXIT_FILE)
+    missing(dir, PID_FILE) && missing(dir, EXIT_FILE)
+}
+
+/// True when the sandbox needs a new init at start-up: it never had one,
+/// or its init is gone without a recorded end, which only happens when its
+/// keeper was killed with it or the host restarted (an init that ended by
+/// itself, e.g. `kill 1` from inside, has its end recorded and stays
+/// stopped). Any doubt (an I/O error) answers false.
+pub(crate) fn needs_new_init(dir: &Path) -> bool {
+    if never_had_init(dir) {
+        return true;
+    }
+    let Ok(bytes) = fs::read(dir.join(PID_FILE)) else {
+        return false;
+    };
+    let Ok(record) = serde_json::from_slice::<InitRecord>(&bytes) else {
+        return false;
+    };
+    matches!(process_alive(record.pid, record.start), Ok(false)) && missing(dir, EXIT_FILE)
+}
+
+fn missing(dir: &Path, file: &str) -> bool {
+    matches!(fs::metadata(dir.join(file)), Err(e) if e.kind() == io::ErrorKind::NotFound)
 }
 
 /// The recorded end of PID 1, in words.

@@ -799,21 +799,23 @@ impl Provider for NativeProvider {
 
     async fn recover_at_startup(&self) -> ProviderResult<usize> {
         let mut fixed = self.dirs.sweep_leftovers().await?;
-        // Sandboxes made before native sandboxes had an init never had
-        // one: give them one instead of reporting them dead.
+        // Sandboxes whose init is gone without a recorded end (the host
+        // restarted, or the keeper was killed while StacyVM was down) and
+        // sandboxes from before native sandboxes had an init: give them a
+        // new init (their files are intact) instead of reporting them dead.
         let helper = self.helper()?.to_path_buf();
         for item in self.dirs.inventory().await? {
             let dir = self.dirs.sandbox_dir(&item.sandbox_id)?;
-            if !init::never_had_init(&dir) {
+            if !init::needs_new_init(&dir) {
                 continue;
             }
             match init::launch(&helper, &dir).await {
                 Ok(record) => {
                     fixed += 1;
-                    tracing::info!(sandbox = %item.sandbox_id, pid = record.pid, "gave a sandbox from an older version an init");
+                    tracing::info!(sandbox = %item.sandbox_id, pid = record.pid, "started a new init for a sandbox whose init was gone");
                 }
                 Err(why) => {
-                    tracing::warn!(sandbox = %item.sandbox_id, %why, "cannot give an older sandbox an init")
+                    tracing::warn!(sandbox = %item.sandbox_id, %why, "cannot start a new init for a sandbox")
                 }
             }
         }
