@@ -303,6 +303,12 @@ impl DockerProvider {
         let StartExecResults::Attached { mut output, .. } = started else {
             return Err(ProviderError::Runtime("exec did not attach".into()));
         };
+        // If this future is dropped before the command ended (a shutdown
+        // cutting commands off), the command must not live on unseen.
+        let mut guard = KillExecOnDrop {
+            docker: Some(docker.clone()),
+            exec_id: created.id.clone(),
+        };
         let deadline = tokio::time::sleep(spec.timeout);
         tokio::pin!(deadline);
         let mut listening = true;
@@ -330,18 +336,13 @@ impl DockerProvider {
                     }
                 }
                 () = &mut deadline => {
-                    match docker.inspect_exec(&created.id).await {
-                        Ok(info) => {
-                            if let Some(pid) = info.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
-                                tokio::task::spawn_blocking(move || kill_process_tree(pid));
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "cannot inspect timed-out exec"),
-                    }
+                    guard.disarm();
+                    kill_exec(&docker, &created.id).await;
                     return Ok(ExecExit::TimedOut);
                 }
             }
         }
+        guard.disarm();
         let info = docker
             .inspect_exec(&created.id)
             .await
@@ -527,6 +528,49 @@ impl DockerProvider {
                 bollard::body_full(Bytes::from(tar)),
             )
             .await
+    }
+}
+
+/// Kills an exec's process tree (Docker has no API for it): its host pid
+/// from `inspect_exec`, then the tree through `/proc`.
+async fn kill_exec(docker: &Docker, exec_id: &str) {
+    match docker.inspect_exec(exec_id).await {
+        Ok(info) if info.running == Some(true) => {
+            if let Some(pid) = info
+                .pid
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 0)
+            {
+                let _joined = tokio::task::spawn_blocking(move || kill_process_tree(pid)).await;
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot inspect an exec to kill it"),
+    }
+}
+
+/// Kills the exec when dropped while armed: an exec future dropped before
+/// its command ended leaves no command running unseen.
+struct KillExecOnDrop {
+    docker: Option<Docker>,
+    exec_id: String,
+}
+
+impl KillExecOnDrop {
+    fn disarm(&mut self) {
+        self.docker = None;
+    }
+}
+
+impl Drop for KillExecOnDrop {
+    fn drop(&mut self) {
+        let Some(docker) = self.docker.take() else {
+            return;
+        };
+        let exec_id = std::mem::take(&mut self.exec_id);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { kill_exec(&docker, &exec_id).await });
+        }
     }
 }
 

@@ -323,9 +323,11 @@ impl Service {
             // Reported to the millisecond everywhere (REST, GraphQL, records).
             let duration = Duration::from_millis(started.elapsed().as_millis() as u64);
             let exit = if interrupted {
-                // The server is going away; the command's own process
-                // ends with it (native, proot) or with its sandbox (docker).
+                // The server is going away: dropping the provider's exec
+                // kills the command (docker kills its process tree; native
+                // and proot helpers die with the server).
                 run.abort();
+                let _cancelled = run.await;
                 Err(Error::Unavailable(
                     "interrupted: the server shut down before the command finished".into(),
                 ))

@@ -1293,3 +1293,67 @@ async fn native_sandboxes_whose_init_vanished_while_the_server_was_down_get_a_ne
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_command_cut_off_at_shutdown_does_not_live_on() {
+    if !docker_enabled() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let env = [
+        ("STACYVM_PROVIDERS_DEFAULT", "docker"),
+        ("STACYVM_LIFECYCLE_SHUTDOWN_TIMEOUT", "1s"),
+    ];
+    let mut server = ServerProcess::start(dir.path(), &env, None).await;
+    let id = server.spawn(json!({"image": docker_image()})).await;
+    let http = server.http.clone();
+    let exec_url = server.url(&format!("/sandboxes/{id}/exec"));
+    let exec = tokio::spawn(async move {
+        http.post(exec_url)
+            .json(&json!({"command": "sleep 77", "mode": "shell"}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    let top = || {
+        let out = Command::new("docker")
+            .args(["top", &format!("stacyvm-{id}")])
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !top().contains("sleep 77") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.signal(rustix::process::Signal::TERM);
+    assert!(server.wait_exit(Duration::from_secs(30)).await.success());
+    let answered = exec.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!matches!(answered, Ok(200)), "{answered:?}");
+    // The sandbox stays for adoption; the command does not.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while top().contains("sleep 77") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the command lives on:\n{}",
+            top()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        top().contains("sleep 3600"),
+        "the sandbox itself must stay:\n{}",
+        top()
+    );
+    let store = store_of(dir.path()).await;
+    let executions = store
+        .executions_of(std::slice::from_ref(&id))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(executions[0].status, "interrupted", "{executions:?}");
+    docker(&["rm", "-f", &format!("stacyvm-{id}")]);
+}
