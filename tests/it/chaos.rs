@@ -182,6 +182,28 @@ impl ServerProcess {
             .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log_text()))
     }
 
+    /// Runs `command` through `sh -c` in sandbox `id`; it must succeed
+    /// over HTTP. Returns its stdout.
+    async fn shell(&self, id: &str, command: &str) -> String {
+        let (status, body) = self
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                json!({"command": command, "mode": "shell"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{command}: {body}");
+        body["stdout"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Destroys sandbox `id`, which must succeed.
+    async fn destroy(&self, id: &str) {
+        let (status, body) = self
+            .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+            .await
+            .unwrap_or_else(|e| panic!("DELETE {id}: {e}"));
+        assert_eq!(status, 200, "{body}");
+    }
+
     async fn spawn(&self, body: Value) -> String {
         let (status, sandbox) = self.post("/sandboxes", body).await;
         assert_eq!(status, 201, "{sandbox}");
@@ -393,19 +415,8 @@ async fn kill_during_exec(env: &[(&str, &str)], data_dir: &Path) {
     );
     // The sandbox survived the crash and was adopted.
     assert_eq!(record(&store, &id).await.state, "running");
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "echo still-here", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stdout"], "still-here\n", "{body}");
-    let (status, _) = server
-        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status, 200);
+    assert_eq!(server.shell(&id, "echo still-here").await, "still-here\n");
+    server.destroy(&id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -821,14 +832,7 @@ async fn sigterm_lets_running_commands_finish_and_leaves_sandboxes_for_adoption(
 
     // The next start adopts it.
     let server = ServerProcess::start(dir.path(), NATIVE, None).await;
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "echo adopted", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stdout"], "adopted\n");
+    assert_eq!(server.shell(&id, "echo adopted").await, "adopted\n");
     let audit = system_audit(&store, &id).await;
     assert!(audit.iter().any(|(a, _)| a == "sandbox.adopt"), "{audit:?}");
 }
@@ -1001,14 +1005,7 @@ async fn dockerd_stopping_and_returning_is_survived_without_a_restart() {
     wait_ready_status(&server, 200, Duration::from_secs(20)).await;
     let seen = states_until(&mut ws, "running").await;
     assert!(!seen.iter().any(|(s, _)| s == "error"), "{seen:?}");
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "cat /workspace/kept.txt", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stdout"], "kept\n", "{body}");
+    assert_eq!(server.shell(&id, "cat /workspace/kept.txt").await, "kept\n");
     let (status, fresh) = server
         .post("/sandboxes", json!({"image": docker_image()}))
         .await;
@@ -1095,14 +1092,12 @@ async fn a_native_sandbox_and_its_processes_survive_kill_9_of_the_server() {
     assert_eq!(exit.signal(), Some(9));
 
     let server = ServerProcess::start(dir.path(), NATIVE, None).await;
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "kill -0 $(cat /tmp/bg) && echo alive", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stdout"], "alive\n", "{body}");
+    assert_eq!(
+        server
+            .shell(&id, "kill -0 $(cat /tmp/bg) && echo alive")
+            .await,
+        "alive\n"
+    );
     let store = store_of(dir.path()).await;
     assert_eq!(record(&store, &id).await.state, "running");
     assert!(
@@ -1111,11 +1106,7 @@ async fn a_native_sandbox_and_its_processes_survive_kill_9_of_the_server() {
             .iter()
             .any(|(a, _)| a == "sandbox.adopt")
     );
-    let (status, _) = server
-        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status, 200);
+    server.destroy(&id).await;
     assert!(crate::providers::host_processes_with(&id).is_empty());
 }
 
@@ -1146,19 +1137,8 @@ async fn containers_stopped_while_the_server_was_down_are_started_again() {
     let server = ServerProcess::start(dir.path(), DOCKER, None).await;
     let store = store_of(dir.path()).await;
     assert_eq!(record(&store, &id).await.state, "running");
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "cat /workspace/kept.txt", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stdout"], "kept\n", "{body}");
-    let (status, _) = server
-        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status, 200);
+    assert_eq!(server.shell(&id, "cat /workspace/kept.txt").await, "kept\n");
+    server.destroy(&id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1215,14 +1195,7 @@ async fn runtimes_from_an_older_version_are_adopted_not_destroyed() {
         .unwrap_or_else(|e| panic!("{e}"));
     // Several reconcile passes later it is still there and usable.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "echo old", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["stdout"], "old\n");
+    assert_eq!(server.shell(&id, "echo old").await, "old\n");
     assert_eq!(docker_containers_for(&id).len(), 1);
     let (status, _) = server.delete(&format!("/sandboxes/{id}")).await;
     assert_eq!(status, 200);
@@ -1287,11 +1260,7 @@ async fn native_sandboxes_whose_init_vanished_while_the_server_was_down_get_a_ne
     }
     let store = store_of(dir.path()).await;
     assert_eq!(record(&store, &id).await.state, "running");
-    let (status, _) = server
-        .request(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(status, 200);
+    server.destroy(&id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

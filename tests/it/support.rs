@@ -187,6 +187,19 @@ impl TestServer {
         decode(resp).await
     }
 
+    /// Runs `command` through `sh -c` in sandbox `id`; it must succeed
+    /// over HTTP. Returns its stdout.
+    pub async fn shell(&self, id: &str, command: &str) -> String {
+        let (status, body) = self
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                serde_json::json!({"command": command, "mode": "shell"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{command}: {body}");
+        body["stdout"].as_str().unwrap_or_default().to_string()
+    }
+
     /// Polls a sandbox until `pred` holds on its record (any state,
     /// including destroyed), or panics after `limit`.
     pub async fn wait_for_state(
