@@ -173,6 +173,7 @@ impl Service {
         let filter = SandboxFilter {
             owner_id: (!caller.may_act_for_others()).then(|| caller.owner_id.clone()),
             states: Some(vec![SandboxState::Expired, SandboxState::Destroying]),
+            ..Default::default()
         };
         loop {
             let now = Utc::now();
@@ -239,14 +240,13 @@ impl Service {
                 }
             }
         }
+        // Other workers' sandboxes in flight are theirs to finish.
         let filter = SandboxFilter {
             owner_id: None,
             states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
+            worker_id: Some(self.scheduler().local_worker().id.clone()),
         };
-        let worker_id = self.scheduler().local_worker().id.clone();
-        // Other workers' sandboxes in flight are theirs to finish.
-        let mine = self.store().list_sandboxes(&filter).await?;
-        for model in mine.into_iter().filter(|m| m.worker_id == worker_id) {
+        for model in self.store().list_sandboxes(&filter).await? {
             let reason = format!("server restarted while the sandbox was {}", model.state);
             tracing::warn!(sandbox = %model.id, %reason, "recovering sandbox");
             self.transition(&model.id, SandboxState::Error, Some(reason), None)

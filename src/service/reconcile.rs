@@ -137,6 +137,8 @@ impl Service {
             .list_sandboxes(&SandboxFilter {
                 owner_id: None,
                 states: Some(SandboxState::LIVE.to_vec()),
+                // Other workers' records are theirs to reconcile.
+                worker_id: Some(worker.id.clone()),
             })
             .await?;
         let mut report = ReconcileReport::default();
@@ -148,7 +150,7 @@ impl Service {
         for provider in worker.providers() {
             let mine: Vec<_> = records
                 .iter()
-                .filter(|r| r.provider == provider.name() && r.worker_id == worker.id)
+                .filter(|r| r.provider == provider.name())
                 .cloned()
                 .collect();
             // Records are read before the inventory: a runtime created after
@@ -188,9 +190,11 @@ impl Service {
         }
         if startup {
             tracing::info!(?report, "start-up reconcile");
-        } else if report != ReconcileReport::default()
-            && (report.failed + report.health_changes + report.destroyed + report.orphans_destroyed)
-                > 0
+        } else if report.failed
+            + report.health_changes
+            + report.destroyed
+            + report.orphans_destroyed
+            > 0
         {
             tracing::info!(?report, "reconcile pass acted");
         }

@@ -433,6 +433,7 @@ impl Service {
         let filter = SandboxFilter {
             owner_id: (!caller.may_act_for_others()).then(|| caller.owner_id.clone()),
             states: None,
+            ..Default::default()
         };
         self.store()
             .list_sandboxes(&filter)

@@ -133,7 +133,6 @@ impl Service {
     /// Destroys every live sandbox of this worker (for
     /// `lifecycle.destroy_on_shutdown`). Returns how many were destroyed.
     pub async fn destroy_all_for_shutdown(&self) -> Result<usize> {
-        let worker_id = self.scheduler().local_worker().id.clone();
         let records = self
             .store()
             .list_sandboxes(&SandboxFilter {
@@ -144,10 +143,11 @@ impl Service {
                     SandboxState::Expired,
                     SandboxState::Error,
                 ]),
+                worker_id: Some(self.scheduler().local_worker().id.clone()),
             })
             .await?;
         let mut destroyed = 0;
-        for record in records.into_iter().filter(|r| r.worker_id == worker_id) {
+        for record in records {
             let id = record.id.clone();
             let reason = Some("destroyed at server shutdown".to_string());
             match self.destroy_record(record, reason).await {

@@ -18,6 +18,8 @@ pub struct SandboxFilter {
     pub owner_id: Option<String>,
     /// Only these states; `None` means every state but `destroyed`.
     pub states: Option<Vec<SandboxState>>,
+    /// Only sandboxes placed on this worker.
+    pub worker_id: Option<String>,
 }
 
 /// A position in a listing ordered by (created_at, id): the last row seen.
@@ -64,6 +66,9 @@ impl Store {
         };
         if let Some(owner) = &filter.owner_id {
             query = query.filter(Column::OwnerId.eq(owner.as_str()));
+        }
+        if let Some(worker) = &filter.worker_id {
+            query = query.filter(Column::WorkerId.eq(worker.as_str()));
         }
         Ok(query
             .order_by_asc(Column::CreatedAt)

@@ -96,10 +96,21 @@ async fn sandboxes_round_trip_and_filter(store: &Store) {
         .list_sandboxes(&SandboxFilter {
             owner_id: Some("alice".into()),
             states: None,
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(alice.len(), 1);
+    for (worker, expected) in [("wk-test", 2), ("wk-elsewhere", 0)] {
+        let on_worker = store
+            .list_sandboxes(&SandboxFilter {
+                worker_id: Some(worker.into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(on_worker.len(), expected, "{worker}");
+    }
     assert_eq!(store.count_live_sandboxes(None).await.ok(), Some(2));
     assert_eq!(
         store.count_live_sandboxes(Some("alice")).await.ok(),
