@@ -140,6 +140,7 @@ async fn unknown_image_is_a_clear_400_and_leaves_nothing() {
         .list_sandboxes(&stacyvm::store::SandboxFilter {
             owner_id: None,
             states: Some(stacyvm::lifecycle::SandboxState::ALL.to_vec()),
+            ..Default::default()
         })
         .await
         .unwrap_or_default();
@@ -464,49 +465,8 @@ async fn restart_recovers_sandboxes_left_mid_spawn() {
     // Simulate a crash between "record creating" and "record running": a
     // record in `creating` and a labelled container that it never learned of.
     let id = stacyvm::ids::sandbox();
-    let now = chrono::Utc::now();
-    server
-        .app_service
-        .store()
-        .insert_sandbox(entity::sandbox::Model {
-            id: id.clone(),
-            owner_id: "anonymous".into(),
-            tenant_id: "default".into(),
-            worker_id: server.app_service.scheduler().local_worker().id.clone(),
-            provider: "docker".into(),
-            runtime_id: None,
-            image: docker_image(),
-            template: None,
-            memory_mb: 64,
-            vcpus: 1,
-            state: "creating".into(),
-            state_reason: None,
-            metadata: json!({}),
-            created_at: now,
-            updated_at: now,
-            expires_at: now + chrono::Duration::minutes(30),
-            destroyed_at: None,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let ok = std::process::Command::new("docker")
-        .args([
-            "run",
-            "-d",
-            "--network",
-            "none",
-            "--name",
-            &format!("stacyvm-{id}"),
-            "--label",
-            &format!("io.stacyvm.sandbox={id}"),
-            &docker_image(),
-            "sleep",
-            "600",
-        ])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(ok, "docker run failed");
+    crate::support::insert_docker_record(&server, &id, "creating", None).await;
+    crate::support::run_labelled_container(&id, None);
     let data_dir = server.stop().await;
 
     let server = TestServer::start_in(data_dir, |c| c.providers.default = "docker".into()).await;

@@ -20,7 +20,8 @@ use stacyvm::store::Store;
 
 use crate::graphql::Ws;
 use crate::support::{
-    TestServer, docker_containers_for, docker_enabled, docker_image, rootfs_tarball,
+    TestServer, docker_containers_for, docker_enabled, docker_image, insert_docker_record,
+    rootfs_tarball, run_labelled_container,
 };
 
 /// `stacyvm serve` as a child process.
@@ -247,6 +248,7 @@ async fn only_sandbox(store: &Store) -> entity::sandbox::Model {
         .list_sandboxes(&stacyvm::store::SandboxFilter {
             owner_id: None,
             states: Some(stacyvm::lifecycle::SandboxState::ALL.to_vec()),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -261,6 +263,7 @@ async fn assert_no_transient_records(store: &Store) {
         .list_sandboxes(&stacyvm::store::SandboxFilter {
             owner_id: None,
             states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -543,30 +546,10 @@ async fn runtimes_without_a_record_are_destroyed_but_other_installations_are_lef
     .await;
     let instance = std::fs::read_to_string(server.data_dir.path().join("instance_id"))
         .unwrap_or_else(|e| panic!("{e}"));
-    let run = |sandbox: &str, instance: &str| {
-        let ok = Command::new("docker")
-            .args([
-                "run",
-                "-d",
-                "--network",
-                "none",
-                "--label",
-                &format!("io.stacyvm.sandbox={sandbox}"),
-                "--label",
-                &format!("io.stacyvm.instance={instance}"),
-                &docker_image(),
-                "sleep",
-                "600",
-            ])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "docker run failed");
-    };
     let orphan = stacyvm::ids::sandbox();
     let foreign = stacyvm::ids::sandbox();
-    run(&orphan, instance.trim());
-    run(&foreign, "in-someone-else");
+    run_labelled_container(&orphan, Some(instance.trim()));
+    run_labelled_container(&foreign, Some("in-someone-else"));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !docker_containers_for(&orphan).is_empty() {
@@ -687,6 +670,19 @@ async fn assert_reason_everywhere(server: &TestServer, id: &str, needle: &str) {
     assert!(reason.contains(needle), "GraphQL: {answer}");
 }
 
+/// Follows the sandbox's events to `destroyed` and checks that it went
+/// through `error` with a reason containing `needle`, and that the reason
+/// reaches REST and GraphQL.
+async fn assert_failed_with(server: &TestServer, ws: &mut Ws, id: &str, needle: &str) {
+    let seen = states_until(ws, "destroyed").await;
+    assert!(
+        seen.iter()
+            .any(|(state, reason)| state == "error" && reason.contains(needle)),
+        "{seen:?}"
+    );
+    assert_reason_everywhere(server, id, needle).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_kill_is_reported_with_its_cause_and_cleaned_up() {
     if !docker_enabled() {
@@ -696,19 +692,13 @@ async fn docker_kill_is_reported_with_its_cause_and_cleaned_up() {
     let (id, mut ws) = docker_sandbox_with_events(&server, json!({"image": docker_image()})).await;
     let started = std::time::Instant::now();
     docker(&["kill", &format!("stacyvm-{id}")]);
-    let seen = states_until(&mut ws, "destroyed").await;
-    let error = seen
-        .iter()
-        .find(|(state, _)| state == "error")
-        .unwrap_or_else(|| panic!("no error event: {seen:?}"));
-    assert!(error.1.contains("SIGKILL"), "{seen:?}");
+    assert_failed_with(&server, &mut ws, &id, "SIGKILL").await;
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );
     assert!(docker_containers_for(&id).is_empty());
-    assert_reason_everywhere(&server, &id, "SIGKILL").await;
     let audit = system_audit(server.app_service.store(), &id).await;
     assert!(audit.iter().any(|(a, _)| a == "sandbox.fail"), "{audit:?}");
     server.stop().await;
@@ -722,13 +712,7 @@ async fn docker_rm_is_reported_as_removed() {
     let server = fast_docker_server().await;
     let (id, mut ws) = docker_sandbox_with_events(&server, json!({"image": docker_image()})).await;
     docker(&["rm", "-f", &format!("stacyvm-{id}")]);
-    let seen = states_until(&mut ws, "destroyed").await;
-    assert!(
-        seen.iter()
-            .any(|(state, reason)| state == "error" && reason.contains("removed outside StacyVM")),
-        "{seen:?}"
-    );
-    assert_reason_everywhere(&server, &id, "removed outside StacyVM").await;
+    assert_failed_with(&server, &mut ws, &id, "removed outside StacyVM").await;
     server.stop().await;
 }
 
@@ -756,13 +740,7 @@ async fn an_oom_killed_init_is_reported_as_oom() {
         .await;
     // The exec dies with its sandbox; how it is reported depends on timing.
     eprintln!("exec during OOM: {status} {body}");
-    let seen = states_until(&mut ws, "destroyed").await;
-    assert!(
-        seen.iter()
-            .any(|(state, reason)| state == "error" && reason.contains("OOM killer")),
-        "{seen:?}"
-    );
-    assert_reason_everywhere(&server, &id, "OOM killer").await;
+    assert_failed_with(&server, &mut ws, &id, "OOM killer").await;
     server.stop().await;
 }
 
@@ -835,6 +813,42 @@ async fn sigterm_lets_running_commands_finish_and_leaves_sandboxes_for_adoption(
     assert_eq!(server.shell(&id, "echo adopted").await, "adopted\n");
     let audit = system_audit(&store, &id).await;
     assert!(audit.iter().any(|(a, _)| a == "sandbox.adopt"), "{audit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_refuses_new_work_but_serves_reads() {
+    // In process, so that the listener is still open while draining (a
+    // signal closes it at once) and the refusal itself is observable.
+    let server = crate::support::native_server(|_| {}).await;
+    let (status, sandbox) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{sandbox}");
+    let id = sandbox["id"].as_str().unwrap_or_default().to_string();
+    server.app_service.begin_shutdown();
+    for (path, body) in [
+        ("/sandboxes".to_string(), json!({"image": docker_image()})),
+        (
+            format!("/sandboxes/{id}/exec"),
+            json!({"command": "true", "mode": "shell"}),
+        ),
+    ] {
+        let (status, answer) = server.post(&path, body).await;
+        assert_eq!(status, 503, "{path}: {answer}");
+        assert_eq!(answer["code"], "UNAVAILABLE", "{answer}");
+        assert!(
+            answer["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("shutting down"),
+            "{answer}"
+        );
+    }
+    let (status, ready) = server.get("/ready").await;
+    assert_eq!(status, 503, "{ready}");
+    let (status, listed) = server.get(&format!("/sandboxes/{id}")).await;
+    assert_eq!(status, 200, "{listed}");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1038,13 +1052,7 @@ async fn a_native_sandbox_whose_init_is_killed_from_inside_is_reported_and_clean
         )
         .await;
     eprintln!("exec that killed its init: {status} {body}");
-    let seen = states_until(&mut ws, "destroyed").await;
-    assert!(
-        seen.iter()
-            .any(|(state, reason)| state == "error" && reason.contains("SIGTERM")),
-        "{seen:?}"
-    );
-    assert_reason_everywhere(&server, &id, "SIGTERM").await;
+    assert_failed_with(&server, &mut ws, &id, "SIGTERM").await;
     let dirs = native_dirs(server.data_dir.path());
     assert!(!dirs.contains(&id), "{dirs:?}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1149,50 +1157,8 @@ async fn runtimes_from_an_older_version_are_adopted_not_destroyed() {
     // A docker sandbox made before containers carried the instance label.
     let server = fast_docker_server().await;
     let id = stacyvm::ids::sandbox();
-    let out = Command::new("docker")
-        .args([
-            "run",
-            "-d",
-            "--network",
-            "none",
-            "--name",
-            &format!("stacyvm-{id}"),
-            "--label",
-            &format!("io.stacyvm.sandbox={id}"),
-            &docker_image(),
-            "sh",
-            "-c",
-            "while :; do sleep 3600; done",
-        ])
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.status.success(), "{out:?}");
-    let container = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let now = chrono::Utc::now();
-    server
-        .app_service
-        .store()
-        .insert_sandbox(entity::sandbox::Model {
-            id: id.clone(),
-            owner_id: "anonymous".into(),
-            tenant_id: "default".into(),
-            worker_id: server.app_service.scheduler().local_worker().id.clone(),
-            provider: "docker".into(),
-            runtime_id: Some(container),
-            image: docker_image(),
-            template: None,
-            memory_mb: 64,
-            vcpus: 1,
-            state: "running".into(),
-            state_reason: None,
-            metadata: json!({}),
-            created_at: now,
-            updated_at: now,
-            expires_at: now + chrono::Duration::minutes(30),
-            destroyed_at: None,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let container = run_labelled_container(&id, None);
+    insert_docker_record(&server, &id, "running", Some(container)).await;
     // Several reconcile passes later it is still there and usable.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(server.shell(&id, "echo old").await, "old\n");

@@ -267,3 +267,69 @@ pub fn docker_containers_for(sandbox_id: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Starts a container the way a sandbox container looks to StacyVM
+/// (`stacyvm-<id>`, labelled with the sandbox id and, when given, an
+/// installation), but made behind StacyVM's back. Returns its id.
+pub fn run_labelled_container(sandbox_id: &str, instance: Option<&str>) -> String {
+    let mut args = vec![
+        "run".to_string(),
+        "-d".into(),
+        "--network".into(),
+        "none".into(),
+        "--name".into(),
+        format!("stacyvm-{sandbox_id}"),
+        "--label".into(),
+        format!("io.stacyvm.sandbox={sandbox_id}"),
+    ];
+    if let Some(instance) = instance {
+        args.extend(["--label".into(), format!("io.stacyvm.instance={instance}")]);
+    }
+    args.extend([
+        docker_image(),
+        "sh".into(),
+        "-c".into(),
+        "while :; do sleep 3600; done".into(),
+    ]);
+    let out = std::process::Command::new("docker")
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("docker run: {e}"));
+    assert!(out.status.success(), "docker run failed: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Inserts a docker sandbox record of this server's local worker, as if
+/// StacyVM had made it: in `state`, with `runtime_id` when it has one.
+pub async fn insert_docker_record(
+    server: &TestServer,
+    id: &str,
+    state: &str,
+    runtime_id: Option<String>,
+) {
+    let now = chrono::Utc::now();
+    server
+        .app_service
+        .store()
+        .insert_sandbox(entity::sandbox::Model {
+            id: id.to_string(),
+            owner_id: "anonymous".into(),
+            tenant_id: "default".into(),
+            worker_id: server.app_service.scheduler().local_worker().id.clone(),
+            provider: "docker".into(),
+            runtime_id,
+            image: docker_image(),
+            template: None,
+            memory_mb: 64,
+            vcpus: 1,
+            state: state.into(),
+            state_reason: None,
+            metadata: serde_json::json!({}),
+            created_at: now,
+            updated_at: now,
+            expires_at: now + chrono::Duration::minutes(30),
+            destroyed_at: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
