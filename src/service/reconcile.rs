@@ -172,17 +172,12 @@ impl Service {
                     // Nothing can be observed: usable sandboxes count a
                     // failed probe; destroys wait for the provider.
                     for record in mine.iter().filter(|r| is_usable(r)) {
-                        let obs = self.inner.reconcile.observe(&record.id, |o| {
-                            o.failures += 1;
-                            o.successes = 0;
-                        });
-                        if obs.failures >= self.config().lifecycle.unhealthy_after
-                            && record.state == SandboxState::Running.as_str()
-                        {
-                            let why = format!("cannot observe the sandbox: {why}");
-                            if self.apply(record, Verdict::Unhealthy(why)).await? {
-                                report.health_changes += 1;
-                            }
+                        let verdict = self.failed_observation(
+                            record,
+                            format!("cannot observe the sandbox: {why}"),
+                        );
+                        if self.apply(record, verdict).await? {
+                            report.health_changes += 1;
                         }
                     }
                 }
@@ -321,29 +316,26 @@ impl Service {
         let memory = &self.inner.reconcile;
         // Not listed: ask by handle before believing it is gone (a runtime
         // made before the inventory's labels existed is still found).
-        let handle = match &item {
-            Some(item) if item.status == RuntimeStatus::Running => None,
-            Some(item) => Some(item.runtime_id.clone()),
-            None => record.runtime_id.clone(),
-        };
-        let status = match handle {
-            None if item.is_some() => RuntimeStatus::Running,
-            None => RuntimeStatus::Missing,
-            // Ask for the detailed cause (and double-check: it may have
-            // come back since the listing).
-            Some(handle) => match provider.inspect(&handle).await {
-                Ok(status) => status,
-                Err(e) => {
-                    let obs = memory.observe(&record.id, |o| {
-                        o.failures += 1;
-                        o.successes = 0;
-                    });
-                    return if obs.failures >= lifecycle.unhealthy_after {
-                        Verdict::Unhealthy(format!("cannot inspect the sandbox: {e}"))
-                    } else {
-                        Verdict::Nothing
-                    };
-                }
+        let status = match item {
+            Some(item) if item.status == RuntimeStatus::Running => RuntimeStatus::Running,
+            // Listed as stopped: ask for the detailed cause (it may also
+            // have come back since the listing). Not listed: ask by handle
+            // before believing it is gone (a runtime made before the
+            // inventory's labels existed is still found).
+            listed => match listed
+                .map(|i| i.runtime_id)
+                .or_else(|| record.runtime_id.clone())
+            {
+                None => RuntimeStatus::Missing,
+                Some(handle) => match provider.inspect(&handle).await {
+                    Ok(status) => status,
+                    Err(e) => {
+                        return self.failed_observation(
+                            record,
+                            format!("cannot inspect the sandbox: {e}"),
+                        );
+                    }
+                },
             },
         };
         match status {
@@ -375,6 +367,20 @@ impl Service {
         }
     }
 
+    /// Counts an observation that could not be made; after
+    /// `unhealthy_after` in a row the verdict is `unhealthy` with `why`.
+    fn failed_observation(&self, record: &entity::sandbox::Model, why: String) -> Verdict {
+        let obs = self.inner.reconcile.observe(&record.id, |o| {
+            o.failures += 1;
+            o.successes = 0;
+        });
+        if obs.failures >= self.config().lifecycle.unhealthy_after {
+            Verdict::Unhealthy(why)
+        } else {
+            Verdict::Nothing
+        }
+    }
+
     /// Applies a verdict with a conditional transition from the states it
     /// was made in. Returns whether the record changed.
     async fn apply(&self, record: &entity::sandbox::Model, verdict: Verdict) -> Result<bool> {
@@ -390,6 +396,11 @@ impl Service {
             ),
             Verdict::Failed(why) => (&[Running, Unhealthy], Error, why, "sandbox.fail"),
         };
+        // Already past it as far as we saw (e.g. unhealthy and still
+        // unobservable): no write needed; the store re-checks anyway.
+        if !from.iter().any(|s| s.as_str() == record.state) {
+            return Ok(false);
+        }
         let changed = self
             .transition_from(&record.id, from, to, Some(reason.clone()))
             .await?
