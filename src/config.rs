@@ -95,6 +95,9 @@ pub struct DefaultsConfig {
     pub image: String,
     pub memory_mb: u32,
     pub vcpus: u32,
+    /// Size of a sandbox's writable disk, in MiB, where the provider can
+    /// cap it (native: a loop-mounted filesystem; docker: its `/tmp`).
+    pub disk_mb: u32,
     pub exec_timeout: GoDuration,
     pub max_exec_timeout: GoDuration,
     /// Global cap on live sandboxes; 0 means unlimited.
@@ -247,6 +250,7 @@ impl Default for DefaultsConfig {
             image: "alpine:latest".into(),
             memory_mb: 1024,
             vcpus: 1,
+            disk_mb: 1024,
             exec_timeout: secs(5 * 60),
             max_exec_timeout: secs(10 * 60),
             max_sandboxes: 0,
@@ -373,9 +377,9 @@ impl Config {
                     .into(),
             ));
         }
-        if d.memory_mb == 0 || d.vcpus == 0 {
+        if d.memory_mb == 0 || d.vcpus == 0 || d.disk_mb == 0 {
             return Err(ConfigError::Invalid(
-                "defaults.memory_mb and defaults.vcpus must be positive".into(),
+                "defaults.memory_mb, defaults.vcpus and defaults.disk_mb must be positive".into(),
             ));
         }
         if !["reject", "queue"].contains(&d.spawn_overflow.as_str()) {

@@ -58,6 +58,8 @@ pub struct SpawnSpec {
     pub image: String,
     pub memory_mb: u32,
     pub vcpus: u32,
+    /// Size of the sandbox's writable disk in MiB (see `defaults.disk_mb`).
+    pub disk_mb: u32,
 }
 
 /// What a successful spawn returns: the provider's own handle for the runtime.

@@ -61,6 +61,7 @@ pub(super) struct SpawnPlan {
     pub provider: Option<String>,
     pub memory_mb: u32,
     pub vcpus: u32,
+    pub disk_mb: u32,
     pub ttl: Duration,
     pub template: Option<String>,
     pub owner_id: String,
@@ -182,6 +183,7 @@ impl Service {
             provider,
             memory_mb,
             vcpus,
+            disk_mb: defaults.disk_mb,
             ttl,
             template: template.map(|t| t.name),
             owner_id: caller.effective_owner(req.owner_id.as_deref()),
@@ -293,6 +295,7 @@ impl Service {
             image: plan.image,
             memory_mb: plan.memory_mb,
             vcpus: plan.vcpus,
+            disk_mb: plan.disk_mb,
         };
         match placement.provider.spawn(&spec).await {
             Ok(handle) => {

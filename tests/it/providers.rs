@@ -221,6 +221,7 @@ async fn spawn_with_id(fx: &Fixture) -> (String, String) {
             image: fx.image.clone(),
             memory_mb: 256,
             vcpus: 1,
+            disk_mb: 512,
         })
         .await
         .expect("spawn");
@@ -718,6 +719,7 @@ mod cases {
                 image: "stacyvm-test:never-imported".into(),
                 memory_mb: 256,
                 vcpus: 1,
+                disk_mb: 512,
             })
             .await
             .expect_err("spawn of an unknown image");
@@ -777,6 +779,7 @@ async fn native_host_image() {
             image: "host".into(),
             memory_mb: 0,
             vcpus: 1,
+            disk_mb: 512,
         })
         .await
         .expect("spawn host")
@@ -938,6 +941,7 @@ async fn native_init_survives_the_provider() {
             image: TEST_IMAGE.into(),
             memory_mb: 256,
             vcpus: 1,
+            disk_mb: 512,
         })
         .await
         .expect("spawn");
