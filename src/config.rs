@@ -78,6 +78,29 @@ pub struct NativeConfig {
     /// The `stacyvm` binary whose hidden helpers start sandbox inits and
     /// run commands in them; empty means the running executable.
     pub helper_binary: PathBuf,
+    /// Host uid/gid ranges for sandboxes' user namespaces.
+    pub ids: NativeIdsConfig,
+}
+
+/// An `/etc/subuid`-style block of host ids, `start .. start + size *
+/// count`, cut into one range of `size` ids per native sandbox (used when
+/// StacyVM runs as root; an unprivileged server maps only its own uid).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NativeIdsConfig {
+    pub start: u32,
+    pub size: u32,
+    pub count: u32,
+}
+
+impl Default for NativeIdsConfig {
+    fn default() -> Self {
+        NativeIdsConfig {
+            start: 1_000_000_000,
+            size: 65536,
+            count: 4096,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -405,6 +428,13 @@ impl Config {
         if l.unhealthy_after == 0 || l.healthy_after == 0 {
             return Err(ConfigError::Invalid(
                 "lifecycle.unhealthy_after and lifecycle.healthy_after must be at least 1".into(),
+            ));
+        }
+        let ids = &self.providers.native.ids;
+        let end = u64::from(ids.size) * u64::from(ids.count) + u64::from(ids.start);
+        if ids.start == 0 || ids.size < 2 || ids.count == 0 || end > u64::from(u32::MAX) {
+            return Err(ConfigError::Invalid(
+                "providers.native.ids needs start > 0, size >= 2, count >= 1 and start + size * count below 2^32".into(),
             ));
         }
         if !["auto", "docker", "native", "proot"].contains(&self.providers.default.as_str()) {

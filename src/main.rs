@@ -248,7 +248,19 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
 /// thread): joining a user namespace requires a single-threaded process.
 /// They are not clap subcommands, so `--help` does not list them.
 fn native_helper() -> Option<ExitCode> {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let mut all = std::env::args_os();
+    let argv0 = all.next().unwrap_or_default();
+    let args: Vec<std::ffi::OsString> = all.collect();
+    // Called as newuidmap/newgidmap through the keeper's shims (see
+    // provider::native::ids).
+    let name = std::path::Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if matches!(name, "newuidmap" | "newgidmap") {
+        let code = stacyvm::provider::native::newidmap_main(name, &args);
+        return Some(ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX)));
+    }
     let helper = match args.first().and_then(|a| a.to_str()) {
         Some("__native-init") => stacyvm::provider::native::keeper_main,
         Some("__native-exec") => stacyvm::provider::native::exec_main,

@@ -53,15 +53,6 @@ const FILE_OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Capabilities kept in sandboxes: what ordinary root-in-a-container work
 /// needs (installing packages, chown, binding low ports). Everything else,
 /// including NET_RAW, MKNOD and SYS_CHROOT, is dropped.
-const KEPT_CAPABILITIES: [&str; 7] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FOWNER",
-    "FSETID",
-    "SETUID",
-    "SETGID",
-    "KILL",
-];
 
 /// The Docker provider.
 pub struct DockerProvider {
@@ -832,7 +823,12 @@ impl Provider for DockerProvider {
             nano_cpus: Some(i64::from(spec.vcpus) * 1_000_000_000),
             pids_limit: Some(self.config.pids_limit),
             cap_drop: Some(vec!["ALL".into()]),
-            cap_add: Some(KEPT_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+            cap_add: Some(
+                super::SANDBOX_CAPABILITIES
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+            ),
             security_opt: Some(vec!["no-new-privileges".into()]),
             network_mode: Some(self.config.network.clone()),
             // No docker-init: with /bin/sh as PID 1 a missing shell fails the

@@ -60,6 +60,9 @@ pub struct HostFs {
     /// When set, only paths under these top-level directories may be
     /// touched (the `host` image exposes just `/workspace` and `/tmp`).
     only_under: Option<Vec<String>>,
+    /// Host uid and gid given to what writes create (the sandbox root's
+    /// ids when the sandbox has a user-id range); `None`: the server's.
+    owner: Option<(u32, u32)>,
 }
 
 impl HostFs {
@@ -68,6 +71,7 @@ impl HostFs {
         Self {
             root: root.into(),
             only_under: None,
+            owner: None,
         }
     }
 
@@ -78,7 +82,15 @@ impl HostFs {
         Self {
             root: root.into(),
             only_under: Some(tops.iter().map(|t| t.to_string()).collect()),
+            owner: None,
         }
+    }
+
+    /// Files and directories that writes create belong to host `uid` and
+    /// `gid` (what the sandbox's root maps to).
+    pub fn with_owner(mut self, uid: u32, gid: u32) -> Self {
+        self.owner = Some((uid, gid));
+        self
     }
 
     /// The host directory that plays `/`.
@@ -94,9 +106,9 @@ impl HostFs {
     /// the path, so the path always holds either the old or the new
     /// content in full. The price is that an existing file is replaced by
     /// a new inode rather than rewritten: hard links to the old file keep
-    /// the old content, and the new file is owned by the server's uid
-    /// (which is what the sandbox's root maps to) and has no extended
-    /// attributes of the old one.
+    /// the old content, and the new file is owned by the sandbox's root
+    /// (see [`HostFs::with_owner`]; else the server's uid) and has no
+    /// extended attributes of the old one.
     pub async fn write(&self, path: &str, content: Bytes, mode: u32) -> ProviderResult<()> {
         let path = path.to_string();
         self.blocking(move |fs| fs.write_sync(&path, &content, mode))
@@ -232,7 +244,13 @@ impl HostFs {
                 parent_parts[depth].as_str(),
                 Mode::from_raw_mode(0o755),
             ) {
-                Ok(()) | Err(Errno::EXIST) => {}
+                Ok(()) => {
+                    if let Some(owner) = self.owner {
+                        chown_at(&dir, parent_parts[depth].as_str(), owner)
+                            .map_err(|e| map_errno(e, &shown))?;
+                    }
+                }
+                Err(Errno::EXIST) => {}
                 Err(e) => return Err(map_errno(e, &shown)),
             }
         }
@@ -256,11 +274,11 @@ impl HostFs {
             OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
             mode,
         ) {
-            Ok(fd) => write_unnamed(&parent, name, fd, content, mode, &shown),
+            Ok(fd) => write_unnamed(&parent, name, fd, content, (mode, self.owner), &shown),
             // The filesystem cannot make unnamed files (old kernels report
             // EISDIR, some filesystems EINVAL).
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
-                write_named(&parent, name, content, mode, &shown)
+                write_named(&parent, name, content, (mode, self.owner), &shown)
             }
             Err(e) => Err(map_errno(e, &shown)),
         }
@@ -493,13 +511,37 @@ fn temp_name() -> String {
 
 /// Give `fd` exactly `mode` (the create mode was filtered by the umask),
 /// write `content` into it, and make the data durable.
-fn fill(fd: OwnedFd, content: &[u8], mode: Mode, shown: &str) -> ProviderResult<std::fs::File> {
+fn fill(fd: OwnedFd, content: &[u8], perms: Perms, shown: &str) -> ProviderResult<std::fs::File> {
+    let (mode, owner) = perms;
+    // Owner first: chown clears set-id bits, the mode then sets them.
+    if let Some((uid, gid)) = owner {
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )
+        .map_err(|e| map_errno(e, shown))?;
+    }
     rustix::fs::fchmod(&fd, mode).map_err(|e| map_errno(e, shown))?;
     let mut file = std::fs::File::from(fd);
     file.write_all(content)
         .and_then(|()| file.sync_all())
         .map_err(|e| ProviderError::Runtime(format!("{shown}: {e}")))?;
     Ok(file)
+}
+
+/// The mode a written file gets, and its owner when not the server.
+type Perms = (Mode, Option<(u32, u32)>);
+
+/// Give the entry `name` of `dir` (not following a symlink) this owner.
+fn chown_at(dir: &OwnedFd, name: &str, (uid, gid): (u32, u32)) -> Result<(), Errno> {
+    rustix::fs::chownat(
+        dir,
+        name,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
 }
 
 /// Commit a write through an `O_TMPFILE` descriptor `fd` of `parent`: the
@@ -510,10 +552,10 @@ fn write_unnamed(
     name: &str,
     fd: OwnedFd,
     content: &[u8],
-    mode: Mode,
+    perms: Perms,
     shown: &str,
 ) -> ProviderResult<()> {
-    let file = fill(fd, content, mode, shown)?;
+    let file = fill(fd, content, perms, shown)?;
     crate::failpoint::hit(WRITE_FAILPOINT);
     let temp = link_unnamed(&file, parent).map_err(|e| map_errno(e, shown))?;
     drop(file);
@@ -527,11 +569,11 @@ fn write_named(
     parent: &OwnedFd,
     name: &str,
     content: &[u8],
-    mode: Mode,
+    perms: Perms,
     shown: &str,
 ) -> ProviderResult<()> {
-    let (temp, fd) = create_temp(parent, mode).map_err(|e| map_errno(e, shown))?;
-    match fill(fd, content, mode, shown) {
+    let (temp, fd) = create_temp(parent, perms.0).map_err(|e| map_errno(e, shown))?;
+    match fill(fd, content, perms, shown) {
         Ok(file) => drop(file),
         Err(e) => {
             let _ = unlinkat(parent, temp.as_str(), AtFlags::empty());
@@ -1458,7 +1500,7 @@ mod tests {
         let parent = open_dir_path(&f.root);
         let mode = Mode::from_raw_mode(0o640);
         // Without O_TMPFILE: a hidden named file renamed into place.
-        write_named(&parent, "named", b"by name", mode, "/named").expect("write_named");
+        write_named(&parent, "named", b"by name", (mode, None), "/named").expect("write_named");
         assert_eq!(
             std::fs::read_to_string(f.root.join("named")).expect("read"),
             "by name"
@@ -1474,8 +1516,15 @@ mod tests {
             )
             .unwrap_or_else(|e| panic!("O_TMPFILE unsupported here: {e}"))
         };
-        write_unnamed(&parent, "named", tmpfile(), b"unnamed", mode, "/named")
-            .expect("write_unnamed");
+        write_unnamed(
+            &parent,
+            "named",
+            tmpfile(),
+            b"unnamed",
+            (mode, None),
+            "/named",
+        )
+        .expect("write_unnamed");
         assert_eq!(
             std::fs::read_to_string(f.root.join("named")).expect("read"),
             "unnamed"
@@ -1483,11 +1532,11 @@ mod tests {
         // A rename that fails (the target became a non-empty directory
         // after the probe) removes the temporary name again.
         assert!(matches!(
-            write_named(&parent, "etc", b"x", mode, "/etc"),
+            write_named(&parent, "etc", b"x", (mode, None), "/etc"),
             Err(ProviderError::InvalidRequest(_))
         ));
         assert!(matches!(
-            write_unnamed(&parent, "etc", tmpfile(), b"x", mode, "/etc"),
+            write_unnamed(&parent, "etc", tmpfile(), b"x", (mode, None), "/etc"),
             Err(ProviderError::InvalidRequest(_))
         ));
         assert!(f.root.join("etc/passwd").exists());

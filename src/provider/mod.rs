@@ -49,6 +49,21 @@ pub struct OutputChunk {
 /// drop further output (the exec result still carries the exit code).
 pub type OutputSink = mpsc::Sender<OutputChunk>;
 
+/// The capabilities a sandbox's root keeps (Linux names without `CAP_`):
+/// the docker provider passes them as `cap_add` after dropping all, the
+/// native provider reduces every set to them. What is left out includes
+/// `SYS_ADMIN` (mounts, namespaces), `NET_RAW`, `MKNOD`, `SYS_CHROOT` and
+/// `SYS_PTRACE`.
+pub const SANDBOX_CAPABILITIES: [&str; 7] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "SETUID",
+    "SETGID",
+    "KILL",
+];
+
 /// What to create. Limits are already validated and defaulted by the service.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {

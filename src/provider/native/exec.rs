@@ -120,6 +120,21 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     if let Err(why) = enter(&request) {
         return fail(why);
     }
+    // From here on the helper is the sandbox's root (an unprivileged host
+    // id), never host root inside the sandbox. The credential change
+    // cleared the parent-death signal: arm it again, and check again that
+    // the server is still there.
+    if let Err(e) = super::confine::become_sandbox_root() {
+        return fail(format!("becoming the sandbox's root: {e}"));
+    }
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+    {
+        return fail(format!("prctl: {e}"));
+    }
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(request.server) {
+        return fail("the server went away".into());
+    }
     let mut cmd = std::process::Command::new(&request.program);
     cmd.args(&request.args)
         .env_clear()
@@ -137,9 +152,9 @@ pub fn exec_main(args: &[OsString]) -> i32 {
         // started, and nothing else in the sandbox.
         .process_group(0);
     let memory = request.memory_bytes;
-    // SAFETY: the closure runs between fork and exec in the child; it only
-    // makes async-signal-safe system calls (sigprocmask, setrlimit, prctl)
-    // on values captured by copy.
+    // SAFETY: the closure runs between fork and exec in the child of this
+    // single-threaded helper, so it may allocate (the seccomp filter is
+    // compiled there); it touches no lock another thread could hold.
     unsafe {
         cmd.pre_exec(move || child_setup(memory));
     }
@@ -256,8 +271,8 @@ fn child_setup(memory_bytes: u64) -> io::Result<()> {
         // needs no cgroup delegation.
         rustix::process::setrlimit(rustix::process::Resource::As, limit(memory_bytes))?;
     }
-    rustix::thread::set_no_new_privs(true)?;
-    Ok(())
+    // Capabilities, no_new_privs and the seccomp filter, as for PID 1.
+    super::confine::restrict()
 }
 
 fn block_signals() -> io::Result<libc::sigset_t> {

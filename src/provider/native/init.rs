@@ -488,10 +488,30 @@ fn start_container(
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| "the sandbox directory has no name".to_string())?;
     let container = container(dir, &id, &meta)?;
+    // hakoniwa writes a multi-line id map with `newuidmap`/`newgidmap`,
+    // found on PATH: ours write it directly (see `ids`).
+    if meta.ids.is_some() {
+        let parent = dir
+            .parent()
+            .ok_or_else(|| "the sandbox directory has no parent".to_string())?;
+        let exe = std::env::current_exe().map_err(|e| format!("locating stacyvm: {e}"))?;
+        let shims =
+            super::ids::install_shims(parent, &exe).map_err(|e| format!("id map helpers: {e}"))?;
+        // SAFETY: the keeper is single threaded (dispatched from main
+        // before any thread exists); nothing reads the environment
+        // concurrently.
+        unsafe { std::env::set_var("PATH", shims) };
+    }
+    if let Some(ids) = meta.ids {
+        super::confine::become_range_owner(ids.host(0))
+            .map_err(|e| format!("taking the sandbox's host ids: {e}"))?;
+    }
+    let host_image = meta.image == HOST_IMAGE;
     // SAFETY: the closure runs in hakoniwa's forked child (PID 1 of the
-    // sandbox), which is single threaded; it only installs signal handlers
-    // and reaps children, through async-signal-safe calls.
-    let mut cmd = unsafe { container.command_from_closure(init_loop) };
+    // sandbox), forked from this single-threaded keeper: it may allocate.
+    // It confines itself, then installs signal handlers and reaps
+    // children.
+    let mut cmd = unsafe { container.command_from_closure(move || init_main(host_image)) };
     // The keeper's stdin and stdout are /dev/null by now; stderr is the log.
     cmd.stdin(hakoniwa::Stdio::inherit())
         .stdout(hakoniwa::Stdio::inherit())
@@ -650,7 +670,17 @@ fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Conta
     ] {
         c.unshare(ns);
     }
-    c.uidmap(0).gidmap(0);
+    match meta.ids {
+        // Root inside is the first id of the sandbox's own host range.
+        Some(ids) => {
+            c.uidmaps(&ids.map_lines());
+            c.gidmaps(&ids.map_lines());
+        }
+        // An unprivileged server can only map its own uid.
+        None => {
+            c.uidmap(0).gidmap(0);
+        }
+    }
     if meta.image == HOST_IMAGE {
         c.rootfs("/")
             .map_err(|e| format!("preparing host rootfs: {e}"))?;
@@ -662,6 +692,8 @@ fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Conta
         c.rootdir(dir.join("rootfs")).runctl(Runctl::RootdirRW);
     }
     c.procfsmount("/proc").devfsmount("/dev").hostname(id);
+    // No /sys at all: stricter than Docker's read-only sysfs, and
+    // nothing in a sandbox needs the host's devices.
     // The memory limit is applied per command by the exec helper: PID 1
     // is a fork of the keeper and would count against it.
     c.setrlimit(Rlimit::Nproc, NPROC_LIMIT, NPROC_LIMIT);
@@ -685,6 +717,21 @@ pub(crate) fn close_inherited_fds(on_exec: bool) {
 }
 
 extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// PID 1 of a sandbox: become the sandbox's root, harden the mounts every
+/// command shares, give up privileges for good (see `confine`), then run
+/// [`init_loop`]. A failure ends PID 1 before it is ready, which fails the
+/// spawn; the reason goes to the keeper's log.
+fn init_main(host_image: bool) -> i32 {
+    let confined = super::confine::become_sandbox_root()
+        .and_then(|()| super::confine::harden_mounts(host_image))
+        .and_then(|()| super::confine::restrict());
+    if let Err(e) = confined {
+        eprintln!("sandbox init: {e}");
+        return 125;
+    }
+    init_loop()
+}
 
 /// PID 1 of a sandbox: reap every child (orphans are re-parented here)
 /// until SIGTERM or SIGINT, then exit with 128 + that signal. Ending PID 1

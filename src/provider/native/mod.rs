@@ -22,11 +22,15 @@
 //! shared with `proot` (which has no init) through [`SandboxDirs`] and
 //! [`drive`].
 
+mod confine;
 mod exec;
+mod ids;
 mod init;
 
 #[doc(hidden)]
 pub use exec::exec_main;
+#[doc(hidden)]
+pub use ids::newidmap_main;
 #[doc(hidden)]
 pub use init::keeper_main;
 
@@ -82,6 +86,11 @@ pub(crate) struct SandboxMeta {
     pub image: String,
     pub memory_mb: u32,
     pub vcpus: u32,
+    /// The host ids the sandbox's user namespace maps to; `None` for
+    /// sandboxes of an unprivileged server (root inside is the server's
+    /// uid) and of versions before user-id ranges.
+    #[serde(default)]
+    pub ids: Option<ids::IdRange>,
 }
 
 /// Sandbox directories shared by the providers that run over a host tree:
@@ -143,6 +152,7 @@ impl SandboxDirs {
         &self,
         spec: &SpawnSpec,
         allow_host: bool,
+        ids: Option<ids::IdRange>,
     ) -> ProviderResult<SandboxMeta> {
         let dest = self.sandbox_dir(&spec.sandbox_id)?;
         let image_rootfs = if allow_host && spec.image == HOST_IMAGE {
@@ -158,6 +168,7 @@ impl SandboxDirs {
             image: spec.image.clone(),
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
+            ids,
         };
         let parent = self.dir.clone();
         let meta_json = serde_json::to_vec(&meta)
@@ -165,9 +176,9 @@ impl SandboxDirs {
         let id = spec.sandbox_id.clone();
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             fs::create_dir_all(&parent)?;
-            // Sandbox trees hold setuid binaries from their images; keep
-            // other local users out so they cannot run them on the host.
-            fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+            // Traversable (the sandbox's own ids must reach its tree), not
+            // listable; each sandbox directory keeps other users out.
+            fs::set_permissions(&parent, std::os::unix::fs::PermissionsExt::from_mode(0o711))?;
             if dest.exists() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
@@ -177,7 +188,7 @@ impl SandboxDirs {
             // Build under a hidden name and rename, so a half-copied tree
             // is never mistaken for a sandbox.
             let tmp = parent.join(format!(".tmp-{id}-{}", uuid::Uuid::new_v4().as_simple()));
-            let built = build_tree(&tmp, image_rootfs.as_deref(), &meta_json)
+            let built = build_tree(&tmp, image_rootfs.as_deref(), &meta_json, ids)
                 .and_then(|()| fs::rename(&tmp, &dest));
             if built.is_err() {
                 let _ = fs::remove_dir_all(&tmp);
@@ -222,14 +233,15 @@ impl SandboxDirs {
     /// The files view of a sandbox.
     pub(crate) fn files(&self, id: &str) -> ProviderResult<HostFs> {
         let meta = self.meta(id)?;
-        if meta.image == HOST_IMAGE {
-            Ok(HostFs::restricted(
-                self.host_dirs(id)?,
-                &["workspace", "tmp"],
-            ))
+        let files = if meta.image == HOST_IMAGE {
+            HostFs::restricted(self.host_dirs(id)?, &["workspace", "tmp"])
         } else {
-            Ok(HostFs::new(self.rootfs(id)?))
-        }
+            HostFs::new(self.rootfs(id)?)
+        };
+        Ok(match meta.ids {
+            Some(ids) => files.with_owner(ids.host(0), ids.host(0)),
+            None => files,
+        })
     }
 
     /// Kill running execs (their drivers kill the commands).
@@ -463,6 +475,36 @@ impl SandboxDirs {
     }
 }
 
+/// Makes the data directory's levels StacyVM owns (`<data>`,
+/// `sandboxes`, `native`) traversable by other ids (`o+x`, not readable)
+/// and checks that every directory above is: a sandbox's root is an
+/// unprivileged host id, and its tree must be reachable by it (as with
+/// Docker's user-namespace remapping).
+fn reachable_by_others(sandboxes: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(sandboxes).map_err(|e| format!("creating {}: {e}", sandboxes.display()))?;
+    let abs = fs::canonicalize(sandboxes)
+        .map_err(|e| format!("resolving {}: {e}", sandboxes.display()))?;
+    for (level, dir) in abs.ancestors().enumerate() {
+        let meta = fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mode = meta.permissions().mode();
+        if mode & 0o001 != 0 {
+            continue;
+        }
+        if level < 3 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o001))
+                .map_err(|e| format!("chmod o+x {}: {e}", dir.display()))?;
+        } else {
+            return Err(format!(
+                "native sandboxes run as unprivileged host ids, which cannot reach {}: {} is not searchable by others (chmod o+x it, or choose another data directory)",
+                abs.display(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding one of these maps leaves it consistent enough
     // (plain inserts and removes); keep serving rather than poison forever.
@@ -478,16 +520,34 @@ pub(crate) fn image_not_found(image: &str) -> ProviderError {
     }
 }
 
-fn build_tree(tmp: &Path, image_rootfs: Option<&Path>, meta_json: &[u8]) -> io::Result<()> {
+fn build_tree(
+    tmp: &Path,
+    image_rootfs: Option<&Path>,
+    meta_json: &[u8],
+    ids: Option<ids::IdRange>,
+) -> io::Result<()> {
     fs::create_dir(tmp)?;
+    // Sandbox trees hold setuid binaries from their images: no other local
+    // user may reach them. With an id range, the sandbox's own root (group
+    // `base`) may traverse the directory to its tree, nothing more.
+    match ids {
+        Some(ids) => {
+            std::os::unix::fs::chown(tmp, None, Some(ids.host(0)))?;
+            fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o710))?;
+        }
+        None => fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))?,
+    }
     match image_rootfs {
-        Some(src) => copy_tree(src, &tmp.join("rootfs"))?,
+        Some(src) => copy_tree(src, &tmp.join("rootfs"), ids)?,
         None => {
             for sub in ["workspace", "tmp"] {
                 let d = tmp.join("hostfs").join(sub);
                 fs::create_dir_all(&d)?;
                 let mode = if sub == "tmp" { 0o1777 } else { 0o755 };
                 fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+                if let Some(ids) = ids {
+                    std::os::unix::fs::lchown(&d, Some(ids.host(0)), Some(ids.host(0)))?;
+                }
             }
         }
     }
@@ -495,11 +555,17 @@ fn build_tree(tmp: &Path, image_rootfs: Option<&Path>, meta_json: &[u8]) -> io::
 }
 
 /// Copy an image tree: directories, regular files and symlinks with their
-/// modes (and owners when running as root). Device nodes, FIFOs and sockets
-/// are skipped: a sandbox gets its /dev from the runtime.
-fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
+/// modes and owners (when running as root; shifted into the sandbox's id
+/// range when it has one, so that the image's root is the sandbox's root,
+/// not the host's). Device nodes, FIFOs and sockets are skipped: a sandbox
+/// gets its /dev from the runtime.
+fn copy_tree(src: &Path, dst: &Path, ids: Option<ids::IdRange>) -> io::Result<()> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let is_root = rustix::process::geteuid().is_root();
+    let owner = |m: &fs::Metadata| match ids {
+        Some(ids) => (ids.host(m.uid()), ids.host(m.gid())),
+        None => (m.uid(), m.gid()),
+    };
     let meta = fs::symlink_metadata(src)?;
     fs::create_dir(dst)?;
     for entry in fs::read_dir(src)? {
@@ -509,7 +575,7 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
         let m = fs::symlink_metadata(&from)?;
         let ft = m.file_type();
         if ft.is_dir() {
-            copy_tree(&from, &to)?;
+            copy_tree(&from, &to, ids)?;
         } else if ft.is_file() {
             fs::copy(&from, &to)?;
         } else if ft.is_symlink() {
@@ -518,14 +584,16 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
             continue;
         }
         if is_root {
-            std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid()))?;
+            let (uid, gid) = owner(&m);
+            std::os::unix::fs::lchown(&to, Some(uid), Some(gid))?;
         }
         if !ft.is_symlink() && !ft.is_dir() {
             fs::set_permissions(&to, fs::Permissions::from_mode(m.mode() & 0o7777))?;
         }
     }
     if is_root {
-        std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
+        let (uid, gid) = owner(&meta);
+        std::os::unix::fs::lchown(dst, Some(uid), Some(gid))?;
     }
     fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))
 }
@@ -612,6 +680,9 @@ pub struct NativeProvider {
     /// `__native-exec` helpers, or why it is unknown.
     helper: Result<PathBuf, String>,
     health: Mutex<Option<(Instant, Result<(), String>)>>,
+    /// Host id ranges for sandboxes' user namespaces; `None` when the
+    /// server is not root (root inside is then the server's own uid).
+    ids: Option<ids::IdAllocator>,
 }
 
 impl NativeProvider {
@@ -625,7 +696,36 @@ impl NativeProvider {
             helper: std::env::current_exe()
                 .map_err(|e| format!("cannot locate the stacyvm binary: {e}")),
             health: Mutex::new(None),
+            ids: Self::id_allocator(&crate::config::NativeIdsConfig::default()),
         }
+    }
+
+    fn id_allocator(config: &crate::config::NativeIdsConfig) -> Option<ids::IdAllocator> {
+        rustix::process::geteuid()
+            .is_root()
+            .then(|| ids::IdAllocator::new(config))
+    }
+
+    /// Uses the host id block `config` for sandboxes' user namespaces
+    /// (`providers.native.ids`).
+    pub fn with_ids(mut self, config: &crate::config::NativeIdsConfig) -> Self {
+        self.ids = Self::id_allocator(config);
+        self
+    }
+
+    /// The id ranges of the sandboxes on disk (read once, by the first
+    /// spawn, to know which ranges are taken).
+    fn ranges_in_use(&self) -> Vec<ids::IdRange> {
+        let Ok(entries) = fs::read_dir(&self.dirs.dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                self.dirs.meta(&name).ok()?.ids
+            })
+            .collect()
     }
 
     /// Uses `path` (a `stacyvm` binary) for the sandbox init and exec
@@ -755,7 +855,28 @@ impl Provider for NativeProvider {
 
     async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
         let helper = self.helper()?.to_path_buf();
-        self.dirs.create(spec, true).await?;
+        let ids = match &self.ids {
+            Some(allocator) => Some(
+                allocator
+                    .allocate(|| self.ranges_in_use())
+                    .map_err(ProviderError::Unavailable)?,
+            ),
+            None => None,
+        };
+        if ids.is_some()
+            && let Err(why) = reachable_by_others(&self.dirs.dir)
+        {
+            if let (Some(allocator), Some(ids)) = (&self.ids, ids) {
+                allocator.release(ids);
+            }
+            return Err(ProviderError::Unavailable(why));
+        }
+        if let Err(e) = self.dirs.create(spec, true, ids).await {
+            if let (Some(allocator), Some(ids)) = (&self.ids, ids) {
+                allocator.release(ids);
+            }
+            return Err(e);
+        }
         let dir = self.dirs.sandbox_dir(&spec.sandbox_id)?;
         match init::launch(&helper, &dir).await {
             Ok(record) => {
@@ -780,13 +901,18 @@ impl Provider for NativeProvider {
 
     async fn destroy(&self, runtime_id: &str) -> ProviderResult<()> {
         let dir = self.dirs.sandbox_dir(runtime_id)?;
+        let ids = self.dirs.meta(runtime_id).ok().and_then(|m| m.ids);
         self.dirs.cancel_execs(runtime_id);
         // Killing PID 1 takes the whole PID namespace with it; then the
         // tree can go.
         tokio::task::spawn_blocking(move || init::stop(&dir))
             .await
             .map_err(|e| ProviderError::Runtime(format!("stopping the sandbox's init: {e}")))?;
-        self.dirs.destroy(runtime_id).await
+        self.dirs.destroy(runtime_id).await?;
+        if let (Some(allocator), Some(ids)) = (&self.ids, ids) {
+            allocator.release(ids);
+        }
+        Ok(())
     }
 
     async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
