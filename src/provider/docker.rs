@@ -50,10 +50,6 @@ const FALLBACK_API: bollard::ClientVersion = bollard::ClientVersion {
 /// Timeout for the helper commands behind the files API.
 const FILE_OP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Capabilities kept in sandboxes: what ordinary root-in-a-container work
-/// needs (installing packages, chown, binding low ports). Everything else,
-/// including NET_RAW, MKNOD and SYS_CHROOT, is dropped.
-
 /// The Docker provider.
 pub struct DockerProvider {
     /// `None` until the daemon's socket exists.

@@ -50,7 +50,8 @@ pub struct OutputChunk {
 pub type OutputSink = mpsc::Sender<OutputChunk>;
 
 /// The capabilities a sandbox's root keeps (Linux names without `CAP_`):
-/// the docker provider passes them as `cap_add` after dropping all, the
+/// what ordinary root-in-a-container work needs (installing packages,
+/// chown). The docker provider passes them as `cap_add` after dropping all, the
 /// native provider reduces every set to them. What is left out includes
 /// `SYS_ADMIN` (mounts, namespaces), `NET_RAW`, `MKNOD`, `SYS_CHROOT` and
 /// `SYS_PTRACE`.
