@@ -1,4 +1,5 @@
 mod api;
+mod attacks;
 mod auth;
 mod chaos;
 mod graphql;
