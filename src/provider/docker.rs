@@ -738,6 +738,10 @@ impl Provider for DockerProvider {
         "docker"
     }
 
+    fn isolation(&self) -> &'static str {
+        "a container (Docker's namespaces, default seccomp profile and masked paths), capabilities reduced, no-new-privileges, no network by default; memory, CPU and pids limits"
+    }
+
     fn capabilities(&self) -> Vec<Capability> {
         vec![
             Capability::Exec,

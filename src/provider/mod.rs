@@ -225,6 +225,10 @@ pub trait Provider: Send + Sync + 'static {
     /// What this provider can do.
     fn capabilities(&self) -> Vec<Capability>;
 
+    /// What a sandbox of this provider is isolated by, in one sentence
+    /// for operators (`GET /api/v1/providers`, GraphQL `providers`).
+    fn isolation(&self) -> &'static str;
+
     /// Is the backend usable right now? `Err` carries the reason.
     async fn health(&self) -> ProviderResult<()>;
 

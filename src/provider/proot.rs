@@ -48,6 +48,10 @@ impl Provider for ProotProvider {
         "proot"
     }
 
+    fn isolation(&self) -> &'static str {
+        "filesystem view only: PRoot runs commands as the server's user with the host's kernel interfaces, processes, network and limits; not a security boundary"
+    }
+
     fn capabilities(&self) -> Vec<Capability> {
         vec![
             Capability::Exec,

@@ -30,6 +30,8 @@ pub struct ProviderStatus {
     pub last_checked: Option<DateTime<Utc>>,
     pub error: String,
     pub capabilities: Vec<Capability>,
+    /// What a sandbox of this provider is isolated by.
+    pub isolation: String,
 }
 
 /// One worker.
@@ -111,6 +113,7 @@ impl Service {
                     last_checked: health.as_ref().map(|h| h.checked_at),
                     error: health.and_then(|h| h.error).unwrap_or_default(),
                     capabilities: p.capabilities(),
+                    isolation: p.isolation().to_string(),
                 }
             })
             .collect()

@@ -305,3 +305,20 @@ async fn the_host_image_is_read_only_and_hides_host_secrets() {
     .await;
     assert_eq!(code, 0, "{err}");
 }
+
+#[tokio::test]
+async fn providers_say_what_they_isolate() {
+    let server = native_server(|_| {}).await;
+    let (status, body) = server.get("/providers").await;
+    assert_eq!(status, 200, "{body}");
+    let isolation = |name: &str| {
+        body.as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == name))
+            .and_then(|p| p["isolation"].as_str())
+            .unwrap_or_else(|| panic!("no isolation for {name}: {body}"))
+            .to_string()
+    };
+    assert!(isolation("proot").starts_with("filesystem view only"));
+    assert!(isolation("native").contains("unprivileged id range"));
+    assert!(isolation("docker").contains("container"));
+}

@@ -268,6 +268,8 @@ pub struct Provider {
     pub last_checked: Option<DateTime<Utc>>,
     pub error: Option<String>,
     pub capabilities: Vec<String>,
+    /// What a sandbox of this provider is isolated by.
+    pub isolation: String,
 }
 
 impl From<service::ProviderStatus> for Provider {
@@ -284,6 +286,7 @@ impl From<service::ProviderStatus> for Provider {
                 })
                 .collect(),
             error: (!p.error.is_empty()).then_some(p.error),
+            isolation: p.isolation,
             name: p.name,
             healthy: p.healthy,
             default: p.default,

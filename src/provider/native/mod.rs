@@ -822,6 +822,10 @@ impl Provider for NativeProvider {
         "native"
     }
 
+    fn isolation(&self) -> &'static str {
+        "Linux namespaces (user with a per-sandbox unprivileged id range, mount, pid, net, ipc, uts), capabilities reduced, no_new_privs, seccomp, procfs masked; limits per sandbox through cgroups"
+    }
+
     fn capabilities(&self) -> Vec<Capability> {
         vec![
             Capability::Exec,
