@@ -72,12 +72,24 @@ pub struct DockerConfig {
 }
 
 /// The `native` provider.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NativeConfig {
     /// The `stacyvm` binary whose hidden helpers start sandbox inits and
     /// run commands in them; empty means the running executable.
     pub helper_binary: PathBuf,
+    /// Maximum number of processes (and threads) in one sandbox, enforced
+    /// by its `pids` cgroup; 0 means unlimited.
+    pub pids_limit: u64,
+}
+
+impl Default for NativeConfig {
+    fn default() -> Self {
+        NativeConfig {
+            helper_binary: PathBuf::new(),
+            pids_limit: crate::provider::native::DEFAULT_PIDS_LIMIT,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -447,6 +459,10 @@ mod tests {
         assert_eq!(
             env_key("PROVIDERS_NATIVE_HELPER_BINARY").as_deref(),
             Some("providers.native.helper_binary")
+        );
+        assert_eq!(
+            env_key("PROVIDERS_NATIVE_PIDS_LIMIT").as_deref(),
+            Some("providers.native.pids_limit")
         );
         assert_eq!(env_key("TEST_ROOTFS"), None);
         assert_eq!(env_key("AUTH_API_KEY").as_deref(), Some("auth.api_key"));
