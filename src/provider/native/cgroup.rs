@@ -30,6 +30,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -151,15 +152,16 @@ impl Layout {
         }
     }
 
-    /// Moves this process into the cgroups of `pid` that are sandbox
-    /// cgroups (under `stacyvm/`), like `nsenter` does for namespaces:
-    /// read `/proc/<pid>/cgroup`, write our pid into the matching
-    /// `cgroup.procs`. Returns how many hierarchies were joined.
-    pub(crate) fn join_cgroups_of(&self, pid: i32) -> Result<usize, String> {
+    /// Opens, for writing, the `cgroup.procs` of each sandbox cgroup
+    /// (under `stacyvm/`) that `pid` is in, like `nsenter` opens the
+    /// namespaces of a process: read `/proc/<pid>/cgroup` and map each
+    /// hierarchy to its mount point. Writing `0` to a handle (see
+    /// [`join`]) moves the writer into that cgroup, and works after a
+    /// chroot into the sandbox, where the host's cgroupfs is out of sight.
+    pub(crate) fn open_cgroups_of(&self, pid: i32) -> Result<Vec<OwnedFd>, String> {
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .map_err(|e| format!("reading the cgroups of the sandbox's init: {e}"))?;
-        let me = std::process::id().to_string();
-        let mut joined = 0;
+        let mut handles = Vec::new();
         for line in text.lines() {
             let mut fields = line.splitn(3, ':');
             let (Some(_), Some(controllers), Some(path)) =
@@ -183,11 +185,13 @@ impl Layout {
             let procs = mount
                 .join(path.trim_start_matches('/'))
                 .join("cgroup.procs");
-            fs::write(&procs, &me)
-                .map_err(|e| format!("joining the sandbox's cgroup {}: {e}", procs.display()))?;
-            joined += 1;
+            let handle = fs::OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .map_err(|e| format!("opening the sandbox's cgroup {}: {e}", procs.display()))?;
+            handles.push(OwnedFd::from(handle));
         }
-        Ok(joined)
+        Ok(handles)
     }
 
     /// Removes the sandbox cgroups whose sandbox `keep` does not know and
@@ -482,6 +486,20 @@ impl SandboxCgroup {
             Layout::V1 { .. } => read_number(&self.file("cpuacct", "cpuacct.usage")?),
         }
     }
+}
+
+/// Moves the calling process into the cgroups behind `handles` (from
+/// [`Layout::open_cgroups_of`]). Only a `write` per handle: safe between
+/// fork and exec.
+pub(crate) fn join(handles: &[std::os::fd::RawFd]) -> io::Result<()> {
+    for &fd in handles {
+        // SAFETY: `fd` is an open descriptor owned by the parent for as
+        // long as the child runs this; the buffer is a static literal.
+        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn read_number(path: &Path) -> Option<u64> {

@@ -5,9 +5,13 @@
 //! stacyvm __native-exec <server-pid> <init-pid> <init-start> <workdir> -- <program> [args...]
 //! ```
 //!
-//! Before joining the namespaces the helper joins the init's cgroups (see
-//! [`join_cgroups`]), so the command counts against the sandbox's memory,
-//! process and CPU limits.
+//! Before joining the namespaces the helper opens the init's cgroups (see
+//! [`open_cgroups`]); the command joins them between fork and exec, so it
+//! and everything it starts count against the sandbox's memory, process
+//! and CPU limits. The helper itself stays outside: the sandbox's OOM
+//! killer must not pick it (it is the biggest process there, and the
+//! command's result would be lost), nor should it take a slot of the
+//! sandbox's `pids.max`.
 //!
 //! The provider starts the helper with an empty environment, the command's
 //! stdout/stderr pipes, and as stdin one end of a *control socket*. The
@@ -119,9 +123,10 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(request.server) {
         return fail("the server went away".into());
     }
-    if let Err(why) = join_cgroups(&request) {
-        return fail(why);
-    }
+    let cgroups = match open_cgroups(&request) {
+        Ok(handles) => handles,
+        Err(why) => return fail(why),
+    };
     if let Err(why) = enter(&request) {
         return fail(why);
     }
@@ -141,9 +146,15 @@ pub fn exec_main(args: &[OsString]) -> i32 {
         // Own process group: a timeout kills the command and everything it
         // started, and nothing else in the sandbox.
         .process_group(0);
-    // SAFETY: the closure runs between fork and exec in the child; it only
-    // makes async-signal-safe system calls (sigprocmask, setrlimit, prctl).
+    let cgroup_fds: Vec<std::os::fd::RawFd> = cgroups
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    // SAFETY: the closures run between fork and exec in the child; they
+    // only make async-signal-safe system calls (write, sigprocmask,
+    // setrlimit, prctl); the cgroup handles stay open in the helper.
     unsafe {
+        cmd.pre_exec(move || super::cgroup::join(&cgroup_fds));
         cmd.pre_exec(child_setup);
     }
     let mut child = match cmd.spawn() {
@@ -189,21 +200,20 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     }
 }
 
-/// Joins the sandbox's cgroups (those of its init under `stacyvm/`), on
-/// the host side, before any namespace: the command and everything it
-/// forks then count against the sandbox's limits. An init without such a
-/// cgroup (started by a version without cgroups) is joined in nothing.
-fn join_cgroups(request: &Request) -> Result<(), String> {
+/// Opens the sandbox's cgroups (those of its init under `stacyvm/`) on the
+/// host side, before any namespace is joined. An init without such a
+/// cgroup (started by a version without cgroups) gives none.
+fn open_cgroups(request: &Request) -> Result<Vec<OwnedFd>, String> {
     if !is_same_process(request.pid, request.start) {
         return Err(INIT_NOT_RUNNING.into());
     }
     let layout = super::cgroup::Layout::detect()?;
-    layout.join_cgroups_of(request.pid)?;
+    let handles = layout.open_cgroups_of(request.pid)?;
     // The pid may have been recycled while its cgroups were read.
     if !is_same_process(request.pid, request.start) {
         return Err(INIT_NOT_RUNNING.into());
     }
-    Ok(())
+    Ok(handles)
 }
 
 /// Joins the namespaces and root of the sandbox's init, then its workdir.
