@@ -25,8 +25,8 @@ fn controller_root(controller: &str) -> PathBuf {
         let fstype = after.next().unwrap_or_default();
         let options = after.nth(1).unwrap_or_default();
         if fstype == "cgroup2" {
-            let available = std::fs::read_to_string(format!("{point}/cgroup.controllers"))
-                .unwrap_or_default();
+            let available =
+                std::fs::read_to_string(format!("{point}/cgroup.controllers")).unwrap_or_default();
             let available: Vec<&str> = available.split_whitespace().collect();
             if ["memory", "pids", "cpu"]
                 .iter()
@@ -43,7 +43,9 @@ fn controller_root(controller: &str) -> PathBuf {
 }
 
 fn is_v2() -> bool {
-    controller_root("memory").join("cgroup.controllers").exists()
+    controller_root("memory")
+        .join("cgroup.controllers")
+        .exists()
         && controller_root("memory") == controller_root("pids")
 }
 
@@ -180,7 +182,10 @@ async fn a_fork_bomb_is_held_to_the_pids_limit() {
     assert_eq!(status, 200, "{body}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = watcher.join().expect("watcher");
-    assert!(peak <= LIMIT, "{peak} processes in a sandbox limited to {LIMIT}");
+    assert!(
+        peak <= LIMIT,
+        "{peak} processes in a sandbox limited to {LIMIT}"
+    );
     // It did run into the limit: the bound held, not a lack of trying.
     assert!(peak >= LIMIT - 5, "the bomb only reached {peak} processes");
     let failcnt = cgroup_file("pids", &bombed, "pids.events");
@@ -298,7 +303,9 @@ async fn an_init_killed_by_the_oom_killer_is_the_sandbox_cause() {
             Instant::now() < deadline,
             "no OOM cause: {} {:?}",
             record.state,
-            record_file.parent().map(|d| std::fs::read_to_string(d.join("init.exit")))
+            record_file
+                .parent()
+                .map(|d| std::fs::read_to_string(d.join("init.exit")))
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -309,7 +316,9 @@ async fn an_init_killed_by_the_oom_killer_is_the_sandbox_cause() {
         "{reason}"
     );
     // The reconciler fails and destroys the sandbox: nothing is left.
-    server.wait_for_state(&id, "destroyed", Duration::from_secs(20)).await;
+    server
+        .wait_for_state(&id, "destroyed", Duration::from_secs(20))
+        .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while cgroup_dirs(&id).iter().any(|d| d.exists()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -325,7 +325,8 @@ impl SandboxCgroup {
 
     fn try_create(&self, limits: &Limits) -> Result<(), String> {
         let write = |path: PathBuf, value: &str| -> Result<(), String> {
-            fs::write(&path, value).map_err(|e| format!("writing {value:?} to {}: {e}", path.display()))
+            fs::write(&path, value)
+                .map_err(|e| format!("writing {value:?} to {}: {e}", path.display()))
         };
         let mkdir = |path: &Path| -> Result<(), String> {
             fs::create_dir_all(path).map_err(|e| format!("creating cgroup {}: {e}", path.display()))

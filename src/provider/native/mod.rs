@@ -846,9 +846,7 @@ impl Provider for NativeProvider {
         self.dirs.destroy(runtime_id).await?;
         // The tree is gone either way; a cgroup that would not go is
         // retried by the next destroy and swept at start-up.
-        removed.map_err(|e| {
-            ProviderError::Runtime(format!("destroying sandbox {runtime_id}: {e}"))
-        })
+        removed.map_err(|e| ProviderError::Runtime(format!("destroying sandbox {runtime_id}: {e}")))
     }
 
     async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
@@ -1011,7 +1009,8 @@ impl Provider for NativeProvider {
                 "stacyvm: the command was killed by the OOM killer (sandbox memory limit {} MiB)",
                 meta.memory_mb
             );
-            self.dirs.log(runtime_id, format!("exec {:?}: {marker}", spec.argv));
+            self.dirs
+                .log(runtime_id, format!("exec {:?}: {marker}", spec.argv));
             let _ = marker_sink
                 .send(OutputChunk {
                     stream: StreamKind::Stderr,
