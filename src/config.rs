@@ -425,6 +425,12 @@ impl Config {
                 self.providers.default
             )));
         }
+        // The kernel's PID_MAX_LIMIT: pids.max takes nothing larger.
+        if self.providers.native.pids_limit > 4_194_304 {
+            return Err(ConfigError::Invalid(
+                "providers.native.pids_limit must be at most 4194304 (0: unlimited)".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -477,6 +483,10 @@ mod tests {
         assert!(Config::default().validate().is_ok());
         let mut c = Config::default();
         c.defaults.ttl = secs(48 * 3600);
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        assert_eq!(c.providers.native.pids_limit, 512);
+        c.providers.native.pids_limit = 5_000_000;
         assert!(c.validate().is_err());
     }
 }

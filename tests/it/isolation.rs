@@ -398,3 +398,39 @@ async fn start_up_removes_cgroups_of_sandboxes_that_are_gone() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_whose_cgroup_cannot_be_set_up_fails_to_spawn_and_leaves_nothing() {
+    // More than the kernel's PID_MAX_LIMIT: pids.max refuses it (the
+    // config loader would too; this server's config is built in process).
+    let server = native_server(|c| c.providers.native.pids_limit = 5_000_000).await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert!(status >= 400, "{status} {body}");
+    let all = server
+        .app_service
+        .store()
+        .list_sandboxes(&stacyvm::store::SandboxFilter {
+            owner_id: None,
+            states: Some(stacyvm::lifecycle::SandboxState::ALL.to_vec()),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(all.len(), 1, "{all:?}");
+    let record = &all[0];
+    let reason = record.state_reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("cannot limit the sandbox through cgroups") && reason.contains("pids.max"),
+        "{} {reason:?} / {body}",
+        record.state
+    );
+    assert_no_cgroup_left(&record.id);
+    let dirs = std::fs::read_dir(server.data_dir.path().join("sandboxes/native"))
+        .map(|d| d.flatten().count())
+        .unwrap_or(0);
+    assert_eq!(dirs, 0, "sandbox directories left behind");
+    assert!(crate::providers::host_processes_with(&record.id).is_empty());
+    server.stop().await;
+}

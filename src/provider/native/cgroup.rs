@@ -350,7 +350,15 @@ impl SandboxCgroup {
                     let enabled = fs::read_to_string(&path).unwrap_or_default();
                     let enabled: Vec<&str> = enabled.split_whitespace().collect();
                     if !V2_CONTROLLERS.iter().all(|c| enabled.contains(c)) {
-                        write(path, &enable)?;
+                        fs::write(&path, &enable).map_err(|e| {
+                            let hint = if e.raw_os_error() == Some(libc::EBUSY) {
+                                // cgroup v2's "no internal processes" rule.
+                                " (that cgroup holds processes itself, e.g. StacyVM in a container's cgroup namespace: move them to a child cgroup first)"
+                            } else {
+                                ""
+                            };
+                            format!("enabling {enable:?} in {}: {e}{hint}", path.display())
+                        })?;
                     }
                 }
                 let dir = parent.join(&self.id);
