@@ -116,7 +116,8 @@ async fn build_providers(config: &Config) -> Result<Vec<Arc<dyn Provider>>, Star
         .await
         .map_err(|e| StartError::Provider(e.to_string()))?;
     let mut native = NativeProvider::new(images.clone(), sandboxes.join("native"))
-        .with_ids(&config.providers.native.ids);
+        .with_ids(&config.providers.native.ids)
+        .with_pids_limit(config.providers.native.pids_limit);
     if !config.providers.native.helper_binary.as_os_str().is_empty() {
         native = native.with_helper_binary(config.providers.native.helper_binary.clone());
     }

@@ -72,7 +72,7 @@ pub struct DockerConfig {
 }
 
 /// The `native` provider.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NativeConfig {
     /// The `stacyvm` binary whose hidden helpers start sandbox inits and
@@ -80,6 +80,19 @@ pub struct NativeConfig {
     pub helper_binary: PathBuf,
     /// Host uid/gid ranges for sandboxes' user namespaces.
     pub ids: NativeIdsConfig,
+    /// Maximum number of processes (and threads) in one sandbox, enforced
+    /// by its `pids` cgroup; 0 means unlimited.
+    pub pids_limit: u64,
+}
+
+impl Default for NativeConfig {
+    fn default() -> Self {
+        NativeConfig {
+            helper_binary: PathBuf::new(),
+            ids: NativeIdsConfig::default(),
+            pids_limit: crate::provider::native::DEFAULT_PIDS_LIMIT,
+        }
+    }
 }
 
 /// An `/etc/subuid`-style block of host ids, `start .. start + size *
@@ -443,6 +456,12 @@ impl Config {
                 self.providers.default
             )));
         }
+        // The kernel's PID_MAX_LIMIT: pids.max takes nothing larger.
+        if self.providers.native.pids_limit > 4_194_304 {
+            return Err(ConfigError::Invalid(
+                "providers.native.pids_limit must be at most 4194304 (0: unlimited)".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -478,6 +497,10 @@ mod tests {
             env_key("PROVIDERS_NATIVE_HELPER_BINARY").as_deref(),
             Some("providers.native.helper_binary")
         );
+        assert_eq!(
+            env_key("PROVIDERS_NATIVE_PIDS_LIMIT").as_deref(),
+            Some("providers.native.pids_limit")
+        );
         assert_eq!(env_key("TEST_ROOTFS"), None);
         assert_eq!(env_key("AUTH_API_KEY").as_deref(), Some("auth.api_key"));
         assert_eq!(
@@ -491,6 +514,10 @@ mod tests {
         assert!(Config::default().validate().is_ok());
         let mut c = Config::default();
         c.defaults.ttl = secs(48 * 3600);
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        assert_eq!(c.providers.native.pids_limit, 512);
+        c.providers.native.pids_limit = 5_000_000;
         assert!(c.validate().is_err());
     }
 }

@@ -1224,6 +1224,7 @@ impl Provider for DockerProvider {
             cpu_pct,
             mem_bytes: memory.usage.unwrap_or(0),
             mem_limit_bytes: memory.limit.unwrap_or(0),
+            pids: None,
         })
     }
 }

@@ -135,6 +135,9 @@ pub struct RuntimeStats {
     pub cpu_pct: f64,
     pub mem_bytes: u64,
     pub mem_limit_bytes: u64,
+    /// Processes in the runtime now, where the provider counts them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
 }
 
 /// What the runtime behind a handle is doing, as its provider sees it.

@@ -1223,6 +1223,22 @@ async fn native_sandboxes_whose_init_vanished_while_the_server_was_down_get_a_ne
             .await;
         assert_eq!(status, 200, "forget_records={forget_records}: {body}");
         assert_eq!(body["stdout"], "kept\n", "{body}");
+        // The new init got the sandbox's cgroup again, and so do commands.
+        let (status, body) = server
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                json!({"command": "cat /proc/1/cgroup /proc/self/cgroup", "mode": "shell"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let cgroups = body["stdout"].as_str().unwrap_or_default();
+        let memory = format!(":memory:/stacyvm/{id}\n");
+        let unified = format!("0::/stacyvm/{id}\n");
+        assert_eq!(
+            cgroups.matches(&memory).count() + cgroups.matches(&unified).count(),
+            2,
+            "{body}"
+        );
     }
     let store = store_of(dir.path()).await;
     assert_eq!(record(&store, &id).await.state, "running");

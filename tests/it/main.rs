@@ -3,6 +3,7 @@ mod attacks;
 mod auth;
 mod chaos;
 mod graphql;
+mod isolation;
 mod private_dockerd;
 mod providers;
 mod store;

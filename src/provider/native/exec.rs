@@ -2,8 +2,16 @@
 //! joining the namespaces of its init.
 //!
 //! ```text
-//! stacyvm __native-exec <server-pid> <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]
+//! stacyvm __native-exec <server-pid> <init-pid> <init-start> <workdir> -- <program> [args...]
 //! ```
+//!
+//! Before joining the namespaces the helper opens the init's cgroups (see
+//! [`open_cgroups`]); the command joins them between fork and exec, so it
+//! and everything it starts count against the sandbox's memory, process
+//! and CPU limits. The helper itself stays outside: the sandbox's OOM
+//! killer must not pick it (it is the biggest process there, and the
+//! command's result would be lost), nor should it take a slot of the
+//! sandbox's `pids.max`.
 //!
 //! The provider starts the helper with an empty environment, the command's
 //! stdout/stderr pipes, and as stdin one end of a *control socket*. The
@@ -46,7 +54,6 @@ struct Request {
     server: i32,
     pid: i32,
     start: u64,
-    memory_bytes: u64,
     workdir: OsString,
     program: OsString,
     args: Vec<OsString>,
@@ -54,17 +61,16 @@ struct Request {
 
 fn parse(args: &[OsString]) -> Option<Request> {
     let text = |i: usize| args.get(i).and_then(|a| a.to_str());
-    if args.get(5).map(|a| a.as_os_str()) != Some("--".as_ref()) {
+    if args.get(4).map(|a| a.as_os_str()) != Some("--".as_ref()) {
         return None;
     }
     Some(Request {
         server: text(0)?.parse().ok()?,
         pid: text(1)?.parse().ok()?,
         start: text(2)?.parse().ok()?,
-        memory_bytes: text(3)?.parse().ok()?,
-        workdir: args.get(4)?.clone(),
-        program: args.get(6)?.clone(),
-        args: args.get(7..).map(<[OsString]>::to_vec).unwrap_or_default(),
+        workdir: args.get(3)?.clone(),
+        program: args.get(5)?.clone(),
+        args: args.get(6..).map(<[OsString]>::to_vec).unwrap_or_default(),
     })
 }
 
@@ -97,7 +103,7 @@ pub fn exec_main(args: &[OsString]) -> i32 {
         return fail(format!("reading the command's environment: {e}"));
     }
     let Some(request) = parse(args) else {
-        return fail("usage: stacyvm __native-exec <server-pid> <init-pid> <init-start> <memory-bytes> <workdir> -- <program> [args...]".into());
+        return fail("usage: stacyvm __native-exec <server-pid> <init-pid> <init-start> <workdir> -- <program> [args...]".into());
     };
     // SIGTERM/SIGINT (the provider's kill, the parent-death signal) are
     // collected with sigtimedwait, never lost between here and the wait.
@@ -117,6 +123,10 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(request.server) {
         return fail("the server went away".into());
     }
+    let cgroups = match open_cgroups(&request) {
+        Ok(handles) => handles,
+        Err(why) => return fail(why),
+    };
     if let Err(why) = enter(&request) {
         return fail(why);
     }
@@ -151,12 +161,17 @@ pub fn exec_main(args: &[OsString]) -> i32 {
         // Own process group: a timeout kills the command and everything it
         // started, and nothing else in the sandbox.
         .process_group(0);
-    let memory = request.memory_bytes;
-    // SAFETY: the closure runs between fork and exec in the child of this
-    // single-threaded helper, so it may allocate (the seccomp filter is
-    // compiled there); it touches no lock another thread could hold.
+    let cgroup_fds: Vec<std::os::fd::RawFd> = cgroups
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    // SAFETY: the closures run between fork and exec in the child of this
+    // single-threaded helper, so they may allocate (the seccomp filter is
+    // compiled there); they touch no lock another thread could hold. The
+    // cgroup handles stay open in the helper.
     unsafe {
-        cmd.pre_exec(move || child_setup(memory));
+        cmd.pre_exec(move || super::cgroup::join(&cgroup_fds));
+        cmd.pre_exec(child_setup);
     }
     let mut child = match cmd.spawn() {
         Ok(child) => child,
@@ -199,6 +214,22 @@ pub fn exec_main(args: &[OsString]) -> i32 {
             }
         }
     }
+}
+
+/// Opens the sandbox's cgroups (those of its init under `stacyvm/`) on the
+/// host side, before any namespace is joined. An init without such a
+/// cgroup (started by a version without cgroups) gives none.
+fn open_cgroups(request: &Request) -> Result<Vec<OwnedFd>, String> {
+    if !is_same_process(request.pid, request.start) {
+        return Err(INIT_NOT_RUNNING.into());
+    }
+    let layout = super::cgroup::Layout::detect()?;
+    let handles = layout.open_cgroups_of(request.pid)?;
+    // The pid may have been recycled while its cgroups were read.
+    if !is_same_process(request.pid, request.start) {
+        return Err(INIT_NOT_RUNNING.into());
+    }
+    Ok(handles)
 }
 
 /// Joins the namespaces and root of the sandbox's init, then its workdir.
@@ -254,7 +285,7 @@ fn enter(request: &Request) -> Result<(), String> {
 /// In the forked child, before exec: default signal mask, the sandbox's
 /// limits, no privilege gain through setuid binaries (as hakoniwa does for
 /// PID 1).
-fn child_setup(memory_bytes: u64) -> io::Result<()> {
+fn child_setup() -> io::Result<()> {
     // SAFETY: sigprocmask on a locally initialised set is async-signal-safe.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -266,11 +297,6 @@ fn child_setup(memory_bytes: u64) -> io::Result<()> {
         maximum: Some(n),
     };
     rustix::process::setrlimit(rustix::process::Resource::Nproc, limit(NPROC_LIMIT))?;
-    if memory_bytes > 0 {
-        // Address-space limit: the closest per-process memory cap that
-        // needs no cgroup delegation.
-        rustix::process::setrlimit(rustix::process::Resource::As, limit(memory_bytes))?;
-    }
     // Capabilities, no_new_privs and the seccomp filter, as for PID 1.
     super::confine::restrict()
 }

@@ -6,7 +6,10 @@
 //! [`init_loop`]: it reaps every process of the sandbox and ends on
 //! SIGTERM/SIGINT. The keeper records the host pid of PID 1 in `init.pid`,
 //! and how it ended in `init.exit`; it kills the container if the sandbox
-//! directory disappears, so no process outlives its sandbox.
+//! directory disappears, so no process outlives its sandbox. PID 1 is in
+//! the sandbox's cgroup ([`super::cgroup`]) before it is reported ready;
+//! when it dies of SIGKILL while the cgroup's OOM kill count rose, its end
+//! is recorded as an OOM kill.
 //!
 //! The keeper is a separate process, not a thread or a direct hakoniwa
 //! child of the server, because hakoniwa ties its supervisor to the thread
@@ -73,12 +76,25 @@ pub(crate) struct InitExit {
     pub code: Option<i32>,
     /// The signal that ended it (a handled SIGTERM/SIGINT, or a kill).
     pub signal: Option<i32>,
+    /// Killed by the OOM killer of the sandbox's cgroup.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// The sandbox's memory limit, for the words of an OOM kill.
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
 }
 
 impl InitExit {
     /// The cause in a user's words.
     pub(crate) fn describe(&self) -> String {
         match (self.signal, self.code) {
+            (Some(sig), _) if sig == libc::SIGKILL && self.oom_killed => match self.memory_mb {
+                Some(mb) if mb > 0 => format!(
+                    "its init was killed by the kernel OOM killer (the memory limit of {mb} MiB was reached)"
+                ),
+                _ => "its init was killed by the kernel OOM killer (the memory limit was reached)"
+                    .to_string(),
+            },
             (Some(sig), _) if sig == libc::SIGTERM => {
                 "its init was terminated (SIGTERM)".to_string()
             }
@@ -461,10 +477,10 @@ fn keep(dir: &Path) -> Result<i32, String> {
     let _ = writeln!(report, "keeper {me} {my_start}");
 
     match start_container(dir, me, my_start) {
-        Ok((mut child, record)) => {
+        Ok((mut child, record, limits)) => {
             let _ = writeln!(report, "ready");
             drop(report);
-            Ok(watch(dir, &mut child, &record))
+            Ok(watch(dir, &mut child, &record, &limits))
         }
         Err(e) => {
             let _ = writeln!(report, "error {e}");
@@ -479,7 +495,7 @@ fn start_container(
     dir: &Path,
     keeper_pid: i32,
     keeper_start: u64,
-) -> Result<(hakoniwa::Child, InitRecord), String> {
+) -> Result<(hakoniwa::Child, InitRecord, SandboxLimits), String> {
     let meta: SandboxMeta = fs::read(dir.join(META_FILE))
         .map_err(|e| format!("reading {META_FILE}: {e}"))
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{META_FILE}: {e}")))?;
@@ -538,6 +554,17 @@ fn start_container(
         }
         std::thread::sleep(Duration::from_millis(2));
     };
+    let limits = match place_in_cgroup(&id, &meta, pid1) {
+        Ok(limits) => limits,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            if let Ok(layout) = super::cgroup::Layout::detect() {
+                let _ = layout.sandbox(&id).remove();
+            }
+            return Err(e);
+        }
+    };
     let record = InitRecord {
         pid: pid1,
         start: start_time(pid1).unwrap_or(0),
@@ -550,9 +577,53 @@ fn start_container(
     if let Err(e) = written {
         let _ = child.kill();
         let _ = child.wait();
+        let _ = limits.cgroup.remove();
         return Err(format!("writing {PID_FILE}: {e}"));
     }
-    Ok((child, record))
+    Ok((child, record, limits))
+}
+
+/// The sandbox's cgroup as the keeper holds it: its OOM kill count when
+/// PID 1 joined, and the memory limit for the words of an OOM kill.
+struct SandboxLimits {
+    cgroup: super::cgroup::SandboxCgroup,
+    oom_kills_at_start: u64,
+    memory_mb: u32,
+}
+
+/// Creates the sandbox's cgroup (or reuses the one of an earlier init)
+/// with its limits and moves PID 1 into it. PID 1 has no children yet:
+/// every later process of the sandbox starts inside.
+fn place_in_cgroup(id: &str, meta: &SandboxMeta, pid1: i32) -> Result<SandboxLimits, String> {
+    let fail = |e: String| format!("cannot limit the sandbox through cgroups: {e}");
+    let layout = super::cgroup::Layout::detect().map_err(fail)?;
+    let cgroup = layout.sandbox(id);
+    cgroup.create(&meta.limits()).map_err(fail)?;
+    cgroup.add_process(pid1).map_err(fail)?;
+    Ok(SandboxLimits {
+        oom_kills_at_start: cgroup.oom_kills().unwrap_or(0),
+        cgroup,
+        memory_mb: meta.memory_mb,
+    })
+}
+
+/// Whether a SIGKILL of PID 1 was the OOM killer's: the cgroup's count
+/// rose. The count is bumped right after the signal is sent, so a late
+/// look gets a second chance.
+fn killed_by_oom(limits: &SandboxLimits) -> bool {
+    for attempt in 0..2 {
+        if attempt > 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if limits
+            .cgroup
+            .oom_kills()
+            .is_some_and(|n| n > limits.oom_kills_at_start)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// The host pid of the supervisor's child once it is PID 1 of its own
@@ -581,7 +652,12 @@ fn find_ready_init(supervisor: i32) -> Option<i32> {
 
 /// Waits for PID 1 to end (recording how) or for the sandbox directory to
 /// disappear (then kills the container). Returns the keeper's exit code.
-fn watch(dir: &Path, child: &mut hakoniwa::Child, record: &InitRecord) -> i32 {
+fn watch(
+    dir: &Path,
+    child: &mut hakoniwa::Child,
+    record: &InitRecord,
+    limits: &SandboxLimits,
+) -> i32 {
     let supervisor = rustix::process::Pid::from_raw(child.id() as i32);
     let pidfd = supervisor.and_then(|pid| {
         rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
@@ -603,19 +679,26 @@ fn watch(dir: &Path, child: &mut hakoniwa::Child, record: &InitRecord) -> i32 {
             kill_verified(record.pid, record.start);
             let _ = child.kill();
             let _ = child.wait();
+            let _ = limits.cgroup.remove();
             return 0;
         }
     }
-    let exit = match child.wait() {
+    let mut exit = match child.wait() {
         Ok(status) => classify(&status),
         Err(e) => {
             eprintln!("waiting for the container: {e}");
             InitExit {
                 code: None,
                 signal: None,
+                oom_killed: false,
+                memory_mb: None,
             }
         }
     };
+    if exit.signal == Some(libc::SIGKILL) && killed_by_oom(limits) {
+        exit.oom_killed = true;
+        exit.memory_mb = Some(limits.memory_mb);
+    }
     if dir.join(META_FILE).exists()
         && let Ok(bytes) = serde_json::to_vec(&exit)
         && let Err(e) = write_atomic(&dir.join(EXIT_FILE), &bytes)
@@ -632,20 +715,28 @@ fn classify(status: &hakoniwa::ExitStatus) -> InitExit {
         Some(code) if code == 128 + libc::SIGTERM || code == 128 + libc::SIGINT => InitExit {
             code: None,
             signal: Some(code - 128),
+            oom_killed: false,
+            memory_mb: None,
         },
         Some(code) => InitExit {
             code: Some(code),
             signal: None,
+            oom_killed: false,
+            memory_mb: None,
         },
         // No exit code: a signal death (128 + n), or hakoniwa's own
         // failure (125).
         None if status.code > 128 => InitExit {
             code: None,
             signal: Some(status.code - 128),
+            oom_killed: false,
+            memory_mb: None,
         },
         None => InitExit {
             code: Some(status.code),
             signal: None,
+            oom_killed: false,
+            memory_mb: None,
         },
     }
 }
@@ -694,8 +785,8 @@ fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Conta
     c.procfsmount("/proc").devfsmount("/dev").hostname(id);
     // No /sys at all: stricter than Docker's read-only sysfs, and
     // nothing in a sandbox needs the host's devices.
-    // The memory limit is applied per command by the exec helper: PID 1
-    // is a fork of the keeper and would count against it.
+    // Memory, process and CPU limits are the sandbox cgroup's
+    // (`place_in_cgroup`); RLIMIT_NPROC only matters unprivileged.
     c.setrlimit(Rlimit::Nproc, NPROC_LIMIT, NPROC_LIMIT);
     Ok(c)
 }
@@ -815,6 +906,17 @@ mod tests {
         assert_eq!(kill.describe(), "its init was killed (SIGKILL)");
         let code = classify(&status(3, Some(3)));
         assert_eq!(code.describe(), "its init exited with code 3");
+        // The OOM killer, as the keeper records it (docker's words).
+        let mut oom = classify(&status(137, None));
+        oom.oom_killed = true;
+        oom.memory_mb = Some(64);
+        assert_eq!(
+            oom.describe(),
+            "its init was killed by the kernel OOM killer (the memory limit of 64 MiB was reached)"
+        );
+        // An init.exit from before OOM reporting still reads.
+        let old: InitExit = serde_json::from_str(r#"{"code":null,"signal":9}"#).expect("decode");
+        assert_eq!(old.describe(), "its init was killed (SIGKILL)");
     }
 
     #[test]
@@ -851,6 +953,8 @@ mod tests {
         let exit = serde_json::to_vec(&InitExit {
             code: None,
             signal: Some(libc::SIGTERM),
+            oom_killed: false,
+            memory_mb: None,
         })
         .expect("encode");
         write_atomic(&dir.path().join(EXIT_FILE), &exit).expect("write");

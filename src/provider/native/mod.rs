@@ -16,12 +16,18 @@
 //! own process group: a timeout kills that group; a normal exit kills
 //! nothing, so `cmd &` keeps running until the sandbox is destroyed.
 //! Destroy SIGKILLs PID 1, which takes the whole PID namespace with it,
-//! then deletes the tree.
+//! then removes the sandbox's cgroup and deletes the tree.
+//!
+//! Limits are per sandbox, through cgroups ([`cgroup`]): the keeper puts
+//! PID 1 into `stacyvm/<id>` (memory without swap, pids, CPU quota) before
+//! reporting it ready, and each exec helper joins the init's cgroups before
+//! its namespaces, so everything a sandbox runs is counted together.
 //!
 //! The directory layout, logs, output pumping and timeout handling are
 //! shared with `proot` (which has no init) through [`SandboxDirs`] and
 //! [`drive`].
 
+mod cgroup;
 mod confine;
 mod exec;
 mod ids;
@@ -53,7 +59,8 @@ use super::hostfs::HostFs;
 use super::image_store::ImageStore;
 use super::{
     Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputChunk, OutputSink, Provider,
-    ProviderError, ProviderResult, RuntimeHandle, RuntimeStatus, SpawnSpec, StreamKind,
+    ProviderError, ProviderResult, RuntimeHandle, RuntimeStats, RuntimeStatus, SpawnSpec,
+    StreamKind,
 };
 
 /// The image name that means "the host's own root, read-only".
@@ -71,8 +78,16 @@ const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// Process limit inside a native sandbox. The kernel does not enforce
 /// RLIMIT_NPROC for host root, so this only bites when StacyVM runs
-/// unprivileged.
+/// unprivileged; the sandbox's `pids.max` is the real bound.
 const NPROC_LIMIT: u64 = 1024;
+
+/// `providers.native.pids_limit` unless configured: the most processes
+/// (and threads) one sandbox may hold at once.
+pub const DEFAULT_PIDS_LIMIT: u64 = 512;
+
+fn default_pids_limit() -> u64 {
+    DEFAULT_PIDS_LIMIT
+}
 
 /// How long a health verdict is reused.
 const HEALTH_TTL: Duration = Duration::from_secs(30);
@@ -91,6 +106,21 @@ pub(crate) struct SandboxMeta {
     /// uid) and of versions before user-id ranges.
     #[serde(default)]
     pub ids: Option<ids::IdRange>,
+    /// The sandbox's `pids.max` (native); files from before it existed
+    /// get the default.
+    #[serde(default = "default_pids_limit")]
+    pub pids_limit: u64,
+}
+
+impl SandboxMeta {
+    /// What the sandbox's cgroup is limited to.
+    pub(crate) fn limits(&self) -> cgroup::Limits {
+        cgroup::Limits {
+            memory_bytes: u64::from(self.memory_mb) * 1024 * 1024,
+            pids: self.pids_limit,
+            vcpus: self.vcpus,
+        }
+    }
 }
 
 /// Sandbox directories shared by the providers that run over a host tree:
@@ -106,6 +136,8 @@ pub(crate) struct SandboxDirs {
     /// Whether each sandbox has a long-lived init (native) whose liveness
     /// is the sandbox's, or is just its tree (proot).
     has_init: bool,
+    /// Recorded in each new sandbox's metadata.
+    pids_limit: u64,
 }
 
 impl SandboxDirs {
@@ -116,6 +148,7 @@ impl SandboxDirs {
             logs: Mutex::default(),
             live: Mutex::default(),
             has_init: false,
+            pids_limit: DEFAULT_PIDS_LIMIT,
         }
     }
 
@@ -169,6 +202,7 @@ impl SandboxDirs {
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
             ids,
+            pids_limit: self.pids_limit,
         };
         let parent = self.dir.clone();
         let meta_json = serde_json::to_vec(&meta)
@@ -679,6 +713,8 @@ pub struct NativeProvider {
     /// The `stacyvm` binary that provides the hidden `__native-init` and
     /// `__native-exec` helpers, or why it is unknown.
     helper: Result<PathBuf, String>,
+    /// Where this host's cgroups are, or why there are none to use.
+    cgroups: Result<cgroup::Layout, String>,
     health: Mutex<Option<(Instant, Result<(), String>)>>,
     /// Host id ranges for sandboxes' user namespaces; `None` when the
     /// server is not root (root inside is then the server's own uid).
@@ -695,6 +731,7 @@ impl NativeProvider {
             dirs: SandboxDirs::new(images, sandboxes_dir).with_init(),
             helper: std::env::current_exe()
                 .map_err(|e| format!("cannot locate the stacyvm binary: {e}")),
+            cgroups: cgroup::Layout::detect(),
             health: Mutex::new(None),
             ids: Self::id_allocator(&crate::config::NativeIdsConfig::default()),
         }
@@ -726,6 +763,17 @@ impl NativeProvider {
                 self.dirs.meta(&name).ok()?.ids
             })
             .collect()
+    }
+
+    /// The `pids.max` of sandboxes spawned from now on (0: unlimited).
+    pub fn with_pids_limit(mut self, limit: u64) -> Self {
+        self.dirs.pids_limit = limit;
+        self
+    }
+
+    /// The cgroup of a sandbox, when the host has usable cgroups.
+    fn cgroup(&self, id: &str) -> Option<cgroup::SandboxCgroup> {
+        self.cgroups.as_ref().ok().map(|layout| layout.sandbox(id))
     }
 
     /// Uses `path` (a `stacyvm` binary) for the sandbox init and exec
@@ -843,7 +891,12 @@ impl Provider for NativeProvider {
         {
             return verdict.clone().map_err(ProviderError::Unavailable);
         }
-        let verdict = match self.check_helper() {
+        let verdict = match self.check_helper().and_then(|()| {
+            self.cgroups
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| format!("{e} (native sandboxes are limited through cgroups)"))
+        }) {
             Ok(()) => tokio::task::spawn_blocking(Self::check_namespaces)
                 .await
                 .map_err(|e| ProviderError::Runtime(format!("health check: {e}")))?,
@@ -909,14 +962,20 @@ impl Provider for NativeProvider {
         self.dirs.cancel_execs(runtime_id);
         // Killing PID 1 takes the whole PID namespace with it; then the
         // tree can go.
-        tokio::task::spawn_blocking(move || init::stop(&dir))
-            .await
-            .map_err(|e| ProviderError::Runtime(format!("stopping the sandbox's init: {e}")))?;
+        let cgroup = self.cgroup(runtime_id);
+        let removed = tokio::task::spawn_blocking(move || {
+            init::stop(&dir);
+            cgroup.map_or(Ok(()), |c| c.remove())
+        })
+        .await
+        .map_err(|e| ProviderError::Runtime(format!("stopping the sandbox's init: {e}")))?;
         self.dirs.destroy(runtime_id).await?;
         if let (Some(allocator), Some(ids)) = (&self.ids, ids) {
             allocator.release(ids);
         }
-        Ok(())
+        // The tree is gone either way; a cgroup that would not go is
+        // retried by the next destroy and swept at start-up.
+        removed.map_err(|e| ProviderError::Runtime(format!("destroying sandbox {runtime_id}: {e}")))
     }
 
     async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
@@ -929,6 +988,7 @@ impl Provider for NativeProvider {
 
     async fn recover_at_startup(&self) -> ProviderResult<usize> {
         let mut fixed = self.dirs.sweep_leftovers().await?;
+        fixed += self.sweep_cgroups().await;
         // Sandboxes whose init is gone without a recorded end (the host
         // restarted, or the keeper was killed while StacyVM was down) and
         // sandboxes from before native sandboxes had an init: give them a
@@ -971,8 +1031,8 @@ impl Provider for NativeProvider {
                 return Ok(exit);
             }
         };
-        // Address-space limit of the command (0: none).
-        let memory_bytes = u64::from(meta.memory_mb) * 1024 * 1024;
+        let cgroup = self.cgroup(runtime_id);
+        let oom_before = cgroup.as_ref().and_then(|c| c.oom_kills());
         // The control socket, given to the helper as stdin: it carries the
         // command's environment in, and a failure to enter the sandbox out.
         // The environment must not be the helper's own: the helper starts
@@ -985,7 +1045,6 @@ impl Provider for NativeProvider {
             .arg(std::process::id().to_string())
             .arg(record.pid.to_string())
             .arg(record.start.to_string())
-            .arg(memory_bytes.to_string())
             .arg(spec.workdir.as_deref().unwrap_or("/"))
             .arg("--")
             .arg(&program)
@@ -1065,11 +1124,29 @@ impl Provider for NativeProvider {
             }
         };
         let cancel = self.dirs.cancel_token(runtime_id);
+        let marker_sink = sink.clone();
         let result = drive(stdout, stderr, sink, spec.timeout, cancel, wait, kill).await;
         drop(guard);
         let outcome = super::describe_exit(&result);
         self.dirs
             .log(runtime_id, format!("exec {:?}: {outcome}", spec.argv));
+        if matches!(result, Ok(ExecExit::Exited(code)) if code == 128 + libc::SIGKILL)
+            && let Some(cgroup) = &cgroup
+            && oom_killed_since(cgroup, oom_before)
+        {
+            let marker = format!(
+                "stacyvm: the command was killed by the OOM killer (sandbox memory limit {} MiB)",
+                meta.memory_mb
+            );
+            self.dirs
+                .log(runtime_id, format!("exec {:?}: {marker}", spec.argv));
+            let _ = marker_sink
+                .send(OutputChunk {
+                    stream: StreamKind::Stderr,
+                    data: Bytes::from(format!("{marker}\n")),
+                })
+                .await;
+        }
         result
     }
 
@@ -1121,5 +1198,66 @@ impl Provider for NativeProvider {
 
     async fn logs(&self, runtime_id: &str, lines: usize) -> ProviderResult<Vec<String>> {
         self.dirs.tail(runtime_id, lines)
+    }
+
+    async fn stats(&self, runtime_id: &str) -> ProviderResult<RuntimeStats> {
+        let meta = self.dirs.meta(runtime_id)?;
+        let Some(cgroup) = self.cgroup(runtime_id) else {
+            return Ok(RuntimeStats::default());
+        };
+        // CPU use over a short sample, in percent of one CPU (as docker's).
+        let before = (Instant::now(), cgroup.cpu_usage_ns());
+        tokio::time::sleep(STATS_SAMPLE).await;
+        let after = (Instant::now(), cgroup.cpu_usage_ns());
+        let cpu_pct = match (before.1, after.1) {
+            (Some(b), Some(a)) => {
+                let wall = after.0.duration_since(before.0).as_nanos() as f64;
+                a.saturating_sub(b) as f64 / wall.max(1.0) * 100.0
+            }
+            _ => 0.0,
+        };
+        Ok(RuntimeStats {
+            supported: true,
+            cpu_pct,
+            mem_bytes: cgroup.memory_bytes().unwrap_or(0),
+            mem_limit_bytes: meta.limits().memory_bytes,
+            pids: cgroup.pids(),
+        })
+    }
+}
+
+/// How long [`NativeProvider::stats`] samples CPU use.
+const STATS_SAMPLE: Duration = Duration::from_millis(100);
+
+/// Whether the OOM killer struck in the sandbox's cgroup since `before`
+/// was read.
+fn oom_killed_since(cgroup: &cgroup::SandboxCgroup, before: Option<u64>) -> bool {
+    match (before, cgroup.oom_kills()) {
+        (Some(before), Some(now)) => now > before,
+        (None, Some(now)) => now > 0,
+        _ => false,
+    }
+}
+
+impl NativeProvider {
+    /// Start-up: removes sandbox cgroups whose sandbox directory is gone
+    /// (a destroy cut short). Returns how many went.
+    async fn sweep_cgroups(&self) -> usize {
+        let Ok(layout) = self.cgroups.clone() else {
+            return 0;
+        };
+        let dir = self.dirs.dir.clone();
+        let swept =
+            tokio::task::spawn_blocking(move || layout.sweep(|id| dir.join(id).exists())).await;
+        let Ok((removed, failed)) = swept else {
+            return 0;
+        };
+        for id in &removed {
+            tracing::info!(sandbox = %id, "removed the cgroup of a sandbox that no longer exists");
+        }
+        for why in failed {
+            tracing::warn!(%why, "cannot remove a leftover sandbox cgroup");
+        }
+        removed.len()
     }
 }
