@@ -140,6 +140,9 @@ EOF
 run_sdk() {
     local provider=$1 data port log url rc=0
     data=$(mktemp -d "$STACYVM_TEST_TMPDIR/sdk-$provider.XXXXXX")
+    # Native sandboxes run as unprivileged host ids that must be able to
+    # reach their trees (README, "Isolation notes"): mktemp makes 0700.
+    chmod o+x "$STACYVM_TEST_TMPDIR" "$data"
     port=$(stacyvm_free_port)
     log="$data/server.log"
     url="http://127.0.0.1:$port"
