@@ -283,9 +283,17 @@ async fn an_init_killed_by_the_oom_killer_is_the_sandbox_cause() {
         serde_json::from_slice(&std::fs::read(&record_file).expect("init.pid")).expect("json");
     let pid = record["pid"].as_i64().expect("pid");
     // 64 MiB is 16384 pages: oom_score_adj 1000 adds that many to PID 1's
-    // badness, more than any process inside can hold.
+    // badness, more than any process inside can hold once the command
+    // drops its own bias (commands start at 500, so that normally they,
+    // not PID 1, are the OOM killer's choice).
     std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000").expect("oom_score_adj");
-    let (status, body) = exec(&server, &id, "head -c 200m /dev/zero | tail", "60s").await;
+    let (status, body) = exec(
+        &server,
+        &id,
+        "echo 0 > /proc/self/oom_score_adj && head -c 200m /dev/zero | tail",
+        "60s",
+    )
+    .await;
     eprintln!("exec during the init's OOM kill: {status} {body}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let reason = loop {

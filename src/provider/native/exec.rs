@@ -45,6 +45,9 @@ use super::init::is_same_process;
 /// is on the status pipe).
 pub(crate) const SETUP_FAILED: i32 = 125;
 
+/// The OOM badness bias of commands: above PID 1's 0.
+const COMMAND_OOM_SCORE_ADJ: &str = "500";
+
 /// The words used when a sandbox's init is gone.
 pub(crate) const INIT_NOT_RUNNING: &str = "the sandbox's init is not running";
 
@@ -127,6 +130,16 @@ pub fn exec_main(args: &[OsString]) -> i32 {
         Ok(handles) => handles,
         Err(why) => return fail(why),
     };
+    // PID 1 is a fork of the keeper (a big binary): its resident size
+    // rivals a command's, and the sandbox's OOM killer would pick it and
+    // end the whole sandbox for one command's excess. Commands (and what
+    // they start) are the first choice instead: set here, while the helper
+    // is host root and owns its /proc entry, and inherited by the command.
+    // Raising needs no privilege; lowering PID 1's would need
+    // CAP_SYS_RESOURCE, which hosts do not always grant even to root.
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", COMMAND_OOM_SCORE_ADJ) {
+        return fail(format!("setting the command's oom_score_adj: {e}"));
+    }
     if let Err(why) = enter(&request) {
         return fail(why);
     }
