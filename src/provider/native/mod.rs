@@ -776,7 +776,9 @@ impl Provider for NativeProvider {
             Capability::ExecStream,
             Capability::Files,
             Capability::Logs,
+            Capability::Stats,
             Capability::MemoryLimit,
+            Capability::CpuLimit,
             Capability::NetworkIsolation,
         ]
     }
