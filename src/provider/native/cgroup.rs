@@ -21,7 +21,7 @@
 //! Hand-written rather than a crate: what is needed is a handful of file
 //! writes, and the crates that cover v1 and v2 (`cgroups-rs`, `libcgroups`
 //! from youki) pull in their own `nix` version (and, for libcgroups,
-//! systemd D-Bus support) for code this module does in ~300 lines.
+//! systemd D-Bus support) for what is here a few hundred lines of file reads and writes.
 //!
 //! Paths from `/proc/<pid>/cgroup` are taken relative to each hierarchy's
 //! mount point, which holds when StacyVM runs in the host's cgroup
