@@ -364,7 +364,10 @@ async fn busy_loops_get_no_more_cpu_than_the_sandbox_vcpus() {
     let wall = started.elapsed().as_secs_f64();
     assert_eq!(status, 200, "{body}");
     let used = (cpu_usage_ns(&id) - used_before) as f64 / 1e9;
-    eprintln!("two busy loops with vcpus 1: {used:.2} CPU-s in {wall:.2} s");
+    eprintln!(
+        "two busy loops with vcpus 1: {used:.2} CPU-s in {wall:.2} s; cpu.stat: {:?}",
+        std::fs::read_to_string(cgroup_file("cpu", &id, "cpu.stat")).unwrap_or_default()
+    );
     // One CPU's worth per second at most, with a margin for the period
     // boundaries and the exec's own start-up.
     assert!(
@@ -372,9 +375,16 @@ async fn busy_loops_get_no_more_cpu_than_the_sandbox_vcpus() {
         "{used:.2} CPU-s in {wall:.2} s with vcpus 1"
     );
     assert!(used >= 0.5, "the loops barely ran: {used:.2} CPU-s");
-    // Stats read the cgroup.
+    // Stats read the cgroup: the sandbox's init (and nothing else now).
     let (status, stats) = server.get(&format!("/sandboxes/{id}/stats")).await;
-    eprintln!("stats: {status} {stats}");
+    assert_eq!(status, 200, "{stats}");
+    assert_eq!(stats["supported"], true, "{stats}");
+    assert_eq!(stats["pids"], 1, "{stats}");
+    assert_eq!(stats["mem_limit_bytes"], 128u64 << 20, "{stats}");
+    assert!(
+        stats["mem_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{stats}"
+    );
     destroy(&server, &id).await;
     server.stop().await;
 }

@@ -21,7 +21,7 @@
 //! Hand-written rather than a crate: what is needed is a handful of file
 //! writes, and the crates that cover v1 and v2 (`cgroups-rs`, `libcgroups`
 //! from youki) pull in their own `nix` version (and, for libcgroups,
-//! systemd D-Bus support) for code this module does in ~300 lines.
+//! systemd D-Bus support) for what is here a few hundred lines of file reads and writes.
 //!
 //! Paths from `/proc/<pid>/cgroup` are taken relative to each hierarchy's
 //! mount point, which holds when StacyVM runs in the host's cgroup
@@ -162,7 +162,21 @@ impl Layout {
         let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .map_err(|e| format!("reading the cgroups of the sandbox's init: {e}"))?;
         let mut handles = Vec::new();
-        for line in text.lines() {
+        for procs in self.sandbox_procs_files(&text) {
+            let handle = fs::OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .map_err(|e| format!("opening the sandbox's cgroup {}: {e}", procs.display()))?;
+            handles.push(OwnedFd::from(handle));
+        }
+        Ok(handles)
+    }
+
+    /// The `cgroup.procs` files of the sandbox cgroups named in a
+    /// `/proc/<pid>/cgroup` text (one per hierarchy this layout uses).
+    fn sandbox_procs_files(&self, proc_cgroup: &str) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for line in proc_cgroup.lines() {
             let mut fields = line.splitn(3, ':');
             let (Some(_), Some(controllers), Some(path)) =
                 (fields.next(), fields.next(), fields.next())
@@ -182,16 +196,13 @@ impl Layout {
                 }
                 _ => continue,
             };
-            let procs = mount
-                .join(path.trim_start_matches('/'))
-                .join("cgroup.procs");
-            let handle = fs::OpenOptions::new()
-                .write(true)
-                .open(&procs)
-                .map_err(|e| format!("opening the sandbox's cgroup {}: {e}", procs.display()))?;
-            handles.push(OwnedFd::from(handle));
+            files.push(
+                mount
+                    .join(path.trim_start_matches('/'))
+                    .join("cgroup.procs"),
+            );
         }
-        Ok(handles)
+        files
     }
 
     /// Removes the sandbox cgroups whose sandbox `keep` does not know and
@@ -617,6 +628,96 @@ mod tests {
         let err = Layout::from_mountinfo(V2_ONLY, |_| Some("cpu memory".into()))
             .expect_err("no pids controller anywhere");
         assert!(err.contains("memory, pids, cpu, cpuacct"), "{err}");
+    }
+
+    /// The files a sandbox cgroup is given, on a plain directory standing
+    /// in for each layout's cgroupfs.
+    #[test]
+    fn limits_are_written_in_each_layouts_terms() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let read = |p: PathBuf| fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        let limits = Limits {
+            memory_bytes: 64 << 20,
+            pids: 512,
+            vcpus: 2,
+        };
+
+        let root = tmp.path().join("v2");
+        let dir = root.join(PARENT).join("sb");
+        fs::create_dir_all(&dir).expect("mkdir");
+        fs::write(dir.join("memory.swap.max"), "max").expect("swap file");
+        let v2 = Layout::V2 { root: root.clone() };
+        v2.sandbox("sb").create(&limits).expect("v2 create");
+        assert_eq!(read(dir.join("memory.max")), "67108864");
+        assert_eq!(read(dir.join("memory.swap.max")), "0");
+        assert_eq!(read(dir.join("pids.max")), "512");
+        assert_eq!(read(dir.join("cpu.max")), "200000 100000");
+        for parent in [root.clone(), root.join(PARENT)] {
+            assert_eq!(
+                read(parent.join("cgroup.subtree_control")),
+                "+memory +pids +cpu"
+            );
+        }
+
+        let mounts: BTreeMap<String, PathBuf> = V1_CONTROLLERS
+            .iter()
+            .map(|c| (c.to_string(), tmp.path().join("v1").join(c)))
+            .collect();
+        let memsw = mounts["memory"].join(PARENT).join("sb");
+        fs::create_dir_all(&memsw).expect("mkdir");
+        fs::write(memsw.join("memory.memsw.limit_in_bytes"), "-1").expect("memsw file");
+        let v1 = Layout::V1 { mounts };
+        let cg = v1.sandbox("sb");
+        cg.create(&Limits { vcpus: 1, ..limits })
+            .expect("v1 create");
+        let file = |c: &str, n: &str| cg.file(c, n).expect("file");
+        assert_eq!(read(file("memory", "memory.limit_in_bytes")), "67108864");
+        assert_eq!(
+            read(file("memory", "memory.memsw.limit_in_bytes")),
+            "67108864"
+        );
+        assert_eq!(read(file("memory", "memory.oom_control")), "0");
+        assert_eq!(read(file("pids", "pids.max")), "512");
+        assert_eq!(read(file("cpu", "cpu.cfs_period_us")), "100000");
+        assert_eq!(read(file("cpu", "cpu.cfs_quota_us")), "100000");
+        assert!(cg.dir("cpuacct").expect("dir").is_dir());
+        // No limits at all.
+        let none = Limits {
+            memory_bytes: 0,
+            pids: 0,
+            vcpus: 0,
+        };
+        cg.create(&none).expect("v1 unlimited");
+        assert_eq!(read(file("memory", "memory.limit_in_bytes")), "-1");
+        assert_eq!(read(file("pids", "pids.max")), "max");
+        assert_eq!(read(file("cpu", "cpu.cfs_quota_us")), "-1");
+    }
+
+    #[test]
+    fn commands_join_the_inits_sandbox_cgroups_only() {
+        let hybrid = Layout::from_mountinfo(HYBRID, |_| Some(String::new())).expect("layout");
+        let init = "9:name=systemd:/\n8:pids:/stacyvm/sb\n4:memory:/stacyvm/sb\n\
+                    3:cpuset:/\n2:cpuacct:/stacyvm/sb\n1:cpu:/stacyvm/sb\n0::/user.slice\n";
+        assert_eq!(
+            hybrid.sandbox_procs_files(init),
+            [
+                "/sys/fs/cgroup/pids/stacyvm/sb/cgroup.procs",
+                "/sys/fs/cgroup/memory/stacyvm/sb/cgroup.procs",
+                "/sys/fs/cgroup/cpuacct/stacyvm/sb/cgroup.procs",
+                "/sys/fs/cgroup/cpu/stacyvm/sb/cgroup.procs",
+            ]
+            .map(PathBuf::from)
+        );
+        let v2 = Layout::from_mountinfo(V2_ONLY, |_| Some("memory pids cpu".into())).expect("v2");
+        assert_eq!(
+            v2.sandbox_procs_files("0::/stacyvm/sb\n"),
+            [PathBuf::from("/sys/fs/cgroup/stacyvm/sb/cgroup.procs")]
+        );
+        // An init from before cgroups: nothing to join.
+        assert!(
+            v2.sandbox_procs_files("0::/system.slice/stacyvm.service\n")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -20,8 +20,11 @@
 //!
 //! Limits are per sandbox, through cgroups ([`cgroup`]): the keeper puts
 //! PID 1 into `stacyvm/<id>` (memory without swap, pids, CPU quota) before
-//! reporting it ready, and each exec helper joins the init's cgroups before
-//! its namespaces, so everything a sandbox runs is counted together.
+//! reporting it ready; each exec helper opens the init's cgroups before
+//! entering its namespaces and the command joins them before it execs, so
+//! everything a sandbox runs is counted together. A command that ends with
+//! SIGKILL while the cgroup's OOM kill count rose gets a line saying so
+//! appended to its stderr.
 //!
 //! The directory layout, logs, output pumping and timeout handling are
 //! shared with `proot` (which has no init) through [`SandboxDirs`] and
@@ -880,7 +883,9 @@ impl Provider for NativeProvider {
             Capability::ExecStream,
             Capability::Files,
             Capability::Logs,
+            Capability::Stats,
             Capability::MemoryLimit,
+            Capability::CpuLimit,
             Capability::NetworkIsolation,
         ]
     }
@@ -1134,10 +1139,12 @@ impl Provider for NativeProvider {
             && let Some(cgroup) = &cgroup
             && oom_killed_since(cgroup, oom_before)
         {
-            let marker = format!(
-                "stacyvm: the command was killed by the OOM killer (sandbox memory limit {} MiB)",
-                meta.memory_mb
-            );
+            let marker = match meta.memory_mb {
+                0 => "stacyvm: the command was killed by the OOM killer".to_string(),
+                mb => format!(
+                    "stacyvm: the command was killed by the OOM killer (sandbox memory limit {mb} MiB)"
+                ),
+            };
             self.dirs
                 .log(runtime_id, format!("exec {:?}: {marker}", spec.argv));
             let _ = marker_sink
