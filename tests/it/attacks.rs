@@ -322,3 +322,50 @@ async fn providers_say_what_they_isolate() {
     assert!(isolation("native").contains("unprivileged id range"));
     assert!(isolation("docker").contains("container"));
 }
+
+#[tokio::test]
+async fn a_disk_fill_stops_at_the_sandbox_cap() {
+    let server = native_server(|c| c.defaults.disk_mb = 64).await;
+    let owner = key(&server, "mallory", Role::Owner).await;
+    let id = spawn(&server, &owner, &docker_image()).await;
+    let dir = server.data_dir.path().join("sandboxes/native").join(&id);
+
+    let (_, df, _) = sh(&server, &owner, &id, "df -m / | tail -1").await;
+    let size_mb: u64 = df
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("df: {df}"));
+    assert!((50..=64).contains(&size_mb), "df says {size_mb} MiB: {df}");
+
+    let (code, _, err) = sh(
+        &server,
+        &owner,
+        &id,
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=300",
+    )
+    .await;
+    assert_ne!(code, 0, "300 MiB went into a 64 MiB disk");
+    assert!(err.contains("No space left on device"), "{err}");
+    // The host holds no more than the cap for it.
+    let used = std::fs::metadata(dir.join("disk.img")).expect("image").blocks() * 512;
+    assert!(used <= 70 * 1024 * 1024, "the image takes {used} bytes");
+    // The sandbox and the server carry on.
+    let (code, out, _) = sh(&server, &owner, &id, "rm /tmp/fill && echo ok").await;
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+
+    let (status, body) = request(
+        &server,
+        &owner,
+        reqwest::Method::DELETE,
+        &format!("/sandboxes/{id}"),
+        None,
+    )
+    .await;
+    assert!(status < 300, "destroy: {body}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&id), "a mount of {id} is left: {mounts}");
+    assert!(!dir.exists());
+}

@@ -32,6 +32,7 @@
 
 mod cgroup;
 mod confine;
+mod disk;
 mod exec;
 mod ids;
 mod init;
@@ -109,6 +110,10 @@ pub(crate) struct SandboxMeta {
     /// uid) and of versions before user-id ranges.
     #[serde(default)]
     pub ids: Option<ids::IdRange>,
+    /// The size of the sandbox's own filesystem (`disk.img`), in MiB;
+    /// `None`: its tree is a plain host directory (no cap).
+    #[serde(default)]
+    pub disk_mb: Option<u32>,
     /// The sandbox's `pids.max` (native); files from before it existed
     /// get the default.
     #[serde(default = "default_pids_limit")]
@@ -189,6 +194,7 @@ impl SandboxDirs {
         spec: &SpawnSpec,
         allow_host: bool,
         ids: Option<ids::IdRange>,
+        cap_disk: bool,
     ) -> ProviderResult<SandboxMeta> {
         let dest = self.sandbox_dir(&spec.sandbox_id)?;
         let image_rootfs = if allow_host && spec.image == HOST_IMAGE {
@@ -205,12 +211,14 @@ impl SandboxDirs {
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
             ids,
+            disk_mb: cap_disk.then_some(spec.disk_mb),
             pids_limit: self.pids_limit,
         };
         let parent = self.dir.clone();
         let meta_json = serde_json::to_vec(&meta)
             .map_err(|e| ProviderError::Runtime(format!("encoding sandbox metadata: {e}")))?;
         let id = spec.sandbox_id.clone();
+        let disk_mb = meta.disk_mb;
         tokio::task::spawn_blocking(move || -> io::Result<()> {
             fs::create_dir_all(&parent)?;
             // Traversable (the sandbox's own ids must reach its tree), not
@@ -225,10 +233,13 @@ impl SandboxDirs {
             // Build under a hidden name and rename, so a half-copied tree
             // is never mistaken for a sandbox.
             let tmp = parent.join(format!(".tmp-{id}-{}", uuid::Uuid::new_v4().as_simple()));
-            let built = build_tree(&tmp, image_rootfs.as_deref(), &meta_json, ids)
+            let built = build_tree(&tmp, image_rootfs.as_deref(), &meta_json, ids, disk_mb)
                 .and_then(|()| fs::rename(&tmp, &dest));
             if built.is_err() {
-                let _ = fs::remove_dir_all(&tmp);
+                disk::unmount_all(&tmp);
+                if let Err(e) = fs::remove_dir_all(&tmp) {
+                    tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a half-built sandbox (swept at the next start)");
+                }
             }
             built
         })
@@ -302,7 +313,10 @@ impl SandboxDirs {
                 uuid::Uuid::new_v4().as_simple()
             ));
             match fs::rename(&dir, &trash) {
-                Ok(()) => fs::remove_dir_all(&trash),
+                Ok(()) => {
+                    disk::unmount_all(&trash);
+                    fs::remove_dir_all(&trash)
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(e),
             }
@@ -390,6 +404,7 @@ impl SandboxDirs {
                 if !(name.starts_with(".tmp-") || name.starts_with(".trash-")) {
                     continue;
                 }
+                disk::unmount_all(&entry.path());
                 match fs::remove_dir_all(entry.path()) {
                     Ok(()) => removed += 1,
                     Err(e) => tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove leftover"),
@@ -562,6 +577,7 @@ fn build_tree(
     image_rootfs: Option<&Path>,
     meta_json: &[u8],
     ids: Option<ids::IdRange>,
+    disk_mb: Option<u32>,
 ) -> io::Result<()> {
     fs::create_dir(tmp)?;
     // Sandbox trees hold setuid binaries from their images: no other local
@@ -573,6 +589,15 @@ fn build_tree(
             fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o710))?;
         }
         None => fs::set_permissions(tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))?,
+    }
+    if let Some(size_mb) = disk_mb {
+        let owner = ids.map_or((0, 0), |ids| (ids.host(0), ids.host(0)));
+        disk::create(
+            tmp,
+            &disk::mount_point(tmp, image_rootfs.is_none()),
+            size_mb,
+            owner,
+        )?;
     }
     match image_rootfs {
         Some(src) => copy_tree(src, &tmp.join("rootfs"), ids)?,
@@ -604,7 +629,11 @@ fn copy_tree(src: &Path, dst: &Path, ids: Option<ids::IdRange>) -> io::Result<()
         None => (m.uid(), m.gid()),
     };
     let meta = fs::symlink_metadata(src)?;
-    fs::create_dir(dst)?;
+    // The top may already exist: the sandbox's own (empty) filesystem.
+    match fs::create_dir(dst) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && disk::is_mounted(dst) => {}
+        other => other?,
+    }
     for entry in fs::read_dir(src)? {
         let entry = entry?;
         let from = entry.path();
@@ -722,6 +751,8 @@ pub struct NativeProvider {
     /// Host id ranges for sandboxes' user namespaces; `None` when the
     /// server is not root (root inside is then the server's own uid).
     ids: Option<ids::IdAllocator>,
+    /// Whether sandboxes get their own capped filesystem, or why not.
+    disk: Result<(), String>,
 }
 
 impl NativeProvider {
@@ -737,6 +768,9 @@ impl NativeProvider {
             cgroups: cgroup::Layout::detect(),
             health: Mutex::new(None),
             ids: Self::id_allocator(&crate::config::NativeIdsConfig::default()),
+            disk: disk::available().inspect_err(|why| {
+                tracing::warn!(%why, "native sandboxes' disks are not capped");
+            }),
         }
     }
 
@@ -933,7 +967,7 @@ impl Provider for NativeProvider {
             }
             return Err(ProviderError::Unavailable(why));
         }
-        if let Err(e) = self.dirs.create(spec, true, ids).await {
+        if let Err(e) = self.dirs.create(spec, true, ids, self.disk.is_ok()).await {
             if let (Some(allocator), Some(ids)) = (&self.ids, ids) {
                 allocator.release(ids);
             }
@@ -1001,6 +1035,30 @@ impl Provider for NativeProvider {
         let helper = self.helper()?.to_path_buf();
         for item in self.dirs.inventory().await? {
             let dir = self.dirs.sandbox_dir(&item.sandbox_id)?;
+            // After a host restart a sandbox's own filesystem is no longer
+            // mounted: mount it before anything reads or runs the tree.
+            if let Ok(meta) = self.dirs.meta(&item.sandbox_id)
+                && meta.disk_mb.is_some()
+            {
+                let at = disk::mount_point(&dir, meta.image == HOST_IMAGE);
+                if !disk::is_mounted(&at) {
+                    let (dir, at2) = (dir.clone(), at.clone());
+                    match tokio::task::spawn_blocking(move || disk::mount(&dir, &at2)).await {
+                        Ok(Ok(())) => {
+                            fixed += 1;
+                            tracing::info!(sandbox = %item.sandbox_id, "mounted the sandbox's disk again");
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(sandbox = %item.sandbox_id, error = %e, "cannot mount the sandbox's disk");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(sandbox = %item.sandbox_id, error = %e, "cannot mount the sandbox's disk");
+                            continue;
+                        }
+                    }
+                }
+            }
             if !init::needs_new_init(&dir) {
                 continue;
             }
