@@ -57,6 +57,9 @@ _stacyvm_env_packages() {
     # The rootfs needs the *static* busybox.
     _stacyvm_pkg_installed busybox-static || missing+=(busybox-static)
     command -v proot >/dev/null 2>&1 || missing+=(proot)
+    # Native sandboxes' capped disks: mkfs.ext4, and mount for loop mounts.
+    [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
+    command -v mount >/dev/null 2>&1 || missing+=(mount)
     # Debian's python3 ships venv without ensurepip unless python3-venv is installed.
     "$py" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)

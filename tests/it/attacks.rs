@@ -348,7 +348,10 @@ async fn a_disk_fill_stops_at_the_sandbox_cap() {
     assert_ne!(code, 0, "300 MiB went into a 64 MiB disk");
     assert!(err.contains("No space left on device"), "{err}");
     // The host holds no more than the cap for it.
-    let used = std::fs::metadata(dir.join("disk.img")).expect("image").blocks() * 512;
+    let used = std::fs::metadata(dir.join("disk.img"))
+        .expect("image")
+        .blocks()
+        * 512;
     assert!(used <= 70 * 1024 * 1024, "the image takes {used} bytes");
     // The sandbox and the server carry on.
     let (code, out, _) = sh(&server, &owner, &id, "rm /tmp/fill && echo ok").await;

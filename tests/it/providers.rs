@@ -999,6 +999,15 @@ async fn native_keeper_exits_when_its_directory_goes() {
         .as_ref()
         .expect("native has a dir")
         .join(&id);
+    // Its own filesystem is mounted at rootfs/: detach it (what `umount
+    // -l` does) so that the tree can be deleted, as an operator would.
+    let rootfs = dir.join("rootfs");
+    let status = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&rootfs)
+        .status()
+        .expect("umount");
+    assert!(status.success(), "umount -l {}", rootfs.display());
     std::fs::remove_dir_all(&dir).expect("remove the sandbox dir");
     let gone = eventually(Duration::from_secs(10), || {
         host_processes_with(&id).is_empty() && host_processes_with(&marker).is_empty()

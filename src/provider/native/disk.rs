@@ -116,10 +116,8 @@ pub(crate) fn mount(dir: &Path, at: &Path) -> io::Result<()> {
 /// Whether something is mounted at `at` (another device than its parent).
 pub(crate) fn is_mounted(at: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let (Ok(here), Some(Ok(parent))) = (
-        std::fs::metadata(at),
-        at.parent().map(std::fs::metadata),
-    ) else {
+    let (Ok(here), Some(Ok(parent))) = (std::fs::metadata(at), at.parent().map(std::fs::metadata))
+    else {
         return false;
     };
     here.dev() != parent.dev()
