@@ -56,6 +56,19 @@ async fn request(
     )
 }
 
+/// Destroys a sandbox (tests leave none running behind them).
+async fn destroy(server: &TestServer, key: &str, id: &str) {
+    let (status, body) = request(
+        server,
+        key,
+        reqwest::Method::DELETE,
+        &format!("/sandboxes/{id}"),
+        None,
+    )
+    .await;
+    assert!(status < 300, "destroy {id}: {body}");
+}
+
 async fn spawn(server: &TestServer, key: &str, image: &str) -> String {
     let (status, body) = request(
         server,
@@ -144,7 +157,8 @@ async fn root_in_a_native_sandbox_is_not_root_on_the_host() {
     assert_eq!(whoami, "0\n0\n");
 
     // Outside: a process of the sandbox runs as the range's first id.
-    let marker = format!("{}", 40_000 + std::process::id() % 10_000);
+    // Nine digits: no other test's marker is a prefix of it.
+    let marker = format!("{}", 900_000_000 + std::process::id());
     sh(
         &server,
         &owner,
@@ -210,6 +224,7 @@ async fn root_in_a_native_sandbox_is_not_root_on_the_host() {
     )
     .await;
     assert_eq!((code, out.as_str()), (0, "0 0\n"));
+    destroy(&server, &owner, &id).await;
 }
 
 #[tokio::test]
@@ -268,6 +283,7 @@ async fn a_native_sandbox_cannot_write_host_sysctls_or_undo_its_mounts() {
     }
     let (_, sys, _) = sh(&server, &owner, &id, "ls /sys 2>/dev/null | wc -l").await;
     assert_eq!(sys.trim(), "0", "the host's /sys is visible");
+    destroy(&server, &owner, &id).await;
 }
 
 #[tokio::test]
@@ -304,6 +320,7 @@ async fn the_host_image_is_read_only_and_hides_host_secrets() {
     )
     .await;
     assert_eq!(code, 0, "{err}");
+    destroy(&server, &admin, &id).await;
 }
 
 #[tokio::test]
@@ -359,15 +376,7 @@ async fn a_disk_fill_stops_at_the_sandbox_cap() {
     let (status, _) = server.get("/health").await;
     assert_eq!(status, 200);
 
-    let (status, body) = request(
-        &server,
-        &owner,
-        reqwest::Method::DELETE,
-        &format!("/sandboxes/{id}"),
-        None,
-    )
-    .await;
-    assert!(status < 300, "destroy: {body}");
+    destroy(&server, &owner, &id).await;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!mounts.contains(&id), "a mount of {id} is left: {mounts}");
     assert!(!dir.exists());
