@@ -34,6 +34,36 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub auth: AuthConfig,
     pub rate_limit: crate::service::RateLimitConfig,
+    /// Who may use which providers and images (see `service::policy`).
+    pub policy: PolicyConfig,
+}
+
+/// `policy`: allow and deny lists per role and per tenant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// By role name (admin, operator, viewer, owner).
+    pub roles: std::collections::BTreeMap<String, PolicyRules>,
+    /// By tenant id.
+    pub tenants: std::collections::BTreeMap<String, PolicyRules>,
+}
+
+/// The rules of one role or tenant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyRules {
+    /// Provider names.
+    pub providers: AllowDeny,
+    /// Image names; a trailing `*` matches any suffix (`alpine:*`).
+    pub images: AllowDeny,
+}
+
+/// An allow and a deny list: deny wins; an empty allow list allows all.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllowDeny {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -78,6 +108,9 @@ pub struct NativeConfig {
     /// The `stacyvm` binary whose hidden helpers start sandbox inits and
     /// run commands in them; empty means the running executable.
     pub helper_binary: PathBuf,
+    /// Whether callers other than admins may spawn the `host` image (the
+    /// host's root, read-only). Off by default.
+    pub allow_host_image: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +131,13 @@ pub struct DefaultsConfig {
     /// Size of a sandbox's writable disk, in MiB, where the provider can
     /// cap it (native: a loop-mounted filesystem; docker: its `/tmp`).
     pub disk_mb: u32,
+    /// The most memory (MiB) one sandbox may ask for; never more than the
+    /// host's memory.
+    pub max_memory_mb: u32,
+    /// The most vCPUs one sandbox may ask for; never more than the host has.
+    pub max_vcpus: u32,
+    /// The largest disk (MiB) one sandbox may ask for.
+    pub max_disk_mb: u32,
     pub exec_timeout: GoDuration,
     pub max_exec_timeout: GoDuration,
     /// Global cap on live sandboxes; 0 means unlimited.
@@ -197,6 +237,7 @@ impl Default for Config {
             logging: LoggingConfig::default(),
             auth: AuthConfig::default(),
             rate_limit: Default::default(),
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -251,6 +292,9 @@ impl Default for DefaultsConfig {
             memory_mb: 1024,
             vcpus: 1,
             disk_mb: 1024,
+            max_memory_mb: 8192,
+            max_vcpus: 4,
+            max_disk_mb: 10240,
             exec_timeout: secs(5 * 60),
             max_exec_timeout: secs(10 * 60),
             max_sandboxes: 0,
@@ -382,6 +426,21 @@ impl Config {
                 "defaults.memory_mb, defaults.vcpus and defaults.disk_mb must be positive".into(),
             ));
         }
+        for (name, default, max) in [
+            ("memory_mb", d.memory_mb, d.max_memory_mb),
+            ("vcpus", d.vcpus, d.max_vcpus),
+            ("disk_mb", d.disk_mb, d.max_disk_mb),
+        ] {
+            if default > max {
+                return Err(ConfigError::Invalid(format!(
+                    "defaults.{name} ({default}) must be at most defaults.max_{name} ({max})"
+                )));
+            }
+        }
+        for role in self.policy.roles.keys() {
+            role.parse::<crate::auth::Role>()
+                .map_err(|e| ConfigError::Invalid(format!("policy.roles: {e}")))?;
+        }
         if !["reject", "queue"].contains(&d.spawn_overflow.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "defaults.spawn_overflow must be reject or queue, not {:?}",
@@ -461,6 +520,12 @@ mod tests {
         assert!(Config::default().validate().is_ok());
         let mut c = Config::default();
         c.defaults.ttl = secs(48 * 3600);
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.defaults.memory_mb = c.defaults.max_memory_mb + 1;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.policy.roles.insert("root".into(), PolicyRules::default());
         assert!(c.validate().is_err());
     }
 }

@@ -4,6 +4,9 @@ use sea_orm::entity::prelude::*;
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
 #[sea_orm(table_name = "owners")]
 pub struct Model {
+    /// An owner is identified by its tenant and its id together.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub tenant_id: String,
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: String,
     /// Hash of the owner's API key; never the key itself.

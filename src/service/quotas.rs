@@ -1,5 +1,7 @@
 //! Per-owner quota overrides and usage. Setting and clearing quotas is for
-//! admins; an owner may read its own.
+//! admins; an owner may read its own. An owner is (tenant, owner id): every
+//! quota call names an owner of the caller's tenant, so `alice` of one
+//! tenant never shares, reads or changes the quota of `alice` of another.
 
 use std::time::Duration;
 
@@ -82,7 +84,7 @@ impl Service {
         self.require_admin(caller)?;
         Ok(self
             .store()
-            .list_owner_quotas()
+            .list_owner_quotas(Some(&caller.tenant_id))
             .await?
             .into_iter()
             .map(policy)
@@ -91,10 +93,11 @@ impl Service {
 
     /// One owner's overrides (admins, or the owner itself).
     pub async fn get_quota(&self, caller: &Caller, owner: &str) -> Result<QuotaPolicy> {
-        if !caller.is_admin() && caller.owner_id != owner {
+        let tenant = caller.tenant_id.as_str();
+        if !caller.is_admin() && !caller.is_owner(tenant, owner) {
             return Err(Error::NotFound(format!("no quota for owner {owner}")));
         }
-        match self.store().get_owner(owner).await? {
+        match self.store().get_owner(tenant, owner).await? {
             Some(o) if overrides_quota(&o) => Ok(policy(o)),
             _ => Err(Error::NotFound(format!("no quota for owner {owner}"))),
         }
@@ -127,10 +130,11 @@ impl Service {
                     input.max_exec_timeout.as_deref(),
                 )?,
             };
-            self.store().set_owner_quota(owner, quota).await?;
+            let tenant = caller.tenant_id.as_str();
+            self.store().set_owner_quota(tenant, owner, quota).await?;
             let saved = self
                 .store()
-                .get_owner(owner)
+                .get_owner(tenant, owner)
                 .await?
                 .ok_or_else(|| Error::Internal("quota vanished after write".into()))?;
             Ok(policy(saved))
@@ -145,7 +149,11 @@ impl Service {
     pub async fn delete_quota(&self, caller: &Caller, owner: &str) -> Result<()> {
         let outcome = async {
             self.require_admin(caller)?;
-            if self.store().clear_owner_quota(owner).await? {
+            if self
+                .store()
+                .clear_owner_quota(&caller.tenant_id, owner)
+                .await?
+            {
                 Ok(())
             } else {
                 Err(Error::NotFound(format!("no quota for owner {owner}")))
@@ -159,11 +167,12 @@ impl Service {
 
     /// An owner's usage (admins, or the owner itself).
     pub async fn quota_usage(&self, caller: &Caller, owner: &str) -> Result<QuotaUsage> {
-        if !caller.is_admin() && caller.owner_id != owner {
+        let tenant = caller.tenant_id.as_str();
+        if !caller.is_admin() && !caller.is_owner(tenant, owner) {
             return Err(Error::NotFound(format!("no quota for owner {owner}")));
         }
         let defaults = &self.config().defaults;
-        let record = self.store().get_owner(owner).await?;
+        let record = self.store().get_owner(tenant, owner).await?;
         let configured = record.as_ref().is_some_and(overrides_quota);
         let max_sandboxes = record
             .as_ref()
@@ -172,10 +181,13 @@ impl Service {
             .unwrap_or(u64::from(defaults.max_sandboxes_per_owner));
         Ok(QuotaUsage {
             owner_id: owner.to_string(),
-            active_sandboxes: self.store().count_live_sandboxes(Some(owner)).await?,
+            active_sandboxes: self
+                .store()
+                .count_live_sandboxes(Some((tenant, owner)))
+                .await?,
             max_sandboxes,
-            max_ttl: duration::format(self.max_ttl_for(owner).await?),
-            max_exec_timeout: duration::format(self.max_exec_timeout_for(owner).await?),
+            max_ttl: duration::format(self.max_ttl_for(tenant, owner).await?),
+            max_exec_timeout: duration::format(self.max_exec_timeout_for(tenant, owner).await?),
             quota_configured: configured,
         })
     }

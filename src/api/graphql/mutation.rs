@@ -20,6 +20,8 @@ pub struct SpawnSandboxInput {
     pub provider: Option<String>,
     pub memory_mb: Option<u32>,
     pub vcpus: Option<u32>,
+    /// Writable disk in MiB (at most `defaults.max_disk_mb`).
+    pub disk_mb: Option<u32>,
     pub ttl: Option<GoDuration>,
     pub template: Option<String>,
     pub owner_id: Option<String>,
@@ -101,6 +103,8 @@ pub struct TemplateInput {
     pub image: String,
     pub memory_mb: Option<u32>,
     pub vcpus: Option<u32>,
+    /// Writable disk in MiB (at most `defaults.max_disk_mb`).
+    pub disk_mb: Option<u32>,
     pub ttl: Option<GoDuration>,
     pub provider: Option<String>,
     pub metadata: Option<Json<BTreeMap<String, String>>>,
@@ -132,6 +136,7 @@ impl MutationRoot {
             provider: input.provider,
             memory_mb: input.memory_mb,
             vcpus: input.vcpus,
+            disk_mb: input.disk_mb,
             ttl: input.ttl.map(|t| duration::format(t.0)),
             template: input.template,
             owner_id: input.owner_id,
@@ -291,6 +296,7 @@ impl MutationRoot {
             image: input.image,
             memory_mb: input.memory_mb,
             vcpus: input.vcpus,
+            disk_mb: input.disk_mb,
             ttl: input.ttl.map(|t| duration::format(t.0)),
             provider: input.provider,
             metadata: input.metadata.map(|m| m.0).unwrap_or_default(),

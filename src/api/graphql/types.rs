@@ -151,7 +151,9 @@ impl Sandbox {
             return Ok(None);
         };
         let loader = cx.data::<DataLoader<StoreLoader>>()?;
-        let model = loader.load_one(TemplateNamed(name.clone())).await?;
+        let model = loader
+            .load_one(TemplateNamed(self.0.tenant_id.clone(), name.clone()))
+            .await?;
         let service = cx.data::<service::Service>()?;
         model
             .map(|m| service.template_view(m).map(Template).gql())
@@ -309,6 +311,10 @@ impl Template {
     }
     async fn vcpus(&self) -> u32 {
         self.0.vcpus
+    }
+    /// Writable disk in MiB.
+    async fn disk_mb(&self) -> u32 {
+        self.0.disk_mb
     }
     async fn ttl(&self) -> &str {
         &self.0.ttl
