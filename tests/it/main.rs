@@ -2,6 +2,7 @@ mod api;
 mod auth;
 mod chaos;
 mod graphql;
+mod isolation;
 mod private_dockerd;
 mod providers;
 mod store;
