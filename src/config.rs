@@ -516,6 +516,38 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_block_of_the_readme_loads() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("stacyvm.yaml");
+        std::fs::write(
+            &path,
+            r#"
+providers:
+  native:
+    allow_host_image: true
+defaults:
+  max_memory_mb: 4096
+policy:
+  roles:
+    owner: { providers: { allow: [docker] }, images: { deny: ["host"] } }
+  tenants:
+    acme: { providers: { deny: [native] }, images: { allow: ["alpine:*", "busybox:*"] } }
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let c = Config::load(Some(&path), Figment::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.providers.native.allow_host_image);
+        assert_eq!(c.defaults.max_memory_mb, 4096);
+        assert_eq!(c.policy.roles["owner"].providers.allow, ["docker"]);
+        assert_eq!(c.policy.roles["owner"].images.deny, ["host"]);
+        assert_eq!(c.policy.tenants["acme"].providers.deny, ["native"]);
+        assert_eq!(
+            c.policy.tenants["acme"].images.allow,
+            ["alpine:*", "busybox:*"]
+        );
+    }
+
+    #[test]
     fn defaults_validate() {
         assert!(Config::default().validate().is_ok());
         let mut c = Config::default();
