@@ -105,7 +105,6 @@ async fn two_alices_in_two_tenants_are_strangers_on_every_surface() {
 
     // The default tenant's alice: every REST route on that sandbox answers
     // exactly like a missing sandbox.
-    let (_, missing, _) = call(&server, Method::GET, "/sandboxes/sb-00000000", &hh, None).await;
     let routes: Vec<(Method, String, Option<Value>)> = vec![
         (Method::GET, format!("/sandboxes/{id}"), None),
         (Method::DELETE, format!("/sandboxes/{id}"), None),
@@ -171,21 +170,34 @@ async fn two_alices_in_two_tenants_are_strangers_on_every_surface() {
         (Method::POST, "/templates/shared-name/spawn".into(), None),
     ];
     for (method, path, body) in routes {
-        let (s, answer, _) = call(&server, method.clone(), &path, &hh, body).await;
+        let (s, answer, _) = call(&server, method.clone(), &path, &hh, body.clone()).await;
         assert_eq!(
             (s, answer["code"].as_str()),
             (404, Some("NOT_FOUND")),
             "default alice {method} {path}: {answer}"
         );
-        if path == format!("/sandboxes/{id}") && method == Method::GET {
-            assert_eq!(
-                answer["message"]
-                    .as_str()
-                    .map(|m| m.replace(&id, "sb-00000000")),
-                missing["message"].as_str().map(str::to_string),
-                "the same answer as a missing sandbox"
-            );
-        }
+        // Exactly what the same call on a sandbox (or template) that does
+        // not exist answers.
+        let absent = path
+            .replace(&id, "sb-00000000")
+            .replace("shared-name", "no-such-name");
+        let (s_absent, answer_absent, _) = call(&server, method.clone(), &absent, &hh, body).await;
+        let normalise = |v: &Value| {
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .replace(&id, "sb-00000000")
+                .replace("shared-name", "no-such-name")
+        };
+        assert_eq!(
+            (s, answer["code"].clone(), normalise(&answer)),
+            (
+                s_absent,
+                answer_absent["code"].clone(),
+                normalise(&answer_absent)
+            ),
+            "{method} {path} differs from a missing resource"
+        );
     }
     // The file is untouched and the sandbox still runs for its owner.
     let (s, content, _) = call(
