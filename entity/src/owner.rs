@@ -15,6 +15,11 @@ pub struct Model {
     pub max_sandboxes: Option<i32>,
     pub max_ttl_ms: Option<i64>,
     pub max_exec_timeout_ms: Option<i64>,
+    /// Overrides of the size bounds (`defaults.max_memory_mb` etc.); still
+    /// capped by the host.
+    pub max_memory_mb: Option<i32>,
+    pub max_vcpus: Option<i32>,
+    pub max_disk_mb: Option<i32>,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

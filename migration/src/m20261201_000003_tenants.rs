@@ -1,6 +1,7 @@
 //! Tenants are part of an owner's identity: quota records and templates are
 //! keyed by (tenant, owner) and (tenant, name), executions carry their
-//! sandbox's tenant, and templates may store a disk size.
+//! sandbox's tenant, templates may store a disk size, and an owner's quota
+//! may override the size bounds (memory, vCPUs, disk).
 //!
 //! SQLite cannot change a primary key in place, so `owners` and `templates`
 //! are rebuilt (new table, copy, drop, rename) the same way on both
@@ -26,6 +27,9 @@ enum OwnersNew {
     MaxSandboxes,
     MaxTtlMs,
     MaxExecTimeoutMs,
+    MaxMemoryMb,
+    MaxVcpus,
+    MaxDiskMb,
     CreatedAt,
     UpdatedAt,
 }
@@ -92,6 +96,9 @@ impl MigrationTrait for Migration {
                 .col(integer_null(OwnersNew::MaxSandboxes))
                 .col(big_integer_null(OwnersNew::MaxTtlMs))
                 .col(big_integer_null(OwnersNew::MaxExecTimeoutMs))
+                .col(integer_null(OwnersNew::MaxMemoryMb))
+                .col(integer_null(OwnersNew::MaxVcpus))
+                .col(integer_null(OwnersNew::MaxDiskMb))
                 .col(timestamp_with_time_zone(OwnersNew::CreatedAt))
                 .col(timestamp_with_time_zone(OwnersNew::UpdatedAt))
                 .primary_key(Index::create().col(OwnersNew::TenantId).col(OwnersNew::Id))

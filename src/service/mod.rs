@@ -33,8 +33,8 @@ pub use identity::{ApiKeyInfo, Credentials, Identity, IdentityError, NewApiKey, 
 pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor};
 pub use output::{OutputChunk, OutputEnd, OutputEvent, OutputFollower, OutputHub};
 pub use policy::{
-    ALLOW_HOST_IMAGE_KEY, Bound, BoundSource, PolicyRefusal, SandboxAsk, Scope, SpawnBounds,
-    Subject, check_policy,
+    ALLOW_HOST_IMAGE_KEY, Bound, BoundSource, HostCapacity, PolicyRefusal, SandboxAsk, Scope,
+    SpawnBounds, Subject, check_policy,
 };
 pub use quotas::{QuotaInput, QuotaPolicy, QuotaUsage};
 pub use rate_limit::{RateDecision, RateLimitConfig, RateLimiter};
@@ -70,8 +70,8 @@ struct Inner {
     /// Live output of running and recently finished executions.
     outputs: OutputHub,
     identity: Identity,
-    /// The largest sandbox one may ask for (configuration capped by the host).
-    bounds: SpawnBounds,
+    /// What the host has; no size bound goes beyond it.
+    host: HostCapacity,
     rate_limiter: RateLimiter,
     /// Spawns waiting for capacity under `spawn_overflow: queue`.
     spawn_queue: spawn_queue::SpawnQueue,
@@ -102,7 +102,7 @@ impl Service {
                     config.defaults.spawn_queue_timeout.0,
                 ),
                 identity,
-                bounds: SpawnBounds::for_host(&config),
+                host: HostCapacity::probe(),
                 store,
                 scheduler,
                 config,

@@ -32,7 +32,9 @@ pub struct SandboxAsk<'a> {
 pub enum BoundSource {
     /// The configuration key `defaults.max_<name>`.
     Config,
-    /// The host has less than the configured bound.
+    /// The owner's quota override (set by an admin).
+    Quota,
+    /// The host has less than the configured (or overridden) bound.
     Host,
 }
 
@@ -43,7 +45,7 @@ pub struct Bound {
     pub source: BoundSource,
 }
 
-/// The largest sandbox anyone may ask for, fixed at start-up.
+/// The largest sandbox one owner may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpawnBounds {
     pub memory_mb: Bound,
@@ -51,17 +53,44 @@ pub struct SpawnBounds {
     pub disk_mb: Bound,
 }
 
-/// The smaller of a configured bound and what the host has.
-fn bound(configured: u32, host: Option<u32>) -> Bound {
-    match host {
-        Some(h) if h < configured => Bound {
-            max: h.max(1),
-            source: BoundSource::Host,
+/// What the host has, read once at start-up; no bound goes beyond it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostCapacity {
+    /// `MemTotal` of `/proc/meminfo`, in MiB.
+    pub memory_mb: Option<u32>,
+    /// `std::thread::available_parallelism`.
+    pub cpus: Option<u32>,
+}
+
+impl HostCapacity {
+    pub fn probe() -> HostCapacity {
+        HostCapacity {
+            memory_mb: host_memory_mb(),
+            cpus: std::thread::available_parallelism()
+                .ok()
+                .and_then(|n| u32::try_from(n.get()).ok()),
+        }
+    }
+}
+
+/// The configured bound, or the owner's override of it, capped by the host.
+fn bound(configured: u32, overridden: Option<i32>, host: Option<u32>) -> Bound {
+    let wanted = match overridden.and_then(|o| u32::try_from(o).ok()) {
+        Some(o) if o > 0 => Bound {
+            max: o,
+            source: BoundSource::Quota,
         },
         _ => Bound {
             max: configured,
             source: BoundSource::Config,
         },
+    };
+    match host {
+        Some(h) if h < wanted.max => Bound {
+            max: h.max(1),
+            source: BoundSource::Host,
+        },
+        _ => wanted,
     }
 }
 
@@ -80,17 +109,28 @@ fn host_memory_mb() -> Option<u32> {
 }
 
 impl SpawnBounds {
-    /// The configured bounds, capped by the host's memory and CPUs. The
+    /// The configured bounds, capped by this host's memory and CPUs. The
     /// disk bound is the configured one only (free space changes).
     pub fn for_host(config: &Config) -> SpawnBounds {
+        SpawnBounds::new(config, None, HostCapacity::probe())
+    }
+
+    /// The bounds for an owner: its quota overrides where it has them,
+    /// else the configuration; never beyond `host`.
+    pub fn new(
+        config: &Config,
+        owner: Option<&entity::owner::Model>,
+        host: HostCapacity,
+    ) -> SpawnBounds {
         let d = &config.defaults;
-        let cpus = std::thread::available_parallelism()
-            .ok()
-            .and_then(|n| u32::try_from(n.get()).ok());
         SpawnBounds {
-            memory_mb: bound(d.max_memory_mb, host_memory_mb()),
-            vcpus: bound(d.max_vcpus, cpus),
-            disk_mb: bound(d.max_disk_mb, None),
+            memory_mb: bound(
+                d.max_memory_mb,
+                owner.and_then(|o| o.max_memory_mb),
+                host.memory_mb,
+            ),
+            vcpus: bound(d.max_vcpus, owner.and_then(|o| o.max_vcpus), host.cpus),
+            disk_mb: bound(d.max_disk_mb, owner.and_then(|o| o.max_disk_mb), None),
         }
     }
 
@@ -104,6 +144,7 @@ impl SpawnBounds {
             if value > bound.max {
                 let source = match bound.source {
                     BoundSource::Config => format!("defaults.max_{name}"),
+                    BoundSource::Quota => format!("the owner's quota max_{name}"),
                     BoundSource::Host => match name {
                         "memory_mb" => "the host's memory".to_string(),
                         _ => "the host's CPUs".to_string(),
@@ -254,11 +295,18 @@ pub fn check_policy(
 
 impl Service {
     /// The one check of what a caller asks for: size bounds (400
-    /// BAD_REQUEST naming the bound), then the provider and image policy
-    /// (403 FORBIDDEN naming the rule). Used by every spawn and every
-    /// template save, before anything is recorded.
-    pub(super) fn check_sandbox_rules(&self, caller: &Caller, ask: &SandboxAsk<'_>) -> Result<()> {
-        self.inner.bounds.check(ask)?;
+    /// BAD_REQUEST naming the bound; the bounds of `owner`, i.e. (tenant,
+    /// owner id), whose quota may override them), then the provider and
+    /// image policy (403 FORBIDDEN naming the rule, decided by the caller's
+    /// role and tenant). Used by every spawn and every template save,
+    /// before anything is recorded.
+    pub(super) async fn check_sandbox_rules(
+        &self,
+        caller: &Caller,
+        owner: (&str, &str),
+        ask: &SandboxAsk<'_>,
+    ) -> Result<()> {
+        self.spawn_bounds_for(owner.0, owner.1).await?.check(ask)?;
         check_policy(
             &self.config().policy,
             self.config().providers.native.allow_host_image,
@@ -270,9 +318,14 @@ impl Service {
         Ok(())
     }
 
-    /// The bounds in force (configuration capped by the host).
-    pub fn spawn_bounds(&self) -> SpawnBounds {
-        self.inner.bounds
+    /// The bounds in force for an owner (tenant, owner id).
+    pub async fn spawn_bounds_for(&self, tenant: &str, owner: &str) -> Result<SpawnBounds> {
+        let record = self.store().get_owner(tenant, owner).await?;
+        Ok(SpawnBounds::new(
+            self.config(),
+            record.as_ref(),
+            self.inner.host,
+        ))
     }
 }
 
@@ -381,10 +434,24 @@ mod tests {
     #[test]
     fn bounds_name_their_source() {
         let bounds = SpawnBounds {
-            memory_mb: bound(8192, Some(4096)),
-            vcpus: bound(4, Some(16)),
-            disk_mb: bound(10240, None),
+            memory_mb: bound(8192, None, Some(4096)),
+            vcpus: bound(4, None, Some(16)),
+            disk_mb: bound(10240, None, None),
         };
+        // An override replaces the configured bound, up or down, but never
+        // goes beyond the host.
+        assert_eq!(
+            bound(8192, Some(16384), Some(65536)),
+            Bound {
+                max: 16384,
+                source: BoundSource::Quota
+            }
+        );
+        assert_eq!(
+            bound(8192, Some(16384), Some(12000)).source,
+            BoundSource::Host
+        );
+        assert_eq!(bound(8192, Some(0), None).source, BoundSource::Config);
         let ask = |memory_mb, vcpus, disk_mb| SandboxAsk {
             provider: "docker",
             image: "x",

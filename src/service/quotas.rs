@@ -20,6 +20,10 @@ pub struct QuotaPolicy {
     pub max_sandboxes: u64,
     pub max_ttl: String,
     pub max_exec_timeout: String,
+    /// Overrides of the size bounds; 0 = not overridden.
+    pub max_memory_mb: u32,
+    pub max_vcpus: u32,
+    pub max_disk_mb: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -30,6 +34,11 @@ pub struct QuotaInput {
     pub max_sandboxes: Option<u64>,
     pub max_ttl: Option<String>,
     pub max_exec_timeout: Option<String>,
+    /// Overrides of `defaults.max_memory_mb`, `max_vcpus`, `max_disk_mb`
+    /// for this owner (up or down); the host's capacity still caps them.
+    pub max_memory_mb: Option<u32>,
+    pub max_vcpus: Option<u32>,
+    pub max_disk_mb: Option<u32>,
 }
 
 /// An owner's usage against its effective limits.
@@ -59,10 +68,24 @@ fn policy(o: entity::owner::Model) -> QuotaPolicy {
             .unwrap_or(0),
         max_ttl: ms_text(o.max_ttl_ms),
         max_exec_timeout: ms_text(o.max_exec_timeout_ms),
+        max_memory_mb: size(o.max_memory_mb),
+        max_vcpus: size(o.max_vcpus),
+        max_disk_mb: size(o.max_disk_mb),
         owner_id: o.id,
         created_at: o.created_at,
         updated_at: o.updated_at,
     }
+}
+
+fn size(v: Option<i32>) -> u32 {
+    v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0)
+}
+
+/// A size override: 0 or missing clears it.
+fn size_limit(name: &str, v: Option<u32>) -> Result<Option<i32>> {
+    v.filter(|v| *v > 0)
+        .map(|v| i32::try_from(v).map_err(|_| Error::BadRequest(format!("{name} too large"))))
+        .transpose()
 }
 
 fn parse_limit(name: &str, text: Option<&str>) -> Result<Option<i64>> {
@@ -129,6 +152,9 @@ impl Service {
                     "max_exec_timeout",
                     input.max_exec_timeout.as_deref(),
                 )?,
+                max_memory_mb: size_limit("max_memory_mb", input.max_memory_mb)?,
+                max_vcpus: size_limit("max_vcpus", input.max_vcpus)?,
+                max_disk_mb: size_limit("max_disk_mb", input.max_disk_mb)?,
             };
             let tenant = caller.tenant_id.as_str();
             self.store().set_owner_quota(tenant, owner, quota).await?;

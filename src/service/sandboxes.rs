@@ -192,8 +192,10 @@ impl Service {
                 "metadata is limited to {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes"
             )));
         }
+        let owner_id = caller.effective_owner(req.owner_id.as_deref());
         self.check_sandbox_rules(
             caller,
+            (&caller.tenant_id, &owner_id),
             &SandboxAsk {
                 provider: provider
                     .as_deref()
@@ -203,7 +205,8 @@ impl Service {
                 vcpus,
                 disk_mb,
             },
-        )?;
+        )
+        .await?;
         Ok(SpawnPlan {
             image,
             provider,
@@ -213,7 +216,7 @@ impl Service {
             ttl,
             template: template.map(|t| t.name),
             tenant_id: caller.tenant_id.clone(),
-            owner_id: caller.effective_owner(req.owner_id.as_deref()),
+            owner_id,
             metadata,
         })
     }

@@ -144,6 +144,7 @@ impl Service {
         let disk_mb = input.disk_mb.filter(|d| *d > 0);
         self.check_sandbox_rules(
             caller,
+            (&caller.tenant_id, &caller.owner_id),
             &SandboxAsk {
                 provider: if provider.is_empty() {
                     self.scheduler().default_provider()
@@ -155,7 +156,8 @@ impl Service {
                 vcpus,
                 disk_mb: disk_mb.unwrap_or(defaults.disk_mb),
             },
-        )?;
+        )
+        .await?;
         let now = Utc::now();
         Ok(entity::template::Model {
             tenant_id: caller.tenant_id.clone(),

@@ -12,6 +12,9 @@ fn has_override() -> Condition {
         .add(Column::MaxSandboxes.is_not_null())
         .add(Column::MaxTtlMs.is_not_null())
         .add(Column::MaxExecTimeoutMs.is_not_null())
+        .add(Column::MaxMemoryMb.is_not_null())
+        .add(Column::MaxVcpus.is_not_null())
+        .add(Column::MaxDiskMb.is_not_null())
 }
 
 /// Whether an owner has at least one quota override.
@@ -19,6 +22,9 @@ pub fn overrides_quota(owner: &entity::owner::Model) -> bool {
     owner.max_sandboxes.is_some()
         || owner.max_ttl_ms.is_some()
         || owner.max_exec_timeout_ms.is_some()
+        || owner.max_memory_mb.is_some()
+        || owner.max_vcpus.is_some()
+        || owner.max_disk_mb.is_some()
 }
 
 /// How many owners have each kind of override; reveals no owner names.
@@ -73,6 +79,9 @@ pub struct OwnerQuota {
     pub max_sandboxes: Option<i32>,
     pub max_ttl_ms: Option<i64>,
     pub max_exec_timeout_ms: Option<i64>,
+    pub max_memory_mb: Option<i32>,
+    pub max_vcpus: Option<i32>,
+    pub max_disk_mb: Option<i32>,
 }
 
 impl Store {
@@ -93,6 +102,9 @@ impl Store {
             max_sandboxes: quota.max_sandboxes,
             max_ttl_ms: quota.max_ttl_ms,
             max_exec_timeout_ms: quota.max_exec_timeout_ms,
+            max_memory_mb: quota.max_memory_mb,
+            max_vcpus: quota.max_vcpus,
+            max_disk_mb: quota.max_disk_mb,
             created_at: now,
             updated_at: now,
         };
@@ -105,6 +117,9 @@ impl Store {
                         Column::MaxSandboxes,
                         Column::MaxTtlMs,
                         Column::MaxExecTimeoutMs,
+                        Column::MaxMemoryMb,
+                        Column::MaxVcpus,
+                        Column::MaxDiskMb,
                         Column::UpdatedAt,
                     ])
                     .to_owned(),

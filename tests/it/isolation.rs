@@ -604,6 +604,135 @@ async fn spawns_and_templates_beyond_the_bounds_are_refused_naming_the_bound() {
     server.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admins_quota_override_moves_one_owners_bounds_but_never_past_the_host() {
+    let server = native_server(bounded).await;
+    let alice = key_in(&server, "alice", None, Role::Owner).await;
+    let bob = key_in(&server, "bob", None, Role::Owner).await;
+    let acme_alice = key_in(&server, "alice", Some("acme"), Role::Owner).await;
+    let admin = key_in(&server, "root", None, Role::Admin).await;
+    let image = docker_image();
+    let (s, q, _) = call(
+        &server,
+        Method::PUT,
+        "/quotas/alice",
+        &[("x-admin-api-key", admin.as_str())],
+        Some(json!({"max_memory_mb": 4096, "max_disk_mb": 1024})),
+    )
+    .await;
+    assert_eq!(s, 200, "{q}");
+    assert_eq!(
+        (
+            q["max_memory_mb"].as_u64(),
+            q["max_vcpus"].as_u64(),
+            q["max_disk_mb"].as_u64()
+        ),
+        (Some(4096), Some(0), Some(1024)),
+        "{q}"
+    );
+    let preflight = |key: String, body: Value| {
+        let server = &server;
+        async move {
+            let (s, answer, _) = call(
+                server,
+                Method::POST,
+                "/sandboxes/admission",
+                &h(&key),
+                Some(body),
+            )
+            .await;
+            (
+                s,
+                answer["message"].as_str().map(str::to_string),
+                answer["allowed"].as_bool(),
+            )
+        }
+    };
+    // Raised for alice, not for bob, not for acme's alice.
+    assert_eq!(
+        preflight(alice.clone(), json!({"image": image, "memory_mb": 3000})).await,
+        (200, None, Some(true))
+    );
+    let refused = |limit: &str| Some(limit.to_string());
+    assert_eq!(
+        preflight(bob.clone(), json!({"image": image, "memory_mb": 3000}))
+            .await
+            .1,
+        refused("memory_mb 3000 exceeds the limit of 2048 (defaults.max_memory_mb)")
+    );
+    assert_eq!(
+        preflight(
+            acme_alice.clone(),
+            json!({"image": image, "memory_mb": 3000})
+        )
+        .await
+        .1,
+        refused("memory_mb 3000 exceeds the limit of 2048 (defaults.max_memory_mb)")
+    );
+    assert_eq!(
+        preflight(alice.clone(), json!({"image": image, "memory_mb": 5000}))
+            .await
+            .1,
+        refused("memory_mb 5000 exceeds the limit of 4096 (the owner's quota max_memory_mb)")
+    );
+    // An override may also lower a bound.
+    assert_eq!(
+        preflight(alice.clone(), json!({"image": image, "disk_mb": 2000}))
+            .await
+            .1,
+        refused("disk_mb 2000 exceeds the limit of 1024 (the owner's quota max_disk_mb)")
+    );
+    // Template saves use the same bounds.
+    let (s, t, _) = call(
+        &server,
+        Method::POST,
+        "/templates",
+        &h(&alice),
+        Some(json!({"name": "roomy", "image": image, "memory_mb": 3000})),
+    )
+    .await;
+    assert_eq!(s, 201, "{t}");
+    // The host still caps an override (GraphQL setQuota).
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let answer = gql(
+        &server,
+        &admin,
+        "mutation { setQuota(input: {ownerId: \"alice\", maxMemoryMb: 4096, maxVcpus: 100000}) { maxVcpus } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(answer["data"]["setQuota"]["maxVcpus"], 100000, "{answer}");
+    assert_eq!(
+        preflight(alice.clone(), json!({"image": image, "vcpus": cpus + 1}))
+            .await
+            .1,
+        Some(format!(
+            "vcpus {} exceeds the limit of {cpus} (the host's CPUs)",
+            cpus + 1
+        ))
+    );
+    // Cleared, alice is back to the configured bounds.
+    let (s, _, _) = call(
+        &server,
+        Method::DELETE,
+        "/quotas/alice",
+        &[("x-admin-api-key", admin.as_str())],
+        None,
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        preflight(alice.clone(), json!({"image": image, "memory_mb": 3000}))
+            .await
+            .1,
+        refused("memory_mb 3000 exceeds the limit of 2048 (defaults.max_memory_mb)")
+    );
+    assert!(all_records(&server).await.is_empty());
+    server.stop().await;
+}
+
 #[test]
 fn bounds_never_exceed_the_host() {
     let mut config = Config::default();

@@ -117,6 +117,10 @@ pub struct SetQuotaInput {
     pub max_sandboxes: Option<u64>,
     pub max_ttl: Option<GoDuration>,
     pub max_exec_timeout: Option<GoDuration>,
+    /// Overrides of the size bounds for this owner (the host still caps them).
+    pub max_memory_mb: Option<u32>,
+    pub max_vcpus: Option<u32>,
+    pub max_disk_mb: Option<u32>,
 }
 
 /// The root of all changes.
@@ -321,6 +325,9 @@ impl MutationRoot {
             max_sandboxes: input.max_sandboxes,
             max_ttl: input.max_ttl.map(|d| duration::format(d.0)),
             max_exec_timeout: input.max_exec_timeout.map(|d| duration::format(d.0)),
+            max_memory_mb: input.max_memory_mb,
+            max_vcpus: input.max_vcpus,
+            max_disk_mb: input.max_disk_mb,
         };
         Ok(service
             .set_quota(caller, &input.owner_id, quota)

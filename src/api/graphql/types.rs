@@ -463,6 +463,11 @@ pub struct QuotaPolicy {
     pub max_sandboxes: u64,
     pub max_ttl: String,
     pub max_exec_timeout: String,
+    /// Overrides of `defaults.max_memory_mb`, `max_vcpus`, `max_disk_mb`
+    /// (0 = not overridden); the host still caps them.
+    pub max_memory_mb: u32,
+    pub max_vcpus: u32,
+    pub max_disk_mb: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -474,6 +479,9 @@ impl From<service::QuotaPolicy> for QuotaPolicy {
             max_sandboxes: q.max_sandboxes,
             max_ttl: q.max_ttl,
             max_exec_timeout: q.max_exec_timeout,
+            max_memory_mb: q.max_memory_mb,
+            max_vcpus: q.max_vcpus,
+            max_disk_mb: q.max_disk_mb,
             created_at: q.created_at,
             updated_at: q.updated_at,
         }
