@@ -239,20 +239,20 @@ fn check_list(
     list: &AllowDeny,
     subject: Subject,
     value: &str,
-    scope: impl Fn() -> Scope,
+    scope: &Scope,
 ) -> std::result::Result<(), PolicyRefusal> {
     if list.deny.iter().any(|p| matches(p, value)) {
         return Err(PolicyRefusal::Denied {
             subject,
             value: value.to_string(),
-            scope: scope(),
+            scope: scope.clone(),
         });
     }
     if !list.allow.is_empty() && !list.allow.iter().any(|p| matches(p, value)) {
         return Err(PolicyRefusal::NotAllowed {
             subject,
             value: value.to_string(),
-            scope: scope(),
+            scope: scope.clone(),
         });
     }
     Ok(())
@@ -276,19 +276,16 @@ pub fn check_policy(
         return Err(PolicyRefusal::HostImage);
     }
     let scopes = [
-        (
-            policy.roles.get(role.as_str()),
-            Box::new(move || Scope::Role(role)) as Box<dyn Fn() -> Scope>,
-        ),
+        (policy.roles.get(role.as_str()), Scope::Role(role)),
         (
             policy.tenants.get(tenant),
-            Box::new(move || Scope::Tenant(tenant.to_string())),
+            Scope::Tenant(tenant.to_string()),
         ),
     ];
-    for (rules, scope) in scopes {
+    for (rules, scope) in &scopes {
         let Some(rules) = rules else { continue };
-        check_list(&rules.providers, Subject::Provider, provider, &scope)?;
-        check_list(&rules.images, Subject::Image, image, &scope)?;
+        check_list(&rules.providers, Subject::Provider, provider, scope)?;
+        check_list(&rules.images, Subject::Image, image, scope)?;
     }
     Ok(())
 }

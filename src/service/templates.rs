@@ -111,10 +111,13 @@ impl Service {
         }
     }
 
-    /// Validates an input into a record for `owner`.
+    /// Validates an input into a record for `owner` (of the caller's
+    /// tenant): its TTL maximum and size bounds apply, the policy of the
+    /// caller's role and tenant.
     async fn template_model(
         &self,
         caller: &Caller,
+        owner: &str,
         input: TemplateInput,
     ) -> Result<entity::template::Model> {
         validate_name(&input.name)?;
@@ -123,9 +126,7 @@ impl Service {
         }
         let defaults = &self.config().defaults;
         let ttl = self.parse_ttl(input.ttl.as_deref())?;
-        let max = self
-            .max_ttl_for(&caller.tenant_id, &caller.owner_id)
-            .await?;
+        let max = self.max_ttl_for(&caller.tenant_id, owner).await?;
         if ttl > max {
             return Err(Error::BadRequest(format!(
                 "ttl exceeds the maximum of {}",
@@ -144,7 +145,7 @@ impl Service {
         let disk_mb = input.disk_mb.filter(|d| *d > 0);
         self.check_sandbox_rules(
             caller,
-            (&caller.tenant_id, &caller.owner_id),
+            (&caller.tenant_id, owner),
             &SandboxAsk {
                 provider: if provider.is_empty() {
                     self.scheduler().default_provider()
@@ -162,7 +163,7 @@ impl Service {
         Ok(entity::template::Model {
             tenant_id: caller.tenant_id.clone(),
             name: input.name,
-            owner_id: caller.owner_id.clone(),
+            owner_id: owner.to_string(),
             image: input.image,
             provider,
             memory_mb: memory_mb as i32,
@@ -181,7 +182,7 @@ impl Service {
         let name = input.name.clone();
         let outcome = async {
             self.require_write(caller)?;
-            let model = self.template_model(caller, input).await?;
+            let model = self.template_model(caller, &caller.owner_id, input).await?;
             let saved = self
                 .store()
                 .insert_template(model)
@@ -211,8 +212,9 @@ impl Service {
             self.require_write(caller)?;
             let existing = self.get_template_model(caller, name).await?;
             input.name = name.to_string();
-            let mut model = self.template_model(caller, input).await?;
-            model.owner_id = existing.owner_id;
+            let mut model = self
+                .template_model(caller, &existing.owner_id, input)
+                .await?;
             model.created_at = existing.created_at;
             let saved = self.store().update_template(model).await?;
             self.to_template(saved)
