@@ -441,6 +441,30 @@ impl Config {
             role.parse::<crate::auth::Role>()
                 .map_err(|e| ConfigError::Invalid(format!("policy.roles: {e}")))?;
         }
+        // A misspelt provider would silently match nothing.
+        let scoped = self
+            .policy
+            .roles
+            .iter()
+            .map(|(k, r)| (format!("policy.roles.{k}"), r))
+            .chain(
+                self.policy
+                    .tenants
+                    .iter()
+                    .map(|(k, r)| (format!("policy.tenants.{k}"), r)),
+            );
+        for (path, rules) in scoped {
+            let lists = [&rules.providers.allow, &rules.providers.deny];
+            if let Some(bad) = lists
+                .into_iter()
+                .flatten()
+                .find(|p| !["docker", "native", "proot", "*"].contains(&p.as_str()))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{path}.providers: unknown provider {bad:?} (docker, native or proot)"
+                )));
+            }
+        }
         if !["reject", "queue"].contains(&d.spawn_overflow.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "defaults.spawn_overflow must be reject or queue, not {:?}",
@@ -558,6 +582,11 @@ policy:
         assert!(c.validate().is_err());
         let mut c = Config::default();
         c.policy.roles.insert("root".into(), PolicyRules::default());
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        let mut rules = PolicyRules::default();
+        rules.providers.deny.push("dockr".into());
+        c.policy.tenants.insert("acme".into(), rules);
         assert!(c.validate().is_err());
     }
 }
