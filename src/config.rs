@@ -34,6 +34,36 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub auth: AuthConfig,
     pub rate_limit: crate::service::RateLimitConfig,
+    /// Who may use which providers and images (see `service::policy`).
+    pub policy: PolicyConfig,
+}
+
+/// `policy`: allow and deny lists per role and per tenant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// By role name (admin, operator, viewer, owner).
+    pub roles: std::collections::BTreeMap<String, PolicyRules>,
+    /// By tenant id.
+    pub tenants: std::collections::BTreeMap<String, PolicyRules>,
+}
+
+/// The rules of one role or tenant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyRules {
+    /// Provider names.
+    pub providers: AllowDeny,
+    /// Image names; a trailing `*` matches any suffix (`alpine:*`).
+    pub images: AllowDeny,
+}
+
+/// An allow and a deny list: deny wins; an empty allow list allows all.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllowDeny {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +113,9 @@ pub struct NativeConfig {
     /// Maximum number of processes (and threads) in one sandbox, enforced
     /// by its `pids` cgroup; 0 means unlimited.
     pub pids_limit: u64,
+    /// Whether callers other than admins may spawn the `host` image (the
+    /// host's root, read-only). Off by default.
+    pub allow_host_image: bool,
 }
 
 impl Default for NativeConfig {
@@ -91,6 +124,7 @@ impl Default for NativeConfig {
             helper_binary: PathBuf::new(),
             ids: NativeIdsConfig::default(),
             pids_limit: crate::provider::native::DEFAULT_PIDS_LIMIT,
+            allow_host_image: false,
         }
     }
 }
@@ -134,6 +168,13 @@ pub struct DefaultsConfig {
     /// Size of a sandbox's writable disk, in MiB, where the provider can
     /// cap it (native: a loop-mounted filesystem; docker: its `/tmp`).
     pub disk_mb: u32,
+    /// The most memory (MiB) one sandbox may ask for; never more than the
+    /// host's memory.
+    pub max_memory_mb: u32,
+    /// The most vCPUs one sandbox may ask for; never more than the host has.
+    pub max_vcpus: u32,
+    /// The largest disk (MiB) one sandbox may ask for.
+    pub max_disk_mb: u32,
     pub exec_timeout: GoDuration,
     pub max_exec_timeout: GoDuration,
     /// Global cap on live sandboxes; 0 means unlimited.
@@ -233,6 +274,7 @@ impl Default for Config {
             logging: LoggingConfig::default(),
             auth: AuthConfig::default(),
             rate_limit: Default::default(),
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -287,6 +329,9 @@ impl Default for DefaultsConfig {
             memory_mb: 1024,
             vcpus: 1,
             disk_mb: 1024,
+            max_memory_mb: 8192,
+            max_vcpus: 4,
+            max_disk_mb: 10240,
             exec_timeout: secs(5 * 60),
             max_exec_timeout: secs(10 * 60),
             max_sandboxes: 0,
@@ -418,6 +463,45 @@ impl Config {
                 "defaults.memory_mb, defaults.vcpus and defaults.disk_mb must be positive".into(),
             ));
         }
+        for (name, default, max) in [
+            ("memory_mb", d.memory_mb, d.max_memory_mb),
+            ("vcpus", d.vcpus, d.max_vcpus),
+            ("disk_mb", d.disk_mb, d.max_disk_mb),
+        ] {
+            if default > max {
+                return Err(ConfigError::Invalid(format!(
+                    "defaults.{name} ({default}) must be at most defaults.max_{name} ({max})"
+                )));
+            }
+        }
+        for role in self.policy.roles.keys() {
+            role.parse::<crate::auth::Role>()
+                .map_err(|e| ConfigError::Invalid(format!("policy.roles: {e}")))?;
+        }
+        // A misspelt provider would silently match nothing.
+        let scoped = self
+            .policy
+            .roles
+            .iter()
+            .map(|(k, r)| (format!("policy.roles.{k}"), r))
+            .chain(
+                self.policy
+                    .tenants
+                    .iter()
+                    .map(|(k, r)| (format!("policy.tenants.{k}"), r)),
+            );
+        for (path, rules) in scoped {
+            let lists = [&rules.providers.allow, &rules.providers.deny];
+            if let Some(bad) = lists
+                .into_iter()
+                .flatten()
+                .find(|p| !["docker", "native", "proot", "*"].contains(&p.as_str()))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "{path}.providers: unknown provider {bad:?} (docker, native or proot)"
+                )));
+            }
+        }
         if !["reject", "queue"].contains(&d.spawn_overflow.as_str()) {
             return Err(ConfigError::Invalid(format!(
                 "defaults.spawn_overflow must be reject or queue, not {:?}",
@@ -510,6 +594,38 @@ mod tests {
     }
 
     #[test]
+    fn the_policy_block_of_the_readme_loads() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("stacyvm.yaml");
+        std::fs::write(
+            &path,
+            r#"
+providers:
+  native:
+    allow_host_image: true
+defaults:
+  max_memory_mb: 4096
+policy:
+  roles:
+    owner: { providers: { allow: [docker] }, images: { deny: ["host"] } }
+  tenants:
+    acme: { providers: { deny: [native] }, images: { allow: ["alpine:*", "busybox:*"] } }
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let c = Config::load(Some(&path), Figment::new()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.providers.native.allow_host_image);
+        assert_eq!(c.defaults.max_memory_mb, 4096);
+        assert_eq!(c.policy.roles["owner"].providers.allow, ["docker"]);
+        assert_eq!(c.policy.roles["owner"].images.deny, ["host"]);
+        assert_eq!(c.policy.tenants["acme"].providers.deny, ["native"]);
+        assert_eq!(
+            c.policy.tenants["acme"].images.allow,
+            ["alpine:*", "busybox:*"]
+        );
+    }
+
+    #[test]
     fn defaults_validate() {
         assert!(Config::default().validate().is_ok());
         let mut c = Config::default();
@@ -518,6 +634,17 @@ mod tests {
         let mut c = Config::default();
         assert_eq!(c.providers.native.pids_limit, 512);
         c.providers.native.pids_limit = 5_000_000;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.defaults.memory_mb = c.defaults.max_memory_mb + 1;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.policy.roles.insert("root".into(), PolicyRules::default());
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        let mut rules = PolicyRules::default();
+        rules.providers.deny.push("dockr".into());
+        c.policy.tenants.insert("acme".into(), rules);
         assert!(c.validate().is_err());
     }
 }

@@ -17,6 +17,7 @@ pub enum Event {
     SandboxState {
         sandbox_id: String,
         owner_id: String,
+        tenant_id: String,
         state: SandboxState,
         reason: Option<String>,
         at: DateTime<Utc>,
@@ -27,6 +28,7 @@ pub enum Event {
         execution_id: String,
         sandbox_id: String,
         owner_id: String,
+        tenant_id: String,
         /// started, completed, timeout or failed.
         status: &'static str,
         exit_code: Option<i32>,
@@ -68,11 +70,20 @@ impl From<entity::audit_event::Model> for AuditRecord {
 }
 
 impl Event {
-    /// The owner whose resources the event concerns.
-    pub fn owner_id(&self) -> &str {
+    /// The owner whose resources the event concerns: (tenant, owner id).
+    pub fn owner(&self) -> (&str, &str) {
         match self {
-            Event::SandboxState { owner_id, .. } | Event::Exec { owner_id, .. } => owner_id,
-            Event::Audit(event) => &event.actor,
+            Event::SandboxState {
+                tenant_id,
+                owner_id,
+                ..
+            }
+            | Event::Exec {
+                tenant_id,
+                owner_id,
+                ..
+            } => (tenant_id, owner_id),
+            Event::Audit(event) => (&event.tenant_id, &event.actor),
         }
     }
 }

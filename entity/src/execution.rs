@@ -8,6 +8,8 @@ pub struct Model {
     pub id: String,
     pub sandbox_id: String,
     pub owner_id: String,
+    /// The tenant of the sandbox it ran in.
+    pub tenant_id: String,
     /// The argv that ran, as a JSON array.
     pub argv: Json,
     /// running, completed, timeout, failed, interrupted.

@@ -5,6 +5,9 @@ use sea_orm::entity::prelude::*;
 #[sea_orm(table_name = "templates")]
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
+    pub tenant_id: String,
+    /// Unique within its tenant.
+    #[sea_orm(primary_key, auto_increment = false)]
     pub name: String,
     pub owner_id: String,
     pub image: String,
@@ -12,6 +15,8 @@ pub struct Model {
     pub provider: String,
     pub memory_mb: i32,
     pub vcpus: i32,
+    /// `None` means "the server's `defaults.disk_mb`".
+    pub disk_mb: Option<i32>,
     pub ttl_ms: i64,
     /// JSON object of string to string.
     pub metadata: Json,

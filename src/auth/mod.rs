@@ -105,9 +105,25 @@ impl Caller {
         }
     }
 
-    /// May this caller see and act on other owners' resources?
+    /// May this caller see and act on other owners' resources (of its
+    /// own tenant; admins also of every other tenant)?
     pub fn may_act_for_others(&self) -> bool {
         matches!(self.role, Role::Admin | Role::Operator)
+    }
+
+    /// May this caller see other tenants' resources? Only admins.
+    pub fn sees_all_tenants(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// The tenant a listing is limited to; `None` for admins (all tenants).
+    pub fn tenant_scope(&self) -> Option<String> {
+        (!self.sees_all_tenants()).then(|| self.tenant_id.clone())
+    }
+
+    /// The owner a listing is limited to; `None` for operators and admins.
+    pub fn owner_scope(&self) -> Option<String> {
+        (!self.may_act_for_others()).then(|| self.owner_id.clone())
     }
 
     /// May this caller change anything?
@@ -129,8 +145,54 @@ impl Caller {
         }
     }
 
-    /// May this caller see and touch a resource of `owner_id`?
-    pub fn can_access(&self, owner_id: &str) -> bool {
-        self.may_act_for_others() || self.owner_id == owner_id
+    /// May this caller see and touch a resource of owner `owner_id` in
+    /// tenant `tenant_id`? An owner is identified by both: `alice` of one
+    /// tenant is a stranger to `alice` of another. Admins reach every
+    /// tenant, operators every owner of their own tenant, everyone else
+    /// only itself.
+    pub fn can_access(&self, tenant_id: &str, owner_id: &str) -> bool {
+        match self.role {
+            Role::Admin => true,
+            Role::Operator => self.tenant_id == tenant_id,
+            Role::Viewer | Role::Owner => self.tenant_id == tenant_id && self.owner_id == owner_id,
+        }
+    }
+
+    /// Is this caller the owner (tenant and id) itself?
+    pub fn is_owner(&self, tenant_id: &str, owner_id: &str) -> bool {
+        self.tenant_id == tenant_id && self.owner_id == owner_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(owner: &str, tenant: &str, role: Role) -> Caller {
+        Caller {
+            owner_id: owner.into(),
+            tenant_id: tenant.into(),
+            role,
+            open: false,
+            credential: None,
+            request_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn identity_is_tenant_and_owner() {
+        let alice = caller("alice", "acme", Role::Owner);
+        assert!(alice.can_access("acme", "alice"));
+        assert!(!alice.can_access(DEFAULT_TENANT, "alice"));
+        assert!(!alice.can_access("acme", "bob"));
+        let viewer = caller("alice", "acme", Role::Viewer);
+        assert!(!viewer.can_access(DEFAULT_TENANT, "alice"));
+        let operator = caller("ops", "acme", Role::Operator);
+        assert!(operator.can_access("acme", "bob"));
+        assert!(!operator.can_access(DEFAULT_TENANT, "bob"));
+        assert_eq!(operator.tenant_scope().as_deref(), Some("acme"));
+        let admin = caller("root", "acme", Role::Admin);
+        assert!(admin.can_access(DEFAULT_TENANT, "bob"));
+        assert_eq!(admin.tenant_scope(), None);
     }
 }

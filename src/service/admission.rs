@@ -59,8 +59,8 @@ impl AdmissionDecision {
 
 impl Service {
     /// The largest TTL `owner` may ask for.
-    pub(super) async fn max_ttl_for(&self, owner: &str) -> Result<Duration> {
-        let record = self.store().get_owner(owner).await?;
+    pub(super) async fn max_ttl_for(&self, tenant: &str, owner: &str) -> Result<Duration> {
+        let record = self.store().get_owner(tenant, owner).await?;
         Ok(self.max_ttl_of(record.as_ref()))
     }
 
@@ -82,7 +82,10 @@ impl Service {
     pub(super) async fn admission_for_plan(&self, plan: &SpawnPlan) -> Result<AdmissionDecision> {
         let defaults = &self.config().defaults;
         // One read of the owner's record serves every limit below.
-        let owner = self.store().get_owner(&plan.owner_id).await?;
+        let owner = self
+            .store()
+            .get_owner(&plan.tenant_id, &plan.owner_id)
+            .await?;
         let max_ttl = self.max_ttl_of(owner.as_ref());
         let max_sandboxes = u64::from(defaults.max_sandboxes);
         let max_owner_sandboxes = owner
@@ -92,7 +95,7 @@ impl Service {
         let active_sandboxes = self.store().count_live_sandboxes(None).await?;
         let active_owner_sandboxes = self
             .store()
-            .count_live_sandboxes(Some(&plan.owner_id))
+            .count_live_sandboxes(Some((&plan.tenant_id, &plan.owner_id)))
             .await?;
         let mut decision = AdmissionDecision {
             allowed: true,

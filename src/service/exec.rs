@@ -168,10 +168,10 @@ fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
 
 impl Service {
     /// The longest timeout `owner` may ask for.
-    pub(super) async fn max_exec_timeout_for(&self, owner: &str) -> Result<Duration> {
+    pub(super) async fn max_exec_timeout_for(&self, tenant: &str, owner: &str) -> Result<Duration> {
         let owner_max = self
             .store()
-            .get_owner(owner)
+            .get_owner(tenant, owner)
             .await?
             .and_then(|o| o.max_exec_timeout_ms)
             .and_then(|ms| u64::try_from(ms).ok())
@@ -216,7 +216,9 @@ impl Service {
             )));
         }
         let (model, provider, runtime_id) = self.sandbox_runtime(caller, id).await?;
-        let max = self.max_exec_timeout_for(&model.owner_id).await?;
+        let max = self
+            .max_exec_timeout_for(&model.tenant_id, &model.owner_id)
+            .await?;
         let timeout = match req.timeout.as_deref() {
             None | Some("") => self.config().defaults.exec_timeout.0.min(max),
             Some(text) => {
@@ -236,6 +238,7 @@ impl Service {
                 id: execution_id.clone(),
                 sandbox_id: model.id.clone(),
                 owner_id: model.owner_id.clone(),
+                tenant_id: model.tenant_id.clone(),
                 argv: serde_json::json!(argv),
                 status: "running".into(),
                 exit_code: None,
@@ -251,6 +254,7 @@ impl Service {
             execution_id: execution_id.clone(),
             sandbox_id: model.id.clone(),
             owner_id: model.owner_id.clone(),
+            tenant_id: model.tenant_id.clone(),
             status: "started",
             exit_code: None,
             at: Utc::now(),
@@ -262,10 +266,10 @@ impl Service {
             workdir: req.workdir.filter(|w| !w.is_empty()),
             timeout,
         };
-        let log = self
-            .inner
-            .outputs
-            .open(&execution_id, &model.id, &model.owner_id);
+        let log =
+            self.inner
+                .outputs
+                .open(&execution_id, &model.id, &model.tenant_id, &model.owner_id);
         let (out_tx, out_rx) = mpsc::channel(64);
         let (result_tx, result_rx) = oneshot::channel();
         let service = self.clone();
@@ -363,6 +367,7 @@ impl Service {
                 execution_id: exec_id.clone(),
                 sandbox_id: model.id.clone(),
                 owner_id: model.owner_id.clone(),
+                tenant_id: model.tenant_id.clone(),
                 status,
                 exit_code,
                 at: Utc::now(),

@@ -31,7 +31,7 @@ impl Service {
         from_seq: u64,
     ) -> Result<OutputFollower> {
         if let Some(log) = self.inner.outputs.get(execution_id) {
-            if !caller.can_access(&log.owner_id) {
+            if !caller.can_access(&log.tenant_id, &log.owner_id) {
                 return Err(Error::NotFound(format!(
                     "execution {execution_id} not found"
                 )));
@@ -47,6 +47,7 @@ impl Service {
         }
         let log = Arc::new(OutputLog::detached(
             &execution.sandbox_id,
+            &execution.tenant_id,
             &execution.owner_id,
         ));
         for (stream, tail) in [
@@ -94,12 +95,16 @@ impl Service {
         let events = futures::StreamExt::take_until(events, self.streams_closed());
         events.filter_map(move |item| match item {
             // Audit events follow the audit rule: admins see all, others
-            // their own actions.
-            Ok(Event::Audit(record)) if caller.is_admin() || record.actor == caller.owner_id => {
+            // their own actions (same tenant, same owner).
+            Ok(Event::Audit(record))
+                if caller.is_admin() || caller.is_owner(&record.tenant_id, &record.actor) =>
+            {
                 Some(Followed::Event(Event::Audit(record)))
             }
             Ok(Event::Audit(_)) => None,
-            Ok(event) if caller.can_access(event.owner_id()) => Some(Followed::Event(event)),
+            Ok(event) if caller.can_access(event.owner().0, event.owner().1) => {
+                Some(Followed::Event(event))
+            }
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(n)) => Some(Followed::Lagged(n)),
         })

@@ -55,7 +55,7 @@ impl Service {
             .transition_sandbox_from(id, from, to, reason.clone(), runtime_id)
             .await?;
         if let Some(model) = &updated {
-            self.publish_state(id, &model.owner_id, to, reason);
+            self.publish_state(model, to, reason);
             if to == SandboxState::Destroyed {
                 self.inner.spawn_queue.notify_capacity_freed();
             }
@@ -65,14 +65,14 @@ impl Service {
 
     pub(super) fn publish_state(
         &self,
-        id: &str,
-        owner_id: &str,
+        sandbox: &entity::sandbox::Model,
         state: SandboxState,
         reason: Option<String>,
     ) {
         self.events().publish(Event::SandboxState {
-            sandbox_id: id.to_string(),
-            owner_id: owner_id.to_string(),
+            sandbox_id: sandbox.id.clone(),
+            owner_id: sandbox.owner_id.clone(),
+            tenant_id: sandbox.tenant_id.clone(),
             state,
             reason,
             at: Utc::now(),
@@ -140,7 +140,7 @@ impl Service {
         self.require_write(caller)?;
         let mut pruned = 0;
         for model in self.store().expired_sandboxes(Utc::now()).await? {
-            if !caller.can_access(&model.owner_id) {
+            if !caller.can_access(&model.tenant_id, &model.owner_id) {
                 continue;
             }
             let id = model.id.clone();
@@ -171,7 +171,8 @@ impl Service {
         const LIMIT: std::time::Duration = std::time::Duration::from_secs(15);
         let deadline = tokio::time::Instant::now() + LIMIT;
         let filter = SandboxFilter {
-            owner_id: (!caller.may_act_for_others()).then(|| caller.owner_id.clone()),
+            tenant_id: caller.tenant_scope(),
+            owner_id: caller.owner_scope(),
             states: Some(vec![SandboxState::Expired, SandboxState::Destroying]),
             ..Default::default()
         };
@@ -242,6 +243,7 @@ impl Service {
         }
         // Other workers' sandboxes in flight are theirs to finish.
         let filter = SandboxFilter {
+            tenant_id: None,
             owner_id: None,
             states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
             worker_id: Some(self.scheduler().local_worker().id.clone()),

@@ -44,6 +44,7 @@ pub struct Execution {
     pub id: String,
     pub sandbox_id: String,
     pub owner_id: String,
+    pub tenant_id: String,
     pub argv: Vec<String>,
     /// running, completed, timeout, failed or interrupted.
     pub status: String,
@@ -67,6 +68,7 @@ impl From<entity::execution::Model> for Execution {
             id: m.id,
             sandbox_id: m.sandbox_id,
             owner_id: m.owner_id,
+            tenant_id: m.tenant_id,
             status: m.status,
             exit_code: m.exit_code,
             stdout_tail: m.stdout_tail,
@@ -131,6 +133,7 @@ impl Service {
             Some(caller.owner_id.clone())
         };
         let mut query = SandboxQuery {
+            tenant_id: caller.tenant_scope(),
             owner_id,
             states: listing.states.clone(),
             provider: listing.provider.clone(),
@@ -178,7 +181,7 @@ impl Service {
     /// An execution the caller may see.
     pub async fn get_execution(&self, caller: &Caller, id: &str) -> Result<Execution> {
         match self.store().get_execution(id).await? {
-            Some(m) if caller.can_access(&m.owner_id) => Ok(m.into()),
+            Some(m) if caller.can_access(&m.tenant_id, &m.owner_id) => Ok(m.into()),
             _ => Err(Error::NotFound(format!("execution {id} not found"))),
         }
     }
@@ -194,7 +197,7 @@ impl Service {
         let size = page_size(first)?;
         // Executions of destroyed sandboxes stay readable to their owner.
         match self.store().get_sandbox(sandbox_id).await? {
-            Some(s) if caller.can_access(&s.owner_id) => {}
+            Some(s) if caller.can_access(&s.tenant_id, &s.owner_id) => {}
             _ => return Err(Error::sandbox_not_found(sandbox_id)),
         }
         let after = after.as_deref().map(decode_cursor).transpose()?;
@@ -224,6 +227,7 @@ impl Service {
     ) -> Result<Page<entity::audit_event::Model>> {
         let size = page_size(first)?;
         if !caller.is_admin() {
+            filter.tenant_id = Some(caller.tenant_id.clone());
             if filter
                 .actor
                 .as_deref()

@@ -14,6 +14,7 @@ mod identity;
 mod lifecycle;
 mod listing;
 mod output;
+mod policy;
 mod quotas;
 mod rate_limit;
 mod reconcile;
@@ -31,6 +32,10 @@ pub use follow::Followed;
 pub use identity::{ApiKeyInfo, Credentials, Identity, IdentityError, NewApiKey, load_pepper};
 pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor};
 pub use output::{OutputChunk, OutputEnd, OutputEvent, OutputFollower, OutputHub};
+pub use policy::{
+    ALLOW_HOST_IMAGE_KEY, Bound, BoundSource, HostCapacity, PolicyRefusal, SandboxAsk, Scope,
+    SpawnBounds, Subject, check_policy,
+};
 pub use quotas::{QuotaInput, QuotaPolicy, QuotaUsage};
 pub use rate_limit::{RateDecision, RateLimitConfig, RateLimiter};
 pub use reconcile::ReconcileReport;
@@ -65,6 +70,8 @@ struct Inner {
     /// Live output of running and recently finished executions.
     outputs: OutputHub,
     identity: Identity,
+    /// What the host has; no size bound goes beyond it.
+    host: HostCapacity,
     rate_limiter: RateLimiter,
     /// Spawns waiting for capacity under `spawn_overflow: queue`.
     spawn_queue: spawn_queue::SpawnQueue,
@@ -95,6 +102,7 @@ impl Service {
                     config.defaults.spawn_queue_timeout.0,
                 ),
                 identity,
+                host: HostCapacity::probe(),
                 store,
                 scheduler,
                 config,

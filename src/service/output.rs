@@ -72,21 +72,24 @@ pub struct OutputLog {
     /// Bumped on every append and at the end; followers wait on it.
     changed: watch::Sender<u64>,
     pub sandbox_id: String,
+    /// The sandbox owner's tenant; with `owner_id`, who may follow.
+    pub tenant_id: String,
     pub owner_id: String,
 }
 
 impl OutputLog {
     /// A log that is not registered in any hub (replays of old executions).
-    pub fn detached(sandbox_id: &str, owner_id: &str) -> OutputLog {
-        OutputLog::new(sandbox_id.to_string(), owner_id.to_string())
+    pub fn detached(sandbox_id: &str, tenant_id: &str, owner_id: &str) -> OutputLog {
+        OutputLog::new(sandbox_id, tenant_id, owner_id)
     }
 
-    fn new(sandbox_id: String, owner_id: String) -> OutputLog {
+    fn new(sandbox_id: &str, tenant_id: &str, owner_id: &str) -> OutputLog {
         OutputLog {
             state: Mutex::new(LogState::default()),
             changed: watch::channel(0).0,
-            sandbox_id,
-            owner_id,
+            sandbox_id: sandbox_id.to_string(),
+            tenant_id: tenant_id.to_string(),
+            owner_id: owner_id.to_string(),
         }
     }
 
@@ -209,8 +212,14 @@ pub struct OutputHub {
 
 impl OutputHub {
     /// Registers a new execution's output.
-    pub fn open(&self, execution_id: &str, sandbox_id: &str, owner_id: &str) -> Arc<OutputLog> {
-        let log = Arc::new(OutputLog::new(sandbox_id.to_string(), owner_id.to_string()));
+    pub fn open(
+        &self,
+        execution_id: &str,
+        sandbox_id: &str,
+        tenant_id: &str,
+        owner_id: &str,
+    ) -> Arc<OutputLog> {
+        let log = Arc::new(OutputLog::new(sandbox_id, tenant_id, owner_id));
         if let Ok(mut logs) = self.logs.lock() {
             logs.insert(execution_id.to_string(), log.clone());
         }
@@ -260,7 +269,7 @@ mod tests {
     #[tokio::test]
     async fn late_joiner_and_resume_have_no_gap_and_no_duplicate() {
         let hub = OutputHub::default();
-        let log = hub.open("ex-1", "sb-1", "o");
+        let log = hub.open("ex-1", "sb-1", "t", "o");
         log.append(StreamKind::Stdout, "a".into(), Bytes::from("a"));
         log.append(StreamKind::Stderr, "b".into(), Bytes::from("b"));
         let mut late = log.follow(0);
@@ -282,7 +291,7 @@ mod tests {
     #[tokio::test]
     async fn a_follower_behind_the_buffer_is_told_what_it_lost() {
         let hub = OutputHub::default();
-        let log = hub.open("ex-2", "sb-1", "o");
+        let log = hub.open("ex-2", "sb-1", "t", "o");
         let mut slow = log.follow(0);
         let big = "x".repeat(BUFFER_BYTES / 2 + 1);
         for _ in 0..4 {
@@ -299,7 +308,7 @@ mod tests {
     #[tokio::test]
     async fn followers_wake_for_live_output() {
         let hub = OutputHub::default();
-        let log = hub.open("ex-3", "sb-1", "o");
+        let log = hub.open("ex-3", "sb-1", "t", "o");
         let mut a = log.follow(0);
         let mut b = log.follow(0);
         let writer = {

@@ -1,5 +1,7 @@
 //! Per-owner quota overrides and usage. Setting and clearing quotas is for
-//! admins; an owner may read its own.
+//! admins; an owner may read its own. An owner is (tenant, owner id): every
+//! quota call names an owner of the caller's tenant, so `alice` of one
+//! tenant never shares, reads or changes the quota of `alice` of another.
 
 use std::time::Duration;
 
@@ -18,6 +20,10 @@ pub struct QuotaPolicy {
     pub max_sandboxes: u64,
     pub max_ttl: String,
     pub max_exec_timeout: String,
+    /// Overrides of the size bounds; 0 = not overridden.
+    pub max_memory_mb: u32,
+    pub max_vcpus: u32,
+    pub max_disk_mb: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -28,6 +34,11 @@ pub struct QuotaInput {
     pub max_sandboxes: Option<u64>,
     pub max_ttl: Option<String>,
     pub max_exec_timeout: Option<String>,
+    /// Overrides of `defaults.max_memory_mb`, `max_vcpus`, `max_disk_mb`
+    /// for this owner (up or down); the host's capacity still caps them.
+    pub max_memory_mb: Option<u32>,
+    pub max_vcpus: Option<u32>,
+    pub max_disk_mb: Option<u32>,
 }
 
 /// An owner's usage against its effective limits.
@@ -57,10 +68,24 @@ fn policy(o: entity::owner::Model) -> QuotaPolicy {
             .unwrap_or(0),
         max_ttl: ms_text(o.max_ttl_ms),
         max_exec_timeout: ms_text(o.max_exec_timeout_ms),
+        max_memory_mb: size(o.max_memory_mb),
+        max_vcpus: size(o.max_vcpus),
+        max_disk_mb: size(o.max_disk_mb),
         owner_id: o.id,
         created_at: o.created_at,
         updated_at: o.updated_at,
     }
+}
+
+fn size(v: Option<i32>) -> u32 {
+    v.and_then(|v| u32::try_from(v).ok()).unwrap_or(0)
+}
+
+/// A size override: 0 or missing clears it.
+fn size_limit(name: &str, v: Option<u32>) -> Result<Option<i32>> {
+    v.filter(|v| *v > 0)
+        .map(|v| i32::try_from(v).map_err(|_| Error::BadRequest(format!("{name} too large"))))
+        .transpose()
 }
 
 fn parse_limit(name: &str, text: Option<&str>) -> Result<Option<i64>> {
@@ -82,7 +107,7 @@ impl Service {
         self.require_admin(caller)?;
         Ok(self
             .store()
-            .list_owner_quotas()
+            .list_owner_quotas(Some(&caller.tenant_id))
             .await?
             .into_iter()
             .map(policy)
@@ -91,10 +116,11 @@ impl Service {
 
     /// One owner's overrides (admins, or the owner itself).
     pub async fn get_quota(&self, caller: &Caller, owner: &str) -> Result<QuotaPolicy> {
-        if !caller.is_admin() && caller.owner_id != owner {
+        let tenant = caller.tenant_id.as_str();
+        if !caller.is_admin() && !caller.is_owner(tenant, owner) {
             return Err(Error::NotFound(format!("no quota for owner {owner}")));
         }
-        match self.store().get_owner(owner).await? {
+        match self.store().get_owner(tenant, owner).await? {
             Some(o) if overrides_quota(&o) => Ok(policy(o)),
             _ => Err(Error::NotFound(format!("no quota for owner {owner}"))),
         }
@@ -126,11 +152,15 @@ impl Service {
                     "max_exec_timeout",
                     input.max_exec_timeout.as_deref(),
                 )?,
+                max_memory_mb: size_limit("max_memory_mb", input.max_memory_mb)?,
+                max_vcpus: size_limit("max_vcpus", input.max_vcpus)?,
+                max_disk_mb: size_limit("max_disk_mb", input.max_disk_mb)?,
             };
-            self.store().set_owner_quota(owner, quota).await?;
+            let tenant = caller.tenant_id.as_str();
+            self.store().set_owner_quota(tenant, owner, quota).await?;
             let saved = self
                 .store()
-                .get_owner(owner)
+                .get_owner(tenant, owner)
                 .await?
                 .ok_or_else(|| Error::Internal("quota vanished after write".into()))?;
             Ok(policy(saved))
@@ -145,7 +175,11 @@ impl Service {
     pub async fn delete_quota(&self, caller: &Caller, owner: &str) -> Result<()> {
         let outcome = async {
             self.require_admin(caller)?;
-            if self.store().clear_owner_quota(owner).await? {
+            if self
+                .store()
+                .clear_owner_quota(&caller.tenant_id, owner)
+                .await?
+            {
                 Ok(())
             } else {
                 Err(Error::NotFound(format!("no quota for owner {owner}")))
@@ -159,11 +193,12 @@ impl Service {
 
     /// An owner's usage (admins, or the owner itself).
     pub async fn quota_usage(&self, caller: &Caller, owner: &str) -> Result<QuotaUsage> {
-        if !caller.is_admin() && caller.owner_id != owner {
+        let tenant = caller.tenant_id.as_str();
+        if !caller.is_admin() && !caller.is_owner(tenant, owner) {
             return Err(Error::NotFound(format!("no quota for owner {owner}")));
         }
         let defaults = &self.config().defaults;
-        let record = self.store().get_owner(owner).await?;
+        let record = self.store().get_owner(tenant, owner).await?;
         let configured = record.as_ref().is_some_and(overrides_quota);
         let max_sandboxes = record
             .as_ref()
@@ -172,10 +207,13 @@ impl Service {
             .unwrap_or(u64::from(defaults.max_sandboxes_per_owner));
         Ok(QuotaUsage {
             owner_id: owner.to_string(),
-            active_sandboxes: self.store().count_live_sandboxes(Some(owner)).await?,
+            active_sandboxes: self
+                .store()
+                .count_live_sandboxes(Some((tenant, owner)))
+                .await?,
             max_sandboxes,
-            max_ttl: duration::format(self.max_ttl_for(owner).await?),
-            max_exec_timeout: duration::format(self.max_exec_timeout_for(owner).await?),
+            max_ttl: duration::format(self.max_ttl_for(tenant, owner).await?),
+            max_exec_timeout: duration::format(self.max_exec_timeout_for(tenant, owner).await?),
             quota_configured: configured,
         })
     }

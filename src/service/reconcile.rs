@@ -135,6 +135,7 @@ impl Service {
         let records = self
             .store()
             .list_sandboxes(&SandboxFilter {
+                tenant_id: None,
                 owner_id: None,
                 states: Some(SandboxState::LIVE.to_vec()),
                 // Other workers' records are theirs to reconcile.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::policy::SandboxAsk;
 use super::spawn_queue::{Admission, QueueError};
 use super::{Error, Result, Service};
 use crate::auth::Caller;
@@ -47,6 +48,8 @@ pub struct SpawnRequest {
     pub provider: Option<String>,
     pub memory_mb: Option<u32>,
     pub vcpus: Option<u32>,
+    /// Writable disk in MiB; defaults to the template's, then `defaults.disk_mb`.
+    pub disk_mb: Option<u32>,
     /// A Go duration string.
     pub ttl: Option<String>,
     pub template: Option<String>,
@@ -64,12 +67,15 @@ pub(super) struct SpawnPlan {
     pub disk_mb: u32,
     pub ttl: Duration,
     pub template: Option<String>,
+    /// The owner is (tenant_id, owner_id).
+    pub tenant_id: String,
     pub owner_id: String,
     pub metadata: BTreeMap<String, String>,
 }
 
-/// Memory bounds for one sandbox, in MiB.
-const MEMORY_MB_RANGE: std::ops::RangeInclusive<u32> = 16..=1024 * 1024;
+/// The least memory one sandbox may have, in MiB (the most is
+/// `defaults.max_memory_mb`, checked with the other bounds).
+const MIN_MEMORY_MB: u32 = 16;
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 
@@ -145,11 +151,9 @@ impl Service {
                     .and_then(|t| u32::try_from(t.memory_mb).ok())
             })
             .unwrap_or(defaults.memory_mb);
-        if !MEMORY_MB_RANGE.contains(&memory_mb) {
+        if memory_mb < MIN_MEMORY_MB {
             return Err(Error::BadRequest(format!(
-                "memory_mb must be between {} and {}, got {memory_mb}",
-                MEMORY_MB_RANGE.start(),
-                MEMORY_MB_RANGE.end()
+                "memory_mb must be at least {MIN_MEMORY_MB}, got {memory_mb}"
             )));
         }
         let vcpus = req
@@ -157,6 +161,16 @@ impl Service {
             .filter(|v| *v > 0)
             .or_else(|| template.as_ref().and_then(|t| u32::try_from(t.vcpus).ok()))
             .unwrap_or(defaults.vcpus);
+        let disk_mb = req
+            .disk_mb
+            .filter(|d| *d > 0)
+            .or_else(|| {
+                template
+                    .as_ref()
+                    .and_then(|t| t.disk_mb)
+                    .and_then(|d| u32::try_from(d).ok())
+            })
+            .unwrap_or(defaults.disk_mb);
         let ttl = match (req.ttl.as_deref(), &template) {
             (Some(t), _) if !t.is_empty() => self.parse_ttl(Some(t))?,
             (_, Some(t)) => Duration::from_millis(u64::try_from(t.ttl_ms).unwrap_or(0))
@@ -178,15 +192,31 @@ impl Service {
                 "metadata is limited to {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes"
             )));
         }
+        let owner_id = caller.effective_owner(req.owner_id.as_deref());
+        self.check_sandbox_rules(
+            caller,
+            (&caller.tenant_id, &owner_id),
+            &SandboxAsk {
+                provider: provider
+                    .as_deref()
+                    .unwrap_or(self.scheduler().default_provider()),
+                image: &image,
+                memory_mb,
+                vcpus,
+                disk_mb,
+            },
+        )
+        .await?;
         Ok(SpawnPlan {
             image,
             provider,
             memory_mb,
             vcpus,
-            disk_mb: defaults.disk_mb,
+            disk_mb,
             ttl,
             template: template.map(|t| t.name),
-            owner_id: caller.effective_owner(req.owner_id.as_deref()),
+            tenant_id: caller.tenant_id.clone(),
+            owner_id,
             metadata,
         })
     }
@@ -242,7 +272,7 @@ impl Service {
         let record = entity::sandbox::Model {
             id: crate::ids::sandbox(),
             owner_id: plan.owner_id.clone(),
-            tenant_id: caller.tenant_id.clone(),
+            tenant_id: plan.tenant_id.clone(),
             worker_id: placement.worker.id.clone(),
             provider: placement.provider.name().to_string(),
             runtime_id: None,
@@ -288,7 +318,7 @@ impl Service {
             self.store().insert_sandbox(record).await?
         };
         let id = record.id.clone();
-        self.publish_state(&record.id, &record.owner_id, SandboxState::Creating, None);
+        self.publish_state(&record, SandboxState::Creating, None);
 
         let spec = SpawnSpec {
             sandbox_id: id.clone(),
@@ -370,7 +400,7 @@ impl Service {
             return Err(Error::sandbox_not_found(id));
         }
         match self.store().get_sandbox(id).await? {
-            Some(m) if caller.can_access(&m.owner_id) => {
+            Some(m) if caller.can_access(&m.tenant_id, &m.owner_id) => {
                 if m.state != SandboxState::Destroyed.as_str() {
                     return Ok(m);
                 }
@@ -434,7 +464,8 @@ impl Service {
     /// The caller's sandboxes that are not destroyed, oldest first.
     pub async fn list_sandboxes(&self, caller: &Caller) -> Result<Vec<Sandbox>> {
         let filter = SandboxFilter {
-            owner_id: (!caller.may_act_for_others()).then(|| caller.owner_id.clone()),
+            tenant_id: caller.tenant_scope(),
+            owner_id: caller.owner_scope(),
             states: None,
             ..Default::default()
         };
@@ -455,7 +486,7 @@ impl Service {
             }
             let ttl = self.parse_ttl(Some(ttl))?;
             let model = self.usable_sandbox(caller, id).await?;
-            let max = self.max_ttl_for(&model.owner_id).await?;
+            let max = self.max_ttl_for(&model.tenant_id, &model.owner_id).await?;
             if ttl > max {
                 return Err(Error::BadRequest(format!(
                     "ttl {} exceeds the maximum of {}",

@@ -136,6 +136,7 @@ impl Service {
         let records = self
             .store()
             .list_sandboxes(&SandboxFilter {
+                tenant_id: None,
                 owner_id: None,
                 states: Some(vec![
                     SandboxState::Running,

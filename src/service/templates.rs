@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::policy::SandboxAsk;
 use super::{Error, Result, Sandbox, Service, SpawnRequest};
 use crate::auth::Caller;
 use crate::duration;
@@ -17,6 +18,8 @@ pub struct Template {
     pub image: String,
     pub memory_mb: u32,
     pub vcpus: u32,
+    /// Writable disk in MiB (`defaults.disk_mb` when the template sets none).
+    pub disk_mb: u32,
     /// Go duration string.
     pub ttl: String,
     pub provider: String,
@@ -33,6 +36,7 @@ pub struct TemplateInput {
     pub image: String,
     pub memory_mb: Option<u32>,
     pub vcpus: Option<u32>,
+    pub disk_mb: Option<u32>,
     pub ttl: Option<String>,
     pub provider: Option<String>,
     pub metadata: BTreeMap<String, String>,
@@ -62,6 +66,10 @@ impl Service {
             image: m.image,
             memory_mb: u32::try_from(m.memory_mb).unwrap_or_default(),
             vcpus: u32::try_from(m.vcpus).unwrap_or_default(),
+            disk_mb: m
+                .disk_mb
+                .and_then(|d| u32::try_from(d).ok())
+                .unwrap_or(self.config().defaults.disk_mb),
             ttl: duration::format(Duration::from_millis(u64::try_from(m.ttl_ms).unwrap_or(0))),
             provider: m.provider,
             owner_id: m.owner_id,
@@ -77,7 +85,11 @@ impl Service {
 
     /// Creates the template, or replaces it when the name exists.
     pub async fn save_template(&self, caller: &Caller, input: TemplateInput) -> Result<Template> {
-        let exists = self.store().get_template(&input.name).await?.is_some();
+        let exists = self
+            .store()
+            .get_template(&caller.tenant_id, &input.name)
+            .await?
+            .is_some();
         if exists {
             let name = input.name.clone();
             self.update_template(caller, &name, input).await
@@ -86,22 +98,26 @@ impl Service {
         }
     }
 
-    /// A template the caller may use.
+    /// A template the caller may use. Template names are unique within a
+    /// tenant and always resolved in the caller's.
     pub(super) async fn get_template_model(
         &self,
         caller: &Caller,
         name: &str,
     ) -> Result<entity::template::Model> {
-        match self.store().get_template(name).await? {
-            Some(t) if caller.can_access(&t.owner_id) => Ok(t),
+        match self.store().get_template(&caller.tenant_id, name).await? {
+            Some(t) if caller.can_access(&t.tenant_id, &t.owner_id) => Ok(t),
             _ => Err(Error::NotFound(format!("template {name:?} not found"))),
         }
     }
 
-    /// Validates an input into a record for `owner`.
+    /// Validates an input into a record for `owner` (of the caller's
+    /// tenant): its TTL maximum and size bounds apply, the policy of the
+    /// caller's role and tenant.
     async fn template_model(
         &self,
         caller: &Caller,
+        owner: &str,
         input: TemplateInput,
     ) -> Result<entity::template::Model> {
         validate_name(&input.name)?;
@@ -110,7 +126,7 @@ impl Service {
         }
         let defaults = &self.config().defaults;
         let ttl = self.parse_ttl(input.ttl.as_deref())?;
-        let max = self.max_ttl_for(&caller.owner_id).await?;
+        let max = self.max_ttl_for(&caller.tenant_id, owner).await?;
         if ttl > max {
             return Err(Error::BadRequest(format!(
                 "ttl exceeds the maximum of {}",
@@ -121,17 +137,38 @@ impl Service {
         if !provider.is_empty() && self.scheduler().provider_for(&provider).is_none() {
             return Err(Error::BadRequest(format!("unknown provider {provider:?}")));
         }
+        let memory_mb = input
+            .memory_mb
+            .filter(|m| *m > 0)
+            .unwrap_or(defaults.memory_mb);
+        let vcpus = input.vcpus.filter(|v| *v > 0).unwrap_or(defaults.vcpus);
+        let disk_mb = input.disk_mb.filter(|d| *d > 0);
+        self.check_sandbox_rules(
+            caller,
+            (&caller.tenant_id, owner),
+            &SandboxAsk {
+                provider: if provider.is_empty() {
+                    self.scheduler().default_provider()
+                } else {
+                    &provider
+                },
+                image: &input.image,
+                memory_mb,
+                vcpus,
+                disk_mb: disk_mb.unwrap_or(defaults.disk_mb),
+            },
+        )
+        .await?;
         let now = Utc::now();
         Ok(entity::template::Model {
+            tenant_id: caller.tenant_id.clone(),
             name: input.name,
-            owner_id: caller.owner_id.clone(),
+            owner_id: owner.to_string(),
             image: input.image,
             provider,
-            memory_mb: input
-                .memory_mb
-                .filter(|m| *m > 0)
-                .unwrap_or(defaults.memory_mb) as i32,
-            vcpus: input.vcpus.filter(|v| *v > 0).unwrap_or(defaults.vcpus) as i32,
+            memory_mb: memory_mb as i32,
+            vcpus: vcpus as i32,
+            disk_mb: disk_mb.map(|d| d as i32),
             ttl_ms: ttl.as_millis() as i64,
             metadata: serde_json::to_value(&input.metadata)
                 .map_err(|e| Error::Internal(e.to_string()))?,
@@ -145,7 +182,7 @@ impl Service {
         let name = input.name.clone();
         let outcome = async {
             self.require_write(caller)?;
-            let model = self.template_model(caller, input).await?;
+            let model = self.template_model(caller, &caller.owner_id, input).await?;
             let saved = self
                 .store()
                 .insert_template(model)
@@ -175,8 +212,9 @@ impl Service {
             self.require_write(caller)?;
             let existing = self.get_template_model(caller, name).await?;
             input.name = name.to_string();
-            let mut model = self.template_model(caller, input).await?;
-            model.owner_id = existing.owner_id;
+            let mut model = self
+                .template_model(caller, &existing.owner_id, input)
+                .await?;
             model.created_at = existing.created_at;
             let saved = self.store().update_template(model).await?;
             self.to_template(saved)
@@ -192,13 +230,13 @@ impl Service {
         self.to_template(model)
     }
 
-    /// Templates the caller may use, by name.
+    /// Templates the caller may use (of its tenant), by name.
     pub async fn list_templates(&self, caller: &Caller) -> Result<Vec<Template>> {
         self.store()
-            .list_templates()
+            .list_templates(&caller.tenant_id)
             .await?
             .into_iter()
-            .filter(|t| caller.can_access(&t.owner_id))
+            .filter(|t| caller.can_access(&t.tenant_id, &t.owner_id))
             .map(|t| self.to_template(t))
             .collect()
     }
@@ -207,7 +245,9 @@ impl Service {
         let outcome = async {
             self.require_write(caller)?;
             self.get_template_model(caller, name).await?;
-            self.store().delete_template(name).await?;
+            self.store()
+                .delete_template(&caller.tenant_id, name)
+                .await?;
             Ok(())
         }
         .await;

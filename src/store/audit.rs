@@ -24,6 +24,8 @@ pub struct NewAuditEvent {
 /// Which events a query returns, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
+    /// Only events of callers of this tenant.
+    pub tenant_id: Option<String>,
     pub actor: Option<String>,
     pub action: Option<String>,
     pub target: Option<String>,
@@ -54,6 +56,9 @@ impl Store {
     /// Audit events matching `filter`, newest first.
     pub async fn list_audit(&self, filter: &AuditFilter) -> StoreResult<Vec<audit_event::Model>> {
         let mut query = Entity::find();
+        if let Some(tenant) = &filter.tenant_id {
+            query = query.filter(Column::TenantId.eq(tenant.as_str()));
+        }
         if let Some(actor) = &filter.actor {
             query = query.filter(Column::Actor.eq(actor.as_str()));
         }

@@ -14,7 +14,9 @@ use crate::lifecycle::SandboxState;
 /// Which sandboxes a listing returns.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxFilter {
-    /// Only this owner's sandboxes.
+    /// Only this tenant's sandboxes.
+    pub tenant_id: Option<String>,
+    /// Only this owner's sandboxes (of the tenant, when one is set).
     pub owner_id: Option<String>,
     /// Only these states; `None` means every state but `destroyed`.
     pub states: Option<Vec<SandboxState>>,
@@ -32,6 +34,7 @@ pub struct PageCursor {
 /// A filtered, paginated listing of sandboxes, oldest first.
 #[derive(Debug, Clone, Default)]
 pub struct SandboxQuery {
+    pub tenant_id: Option<String>,
     pub owner_id: Option<String>,
     /// Only these states; `None` means every state but `destroyed`.
     pub states: Option<Vec<SandboxState>>,
@@ -64,6 +67,9 @@ impl Store {
             Some(states) => query.filter(Column::State.is_in(names(states))),
             None => query.filter(Column::State.ne(SandboxState::Destroyed.as_str())),
         };
+        if let Some(tenant) = &filter.tenant_id {
+            query = query.filter(Column::TenantId.eq(tenant.as_str()));
+        }
         if let Some(owner) = &filter.owner_id {
             query = query.filter(Column::OwnerId.eq(owner.as_str()));
         }
@@ -85,6 +91,9 @@ impl Store {
             Some(states) => query.filter(Column::State.is_in(names(states))),
             None => query.filter(Column::State.ne(SandboxState::Destroyed.as_str())),
         };
+        if let Some(tenant) = &q.tenant_id {
+            query = query.filter(Column::TenantId.eq(tenant.as_str()));
+        }
         if let Some(owner) = &q.owner_id {
             query = query.filter(Column::OwnerId.eq(owner.as_str()));
         }
@@ -113,11 +122,14 @@ impl Store {
             .await?)
     }
 
-    /// Number of sandboxes that hold capacity, for one owner or for all.
-    pub async fn count_live_sandboxes(&self, owner_id: Option<&str>) -> StoreResult<u64> {
+    /// Number of sandboxes that hold capacity, for one owner (tenant, owner
+    /// id) or for all.
+    pub async fn count_live_sandboxes(&self, owner: Option<(&str, &str)>) -> StoreResult<u64> {
         let mut query = Entity::find().filter(Column::State.is_in(names(&SandboxState::LIVE)));
-        if let Some(owner) = owner_id {
-            query = query.filter(Column::OwnerId.eq(owner));
+        if let Some((tenant, owner)) = owner {
+            query = query
+                .filter(Column::TenantId.eq(tenant))
+                .filter(Column::OwnerId.eq(owner));
         }
         Ok(query.count(self.conn()).await?)
     }

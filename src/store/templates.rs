@@ -27,13 +27,21 @@ impl Store {
             .await?)
     }
 
-    pub async fn get_template(&self, name: &str) -> StoreResult<Option<template::Model>> {
-        Ok(Entity::find_by_id(name.to_string())
-            .one(self.conn())
-            .await?)
+    /// A template by (tenant, name).
+    pub async fn get_template(
+        &self,
+        tenant_id: &str,
+        name: &str,
+    ) -> StoreResult<Option<template::Model>> {
+        Ok(
+            Entity::find_by_id((tenant_id.to_string(), name.to_string()))
+                .one(self.conn())
+                .await?,
+        )
     }
 
-    /// Templates by name, in one query.
+    /// Templates by name, in one query; the caller keeps those of the
+    /// tenants it wants.
     pub async fn templates_by_names(&self, names: &[String]) -> StoreResult<Vec<template::Model>> {
         use sea_orm::{ColumnTrait, QueryFilter};
         Ok(Entity::find()
@@ -42,17 +50,19 @@ impl Store {
             .await?)
     }
 
-    /// All templates, by name.
-    pub async fn list_templates(&self) -> StoreResult<Vec<template::Model>> {
+    /// One tenant's templates, by name.
+    pub async fn list_templates(&self, tenant_id: &str) -> StoreResult<Vec<template::Model>> {
+        use sea_orm::{ColumnTrait, QueryFilter};
         Ok(Entity::find()
+            .filter(Column::TenantId.eq(tenant_id))
             .order_by_asc(Column::Name)
             .all(self.conn())
             .await?)
     }
 
     /// Deletes a template; returns whether it existed.
-    pub async fn delete_template(&self, name: &str) -> StoreResult<bool> {
-        let result = Entity::delete_by_id(name.to_string())
+    pub async fn delete_template(&self, tenant_id: &str, name: &str) -> StoreResult<bool> {
+        let result = Entity::delete_by_id((tenant_id.to_string(), name.to_string()))
             .exec(self.conn())
             .await?;
         Ok(result.rows_affected > 0)

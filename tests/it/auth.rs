@@ -35,7 +35,7 @@ async fn key(server: &TestServer, owner: &str, role: Role) -> String {
 }
 
 /// One request with credentials; returns status, body and headers.
-async fn call(
+pub(crate) async fn call(
     server: &TestServer,
     method: Method,
     path: &str,
@@ -65,7 +65,7 @@ async fn call(
     )
 }
 
-async fn gql(server: &TestServer, key: &str, query: &str, variables: Value) -> Value {
+pub(crate) async fn gql(server: &TestServer, key: &str, query: &str, variables: Value) -> Value {
     call(
         server,
         Method::POST,
@@ -77,12 +77,12 @@ async fn gql(server: &TestServer, key: &str, query: &str, variables: Value) -> V
     .1
 }
 
-fn code(v: &Value) -> &str {
+pub(crate) fn code(v: &Value) -> &str {
     v["errors"][0]["extensions"]["code"].as_str().unwrap_or("")
 }
 
 /// Opens a graphql-transport-ws connection authenticated in the init payload.
-async fn ws(
+pub(crate) async fn ws(
     server: &TestServer,
     key: &str,
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
@@ -110,7 +110,7 @@ async fn ws(
     socket
 }
 
-async fn next_json(
+pub(crate) async fn next_json(
     socket: &mut tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,

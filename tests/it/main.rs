@@ -8,3 +8,4 @@ mod private_dockerd;
 mod providers;
 mod store;
 mod support;
+mod tenants;

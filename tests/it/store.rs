@@ -36,12 +36,14 @@ fn sandbox(id: &str, owner: &str, state: SandboxState) -> entity::sandbox::Model
 fn template(name: &str) -> entity::template::Model {
     let now = Utc::now();
     entity::template::Model {
+        tenant_id: "default".into(),
         name: name.into(),
         owner_id: "alice".into(),
         image: "img".into(),
         provider: String::new(),
         memory_mb: 512,
         vcpus: 1,
+        disk_mb: None,
         ttl_ms: 60_000,
         metadata: serde_json::json!({}),
         created_at: now,
@@ -113,9 +115,54 @@ async fn sandboxes_round_trip_and_filter(store: &Store) {
     }
     assert_eq!(store.count_live_sandboxes(None).await.ok(), Some(2));
     assert_eq!(
-        store.count_live_sandboxes(Some("alice")).await.ok(),
+        store
+            .count_live_sandboxes(Some(("default", "alice")))
+            .await
+            .ok(),
         Some(1)
     );
+    // Another tenant's alice is someone else: her sandbox is not counted
+    // or listed as the default tenant's alice's.
+    let mut other = sandbox("sb-000000a1", "alice", SandboxState::Running);
+    other.tenant_id = "acme".into();
+    store
+        .insert_sandbox(other)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        store
+            .count_live_sandboxes(Some(("default", "alice")))
+            .await
+            .ok(),
+        Some(1)
+    );
+    assert_eq!(
+        store
+            .count_live_sandboxes(Some(("acme", "alice")))
+            .await
+            .ok(),
+        Some(1)
+    );
+    let acme = store
+        .list_sandboxes(&SandboxFilter {
+            tenant_id: Some("acme".into()),
+            owner_id: Some("alice".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        acme.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["sb-000000a1"]
+    );
+    store
+        .transition_sandbox("sb-000000a1", SandboxState::Destroying, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    store
+        .transition_sandbox("sb-000000a1", SandboxState::Destroyed, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(
         store
             .get_sandbox("sb-99999999")
@@ -234,16 +281,54 @@ async fn templates_crud(store: &Store) {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         store
-            .get_template("py")
+            .get_template("default", "py")
             .await
             .ok()
             .flatten()
             .map(|t| t.image),
         Some("other".into())
     );
-    assert_eq!(store.list_templates().await.unwrap_or_default().len(), 1);
-    assert!(store.delete_template("py").await.unwrap_or(false));
-    assert!(!store.delete_template("py").await.unwrap_or(true));
+    // Names are unique per tenant: acme may have its own "py".
+    let mut acme = template("py");
+    acme.tenant_id = "acme".into();
+    acme.image = "acme-img".into();
+    store
+        .insert_template(acme)
+        .await
+        .unwrap_or_else(|e| panic!("acme's py: {e}"));
+    assert_eq!(
+        store
+            .get_template("acme", "py")
+            .await
+            .ok()
+            .flatten()
+            .map(|t| t.image),
+        Some("acme-img".into())
+    );
+    assert_eq!(
+        store
+            .list_templates("default")
+            .await
+            .unwrap_or_default()
+            .len(),
+        1
+    );
+    assert!(
+        store
+            .delete_template("default", "py")
+            .await
+            .unwrap_or(false)
+    );
+    assert!(!store.delete_template("default", "py").await.unwrap_or(true));
+    assert!(
+        store
+            .get_template("acme", "py")
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    );
+    assert!(store.delete_template("acme", "py").await.unwrap_or(false));
 }
 
 async fn executions_record(store: &Store) {
@@ -252,6 +337,7 @@ async fn executions_record(store: &Store) {
         id: "ex-1".into(),
         sandbox_id: "sb-00000001".into(),
         owner_id: "alice".into(),
+        tenant_id: "default".into(),
         argv: serde_json::json!(["echo", "hi"]),
         status: "running".into(),
         exit_code: None,
@@ -387,6 +473,7 @@ async fn workers_and_quotas(store: &Store) {
     assert_eq!(store.quota_summary().await.ok().map(|s| s.total), Some(0));
     store
         .set_owner_quota(
+            "default",
             "alice",
             OwnerQuota {
                 max_sandboxes: Some(2),
@@ -397,6 +484,7 @@ async fn workers_and_quotas(store: &Store) {
         .unwrap_or_else(|e| panic!("{e}"));
     store
         .set_owner_quota(
+            "default",
             "bob",
             OwnerQuota {
                 max_ttl_ms: Some(1000),
@@ -415,6 +503,46 @@ async fn workers_and_quotas(store: &Store) {
             summary.with_max_exec_timeout
         ),
         (2, 1, 1, 1)
+    );
+    // acme's alice has no quota of her own until one is set for her.
+    assert!(
+        store
+            .get_owner("acme", "alice")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+    );
+    store
+        .set_owner_quota(
+            "acme",
+            "alice",
+            OwnerQuota {
+                max_sandboxes: Some(7),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let max = |tenant: &'static str| async move {
+        store
+            .get_owner(tenant, "alice")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|o| o.max_sandboxes)
+    };
+    assert_eq!(
+        (max("default").await, max("acme").await),
+        (Some(2), Some(7))
+    );
+    assert_eq!(
+        store
+            .list_owner_quotas(Some("acme"))
+            .await
+            .unwrap_or_default()
+            .len(),
+        1
     );
 }
 
@@ -444,4 +572,77 @@ async fn store_suite_postgres() {
     };
     assert_eq!(store.backend_name(), "postgres");
     suite(store).await;
+}
+
+/// A database made before tenants were part of an owner's identity keeps
+/// its data: owners, templates and executions land in the tenants they
+/// belong to.
+#[tokio::test]
+async fn the_tenants_migration_keeps_existing_rows() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    tenants_migration_keeps_rows(&url).await;
+    if let Some(url) = crate::support::postgres_url().await {
+        tenants_migration_keeps_rows(&url).await;
+    }
+}
+
+async fn tenants_migration_keeps_rows(url: &str) {
+    use migration::MigratorTrait;
+    use sea_orm::{ConnectionTrait, Database};
+    let db = Database::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    migration::Migrator::up(&db, Some(2))
+        .await
+        .unwrap_or_else(|e| panic!("old migrations: {e}"));
+    let now = "2026-11-30T10:00:00+00:00";
+    for sql in [
+        format!(
+            "INSERT INTO sandboxes (id, owner_id, tenant_id, worker_id, provider, image, memory_mb, \
+             vcpus, state, metadata, created_at, updated_at, expires_at) VALUES ('sb-000000f1', \
+             'alice', 'acme', 'wk', 'native', 'img', 64, 1, 'running', '{{}}', '{now}', '{now}', '{now}')"
+        ),
+        format!(
+            "INSERT INTO executions (id, sandbox_id, owner_id, argv, status, stdout_tail, \
+             stderr_tail, created_at) VALUES ('ex-old', 'sb-000000f1', 'alice', '[]', 'completed', \
+             '', '', '{now}')"
+        ),
+        format!(
+            "INSERT INTO owners (id, max_sandboxes, created_at, updated_at) VALUES ('alice', 3, \
+             '{now}', '{now}')"
+        ),
+        format!(
+            "INSERT INTO templates (name, owner_id, image, provider, memory_mb, vcpus, ttl_ms, \
+             metadata, created_at, updated_at) VALUES ('py', 'alice', 'img', '', 64, 1, 60000, \
+             '{{}}', '{now}', '{now}')"
+        ),
+    ] {
+        db.execute_unprepared(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    drop(db);
+    let store = Store::connect(url).await.unwrap_or_else(|e| panic!("{e}"));
+    store
+        .migrate()
+        .await
+        .unwrap_or_else(|e| panic!("tenants migration: {e}"));
+    let execution = store
+        .get_execution("ex-old")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("execution lost"));
+    assert_eq!(
+        execution.tenant_id, "acme",
+        "executions take their sandbox's tenant"
+    );
+    let owner = store.get_owner("default", "alice").await.ok().flatten();
+    assert_eq!(owner.and_then(|o| o.max_sandboxes), Some(3));
+    let template = store.get_template("default", "py").await.ok().flatten();
+    assert_eq!(
+        template.map(|t| (t.image, t.disk_mb)),
+        Some(("img".into(), None))
+    );
 }

@@ -20,6 +20,8 @@ pub struct SpawnSandboxInput {
     pub provider: Option<String>,
     pub memory_mb: Option<u32>,
     pub vcpus: Option<u32>,
+    /// Writable disk in MiB (at most `defaults.max_disk_mb`).
+    pub disk_mb: Option<u32>,
     pub ttl: Option<GoDuration>,
     pub template: Option<String>,
     pub owner_id: Option<String>,
@@ -101,6 +103,8 @@ pub struct TemplateInput {
     pub image: String,
     pub memory_mb: Option<u32>,
     pub vcpus: Option<u32>,
+    /// Writable disk in MiB (at most `defaults.max_disk_mb`).
+    pub disk_mb: Option<u32>,
     pub ttl: Option<GoDuration>,
     pub provider: Option<String>,
     pub metadata: Option<Json<BTreeMap<String, String>>>,
@@ -113,6 +117,10 @@ pub struct SetQuotaInput {
     pub max_sandboxes: Option<u64>,
     pub max_ttl: Option<GoDuration>,
     pub max_exec_timeout: Option<GoDuration>,
+    /// Overrides of the size bounds for this owner (the host still caps them).
+    pub max_memory_mb: Option<u32>,
+    pub max_vcpus: Option<u32>,
+    pub max_disk_mb: Option<u32>,
 }
 
 /// The root of all changes.
@@ -132,6 +140,7 @@ impl MutationRoot {
             provider: input.provider,
             memory_mb: input.memory_mb,
             vcpus: input.vcpus,
+            disk_mb: input.disk_mb,
             ttl: input.ttl.map(|t| duration::format(t.0)),
             template: input.template,
             owner_id: input.owner_id,
@@ -291,6 +300,7 @@ impl MutationRoot {
             image: input.image,
             memory_mb: input.memory_mb,
             vcpus: input.vcpus,
+            disk_mb: input.disk_mb,
             ttl: input.ttl.map(|t| duration::format(t.0)),
             provider: input.provider,
             metadata: input.metadata.map(|m| m.0).unwrap_or_default(),
@@ -315,6 +325,9 @@ impl MutationRoot {
             max_sandboxes: input.max_sandboxes,
             max_ttl: input.max_ttl.map(|d| duration::format(d.0)),
             max_exec_timeout: input.max_exec_timeout.map(|d| duration::format(d.0)),
+            max_memory_mb: input.max_memory_mb,
+            max_vcpus: input.max_vcpus,
+            max_disk_mb: input.max_disk_mb,
         };
         Ok(service
             .set_quota(caller, &input.owner_id, quota)

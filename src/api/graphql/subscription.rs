@@ -72,6 +72,7 @@ impl SubscriptionRoot {
                     state,
                     reason,
                     at,
+                    ..
                 } => Some(SandboxEvent {
                     sandbox_id: ID(sandbox_id),
                     owner_id,

@@ -151,7 +151,9 @@ impl Sandbox {
             return Ok(None);
         };
         let loader = cx.data::<DataLoader<StoreLoader>>()?;
-        let model = loader.load_one(TemplateNamed(name.clone())).await?;
+        let model = loader
+            .load_one(TemplateNamed(self.0.tenant_id.clone(), name.clone()))
+            .await?;
         let service = cx.data::<service::Service>()?;
         model
             .map(|m| service.template_view(m).map(Template).gql())
@@ -313,6 +315,10 @@ impl Template {
     async fn vcpus(&self) -> u32 {
         self.0.vcpus
     }
+    /// Writable disk in MiB.
+    async fn disk_mb(&self) -> u32 {
+        self.0.disk_mb
+    }
     async fn ttl(&self) -> &str {
         &self.0.ttl
     }
@@ -460,6 +466,11 @@ pub struct QuotaPolicy {
     pub max_sandboxes: u64,
     pub max_ttl: String,
     pub max_exec_timeout: String,
+    /// Overrides of `defaults.max_memory_mb`, `max_vcpus`, `max_disk_mb`
+    /// (0 = not overridden); the host still caps them.
+    pub max_memory_mb: u32,
+    pub max_vcpus: u32,
+    pub max_disk_mb: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -471,6 +482,9 @@ impl From<service::QuotaPolicy> for QuotaPolicy {
             max_sandboxes: q.max_sandboxes,
             max_ttl: q.max_ttl,
             max_exec_timeout: q.max_exec_timeout,
+            max_memory_mb: q.max_memory_mb,
+            max_vcpus: q.max_vcpus,
+            max_disk_mb: q.max_disk_mb,
             created_at: q.created_at,
             updated_at: q.updated_at,
         }

@@ -27,6 +27,9 @@ struct QuotaBody {
     max_sandboxes: Option<u64>,
     max_ttl: Option<String>,
     max_exec_timeout: Option<String>,
+    max_memory_mb: Option<u32>,
+    max_vcpus: Option<u32>,
+    max_disk_mb: Option<u32>,
     /// Accepted (the SDK shape carries it) but the path names the owner.
     #[allow(dead_code)]
     owner_id: Option<String>,
@@ -64,6 +67,9 @@ async fn put(
         max_sandboxes: body.max_sandboxes,
         max_ttl: body.max_ttl,
         max_exec_timeout: body.max_exec_timeout,
+        max_memory_mb: body.max_memory_mb,
+        max_vcpus: body.max_vcpus,
+        max_disk_mb: body.max_disk_mb,
     };
     Ok(Json(service.set_quota(&caller, &owner, input).await?))
 }
