@@ -154,6 +154,9 @@ impl Default for NativeIdsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ProotConfig {
     pub binary: PathBuf,
+    /// Whether callers other than admins may use proot (off by default:
+    /// it is not a security boundary).
+    pub allow_non_admins: bool,
 }
 
 /// Defaults and limits applied to every request that does not say otherwise.
@@ -316,6 +319,7 @@ impl Default for ProotConfig {
     fn default() -> Self {
         ProotConfig {
             binary: PathBuf::from("proot"),
+            allow_non_admins: false,
         }
     }
 }

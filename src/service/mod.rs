@@ -33,8 +33,8 @@ pub use identity::{ApiKeyInfo, Credentials, Identity, IdentityError, NewApiKey, 
 pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor};
 pub use output::{OutputChunk, OutputEnd, OutputEvent, OutputFollower, OutputHub};
 pub use policy::{
-    ALLOW_HOST_IMAGE_KEY, Bound, BoundSource, HostCapacity, PolicyRefusal, SandboxAsk, Scope,
-    SpawnBounds, Subject, check_policy,
+    ALLOW_HOST_IMAGE_KEY, Bound, BoundSource, HostCapacity, Openings, PolicyRefusal, SandboxAsk,
+    Scope, SpawnBounds, Subject, check_policy,
 };
 pub use quotas::{QuotaInput, QuotaPolicy, QuotaUsage};
 pub use rate_limit::{RateDecision, RateLimitConfig, RateLimiter};

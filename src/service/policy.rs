@@ -15,6 +15,26 @@ use super::{Error, Result, Service};
 
 /// The configuration key that lets non-admins spawn the host image.
 pub const ALLOW_HOST_IMAGE_KEY: &str = "providers.native.allow_host_image";
+/// The configuration key that lets non-admins use the proot provider.
+pub const ALLOW_PROOT_KEY: &str = "providers.proot.allow_non_admins";
+
+/// What is admin-only unless configuration opens it to everyone: the host
+/// image, and the proot provider (which isolates the filesystem view
+/// only: its commands run as the server's user, root when StacyVM is).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Openings {
+    pub host_image: bool,
+    pub proot: bool,
+}
+
+impl Openings {
+    pub fn from_config(config: &Config) -> Self {
+        Openings {
+            host_image: config.providers.native.allow_host_image,
+            proot: config.providers.proot.allow_non_admins,
+        }
+    }
+}
 
 /// What a spawn or a template asks for, with defaults applied.
 #[derive(Debug, Clone, Copy)]
@@ -207,6 +227,10 @@ pub enum PolicyRefusal {
         "the host image is only for admins; set {ALLOW_HOST_IMAGE_KEY}: true to allow it to others"
     )]
     HostImage,
+    #[error(
+        "the proot provider isolates the filesystem view only and is for admins; set {ALLOW_PROOT_KEY}: true to allow it to others"
+    )]
+    Proot,
     #[error("{} {value:?} is denied by {}.{}.deny", .subject.as_str(), .scope.path(), .subject.key())]
     Denied {
         subject: Subject,
@@ -266,14 +290,17 @@ fn check_list(
 /// the lists: an explicit deny applies to them too.
 pub fn check_policy(
     policy: &PolicyConfig,
-    allow_host_image: bool,
+    openings: Openings,
     role: Role,
     tenant: &str,
     provider: &str,
     image: &str,
 ) -> std::result::Result<(), PolicyRefusal> {
-    if image == HOST_IMAGE && role != Role::Admin && !allow_host_image {
+    if image == HOST_IMAGE && role != Role::Admin && !openings.host_image {
         return Err(PolicyRefusal::HostImage);
+    }
+    if provider == "proot" && role != Role::Admin && !openings.proot {
+        return Err(PolicyRefusal::Proot);
     }
     let scopes = [
         (policy.roles.get(role.as_str()), Scope::Role(role)),
@@ -306,7 +333,7 @@ impl Service {
         self.spawn_bounds_for(owner.0, owner.1).await?.check(ask)?;
         check_policy(
             &self.config().policy,
-            self.config().providers.native.allow_host_image,
+            Openings::from_config(self.config()),
             caller.role,
             &caller.tenant_id,
             ask.provider,
@@ -358,10 +385,32 @@ mod tests {
     }
 
     #[test]
+    fn proot_needs_an_admin_or_the_key() {
+        let p = PolicyConfig::default();
+        let refused = check_policy(&p, Openings::default(), Role::Owner, "t", "proot", "x");
+        assert_eq!(refused, Err(PolicyRefusal::Proot));
+        assert!(PolicyRefusal::Proot.to_string().contains(ALLOW_PROOT_KEY));
+        assert!(check_policy(&p, Openings::default(), Role::Admin, "t", "proot", "x").is_ok());
+        let open = Openings {
+            host_image: false,
+            proot: true,
+        };
+        assert!(check_policy(&p, open, Role::Owner, "t", "proot", "x").is_ok());
+        assert!(check_policy(&p, Openings::default(), Role::Owner, "t", "native", "x").is_ok());
+    }
+
+    #[test]
     fn the_host_image_needs_an_admin_or_the_key() {
         let p = PolicyConfig::default();
         assert_eq!(
-            check_policy(&p, false, Role::Owner, "default", "native", "host"),
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Owner,
+                "default",
+                "native",
+                "host"
+            ),
             Err(PolicyRefusal::HostImage)
         );
         assert!(
@@ -370,46 +419,158 @@ mod tests {
                 .contains(ALLOW_HOST_IMAGE_KEY)
         );
         assert_eq!(
-            check_policy(&p, false, Role::Operator, "default", "native", "host"),
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Operator,
+                "default",
+                "native",
+                "host"
+            ),
             Err(PolicyRefusal::HostImage)
         );
-        assert!(check_policy(&p, false, Role::Admin, "default", "native", "host").is_ok());
-        assert!(check_policy(&p, true, Role::Owner, "default", "native", "host").is_ok());
-        assert!(check_policy(&p, false, Role::Owner, "default", "native", "alpine:3").is_ok());
+        assert!(
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Admin,
+                "default",
+                "native",
+                "host"
+            )
+            .is_ok()
+        );
+        assert!(
+            check_policy(
+                &p,
+                Openings {
+                    host_image: true,
+                    proot: false
+                },
+                Role::Owner,
+                "default",
+                "native",
+                "host"
+            )
+            .is_ok()
+        );
+        assert!(
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Owner,
+                "default",
+                "native",
+                "alpine:3"
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn role_and_tenant_lists_deny_wins_and_empty_allow_allows_all() {
         let p = example();
         // Owners: only docker.
-        assert!(check_policy(&p, false, Role::Owner, "default", "docker", "x").is_ok());
-        let refusal = check_policy(&p, false, Role::Owner, "default", "native", "x").unwrap_err();
+        assert!(
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Owner,
+                "default",
+                "docker",
+                "x"
+            )
+            .is_ok()
+        );
+        let refusal = check_policy(
+            &p,
+            Openings::default(),
+            Role::Owner,
+            "default",
+            "native",
+            "x",
+        )
+        .unwrap_err();
         assert_eq!(
             refusal.to_string(),
             "provider \"native\" is not in policy.roles.owner.providers.allow"
         );
         // Operators have no role rules.
-        assert!(check_policy(&p, false, Role::Operator, "default", "native", "x").is_ok());
+        assert!(
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Operator,
+                "default",
+                "native",
+                "x"
+            )
+            .is_ok()
+        );
         // Owners with the key still hit their explicit image deny.
         assert_eq!(
-            check_policy(&p, true, Role::Owner, "default", "docker", "host")
-                .unwrap_err()
-                .to_string(),
+            check_policy(
+                &p,
+                Openings {
+                    host_image: true,
+                    proot: false
+                },
+                Role::Owner,
+                "default",
+                "docker",
+                "host"
+            )
+            .unwrap_err()
+            .to_string(),
             "image \"host\" is denied by policy.roles.owner.images.deny"
         );
         // The tenant's lists apply to every role, admins included.
         assert_eq!(
-            check_policy(&p, false, Role::Admin, "acme", "native", "alpine:3")
-                .unwrap_err()
-                .to_string(),
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Admin,
+                "acme",
+                "native",
+                "alpine:3"
+            )
+            .unwrap_err()
+            .to_string(),
             "provider \"native\" is denied by policy.tenants.acme.providers.deny"
         );
-        assert!(check_policy(&p, false, Role::Admin, "acme", "docker", "alpine:3.20").is_ok());
-        assert!(check_policy(&p, false, Role::Admin, "acme", "docker", "busybox:latest").is_ok());
+        assert!(
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Admin,
+                "acme",
+                "docker",
+                "alpine:3.20"
+            )
+            .is_ok()
+        );
+        assert!(
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Admin,
+                "acme",
+                "docker",
+                "busybox:latest"
+            )
+            .is_ok()
+        );
         assert_eq!(
-            check_policy(&p, false, Role::Admin, "acme", "docker", "ubuntu:24.04")
-                .unwrap_err()
-                .to_string(),
+            check_policy(
+                &p,
+                Openings::default(),
+                Role::Admin,
+                "acme",
+                "docker",
+                "ubuntu:24.04"
+            )
+            .unwrap_err()
+            .to_string(),
             "image \"ubuntu:24.04\" is not in policy.tenants.acme.images.allow"
         );
         // Deny wins over allow.
@@ -422,10 +583,10 @@ mod tests {
             },
         );
         assert!(matches!(
-            check_policy(&p, false, Role::Owner, "t", "docker", "x"),
+            check_policy(&p, Openings::default(), Role::Owner, "t", "docker", "x"),
             Err(PolicyRefusal::Denied { .. })
         ));
-        assert!(check_policy(&p, false, Role::Owner, "t", "native", "x").is_ok());
+        assert!(check_policy(&p, Openings::default(), Role::Owner, "t", "native", "x").is_ok());
     }
 
     #[test]

@@ -381,3 +381,31 @@ async fn a_disk_fill_stops_at_the_sandbox_cap() {
     assert!(!mounts.contains(&id), "a mount of {id} is left: {mounts}");
     assert!(!dir.exists());
 }
+
+#[tokio::test]
+async fn proot_is_for_admins_unless_opened() {
+    // PRoot runs commands as the server's user: for an owner of a server
+    // running as root, that would be host root.
+    let server = native_server(|_| {}).await;
+    let owner = key(&server, "mallory", Role::Owner).await;
+    let (status, body) = request(
+        &server,
+        &owner,
+        reqwest::Method::POST,
+        "/sandboxes",
+        Some(json!({"image": docker_image(), "provider": "proot"})),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], "FORBIDDEN", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("providers.proot.allow_non_admins"),
+        "{body}"
+    );
+    let (status, body) = request(&server, &owner, reqwest::Method::GET, "/sandboxes", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.as_array().map(Vec::len), Some(0), "{body}");
+}

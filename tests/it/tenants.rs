@@ -953,7 +953,7 @@ async fn role_and_tenant_policies_refuse_providers_and_images() {
         assert!(
             stacyvm::service::check_policy(
                 &server.app_service.config().policy,
-                false,
+                stacyvm::service::Openings::default(),
                 Role::Owner,
                 "default",
                 "docker",
