@@ -13,6 +13,27 @@ use stacyvm::service::NewApiKey;
 
 use crate::support::{TestServer, docker_image, native_server};
 
+/// What root in a sandbox tries against the kernel: host sysctls, sysrq,
+/// undoing the read-only and masked mounts, new namespaces, devices,
+/// chroot, the network.
+const KERNEL_ATTACKS: &[&str] = &[
+    "echo 61 > /proc/sys/vm/swappiness",
+    "echo '|/tmp/pwn' > /proc/sys/kernel/core_pattern",
+    "echo 1 > /proc/sysrq-trigger",
+    "mount -o remount,rw /proc/sys",
+    "umount /proc/sys",
+    "umount -l /proc/kcore",
+    "mount -t tmpfs none /mnt",
+    "mount -t proc proc /mnt",
+    "mount --bind /bin /mnt",
+    "unshare -U -r true",
+    "unshare -m true",
+    "nsenter -t 1 -m true",
+    "mknod /tmp/sda b 8 0",
+    "chroot / true",
+    "ip link add dummy0 type dummy",
+];
+
 /// The capabilities a sandbox keeps (CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
 /// KILL, SETGID, SETUID) as /proc/<pid>/status prints them.
 const KEPT_CAPS: &str = "00000000000000fb";
@@ -235,24 +256,7 @@ async fn a_native_sandbox_cannot_write_host_sysctls_or_undo_its_mounts() {
     let swappiness = HostSysctl::read("/proc/sys/vm/swappiness");
     let core_pattern = HostSysctl::read("/proc/sys/kernel/core_pattern");
 
-    let attacks = [
-        "echo 61 > /proc/sys/vm/swappiness",
-        "echo '|/tmp/pwn' > /proc/sys/kernel/core_pattern",
-        "echo 1 > /proc/sysrq-trigger",
-        "mount -o remount,rw /proc/sys",
-        "umount /proc/sys",
-        "umount -l /proc/kcore",
-        "mount -t tmpfs none /mnt",
-        "mount -t proc proc /mnt",
-        "mount --bind /bin /mnt",
-        "unshare -U -r true",
-        "unshare -m true",
-        "nsenter -t 1 -m true",
-        "mknod /tmp/sda b 8 0",
-        "chroot / true",
-        "ip link add dummy0 type dummy",
-    ];
-    for attack in attacks {
+    for attack in KERNEL_ATTACKS {
         let (code, out, err) = sh(&server, &owner, &id, attack).await;
         assert_ne!(code, 0, "{attack} succeeded inside: {out} {err}");
     }
@@ -408,4 +412,28 @@ async fn proot_is_for_admins_unless_opened() {
     let (status, body) = request(&server, &owner, reqwest::Method::GET, "/sandboxes", None).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body.as_array().map(Vec::len), Some(0), "{body}");
+}
+
+#[tokio::test]
+async fn a_docker_sandbox_holds_against_the_same_attacks() {
+    if !crate::support::docker_enabled() {
+        return;
+    }
+    let server = crate::support::TestServer::start(|c| c.providers.default = "docker".into()).await;
+    let owner = key(&server, "mallory", Role::Owner).await;
+    let id = spawn(&server, &owner, &docker_image()).await;
+    let swappiness = HostSysctl::read("/proc/sys/vm/swappiness");
+    let core_pattern = HostSysctl::read("/proc/sys/kernel/core_pattern");
+    for attack in KERNEL_ATTACKS {
+        let (code, out, err) = sh(&server, &owner, &id, attack).await;
+        assert_ne!(code, 0, "{attack} succeeded inside docker: {out} {err}");
+    }
+    swappiness.assert_unchanged();
+    core_pattern.assert_unchanged();
+    let (_, status, _) = sh(&server, &owner, &id, "cat /proc/self/status").await;
+    assert_eq!(field(&status, "CapEff:"), KEPT_CAPS);
+    assert_eq!(field(&status, "CapBnd:"), KEPT_CAPS);
+    assert_eq!(field(&status, "NoNewPrivs:"), "1");
+    assert_eq!(field(&status, "Seccomp:"), "2");
+    destroy(&server, &owner, &id).await;
 }
