@@ -437,3 +437,47 @@ async fn a_docker_sandbox_holds_against_the_same_attacks() {
     assert_eq!(field(&status, "Seccomp:"), "2");
     destroy(&server, &owner, &id).await;
 }
+
+/// x32 system call numbers (bit 30 set) on x86_64 match no entry of a
+/// per-number filter; the sandbox's filter refuses them all (EPERM), where
+/// a kernel without x32 would answer ENOSYS and one with x32 would run them.
+#[cfg(target_arch = "x86_64")]
+#[tokio::test]
+async fn x32_system_calls_do_not_slip_past_seccomp() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = dir.path().join("x32.c");
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\n#include <errno.h>\n#include <unistd.h>\n#include <sys/syscall.h>\n\
+         int main(void){ long r = syscall(0x40000000 | SYS_unshare, 0x10000000);\n\
+         printf(\"%ld %d\\n\", r, r < 0 ? errno : 0); return 0; }\n",
+    )
+    .expect("source");
+    let binary = dir.path().join("x32");
+    let built = std::process::Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .status();
+    if !matches!(built, Ok(s) if s.success()) {
+        assert!(
+            std::env::var("STACYVM_TEST_STRICT").as_deref() != Ok("1"),
+            "gcc -static is needed for this test"
+        );
+        eprintln!("SKIPPED: no static gcc");
+        return;
+    }
+    let server = native_server(|_| {}).await;
+    let owner = key(&server, "mallory", Role::Owner).await;
+    let id = spawn(&server, &owner, &docker_image()).await;
+    let rootfs = server
+        .data_dir
+        .path()
+        .join("sandboxes/native")
+        .join(&id)
+        .join("rootfs");
+    std::fs::copy(&binary, rootfs.join("x32")).expect("copy");
+    let (_, out, err) = sh(&server, &owner, &id, "/x32").await;
+    assert_eq!(out, format!("-1 {}\n", libc::EPERM), "{err}");
+    destroy(&server, &owner, &id).await;
+}

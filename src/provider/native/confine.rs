@@ -342,10 +342,46 @@ fn seccomp_programs() -> io::Result<Vec<seccompiler::BpfProgram>> {
         arch,
     )
     .map_err(err)?;
-    [eperm, enosys]
-        .into_iter()
-        .map(|f| seccompiler::BpfProgram::try_from(f).map_err(err))
-        .collect()
+    let mut programs = vec![no_x32()];
+    for filter in [eperm, enosys] {
+        programs.push(seccompiler::BpfProgram::try_from(filter).map_err(err)?);
+    }
+    Ok(programs)
+}
+
+/// x32 system calls report the x86_64 architecture with bit 30 set on
+/// their number, so they match none of the numbers above and would pass a
+/// filter that allows by default: refuse them all (nothing a sandbox runs
+/// is built for x32). On other architectures the program allows all.
+fn no_x32() -> seccompiler::BpfProgram {
+    use seccompiler::sock_filter;
+    const LD_W_ABS: u16 = 0x20;
+    const JGE_K: u16 = 0x05 | 0x30;
+    const RET_K: u16 = 0x06;
+    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+    let stmt = |code, k| sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let deny = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    if cfg!(target_arch = "x86_64") {
+        vec![
+            // seccomp_data.nr is at offset 0.
+            stmt(LD_W_ABS, 0),
+            sock_filter {
+                code: JGE_K,
+                jt: 0,
+                jf: 1,
+                k: X32_SYSCALL_BIT,
+            },
+            stmt(RET_K, deny),
+            stmt(RET_K, libc::SECCOMP_RET_ALLOW),
+        ]
+    } else {
+        vec![stmt(RET_K, libc::SECCOMP_RET_ALLOW)]
+    }
 }
 
 #[cfg(test)]
@@ -355,7 +391,7 @@ mod tests {
     #[test]
     fn the_filter_compiles_for_this_machine() {
         let programs = seccomp_programs().expect("compile");
-        assert_eq!(programs.len(), 2);
+        assert_eq!(programs.len(), 3);
         assert!(programs.iter().all(|p| !p.is_empty()));
     }
 
