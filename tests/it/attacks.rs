@@ -245,6 +245,41 @@ async fn root_in_a_native_sandbox_is_not_root_on_the_host() {
     )
     .await;
     assert_eq!((code, out.as_str()), (0, "0 0\n"));
+
+    // Its limits and the keeper's records are not the sandbox's to change:
+    // they belong to host root, not to the sandbox's ids.
+    let cgroups: Vec<_> = [
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup",
+    ]
+    .iter()
+    .map(|root| std::path::Path::new(root).join("stacyvm").join(&id))
+    .filter(|d| d.is_dir())
+    .collect();
+    assert!(!cgroups.is_empty(), "no cgroup for {id}");
+    for dir in &cgroups {
+        for entry in std::iter::once(dir.clone()).chain(
+            std::fs::read_dir(dir)
+                .expect("cgroup dir")
+                .flatten()
+                .map(|e| e.path()),
+        ) {
+            let meta = std::fs::metadata(&entry).expect("cgroup entry");
+            assert_eq!(
+                meta.uid(),
+                0,
+                "{} is owned by {}",
+                entry.display(),
+                meta.uid()
+            );
+        }
+    }
+    let sandbox_dir = rootfs.parent().expect("sandbox dir");
+    for file in ["init.pid", "sandbox.json"] {
+        let meta = std::fs::metadata(sandbox_dir.join(file)).expect(file);
+        assert_eq!(meta.uid(), 0, "{file} is owned by {}", meta.uid());
+    }
     destroy(&server, &owner, &id).await;
 }
 

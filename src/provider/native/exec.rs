@@ -158,6 +158,12 @@ pub fn exec_main(args: &[OsString]) -> i32 {
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) != Some(request.server) {
         return fail("the server went away".into());
     }
+    // The workdir is the sandbox's path, resolved as the sandbox's root
+    // (its symlinks are the sandbox's to set).
+    let workdir = Path::new(&request.workdir);
+    if let Err(e) = std::env::set_current_dir(workdir) {
+        return fail(format!("workdir {}: {e}", workdir.display()));
+    }
     let mut cmd = std::process::Command::new(&request.program);
     cmd.args(&request.args)
         .env_clear()
@@ -289,9 +295,6 @@ fn enter(request: &Request) -> Result<(), String> {
     }
     rustix::process::fchdir(&root).map_err(|e| format!("entering the sandbox root: {e}"))?;
     rustix::process::chroot(".").map_err(|e| format!("entering the sandbox root: {e}"))?;
-    let workdir = Path::new(&request.workdir);
-    std::env::set_current_dir(workdir)
-        .map_err(|e| format!("workdir {}: {e}", workdir.display()))?;
     Ok(())
 }
 

@@ -34,13 +34,15 @@ pub(crate) struct IdRange {
 }
 
 impl IdRange {
-    /// The host id of container id `id` (ids beyond the range, which an
-    /// image should not have, become the sandbox's root).
+    /// The host id of container id `id`. Ids beyond the range (which an
+    /// image should not have) become the range's last id, an unprivileged
+    /// one inside: never the sandbox's root, so a setuid file of such an
+    /// owner grants nothing.
     pub(crate) fn host(&self, id: u32) -> u32 {
         if id < self.size {
             self.base + id
         } else {
-            self.base
+            self.base + self.size - 1
         }
     }
 
@@ -206,7 +208,11 @@ mod tests {
         };
         assert_eq!(r.host(0), 100_000);
         assert_eq!(r.host(1000), 101_000);
-        assert_eq!(r.host(70_000), 100_000);
+        assert_eq!(
+            r.host(70_000),
+            165_535,
+            "out of range: the last id, not root"
+        );
         assert_eq!(r.map_lines(), [(0, 100_000, 1), (1, 100_001, 65535)]);
     }
 }

@@ -503,7 +503,19 @@ fn start_container(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| "the sandbox directory has no name".to_string())?;
+    if meta.ids.is_none() && rustix::process::geteuid().is_root() {
+        // Made before sandboxes had their own host ids: its root would be
+        // host root.
+        return Err(
+            "this sandbox predates per-sandbox user ids: its root would be host root; destroy it"
+                .to_string(),
+        );
+    }
     let container = container(dir, &id, &meta)?;
+    // The cgroup is made while the keeper is still host root: a cgroup's
+    // directory and limit files belong to their creator's fsuid, and the
+    // sandbox's own host id must not own its limits.
+    let cgroup = prepare_cgroup(&id, &meta)?;
     // hakoniwa writes a multi-line id map with `newuidmap`/`newgidmap`,
     // found on PATH: ours write it directly (see `ids`).
     if meta.ids.is_some() {
@@ -532,9 +544,20 @@ fn start_container(
     cmd.stdin(hakoniwa::Stdio::inherit())
         .stdout(hakoniwa::Stdio::inherit())
         .stderr(hakoniwa::Stdio::inherit());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("starting the container: {e}"))?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            remove_cgroup(&cgroup);
+            return Err(format!("starting the container: {e}"));
+        }
+    };
+    // PID 1 is forked: what the keeper creates from now on (init.pid,
+    // init.exit) belongs to host root again, not to the sandbox's ids.
+    // SAFETY: plain system calls; the keeper has CAP_SETUID/CAP_SETGID.
+    unsafe {
+        libc::setfsuid(0);
+        libc::setfsgid(0);
+    }
     let supervisor = child.id() as i32;
     let deadline = Instant::now() + READY_TIMEOUT;
     let pid1 = loop {
@@ -542,6 +565,7 @@ fn start_container(
             break pid;
         }
         if let Ok(Some(status)) = child.try_wait() {
+            remove_cgroup(&cgroup);
             return Err(format!(
                 "the container ended at start-up: {}",
                 status.reason
@@ -550,18 +574,17 @@ fn start_container(
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
+            remove_cgroup(&cgroup);
             return Err("the sandbox's PID 1 did not come up in time".to_string());
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    let limits = match place_in_cgroup(&id, &meta, pid1) {
+    let limits = match place_in_cgroup(cgroup, &meta, pid1) {
         Ok(limits) => limits,
-        Err(e) => {
+        Err((cgroup, e)) => {
             let _ = child.kill();
             let _ = child.wait();
-            if let Ok(layout) = super::cgroup::Layout::detect() {
-                let _ = layout.sandbox(&id).remove();
-            }
+            remove_cgroup(&cgroup);
             return Err(e);
         }
     };
@@ -591,15 +614,39 @@ struct SandboxLimits {
     memory_mb: u32,
 }
 
+fn cgroup_failure(e: String) -> String {
+    format!("cannot limit the sandbox through cgroups: {e}")
+}
+
 /// Creates the sandbox's cgroup (or reuses the one of an earlier init)
-/// with its limits and moves PID 1 into it. PID 1 has no children yet:
-/// every later process of the sandbox starts inside.
-fn place_in_cgroup(id: &str, meta: &SandboxMeta, pid1: i32) -> Result<SandboxLimits, String> {
-    let fail = |e: String| format!("cannot limit the sandbox through cgroups: {e}");
-    let layout = super::cgroup::Layout::detect().map_err(fail)?;
+/// with its limits.
+fn prepare_cgroup(id: &str, meta: &SandboxMeta) -> Result<super::cgroup::SandboxCgroup, String> {
+    let layout = super::cgroup::Layout::detect().map_err(cgroup_failure)?;
     let cgroup = layout.sandbox(id);
-    cgroup.create(&meta.limits()).map_err(fail)?;
-    cgroup.add_process(pid1).map_err(fail)?;
+    if let Err(e) = cgroup.create(&meta.limits()) {
+        remove_cgroup(&cgroup);
+        return Err(cgroup_failure(e));
+    }
+    Ok(cgroup)
+}
+
+/// Best effort: a cgroup left behind is swept at the next start.
+fn remove_cgroup(cgroup: &super::cgroup::SandboxCgroup) {
+    if let Err(e) = cgroup.remove() {
+        eprintln!("removing the sandbox's cgroup: {e}");
+    }
+}
+
+/// Moves PID 1 into the sandbox's cgroup. PID 1 has no children yet:
+/// every later process of the sandbox starts inside.
+fn place_in_cgroup(
+    cgroup: super::cgroup::SandboxCgroup,
+    meta: &SandboxMeta,
+    pid1: i32,
+) -> Result<SandboxLimits, (super::cgroup::SandboxCgroup, String)> {
+    if let Err(e) = cgroup.add_process(pid1) {
+        return Err((cgroup, cgroup_failure(e)));
+    }
     Ok(SandboxLimits {
         oom_kills_at_start: cgroup.oom_kills().unwrap_or(0),
         cgroup,

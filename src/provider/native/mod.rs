@@ -1009,7 +1009,12 @@ impl Provider for NativeProvider {
         .await
         .map_err(|e| ProviderError::Runtime(format!("stopping the sandbox's init: {e}")))?;
         self.dirs.destroy(runtime_id).await?;
-        if let (Some(allocator), Some(ids)) = (&self.ids, ids) {
+        // A range goes back only once nothing of the sandbox can still run
+        // under it (its cgroup is gone); otherwise it stays taken until the
+        // next start re-reads the sandboxes on disk.
+        if removed.is_ok()
+            && let (Some(allocator), Some(ids)) = (&self.ids, ids)
+        {
             allocator.release(ids);
         }
         // The tree is gone either way; a cgroup that would not go is
@@ -1082,6 +1087,11 @@ impl Provider for NativeProvider {
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
         let meta = self.dirs.meta(runtime_id)?;
+        if meta.ids.is_none() && self.ids.is_some() {
+            return Err(ProviderError::Runtime(format!(
+                "sandbox {runtime_id} predates per-sandbox user ids: its root would be host root, so it runs no commands; destroy it"
+            )));
+        }
         let record = self.running_init(runtime_id)?;
         let helper = self.helper()?.to_path_buf();
         let (program, env) = match self.dirs.prepare(runtime_id, &meta, spec, &sink).await? {
