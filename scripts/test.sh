@@ -27,7 +27,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-section() { printf '\n========== %s ==========\n' "$*"; }
+STAGE_T0=$SECONDS
+section() { STAGE_T0=$SECONDS; printf '\n========== %s ==========\n' "$*"; }
 
 SERVER_PID=""
 stop_server() {
@@ -70,11 +71,12 @@ PY="$STACYVM_TEST_VENV/bin/python"
 
 declare -a RESULTS=()
 FAILED=0
-record() { # record NAME STATUS
+record() { # record NAME STATUS (with the time since the stage's section)
+    local took=$((SECONDS - STAGE_T0))
     if [ "$2" -eq 0 ]; then
-        RESULTS+=("PASS  $1")
+        RESULTS+=("PASS  $1 (${took}s)")
     else
-        RESULTS+=("FAIL  $1 (exit $2)")
+        RESULTS+=("FAIL  $1 (exit $2, ${took}s)")
         FAILED=1
     fi
 }
@@ -90,7 +92,7 @@ summary() {
         esac
     done
     # One closing line that any reader of the log understands.
-    echo "stages: $passed passed, $failed failed"
+    echo "stages: $passed passed, $failed failed; total ${SECONDS}s"
 }
 
 section "cargo build"
