@@ -9,9 +9,8 @@ use std::os::unix::fs::MetadataExt;
 
 use serde_json::{Value, json};
 use stacyvm::auth::Role;
-use stacyvm::service::NewApiKey;
 
-use crate::support::{TestServer, docker_image, native_server};
+use crate::support::{TestServer, docker_image, key, native_server};
 
 /// What root in a sandbox tries against the kernel: host sysctls, sysrq,
 /// undoing the read-only and masked mounts, new namespaces, devices,
@@ -37,22 +36,6 @@ const KERNEL_ATTACKS: &[&str] = &[
 /// The capabilities a sandbox keeps (CHOWN, DAC_OVERRIDE, FOWNER, FSETID,
 /// KILL, SETGID, SETUID) as /proc/<pid>/status prints them.
 const KEPT_CAPS: &str = "00000000000000fb";
-
-async fn key(server: &TestServer, owner: &str, role: Role) -> String {
-    let (key, _) = server
-        .app_service
-        .identity()
-        .create_key(NewApiKey {
-            owner_id: owner.into(),
-            tenant_id: None,
-            role,
-            expires_in: None,
-            allow_user_header: false,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    key
-}
 
 async fn request(
     server: &TestServer,

@@ -12,26 +12,10 @@ use stacyvm::service::NewApiKey;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{TestServer, docker_image};
+use crate::support::{TestServer, docker_image, key};
 
 async fn server(tweak: impl FnOnce(&mut stacyvm::config::Config)) -> TestServer {
     crate::support::native_server(tweak).await
-}
-
-async fn key(server: &TestServer, owner: &str, role: Role) -> String {
-    let (key, _) = server
-        .app_service
-        .identity()
-        .create_key(NewApiKey {
-            owner_id: owner.into(),
-            tenant_id: None,
-            role,
-            expires_in: None,
-            allow_user_header: false,
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    key
 }
 
 /// One request with credentials; returns status, body and headers.
@@ -197,66 +181,8 @@ async fn owners_cannot_see_or_touch_each_other_on_any_surface() {
     );
 
     // Bob: every REST route on Alice's sandbox answers as if it did not exist.
-    let routes: Vec<(Method, String, Option<Value>)> = vec![
-        (Method::GET, format!("/sandboxes/{id}"), None),
-        (Method::DELETE, format!("/sandboxes/{id}"), None),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/extend"),
-            Some(json!({"ttl": "1h"})),
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/exec"),
-            Some(json!({"command": "id"})),
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/exec"),
-            Some(json!({"command": "id", "stream": true})),
-        ),
-        (Method::GET, format!("/sandboxes/{id}/logs"), None),
-        (Method::GET, format!("/sandboxes/{id}/stats"), None),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/files"),
-            Some(json!({"path": "/tmp/x", "content": "b"})),
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files?path=/tmp/s"),
-            None,
-        ),
-        (
-            Method::DELETE,
-            format!("/sandboxes/{id}/files?path=/tmp/s"),
-            None,
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files/list?path=/tmp"),
-            None,
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files/stat?path=/tmp/s"),
-            None,
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files/glob?pattern=/tmp/*"),
-            None,
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/files/move"),
-            Some(json!({"old_path": "/tmp/s", "new_path": "/tmp/t"})),
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/files/chmod"),
-            Some(json!({"path": "/tmp/s", "mode": "0600"})),
-        ),
+    let mut routes = crate::support::sandbox_routes(&id);
+    routes.extend([
         (Method::GET, "/templates/alice-t".into(), None),
         (
             Method::PUT,
@@ -267,7 +193,7 @@ async fn owners_cannot_see_or_touch_each_other_on_any_surface() {
         (Method::POST, "/templates/alice-t/spawn".into(), None),
         (Method::GET, "/quotas/alice".into(), None),
         (Method::GET, "/quotas/alice/usage".into(), None),
-    ];
+    ]);
     for (method, path, body) in routes {
         let (s, answer, _) = call(&server, method.clone(), &path, &hb, body).await;
         assert_eq!(

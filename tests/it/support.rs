@@ -333,3 +333,89 @@ pub async fn insert_docker_record(
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// Every REST route on one sandbox, with a body where it needs one: what
+/// the isolation matrices (other owner, other tenant) call on a sandbox
+/// that is not the caller's.
+pub fn sandbox_routes(id: &str) -> Vec<(reqwest::Method, String, Option<serde_json::Value>)> {
+    use reqwest::Method;
+    use serde_json::json;
+    vec![
+        (Method::GET, format!("/sandboxes/{id}"), None),
+        (Method::DELETE, format!("/sandboxes/{id}"), None),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/extend"),
+            Some(json!({"ttl": "1h"})),
+        ),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/exec"),
+            Some(json!({"command": "id"})),
+        ),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/exec"),
+            Some(json!({"command": "id", "stream": true})),
+        ),
+        (Method::GET, format!("/sandboxes/{id}/logs"), None),
+        (Method::GET, format!("/sandboxes/{id}/stats"), None),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/files"),
+            Some(json!({"path": "/tmp/x", "content": "b"})),
+        ),
+        (
+            Method::GET,
+            format!("/sandboxes/{id}/files?path=/tmp/s"),
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("/sandboxes/{id}/files?path=/tmp/s"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/sandboxes/{id}/files/list?path=/tmp"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/sandboxes/{id}/files/stat?path=/tmp/s"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/sandboxes/{id}/files/glob?pattern=/tmp/*"),
+            None,
+        ),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/files/move"),
+            Some(json!({"old_path": "/tmp/s", "new_path": "/tmp/t"})),
+        ),
+        (
+            Method::POST,
+            format!("/sandboxes/{id}/files/chmod"),
+            Some(json!({"path": "/tmp/s", "mode": "0600"})),
+        ),
+    ]
+}
+
+/// A new API key of the default tenant for `owner` with `role`.
+pub async fn key(server: &TestServer, owner: &str, role: stacyvm::auth::Role) -> String {
+    let (key, _) = server
+        .app_service
+        .identity()
+        .create_key(stacyvm::service::NewApiKey {
+            owner_id: owner.into(),
+            tenant_id: None,
+            role,
+            expires_in: None,
+            allow_user_header: false,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    key
+}

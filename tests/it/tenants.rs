@@ -105,70 +105,12 @@ async fn two_alices_in_two_tenants_are_strangers_on_every_surface() {
 
     // The default tenant's alice: every REST route on that sandbox answers
     // exactly like a missing sandbox.
-    let routes: Vec<(Method, String, Option<Value>)> = vec![
-        (Method::GET, format!("/sandboxes/{id}"), None),
-        (Method::DELETE, format!("/sandboxes/{id}"), None),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/extend"),
-            Some(json!({"ttl": "1h"})),
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/exec"),
-            Some(json!({"command": "id"})),
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/exec"),
-            Some(json!({"command": "id", "stream": true})),
-        ),
-        (Method::GET, format!("/sandboxes/{id}/logs"), None),
-        (Method::GET, format!("/sandboxes/{id}/stats"), None),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/files"),
-            Some(json!({"path": "/tmp/x", "content": "b"})),
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files?path=/tmp/s"),
-            None,
-        ),
-        (
-            Method::DELETE,
-            format!("/sandboxes/{id}/files?path=/tmp/s"),
-            None,
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files/list?path=/tmp"),
-            None,
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files/stat?path=/tmp/s"),
-            None,
-        ),
-        (
-            Method::GET,
-            format!("/sandboxes/{id}/files/glob?pattern=/tmp/*"),
-            None,
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/files/move"),
-            Some(json!({"old_path": "/tmp/s", "new_path": "/tmp/t"})),
-        ),
-        (
-            Method::POST,
-            format!("/sandboxes/{id}/files/chmod"),
-            Some(json!({"path": "/tmp/s", "mode": "0600"})),
-        ),
+    let mut routes = crate::support::sandbox_routes(&id);
+    routes.extend([
         (Method::GET, "/templates/shared-name".into(), None),
         (Method::DELETE, "/templates/shared-name".into(), None),
         (Method::POST, "/templates/shared-name/spawn".into(), None),
-    ];
+    ]);
     for (method, path, body) in routes {
         let (s, answer, _) = call(&server, method.clone(), &path, &hh, body.clone()).await;
         assert_eq!(
