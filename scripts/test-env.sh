@@ -60,7 +60,9 @@ _stacyvm_env_packages() {
     # Native sandboxes' capped disks: mkfs.ext4, and mount for loop mounts.
     [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
     command -v mount >/dev/null 2>&1 || missing+=(mount)
-    # The x32 seccomp test compiles a static C program.
+    # The docker disk-cap test runs a private dockerd on btrfs (quotas).
+    command -v mkfs.btrfs >/dev/null 2>&1 || missing+=(btrfs-progs)
+    # The seccomp test compiles a static C program.
     compgen -G '/usr/lib/*/libc.a' >/dev/null || missing+=(libc6-dev)
     # Debian's python3 ships venv without ensurepip unless python3-venv is installed.
     "$py" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)

@@ -99,6 +99,24 @@ pub struct DockerConfig {
     pub pids_limit: i64,
     /// Docker network mode for sandboxes (`none` isolates them from the network).
     pub network: String,
+    /// How a sandbox's `disk_mb` is enforced.
+    pub disk_limit: DockerDiskLimit,
+}
+
+/// How the docker provider caps a sandbox's disk (`providers.docker.disk_limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DockerDiskLimit {
+    /// The storage driver's `size` option where the daemon supports it
+    /// (overlay2 on XFS mounted with `pquota`), learned from the first
+    /// spawn; a tmpfs `/tmp` otherwise.
+    #[default]
+    Auto,
+    /// Always the `size` option: spawns fail where the daemon cannot do it.
+    Size,
+    /// Always a tmpfs of `disk_mb` at `/tmp` (counted in the sandbox's
+    /// memory too); the rest of the writable layer is not capped.
+    Tmpfs,
 }
 
 /// The `native` provider.
@@ -311,6 +329,7 @@ impl Default for DockerConfig {
             host: String::new(),
             pids_limit: 512,
             network: "none".into(),
+            disk_limit: DockerDiskLimit::Auto,
         }
     }
 }

@@ -5,9 +5,16 @@
 //! and writes use the archive API; listing, stat, move, chmod, delete and
 //! glob run small POSIX commands inside the container, which keeps every path
 //! inside the container's own root by construction.
+//!
+//! A sandbox's `disk_mb` is the storage driver's `size` option where the
+//! daemon supports it (overlay2 on XFS with `pquota`); elsewhere it is the
+//! size of a tmpfs at `/tmp` (see [`crate::config::DockerDiskLimit`]). The
+//! archive API does not see into a container's tmpfs mounts, so files under
+//! a tmpfs `/tmp` are read and written by commands inside the container.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -31,7 +38,7 @@ use super::{
     ProviderError, ProviderResult, RuntimeHandle, RuntimeStats, RuntimeStatus, SpawnSpec,
     StreamKind,
 };
-use crate::config::DockerConfig;
+use crate::config::{DockerConfig, DockerDiskLimit};
 
 /// Label that marks a container as a StacyVM sandbox; its value is the sandbox id.
 pub const SANDBOX_LABEL: &str = "io.stacyvm.sandbox";
@@ -39,6 +46,29 @@ pub const SANDBOX_LABEL: &str = "io.stacyvm.sandbox";
 /// Label naming the StacyVM installation (its data directory) that owns a
 /// container, so that servers sharing one daemon only reconcile their own.
 pub const INSTANCE_LABEL: &str = "io.stacyvm.instance";
+
+/// Label recording how a container's disk is capped: `size` (the storage
+/// driver's quota on the writable layer) or `tmpfs` (a tmpfs at `/tmp`).
+pub const DISK_LABEL: &str = "io.stacyvm.disk";
+
+/// Where the tmpfs goes when the storage driver cannot cap the writable layer.
+const TMPFS_DIR: &str = "/tmp";
+
+/// How one container's disk is capped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DiskCap {
+    Size,
+    Tmpfs,
+}
+
+impl DiskCap {
+    fn label(self) -> &'static str {
+        match self {
+            DiskCap::Size => "size",
+            DiskCap::Tmpfs => "tmpfs",
+        }
+    }
+}
 
 /// API version used when the daemon cannot be asked (it is down at start-up).
 /// 1.41 is Docker 20.10, the oldest daemon we support.
@@ -67,6 +97,9 @@ pub struct DockerProvider {
     /// has failed since: after an outage, sandboxes the daemon stopped on
     /// its way down are started again.
     availability: Mutex<Availability>,
+    /// Set once the daemon refused the `size` storage option: with
+    /// `disk_limit: auto`, later spawns go straight to a tmpfs `/tmp`.
+    size_refused: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +133,7 @@ impl DockerProvider {
             instance: instance.to_string(),
             events: Mutex::new(HashMap::new()),
             availability: Mutex::new(Availability::default()),
+            size_refused: AtomicBool::new(false),
         };
         provider.negotiate().await;
         Ok(provider)
@@ -238,14 +272,9 @@ impl DockerProvider {
         script: &str,
         args: &[&str],
     ) -> ProviderResult<String> {
-        let mut argv = vec![
-            "/bin/sh".to_string(),
-            "-c".into(),
-            script.into(),
-            "sh".into(),
-        ];
-        argv.extend(args.iter().map(|a| a.to_string()));
-        let (code, out, err) = self.run_capture(container, argv).await?;
+        let (code, out, err) = self
+            .run_capture(container, helper_script(script, args))
+            .await?;
         match code {
             0 => Ok(out),
             2 => Err(ProviderError::FileNotFound(
@@ -363,6 +392,217 @@ impl DockerProvider {
             let _departed = sink.send(chunk).await;
         }
         Ok(ExecExit::Exited(code))
+    }
+
+    /// The container for a sandbox, its disk capped as `disk` says.
+    fn container_body(&self, spec: &SpawnSpec, disk: DiskCap) -> ContainerCreateBody {
+        let memory = i64::from(spec.memory_mb) * 1024 * 1024;
+        let (storage_opt, tmpfs) = match disk {
+            DiskCap::Size => (
+                Some(HashMap::from([(
+                    "size".to_string(),
+                    format!("{}M", spec.disk_mb),
+                )])),
+                None,
+            ),
+            DiskCap::Tmpfs => (
+                None,
+                Some(HashMap::from([(
+                    TMPFS_DIR.to_string(),
+                    format!("rw,exec,nosuid,nodev,mode=1777,size={}m", spec.disk_mb),
+                )])),
+            ),
+        };
+        let host_config = HostConfig {
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some(i64::from(spec.vcpus) * 1_000_000_000),
+            pids_limit: Some(self.config.pids_limit),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(
+                super::SANDBOX_CAPABILITIES
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect(),
+            ),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            network_mode: Some(self.config.network.clone()),
+            storage_opt,
+            tmpfs,
+            // No docker-init: with /bin/sh as PID 1 a missing shell fails the
+            // start itself instead of leaving a container that dies a moment
+            // later. The shell's wait loop reaps orphaned exec children.
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            // Keep the container alive regardless of the image's own command;
+            // work happens through exec.
+            // SIGTERM ends the sandbox at once (a daemon shutdown or `docker
+            // stop` does not wait 10 s for a shell that ignores it), as
+            // `kill 1` from inside does, like any init with a handler.
+            entrypoint: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "trap 'exit 143' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+            ]),
+            cmd: Some(vec![]),
+            working_dir: Some("/".into()),
+            hostname: Some(spec.sandbox_id.clone()),
+            labels: Some(HashMap::from([
+                (SANDBOX_LABEL.to_string(), spec.sandbox_id.clone()),
+                (INSTANCE_LABEL.to_string(), self.instance.clone()),
+                (DISK_LABEL.to_string(), disk.label().to_string()),
+                ("io.stacyvm.managed".to_string(), "true".to_string()),
+            ])),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    /// Whether `path` lies on the container's tmpfs `/tmp`, which the
+    /// archive API cannot see (the container's `DISK_LABEL` says).
+    async fn on_tmpfs(&self, container: &str, path: &str) -> ProviderResult<bool> {
+        let under = path == TMPFS_DIR
+            || path
+                .strip_prefix(TMPFS_DIR)
+                .is_some_and(|rest| rest.starts_with('/'));
+        if !under {
+            return Ok(false);
+        }
+        let info = self
+            .client()?
+            .inspect_container(container, None)
+            .await
+            .map_err(|e| runtime_error(container, e))?;
+        Ok(info
+            .config
+            .and_then(|c| c.labels)
+            .and_then(|labels| labels.get(DISK_LABEL).cloned())
+            .is_some_and(|v| v == DiskCap::Tmpfs.label()))
+    }
+
+    /// Runs `argv` with `input` on its stdin; returns the exit code, stdout
+    /// (at most `limit` bytes: more is an error) and the last stderr line.
+    async fn run_piped(
+        &self,
+        container: &str,
+        argv: Vec<String>,
+        input: Bytes,
+        limit: usize,
+    ) -> ProviderResult<(i64, Vec<u8>, String)> {
+        use tokio::io::AsyncWriteExt;
+        let docker = self.client()?;
+        let options = CreateExecOptions {
+            attach_stdin: Some(!input.is_empty()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(argv),
+            ..Default::default()
+        };
+        let work = async {
+            let created = docker
+                .create_exec(container, options)
+                .await
+                .map_err(|e| runtime_error(container, e))?;
+            let started = docker
+                .start_exec(&created.id, None)
+                .await
+                .map_err(|e| runtime_error(container, e))?;
+            let StartExecResults::Attached {
+                mut output,
+                input: mut stdin,
+            } = started
+            else {
+                return Err(ProviderError::Runtime("exec did not attach".into()));
+            };
+            let mut guard = KillExecOnDrop {
+                docker: Some(docker.clone()),
+                exec_id: created.id.clone(),
+            };
+            let feed = async {
+                if !input.is_empty() {
+                    stdin.write_all(&input).await?;
+                }
+                stdin.shutdown().await
+            };
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            let drain = async {
+                while let Some(item) = output.next().await {
+                    match item.map_err(daemon_error)? {
+                        LogOutput::StdOut { message } => {
+                            if out.len() + message.len() > limit {
+                                return Err(ProviderError::InvalidRequest(format!(
+                                    "the file is larger than {} MiB, the most the API reads at once",
+                                    limit >> 20
+                                )));
+                            }
+                            out.extend_from_slice(&message);
+                        }
+                        LogOutput::StdErr { message } => {
+                            if err.len() < 4096 {
+                                err.extend_from_slice(&message);
+                            }
+                        }
+                        LogOutput::StdIn { .. } | LogOutput::Console { .. } => {}
+                    }
+                }
+                Ok(())
+            };
+            let (fed, drained) = tokio::join!(feed, drain);
+            drained?;
+            fed.map_err(|e| ProviderError::Runtime(format!("writing to the sandbox: {e}")))?;
+            guard.disarm();
+            let info = docker
+                .inspect_exec(&created.id)
+                .await
+                .map_err(|e| runtime_error(container, e))?;
+            let last = String::from_utf8_lossy(&err)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("file operation failed")
+                .to_string();
+            Ok((info.exit_code.unwrap_or(-1), out, last))
+        };
+        tokio::time::timeout(FILE_OP_TIMEOUT, work)
+            .await
+            .map_err(|_| ProviderError::Runtime("file operation timed out".into()))?
+    }
+
+    /// `write_file` for a path on a tmpfs `/tmp`: `cat` inside the container.
+    async fn write_by_exec(
+        &self,
+        container: &str,
+        path: &str,
+        content: Bytes,
+        mode: u32,
+    ) -> ProviderResult<()> {
+        let script = "mkdir -p -- \"$(dirname -- \"$1\")\" || exit 3; \
+                      [ -d \"$1\" ] && { echo \"$1 is a directory\" >&2; exit 3; }; \
+                      cat > \"$1\" && chmod \"$2\" \"$1\" || exit 3";
+        let argv = helper_script(script, &[path, &format!("{mode:o}")]);
+        // With nothing to write stdin is not attached: `cat` reads /dev/null.
+        match self.run_piped(container, argv, content, 0).await? {
+            (0, _, _) => Ok(()),
+            (_, _, err) => Err(ProviderError::InvalidRequest(err)),
+        }
+    }
+
+    /// `read_file` for a path on a tmpfs `/tmp`: `cat` inside the container.
+    async fn read_by_exec(&self, container: &str, path: &str) -> ProviderResult<Bytes> {
+        let script = "[ -e \"$1\" ] || exit 2; \
+                      [ -d \"$1\" ] && { echo \"$1 is a directory\" >&2; exit 3; }; \
+                      exec cat -- \"$1\"";
+        let argv = helper_script(script, &[path]);
+        match self
+            .run_piped(container, argv, Bytes::new(), super::MAX_READ_BYTES)
+            .await?
+        {
+            (0, out, _) => Ok(Bytes::from(out)),
+            (2, _, _) => Err(ProviderError::FileNotFound(path.to_string())),
+            (_, _, err) => Err(ProviderError::InvalidRequest(err)),
+        }
     }
 
     /// This installation's sandbox containers, in any state.
@@ -516,6 +756,25 @@ impl DockerProvider {
             )
             .await
     }
+}
+
+/// `sh -c script sh args...`: a helper script with its arguments as `$1...`.
+fn helper_script(script: &str, args: &[&str]) -> Vec<String> {
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        script.into(),
+        "sh".into(),
+    ];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    argv
+}
+
+/// The daemon's refusal of the `size` storage option (overlay2 not on XFS
+/// with `pquota`, or a driver without quotas).
+fn is_size_refusal(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. }
+        if message.contains("storage-opt") || message.contains("storage opt"))
 }
 
 /// Kills an exec's process tree (Docker has no API for it): its host pid
@@ -739,7 +998,7 @@ impl Provider for DockerProvider {
     }
 
     fn isolation(&self) -> &'static str {
-        "a container (Docker's namespaces, default seccomp profile and masked paths), capabilities reduced, no-new-privileges, no network by default; memory, CPU and pids limits"
+        "a container (Docker's namespaces, default seccomp profile and masked paths), capabilities reduced, no-new-privileges, no network by default; memory, CPU and pids limits; disk capped by the storage driver's size option where it has quotas, else only /tmp (a tmpfs)"
     }
 
     fn capabilities(&self) -> Vec<Capability> {
@@ -816,59 +1075,49 @@ impl Provider for DockerProvider {
         self.ensure_image(&spec.image).await?;
         let docker = self.client()?;
         let name = Self::container_name(&spec.sandbox_id);
-        let memory = i64::from(spec.memory_mb) * 1024 * 1024;
-        let host_config = HostConfig {
-            memory: Some(memory),
-            memory_swap: Some(memory),
-            nano_cpus: Some(i64::from(spec.vcpus) * 1_000_000_000),
-            pids_limit: Some(self.config.pids_limit),
-            cap_drop: Some(vec!["ALL".into()]),
-            cap_add: Some(
-                super::SANDBOX_CAPABILITIES
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect(),
-            ),
-            security_opt: Some(vec!["no-new-privileges".into()]),
-            network_mode: Some(self.config.network.clone()),
-            // No docker-init: with /bin/sh as PID 1 a missing shell fails the
-            // start itself instead of leaving a container that dies a moment
-            // later. The shell's wait loop reaps orphaned exec children.
-            ..Default::default()
+        let mut disk = match self.config.disk_limit {
+            DockerDiskLimit::Tmpfs => DiskCap::Tmpfs,
+            DockerDiskLimit::Auto if self.size_refused.load(Ordering::Relaxed) => DiskCap::Tmpfs,
+            DockerDiskLimit::Auto | DockerDiskLimit::Size => DiskCap::Size,
         };
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            // Keep the container alive regardless of the image's own command;
-            // work happens through exec.
-            // SIGTERM ends the sandbox at once (a daemon shutdown or `docker
-            // stop` does not wait 10 s for a shell that ignores it), as
-            // `kill 1` from inside does, like any init with a handler.
-            entrypoint: Some(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "trap 'exit 143' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
-            ]),
-            cmd: Some(vec![]),
-            working_dir: Some("/".into()),
-            hostname: Some(spec.sandbox_id.clone()),
-            labels: Some(HashMap::from([
-                (SANDBOX_LABEL.to_string(), spec.sandbox_id.clone()),
-                (INSTANCE_LABEL.to_string(), self.instance.clone()),
-                ("io.stacyvm.managed".to_string(), "true".to_string()),
-            ])),
-            host_config: Some(host_config),
-            ..Default::default()
+        let created = loop {
+            let options = CreateContainerOptionsBuilder::default().name(&name).build();
+            match docker
+                .create_container(Some(options), self.container_body(spec, disk))
+                .await
+            {
+                Ok(created) => break created,
+                Err(e)
+                    if disk == DiskCap::Size
+                        && self.config.disk_limit == DockerDiskLimit::Auto
+                        && is_size_refusal(&e) =>
+                {
+                    self.size_refused.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        daemon = %short(&e),
+                        "the Docker storage driver cannot cap a container's size (overlay2 needs \
+                         XFS mounted with pquota): docker sandboxes get a tmpfs {TMPFS_DIR} of \
+                         disk_mb instead, and the rest of their writable layer is not capped"
+                    );
+                    disk = DiskCap::Tmpfs;
+                }
+                Err(e) if is_size_refusal(&e) => {
+                    return Err(ProviderError::Unavailable(format!(
+                        "providers.docker.disk_limit is `size`, but the daemon cannot cap a \
+                         container's size: {}",
+                        short(&e)
+                    )));
+                }
+                Err(
+                    e @ DockerError::DockerResponseServerError {
+                        status_code: 400, ..
+                    },
+                ) => {
+                    return Err(ProviderError::InvalidRequest(short(&e)));
+                }
+                Err(e) => return Err(daemon_error(e)),
+            }
         };
-        let options = CreateContainerOptionsBuilder::default().name(&name).build();
-        let created = docker
-            .create_container(Some(options), body)
-            .await
-            .map_err(|e| match &e {
-                DockerError::DockerResponseServerError {
-                    status_code: 400, ..
-                } => ProviderError::InvalidRequest(short(&e)),
-                _ => daemon_error(e),
-            })?;
         if let Err(e) = docker.start_container(&created.id, None).await {
             // Leave nothing behind: a created-but-unstarted container is an orphan.
             if let Err(cleanup) = self.destroy(&created.id).await {
@@ -949,6 +1198,9 @@ impl Provider for DockerProvider {
         content: Bytes,
         mode: u32,
     ) -> ProviderResult<()> {
+        if self.on_tmpfs(runtime_id, path).await? {
+            return self.write_by_exec(runtime_id, path, content, mode).await;
+        }
         let (dir, name) = split_path(path)?;
         let mut header = tar::Header::new_gnu();
         header.set_size(content.len() as u64);
@@ -983,6 +1235,9 @@ impl Provider for DockerProvider {
     }
 
     async fn read_file(&self, runtime_id: &str, path: &str) -> ProviderResult<Bytes> {
+        if self.on_tmpfs(runtime_id, path).await? {
+            return self.read_by_exec(runtime_id, path).await;
+        }
         let mut current = path.to_string();
         // Follow symlinks a few hops; the archive API returns a link as a link.
         for _ in 0..8 {

@@ -65,6 +65,10 @@ pub const SANDBOX_CAPABILITIES: [&str; 7] = [
     "KILL",
 ];
 
+/// The largest file a provider reads into memory for one `read_file` where
+/// it must buffer (the docker provider's reads from a tmpfs `/tmp`).
+pub const MAX_READ_BYTES: usize = 256 << 20;
+
 /// What to create. Limits are already validated and defaulted by the service.
 #[derive(Debug, Clone)]
 pub struct SpawnSpec {

@@ -404,6 +404,183 @@ async fn a_disk_fill_stops_at_the_sandbox_cap() {
     assert!(!dir.exists());
 }
 
+/// Fills a docker sandbox's disk: `dd` of 300 MiB into `path` in a 64 MiB
+/// sandbox must stop with ENOSPC, and the sandbox and server carry on.
+async fn docker_disk_fill_stops(server: &TestServer, owner: &str, id: &str, path: &str) {
+    let (code, _, err) = sh(
+        server,
+        owner,
+        id,
+        &format!("dd if=/dev/zero of={path} bs=1M count=300"),
+    )
+    .await;
+    assert_ne!(code, 0, "300 MiB went into {path} of a 64 MiB disk");
+    assert!(
+        err.contains("No space left on device") || err.contains("Disk quota exceeded"),
+        "{err}"
+    );
+    let (code, out, _) = sh(server, owner, id, &format!("rm {path} && echo ok")).await;
+    assert_eq!((code, out.as_str()), (0, "ok\n"));
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+}
+
+/// The label the docker provider records the disk cap in.
+fn docker_disk_label(host: Option<&str>, id: &str) -> String {
+    let mut cmd = std::process::Command::new("docker");
+    if let Some(host) = host {
+        cmd.args(["-H", host]);
+    }
+    let out = cmd
+        .args([
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"io.stacyvm.disk\"}}",
+            &format!("stacyvm-{id}"),
+        ])
+        .output()
+        .expect("docker inspect");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// On overlay2 over ext4 (the host daemon here) the `size` storage option
+/// is refused, so `disk_limit: auto` falls back to a tmpfs `/tmp` of
+/// `disk_mb`; the files API reads and writes that tmpfs (the archive API
+/// cannot see it) byte for byte, and what commands write there is what the
+/// API reads.
+#[tokio::test]
+async fn docker_sandboxes_get_a_capped_tmp_where_the_driver_cannot_cap_size() {
+    if !crate::support::docker_enabled() {
+        return;
+    }
+    let server = TestServer::start(|c| {
+        c.providers.default = "docker".into();
+        c.defaults.disk_mb = 64;
+    })
+    .await;
+    let owner = key(&server, "mallory", Role::Owner).await;
+    let (status, body) = request(
+        &server,
+        &owner,
+        reqwest::Method::POST,
+        "/sandboxes",
+        Some(json!({"image": docker_image(), "memory_mb": 256})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let driver_caps_size = docker_disk_label(None, &id) == "size";
+    if driver_caps_size {
+        // A daemon with quotas: the other test covers it.
+        docker_disk_fill_stops(&server, &owner, &id, "/fill").await;
+        destroy(&server, &owner, &id).await;
+        return;
+    }
+    assert_eq!(docker_disk_label(None, &id), "tmpfs");
+    let (_, df, _) = sh(&server, &owner, &id, "df -m /tmp | tail -1").await;
+    assert!(
+        df.starts_with("tmpfs") && df.split_whitespace().nth(1) == Some("64"),
+        "{df}"
+    );
+    docker_disk_fill_stops(&server, &owner, &id, "/tmp/fill").await;
+
+    // The files API on the tmpfs: a write through the API is seen inside,
+    // a file written inside is read by the API, bytes intact.
+    let files = format!("/sandboxes/{id}/files");
+    let text = "line one\nzwei \u{00e9}\u{1f600}\n";
+    let (status, body) = request(
+        &server,
+        &owner,
+        reqwest::Method::POST,
+        &files,
+        Some(json!({"path": "/tmp/new/dir/a.txt", "content": text, "mode": "0640"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (code, out, _) = sh(
+        &server,
+        &owner,
+        &id,
+        "stat -c %a /tmp/new/dir/a.txt; cat /tmp/new/dir/a.txt",
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, format!("640\n{text}").as_str()));
+    let (code, _, _) = sh(
+        &server,
+        &owner,
+        &id,
+        "printf 'from inside\\000\\377' > /tmp/inside.bin",
+    )
+    .await;
+    assert_eq!(code, 0);
+    let resp = server
+        .http
+        .get(server.url(&format!("{files}?path=/tmp/inside.bin")))
+        .header("X-API-Key", &owner)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(resp.status().as_u16(), 200);
+    let bytes = resp.bytes().await.expect("body");
+    assert_eq!(bytes.as_ref(), b"from inside\0\xff");
+    let (status, _) = request(
+        &server,
+        &owner,
+        reqwest::Method::GET,
+        &format!("{files}?path=/tmp/missing"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    // An empty file is a file.
+    let (status, body) = request(
+        &server,
+        &owner,
+        reqwest::Method::POST,
+        &files,
+        Some(json!({"path": "/tmp/empty", "content": ""})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, out, _) = sh(&server, &owner, &id, "wc -c < /tmp/empty").await;
+    assert_eq!(out.trim(), "0");
+    destroy(&server, &owner, &id).await;
+}
+
+/// On a daemon whose storage driver has quotas (btrfs here; overlay2 on
+/// XFS with `pquota` elsewhere), the writable layer itself is capped by the
+/// `size` option: a fill anywhere stops at `disk_mb` (btrfs says EDQUOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_sandboxes_are_capped_by_the_storage_driver_where_it_can() {
+    use crate::private_dockerd::PrivateDockerd;
+    let Some(daemon) = tokio::task::spawn_blocking(PrivateDockerd::start_on_btrfs)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+    else {
+        return;
+    };
+    let host = daemon.host();
+    let docker_host = host.clone();
+    let server = TestServer::start(move |c| {
+        c.providers.default = "docker".into();
+        c.providers.docker.host = docker_host;
+        c.providers.docker.disk_limit = stacyvm::config::DockerDiskLimit::Size;
+        c.defaults.disk_mb = 64;
+    })
+    .await;
+    let owner = key(&server, "mallory", Role::Owner).await;
+    let id = spawn(&server, &owner, &docker_image()).await;
+    assert_eq!(docker_disk_label(Some(&host), &id), "size");
+    // (`df` shows the filesystem, not the quota: the fill is the check.)
+    docker_disk_fill_stops(&server, &owner, &id, "/fill").await;
+    docker_disk_fill_stops(&server, &owner, &id, "/tmp/fill").await;
+    destroy(&server, &owner, &id).await;
+    drop(server);
+    tokio::task::spawn_blocking(move || drop(daemon))
+        .await
+        .expect("daemon cleanup");
+}
+
 #[tokio::test]
 async fn proot_is_for_admins_unless_opened() {
     // PRoot runs commands as the server's user: for an owner of a server
@@ -456,22 +633,42 @@ async fn a_docker_sandbox_holds_against_the_same_attacks() {
     destroy(&server, &owner, &id).await;
 }
 
-/// x32 system call numbers (bit 30 set) on x86_64 match no entry of a
-/// per-number filter; the sandbox's filter refuses them all (EPERM), where
-/// a kernel without x32 would answer ENOSYS and one with x32 would run them.
+/// The seccomp filter is an allowlist: calls it does not know are refused
+/// with EPERM where the kernel alone would answer otherwise (EBADF, EINVAL,
+/// ENOSYS, EAFNOSUPPORT), so a denylist that missed them would fail here.
+/// x32 numbers (bit 30 set) on x86_64 match no entry of a per-number
+/// filter; `clone3` gets ENOSYS (libc falls back to `clone`); the
+/// `personality` values Docker allows work and others are refused.
 #[cfg(target_arch = "x86_64")]
 #[tokio::test]
-async fn x32_system_calls_do_not_slip_past_seccomp() {
+async fn seccomp_refuses_what_it_does_not_allow() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let source = dir.path().join("x32.c");
+    let source = dir.path().join("probe.c");
     std::fs::write(
         &source,
-        "#include <stdio.h>\n#include <errno.h>\n#include <unistd.h>\n#include <sys/syscall.h>\n\
-         int main(void){ long r = syscall(0x40000000 | SYS_unshare, 0x10000000);\n\
-         printf(\"%ld %d\\n\", r, r < 0 ? errno : 0); return 0; }\n",
+        r#"#include <stdio.h>
+#include <errno.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static void probe(const char *name, long r) { printf("%s %d\n", name, r < 0 ? errno : 0); }
+int main(void) {
+    probe("x32-unshare", syscall(0x40000000 | SYS_unshare, 0x10000000));
+    probe("quotactl_fd", syscall(443, -1, 0, 0, 0));
+    probe("set_mempolicy_home_node", syscall(450, 0, 0, 0, 0));
+    probe("unknown-1000", syscall(1000));
+    probe("socket-vsock", syscall(SYS_socket, 40, 1, 0));
+    probe("socket-unix", syscall(SYS_socket, 1, 1, 0));
+    probe("personality-no-randomize", syscall(SYS_personality, 0x0040000));
+    probe("personality-query", syscall(SYS_personality, 0xffffffffUL));
+    probe("clone3", syscall(435, 0, 0));
+    probe("clone-newuser", syscall(SYS_clone, 0x10000000 | 17, 0, 0, 0, 0));
+    probe("getpid", syscall(SYS_getpid));
+    return 0;
+}
+"#,
     )
     .expect("source");
-    let binary = dir.path().join("x32");
+    let binary = dir.path().join("probe");
     let built = std::process::Command::new("gcc")
         .args(["-static", "-O2", "-o"])
         .arg(&binary)
@@ -494,8 +691,15 @@ async fn x32_system_calls_do_not_slip_past_seccomp() {
         .join("sandboxes/native")
         .join(&id)
         .join("rootfs");
-    std::fs::copy(&binary, rootfs.join("x32")).expect("copy");
-    let (_, out, err) = sh(&server, &owner, &id, "/x32").await;
-    assert_eq!(out, format!("-1 {}\n", libc::EPERM), "{err}");
+    std::fs::copy(&binary, rootfs.join("probe")).expect("copy");
+    let (_, out, err) = sh(&server, &owner, &id, "/probe").await;
+    let (eperm, enosys) = (libc::EPERM, libc::ENOSYS);
+    let want = format!(
+        "x32-unshare {eperm}\nquotactl_fd {eperm}\nset_mempolicy_home_node {eperm}\n\
+         unknown-1000 {eperm}\nsocket-vsock {eperm}\nsocket-unix 0\n\
+         personality-no-randomize {eperm}\npersonality-query 0\nclone3 {enosys}\n\
+         clone-newuser {eperm}\ngetpid 0\n"
+    );
+    assert_eq!(out, want, "{err}");
     destroy(&server, &owner, &id).await;
 }

@@ -16,7 +16,7 @@
 //!    provider keeps ([`crate::provider::SANDBOX_CAPABILITIES`]), bounding
 //!    set included, `no_new_privs`, and a seccomp filter that refuses what
 //!    Docker's default profile refuses to a container without
-//!    `CAP_SYS_ADMIN` (see [`seccomp_denials`]). With neither
+//!    `CAP_SYS_ADMIN`: an allowlist (see [`seccomp_programs`]). With neither
 //!    `CAP_SYS_ADMIN` nor `mount(2)`, nothing inside can remount a
 //!    read-only mount writable or unmask a masked path.
 
@@ -217,83 +217,335 @@ pub(crate) fn restrict() -> io::Result<()> {
     Ok(())
 }
 
-/// `CLONE_NEW*` flags: creating namespaces needs `CAP_SYS_ADMIN` under
-/// Docker's profile, which a sandbox does not have.
-const NAMESPACE_FLAGS: &[u64] = &[
-    libc::CLONE_NEWNS as u64,
-    libc::CLONE_NEWUTS as u64,
-    libc::CLONE_NEWIPC as u64,
-    libc::CLONE_NEWUSER as u64,
-    libc::CLONE_NEWPID as u64,
-    libc::CLONE_NEWNET as u64,
-    libc::CLONE_NEWCGROUP as u64,
+/// `CLONE_NEW*` flags (and `CLONE_NEWTIME`'s neighbour bits Docker's
+/// mask covers): `clone` with any of them is refused, as Docker's profile
+/// refuses it to a container without `CAP_SYS_ADMIN`.
+const CLONE_NAMESPACE_MASK: u64 = 0x7E02_0000;
+
+/// `socket(2)` families refused: `AF_VSOCK`, as in Docker's profile.
+const AF_VSOCK: u64 = 40;
+
+/// The `personality(2)` values allowed, Docker's list: `PER_LINUX`,
+/// `UNAME26`, `PER_LINUX32`, `PER_LINUX32|UNAME26` and the query
+/// `0xffffffff`. Others (`ADDR_NO_RANDOMIZE`, `READ_IMPLIES_EXEC`) are
+/// refused.
+const PERSONALITIES: &[u64] = &[0x0, 0x8, 0x2_0000, 0x2_0008, 0xffff_ffff];
+
+macro_rules! allow {
+    ($($name:ident),* $(,)?) => { &[$((stringify!($name), libc::$name)),*] };
+}
+
+/// The system calls a sandbox may make unconditionally: Docker's default
+/// profile (moby `profiles/seccomp/default.json`) for a container without
+/// `CAP_SYS_ADMIN`, on the generic (all architectures) table, less three
+/// that StacyVM refuses although Docker allows them: the `io_uring` calls
+/// (a large kernel attack surface, off in Docker 25 and later too),
+/// `name_to_handle_at` and `process_vm_readv`/`writev` (cross-process
+/// memory access; Docker allows them only from kernel 4.8 with ptrace).
+const ALLOWED: &[(&str, i64)] = allow![
+    SYS_accept,
+    SYS_accept4,
+    SYS_adjtimex,
+    SYS_bind,
+    SYS_brk,
+    SYS_capget,
+    SYS_capset,
+    SYS_chdir,
+    SYS_clock_adjtime,
+    SYS_clock_getres,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_close,
+    SYS_close_range,
+    SYS_connect,
+    SYS_copy_file_range,
+    SYS_dup,
+    SYS_dup3,
+    SYS_epoll_create1,
+    SYS_epoll_ctl,
+    SYS_epoll_pwait,
+    SYS_epoll_pwait2,
+    SYS_eventfd2,
+    SYS_execve,
+    SYS_execveat,
+    SYS_exit,
+    SYS_exit_group,
+    SYS_faccessat,
+    SYS_faccessat2,
+    SYS_fadvise64,
+    SYS_fallocate,
+    SYS_fanotify_mark,
+    SYS_fchdir,
+    SYS_fchmod,
+    SYS_fchmodat,
+    SYS_fchown,
+    SYS_fchownat,
+    SYS_fcntl,
+    SYS_fdatasync,
+    SYS_fgetxattr,
+    SYS_flistxattr,
+    SYS_flock,
+    SYS_fremovexattr,
+    SYS_fsetxattr,
+    SYS_fstat,
+    SYS_fstatfs,
+    SYS_fsync,
+    SYS_ftruncate,
+    SYS_futex,
+    SYS_futex_waitv,
+    SYS_getcpu,
+    SYS_getcwd,
+    SYS_getdents64,
+    SYS_getegid,
+    SYS_geteuid,
+    SYS_getgid,
+    SYS_getgroups,
+    SYS_getitimer,
+    SYS_getpeername,
+    SYS_getpgid,
+    SYS_getpid,
+    SYS_getppid,
+    SYS_getpriority,
+    SYS_getrandom,
+    SYS_getresgid,
+    SYS_getresuid,
+    SYS_get_robust_list,
+    SYS_getrusage,
+    SYS_getsid,
+    SYS_getsockname,
+    SYS_getsockopt,
+    SYS_gettid,
+    SYS_gettimeofday,
+    SYS_getuid,
+    SYS_getxattr,
+    SYS_inotify_add_watch,
+    SYS_inotify_init1,
+    SYS_inotify_rm_watch,
+    SYS_io_cancel,
+    SYS_ioctl,
+    SYS_io_destroy,
+    SYS_io_getevents,
+    SYS_ioprio_get,
+    SYS_ioprio_set,
+    SYS_io_setup,
+    SYS_io_submit,
+    SYS_kill,
+    SYS_landlock_add_rule,
+    SYS_landlock_create_ruleset,
+    SYS_landlock_restrict_self,
+    SYS_lgetxattr,
+    SYS_linkat,
+    SYS_listen,
+    SYS_listxattr,
+    SYS_llistxattr,
+    SYS_lremovexattr,
+    SYS_lseek,
+    SYS_lsetxattr,
+    SYS_madvise,
+    SYS_membarrier,
+    SYS_memfd_create,
+    SYS_memfd_secret,
+    SYS_mincore,
+    SYS_mkdirat,
+    SYS_mknodat,
+    SYS_mlock,
+    SYS_mlock2,
+    SYS_mlockall,
+    SYS_mmap,
+    SYS_mprotect,
+    SYS_mq_getsetattr,
+    SYS_mq_notify,
+    SYS_mq_open,
+    SYS_mq_timedreceive,
+    SYS_mq_timedsend,
+    SYS_mq_unlink,
+    SYS_mremap,
+    SYS_msgctl,
+    SYS_msgget,
+    SYS_msgrcv,
+    SYS_msgsnd,
+    SYS_msync,
+    SYS_munlock,
+    SYS_munlockall,
+    SYS_munmap,
+    SYS_nanosleep,
+    SYS_newfstatat,
+    SYS_openat,
+    SYS_openat2,
+    SYS_pidfd_open,
+    SYS_pidfd_send_signal,
+    SYS_pipe2,
+    SYS_pkey_alloc,
+    SYS_pkey_free,
+    SYS_pkey_mprotect,
+    SYS_ppoll,
+    SYS_prctl,
+    SYS_pread64,
+    SYS_preadv,
+    SYS_preadv2,
+    SYS_prlimit64,
+    SYS_process_mrelease,
+    SYS_pselect6,
+    SYS_ptrace,
+    SYS_pwrite64,
+    SYS_pwritev,
+    SYS_pwritev2,
+    SYS_read,
+    SYS_readahead,
+    SYS_readlinkat,
+    SYS_readv,
+    SYS_recvfrom,
+    SYS_recvmmsg,
+    SYS_recvmsg,
+    SYS_remap_file_pages,
+    SYS_removexattr,
+    SYS_renameat2,
+    SYS_restart_syscall,
+    SYS_rseq,
+    SYS_rt_sigaction,
+    SYS_rt_sigpending,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigqueueinfo,
+    SYS_rt_sigreturn,
+    SYS_rt_sigsuspend,
+    SYS_rt_sigtimedwait,
+    SYS_rt_tgsigqueueinfo,
+    SYS_sched_getaffinity,
+    SYS_sched_getattr,
+    SYS_sched_getparam,
+    SYS_sched_get_priority_max,
+    SYS_sched_get_priority_min,
+    SYS_sched_getscheduler,
+    SYS_sched_rr_get_interval,
+    SYS_sched_setaffinity,
+    SYS_sched_setattr,
+    SYS_sched_setparam,
+    SYS_sched_setscheduler,
+    SYS_sched_yield,
+    SYS_seccomp,
+    SYS_semctl,
+    SYS_semget,
+    SYS_semop,
+    SYS_semtimedop,
+    SYS_sendfile,
+    SYS_sendmmsg,
+    SYS_sendmsg,
+    SYS_sendto,
+    SYS_setfsgid,
+    SYS_setfsuid,
+    SYS_setgid,
+    SYS_setgroups,
+    SYS_setitimer,
+    SYS_setpgid,
+    SYS_setpriority,
+    SYS_setregid,
+    SYS_setresgid,
+    SYS_setresuid,
+    SYS_setreuid,
+    SYS_set_robust_list,
+    SYS_setsid,
+    SYS_setsockopt,
+    SYS_set_tid_address,
+    SYS_setuid,
+    SYS_setxattr,
+    SYS_shmat,
+    SYS_shmctl,
+    SYS_shmdt,
+    SYS_shmget,
+    SYS_shutdown,
+    SYS_sigaltstack,
+    SYS_signalfd4,
+    SYS_socketpair,
+    SYS_splice,
+    SYS_statfs,
+    SYS_statx,
+    SYS_symlinkat,
+    SYS_sync,
+    SYS_syncfs,
+    SYS_sysinfo,
+    SYS_tee,
+    SYS_tgkill,
+    SYS_timer_create,
+    SYS_timer_delete,
+    SYS_timer_getoverrun,
+    SYS_timer_gettime,
+    SYS_timer_settime,
+    SYS_timerfd_create,
+    SYS_timerfd_gettime,
+    SYS_timerfd_settime,
+    SYS_times,
+    SYS_tkill,
+    SYS_truncate,
+    SYS_umask,
+    SYS_uname,
+    SYS_unlinkat,
+    SYS_utimensat,
+    SYS_vmsplice,
+    SYS_wait4,
+    SYS_waitid,
+    SYS_write,
+    SYS_writev,
 ];
 
-/// The system calls refused with EPERM: what Docker's default seccomp
-/// profile does not allow a container without `CAP_SYS_ADMIN`,
-/// `CAP_SYS_MODULE`, `CAP_SYS_TIME`, `CAP_SYS_BOOT`, `CAP_SYS_RAWIO`,
-/// `CAP_SYS_PTRACE`-free ptrace aside (allowed, as in Docker on kernels
-/// from 4.8): mounting and namespaces, kernel modules and keyrings, BPF
-/// and perf, clocks, reboot and kexec, swap, quotas, raw I/O ports, NUMA
-/// policy, handle-based opens, cross-process memory access, userfaultfd and
-/// io_uring. `clone` is refused only with a namespace flag; `clone3` gets
-/// ENOSYS so that libc falls back to `clone`, whose flags can be checked.
-pub(crate) fn seccomp_denials() -> Vec<(&'static str, i64)> {
-    vec![
-        ("acct", libc::SYS_acct),
-        ("add_key", libc::SYS_add_key),
-        ("bpf", libc::SYS_bpf),
-        ("clock_adjtime", libc::SYS_clock_adjtime),
-        ("clock_settime", libc::SYS_clock_settime),
-        ("delete_module", libc::SYS_delete_module),
-        ("finit_module", libc::SYS_finit_module),
-        ("fsconfig", libc::SYS_fsconfig),
-        ("fsmount", libc::SYS_fsmount),
-        ("fsopen", libc::SYS_fsopen),
-        ("fspick", libc::SYS_fspick),
-        ("get_mempolicy", libc::SYS_get_mempolicy),
-        ("init_module", libc::SYS_init_module),
-        ("io_uring_enter", libc::SYS_io_uring_enter),
-        ("io_uring_register", libc::SYS_io_uring_register),
-        ("io_uring_setup", libc::SYS_io_uring_setup),
-        ("ioperm", libc::SYS_ioperm),
-        ("iopl", libc::SYS_iopl),
-        ("kcmp", libc::SYS_kcmp),
-        ("kexec_file_load", libc::SYS_kexec_file_load),
-        ("kexec_load", libc::SYS_kexec_load),
-        ("keyctl", libc::SYS_keyctl),
-        ("lookup_dcookie", libc::SYS_lookup_dcookie),
-        ("mbind", libc::SYS_mbind),
-        ("mount", libc::SYS_mount),
-        ("mount_setattr", libc::SYS_mount_setattr),
-        ("move_mount", libc::SYS_move_mount),
-        ("move_pages", libc::SYS_move_pages),
-        ("name_to_handle_at", libc::SYS_name_to_handle_at),
-        ("nfsservctl", libc::SYS_nfsservctl),
-        ("open_by_handle_at", libc::SYS_open_by_handle_at),
-        ("open_tree", libc::SYS_open_tree),
-        ("perf_event_open", libc::SYS_perf_event_open),
-        ("pivot_root", libc::SYS_pivot_root),
-        ("process_vm_readv", libc::SYS_process_vm_readv),
-        ("process_vm_writev", libc::SYS_process_vm_writev),
-        ("quotactl", libc::SYS_quotactl),
-        ("reboot", libc::SYS_reboot),
-        ("request_key", libc::SYS_request_key),
-        ("set_mempolicy", libc::SYS_set_mempolicy),
-        ("setns", libc::SYS_setns),
-        ("settimeofday", libc::SYS_settimeofday),
-        ("swapoff", libc::SYS_swapoff),
-        ("swapon", libc::SYS_swapon),
-        ("_sysctl", libc::SYS__sysctl),
-        ("sysfs", libc::SYS_sysfs),
-        ("syslog", libc::SYS_syslog),
-        ("umount2", libc::SYS_umount2),
-        ("unshare", libc::SYS_unshare),
-        ("uselib", libc::SYS_uselib),
-        ("userfaultfd", libc::SYS_userfaultfd),
-        ("ustat", libc::SYS_ustat),
-        ("vhangup", libc::SYS_vhangup),
-    ]
+/// The x86_64 calls of the same profile that the generic table lacks
+/// (legacy forms such as `open` and `stat`, `arch_prctl`, `modify_ldt`),
+/// and `fchmodat2`, which glibc 2.39 uses and Docker allows since 25.
+#[cfg(target_arch = "x86_64")]
+const ALLOWED_ARCH: &[(&str, i64)] = allow![
+    SYS_access,
+    SYS_alarm,
+    SYS_chmod,
+    SYS_chown,
+    SYS_creat,
+    SYS_dup2,
+    SYS_epoll_create,
+    SYS_epoll_ctl_old,
+    SYS_epoll_wait,
+    SYS_epoll_wait_old,
+    SYS_eventfd,
+    SYS_fchmodat2,
+    SYS_fork,
+    SYS_futimesat,
+    SYS_getdents,
+    SYS_getpgrp,
+    SYS_getrlimit,
+    SYS_get_thread_area,
+    SYS_inotify_init,
+    SYS_lchown,
+    SYS_link,
+    SYS_lstat,
+    SYS_mkdir,
+    SYS_mknod,
+    SYS_open,
+    SYS_pause,
+    SYS_pipe,
+    SYS_poll,
+    SYS_readlink,
+    SYS_rename,
+    SYS_renameat,
+    SYS_rmdir,
+    SYS_select,
+    SYS_setrlimit,
+    SYS_set_thread_area,
+    SYS_signalfd,
+    SYS_stat,
+    SYS_symlink,
+    SYS_sync_file_range,
+    SYS_time,
+    SYS_unlink,
+    SYS_utime,
+    SYS_utimes,
+    SYS_vfork,
+    SYS_arch_prctl,
+    SYS_modify_ldt,
+];
+
+/// Every system call the filter lets through unconditionally.
+pub(crate) fn seccomp_allowed() -> Vec<(&'static str, i64)> {
+    let mut all = ALLOWED.to_vec();
+    #[cfg(target_arch = "x86_64")]
+    all.extend_from_slice(ALLOWED_ARCH);
+    all
 }
 
 fn target_arch() -> io::Result<seccompiler::TargetArch> {
@@ -302,36 +554,55 @@ fn target_arch() -> io::Result<seccompiler::TargetArch> {
         .map_err(|e| io::Error::other(format!("seccomp: unsupported architecture: {e:?}")))
 }
 
-/// The compiled filters: EPERM for [`seccomp_denials`] and namespace
-/// flags on `clone`, ENOSYS for `clone3`.
+/// The compiled filters, an allowlist in the manner of Docker's default
+/// profile: the calls of [`seccomp_allowed`], `clone` without namespace
+/// flags, `socket` except `AF_VSOCK` and the `personality` values of
+/// [`PERSONALITIES`] run; every other call (an unknown or newer one, an
+/// x32 number, one from another architecture's table) fails with EPERM.
+/// A second filter answers `clone3` with ENOSYS, so that libc falls back
+/// to `clone`, whose flags can be checked (the kernel returns the errno of
+/// the filter installed last among equal actions).
 fn seccomp_programs() -> io::Result<Vec<seccompiler::BpfProgram>> {
     use seccompiler::{
         SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
     };
     let err = |e: seccompiler::BackendError| io::Error::other(format!("seccomp: {e}"));
+    let rule = |arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64| {
+        SeccompCondition::new(arg, len, op, value).and_then(|c| SeccompRule::new(vec![c]))
+    };
     let arch = target_arch()?;
-    let mut denied: BTreeMap<i64, Vec<SeccompRule>> = seccomp_denials()
+    let mut allowed: BTreeMap<i64, Vec<SeccompRule>> = seccomp_allowed()
         .into_iter()
         .map(|(_, nr)| (nr, Vec::new()))
         .collect();
-    let clone_rules = NAMESPACE_FLAGS
-        .iter()
-        .map(|&flag| {
-            SeccompCondition::new(
+    allowed.insert(
+        libc::SYS_clone,
+        vec![
+            rule(
                 0,
                 SeccompCmpArgLen::Qword,
-                SeccompCmpOp::MaskedEq(flag),
-                flag,
+                SeccompCmpOp::MaskedEq(CLONE_NAMESPACE_MASK),
+                0,
             )
-            .and_then(|c| SeccompRule::new(vec![c]))
-        })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(err)?;
-    denied.insert(libc::SYS_clone, clone_rules);
-    let eperm = SeccompFilter::new(
-        denied,
-        SeccompAction::Allow,
+            .map_err(err)?,
+        ],
+    );
+    allowed.insert(
+        libc::SYS_socket,
+        vec![rule(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, AF_VSOCK).map_err(err)?],
+    );
+    allowed.insert(
+        libc::SYS_personality,
+        PERSONALITIES
+            .iter()
+            .map(|&p| rule(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?,
+    );
+    let allowlist = SeccompFilter::new(
+        allowed,
         SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
         arch,
     )
     .map_err(err)?;
@@ -342,46 +613,10 @@ fn seccomp_programs() -> io::Result<Vec<seccompiler::BpfProgram>> {
         arch,
     )
     .map_err(err)?;
-    let mut programs = vec![no_x32()];
-    for filter in [eperm, enosys] {
-        programs.push(seccompiler::BpfProgram::try_from(filter).map_err(err)?);
-    }
-    Ok(programs)
-}
-
-/// x32 system calls report the x86_64 architecture with bit 30 set on
-/// their number, so they match none of the numbers above and would pass a
-/// filter that allows by default: refuse them all (nothing a sandbox runs
-/// is built for x32). On other architectures the program allows all.
-fn no_x32() -> seccompiler::BpfProgram {
-    use seccompiler::sock_filter;
-    const LD_W_ABS: u16 = 0x20;
-    const JGE_K: u16 = 0x05 | 0x30;
-    const RET_K: u16 = 0x06;
-    const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-    let stmt = |code, k| sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let deny = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
-    if cfg!(target_arch = "x86_64") {
-        vec![
-            // seccomp_data.nr is at offset 0.
-            stmt(LD_W_ABS, 0),
-            sock_filter {
-                code: JGE_K,
-                jt: 0,
-                jf: 1,
-                k: X32_SYSCALL_BIT,
-            },
-            stmt(RET_K, deny),
-            stmt(RET_K, libc::SECCOMP_RET_ALLOW),
-        ]
-    } else {
-        vec![stmt(RET_K, libc::SECCOMP_RET_ALLOW)]
-    }
+    [allowlist, enosys]
+        .into_iter()
+        .map(|filter| seccompiler::BpfProgram::try_from(filter).map_err(err))
+        .collect()
 }
 
 #[cfg(test)]
@@ -391,7 +626,7 @@ mod tests {
     #[test]
     fn the_filter_compiles_for_this_machine() {
         let programs = seccomp_programs().expect("compile");
-        assert_eq!(programs.len(), 3);
+        assert_eq!(programs.len(), 2);
         assert!(programs.iter().all(|p| !p.is_empty()));
     }
 
@@ -405,8 +640,52 @@ mod tests {
 
     #[test]
     fn no_system_call_is_listed_twice() {
-        let denials = seccomp_denials();
-        let unique: std::collections::BTreeSet<_> = denials.iter().map(|(_, nr)| nr).collect();
-        assert_eq!(unique.len(), denials.len());
+        let allowed = seccomp_allowed();
+        let unique: std::collections::BTreeSet<_> = allowed.iter().map(|(_, nr)| nr).collect();
+        assert_eq!(unique.len(), allowed.len());
+    }
+
+    /// What a sandbox must never be able to call, whatever the list
+    /// becomes: mounting, namespaces, modules, keyrings, BPF, perf, clocks,
+    /// reboot, swap, io_uring and cross-process memory access.
+    #[test]
+    fn dangerous_calls_are_not_allowed() {
+        let allowed: std::collections::BTreeSet<i64> =
+            seccomp_allowed().into_iter().map(|(_, nr)| nr).collect();
+        for nr in [
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+            libc::SYS_clone3,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_keyctl,
+            libc::SYS_add_key,
+            libc::SYS_bpf,
+            libc::SYS_perf_event_open,
+            libc::SYS_clock_settime,
+            libc::SYS_settimeofday,
+            libc::SYS_reboot,
+            libc::SYS_kexec_load,
+            libc::SYS_swapon,
+            libc::SYS_io_uring_setup,
+            libc::SYS_process_vm_writev,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_name_to_handle_at,
+            libc::SYS_userfaultfd,
+            libc::SYS_quotactl,
+            libc::SYS_chroot,
+            libc::SYS_sethostname,
+            libc::SYS_personality,
+            libc::SYS_socket,
+            libc::SYS_clone,
+        ] {
+            assert!(
+                !allowed.contains(&nr),
+                "system call {nr} is allowed unconditionally"
+            );
+        }
     }
 }
