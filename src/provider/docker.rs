@@ -462,7 +462,11 @@ impl DockerProvider {
 
     /// Whether `path` lies on the container's tmpfs `/tmp`, which the
     /// archive API cannot see (the container's `DISK_LABEL` says).
+    /// `path` is resolved lexically first (`..` stops at `/`), as the
+    /// container resolves it; a symlink elsewhere that points into `/tmp`
+    /// is not followed, so a file reached that way lands in the layer.
     async fn on_tmpfs(&self, container: &str, path: &str) -> ProviderResult<bool> {
+        let path = lexical_path(path);
         let under = path == TMPFS_DIR
             || path
                 .strip_prefix(TMPFS_DIR)
@@ -756,6 +760,22 @@ impl DockerProvider {
             )
             .await
     }
+}
+
+/// An absolute path with `.`, `..` and empty components resolved without
+/// looking at the filesystem; `..` at the root stays at the root.
+fn lexical_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    format!("/{}", parts.join("/"))
 }
 
 /// `sh -c script sh args...`: a helper script with its arguments as `$1...`.
@@ -1515,6 +1535,15 @@ mod tests {
         assert!(stop_cause(&state(130, false)).contains("signal 2"));
         assert_eq!(stop_cause(&state(3, false)), "its init exited with code 3");
         assert!(stop_cause(&state(1, true)).contains("after the kernel OOM killer struck"));
+    }
+
+    #[test]
+    fn resolves_paths_lexically() {
+        assert_eq!(lexical_path("/../../..//tmp/./x"), "/tmp/x");
+        assert_eq!(lexical_path("/tmp/../etc/x"), "/etc/x");
+        assert_eq!(lexical_path("/tmp"), "/tmp");
+        assert_eq!(lexical_path("/tmpx/y"), "/tmpx/y");
+        assert_eq!(lexical_path("/"), "/");
     }
 
     #[test]
