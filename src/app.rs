@@ -18,7 +18,7 @@ use crate::provider::proot::ProotProvider;
 use crate::scheduler::Scheduler;
 use crate::service::{Identity, Service, load_pepper};
 use crate::store::Store;
-use crate::worker::LocalWorker;
+use crate::worker::{LocalWorker, Worker};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -108,11 +108,13 @@ pub fn instance_id(data_dir: &std::path::Path) -> Result<String, StartError> {
 }
 
 /// Every provider this server can offer.
-async fn build_providers(config: &Config) -> Result<Vec<Arc<dyn Provider>>, StartError> {
+async fn build_providers(
+    config: &Config,
+    instance: &str,
+) -> Result<Vec<Arc<dyn Provider>>, StartError> {
     let images = image_store(config);
     let sandboxes = config.data_dir.join("sandboxes");
-    let instance = instance_id(&config.data_dir)?;
-    let docker = DockerProvider::connect(&config.providers.docker, &instance)
+    let docker = DockerProvider::connect(&config.providers.docker, instance)
         .await
         .map_err(|e| StartError::Provider(e.to_string()))?;
     let mut native = NativeProvider::new(images.clone(), sandboxes.join("native"))
@@ -160,9 +162,11 @@ impl App {
             return Err(StartError::OpenBeyondLoopback(config.server.host.clone()));
         }
 
-        let providers = build_providers(&config).await?;
-        let worker = Arc::new(LocalWorker::new(providers));
-        let health = worker.check_health(&store).await;
+        let instance = instance_id(&config.data_dir)?;
+        let providers = build_providers(&config, &instance).await?;
+        let worker = Arc::new(LocalWorker::new(&instance, providers));
+        let health = worker.check_health().await;
+        crate::worker::record_health(&store, &health).await;
         for (name, h) in &health {
             match &h.error {
                 None => tracing::info!(provider = %name, "provider available"),
@@ -170,6 +174,17 @@ impl App {
             }
         }
         worker.register(&store).await?;
+        // Versions before 0.2 named the local worker after the host name.
+        let moved = store
+            .reassign_worker(&LocalWorker::legacy_id(), worker.id())
+            .await?;
+        if moved > 0 {
+            tracing::info!(
+                sandboxes = moved,
+                worker = worker.id(),
+                "sandbox records moved from the host-named local worker id"
+            );
+        }
 
         let default = match config.providers.default.as_str() {
             "auto" => {
@@ -184,7 +199,8 @@ impl App {
         .to_string();
         tracing::info!(provider = %default, "default provider");
 
-        let scheduler = Scheduler::new(worker.clone(), default);
+        let scheduler = Scheduler::new(default);
+        scheduler.add_worker(worker.clone());
         let service = Service::new(
             store.clone(),
             scheduler,

@@ -1,23 +1,24 @@
-//! The scheduler: picks the worker and provider for each new sandbox.
+//! The scheduler: the registry of workers, and placement of new sandboxes.
 //!
-//! With one local worker the choice is about providers: the requested one,
-//! or the configured default. The scheduler refuses placements on providers
-//! that do not exist or are unhealthy, so no record is created for a spawn
-//! that cannot run.
+//! Every operation on an existing sandbox goes to the worker recorded on
+//! it ([`Scheduler::worker_for`]). A new sandbox goes to a worker that has
+//! the provider, healthy (or not checked yet), with enough CPUs. The
+//! scheduler refuses placements that cannot run, so no record is created
+//! for a spawn that would fail on its way in.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
-use crate::provider::Provider;
-use crate::worker::LocalWorker;
+use crate::worker::Worker;
 
 /// Where a sandbox will run.
 #[derive(Clone)]
 pub struct Placement {
-    pub worker: Arc<LocalWorker>,
-    pub provider: Arc<dyn Provider>,
+    pub worker: Arc<dyn Worker>,
+    pub provider: String,
 }
 
-/// Why no placement was found.
+/// Why no placement was found, or a sandbox's worker cannot be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
     #[error("unknown provider {requested:?}: available providers are {available}")]
@@ -27,22 +28,31 @@ pub enum ScheduleError {
     },
     #[error("provider {provider} is unavailable: {reason}")]
     ProviderUnavailable { provider: String, reason: String },
-    #[error("{requested} vcpus requested but this worker has {available}")]
+    #[error("{requested} vcpus requested but no worker has more than {available}")]
     TooManyVcpus { requested: u32, available: u32 },
+    #[error("worker {0} is not known to this control plane")]
+    UnknownWorker(String),
 }
 
-/// Chooses placements for spawns.
+/// The workers and the default provider.
 #[derive(Clone)]
 pub struct Scheduler {
-    worker: Arc<LocalWorker>,
+    workers: Arc<RwLock<BTreeMap<String, Arc<dyn Worker>>>>,
     default_provider: String,
 }
 
 impl Scheduler {
-    pub fn new(worker: Arc<LocalWorker>, default_provider: String) -> Scheduler {
+    pub fn new(default_provider: String) -> Scheduler {
         Scheduler {
-            worker,
+            workers: Arc::new(RwLock::new(BTreeMap::new())),
             default_provider,
+        }
+    }
+
+    /// Adds (or replaces) a worker.
+    pub fn add_worker(&self, worker: Arc<dyn Worker>) {
+        if let Ok(mut workers) = self.workers.write() {
+            workers.insert(worker.id().to_string(), worker);
         }
     }
 
@@ -51,14 +61,48 @@ impl Scheduler {
         &self.default_provider
     }
 
-    /// The local worker (the only one for now).
-    pub fn local_worker(&self) -> &Arc<LocalWorker> {
-        &self.worker
+    /// Every worker, by id.
+    pub fn workers(&self) -> Vec<Arc<dyn Worker>> {
+        self.workers
+            .read()
+            .map(|w| w.values().cloned().collect())
+            .unwrap_or_default()
     }
 
-    /// The provider a sandbox already placed on `provider` runs on.
-    pub fn provider_for(&self, provider: &str) -> Option<Arc<dyn Provider>> {
-        self.worker.provider(provider)
+    /// The workers that live in this process.
+    pub fn in_process_workers(&self) -> Vec<Arc<dyn Worker>> {
+        self.workers()
+            .into_iter()
+            .filter(|w| w.in_process())
+            .collect()
+    }
+
+    /// The worker holding a placed sandbox, by its recorded `worker_id`.
+    pub fn worker_for(&self, worker_id: &str) -> Result<Arc<dyn Worker>, ScheduleError> {
+        self.workers
+            .read()
+            .ok()
+            .and_then(|w| w.get(worker_id).cloned())
+            .ok_or_else(|| ScheduleError::UnknownWorker(worker_id.to_string()))
+    }
+
+    /// Whether any worker offers `provider`.
+    pub fn knows_provider(&self, provider: &str) -> bool {
+        self.workers()
+            .iter()
+            .any(|w| w.snapshot().provider(provider).is_some())
+    }
+
+    /// Every provider name any worker offers, sorted.
+    fn provider_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .workers()
+            .iter()
+            .flat_map(|w| w.snapshot().providers.into_iter().map(|p| p.name))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// Picks a worker and provider for a new sandbox.
@@ -67,30 +111,213 @@ impl Scheduler {
             Some(p) if !p.is_empty() => p,
             _ => self.default_provider.as_str(),
         };
-        let Some(chosen) = self.worker.provider(name) else {
-            let available: Vec<_> = self.worker.providers().map(|p| p.name()).collect();
+        let offering: Vec<_> = self
+            .workers()
+            .into_iter()
+            .filter_map(|w| {
+                let snapshot = w.snapshot();
+                let info = snapshot.provider(name)?.clone();
+                Some((w, snapshot.max_vcpus, info))
+            })
+            .collect();
+        if offering.is_empty() {
             return Err(ScheduleError::UnknownProvider {
                 requested: name.to_string(),
-                available: available.join(", "),
+                available: self.provider_names().join(", "),
             });
-        };
-        if let Some(health) = self.worker.health_of(name)
-            && !health.healthy
-        {
-            return Err(ScheduleError::ProviderUnavailable {
+        }
+        let mut unhealthy = None;
+        let mut most_vcpus = 0;
+        for (worker, max_vcpus, info) in offering {
+            if let Some(health) = &info.health
+                && !health.healthy
+            {
+                unhealthy.get_or_insert_with(|| health.error.clone().unwrap_or_default());
+                continue;
+            }
+            most_vcpus = most_vcpus.max(max_vcpus);
+            if vcpus > max_vcpus {
+                continue;
+            }
+            return Ok(Placement {
+                worker,
                 provider: name.to_string(),
-                reason: health.error.unwrap_or_default(),
             });
         }
-        if vcpus > self.worker.max_vcpus {
-            return Err(ScheduleError::TooManyVcpus {
+        match unhealthy {
+            Some(reason) if most_vcpus == 0 => Err(ScheduleError::ProviderUnavailable {
+                provider: name.to_string(),
+                reason,
+            }),
+            _ => Err(ScheduleError::TooManyVcpus {
                 requested: vcpus,
-                available: self.worker.max_vcpus,
-            });
+                available: most_vcpus,
+            }),
         }
-        Ok(Placement {
-            worker: self.worker.clone(),
-            provider: chosen,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Placement rules over workers that only describe themselves: the
+    //! runtime calls are never made here (they answer `Unsupported`).
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::provider::{
+        ExecExit, ExecSpec, InventoryItem, OutputSink, ProviderError, RuntimeHandle, SpawnSpec,
+    };
+    use crate::worker::{
+        ProviderHealth, ProviderInfo, RuntimeCall, RuntimeRef, RuntimeReply, WorkerResult,
+        WorkerSnapshot,
+    };
+
+    struct Described {
+        id: String,
+        snapshot: WorkerSnapshot,
+    }
+
+    fn worker(id: &str, max_vcpus: u32, providers: &[(&str, Option<bool>)]) -> Arc<dyn Worker> {
+        let providers = providers
+            .iter()
+            .map(|(name, healthy)| ProviderInfo {
+                name: name.to_string(),
+                capabilities: Vec::new(),
+                isolation: String::new(),
+                health: healthy.map(|healthy| ProviderHealth {
+                    healthy,
+                    error: (!healthy).then(|| format!("{name} is down on {id}")),
+                    latency: Duration::ZERO,
+                    checked_at: chrono::Utc::now(),
+                }),
+            })
+            .collect();
+        Arc::new(Described {
+            id: id.to_string(),
+            snapshot: WorkerSnapshot {
+                providers,
+                max_vcpus,
+            },
         })
+    }
+
+    fn never() -> ProviderError {
+        ProviderError::Unsupported {
+            provider: "described",
+            operation: "runtime calls",
+        }
+    }
+
+    #[async_trait]
+    impl Worker for Described {
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn hostname(&self) -> &str {
+            "test"
+        }
+        fn in_process(&self) -> bool {
+            false
+        }
+        fn snapshot(&self) -> WorkerSnapshot {
+            self.snapshot.clone()
+        }
+        async fn check_health(&self) -> BTreeMap<String, ProviderHealth> {
+            BTreeMap::new()
+        }
+        async fn recover_at_startup(&self) -> WorkerResult<usize> {
+            Ok(0)
+        }
+        async fn image_available(&self, _: &str, _: &str) -> WorkerResult<bool> {
+            Err(never())
+        }
+        async fn spawn(&self, _: &str, _: &SpawnSpec) -> WorkerResult<RuntimeHandle> {
+            Err(never())
+        }
+        async fn inventory(&self, _: &str) -> WorkerResult<Vec<InventoryItem>> {
+            Err(never())
+        }
+        async fn exec(
+            &self,
+            _: &RuntimeRef,
+            _: &ExecSpec,
+            _: OutputSink,
+        ) -> WorkerResult<ExecExit> {
+            Err(never())
+        }
+        async fn call(&self, _: &RuntimeRef, _: RuntimeCall) -> WorkerResult<RuntimeReply> {
+            Err(never())
+        }
+    }
+
+    fn scheduler(workers: Vec<Arc<dyn Worker>>) -> Scheduler {
+        let scheduler = Scheduler::new("native".into());
+        for w in workers {
+            scheduler.add_worker(w);
+        }
+        scheduler
+    }
+
+    #[test]
+    fn places_on_a_worker_with_the_provider_healthy_and_enough_cpus() {
+        let s = scheduler(vec![
+            worker("a", 2, &[("native", Some(false)), ("docker", Some(true))]),
+            worker("b", 2, &[("native", Some(true))]),
+            worker("c", 16, &[("native", None)]),
+        ]);
+        // The default provider: a is unhealthy for it, b has it.
+        let p = s.place(None, 1).expect("placed");
+        assert_eq!((p.worker.id(), p.provider.as_str()), ("b", "native"));
+        // Only c has 8 CPUs (not checked yet counts as usable).
+        assert_eq!(s.place(Some("native"), 8).expect("placed").worker.id(), "c");
+        assert_eq!(s.place(Some("docker"), 1).expect("placed").worker.id(), "a");
+    }
+
+    #[test]
+    fn says_why_nothing_fits() {
+        let s = scheduler(vec![
+            worker("a", 2, &[("native", Some(false))]),
+            worker("b", 4, &[("docker", Some(true))]),
+        ]);
+        let err = s.place(Some("proot"), 1).err().expect("refused");
+        assert!(
+            matches!(&err, ScheduleError::UnknownProvider { available, .. } if available == "docker, native"),
+            "{err}"
+        );
+        let err = s.place(Some("native"), 1).err().expect("refused");
+        assert!(
+            matches!(&err, ScheduleError::ProviderUnavailable { reason, .. } if reason.contains("down on a")),
+            "{err}"
+        );
+        let err = s.place(Some("docker"), 5).err().expect("refused");
+        assert!(
+            matches!(
+                err,
+                ScheduleError::TooManyVcpus {
+                    requested: 5,
+                    available: 4
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn routes_by_worker_id_and_knows_every_workers_providers() {
+        let s = scheduler(vec![
+            worker("a", 2, &[("native", Some(true))]),
+            worker("b", 2, &[("docker", Some(true))]),
+        ]);
+        assert_eq!(s.worker_for("b").expect("known").id(), "b");
+        assert!(matches!(
+            s.worker_for("gone").err(),
+            Some(ScheduleError::UnknownWorker(id)) if id == "gone"
+        ));
+        assert!(s.knows_provider("docker") && s.knows_provider("native"));
+        assert!(!s.knows_provider("proot"));
+        assert!(s.in_process_workers().is_empty());
     }
 }

@@ -215,7 +215,7 @@ impl Service {
                 "workdir must be an absolute path, got {dir:?}"
             )));
         }
-        let (model, provider, runtime_id) = self.sandbox_runtime(caller, id).await?;
+        let (model, worker, runtime) = self.sandbox_runtime(caller, id).await?;
         let max = self
             .max_exec_timeout_for(&model.tenant_id, &model.owner_id)
             .await?;
@@ -280,7 +280,7 @@ impl Service {
             let _in_flight = in_flight;
             let started = Instant::now();
             let (sink, mut chunks) = mpsc::channel::<OutputChunk>(64);
-            let run = tokio::spawn(async move { provider.exec(&runtime_id, &spec, sink).await });
+            let run = tokio::spawn(async move { worker.exec(&runtime, &spec, sink).await });
             tokio::pin!(cutoff);
             let mut splitters = [Utf8Splitter::default(), Utf8Splitter::default()];
             let mut tails = [String::new(), String::new()];

@@ -59,9 +59,12 @@ impl Service {
         &self,
         caller: &Caller,
         id: &str,
-    ) -> Result<(std::sync::Arc<dyn crate::provider::Provider>, String)> {
-        let (_, provider, runtime) = self.sandbox_runtime(caller, id).await?;
-        Ok((provider, runtime))
+    ) -> Result<(
+        std::sync::Arc<dyn crate::worker::Worker>,
+        crate::worker::RuntimeRef,
+    )> {
+        let (_, worker, runtime) = self.sandbox_runtime(caller, id).await?;
+        Ok((worker, runtime))
     }
 
     /// Writes a file, creating parent directories.
@@ -76,8 +79,8 @@ impl Service {
                 None | Some("") => 0o644,
                 Some(m) => parse_mode(m)?,
             };
-            let (provider, runtime) = self.file_target(caller, id).await?;
-            Ok(provider
+            let (worker, runtime) = self.file_target(caller, id).await?;
+            Ok(worker
                 .write_file(&runtime, &path, write.content, mode)
                 .await?)
         }
@@ -90,8 +93,8 @@ impl Service {
     /// Reads a whole file.
     pub async fn read_file(&self, caller: &Caller, id: &str, path: &str) -> Result<Bytes> {
         let path = normalize_path(path)?;
-        let (provider, runtime) = self.file_target(caller, id).await?;
-        Ok(provider.read_file(&runtime, &path).await?)
+        let (worker, runtime) = self.file_target(caller, id).await?;
+        Ok(worker.read_file(&runtime, &path).await?)
     }
 
     /// Lists a directory.
@@ -102,15 +105,15 @@ impl Service {
         path: &str,
     ) -> Result<Vec<FileEntry>> {
         let path = normalize_path(if path.is_empty() { "/" } else { path })?;
-        let (provider, runtime) = self.file_target(caller, id).await?;
-        Ok(provider.list_files(&runtime, &path).await?)
+        let (worker, runtime) = self.file_target(caller, id).await?;
+        Ok(worker.list_files(&runtime, &path).await?)
     }
 
     /// Describes one file.
     pub async fn stat_file(&self, caller: &Caller, id: &str, path: &str) -> Result<FileEntry> {
         let path = normalize_path(path)?;
-        let (provider, runtime) = self.file_target(caller, id).await?;
-        Ok(provider.stat_file(&runtime, &path).await?)
+        let (worker, runtime) = self.file_target(caller, id).await?;
+        Ok(worker.stat_file(&runtime, &path).await?)
     }
 
     /// Renames a file or directory.
@@ -122,8 +125,8 @@ impl Service {
             if from == "/" || to == "/" {
                 return Err(Error::BadRequest("cannot move /".into()));
             }
-            let (provider, runtime) = self.file_target(caller, id).await?;
-            Ok(provider.move_file(&runtime, &from, &to).await?)
+            let (worker, runtime) = self.file_target(caller, id).await?;
+            Ok(worker.move_file(&runtime, &from, &to).await?)
         }
         .await;
         self.audit(caller, "file.move", id, outcome.as_ref().map(drop))
@@ -143,8 +146,8 @@ impl Service {
             self.require_write(caller)?;
             let path = normalize_path(path)?;
             let mode = parse_mode(mode)?;
-            let (provider, runtime) = self.file_target(caller, id).await?;
-            Ok(provider.chmod_file(&runtime, &path, mode).await?)
+            let (worker, runtime) = self.file_target(caller, id).await?;
+            Ok(worker.chmod_file(&runtime, &path, mode).await?)
         }
         .await;
         self.audit(caller, "file.chmod", id, outcome.as_ref().map(drop))
@@ -166,8 +169,8 @@ impl Service {
             if path == "/" {
                 return Err(Error::BadRequest("cannot delete /".into()));
             }
-            let (provider, runtime) = self.file_target(caller, id).await?;
-            Ok(provider.delete_file(&runtime, &path, recursive).await?)
+            let (worker, runtime) = self.file_target(caller, id).await?;
+            Ok(worker.delete_file(&runtime, &path, recursive).await?)
         }
         .await;
         self.audit(caller, "file.delete", id, outcome.as_ref().map(drop))
@@ -190,8 +193,8 @@ impl Service {
         } else {
             format!("/{pattern}")
         };
-        let (provider, runtime) = self.file_target(caller, id).await?;
-        Ok(provider.glob_files(&runtime, &pattern).await?)
+        let (worker, runtime) = self.file_target(caller, id).await?;
+        Ok(worker.glob_files(&runtime, &pattern).await?)
     }
 }
 

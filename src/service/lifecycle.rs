@@ -98,19 +98,12 @@ impl Service {
                 model.state
             )));
         }
-        let result = match (
-            &model.runtime_id,
-            self.scheduler().provider_for(&model.provider),
-        ) {
-            // No handle was recorded (the spawn failed, or the server died
-            // mid-spawn): make sure nothing was left behind under the id.
-            (None, Some(provider)) => provider.destroy_by_sandbox_id(&id).await,
-            (None, None) => Ok(()),
-            (Some(runtime_id), Some(provider)) => provider.destroy(runtime_id).await,
-            (Some(_), None) => Err(crate::provider::ProviderError::Unavailable(format!(
-                "provider {} is not configured on this server",
-                model.provider
-            ))),
+        // Without a recorded handle the worker removes whatever exists
+        // under the sandbox id (the spawn failed, or the server died
+        // mid-spawn).
+        let result = match self.scheduler().worker_for(&model.worker_id) {
+            Ok(worker) => worker.destroy(&super::sandboxes::runtime_ref(&model)).await,
+            Err(e) => Err(crate::provider::ProviderError::Unavailable(e.to_string())),
         };
         match result {
             Ok(()) => {
@@ -215,44 +208,38 @@ impl Service {
     /// reconciler then destroys whatever runtime remains); executions it
     /// was running are `interrupted`; half-done provider work is swept.
     pub async fn recover_after_restart(&self) -> Result<()> {
-        let interrupted = self
-            .store()
-            .interrupt_running_executions(
-                &self.scheduler().local_worker().id,
-                "interrupted: the server stopped while the command ran",
-            )
-            .await?;
-        if interrupted > 0 {
-            tracing::warn!(
-                count = interrupted,
-                "executions interrupted by the previous shutdown"
-            );
-        }
-        for provider in self.scheduler().local_worker().providers() {
-            match provider.recover_at_startup().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(
-                    provider = provider.name(),
-                    fixed = n,
-                    "recovered provider state left by the previous process"
-                ),
-                Err(e) => {
-                    tracing::warn!(provider = provider.name(), error = %e, "provider start-up recovery failed")
-                }
-            }
-        }
-        // Other workers' sandboxes in flight are theirs to finish.
-        let filter = SandboxFilter {
-            tenant_id: None,
-            owner_id: None,
-            states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
-            worker_id: Some(self.scheduler().local_worker().id.clone()),
-        };
-        for model in self.store().list_sandboxes(&filter).await? {
-            let reason = format!("server restarted while the sandbox was {}", model.state);
-            tracing::warn!(sandbox = %model.id, %reason, "recovering sandbox");
-            self.transition(&model.id, SandboxState::Error, Some(reason), None)
+        // Only workers in this process died with it; other workers'
+        // commands and sandboxes in flight are theirs to finish.
+        for worker in self.scheduler().in_process_workers() {
+            let interrupted = self
+                .store()
+                .interrupt_running_executions(
+                    worker.id(),
+                    "interrupted: the server stopped while the command ran",
+                )
                 .await?;
+            if interrupted > 0 {
+                tracing::warn!(
+                    worker = worker.id(),
+                    count = interrupted,
+                    "executions interrupted by the previous shutdown"
+                );
+            }
+            if let Err(e) = worker.recover_at_startup().await {
+                tracing::warn!(worker = worker.id(), error = %e, "worker start-up recovery failed");
+            }
+            let filter = SandboxFilter {
+                tenant_id: None,
+                owner_id: None,
+                states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
+                worker_id: Some(worker.id().to_string()),
+            };
+            for model in self.store().list_sandboxes(&filter).await? {
+                let reason = format!("server restarted while the sandbox was {}", model.state);
+                tracing::warn!(sandbox = %model.id, %reason, "recovering sandbox");
+                self.transition(&model.id, SandboxState::Error, Some(reason), None)
+                    .await?;
+            }
         }
         Ok(())
     }

@@ -1,8 +1,8 @@
 //! The reconciler: makes the store tell the truth about the runtimes.
 //!
 //! Each sandbox has a desired state (its record) and an observed state (what
-//! its provider's inventory says). One pass compares the two for every
-//! provider of the local worker and acts:
+//! its worker's inventory says). One pass compares the two for every
+//! provider of every worker and acts:
 //!
 //! - a record whose runtime runs is kept (at start-up: adopted);
 //! - a runtime that stopped (killed, OOM, its init exited) or vanished
@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Result, Service};
 use crate::auth::Caller;
 use crate::lifecycle::SandboxState;
-use crate::provider::{InventoryItem, Provider, RuntimeStatus};
+use crate::provider::{InventoryItem, RuntimeStatus};
 use crate::store::SandboxFilter;
+use crate::worker::{RuntimeRef, Worker};
 
 /// First wait before retrying a failed destroy; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -127,46 +128,73 @@ impl Service {
         }
     }
 
-    /// One reconcile pass over every provider of the local worker. With
+    /// One reconcile pass over every provider of every worker. With
     /// `startup`, runtimes without a record are destroyed at once (no spawn
     /// can be in flight yet) and surviving sandboxes are reported adopted.
     pub async fn reconcile(&self, startup: bool) -> Result<ReconcileReport> {
-        let worker = self.scheduler().local_worker().clone();
+        let mut report = ReconcileReport::default();
+        let mut live = std::collections::HashSet::new();
+        for worker in self.scheduler().workers() {
+            self.reconcile_worker(worker.as_ref(), startup, &mut report, &mut live)
+                .await?;
+        }
+        // Forget sandboxes that are no longer live (destroyed by anyone).
+        self.inner
+            .reconcile
+            .with(|m| m.sandboxes.retain(|id, _| live.contains(id)));
+        if startup {
+            tracing::info!(?report, "start-up reconcile");
+        } else if report.failed
+            + report.health_changes
+            + report.destroyed
+            + report.orphans_destroyed
+            > 0
+        {
+            tracing::info!(?report, "reconcile pass acted");
+        }
+        Ok(report)
+    }
+
+    /// The records of one worker against its providers' inventories.
+    async fn reconcile_worker(
+        &self,
+        worker: &dyn Worker,
+        startup: bool,
+        report: &mut ReconcileReport,
+        live: &mut std::collections::HashSet<String>,
+    ) -> Result<()> {
         let records = self
             .store()
             .list_sandboxes(&SandboxFilter {
                 tenant_id: None,
                 owner_id: None,
                 states: Some(SandboxState::LIVE.to_vec()),
-                // Other workers' records are theirs to reconcile.
-                worker_id: Some(worker.id.clone()),
+                worker_id: Some(worker.id().to_string()),
             })
             .await?;
-        let mut report = ReconcileReport::default();
-        // Forget sandboxes that are no longer live (destroyed by anyone).
-        let live: std::collections::HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
-        self.inner
-            .reconcile
-            .with(|m| m.sandboxes.retain(|id, _| live.contains(id.as_str())));
-        for provider in worker.providers() {
+        live.extend(records.iter().map(|r| r.id.clone()));
+        for provider in worker.snapshot().providers {
             let mine: Vec<_> = records
                 .iter()
-                .filter(|r| r.provider == provider.name())
+                .filter(|r| r.provider == provider.name)
                 .cloned()
                 .collect();
             // Records are read before the inventory: a runtime created after
             // the inventory was taken belongs to a record we did not read.
-            let unhealthy = worker
-                .health_of(provider.name())
+            let unhealthy = provider
+                .health
                 .filter(|h| !h.healthy)
                 .map(|h| h.error.unwrap_or_else(|| "provider unhealthy".into()));
             let inventory = match unhealthy {
                 Some(why) => Err(why),
-                None => provider.inventory().await.map_err(|e| e.to_string()),
+                None => worker
+                    .inventory(&provider.name)
+                    .await
+                    .map_err(|e| e.to_string()),
             };
             match inventory {
                 Ok(items) => {
-                    self.reconcile_provider(provider.as_ref(), mine, items, startup, &mut report)
+                    self.reconcile_provider(worker, &provider.name, mine, items, startup, report)
                         .await?;
                 }
                 Err(why) => {
@@ -184,22 +212,13 @@ impl Service {
                 }
             }
         }
-        if startup {
-            tracing::info!(?report, "start-up reconcile");
-        } else if report.failed
-            + report.health_changes
-            + report.destroyed
-            + report.orphans_destroyed
-            > 0
-        {
-            tracing::info!(?report, "reconcile pass acted");
-        }
-        Ok(report)
+        Ok(())
     }
 
     async fn reconcile_provider(
         &self,
-        provider: &dyn Provider,
+        worker: &dyn Worker,
+        provider: &str,
         records: Vec<entity::sandbox::Model>,
         inventory: Vec<InventoryItem>,
         startup: bool,
@@ -215,7 +234,7 @@ impl Service {
             let state = record.state.parse::<SandboxState>().ok();
             match state {
                 Some(SandboxState::Running | SandboxState::Unhealthy) => {
-                    let verdict = self.observe(provider, &record, item).await;
+                    let verdict = self.observe(worker, provider, &record, item).await;
                     match verdict {
                         Verdict::Nothing => {}
                         Verdict::Failed(_) => {
@@ -258,7 +277,8 @@ impl Service {
         }
         // What is left in the inventory has no live record of this provider.
         let grace = self.config().lifecycle.orphan_grace.0;
-        let name = provider.name().to_string();
+        // Orphans are remembered per worker and provider.
+        let name = format!("{}/{provider}", worker.id());
         // Forget runtimes of this provider that are no longer left over.
         let leftover: std::collections::HashSet<String> =
             by_sandbox.values().map(|i| i.runtime_id.clone()).collect();
@@ -288,7 +308,12 @@ impl Service {
                 None => "runtime has no sandbox record".to_string(),
             };
             tracing::warn!(sandbox = %item.sandbox_id, runtime = %item.runtime_id, %why, "destroying orphaned runtime");
-            match provider.destroy(&item.runtime_id).await {
+            let runtime = RuntimeRef {
+                sandbox_id: item.sandbox_id.clone(),
+                provider: provider.to_string(),
+                runtime_id: Some(item.runtime_id.clone()),
+            };
+            match worker.destroy(&runtime).await {
                 Ok(()) => {
                     self.inner
                         .reconcile
@@ -309,7 +334,8 @@ impl Service {
     /// its state must change.
     async fn observe(
         &self,
-        provider: &dyn Provider,
+        worker: &dyn Worker,
+        provider: &str,
         record: &entity::sandbox::Model,
         item: Option<InventoryItem>,
     ) -> Verdict {
@@ -328,7 +354,14 @@ impl Service {
                 .or_else(|| record.runtime_id.clone())
             {
                 None => RuntimeStatus::Missing,
-                Some(handle) => match provider.inspect(&handle).await {
+                Some(handle) => match worker
+                    .inspect(&RuntimeRef {
+                        sandbox_id: record.id.clone(),
+                        provider: provider.to_string(),
+                        runtime_id: Some(handle),
+                    })
+                    .await
+                {
                     Ok(status) => status,
                     Err(e) => {
                         return self.failed_observation(

@@ -257,11 +257,14 @@ impl Service {
         let placement = self
             .scheduler()
             .place(plan.provider.as_deref(), plan.vcpus)?;
-        if !placement.provider.image_available(&plan.image).await? {
+        if !placement
+            .worker
+            .image_available(&placement.provider, &plan.image)
+            .await?
+        {
             return Err(Error::BadRequest(format!(
                 "image {:?} is not available on provider {}",
-                plan.image,
-                placement.provider.name()
+                plan.image, placement.provider
             )));
         }
 
@@ -273,8 +276,8 @@ impl Service {
             id: crate::ids::sandbox(),
             owner_id: plan.owner_id.clone(),
             tenant_id: plan.tenant_id.clone(),
-            worker_id: placement.worker.id.clone(),
-            provider: placement.provider.name().to_string(),
+            worker_id: placement.worker.id().to_string(),
+            provider: placement.provider.clone(),
             runtime_id: None,
             image: plan.image.clone(),
             template: plan.template.clone(),
@@ -327,7 +330,7 @@ impl Service {
             vcpus: plan.vcpus,
             disk_mb: plan.disk_mb,
         };
-        match placement.provider.spawn(&spec).await {
+        match placement.worker.spawn(&placement.provider, &spec).await {
             Ok(handle) => {
                 crate::failpoint::hit("spawn.runtime_started");
                 let running = self
@@ -342,9 +345,14 @@ impl Service {
                     Some(model) => self.to_sandbox(model),
                     None => {
                         // Someone destroyed it while it was being created.
+                        let runtime = crate::worker::RuntimeRef {
+                            sandbox_id: id.clone(),
+                            provider: placement.provider.clone(),
+                            runtime_id: Some(handle.runtime_id.clone()),
+                        };
                         placement
-                            .provider
-                            .destroy(&handle.runtime_id)
+                            .worker
+                            .destroy(&runtime)
                             .await
                             .unwrap_or_else(|e| tracing::warn!(sandbox = %id, error = %e, "cleanup of a sandbox destroyed during spawn failed"));
                         Err(Error::Conflict(format!(
@@ -434,25 +442,31 @@ impl Service {
         Ok(model)
     }
 
-    /// A usable sandbox with the provider that runs it and its runtime handle.
+    /// A usable sandbox with the worker that holds it and its runtime.
     pub(super) async fn sandbox_runtime(
         &self,
         caller: &Caller,
         id: &str,
     ) -> Result<(
         entity::sandbox::Model,
-        std::sync::Arc<dyn crate::provider::Provider>,
-        String,
+        std::sync::Arc<dyn crate::worker::Worker>,
+        crate::worker::RuntimeRef,
     )> {
         let model = self.usable_sandbox(caller, id).await?;
-        let provider = self
-            .scheduler()
-            .provider_for(&model.provider)
-            .ok_or_else(|| {
-                Error::Unavailable(format!("provider {} is not available", model.provider))
-            })?;
-        let runtime = model.runtime_id.clone().unwrap_or_default();
-        Ok((model, provider, runtime))
+        let (worker, runtime) = self.runtime_of(&model)?;
+        Ok((model, worker, runtime))
+    }
+
+    /// The worker recorded on a sandbox and its runtime there.
+    pub(super) fn runtime_of(
+        &self,
+        model: &entity::sandbox::Model,
+    ) -> Result<(
+        std::sync::Arc<dyn crate::worker::Worker>,
+        crate::worker::RuntimeRef,
+    )> {
+        let worker = self.scheduler().worker_for(&model.worker_id)?;
+        Ok((worker, runtime_ref(model)))
     }
 
     /// A sandbox by id (404 when destroyed or not the caller's).
@@ -540,5 +554,14 @@ impl Service {
         self.audit(caller, "sandbox.destroy", id, outcome.as_ref().map(drop))
             .await;
         outcome
+    }
+}
+
+/// A sandbox's runtime as its worker knows it.
+pub(super) fn runtime_ref(model: &entity::sandbox::Model) -> crate::worker::RuntimeRef {
+    crate::worker::RuntimeRef {
+        sandbox_id: model.id.clone(),
+        provider: model.provider.clone(),
+        runtime_id: model.runtime_id.clone(),
     }
 }

@@ -130,23 +130,28 @@ impl Service {
         report
     }
 
-    /// Destroys every live sandbox of this worker (for
-    /// `lifecycle.destroy_on_shutdown`). Returns how many were destroyed.
+    /// Destroys every live sandbox of the workers in this process (for
+    /// `lifecycle.destroy_on_shutdown`; remote workers' sandboxes outlive
+    /// the control plane). Returns how many were destroyed.
     pub async fn destroy_all_for_shutdown(&self) -> Result<usize> {
-        let records = self
-            .store()
-            .list_sandboxes(&SandboxFilter {
-                tenant_id: None,
-                owner_id: None,
-                states: Some(vec![
-                    SandboxState::Running,
-                    SandboxState::Unhealthy,
-                    SandboxState::Expired,
-                    SandboxState::Error,
-                ]),
-                worker_id: Some(self.scheduler().local_worker().id.clone()),
-            })
-            .await?;
+        let mut records = Vec::new();
+        for worker in self.scheduler().in_process_workers() {
+            records.extend(
+                self.store()
+                    .list_sandboxes(&SandboxFilter {
+                        tenant_id: None,
+                        owner_id: None,
+                        states: Some(vec![
+                            SandboxState::Running,
+                            SandboxState::Unhealthy,
+                            SandboxState::Expired,
+                            SandboxState::Error,
+                        ]),
+                        worker_id: Some(worker.id().to_string()),
+                    })
+                    .await?,
+            );
+        }
         let mut destroyed = 0;
         for record in records {
             let id = record.id.clone();

@@ -83,51 +83,73 @@ impl Service {
     pub async fn ready(&self) -> Result<()> {
         self.refuse_if_draining()?;
         self.store().ping().await?;
-        let worker = self.scheduler().local_worker();
         let default = self.scheduler().default_provider();
-        match worker.health_of(default) {
-            Some(h) if h.healthy => Ok(()),
-            Some(h) => Err(Error::Unavailable(format!(
-                "provider {default} is unavailable: {}",
-                h.error.unwrap_or_else(|| "unhealthy".into())
-            ))),
-            None => Err(Error::Unavailable(format!(
-                "provider {default} has not been checked yet"
-            ))),
-        }
-    }
-
-    /// Every provider with its last health check.
-    pub fn providers(&self) -> Vec<ProviderStatus> {
-        let worker = self.scheduler().local_worker();
-        let default = self.scheduler().default_provider();
-        worker
-            .providers()
-            .map(|p| {
-                let health = worker.health_of(p.name());
-                ProviderStatus {
-                    name: p.name().to_string(),
-                    healthy: health.as_ref().is_some_and(|h| h.healthy),
-                    default: p.name() == default,
-                    latency_ms: health.as_ref().map_or(0, |h| h.latency.as_millis() as u64),
-                    last_checked: health.as_ref().map(|h| h.checked_at),
-                    error: health.and_then(|h| h.error).unwrap_or_default(),
-                    capabilities: p.capabilities(),
-                    isolation: p.isolation().to_string(),
+        let mut reason = None;
+        for worker in self.scheduler().workers() {
+            match worker
+                .snapshot()
+                .provider(default)
+                .map(|p| p.health.clone())
+            {
+                Some(Some(h)) if h.healthy => return Ok(()),
+                Some(Some(h)) => {
+                    reason.get_or_insert(format!(
+                        "provider {default} is unavailable: {}",
+                        h.error.unwrap_or_else(|| "unhealthy".into())
+                    ));
                 }
-            })
-            .collect()
+                Some(None) => {
+                    reason.get_or_insert(format!("provider {default} has not been checked yet"));
+                }
+                None => {}
+            }
+        }
+        Err(Error::Unavailable(reason.unwrap_or_else(|| {
+            format!("no worker offers the default provider {default}")
+        })))
     }
 
-    /// Probes every provider now.
+    /// Every provider with its last health check: one entry per name,
+    /// healthy when it is healthy on some worker.
+    pub fn providers(&self) -> Vec<ProviderStatus> {
+        let default = self.scheduler().default_provider();
+        let mut by_name: BTreeMap<String, ProviderStatus> = BTreeMap::new();
+        for worker in self.scheduler().workers() {
+            for p in worker.snapshot().providers {
+                let health = p.health.as_ref();
+                let status = ProviderStatus {
+                    name: p.name.clone(),
+                    healthy: health.is_some_and(|h| h.healthy),
+                    default: p.name == default,
+                    latency_ms: health.map_or(0, |h| h.latency.as_millis() as u64),
+                    last_checked: health.map(|h| h.checked_at),
+                    error: health.and_then(|h| h.error.clone()).unwrap_or_default(),
+                    capabilities: p.capabilities.clone(),
+                    isolation: p.isolation.clone(),
+                };
+                match by_name.get(&p.name) {
+                    Some(known) if known.healthy || !status.healthy => {}
+                    _ => {
+                        by_name.insert(p.name, status);
+                    }
+                }
+            }
+        }
+        by_name.into_values().collect()
+    }
+
+    /// Probes every provider of every worker now; a name is healthy when
+    /// it is healthy on some worker.
     pub async fn test_providers(&self) -> BTreeMap<String, bool> {
-        self.scheduler()
-            .local_worker()
-            .check_health(self.store())
-            .await
-            .into_iter()
-            .map(|(name, h)| (name, h.healthy))
-            .collect()
+        let mut healthy = BTreeMap::new();
+        for worker in self.scheduler().workers() {
+            let results = worker.check_health().await;
+            crate::worker::record_health(self.store(), &results).await;
+            for (name, h) in results {
+                *healthy.entry(name).or_insert(false) |= h.healthy;
+            }
+        }
+        healthy
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerStatus>> {
@@ -162,13 +184,13 @@ impl Service {
                 "lines must be between 1 and {MAX_LOG_LINES}"
             )));
         }
-        let (_, provider, runtime) = self.sandbox_runtime(caller, id).await?;
-        Ok(provider.logs(&runtime, lines).await?)
+        let (_, worker, runtime) = self.sandbox_runtime(caller, id).await?;
+        Ok(worker.logs(&runtime, lines).await?)
     }
 
     /// Resource usage of a sandbox, when its provider can measure it.
     pub async fn sandbox_stats(&self, caller: &Caller, id: &str) -> Result<RuntimeStats> {
-        let (_, provider, runtime) = self.sandbox_runtime(caller, id).await?;
-        Ok(provider.stats(&runtime).await?)
+        let (_, worker, runtime) = self.sandbox_runtime(caller, id).await?;
+        Ok(worker.stats(&runtime).await?)
     }
 }

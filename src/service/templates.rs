@@ -134,7 +134,7 @@ impl Service {
             )));
         }
         let provider = input.provider.unwrap_or_default();
-        if !provider.is_empty() && self.scheduler().provider_for(&provider).is_none() {
+        if !provider.is_empty() && !self.scheduler().knows_provider(&provider) {
             return Err(Error::BadRequest(format!("unknown provider {provider:?}")));
         }
         let memory_mb = input

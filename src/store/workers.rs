@@ -55,4 +55,17 @@ impl Store {
             .all(self.conn())
             .await?)
     }
+
+    /// Moves every sandbox record of worker `from` to worker `to` (a
+    /// worker whose id changed); returns how many moved.
+    pub async fn reassign_worker(&self, from: &str, to: &str) -> StoreResult<u64> {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait, QueryFilter};
+        let moved = entity::sandbox::Entity::update_many()
+            .col_expr(entity::sandbox::Column::WorkerId, Expr::value(to))
+            .filter(entity::sandbox::Column::WorkerId.eq(from))
+            .exec(self.conn())
+            .await?;
+        Ok(moved.rows_affected)
+    }
 }

@@ -1,16 +1,38 @@
-//! The execution plane. A worker owns a set of providers and keeps their
-//! health current. Today there is one worker, in the server process; remote
-//! workers (`stacyvm worker`) will implement the same surface over RPC.
+//! The execution plane: workers own runtimes.
+//!
+//! A [`Worker`] holds providers and runs every runtime operation on a
+//! placed sandbox: spawn, destroy, inspect and inventory, exec with
+//! streaming output, files, logs, stats, health. The control plane (the
+//! service and the scheduler) owns records and rules and reaches runtimes
+//! only through this trait, routed by the sandbox's recorded `worker_id`
+//! (see [`crate::scheduler::Scheduler::worker_for`]); it never names a
+//! provider object.
+//!
+//! [`LocalWorker`] is the in-process implementation over the providers of
+//! the server. A remote worker implements the same trait over RPC, which is
+//! why one-shot calls on a runtime travel as one [`RuntimeCall`] value with
+//! a [`RuntimeReply`]: the typed helpers on `dyn Worker` unpack them, so the
+//! service stays typed and the wire stays one message pair.
+
+mod local;
+
+pub use local::LocalWorker;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use tokio_util::sync::CancellationToken;
 
-use crate::provider::Provider;
-use crate::store::Store;
+use crate::provider::{
+    Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputSink, ProviderError,
+    ProviderResult, RuntimeHandle, RuntimeStats, RuntimeStatus, SpawnSpec,
+};
+
+/// Errors crossing the worker boundary are the providers' own: a worker
+/// that cannot be reached, or lacks the provider, answers `Unavailable`.
+pub type WorkerResult<T> = ProviderResult<T>;
 
 /// The last health check of one provider.
 #[derive(Debug, Clone)]
@@ -21,138 +43,300 @@ pub struct ProviderHealth {
     pub checked_at: DateTime<Utc>,
 }
 
-/// The worker that runs inside the server process.
-pub struct LocalWorker {
-    pub id: String,
-    pub hostname: String,
-    providers: BTreeMap<String, Arc<dyn Provider>>,
-    health: RwLock<BTreeMap<String, ProviderHealth>>,
-    /// CPUs of this host: a sandbox may not ask for more.
+/// One provider as a worker offers it.
+#[derive(Debug, Clone)]
+pub struct ProviderInfo {
+    pub name: String,
+    pub capabilities: Vec<Capability>,
+    /// What a sandbox of this provider is isolated by.
+    pub isolation: String,
+    /// `None` before the first check.
+    pub health: Option<ProviderHealth>,
+}
+
+/// What a worker offers now, for placement and for `/providers`.
+#[derive(Debug, Clone)]
+pub struct WorkerSnapshot {
+    pub providers: Vec<ProviderInfo>,
+    /// CPUs of the worker's host: a sandbox may not ask for more.
     pub max_vcpus: u32,
 }
 
-impl LocalWorker {
-    /// A worker over `providers`; its id is stable across restarts of the
-    /// same host so that records keep pointing at it.
-    pub fn new(providers: Vec<Arc<dyn Provider>>) -> LocalWorker {
-        let hostname = rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned();
-        let max_vcpus = std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1);
-        LocalWorker {
-            id: format!("wk-local-{hostname}"),
-            hostname,
-            providers: providers
-                .into_iter()
-                .map(|p| (p.name().to_string(), p))
-                .collect(),
-            health: RwLock::new(BTreeMap::new()),
-            max_vcpus,
+impl WorkerSnapshot {
+    pub fn provider(&self, name: &str) -> Option<&ProviderInfo> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+/// One runtime on a worker: the sandbox, its provider and the provider's
+/// handle (`None` when the spawn never recorded one: destroy then removes
+/// whatever exists under the sandbox id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeRef {
+    pub sandbox_id: String,
+    pub provider: String,
+    pub runtime_id: Option<String>,
+}
+
+/// A one-shot operation on a runtime.
+#[derive(Debug, Clone)]
+pub enum RuntimeCall {
+    Destroy,
+    Inspect,
+    WriteFile {
+        path: String,
+        content: Bytes,
+        mode: u32,
+    },
+    ReadFile {
+        path: String,
+    },
+    ListFiles {
+        path: String,
+    },
+    StatFile {
+        path: String,
+    },
+    MoveFile {
+        from: String,
+        to: String,
+    },
+    ChmodFile {
+        path: String,
+        mode: u32,
+    },
+    DeleteFile {
+        path: String,
+        recursive: bool,
+    },
+    GlobFiles {
+        pattern: String,
+    },
+    Logs {
+        lines: usize,
+    },
+    Stats,
+}
+
+/// The answer to a [`RuntimeCall`].
+#[derive(Debug, Clone)]
+pub enum RuntimeReply {
+    Done,
+    Status(RuntimeStatus),
+    Bytes(Bytes),
+    Entries(Vec<FileEntry>),
+    Entry(FileEntry),
+    Paths(Vec<String>),
+    Lines(Vec<String>),
+    Stats(RuntimeStats),
+}
+
+/// A worker: the runtime side of every operation on a placed sandbox.
+#[async_trait]
+pub trait Worker: Send + Sync {
+    /// Stable across restarts of the same installation.
+    fn id(&self) -> &str;
+
+    fn hostname(&self) -> &str;
+
+    /// Whether the worker lives in this process: its commands end with
+    /// the process, and so may its sandboxes at shutdown.
+    fn in_process(&self) -> bool;
+
+    /// Providers with their last known health, and capacity.
+    fn snapshot(&self) -> WorkerSnapshot;
+
+    /// Probes every provider now and returns the results.
+    async fn check_health(&self) -> BTreeMap<String, ProviderHealth>;
+
+    /// Finishes provider work a previous process of this worker left
+    /// half-done; how many items were fixed.
+    async fn recover_at_startup(&self) -> WorkerResult<usize>;
+
+    async fn image_available(&self, provider: &str, image: &str) -> WorkerResult<bool>;
+
+    /// Makes the runtime of a new sandbox.
+    async fn spawn(&self, provider: &str, spec: &SpawnSpec) -> WorkerResult<RuntimeHandle>;
+
+    /// Every runtime `provider` holds for this installation.
+    async fn inventory(&self, provider: &str) -> WorkerResult<Vec<InventoryItem>>;
+
+    /// Runs a command, streaming its output into `sink`. Dropping the
+    /// future cancels the command (its process tree is killed).
+    async fn exec(
+        &self,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> WorkerResult<ExecExit>;
+
+    /// Any one-shot operation on a runtime.
+    async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply>;
+}
+
+/// A reply of the wrong kind: a worker bug or a protocol mismatch.
+fn unexpected(call: &str, reply: RuntimeReply) -> ProviderError {
+    ProviderError::Runtime(format!(
+        "worker answered {call} with an unexpected reply: {reply:?}"
+    ))
+}
+
+/// Typed forms of [`Worker::call`], for the service.
+impl dyn Worker + '_ {
+    pub async fn destroy(&self, runtime: &RuntimeRef) -> WorkerResult<()> {
+        match self.call(runtime, RuntimeCall::Destroy).await? {
+            RuntimeReply::Done => Ok(()),
+            other => Err(unexpected("destroy", other)),
         }
     }
 
-    /// The provider called `name`, if this worker has it.
-    pub fn provider(&self, name: &str) -> Option<Arc<dyn Provider>> {
-        self.providers.get(name).cloned()
-    }
-
-    /// Every provider, by name.
-    pub fn providers(&self) -> impl Iterator<Item = &Arc<dyn Provider>> {
-        self.providers.values()
-    }
-
-    /// The last known health of `name`; `None` before the first check.
-    pub fn health_of(&self, name: &str) -> Option<ProviderHealth> {
-        self.health.read().ok()?.get(name).cloned()
-    }
-
-    /// Probes every provider now, records the results and returns them.
-    pub async fn check_health(&self, store: &Store) -> BTreeMap<String, ProviderHealth> {
-        let checks = self.providers.iter().map(|(name, provider)| async move {
-            let started = Instant::now();
-            let result = tokio::time::timeout(Duration::from_secs(5), provider.health()).await;
-            let error = match result {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some("health check timed out after 5s".to_string()),
-            };
-            let health = ProviderHealth {
-                healthy: error.is_none(),
-                error,
-                latency: started.elapsed(),
-                checked_at: Utc::now(),
-            };
-            (name.clone(), health)
-        });
-        let results: BTreeMap<_, _> = futures::future::join_all(checks)
-            .await
-            .into_iter()
-            .collect();
-        for (name, health) in &results {
-            let previous = self.health_of(name);
-            if previous.as_ref().map(|p| p.healthy) != Some(health.healthy) {
-                match &health.error {
-                    None => tracing::info!(provider = %name, "provider healthy"),
-                    Some(e) => tracing::warn!(provider = %name, error = %e, "provider unhealthy"),
-                }
-            }
-            let record = entity::provider::Model {
-                name: name.clone(),
-                healthy: health.healthy,
-                latency_ms: health.latency.as_millis() as i64,
-                error: health.error.clone(),
-                last_checked: health.checked_at,
-            };
-            if let Err(e) = store.record_provider_health(record).await {
-                tracing::warn!(provider = %name, error = %e, "cannot record provider health");
-            }
+    pub async fn inspect(&self, runtime: &RuntimeRef) -> WorkerResult<RuntimeStatus> {
+        match self.call(runtime, RuntimeCall::Inspect).await? {
+            RuntimeReply::Status(status) => Ok(status),
+            other => Err(unexpected("inspect", other)),
         }
-        if let Ok(mut cache) = self.health.write() {
-            cache.extend(results.clone());
+    }
+
+    pub async fn write_file(
+        &self,
+        runtime: &RuntimeRef,
+        path: &str,
+        content: Bytes,
+        mode: u32,
+    ) -> WorkerResult<()> {
+        let call = RuntimeCall::WriteFile {
+            path: path.to_string(),
+            content,
+            mode,
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Done => Ok(()),
+            other => Err(unexpected("write_file", other)),
         }
-        results
     }
 
-    /// Registers this worker in the store.
-    pub async fn register(&self, store: &Store) -> Result<(), crate::store::StoreError> {
-        let now = Utc::now();
-        store
-            .upsert_worker(entity::worker::Model {
-                id: self.id.clone(),
-                hostname: self.hostname.clone(),
-                endpoint: "local".into(),
-                status: "online".into(),
-                providers: serde_json::json!(self.providers.keys().collect::<Vec<_>>()),
-                capacity: 0,
-                last_heartbeat: now,
-                created_at: now,
-            })
-            .await
+    pub async fn read_file(&self, runtime: &RuntimeRef, path: &str) -> WorkerResult<Bytes> {
+        let call = RuntimeCall::ReadFile {
+            path: path.to_string(),
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Bytes(bytes) => Ok(bytes),
+            other => Err(unexpected("read_file", other)),
+        }
     }
 
-    /// Heartbeats and provider health checks until `shutdown` fires.
-    pub async fn run(
-        self: Arc<Self>,
-        store: Store,
-        heartbeat_every: Duration,
-        health_every: Duration,
-        shutdown: CancellationToken,
-    ) {
-        let mut heartbeat = tokio::time::interval(heartbeat_every);
-        let mut health = tokio::time::interval(health_every);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                _ = heartbeat.tick() => {
-                    if let Err(e) = store.worker_heartbeat(&self.id, Utc::now()).await {
-                        tracing::warn!(error = %e, "worker heartbeat failed");
-                    }
-                }
-                _ = health.tick() => { self.check_health(&store).await; }
-            }
+    pub async fn list_files(
+        &self,
+        runtime: &RuntimeRef,
+        path: &str,
+    ) -> WorkerResult<Vec<FileEntry>> {
+        let call = RuntimeCall::ListFiles {
+            path: path.to_string(),
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Entries(entries) => Ok(entries),
+            other => Err(unexpected("list_files", other)),
+        }
+    }
+
+    pub async fn stat_file(&self, runtime: &RuntimeRef, path: &str) -> WorkerResult<FileEntry> {
+        let call = RuntimeCall::StatFile {
+            path: path.to_string(),
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Entry(entry) => Ok(entry),
+            other => Err(unexpected("stat_file", other)),
+        }
+    }
+
+    pub async fn move_file(&self, runtime: &RuntimeRef, from: &str, to: &str) -> WorkerResult<()> {
+        let call = RuntimeCall::MoveFile {
+            from: from.to_string(),
+            to: to.to_string(),
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Done => Ok(()),
+            other => Err(unexpected("move_file", other)),
+        }
+    }
+
+    pub async fn chmod_file(
+        &self,
+        runtime: &RuntimeRef,
+        path: &str,
+        mode: u32,
+    ) -> WorkerResult<()> {
+        let call = RuntimeCall::ChmodFile {
+            path: path.to_string(),
+            mode,
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Done => Ok(()),
+            other => Err(unexpected("chmod_file", other)),
+        }
+    }
+
+    pub async fn delete_file(
+        &self,
+        runtime: &RuntimeRef,
+        path: &str,
+        recursive: bool,
+    ) -> WorkerResult<()> {
+        let call = RuntimeCall::DeleteFile {
+            path: path.to_string(),
+            recursive,
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Done => Ok(()),
+            other => Err(unexpected("delete_file", other)),
+        }
+    }
+
+    pub async fn glob_files(
+        &self,
+        runtime: &RuntimeRef,
+        pattern: &str,
+    ) -> WorkerResult<Vec<String>> {
+        let call = RuntimeCall::GlobFiles {
+            pattern: pattern.to_string(),
+        };
+        match self.call(runtime, call).await? {
+            RuntimeReply::Paths(paths) => Ok(paths),
+            other => Err(unexpected("glob_files", other)),
+        }
+    }
+
+    pub async fn logs(&self, runtime: &RuntimeRef, lines: usize) -> WorkerResult<Vec<String>> {
+        match self.call(runtime, RuntimeCall::Logs { lines }).await? {
+            RuntimeReply::Lines(lines) => Ok(lines),
+            other => Err(unexpected("logs", other)),
+        }
+    }
+
+    pub async fn stats(&self, runtime: &RuntimeRef) -> WorkerResult<RuntimeStats> {
+        match self.call(runtime, RuntimeCall::Stats).await? {
+            RuntimeReply::Stats(stats) => Ok(stats),
+            other => Err(unexpected("stats", other)),
+        }
+    }
+}
+
+/// Records health results in the store's provider table (best effort: a
+/// failed write is logged).
+pub async fn record_health(
+    store: &crate::store::Store,
+    results: &BTreeMap<String, ProviderHealth>,
+) {
+    for (name, health) in results {
+        let record = entity::provider::Model {
+            name: name.clone(),
+            healthy: health.healthy,
+            latency_ms: health.latency.as_millis() as i64,
+            error: health.error.clone(),
+            last_checked: health.checked_at,
+        };
+        if let Err(e) = store.record_provider_health(record).await {
+            tracing::warn!(provider = %name, error = %e, "cannot record provider health (best effort)");
         }
     }
 }

@@ -552,3 +552,78 @@ async fn without_a_docker_daemon_the_server_runs_on_native() {
     assert_error(s, &b, 503, "UNAVAILABLE");
     server.stop().await;
 }
+
+/// Every operation on a sandbox goes to the worker recorded on it: with
+/// the record pointing at a worker this control plane does not know, exec,
+/// files, logs, stats and destroy answer 503 naming that worker (nothing
+/// runs on the local provider instead), the reconciler leaves the record
+/// alone, and pointed back at the local worker the same sandbox works.
+#[tokio::test]
+async fn operations_are_routed_by_the_sandboxs_worker() {
+    let server = native_server(|_| {}).await;
+    let id = spawn_ok(&server, json!({"image": docker_image()})).await;
+    let store = server.app_service.store();
+    let local = server.app_service.scheduler().in_process_workers()[0]
+        .id()
+        .to_string();
+    assert!(local.starts_with("wk-local-"), "{local}");
+    let (_, body) = server.get(&format!("/sandboxes/{id}")).await;
+    assert_eq!(body["worker_id"], local.as_str(), "{body}");
+
+    store
+        .reassign_worker(&local, "wk-elsewhere")
+        .await
+        .expect("reassign");
+    let calls: Vec<(reqwest::Method, String, Option<Value>)> = vec![
+        (
+            reqwest::Method::POST,
+            format!("/sandboxes/{id}/exec"),
+            Some(json!({"command": "echo hi"})),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/sandboxes/{id}/files?path=/etc/passwd"),
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("/sandboxes/{id}/files"),
+            Some(json!({"path": "/tmp/x", "content": "x"})),
+        ),
+        (reqwest::Method::GET, format!("/sandboxes/{id}/logs"), None),
+        (reqwest::Method::GET, format!("/sandboxes/{id}/stats"), None),
+    ];
+    for (method, path, body) in &calls {
+        let mut req = server.http.request(method.clone(), server.url(path));
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.expect("json");
+        assert_error(status, &body, 503, "UNAVAILABLE");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("wk-elsewhere")),
+            "{method} {path}: {body}"
+        );
+    }
+    // Not this control plane's worker: the reconciler does not judge it.
+    server
+        .app_service
+        .reconcile(false)
+        .await
+        .expect("reconcile");
+    let (_, body) = server.get(&format!("/sandboxes/{id}")).await;
+    assert_eq!(body["state"], "running", "{body}");
+
+    store
+        .reassign_worker("wk-elsewhere", &local)
+        .await
+        .expect("reassign back");
+    let out = server.shell(&id, "echo routed").await;
+    assert_eq!(out, "routed\n");
+    let (status, body) = server.delete(&format!("/sandboxes/{id}")).await;
+    assert!(status < 300, "{body}");
+}

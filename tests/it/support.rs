@@ -315,7 +315,9 @@ pub async fn insert_docker_record(
             id: id.to_string(),
             owner_id: "anonymous".into(),
             tenant_id: "default".into(),
-            worker_id: server.app_service.scheduler().local_worker().id.clone(),
+            worker_id: server.app_service.scheduler().in_process_workers()[0]
+                .id()
+                .to_string(),
             provider: "docker".into(),
             runtime_id,
             image: docker_image(),

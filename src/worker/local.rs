@@ -1,0 +1,300 @@
+//! The worker that runs inside the server process: the providers in
+//! process, their health cached between checks.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    ProviderHealth, ProviderInfo, RuntimeCall, RuntimeRef, RuntimeReply, Worker, WorkerResult,
+    WorkerSnapshot, record_health,
+};
+use crate::provider::{
+    ExecExit, ExecSpec, InventoryItem, OutputSink, Provider, ProviderError, RuntimeHandle,
+    SpawnSpec,
+};
+use crate::store::Store;
+
+/// How long one provider health probe may take.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The worker inside the server process.
+pub struct LocalWorker {
+    id: String,
+    hostname: String,
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    health: RwLock<BTreeMap<String, ProviderHealth>>,
+    max_vcpus: u32,
+}
+
+impl LocalWorker {
+    /// A worker over `providers`. Its id comes from the installation's
+    /// instance id (`data_dir/instance_id`), so it is stable across
+    /// restarts and two servers on one host never share it.
+    pub fn new(instance: &str, providers: Vec<Arc<dyn Provider>>) -> LocalWorker {
+        let max_vcpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        LocalWorker {
+            id: Self::id_for(instance),
+            hostname: hostname(),
+            providers: providers
+                .into_iter()
+                .map(|p| (p.name().to_string(), p))
+                .collect(),
+            health: RwLock::new(BTreeMap::new()),
+            max_vcpus,
+        }
+    }
+
+    /// The local worker id of installation `instance`.
+    pub fn id_for(instance: &str) -> String {
+        format!("wk-local-{}", instance.trim_start_matches("in-"))
+    }
+
+    /// The id local workers had before it came from the instance id (the
+    /// host name), for records written by those versions.
+    pub fn legacy_id() -> String {
+        format!("wk-local-{}", hostname())
+    }
+
+    fn provider(&self, name: &str) -> WorkerResult<&Arc<dyn Provider>> {
+        self.providers.get(name).ok_or_else(|| {
+            ProviderError::Unavailable(format!(
+                "provider {name} is not configured on worker {}",
+                self.id
+            ))
+        })
+    }
+
+    fn health_of(&self, name: &str) -> Option<ProviderHealth> {
+        self.health.read().ok()?.get(name).cloned()
+    }
+
+    /// Registers this worker in the store.
+    pub async fn register(&self, store: &Store) -> Result<(), crate::store::StoreError> {
+        let now = Utc::now();
+        store
+            .upsert_worker(entity::worker::Model {
+                id: self.id.clone(),
+                hostname: self.hostname.clone(),
+                endpoint: "local".into(),
+                status: "online".into(),
+                providers: serde_json::json!(self.providers.keys().collect::<Vec<_>>()),
+                capacity: 0,
+                last_heartbeat: now,
+                created_at: now,
+            })
+            .await
+    }
+
+    /// Heartbeats and provider health checks until `shutdown` fires.
+    pub async fn run(
+        self: Arc<Self>,
+        store: Store,
+        heartbeat_every: Duration,
+        health_every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut heartbeat = tokio::time::interval(heartbeat_every);
+        let mut health = tokio::time::interval(health_every);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = heartbeat.tick() => {
+                    if let Err(e) = store.worker_heartbeat(&self.id, Utc::now()).await {
+                        tracing::warn!(error = %e, "worker heartbeat failed");
+                    }
+                }
+                _ = health.tick() => {
+                    let results = self.check_health().await;
+                    record_health(&store, &results).await;
+                }
+            }
+        }
+    }
+}
+
+fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[async_trait]
+impl Worker for LocalWorker {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    fn in_process(&self) -> bool {
+        true
+    }
+
+    fn snapshot(&self) -> WorkerSnapshot {
+        WorkerSnapshot {
+            providers: self
+                .providers
+                .values()
+                .map(|p| ProviderInfo {
+                    name: p.name().to_string(),
+                    capabilities: p.capabilities(),
+                    isolation: p.isolation().to_string(),
+                    health: self.health_of(p.name()),
+                })
+                .collect(),
+            max_vcpus: self.max_vcpus,
+        }
+    }
+
+    async fn check_health(&self) -> BTreeMap<String, ProviderHealth> {
+        let checks = self.providers.iter().map(|(name, provider)| async move {
+            let started = Instant::now();
+            let result = tokio::time::timeout(HEALTH_TIMEOUT, provider.health()).await;
+            let error = match result {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!(
+                    "health check timed out after {}s",
+                    HEALTH_TIMEOUT.as_secs()
+                )),
+            };
+            let health = ProviderHealth {
+                healthy: error.is_none(),
+                error,
+                latency: started.elapsed(),
+                checked_at: Utc::now(),
+            };
+            (name.clone(), health)
+        });
+        let results: BTreeMap<_, _> = futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .collect();
+        for (name, health) in &results {
+            let previous = self.health_of(name);
+            if previous.as_ref().map(|p| p.healthy) != Some(health.healthy) {
+                match &health.error {
+                    None => tracing::info!(provider = %name, "provider healthy"),
+                    Some(e) => tracing::warn!(provider = %name, error = %e, "provider unhealthy"),
+                }
+            }
+        }
+        if let Ok(mut cache) = self.health.write() {
+            cache.extend(results.clone());
+        }
+        results
+    }
+
+    async fn recover_at_startup(&self) -> WorkerResult<usize> {
+        let mut fixed = 0;
+        for provider in self.providers.values() {
+            match provider.recover_at_startup().await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(
+                        provider = provider.name(),
+                        fixed = n,
+                        "recovered provider state left by the previous process"
+                    );
+                    fixed += n;
+                }
+                // One provider's failure does not stop the others'.
+                Err(e) => {
+                    tracing::warn!(provider = provider.name(), error = %e, "provider start-up recovery failed")
+                }
+            }
+        }
+        Ok(fixed)
+    }
+
+    async fn image_available(&self, provider: &str, image: &str) -> WorkerResult<bool> {
+        self.provider(provider)?.image_available(image).await
+    }
+
+    async fn spawn(&self, provider: &str, spec: &SpawnSpec) -> WorkerResult<RuntimeHandle> {
+        self.provider(provider)?.spawn(spec).await
+    }
+
+    async fn inventory(&self, provider: &str) -> WorkerResult<Vec<InventoryItem>> {
+        self.provider(provider)?.inventory().await
+    }
+
+    async fn exec(
+        &self,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> WorkerResult<ExecExit> {
+        let handle = handle(runtime)?;
+        self.provider(&runtime.provider)?
+            .exec(handle, spec, sink)
+            .await
+    }
+
+    async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {
+        let p = self.provider(&runtime.provider)?;
+        let h = || handle(runtime);
+        Ok(match call {
+            RuntimeCall::Destroy => {
+                match &runtime.runtime_id {
+                    // No handle was recorded (the spawn failed, or the
+                    // server died mid-spawn): remove whatever exists under
+                    // the sandbox id.
+                    None => p.destroy_by_sandbox_id(&runtime.sandbox_id).await?,
+                    Some(handle) => p.destroy(handle).await?,
+                }
+                RuntimeReply::Done
+            }
+            RuntimeCall::Inspect => RuntimeReply::Status(p.inspect(h()?).await?),
+            RuntimeCall::WriteFile {
+                path,
+                content,
+                mode,
+            } => {
+                p.write_file(h()?, &path, content, mode).await?;
+                RuntimeReply::Done
+            }
+            RuntimeCall::ReadFile { path } => RuntimeReply::Bytes(p.read_file(h()?, &path).await?),
+            RuntimeCall::ListFiles { path } => {
+                RuntimeReply::Entries(p.list_files(h()?, &path).await?)
+            }
+            RuntimeCall::StatFile { path } => RuntimeReply::Entry(p.stat_file(h()?, &path).await?),
+            RuntimeCall::MoveFile { from, to } => {
+                p.move_file(h()?, &from, &to).await?;
+                RuntimeReply::Done
+            }
+            RuntimeCall::ChmodFile { path, mode } => {
+                p.chmod_file(h()?, &path, mode).await?;
+                RuntimeReply::Done
+            }
+            RuntimeCall::DeleteFile { path, recursive } => {
+                p.delete_file(h()?, &path, recursive).await?;
+                RuntimeReply::Done
+            }
+            RuntimeCall::GlobFiles { pattern } => {
+                RuntimeReply::Paths(p.glob_files(h()?, &pattern).await?)
+            }
+            RuntimeCall::Logs { lines } => RuntimeReply::Lines(p.logs(h()?, lines).await?),
+            RuntimeCall::Stats => RuntimeReply::Stats(p.stats(h()?).await?),
+        })
+    }
+}
+
+/// The provider's handle of a runtime that must have one.
+fn handle(runtime: &RuntimeRef) -> WorkerResult<&str> {
+    runtime
+        .runtime_id
+        .as_deref()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| ProviderError::RuntimeNotFound(runtime.sandbox_id.clone()))
+}
