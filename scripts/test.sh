@@ -17,7 +17,9 @@
 #
 # Environment knobs:
 #   STACYVM_TEST_SKIP_CARGO_TEST=1   skip `cargo test` (SDK suites only)
-#   STACYVM_SDK_PROVIDERS="docker native"   which SDK passes to run
+#   STACYVM_SDK_PROVIDERS="docker native remote"   which SDK passes to run
+#                                    (remote: `serve --no-local-worker` and two
+#                                    `stacyvm worker` processes, native provider)
 #   STACYVM_TEST_SKIP_BROWSER=1      skip the playground browser test
 #   STACYVM_SDK_PG_PROVIDERS="native proot"   SDK passes whose server uses
 #                                    PostgreSQL (--database-url) instead of SQLite
@@ -31,7 +33,14 @@ STAGE_T0=$SECONDS
 section() { STAGE_T0=$SECONDS; printf '\n========== %s ==========\n' "$*"; }
 
 SERVER_PID=""
+WORKER_PIDS=()
 stop_server() {
+    local pid
+    for pid in "${WORKER_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    WORKER_PIDS=()
     if [ -n "$SERVER_PID" ]; then
         kill -TERM "$SERVER_PID" 2>/dev/null || true
         local i
@@ -138,9 +147,30 @@ sys.exit("server not healthy after 90s")
 EOF
 }
 
+# wait_workers URL N: wait until the control plane lists N workers.
+wait_workers() {
+    "$PY" - "$1" "$2" <<'EOF'
+import json, sys, time, urllib.request
+url, want = sys.argv[1] + "/api/v1/workers", int(sys.argv[2])
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            if len(json.load(r)) >= want:
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.2)
+sys.exit(f"fewer than {want} workers registered after 60s")
+EOF
+}
+
 # run_sdk PROVIDER: fresh data dir + port, start the server, run pytest, stop it.
+# PROVIDER `remote`: a control plane without a local worker and two
+# `stacyvm worker` processes (native provider), so every sandbox is remote.
 run_sdk() {
-    local provider=$1 data port log url rc=0
+    local pass=$1 provider=$1 data port log url rc=0
+    [ "$pass" = remote ] && provider=native
     data=$(mktemp -d "$STACYVM_TEST_TMPDIR/sdk-$provider.XXXXXX")
     # Native sandboxes run as unprivileged host ids that must be able to
     # reach their trees (README, "Isolation notes"): mktemp makes 0700.
@@ -150,7 +180,11 @@ run_sdk() {
     url="http://127.0.0.1:$port"
 
     local -a serve=(serve --host 127.0.0.1 --port "$port" --data-dir "$data/data" --provider "$provider")
-    if [ "$provider" != docker ]; then
+    if [ "$pass" = remote ]; then
+        printf 'auth:\n  worker_tokens:\n    w1: sdk-token-one\n    w2: sdk-token-two\n' >"$data/control-plane.yaml"
+        serve+=(--no-local-worker --config "$data/control-plane.yaml")
+    fi
+    if [ "$provider" != docker ] && [ "$pass" != remote ]; then
         echo "importing $STACYVM_TEST_IMAGE from $STACYVM_TEST_ROOTFS into $data/data"
         if ! "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS"; then
             echo "image import failed"
@@ -162,7 +196,7 @@ run_sdk() {
     # end to end on both stores (STACYVM_SDK_PG_PROVIDERS to change).
     case " ${STACYVM_SDK_PG_PROVIDERS-native proot} " in
         *" $provider "*)
-            local db="sdk_${provider}_$$"
+            local db="sdk_${pass}_$$"
             psql -q -v ON_ERROR_STOP=1 "$STACYVM_TEST_POSTGRES_URL" -c "CREATE DATABASE $db" || return 1
             serve+=(--database-url "${STACYVM_TEST_POSTGRES_URL%/*}/$db")
             echo "database: ${STACYVM_TEST_POSTGRES_URL%/*}/$db"
@@ -189,6 +223,25 @@ run_sdk() {
         return 1
     fi
     echo "server up at $url (pid $SERVER_PID)"
+    if [ "$pass" = remote ]; then
+        local w token
+        for w in w1 w2; do
+            token=sdk-token-one
+            [ "$w" = w2 ] && token=sdk-token-two
+            mkdir -p "$data/$w" && chmod o+x "$data/$w"
+            "$BIN" image import --data-dir "$data/$w" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" || return 1
+            echo "starting: stacyvm worker --id $w (log: $data/$w.log)"
+            "$BIN" --data-dir "$data/$w" worker --control-plane "$url" --listen 127.0.0.1:0 \
+                --id "$w" --token "$token" --provider native >"$data/$w.log" 2>&1 &
+            WORKER_PIDS+=($!)
+        done
+        if ! wait_workers "$url" 2; then
+            tail -n 30 "$log" "$data"/w*.log || true
+            stop_server
+            return 1
+        fi
+        echo "workers w1 and w2 registered"
+    fi
 
     STACYVM_URL="$url" STACYVM_TEST_PROVIDER="$provider" STACYVM_API_KEY="$api_key" \
         "$PY" -m pytest "$ROOT/tests/sdk" -v -p no:cacheprovider --durations=10 || rc=$?
@@ -196,12 +249,13 @@ run_sdk() {
     if [ "$rc" -ne 0 ]; then
         echo "--- server log (tail) ---"
         tail -n 80 "$log" || true
+        if [ "$pass" = remote ]; then tail -n 40 "$data"/w*.log || true; fi
     fi
     stop_server
     return "$rc"
 }
 
-for provider in ${STACYVM_SDK_PROVIDERS:-docker native}; do
+for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote}; do
     section "Python SDK suite (stacyvm==0.1.1) -- provider $provider"
     rc=0
     run_sdk "$provider" || rc=$?

@@ -107,10 +107,11 @@ pub fn instance_id(data_dir: &std::path::Path) -> Result<String, StartError> {
     }
 }
 
-/// Every provider this server can offer.
+/// Every provider this host can offer, or those named in `only`.
 async fn build_providers(
     config: &Config,
     instance: &str,
+    only: &[String],
 ) -> Result<Vec<Arc<dyn Provider>>, StartError> {
     let images = image_store(config);
     let sandboxes = config.data_dir.join("sandboxes");
@@ -123,7 +124,7 @@ async fn build_providers(
     if !config.providers.native.helper_binary.as_os_str().is_empty() {
         native = native.with_helper_binary(config.providers.native.helper_binary.clone());
     }
-    Ok(vec![
+    let all: Vec<Arc<dyn Provider>> = vec![
         Arc::new(docker),
         Arc::new(native),
         Arc::new(ProotProvider::new(
@@ -131,7 +132,89 @@ async fn build_providers(
             sandboxes.join("proot"),
             config.providers.proot.binary.clone(),
         )),
-    ])
+    ];
+    if let Some(unknown) = only
+        .iter()
+        .find(|name| !all.iter().any(|p| p.name() == name.as_str()))
+    {
+        return Err(StartError::Provider(format!(
+            "unknown provider {unknown:?}: this build has docker, native and proot"
+        )));
+    }
+    Ok(all
+        .into_iter()
+        .filter(|p| only.is_empty() || only.iter().any(|n| n == p.name()))
+        .collect())
+}
+
+fn log_health(health: &std::collections::BTreeMap<String, crate::worker::ProviderHealth>) {
+    for (name, h) in health {
+        match &h.error {
+            None => tracing::info!(provider = %name, "provider available"),
+            Some(e) => tracing::warn!(provider = %name, error = %e, "provider not available"),
+        }
+    }
+}
+
+/// `stacyvm worker`: this host's providers behind the worker RPC on
+/// `worker.listen`, heartbeating to `worker.control_plane`, until `signal`.
+/// Sandboxes stay when it stops; the next start adopts them.
+pub async fn run_worker(
+    config: Config,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let w = &config.worker;
+    if w.id.is_empty() || w.token.is_empty() {
+        return Err(StartError::Provider(
+            "a worker needs --id and --token (worker.id, worker.token)".into(),
+        ));
+    }
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let instance = instance_id(&config.data_dir)?;
+    let providers = build_providers(&config, &instance, &w.providers).await?;
+    let worker = Arc::new(LocalWorker::new(&instance, providers).with_id(&w.id));
+    if let Err(e) = worker.recover_at_startup().await {
+        tracing::warn!(error = %e, "worker start-up recovery failed");
+    }
+    log_health(&worker.check_health().await);
+    let listener = TcpListener::bind(&w.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: w.listen.clone(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(StartError::Serve)?;
+    let endpoint = if w.advertise.is_empty() {
+        format!("http://{local}")
+    } else {
+        w.advertise.clone()
+    };
+    tracing::info!(worker = %w.id, rpc = %local, %endpoint, control_plane = %w.control_plane, "StacyVM worker listening");
+    let shutdown = CancellationToken::new();
+    let beats = tokio::spawn(crate::worker::agent::heartbeat_loop(
+        worker.clone(),
+        crate::worker::agent::HeartbeatTarget {
+            control_plane: w.control_plane.clone(),
+            token: w.token.clone(),
+            endpoint,
+        },
+        config.lifecycle.heartbeat_interval.0,
+        config.lifecycle.health_interval.0,
+        shutdown.child_token(),
+    ));
+    let router = crate::worker::agent::router(worker, &w.token, config.server.max_body_bytes);
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .await
+        .map_err(StartError::Serve);
+    shutdown.cancel();
+    if let Err(e) = beats.await {
+        tracing::warn!(error = %e, "heartbeat task failed");
+    }
+    served
 }
 
 /// A running StacyVM: the service plus the handles of its background loops.
@@ -162,45 +245,48 @@ impl App {
             return Err(StartError::OpenBeyondLoopback(config.server.host.clone()));
         }
 
-        let instance = instance_id(&config.data_dir)?;
-        let providers = build_providers(&config, &instance).await?;
-        let worker = Arc::new(LocalWorker::new(&instance, providers));
-        let health = worker.check_health().await;
-        crate::worker::record_health(&store, &health).await;
-        for (name, h) in &health {
-            match &h.error {
-                None => tracing::info!(provider = %name, "provider available"),
-                Some(e) => tracing::warn!(provider = %name, error = %e, "provider not available"),
+        let default_setting = config.providers.default.clone();
+        let (scheduler, local, default) = if config.worker.local {
+            let instance = instance_id(&config.data_dir)?;
+            let providers = build_providers(&config, &instance, &[]).await?;
+            let worker = Arc::new(LocalWorker::new(&instance, providers));
+            let health = worker.check_health().await;
+            crate::worker::record_health(&store, &health).await;
+            log_health(&health);
+            worker.register(&store).await?;
+            // Versions before 0.2 named the local worker after the host name.
+            let moved = store
+                .reassign_worker(&LocalWorker::legacy_id(), worker.id())
+                .await?;
+            if moved > 0 {
+                tracing::info!(
+                    sandboxes = moved,
+                    worker = worker.id(),
+                    "sandbox records moved from the host-named local worker id"
+                );
             }
-        }
-        worker.register(&store).await?;
-        // Versions before 0.2 named the local worker after the host name.
-        let moved = store
-            .reassign_worker(&LocalWorker::legacy_id(), worker.id())
-            .await?;
-        if moved > 0 {
+            let default = match default_setting.as_str() {
+                "auto" if health.get("docker").is_some_and(|h| h.healthy) => "docker".to_string(),
+                "auto" => "native".to_string(),
+                other => other.to_string(),
+            };
+            let scheduler = Scheduler::new(default.clone());
+            scheduler.add_worker(worker.clone());
+            (scheduler, Some(worker), default)
+        } else {
+            // Only remote workers: `auto` cannot ask a daemon here.
+            let default = match default_setting.as_str() {
+                "auto" => "native".to_string(),
+                other => other.to_string(),
+            };
             tracing::info!(
-                sandboxes = moved,
-                worker = worker.id(),
-                "sandbox records moved from the host-named local worker id"
+                workers = config.auth.worker_tokens.len(),
+                "no local worker: sandboxes run on `stacyvm worker` processes"
             );
-        }
-
-        let default = match config.providers.default.as_str() {
-            "auto" => {
-                if health.get("docker").is_some_and(|h| h.healthy) {
-                    "docker"
-                } else {
-                    "native"
-                }
-            }
-            other => other,
-        }
-        .to_string();
+            (Scheduler::new(default.clone()), None, default)
+        };
         tracing::info!(provider = %default, "default provider");
 
-        let scheduler = Scheduler::new(default);
-        scheduler.add_worker(worker.clone());
         let service = Service::new(
             store.clone(),
             scheduler,
@@ -214,13 +300,7 @@ impl App {
         service.reconcile(true).await?;
 
         let shutdown = CancellationToken::new();
-        let tasks = vec![
-            tokio::spawn(worker.clone().run(
-                store,
-                config.lifecycle.heartbeat_interval.0,
-                config.lifecycle.health_interval.0,
-                shutdown.child_token(),
-            )),
+        let mut tasks = vec![
             tokio::spawn(
                 service
                     .clone()
@@ -231,6 +311,14 @@ impl App {
                 shutdown.child_token(),
             )),
         ];
+        if let Some(worker) = local {
+            tasks.push(tokio::spawn(worker.run(
+                store,
+                config.lifecycle.heartbeat_interval.0,
+                config.lifecycle.health_interval.0,
+                shutdown.child_token(),
+            )));
+        }
         Ok(App {
             service,
             shutdown,

@@ -36,6 +36,60 @@ pub struct Config {
     pub rate_limit: crate::service::RateLimitConfig,
     /// Who may use which providers and images (see `service::policy`).
     pub policy: PolicyConfig,
+    /// The execution plane: the in-process worker, and what a `stacyvm
+    /// worker` process uses.
+    pub worker: WorkerConfig,
+}
+
+/// `worker`: `local` for `serve`; the rest for `stacyvm worker`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Whether `serve` runs a worker in its own process (off: a control
+    /// plane whose sandboxes all live on `stacyvm worker` processes).
+    pub local: bool,
+    /// The worker's id (`stacyvm worker`); it must have a token in the
+    /// control plane's `auth.worker_tokens`.
+    pub id: String,
+    /// Where the worker's RPC listens, `HOST:PORT`.
+    pub listen: String,
+    /// The URL the control plane reaches the RPC at; empty: `http://` +
+    /// `listen`.
+    pub advertise: String,
+    /// The control plane's base URL.
+    pub control_plane: String,
+    /// The token shared with the control plane (both directions).
+    pub token: String,
+    /// Providers the worker offers; empty: all of this host's.
+    pub providers: Vec<String>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            local: true,
+            id: String::new(),
+            listen: "127.0.0.1:7424".into(),
+            advertise: String::new(),
+            control_plane: "http://127.0.0.1:7423".into(),
+            token: String::new(),
+            providers: Vec::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("local", &self.local)
+            .field("id", &self.id)
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("control_plane", &self.control_plane)
+            .field("token", &if self.token.is_empty() { "" } else { "***" })
+            .field("providers", &self.providers)
+            .finish()
+    }
 }
 
 /// `policy`: allow and deny lists per role and per tenant.
@@ -231,6 +285,9 @@ pub struct AuthConfig {
     /// `<data_dir>/key_pepper`. Servers sharing one database need the same.
     pub key_pepper: String,
     pub jwt: crate::auth::jwt::JwtConfig,
+    /// Remote workers allowed to register: worker id → its token (the
+    /// worker's `--token`).
+    pub worker_tokens: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -241,6 +298,10 @@ impl std::fmt::Debug for AuthConfig {
             .field("admin_api_key", &mask(&self.admin_api_key))
             .field("key_pepper", &mask(&self.key_pepper))
             .field("jwt", &self.jwt)
+            .field(
+                "worker_tokens",
+                &self.worker_tokens.keys().collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -296,6 +357,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limit: Default::default(),
             policy: PolicyConfig::default(),
+            worker: WorkerConfig::default(),
         }
     }
 }
@@ -394,7 +456,7 @@ impl Default for LoggingConfig {
 /// Top-level sections; an environment variable is read only when it names
 /// one of them, so unrelated `STACYVM_*` variables (e.g. test settings) are
 /// not mistaken for configuration.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "server",
     "providers",
     "defaults",
@@ -403,6 +465,7 @@ const SECTIONS: [&str; 8] = [
     "logging",
     "auth",
     "rate_limit",
+    "worker",
 ];
 
 /// Maps `STACYVM_AUTH_API_KEY` style names to `auth.api_key`: the first

@@ -40,6 +40,32 @@ enum Command {
         /// Default provider: auto, docker, native or proot.
         #[arg(long)]
         provider: Option<String>,
+        /// Run no worker in this process: every sandbox lives on a
+        /// `stacyvm worker` (config `worker.local: false`).
+        #[arg(long)]
+        no_local_worker: bool,
+    },
+    /// Run a worker: this host's providers, serving a control plane.
+    Worker {
+        /// The control plane's URL, e.g. http://10.0.0.1:7423.
+        #[arg(long)]
+        control_plane: Option<String>,
+        /// Where the worker RPC listens, HOST:PORT.
+        #[arg(long)]
+        listen: Option<String>,
+        /// The URL the control plane reaches this worker at (default:
+        /// http://<listen>).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// This worker's id; the control plane's auth.worker_tokens needs it.
+        #[arg(long)]
+        id: Option<String>,
+        /// The token shared with the control plane.
+        #[arg(long, env = "STACYVM_WORKER_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Providers to offer (repeat or comma-separate); default: all.
+        #[arg(long, value_delimiter = ',')]
+        provider: Vec<String>,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -103,12 +129,41 @@ fn overrides(cli: &Cli) -> Figment {
     if let Some(url) = &cli.database_url {
         root.insert("database".into(), json!({ "url": url }));
     }
+    if let Command::Worker {
+        control_plane,
+        listen,
+        advertise,
+        id,
+        token,
+        provider,
+    } = &cli.command
+    {
+        let mut worker = Map::new();
+        let mut put = |key: &str, value: &Option<String>| {
+            if let Some(value) = value {
+                worker.insert(key.into(), json!(value));
+            }
+        };
+        put("control_plane", control_plane);
+        put("listen", listen);
+        put("advertise", advertise);
+        put("id", id);
+        put("token", token);
+        if !provider.is_empty() {
+            worker.insert("providers".into(), json!(provider));
+        }
+        root.insert("worker".into(), Value::Object(worker));
+    }
     if let Command::Serve {
         host,
         port,
         provider,
+        no_local_worker,
     } = &cli.command
     {
+        if *no_local_worker {
+            root.insert("worker".into(), json!({ "local": false }));
+        }
         let mut server = Map::new();
         if let Some(host) = host {
             server.insert("host".into(), json!(host));
@@ -156,6 +211,7 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
             tracing::info!(address = %listener.local_addr()?, "StacyVM listening");
             app.serve(listener, shutdown_signal()).await?;
         }
+        Command::Worker { .. } => app::run_worker(config, shutdown_signal()).await?,
         Command::Schema => print!("{}", stacyvm::api::graphql::sdl()),
         Command::Keys { command } => {
             let store = app::open_store(&config).await?;

@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 /// Which output stream a chunk came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StreamKind {
     Stdout,
@@ -70,7 +70,7 @@ pub const SANDBOX_CAPABILITIES: [&str; 7] = [
 pub const MAX_READ_BYTES: usize = 256 << 20;
 
 /// What to create. Limits are already validated and defaulted by the service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SpawnSpec {
     /// The StacyVM sandbox id; providers label or name the runtime with it
     /// so that an inventory can always be matched back to a record.
@@ -83,14 +83,14 @@ pub struct SpawnSpec {
 }
 
 /// What a successful spawn returns: the provider's own handle for the runtime.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RuntimeHandle {
     pub runtime_id: String,
 }
 
 /// A command to run. The service has already turned shell/argv modes into a
 /// plain argv, so providers never parse shell syntax.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecSpec {
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -101,7 +101,7 @@ pub struct ExecSpec {
 }
 
 /// How a command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExecExit {
     /// The process exited; a signal death is reported as 128 + signal.
     Exited(i32),
@@ -119,7 +119,7 @@ pub fn describe_exit(result: &ProviderResult<ExecExit>) -> String {
 }
 
 /// One directory entry or the answer to a stat.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FileEntry {
     /// Absolute path inside the sandbox.
     pub path: String,
@@ -133,7 +133,7 @@ pub struct FileEntry {
 }
 
 /// Resource usage of one runtime, when the provider can measure it.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RuntimeStats {
     pub supported: bool,
     pub cpu_pct: f64,
@@ -145,7 +145,7 @@ pub struct RuntimeStats {
 }
 
 /// What the runtime behind a handle is doing, as its provider sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RuntimeStatus {
     /// Alive and able to run commands.
     Running,
@@ -159,7 +159,7 @@ pub enum RuntimeStatus {
 
 /// One runtime a provider holds for StacyVM, as listed by
 /// [`Provider::inventory`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InventoryItem {
     /// The sandbox id the runtime was labelled or named with at spawn.
     pub sandbox_id: String,
@@ -172,7 +172,7 @@ pub struct InventoryItem {
 }
 
 /// Features a provider may or may not have; listed by `/providers`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Capability {
     Exec,

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use crate::worker::Worker;
+use crate::worker::{RemoteWorker, Worker};
 
 /// Where a sandbox will run.
 #[derive(Clone)]
@@ -38,6 +38,11 @@ pub enum ScheduleError {
 #[derive(Clone)]
 pub struct Scheduler {
     workers: Arc<RwLock<BTreeMap<String, Arc<dyn Worker>>>>,
+    /// The remote ones among `workers`, for their heartbeats.
+    remotes: Arc<RwLock<BTreeMap<String, Arc<RemoteWorker>>>>,
+    /// Live sandboxes per worker: counted by each reconcile pass, plus
+    /// the placements made since.
+    load: Arc<RwLock<BTreeMap<String, usize>>>,
     default_provider: String,
 }
 
@@ -45,6 +50,8 @@ impl Scheduler {
     pub fn new(default_provider: String) -> Scheduler {
         Scheduler {
             workers: Arc::new(RwLock::new(BTreeMap::new())),
+            remotes: Arc::new(RwLock::new(BTreeMap::new())),
+            load: Arc::new(RwLock::new(BTreeMap::new())),
             default_provider,
         }
     }
@@ -54,6 +61,34 @@ impl Scheduler {
         if let Ok(mut workers) = self.workers.write() {
             workers.insert(worker.id().to_string(), worker);
         }
+    }
+
+    /// Adds (or replaces) a remote worker.
+    pub fn add_remote(&self, worker: Arc<RemoteWorker>) {
+        if let Ok(mut remotes) = self.remotes.write() {
+            remotes.insert(worker.id().to_string(), worker.clone());
+        }
+        self.add_worker(worker);
+    }
+
+    /// The remote worker registered under `id`.
+    pub fn remote(&self, id: &str) -> Option<Arc<RemoteWorker>> {
+        self.remotes.read().ok()?.get(id).cloned()
+    }
+
+    /// Sets a worker's count of live sandboxes (from its records).
+    pub fn set_load(&self, worker_id: &str, live: usize) {
+        if let Ok(mut load) = self.load.write() {
+            load.insert(worker_id.to_string(), live);
+        }
+    }
+
+    fn load_of(&self, worker_id: &str) -> usize {
+        self.load
+            .read()
+            .ok()
+            .and_then(|l| l.get(worker_id).copied())
+            .unwrap_or(0)
     }
 
     /// The provider used when a request names none.
@@ -105,7 +140,10 @@ impl Scheduler {
         names
     }
 
-    /// Picks a worker and provider for a new sandbox.
+    /// Picks a worker and provider for a new sandbox: of the workers
+    /// that can run it, the least loaded (ties: the first by id). With a
+    /// handful of workers every candidate is scored; the best-of-K sample
+    /// is for when there are many.
     pub fn place(&self, provider: Option<&str>, vcpus: u32) -> Result<Placement, ScheduleError> {
         let name = match provider {
             Some(p) if !p.is_empty() => p,
@@ -128,6 +166,7 @@ impl Scheduler {
         }
         let mut unhealthy = None;
         let mut most_vcpus = 0;
+        let mut best: Option<(usize, Arc<dyn Worker>)> = None;
         for (worker, max_vcpus, info) in offering {
             if let Some(health) = &info.health
                 && !health.healthy
@@ -139,6 +178,13 @@ impl Scheduler {
             if vcpus > max_vcpus {
                 continue;
             }
+            let load = self.load_of(worker.id());
+            if best.as_ref().is_none_or(|(least, _)| load < *least) {
+                best = Some((load, worker));
+            }
+        }
+        if let Some((load, worker)) = best {
+            self.set_load(worker.id(), load + 1);
             return Ok(Placement {
                 worker,
                 provider: name.to_string(),
@@ -274,6 +320,19 @@ mod tests {
         // Only c has 8 CPUs (not checked yet counts as usable).
         assert_eq!(s.place(Some("native"), 8).expect("placed").worker.id(), "c");
         assert_eq!(s.place(Some("docker"), 1).expect("placed").worker.id(), "a");
+    }
+
+    #[test]
+    fn spreads_over_the_least_loaded_workers() {
+        let s = scheduler(vec![
+            worker("a", 2, &[("native", Some(true))]),
+            worker("b", 2, &[("native", Some(true))]),
+        ]);
+        s.set_load("a", 3);
+        let picks: Vec<String> = (0..4)
+            .map(|_| s.place(None, 1).expect("placed").worker.id().to_string())
+            .collect();
+        assert_eq!(picks, ["b", "b", "b", "a"]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ mod shutdown;
 mod spawn_queue;
 mod system;
 mod templates;
+mod workers;
 
 pub use admission::AdmissionDecision;
 pub use error::{Error, ErrorCode, Result};

@@ -173,6 +173,7 @@ impl Service {
             })
             .await?;
         live.extend(records.iter().map(|r| r.id.clone()));
+        self.scheduler().set_load(worker.id(), records.len());
         for provider in worker.snapshot().providers {
             let mine: Vec<_> = records
                 .iter()

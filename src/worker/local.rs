@@ -51,6 +51,12 @@ impl LocalWorker {
         }
     }
 
+    /// The same worker under an explicit id (`stacyvm worker --id`).
+    pub fn with_id(mut self, id: &str) -> LocalWorker {
+        self.id = id.to_string();
+        self
+    }
+
     /// The local worker id of installation `instance`.
     pub fn id_for(instance: &str) -> String {
         format!("wk-local-{}", instance.trim_start_matches("in-"))

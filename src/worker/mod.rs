@@ -14,9 +14,13 @@
 //! a [`RuntimeReply`]: the typed helpers on `dyn Worker` unpack them, so the
 //! service stays typed and the wire stays one message pair.
 
+pub mod agent;
 mod local;
+mod remote;
+pub mod rpc;
 
 pub use local::LocalWorker;
+pub use remote::RemoteWorker;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,6 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::provider::{
     Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputSink, ProviderError,
@@ -35,7 +40,7 @@ use crate::provider::{
 pub type WorkerResult<T> = ProviderResult<T>;
 
 /// The last health check of one provider.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProviderHealth {
     pub healthy: bool,
     pub error: Option<String>,
@@ -44,7 +49,7 @@ pub struct ProviderHealth {
 }
 
 /// One provider as a worker offers it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProviderInfo {
     pub name: String,
     pub capabilities: Vec<Capability>,
@@ -55,7 +60,7 @@ pub struct ProviderInfo {
 }
 
 /// What a worker offers now, for placement and for `/providers`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkerSnapshot {
     pub providers: Vec<ProviderInfo>,
     /// CPUs of the worker's host: a sandbox may not ask for more.
@@ -71,7 +76,7 @@ impl WorkerSnapshot {
 /// One runtime on a worker: the sandbox, its provider and the provider's
 /// handle (`None` when the spawn never recorded one: destroy then removes
 /// whatever exists under the sandbox id).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeRef {
     pub sandbox_id: String,
     pub provider: String,
@@ -79,12 +84,14 @@ pub struct RuntimeRef {
 }
 
 /// A one-shot operation on a runtime.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RuntimeCall {
     Destroy,
     Inspect,
     WriteFile {
         path: String,
+        #[serde(with = "rpc::base64_bytes")]
         content: Bytes,
         mode: u32,
     },
@@ -119,11 +126,12 @@ pub enum RuntimeCall {
 }
 
 /// The answer to a [`RuntimeCall`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RuntimeReply {
     Done,
     Status(RuntimeStatus),
-    Bytes(Bytes),
+    Bytes(#[serde(with = "rpc::base64_bytes")] Bytes),
     Entries(Vec<FileEntry>),
     Entry(FileEntry),
     Paths(Vec<String>),

@@ -9,3 +9,4 @@ mod providers;
 mod store;
 mod support;
 mod tenants;
+mod workers;

@@ -19,6 +19,10 @@ use crate::service::{Error, Service};
 
 pub use error::ApiError;
 
+/// Where `stacyvm worker` heartbeats; authenticated by the worker token
+/// in the handler, not by the API's caller middleware.
+pub const WORKER_HEARTBEAT_PATH: &str = "/api/v1/workers/heartbeat";
+
 /// Every REST route.
 pub fn router(service: Service) -> Router {
     let body_limit = service.config().server.max_body_bytes;

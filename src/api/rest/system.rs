@@ -23,6 +23,7 @@ pub fn router() -> Router<Service> {
         .route("/providers", get(providers))
         .route("/providers/test", post(test_providers))
         .route("/workers", get(workers))
+        .route("/workers/heartbeat", post(worker_heartbeat))
         .route("/pool/status", get(pool_status))
         .route("/sandboxes/{id}/logs", get(logs))
         .route("/sandboxes/{id}/stats", get(stats))
@@ -51,6 +52,20 @@ async fn test_providers(State(service): State<Service>) -> Json<BTreeMap<String,
 
 async fn workers(State(service): State<Service>) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
     Ok(Json(service.workers().await?))
+}
+
+/// A `stacyvm worker` registering or heartbeating; authenticated by its
+/// worker token, not an API key.
+async fn worker_heartbeat(
+    State(service): State<Service>,
+    headers: axum::http::HeaderMap,
+    super::extract::JsonBody(beat): super::extract::JsonBody<crate::worker::rpc::Heartbeat>,
+) -> Result<Json<Value>, ApiError> {
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    service.worker_heartbeat(authorization, beat).await?;
+    Ok(Json(json!({ "status": "ok" })))
 }
 
 /// Pool mode (many users sharing warm VMs) does not exist in this server.

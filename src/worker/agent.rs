@@ -1,0 +1,277 @@
+//! What `stacyvm worker` runs: a [`LocalWorker`] over this host's
+//! providers, served over the protocol of [`super::rpc`] on `--listen`, and
+//! a heartbeat to the control plane that registers it and says what it
+//! offers. The worker has no store: records and rules stay on the control
+//! plane.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::rpc::{self, Answer, ExecFrame, Heartbeat};
+use super::{LocalWorker, Worker};
+use crate::provider::OutputChunk;
+
+/// How long one heartbeat request may take.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+struct AgentState {
+    worker: Arc<LocalWorker>,
+    token: Arc<String>,
+}
+
+/// The worker's RPC server. `max_body_bytes` bounds a request (a file
+/// write arrives base64-encoded, a third larger than the file).
+pub fn router(worker: Arc<LocalWorker>, token: &str, max_body_bytes: usize) -> Router {
+    let state = AgentState {
+        worker,
+        token: Arc::new(token.to_string()),
+    };
+    Router::new()
+        .route(&format!("{}/snapshot", rpc::PREFIX), post(snapshot))
+        .route(&format!("{}/check_health", rpc::PREFIX), post(check_health))
+        .route(
+            &format!("{}/image_available", rpc::PREFIX),
+            post(image_available),
+        )
+        .route(&format!("{}/spawn", rpc::PREFIX), post(spawn))
+        .route(&format!("{}/inventory", rpc::PREFIX), post(inventory))
+        .route(&format!("{}/call", rpc::PREFIX), post(call))
+        .route(&format!("{}/exec", rpc::PREFIX), post(exec))
+        .layer(DefaultBodyLimit::max(max_body_bytes / 3 * 4 + 64 * 1024))
+        .with_state(state)
+}
+
+/// The refusal of a caller without the worker's token, if it is one.
+fn refusal(state: &AgentState, headers: &HeaderMap) -> Option<Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if rpc::bearer_matches(presented, &state.token) {
+        None
+    } else {
+        Some(
+            (
+                StatusCode::UNAUTHORIZED,
+                Json(serde_json::json!({
+                    "code": "UNAUTHORIZED",
+                    "message": "a worker RPC needs the worker's token"
+                })),
+            )
+                .into_response(),
+        )
+    }
+}
+
+async fn snapshot(State(s): State<AgentState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    Json(Answer::<_>::Ok(s.worker.snapshot())).into_response()
+}
+
+async fn check_health(State(s): State<AgentState>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    Json(Answer::<_>::Ok(s.worker.check_health().await)).into_response()
+}
+
+async fn image_available(
+    State(s): State<AgentState>,
+    headers: HeaderMap,
+    Json(req): Json<rpc::ImageAvailable>,
+) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    let answer: Answer<bool> = s
+        .worker
+        .image_available(&req.provider, &req.image)
+        .await
+        .into();
+    Json(answer).into_response()
+}
+
+async fn spawn(
+    State(s): State<AgentState>,
+    headers: HeaderMap,
+    Json(req): Json<rpc::Spawn>,
+) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    // A spawn runs to its end even if the control plane hangs up: a
+    // runtime cut off half-way would be an orphan (the reconciler removes
+    // one without a record, but not a half-built one).
+    let worker = s.worker.clone();
+    let answer: Answer<_> =
+        match tokio::spawn(async move { worker.spawn(&req.provider, &req.spec).await }).await {
+            Ok(result) => result.into(),
+            Err(e) => Answer::Err(rpc::WireError::Runtime {
+                message: format!("spawn task failed: {e}"),
+            }),
+        };
+    Json(answer).into_response()
+}
+
+async fn inventory(
+    State(s): State<AgentState>,
+    headers: HeaderMap,
+    Json(req): Json<rpc::Inventory>,
+) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    let answer: Answer<_> = s.worker.inventory(&req.provider).await.into();
+    Json(answer).into_response()
+}
+
+async fn call(
+    State(s): State<AgentState>,
+    headers: HeaderMap,
+    Json(req): Json<rpc::Call>,
+) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    let answer: Answer<_> = s.worker.call(&req.runtime, req.call).await.into();
+    Json(answer).into_response()
+}
+
+/// Streams a command's output as NDJSON frames. The command belongs to
+/// the response: when the control plane closes the stream, the task is
+/// aborted and the command's future dropped, which kills it.
+async fn exec(
+    State(s): State<AgentState>,
+    headers: HeaderMap,
+    Json(req): Json<rpc::Exec>,
+) -> Response {
+    if let Some(refused) = refusal(&s, &headers) {
+        return refused;
+    }
+    let (frames, rx) = mpsc::channel::<ExecFrame>(64);
+    let worker = s.worker.clone();
+    let task = tokio::spawn(async move {
+        let (sink, mut chunks) = mpsc::channel::<OutputChunk>(64);
+        let run = worker.exec(&req.runtime, &req.spec, sink);
+        tokio::pin!(run);
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(chunk) = chunks.recv() => {
+                    let frame = ExecFrame::Output { stream: chunk.stream, data: chunk.data };
+                    if frames.send(frame).await.is_err() {
+                        return; // the stream is gone: dropping `run` kills the command
+                    }
+                }
+                result = &mut run => break result,
+            }
+        };
+        // The sink is gone with the finished future: drain what it left.
+        while let Some(chunk) = chunks.recv().await {
+            let frame = ExecFrame::Output {
+                stream: chunk.stream,
+                data: chunk.data,
+            };
+            if frames.send(frame).await.is_err() {
+                return;
+            }
+        }
+        let last = match result {
+            Ok(exit) => ExecFrame::Exit(exit),
+            Err(e) => ExecFrame::Error(e.into()),
+        };
+        if frames.send(last).await.is_err() {
+            tracing::debug!("the control plane left before the exit status");
+        }
+    });
+    let guard = AbortOnDropHandle::new(task);
+    let body = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+        let frame = rx.recv().await?;
+        let mut line = serde_json::to_vec(&frame).unwrap_or_else(|e| {
+            serde_json::to_vec(&ExecFrame::Error(rpc::WireError::Runtime {
+                message: format!("cannot encode a frame: {e}"),
+            }))
+            .unwrap_or_default()
+        });
+        line.push(b'\n');
+        Some((Ok::<_, Infallible>(line), (rx, guard)))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
+}
+
+/// Where and how the worker reports to the control plane.
+#[derive(Debug, Clone)]
+pub struct HeartbeatTarget {
+    /// The control plane's base URL, e.g. `http://10.0.0.1:7423`.
+    pub control_plane: String,
+    pub token: String,
+    /// This worker's RPC address as the control plane reaches it.
+    pub endpoint: String,
+}
+
+/// Checks provider health and heartbeats to the control plane until
+/// `shutdown` fires. A refused heartbeat (wrong token, duplicate id) is
+/// logged each time and retried: the operator may fix the control plane.
+pub async fn heartbeat_loop(
+    worker: Arc<LocalWorker>,
+    target: HeartbeatTarget,
+    heartbeat_every: Duration,
+    health_every: Duration,
+    shutdown: CancellationToken,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(HEARTBEAT_TIMEOUT)
+        .build()
+        .unwrap_or_default();
+    let url = format!(
+        "{}/api/v1/workers/heartbeat",
+        target.control_plane.trim_end_matches('/')
+    );
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    let mut health = tokio::time::interval(health_every);
+    let mut registered = false;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = health.tick() => { worker.check_health().await; }
+            _ = heartbeat.tick() => {
+                let beat = Heartbeat {
+                    id: worker.id().to_string(),
+                    endpoint: target.endpoint.clone(),
+                    hostname: worker.hostname().to_string(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                    snapshot: worker.snapshot(),
+                };
+                match client.post(&url).bearer_auth(&target.token).json(&beat).send().await {
+                    Ok(resp) if resp.status().is_success() => {
+                        if !std::mem::replace(&mut registered, true) {
+                            tracing::info!(control_plane = %target.control_plane, "registered with the control plane");
+                        }
+                    }
+                    Ok(resp) => {
+                        let status = resp.status();
+                        let text = resp.text().await.unwrap_or_default();
+                        tracing::warn!(%status, answer = %text, "the control plane refused the heartbeat");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat to the control plane failed"),
+                }
+            }
+        }
+    }
+}

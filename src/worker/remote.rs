@@ -1,0 +1,271 @@
+//! A worker in another process (`stacyvm worker`), reached over the
+//! protocol of [`super::rpc`]. Its snapshot is what its last heartbeat
+//! said; every runtime call is an HTTP request with a timeout, so a slow
+//! or lost worker never blocks requests for other workers.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::rpc::{self, Answer, ExecFrame};
+use super::{
+    ProviderHealth, RuntimeCall, RuntimeRef, RuntimeReply, Worker, WorkerResult, WorkerSnapshot,
+};
+use crate::provider::{
+    ExecExit, ExecSpec, InventoryItem, OutputChunk, OutputSink, ProviderError, RuntimeHandle,
+    SpawnSpec,
+};
+
+/// Connecting to a worker.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A unary call (files, inspect, inventory, ...).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A spawn may pull an image.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(600);
+/// An exec may outlive its own timeout by this much (the worker kills it).
+const EXEC_GRACE: Duration = Duration::from_secs(30);
+/// The longest NDJSON line accepted from a worker (a base64 chunk).
+const MAX_FRAME: usize = 4 << 20;
+
+/// A worker reached over RPC.
+pub struct RemoteWorker {
+    id: String,
+    hostname: String,
+    endpoint: String,
+    token: String,
+    client: reqwest::Client,
+    snapshot: RwLock<WorkerSnapshot>,
+    /// When its last heartbeat arrived.
+    last_seen: Mutex<Instant>,
+}
+
+impl RemoteWorker {
+    pub fn new(id: &str, hostname: &str, endpoint: &str, token: &str) -> RemoteWorker {
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build()
+            .unwrap_or_default();
+        RemoteWorker {
+            id: id.to_string(),
+            hostname: hostname.to_string(),
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            client,
+            snapshot: RwLock::new(WorkerSnapshot {
+                providers: Vec::new(),
+                max_vcpus: 0,
+            }),
+            last_seen: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// When the worker's last heartbeat arrived.
+    pub fn last_seen(&self) -> Instant {
+        self.last_seen
+            .lock()
+            .map(|t| *t)
+            .unwrap_or_else(|_| Instant::now())
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Takes what a heartbeat says the worker offers.
+    pub fn update_snapshot(&self, snapshot: WorkerSnapshot) {
+        if let Ok(mut current) = self.snapshot.write() {
+            *current = snapshot;
+        }
+        if let Ok(mut seen) = self.last_seen.lock() {
+            *seen = Instant::now();
+        }
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> ProviderError {
+        ProviderError::Unavailable(format!("worker {} is unreachable: {e}", self.id))
+    }
+
+    fn request(&self, operation: &str, timeout: Duration) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{}/{operation}", self.endpoint, rpc::PREFIX))
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+    }
+
+    async fn unary<B: Serialize, T: DeserializeOwned>(
+        &self,
+        operation: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> WorkerResult<T> {
+        let resp = self
+            .request(operation, timeout)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(ProviderError::Unavailable(format!(
+                "worker {} refused {operation}: {status} {}",
+                self.id,
+                text.chars().take(200).collect::<String>()
+            )));
+        }
+        let answer: Answer<T> = resp.json().await.map_err(|e| self.unreachable(e))?;
+        answer.into_result()
+    }
+}
+
+#[async_trait]
+impl Worker for RemoteWorker {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn hostname(&self) -> &str {
+        &self.hostname
+    }
+
+    fn in_process(&self) -> bool {
+        false
+    }
+
+    fn snapshot(&self) -> WorkerSnapshot {
+        self.snapshot
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| WorkerSnapshot {
+                providers: Vec::new(),
+                max_vcpus: 0,
+            })
+    }
+
+    async fn check_health(&self) -> BTreeMap<String, ProviderHealth> {
+        match self
+            .unary::<_, rpc::HealthResults>("check_health", &(), CALL_TIMEOUT)
+            .await
+        {
+            Ok(results) => {
+                if let Ok(mut snapshot) = self.snapshot.write() {
+                    for p in &mut snapshot.providers {
+                        if let Some(h) = results.get(&p.name) {
+                            p.health = Some(h.clone());
+                        }
+                    }
+                }
+                results
+            }
+            Err(e) => {
+                tracing::warn!(worker = %self.id, error = %e, "worker health check failed");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    async fn recover_at_startup(&self) -> WorkerResult<usize> {
+        // A remote worker recovers its own providers when it starts.
+        Ok(0)
+    }
+
+    async fn image_available(&self, provider: &str, image: &str) -> WorkerResult<bool> {
+        let body = rpc::ImageAvailable {
+            provider: provider.to_string(),
+            image: image.to_string(),
+        };
+        self.unary("image_available", &body, SPAWN_TIMEOUT).await
+    }
+
+    async fn spawn(&self, provider: &str, spec: &SpawnSpec) -> WorkerResult<RuntimeHandle> {
+        let body = rpc::Spawn {
+            provider: provider.to_string(),
+            spec: spec.clone(),
+        };
+        self.unary("spawn", &body, SPAWN_TIMEOUT).await
+    }
+
+    async fn inventory(&self, provider: &str) -> WorkerResult<Vec<InventoryItem>> {
+        let body = rpc::Inventory {
+            provider: provider.to_string(),
+        };
+        self.unary("inventory", &body, CALL_TIMEOUT).await
+    }
+
+    async fn exec(
+        &self,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> WorkerResult<ExecExit> {
+        let body = rpc::Exec {
+            runtime: runtime.clone(),
+            spec: spec.clone(),
+        };
+        let resp = self
+            .request("exec", spec.timeout + EXEC_GRACE)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            return Err(ProviderError::Unavailable(format!(
+                "worker {} refused exec: {}",
+                self.id,
+                resp.status()
+            )));
+        }
+        let mut stream = resp.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut listening = true;
+        loop {
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let frame: ExecFrame = serde_json::from_slice(&line).map_err(|e| {
+                    ProviderError::Runtime(format!("worker {} sent a bad frame: {e}", self.id))
+                })?;
+                match frame {
+                    ExecFrame::Output { stream, data } => {
+                        // Backpressure: wait for the consumer. One that
+                        // left stops listening; the command runs on.
+                        if listening && sink.send(OutputChunk { stream, data }).await.is_err() {
+                            listening = false;
+                        }
+                    }
+                    ExecFrame::Exit(exit) => return Ok(exit),
+                    ExecFrame::Error(e) => return Err(e.into()),
+                }
+            }
+            if pending.len() > MAX_FRAME {
+                return Err(ProviderError::Runtime(format!(
+                    "worker {} sent a frame over {} MiB",
+                    self.id,
+                    MAX_FRAME >> 20
+                )));
+            }
+            match stream.next().await {
+                Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
+                Some(Err(e)) => return Err(self.unreachable(e)),
+                None => {
+                    return Err(ProviderError::Unavailable(format!(
+                        "worker {} ended the command's stream without an exit status",
+                        self.id
+                    )));
+                }
+            }
+        }
+    }
+
+    async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {
+        let body = rpc::Call {
+            runtime: runtime.clone(),
+            call,
+        };
+        self.unary("call", &body, CALL_TIMEOUT).await
+    }
+}

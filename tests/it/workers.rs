@@ -1,0 +1,417 @@
+//! Multi-worker mode with real processes: a control plane without a local
+//! worker (in this test process) and `stacyvm worker` processes on
+//! loopback ports with their own data dirs and the native provider.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{TestServer, docker_image, rootfs_tarball};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stacyvm");
+
+/// A `stacyvm worker` process; SIGKILLed when dropped.
+struct WorkerProcess {
+    id: String,
+    child: Child,
+    data_dir: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    fn start(control_plane: &str, id: &str, token: &str) -> WorkerProcess {
+        let data_dir = tempfile::tempdir().expect("tempdir");
+        let imported = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args(["image", "import", &docker_image()])
+            .arg(rootfs_tarball())
+            .output()
+            .expect("stacyvm image import");
+        assert!(imported.status.success(), "{imported:?}");
+        Self::start_in(data_dir, control_plane, id, token)
+    }
+
+    /// SIGKILLs the process and starts it again on the same data dir.
+    fn restart(mut self, control_plane: &str, token: &str) -> WorkerProcess {
+        self.kill();
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("tempdir"));
+        Self::start_in(data_dir, control_plane, &self.id, token)
+    }
+
+    fn kill(&mut self) {
+        if let Err(e) = self.child.kill() {
+            eprintln!("worker {}: kill: {e}", self.id);
+        }
+        if let Err(e) = self.child.wait() {
+            eprintln!("worker {}: wait: {e}", self.id);
+        }
+    }
+
+    fn start_in(
+        data_dir: tempfile::TempDir,
+        control_plane: &str,
+        id: &str,
+        token: &str,
+    ) -> WorkerProcess {
+        let child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(data_dir.path())
+            .args([
+                "worker",
+                "--control-plane",
+                control_plane,
+                "--listen",
+                "127.0.0.1:0",
+                "--id",
+                id,
+                "--token",
+                token,
+                "--provider",
+                "native",
+            ])
+            .env("STACYVM_LIFECYCLE_HEARTBEAT_INTERVAL", "200ms")
+            .env("STACYVM_LIFECYCLE_HEALTH_INTERVAL", "1s")
+            .env("STACYVM_PROVIDERS_NATIVE_HELPER_BINARY", BIN)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn stacyvm worker");
+        WorkerProcess {
+            id: id.to_string(),
+            child,
+            data_dir,
+        }
+    }
+
+    /// Native sandbox directories left on this worker.
+    fn sandbox_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.data_dir.path().join("sandboxes/native"))
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.starts_with("sb-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn control_plane() -> TestServer {
+    TestServer::start(|c| {
+        c.worker.local = false;
+        c.providers.default = "native".into();
+        c.auth.worker_tokens.insert("w1".into(), "token-one".into());
+        c.auth.worker_tokens.insert("w2".into(), "token-two".into());
+        c.lifecycle.heartbeat_interval = stacyvm::duration::GoDuration(Duration::from_millis(200));
+    })
+    .await
+}
+
+fn base(server: &TestServer) -> String {
+    server.url("").trim_end_matches("/api/v1").to_string()
+}
+
+/// Waits until the control plane lists `ids` as online workers.
+async fn wait_for_workers(server: &TestServer, ids: &[&str]) {
+    let started = Instant::now();
+    loop {
+        let (_, body) = server.get("/workers").await;
+        let listed: Vec<Value> = body.as_array().cloned().unwrap_or_default();
+        if ids.iter().all(|id| listed.iter().any(|w| w["id"] == *id)) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "workers {ids:?} did not register: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The RPC addresses the control plane recorded, by worker id.
+async fn endpoints(server: &TestServer) -> Vec<String> {
+    server
+        .app_service
+        .store()
+        .list_workers()
+        .await
+        .expect("workers")
+        .into_iter()
+        .map(|w| w.endpoint)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_spread_over_remote_workers_and_work_the_same() {
+    let server = control_plane().await;
+    let cp = base(&server);
+    let w1 = WorkerProcess::start(&cp, "w1", "token-one");
+    let w2 = WorkerProcess::start(&cp, "w2", "token-two");
+    wait_for_workers(&server, &["w1", "w2"]).await;
+    let endpoints = endpoints(&server).await;
+    assert!(
+        endpoints.iter().all(|e| e.starts_with("http://127.0.0.1:")),
+        "{endpoints:?}"
+    );
+    let (_, providers) = server.get("/providers").await;
+    assert!(
+        providers.as_array().is_some_and(|p| p
+            .iter()
+            .any(|p| p["name"] == "native" && p["healthy"] == true)),
+        "{providers}"
+    );
+
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let (status, body) = server
+            .post("/sandboxes", json!({"image": docker_image()}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        ids.push((
+            body["id"].as_str().expect("id").to_string(),
+            body["worker_id"].as_str().expect("worker").to_string(),
+        ));
+    }
+    let on = |w: &str| ids.iter().filter(|(_, worker)| worker == w).count();
+    assert_eq!((on("w1"), on("w2")), (2, 2), "{ids:?}");
+    assert_eq!(w1.sandbox_dirs().len(), 2);
+    assert_eq!(w2.sandbox_dirs().len(), 2);
+
+    for (id, worker) in &ids {
+        // Exec, argv intact, exit code, stderr.
+        let (status, body) = server
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                json!({"command": "sh", "args": ["-c", "echo \"$1\"; echo err >&2; exit 3", "sh", "a  b"]}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            (&body["stdout"], &body["stderr"], &body["exit_code"]),
+            (&json!("a  b\n"), &json!("err\n"), &json!(3)),
+            "{worker}: {body}"
+        );
+        // Files: write, read back, list.
+        let files = format!("/sandboxes/{id}/files");
+        let (status, body) = server
+            .post(
+                &files,
+                json!({"path": "/workspace/hello.txt", "content": "from the control plane\n"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let resp = server
+            .http
+            .get(server.url(&format!("{files}?path=/workspace/hello.txt")))
+            .send()
+            .await
+            .expect("read");
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.text().await.expect("text"), "from the control plane\n");
+        let (status, _) = server
+            .get(&format!("{files}?path=/workspace/missing"))
+            .await;
+        assert_eq!(status, 404);
+        let (status, body) = server
+            .get(&format!("/sandboxes/{id}/files/list?path=/workspace"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.to_string().contains("hello.txt"), "{body}");
+    }
+
+    // Streaming: NDJSON lines arrive from the remote worker in order.
+    let (id, _) = &ids[0];
+    let resp = server
+        .http
+        .post(server.url(&format!("/sandboxes/{id}/exec")))
+        .json(&json!({"command": "for i in 1 2 3; do echo line$i; done", "mode": "shell", "stream": true}))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.expect("body");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("ndjson"))
+        .collect();
+    let stdout: String = lines
+        .iter()
+        .filter(|l| l["stream"] == "stdout")
+        .filter_map(|l| l["data"].as_str())
+        .collect();
+    assert_eq!(stdout, "line1\nline2\nline3\n", "{text}");
+
+    // A command's timeout is enforced on the worker.
+    let started = Instant::now();
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "sleep 30", "mode": "shell", "timeout": "1s"}),
+        )
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(10), "{body}");
+    assert!(status == 200 || status == 408, "{status} {body}");
+
+    for (id, _) in &ids {
+        let (status, body) = server.delete(&format!("/sandboxes/{id}")).await;
+        assert!(status < 300, "{body}");
+    }
+    assert!(w1.sandbox_dirs().is_empty(), "{:?}", w1.sandbox_dirs());
+    assert!(w2.sandbox_dirs().is_empty(), "{:?}", w2.sandbox_dirs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_credentials_are_checked_both_ways() {
+    let server = control_plane().await;
+    let cp = base(&server);
+    let beat = |id: &str, endpoint: &str| {
+        json!({
+            "id": id, "endpoint": endpoint, "hostname": "h", "version": "0",
+            "snapshot": {"providers": [], "max_vcpus": 1}
+        })
+    };
+    let heartbeat = |token: Option<&str>, body: Value| {
+        let mut req = server
+            .http
+            .post(format!("{cp}/api/v1/workers/heartbeat"))
+            .json(&body);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        req.send()
+    };
+    // Wrong token, another worker's token, no token, unknown id: 401 alike.
+    for (token, id) in [
+        (Some("wrong"), "w1"),
+        (Some("token-two"), "w1"),
+        (None, "w1"),
+        (Some("token-one"), "w9"),
+    ] {
+        let resp = heartbeat(token, beat(id, "http://127.0.0.1:1"))
+            .await
+            .expect("send");
+        assert_eq!(resp.status().as_u16(), 401, "{token:?} {id}");
+        let body: Value = resp.json().await.expect("json");
+        assert_eq!(body["code"], "UNAUTHORIZED", "{body}");
+    }
+    let (_, workers) = server.get("/workers").await;
+    assert_eq!(workers, json!([]), "a refused worker was registered");
+    // A bad endpoint is a clear 400.
+    let resp = heartbeat(Some("token-one"), beat("w1", "file:///etc"))
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 400);
+
+    // A real worker registers; another process claiming its id from
+    // another address is refused while the first is alive.
+    let w1 = WorkerProcess::start(&cp, "w1", "token-one");
+    wait_for_workers(&server, &["w1"]).await;
+    let endpoint = endpoints(&server).await.remove(0);
+    let resp = heartbeat(Some("token-one"), beat("w1", "http://127.0.0.1:2"))
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 409);
+
+    // The worker's RPC refuses callers without its token.
+    let rpc = reqwest::Client::new();
+    for token in [None, Some("token-two"), Some("token-on")] {
+        let mut req = rpc
+            .post(format!("{endpoint}/rpc/v1/snapshot"))
+            .json(&json!(null));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.expect("rpc");
+        assert_eq!(resp.status().as_u16(), 401, "{token:?}");
+    }
+    let resp = rpc
+        .post(format!("{endpoint}/rpc/v1/snapshot"))
+        .bearer_auth("token-one")
+        .json(&json!(null))
+        .send()
+        .await
+        .expect("rpc");
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["ok"]["providers"][0]["name"], "native", "{body}");
+    drop(w1);
+}
+
+/// A spawn when no worker can take it says why; a call on a worker that
+/// was killed with -9 answers that the worker is unreachable; restarted, the
+/// worker adopts its sandbox and the control plane reaches it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_reachable_worker_calls_say_so() {
+    let server = control_plane().await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert!(status == 400 || status == 503, "{status} {body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("native")),
+        "{body}"
+    );
+
+    let cp = base(&server);
+    let w1 = WorkerProcess::start(&cp, "w1", "token-one");
+    wait_for_workers(&server, &["w1"]).await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let (_, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(body["exit_code"], 0, "{body}");
+    let mut w1 = w1;
+    w1.kill();
+    let (status, body) = server
+        .post(&format!("/sandboxes/{id}/exec"), json!({"command": "true"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("w1") && m.contains("unreachable")),
+        "{body}"
+    );
+    // Back on another port: it adopts the sandbox, whose background
+    // process still runs, and the control plane follows the new address.
+    let w1 = w1.restart(&cp, "token-one");
+    let started = Instant::now();
+    let out = loop {
+        let (status, body) = server
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                json!({"command": "kill -0 $(cat /tmp/pid) && echo alive", "mode": "shell"}),
+            )
+            .await;
+        if status == 200 {
+            break body;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(out["stdout"], "alive\n", "{out}");
+    assert_eq!(w1.sandbox_dirs().len(), 1);
+    let (status, body) = server.delete(&format!("/sandboxes/{id}")).await;
+    assert!(status < 300, "{body}");
+    assert!(w1.sandbox_dirs().is_empty());
+}
