@@ -286,6 +286,22 @@ impl App {
             (Scheduler::new(default.clone()), None, default)
         };
         tracing::info!(provider = %default, "default provider");
+        // Remote workers known from before a restart are reachable at once,
+        // before their next heartbeat says what they offer.
+        for row in store.list_workers().await? {
+            let Some(token) = config.auth.worker_tokens.get(&row.id) else {
+                continue;
+            };
+            if row.endpoint.starts_with("http://") || row.endpoint.starts_with("https://") {
+                scheduler.add_remote(Arc::new(crate::worker::RemoteWorker::new(
+                    &row.id,
+                    &row.hostname,
+                    &row.endpoint,
+                    token,
+                    row.last_heartbeat,
+                )));
+            }
+        }
 
         let service = Service::new(
             store.clone(),

@@ -321,6 +321,12 @@ pub struct LifecycleConfig {
     /// How long a runtime without a live record is left alone before the
     /// reconciler destroys it (at start-up it is destroyed at once).
     pub orphan_grace: GoDuration,
+    /// A remote worker silent this long is unreachable: its usable
+    /// sandboxes turn `unhealthy` ("worker W unreachable since T").
+    pub worker_stale_after: GoDuration,
+    /// A remote worker silent this long has lost its sandboxes: they turn
+    /// `error` and are destroyed once it answers again.
+    pub worker_lost_after: GoDuration,
     /// Consecutive failed observations before `running` turns `unhealthy`.
     pub unhealthy_after: u32,
     /// Consecutive good observations before `unhealthy` turns `running`.
@@ -437,6 +443,8 @@ impl Default for LifecycleConfig {
             heartbeat_interval: secs(10),
             reconcile_interval: secs(2),
             orphan_grace: secs(60),
+            worker_stale_after: secs(30),
+            worker_lost_after: secs(300),
             unhealthy_after: 2,
             healthy_after: 2,
             shutdown_timeout: secs(30),

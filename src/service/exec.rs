@@ -349,7 +349,10 @@ impl Service {
                     None,
                     Some(format!("timed out after {}", duration::format(timeout))),
                 ),
-                Err(e) if interrupted => ("interrupted", None, Some(e.to_string())),
+                // A worker lost mid-command (or its daemon gone) interrupts it.
+                Err(e) if interrupted || matches!(e, Error::Unavailable(_)) => {
+                    ("interrupted", None, Some(e.to_string()))
+                }
                 Err(e) => ("failed", None, Some(e.to_string())),
             };
             let finish = ExecutionFinish {

@@ -174,6 +174,36 @@ impl Service {
             .await?;
         live.extend(records.iter().map(|r| r.id.clone()));
         self.scheduler().set_load(worker.id(), records.len());
+        if let Some(since) = self.silent_since(worker) {
+            // Nothing on it can be observed or destroyed: say so, and once
+            // it has been gone long enough, that its sandboxes are lost.
+            let lost = (Utc::now() - since)
+                .to_std()
+                .is_ok_and(|d| d >= self.config().lifecycle.worker_lost_after.0);
+            let why = format!(
+                "worker {} unreachable since {}",
+                worker.id(),
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            for record in records.iter().filter(|r| is_usable(r)) {
+                let verdict = if lost {
+                    Verdict::Failed(format!("lost: {why}"))
+                } else if record.state == SandboxState::Unhealthy.as_str() {
+                    continue;
+                } else {
+                    Verdict::Unhealthy(why.clone())
+                };
+                let failed = matches!(verdict, Verdict::Failed(_));
+                if self.apply(record, verdict).await? {
+                    if failed {
+                        report.failed += 1;
+                    } else {
+                        report.health_changes += 1;
+                    }
+                }
+            }
+            return Ok(());
+        }
         for provider in worker.snapshot().providers {
             let mine: Vec<_> = records
                 .iter()
@@ -201,11 +231,16 @@ impl Service {
                 Err(why) => {
                     // Nothing can be observed: usable sandboxes count a
                     // failed probe; destroys wait for the provider.
+                    let why = match worker.heard_from() {
+                        Some(since) => format!(
+                            "worker {} unreachable since {}: {why}",
+                            worker.id(),
+                            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
+                        None => format!("cannot observe the sandbox: {why}"),
+                    };
                     for record in mine.iter().filter(|r| is_usable(r)) {
-                        let verdict = self.failed_observation(
-                            record,
-                            format!("cannot observe the sandbox: {why}"),
-                        );
+                        let verdict = self.failed_observation(record, why.clone());
                         if self.apply(record, verdict).await? {
                             report.health_changes += 1;
                         }
@@ -214,6 +249,14 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// When a worker out of reach was last heard from, if it has been
+    /// silent past `lifecycle.worker_stale_after`.
+    fn silent_since(&self, worker: &dyn Worker) -> Option<chrono::DateTime<Utc>> {
+        let since = worker.heard_from()?;
+        let silent = (Utc::now() - since).to_std().unwrap_or_default();
+        (silent >= self.config().lifecycle.worker_stale_after.0).then_some(since)
     }
 
     async fn reconcile_provider(

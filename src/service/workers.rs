@@ -56,17 +56,27 @@ impl Service {
         let fresh_for: Duration = self.config().lifecycle.heartbeat_interval.0 * 3;
         let worker = match scheduler.remote(id) {
             Some(known) if known.endpoint() == endpoint => known,
-            Some(known) if known.last_seen().elapsed() < fresh_for => {
+            Some(known)
+                if known
+                    .last_seen()
+                    .is_some_and(|seen| seen.elapsed() < fresh_for) =>
+            {
                 return Err(Error::Conflict(format!(
-                    "worker {id} is registered from {} and heard from {} s ago; \
+                    "worker {id} is registered from {} and was heard from within {} s; \
                      another process cannot take its id",
                     known.endpoint(),
-                    known.last_seen().elapsed().as_secs()
+                    fresh_for.as_secs().max(1)
                 )));
             }
             _ => {
                 tracing::info!(worker = %id, %endpoint, "worker registered");
-                let worker = Arc::new(RemoteWorker::new(id, &beat.hostname, &endpoint, &token));
+                let worker = Arc::new(RemoteWorker::new(
+                    id,
+                    &beat.hostname,
+                    &endpoint,
+                    &token,
+                    Utc::now(),
+                ));
                 scheduler.add_remote(worker.clone());
                 worker
             }

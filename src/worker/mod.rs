@@ -151,6 +151,12 @@ pub trait Worker: Send + Sync {
     /// the process, and so may its sandboxes at shutdown.
     fn in_process(&self) -> bool;
 
+    /// When the worker was last heard from; `None` for a worker in this
+    /// process, which is never out of reach.
+    fn heard_from(&self) -> Option<DateTime<Utc>> {
+        None
+    }
+
     /// Providers with their last known health, and capacity.
     fn snapshot(&self) -> WorkerSnapshot;
 

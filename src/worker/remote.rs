@@ -8,6 +8,7 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -41,11 +42,23 @@ pub struct RemoteWorker {
     client: reqwest::Client,
     snapshot: RwLock<WorkerSnapshot>,
     /// When its last heartbeat arrived.
-    last_seen: Mutex<Instant>,
+    /// `None` before the first heartbeat (a worker known from the store
+    /// after a restart of the control plane).
+    last_seen: Mutex<Option<Instant>>,
+    /// The wall-clock time of the last heartbeat (from the store for a
+    /// worker known before a restart).
+    heard_from: Mutex<DateTime<Utc>>,
 }
 
 impl RemoteWorker {
-    pub fn new(id: &str, hostname: &str, endpoint: &str, token: &str) -> RemoteWorker {
+    /// A worker last heard from at `heard_from`.
+    pub fn new(
+        id: &str,
+        hostname: &str,
+        endpoint: &str,
+        token: &str,
+        heard_from: DateTime<Utc>,
+    ) -> RemoteWorker {
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .build()
@@ -60,16 +73,14 @@ impl RemoteWorker {
                 providers: Vec::new(),
                 max_vcpus: 0,
             }),
-            last_seen: Mutex::new(Instant::now()),
+            last_seen: Mutex::new(None),
+            heard_from: Mutex::new(heard_from),
         }
     }
 
     /// When the worker's last heartbeat arrived.
-    pub fn last_seen(&self) -> Instant {
-        self.last_seen
-            .lock()
-            .map(|t| *t)
-            .unwrap_or_else(|_| Instant::now())
+    pub fn last_seen(&self) -> Option<Instant> {
+        self.last_seen.lock().ok().and_then(|t| *t)
     }
 
     pub fn endpoint(&self) -> &str {
@@ -82,7 +93,10 @@ impl RemoteWorker {
             *current = snapshot;
         }
         if let Ok(mut seen) = self.last_seen.lock() {
-            *seen = Instant::now();
+            *seen = Some(Instant::now());
+        }
+        if let Ok(mut heard) = self.heard_from.lock() {
+            *heard = Utc::now();
         }
     }
 
@@ -135,6 +149,10 @@ impl Worker for RemoteWorker {
 
     fn in_process(&self) -> bool {
         false
+    }
+
+    fn heard_from(&self) -> Option<DateTime<Utc>> {
+        self.heard_from.lock().ok().map(|t| *t)
     }
 
     fn snapshot(&self) -> WorkerSnapshot {

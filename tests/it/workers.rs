@@ -415,3 +415,143 @@ async fn without_a_reachable_worker_calls_say_so() {
     assert!(status < 300, "{body}");
     assert!(w1.sandbox_dirs().is_empty());
 }
+
+/// A control-plane restart does not disturb a worker: its sandbox keeps
+/// running (a background process in it survives), and the restarted
+/// control plane reaches it at once from what its store knew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_restart_leaves_remote_sandboxes_running() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let tweak = move |c: &mut stacyvm::config::Config| {
+        c.server.port = port;
+        c.worker.local = false;
+        c.providers.default = "native".into();
+        c.auth.worker_tokens.insert("w1".into(), "token-one".into());
+    };
+    let server = TestServer::start(tweak).await;
+    let cp = base(&server);
+    let w1 = WorkerProcess::start(&cp, "w1", "token-one");
+    wait_for_workers(&server, &["w1"]).await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let (_, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(body["exit_code"], 0, "{body}");
+
+    let data_dir = server.stop().await;
+    let server = TestServer::start_in(data_dir, tweak).await;
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "kill -0 $(cat /tmp/pid) && echo alive", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "alive\n", "{body}");
+    let (_, body) = server.get(&format!("/sandboxes/{id}")).await;
+    assert_eq!(body["state"], "running", "{body}");
+    assert_eq!(w1.sandbox_dirs().len(), 1);
+    let (status, body) = server.delete(&format!("/sandboxes/{id}")).await;
+    assert!(status < 300, "{body}");
+    assert!(w1.sandbox_dirs().is_empty());
+}
+
+/// Worker loss, told truthfully: a worker killed with -9 mid-command ends
+/// the command `interrupted`; its sandbox turns `unhealthy` ("worker w1
+/// unreachable since ...") once the worker is stale, then `error` ("lost:
+/// ...") once it is lost. When the worker comes back, the lost sandbox's
+/// runtime is destroyed on it: nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_worker_is_reported_then_cleaned_up_when_it_returns() {
+    let server = TestServer::start(|c| {
+        c.worker.local = false;
+        c.providers.default = "native".into();
+        c.auth.worker_tokens.insert("w1".into(), "token-one".into());
+        let ms = |n| stacyvm::duration::GoDuration(Duration::from_millis(n));
+        c.lifecycle.heartbeat_interval = ms(200);
+        c.lifecycle.reconcile_interval = ms(200);
+        c.lifecycle.worker_stale_after = ms(1000);
+        c.lifecycle.worker_lost_after = ms(3000);
+    })
+    .await;
+    let cp = base(&server);
+    let mut w1 = WorkerProcess::start(&cp, "w1", "token-one");
+    wait_for_workers(&server, &["w1"]).await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+
+    // A command in flight when the worker dies.
+    let exec = {
+        let http = server.http.clone();
+        let url = server.url(&format!("/sandboxes/{id}/exec"));
+        tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"command": "sleep 60", "mode": "shell"}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w1.kill();
+    let status = exec.await.expect("join").expect("answer");
+    assert!(status >= 500, "exec answered {status}");
+    let executions = server
+        .app_service
+        .store()
+        .executions_of(std::slice::from_ref(&id))
+        .await
+        .expect("executions");
+    assert_eq!(executions.len(), 1);
+    assert_eq!(executions[0].status, "interrupted", "{:?}", executions[0]);
+
+    let record = server
+        .wait_for_state(&id, "unhealthy", Duration::from_secs(10))
+        .await;
+    let reason = record.state_reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("worker w1 unreachable since "),
+        "{reason}"
+    );
+    let record = server
+        .wait_for_state(&id, "error", Duration::from_secs(10))
+        .await;
+    let reason = record.state_reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("lost: worker w1 unreachable since "),
+        "{reason}"
+    );
+    assert_eq!(
+        w1.sandbox_dirs().len(),
+        1,
+        "the runtime is still on the dead worker"
+    );
+
+    // Back: the lost sandbox is destroyed on it.
+    let w1 = w1.restart(&cp, "token-one");
+    server
+        .wait_for_state(&id, "destroyed", Duration::from_secs(20))
+        .await;
+    let started = Instant::now();
+    while !w1.sandbox_dirs().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            w1.sandbox_dirs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
