@@ -192,6 +192,9 @@ pub async fn run_worker(
     } else {
         w.advertise.clone()
     };
+    // A worker listening on every address must say where it is reached.
+    let endpoint = crate::worker::rpc::checked_endpoint(&endpoint)
+        .map_err(|why| StartError::Provider(format!("{why}: give --advertise http://HOST:PORT")))?;
     tracing::info!(worker = %w.id, rpc = %local, %endpoint, control_plane = %w.control_plane, "StacyVM worker listening");
     let shutdown = CancellationToken::new();
     let beats = tokio::spawn(crate::worker::agent::heartbeat_loop(
@@ -246,6 +249,7 @@ impl App {
         }
 
         let default_setting = config.providers.default.clone();
+        let stale_after = config.lifecycle.worker_stale_after.0;
         let (scheduler, local, default) = if config.worker.local {
             let instance = instance_id(&config.data_dir)?;
             let providers = build_providers(&config, &instance, &[]).await?;
@@ -270,7 +274,7 @@ impl App {
                 "auto" => "native".to_string(),
                 other => other.to_string(),
             };
-            let scheduler = Scheduler::new(default.clone());
+            let scheduler = Scheduler::new(default.clone(), stale_after);
             scheduler.add_worker(worker.clone());
             (scheduler, Some(worker), default)
         } else {
@@ -283,7 +287,7 @@ impl App {
                 workers = config.auth.worker_tokens.len(),
                 "no local worker: sandboxes run on `stacyvm worker` processes"
             );
-            (Scheduler::new(default.clone()), None, default)
+            (Scheduler::new(default.clone(), stale_after), None, default)
         };
         tracing::info!(provider = %default, "default provider");
         // Remote workers known from before a restart are reachable at once,
@@ -292,13 +296,16 @@ impl App {
             let Some(token) = config.auth.worker_tokens.get(&row.id) else {
                 continue;
             };
-            if row.endpoint.starts_with("http://") || row.endpoint.starts_with("https://") {
+            if let Ok(endpoint) = crate::worker::rpc::checked_endpoint(&row.endpoint) {
                 scheduler.add_remote(Arc::new(crate::worker::RemoteWorker::new(
                     &row.id,
                     &row.hostname,
-                    &row.endpoint,
+                    &endpoint,
                     token,
-                    row.last_heartbeat,
+                    // Silence counts only from when this process could
+                    // hear: a control plane that was down does not make
+                    // its workers lost.
+                    row.last_heartbeat.max(chrono::Utc::now()),
                 )));
             }
         }

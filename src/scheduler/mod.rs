@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::worker::{RemoteWorker, Worker};
 
@@ -44,16 +45,44 @@ pub struct Scheduler {
     /// the placements made since.
     load: Arc<RwLock<BTreeMap<String, usize>>>,
     default_provider: String,
+    /// A remote worker silent this long is out of reach
+    /// (`lifecycle.worker_stale_after`): nothing new goes to it.
+    stale_after: Duration,
 }
 
 impl Scheduler {
-    pub fn new(default_provider: String) -> Scheduler {
+    pub fn new(default_provider: String, stale_after: Duration) -> Scheduler {
         Scheduler {
             workers: Arc::new(RwLock::new(BTreeMap::new())),
             remotes: Arc::new(RwLock::new(BTreeMap::new())),
             load: Arc::new(RwLock::new(BTreeMap::new())),
             default_provider,
+            stale_after,
         }
+    }
+
+    /// Whether a worker is in reach: in process, or heard from within
+    /// `stale_after`. The one freshness rule placement, readiness, the
+    /// provider list and the reconciler share.
+    pub fn is_fresh(&self, worker: &dyn Worker) -> bool {
+        worker.heard_from().is_none_or(|since| {
+            (chrono::Utc::now() - since)
+                .to_std()
+                .map_or(true, |silent| silent < self.stale_after)
+        })
+    }
+
+    /// The workers in reach now.
+    pub fn live_workers(&self) -> Vec<Arc<dyn Worker>> {
+        self.workers()
+            .into_iter()
+            .filter(|w| self.is_fresh(w.as_ref()))
+            .collect()
+    }
+
+    /// How long silence makes a remote worker out of reach.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
     }
 
     /// Adds (or replaces) a worker.
@@ -150,7 +179,7 @@ impl Scheduler {
             _ => self.default_provider.as_str(),
         };
         let offering: Vec<_> = self
-            .workers()
+            .live_workers()
             .into_iter()
             .filter_map(|w| {
                 let snapshot = w.snapshot();
@@ -300,7 +329,7 @@ mod tests {
     }
 
     fn scheduler(workers: Vec<Arc<dyn Worker>>) -> Scheduler {
-        let scheduler = Scheduler::new("native".into());
+        let scheduler = Scheduler::new("native".into(), Duration::from_secs(30));
         for w in workers {
             scheduler.add_worker(w);
         }

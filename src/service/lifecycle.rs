@@ -208,9 +208,11 @@ impl Service {
     /// reconciler then destroys whatever runtime remains); executions it
     /// was running are `interrupted`; half-done provider work is swept.
     pub async fn recover_after_restart(&self) -> Result<()> {
-        // Only workers in this process died with it; other workers'
-        // commands and sandboxes in flight are theirs to finish.
-        for worker in self.scheduler().in_process_workers() {
+        // Every running command's stream went through this process (a
+        // remote worker kills a command whose stream drops), so all of them
+        // ended with it. Only in-process workers' sandboxes in flight died
+        // with it; remote workers finish their own.
+        for worker in self.scheduler().workers() {
             let interrupted = self
                 .store()
                 .interrupt_running_executions(
@@ -224,6 +226,9 @@ impl Service {
                     count = interrupted,
                     "executions interrupted by the previous shutdown"
                 );
+            }
+            if !worker.in_process() {
+                continue;
             }
             if let Err(e) = worker.recover_at_startup().await {
                 tracing::warn!(worker = worker.id(), error = %e, "worker start-up recovery failed");

@@ -255,8 +255,7 @@ impl Service {
     /// silent past `lifecycle.worker_stale_after`.
     fn silent_since(&self, worker: &dyn Worker) -> Option<chrono::DateTime<Utc>> {
         let since = worker.heard_from()?;
-        let silent = (Utc::now() - since).to_std().unwrap_or_default();
-        (silent >= self.config().lifecycle.worker_stale_after.0).then_some(since)
+        (!self.scheduler().is_fresh(worker)).then_some(since)
     }
 
     async fn reconcile_provider(

@@ -85,7 +85,7 @@ impl Service {
         self.store().ping().await?;
         let default = self.scheduler().default_provider();
         let mut reason = None;
-        for worker in self.scheduler().workers() {
+        for worker in self.scheduler().live_workers() {
             match worker
                 .snapshot()
                 .provider(default)
@@ -114,7 +114,7 @@ impl Service {
     pub fn providers(&self) -> Vec<ProviderStatus> {
         let default = self.scheduler().default_provider();
         let mut by_name: BTreeMap<String, ProviderStatus> = BTreeMap::new();
-        for worker in self.scheduler().workers() {
+        for worker in self.scheduler().live_workers() {
             for p in worker.snapshot().providers {
                 let health = p.health.as_ref();
                 let status = ProviderStatus {
@@ -142,7 +142,7 @@ impl Service {
     /// it is healthy on some worker.
     pub async fn test_providers(&self) -> BTreeMap<String, bool> {
         let mut healthy = BTreeMap::new();
-        for worker in self.scheduler().workers() {
+        for worker in self.scheduler().live_workers() {
             let results = worker.check_health().await;
             crate::worker::record_health(self.store(), &results).await;
             for (name, h) in results {

@@ -38,24 +38,17 @@ impl Service {
             ));
         }
         let token = token.cloned().unwrap_or_default();
-        let endpoint = beat.endpoint.trim_end_matches('/').to_string();
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-            || endpoint.len() > 512
-        {
-            return Err(Error::BadRequest(format!(
-                "worker endpoint must be an http(s) URL, got {:?}",
-                beat.endpoint
-            )));
-        }
+        let endpoint = rpc::checked_endpoint(&beat.endpoint).map_err(Error::BadRequest)?;
         let scheduler = self.scheduler();
         if scheduler.in_process_workers().iter().any(|w| w.id() == id) {
             return Err(Error::Conflict(format!(
                 "worker id {id} is this server's own local worker"
             )));
         }
-        let fresh_for: Duration = self.config().lifecycle.heartbeat_interval.0 * 3;
+        let fresh_for: Duration = scheduler.stale_after();
         let worker = match scheduler.remote(id) {
             Some(known) if known.endpoint() == endpoint => known,
+            // Heard from by this process, recently: a live claim.
             Some(known)
                 if known
                     .last_seen()
@@ -70,9 +63,10 @@ impl Service {
             }
             _ => {
                 tracing::info!(worker = %id, %endpoint, "worker registered");
+                let hostname: String = beat.hostname.chars().take(255).collect();
                 let worker = Arc::new(RemoteWorker::new(
                     id,
-                    &beat.hostname,
+                    &hostname,
                     &endpoint,
                     &token,
                     Utc::now(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -49,53 +49,50 @@ pub fn router(worker: Arc<LocalWorker>, token: &str, max_body_bytes: usize) -> R
         .route(&format!("{}/inventory", rpc::PREFIX), post(inventory))
         .route(&format!("{}/call", rpc::PREFIX), post(call))
         .route(&format!("{}/exec", rpc::PREFIX), post(exec))
+        // The token is checked before any body is read.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes / 3 * 4 + 64 * 1024))
         .with_state(state)
 }
 
-/// The refusal of a caller without the worker's token, if it is one.
-fn refusal(state: &AgentState, headers: &HeaderMap) -> Option<Response> {
-    let presented = headers
+/// Refuses a caller without the worker's token, before its body is read.
+async fn require_token(
+    State(state): State<AgentState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let presented = req
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if rpc::bearer_matches(presented, &state.token) {
-        None
-    } else {
-        Some(
-            (
-                StatusCode::UNAUTHORIZED,
-                Json(serde_json::json!({
-                    "code": "UNAUTHORIZED",
-                    "message": "a worker RPC needs the worker's token"
-                })),
-            )
-                .into_response(),
-        )
+        return next.run(req).await;
     }
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(serde_json::json!({
+            "code": "UNAUTHORIZED",
+            "message": "a worker RPC needs the worker's token"
+        })),
+    )
+        .into_response()
 }
 
-async fn snapshot(State(s): State<AgentState>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
-    }
+async fn snapshot(State(s): State<AgentState>) -> Response {
     Json(Answer::<_>::Ok(s.worker.snapshot())).into_response()
 }
 
-async fn check_health(State(s): State<AgentState>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
-    }
+async fn check_health(State(s): State<AgentState>) -> Response {
     Json(Answer::<_>::Ok(s.worker.check_health().await)).into_response()
 }
 
 async fn image_available(
     State(s): State<AgentState>,
-    headers: HeaderMap,
     Json(req): Json<rpc::ImageAvailable>,
 ) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
-    }
     let answer: Answer<bool> = s
         .worker
         .image_available(&req.provider, &req.image)
@@ -104,14 +101,7 @@ async fn image_available(
     Json(answer).into_response()
 }
 
-async fn spawn(
-    State(s): State<AgentState>,
-    headers: HeaderMap,
-    Json(req): Json<rpc::Spawn>,
-) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
-    }
+async fn spawn(State(s): State<AgentState>, Json(req): Json<rpc::Spawn>) -> Response {
     // A spawn runs to its end even if the control plane hangs up: a
     // runtime cut off half-way would be an orphan (the reconciler removes
     // one without a record, but not a half-built one).
@@ -126,26 +116,12 @@ async fn spawn(
     Json(answer).into_response()
 }
 
-async fn inventory(
-    State(s): State<AgentState>,
-    headers: HeaderMap,
-    Json(req): Json<rpc::Inventory>,
-) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
-    }
+async fn inventory(State(s): State<AgentState>, Json(req): Json<rpc::Inventory>) -> Response {
     let answer: Answer<_> = s.worker.inventory(&req.provider).await.into();
     Json(answer).into_response()
 }
 
-async fn call(
-    State(s): State<AgentState>,
-    headers: HeaderMap,
-    Json(req): Json<rpc::Call>,
-) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
-    }
+async fn call(State(s): State<AgentState>, Json(req): Json<rpc::Call>) -> Response {
     let answer: Answer<_> = s.worker.call(&req.runtime, req.call).await.into();
     Json(answer).into_response()
 }
@@ -153,14 +129,7 @@ async fn call(
 /// Streams a command's output as NDJSON frames. The command belongs to
 /// the response: when the control plane closes the stream, the task is
 /// aborted and the command's future dropped, which kills it.
-async fn exec(
-    State(s): State<AgentState>,
-    headers: HeaderMap,
-    Json(req): Json<rpc::Exec>,
-) -> Response {
-    if let Some(refused) = refusal(&s, &headers) {
-        return refused;
-    }
+async fn exec(State(s): State<AgentState>, Json(req): Json<rpc::Exec>) -> Response {
     let (frames, rx) = mpsc::channel::<ExecFrame>(64);
     let worker = s.worker.clone();
     let task = tokio::spawn(async move {
@@ -240,8 +209,9 @@ pub async fn heartbeat_loop(
         .build()
         .unwrap_or_default();
     let url = format!(
-        "{}/api/v1/workers/heartbeat",
-        target.control_plane.trim_end_matches('/')
+        "{}{}",
+        target.control_plane.trim_end_matches('/'),
+        crate::api::rest::WORKER_HEARTBEAT_PATH
     );
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     let mut health = tokio::time::interval(health_every);

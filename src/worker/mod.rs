@@ -190,8 +190,9 @@ pub trait Worker: Send + Sync {
 
 /// A reply of the wrong kind: a worker bug or a protocol mismatch.
 fn unexpected(call: &str, reply: RuntimeReply) -> ProviderError {
+    let reply: String = format!("{reply:?}").chars().take(200).collect();
     ProviderError::Runtime(format!(
-        "worker answered {call} with an unexpected reply: {reply:?}"
+        "worker answered {call} with an unexpected reply: {reply}"
     ))
 }
 

@@ -26,10 +26,15 @@ use crate::provider::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A unary call (files, inspect, inventory, ...).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// An inventory (the reconciler waits for it on every pass).
+const INVENTORY_TIMEOUT: Duration = Duration::from_secs(15);
 /// A spawn may pull an image.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(600);
 /// An exec may outlive its own timeout by this much (the worker kills it).
 const EXEC_GRACE: Duration = Duration::from_secs(30);
+/// The largest unary answer accepted from a worker: a file read at the
+/// providers' cap, base64-encoded, and some room.
+const MAX_ANSWER: usize = crate::provider::MAX_READ_BYTES / 3 * 4 + (1 << 20);
 /// The longest NDJSON line accepted from a worker (a base64 chunk).
 const MAX_FRAME: usize = 4 << 20;
 
@@ -61,6 +66,7 @@ impl RemoteWorker {
     ) -> RemoteWorker {
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
         RemoteWorker {
@@ -125,15 +131,36 @@ impl RemoteWorker {
             .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
+            // The body is not echoed: the endpoint is not trusted to say
+            // anything a caller should read.
             return Err(ProviderError::Unavailable(format!(
-                "worker {} refused {operation}: {status} {}",
-                self.id,
-                text.chars().take(200).collect::<String>()
+                "worker {} refused {operation}: HTTP {status}",
+                self.id
             )));
         }
-        let answer: Answer<T> = resp.json().await.map_err(|e| self.unreachable(e))?;
+        let body = self.read_capped(resp, MAX_ANSWER).await?;
+        let answer: Answer<T> = serde_json::from_slice(&body).map_err(|e| {
+            ProviderError::Runtime(format!("worker {} sent a bad answer: {e}", self.id))
+        })?;
         answer.into_result()
+    }
+
+    /// A response body of at most `limit` bytes.
+    async fn read_capped(&self, resp: reqwest::Response, limit: usize) -> WorkerResult<Vec<u8>> {
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(part) = stream.next().await {
+            let part = part.map_err(|e| self.unreachable(e))?;
+            if body.len() + part.len() > limit {
+                return Err(ProviderError::Runtime(format!(
+                    "worker {} sent an answer over {} MiB",
+                    self.id,
+                    limit >> 20
+                )));
+            }
+            body.extend_from_slice(&part);
+        }
+        Ok(body)
     }
 }
 
@@ -212,7 +239,7 @@ impl Worker for RemoteWorker {
         let body = rpc::Inventory {
             provider: provider.to_string(),
         };
-        self.unary("inventory", &body, CALL_TIMEOUT).await
+        self.unary("inventory", &body, INVENTORY_TIMEOUT).await
     }
 
     async fn exec(

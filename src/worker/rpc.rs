@@ -166,6 +166,39 @@ pub mod base64_bytes {
     }
 }
 
+/// A worker's RPC address as the control plane will call it: an
+/// `http(s)://host[:port]` URL with no user, path, query or fragment (so no
+/// operation path can be steered elsewhere). Returns it without a trailing
+/// slash.
+pub fn checked_endpoint(endpoint: &str) -> Result<String, String> {
+    let refuse = |why: &str| Err(format!("worker endpoint {endpoint:?} {why}"));
+    if endpoint.len() > 512 {
+        return refuse("is longer than 512 bytes");
+    }
+    let Ok(url) = reqwest::Url::parse(endpoint) else {
+        return refuse("is not a URL");
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return refuse("must be http:// or https://");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return refuse("has no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return refuse("must not carry credentials");
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return refuse("must have no path, query or fragment");
+    }
+    if url
+        .host_str()
+        .is_some_and(|h| h == "0.0.0.0" || h == "[::]")
+    {
+        return refuse("names no host to reach (an unspecified address)");
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
 /// Whether `presented` (an `Authorization` header value) carries `token`,
 /// compared in constant time.
 pub fn bearer_matches(presented: Option<&str>, token: &str) -> bool {
@@ -211,6 +244,26 @@ mod tests {
         match serde_json::from_str(&text).expect("parse") {
             ExecFrame::Output { data, .. } => assert_eq!(data.as_ref(), b"\0\xff\n"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn endpoints_name_a_host_and_nothing_else() {
+        assert_eq!(
+            checked_endpoint("http://127.0.0.1:7424/").as_deref(),
+            Ok("http://127.0.0.1:7424")
+        );
+        assert!(checked_endpoint("https://w1.internal:7424").is_ok());
+        for bad in [
+            "file:///etc/passwd",
+            "http://10.0.0.5/admin?x=",
+            "http://10.0.0.5/path",
+            "http://user:pw@10.0.0.5:1",
+            "http://10.0.0.5:1/#frag",
+            "http://0.0.0.0:7424",
+            "not a url",
+        ] {
+            assert!(checked_endpoint(bad).is_err(), "{bad}");
         }
     }
 

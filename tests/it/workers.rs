@@ -111,6 +111,7 @@ async fn control_plane() -> TestServer {
         c.auth.worker_tokens.insert("w1".into(), "token-one".into());
         c.auth.worker_tokens.insert("w2".into(), "token-two".into());
         c.lifecycle.heartbeat_interval = stacyvm::duration::GoDuration(Duration::from_millis(200));
+        c.lifecycle.worker_stale_after = stacyvm::duration::GoDuration(Duration::from_secs(1));
     })
     .await
 }
@@ -304,7 +305,18 @@ async fn worker_credentials_are_checked_both_ways() {
     }
     let (_, workers) = server.get("/workers").await;
     assert_eq!(workers, json!([]), "a refused worker was registered");
+    // An oversized heartbeat is refused before it is parsed.
+    let mut big = beat("w1", "http://127.0.0.1:1");
+    big["hostname"] = json!("x".repeat(100 * 1024));
+    let resp = heartbeat(None, big).await.expect("send");
+    assert!(resp.status().is_client_error(), "{}", resp.status());
     // A bad endpoint is a clear 400.
+    for endpoint in ["http://127.0.0.1:1/steer?x=", "http://0.0.0.0:1"] {
+        let resp = heartbeat(Some("token-one"), beat("w1", endpoint))
+            .await
+            .expect("send");
+        assert_eq!(resp.status().as_u16(), 400, "{endpoint}");
+    }
     let resp = heartbeat(Some("token-one"), beat("w1", "file:///etc"))
         .await
         .expect("send");

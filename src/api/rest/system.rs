@@ -23,7 +23,11 @@ pub fn router() -> Router<Service> {
         .route("/providers", get(providers))
         .route("/providers/test", post(test_providers))
         .route("/workers", get(workers))
-        .route("/workers/heartbeat", post(worker_heartbeat))
+        // A heartbeat is small: its cap keeps an unauthenticated body cheap.
+        .route(
+            "/workers/heartbeat",
+            post(worker_heartbeat).layer(axum::extract::DefaultBodyLimit::max(64 * 1024)),
+        )
         .route("/pool/status", get(pool_status))
         .route("/sandboxes/{id}/logs", get(logs))
         .route("/sandboxes/{id}/stats", get(stats))
