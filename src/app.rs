@@ -5,6 +5,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -147,6 +148,15 @@ async fn build_providers(
         .collect())
 }
 
+/// Small writes (stream frames, short answers) leave at once: without
+/// TCP_NODELAY, Nagle and the peer's delayed ACK add ~40 ms to an exec
+/// through a remote worker.
+fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+}
+
 fn log_health(health: &std::collections::BTreeMap<String, crate::worker::ProviderHealth>) {
     for (name, h) in health {
         match &h.error {
@@ -209,7 +219,7 @@ pub async fn run_worker(
         shutdown.child_token(),
     ));
     let router = crate::worker::agent::router(worker, &w.token, config.server.max_body_bytes);
-    let served = axum::serve(listener, router)
+    let served = axum::serve(listener.tap_io(no_delay), router)
         .with_graceful_shutdown(signal)
         .await
         .map_err(StartError::Serve);
@@ -374,7 +384,7 @@ impl App {
             }
         };
         let server = tokio::spawn(
-            axum::serve(listener, router)
+            axum::serve(listener.tap_io(no_delay), router)
                 .with_graceful_shutdown(stop_accepting)
                 .into_future(),
         );

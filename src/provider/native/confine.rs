@@ -558,7 +558,9 @@ fn target_arch() -> io::Result<seccompiler::TargetArch> {
 /// profile: the calls of [`seccomp_allowed`], `clone` without namespace
 /// flags, `socket` except `AF_VSOCK` and the `personality` values of
 /// [`PERSONALITIES`] run; every other call (an unknown or newer one, an
-/// x32 number, one from another architecture's table) fails with EPERM.
+/// x32 number) fails with EPERM. A call through another architecture's
+/// entry (i386 `int 0x80` on x86_64) kills the process (seccompiler's
+/// architecture check), so 32-bit programs do not run.
 /// A second filter answers `clone3` with ENOSYS, so that libc falls back
 /// to `clone`, whose flags can be checked (the kernel returns the errno of
 /// the filter installed last among equal actions).
