@@ -33,6 +33,8 @@ pub enum ScheduleError {
     TooManyVcpus { requested: u32, available: u32 },
     #[error("worker {0} is not known to this control plane")]
     UnknownWorker(String),
+    #[error("no worker can take a sandbox: {0}")]
+    NoWorker(String),
 }
 
 /// The workers and the default provider.
@@ -188,6 +190,22 @@ impl Scheduler {
             })
             .collect();
         if offering.is_empty() {
+            let all = self.workers();
+            if all.is_empty() {
+                return Err(ScheduleError::NoWorker(
+                    "none has registered (start `stacyvm worker`, or `serve` without --no-local-worker)"
+                        .into(),
+                ));
+            }
+            if all.iter().any(|w| w.snapshot().provider(name).is_some()) {
+                return Err(ScheduleError::ProviderUnavailable {
+                    provider: name.to_string(),
+                    reason: format!(
+                        "every worker offering it has been silent for {} s or more",
+                        self.stale_after.as_secs()
+                    ),
+                });
+            }
             return Err(ScheduleError::UnknownProvider {
                 requested: name.to_string(),
                 available: self.provider_names().join(", "),
@@ -362,6 +380,12 @@ mod tests {
             .map(|_| s.place(None, 1).expect("placed").worker.id().to_string())
             .collect();
         assert_eq!(picks, ["b", "b", "b", "a"]);
+    }
+
+    #[test]
+    fn without_workers_placement_is_unavailable_not_a_bad_request() {
+        let s = scheduler(Vec::new());
+        assert!(matches!(s.place(None, 1), Err(ScheduleError::NoWorker(_))));
     }
 
     #[test]

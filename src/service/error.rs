@@ -104,9 +104,9 @@ impl From<ScheduleError> for Error {
             ScheduleError::UnknownProvider { .. } | ScheduleError::TooManyVcpus { .. } => {
                 Error::BadRequest(e.to_string())
             }
-            ScheduleError::ProviderUnavailable { .. } | ScheduleError::UnknownWorker(_) => {
-                Error::Unavailable(e.to_string())
-            }
+            ScheduleError::ProviderUnavailable { .. }
+            | ScheduleError::UnknownWorker(_)
+            | ScheduleError::NoWorker(_) => Error::Unavailable(e.to_string()),
         }
     }
 }

@@ -366,11 +366,12 @@ async fn without_a_reachable_worker_calls_say_so() {
     let (status, body) = server
         .post("/sandboxes", json!({"image": docker_image()}))
         .await;
-    assert!(status == 400 || status == 503, "{status} {body}");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "UNAVAILABLE", "{body}");
     assert!(
         body["message"]
             .as_str()
-            .is_some_and(|m| m.contains("native")),
+            .is_some_and(|m| m.contains("no worker") && m.contains("stacyvm worker")),
         "{body}"
     );
 
