@@ -174,12 +174,22 @@ impl Service {
             .await?;
         live.extend(records.iter().map(|r| r.id.clone()));
         self.scheduler().set_load(worker.id(), records.len());
+        let state = self.worker_state(worker);
+        if self
+            .store()
+            .set_worker_status(worker.id(), state.as_str())
+            .await?
+        {
+            tracing::warn!(
+                worker = worker.id(),
+                state = state.as_str(),
+                "worker state changed"
+            );
+        }
         if let Some(since) = self.silent_since(worker) {
             // Nothing on it can be observed or destroyed: say so, and once
             // it has been gone long enough, that its sandboxes are lost.
-            let lost = (Utc::now() - since)
-                .to_std()
-                .is_ok_and(|d| d >= self.config().lifecycle.worker_lost_after.0);
+            let lost = state == crate::worker::WorkerState::Offline;
             let why = format!(
                 "worker {} unreachable since {}",
                 worker.id(),
@@ -249,6 +259,20 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// Online, stale or offline: the one place the thresholds meet.
+    fn worker_state(&self, worker: &dyn Worker) -> crate::worker::WorkerState {
+        use crate::worker::WorkerState;
+        let Some(since) = self.silent_since(worker) else {
+            return WorkerState::Online;
+        };
+        let silent = (Utc::now() - since).to_std().unwrap_or_default();
+        if silent >= self.config().lifecycle.worker_lost_after.0 {
+            WorkerState::Offline
+        } else {
+            WorkerState::Stale
+        }
     }
 
     /// When a worker out of reach was last heard from, if it has been

@@ -44,7 +44,7 @@ pub struct WorkerStatus {
     pub capabilities: Vec<String>,
     pub capacity: i32,
     pub last_heartbeat: DateTime<Utc>,
-    /// No heartbeat for two minutes.
+    /// Not `online`: silent past `lifecycle.worker_stale_after`.
     pub stale: bool,
 }
 
@@ -52,7 +52,8 @@ impl From<entity::worker::Model> for WorkerStatus {
     fn from(w: entity::worker::Model) -> Self {
         let providers: Vec<String> = serde_json::from_value(w.providers).unwrap_or_default();
         WorkerStatus {
-            stale: Utc::now() - w.last_heartbeat > chrono::Duration::minutes(2),
+            // Set by the reconciler from `lifecycle.worker_stale_after`.
+            stale: w.status != crate::worker::WorkerState::Online.as_str(),
             capabilities: providers.clone(),
             providers,
             id: w.id,

@@ -56,6 +56,19 @@ impl Store {
             .await?)
     }
 
+    /// Sets a worker's status text; true when it changed.
+    pub async fn set_worker_status(&self, id: &str, status: &str) -> StoreResult<bool> {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait, QueryFilter};
+        let changed = Entity::update_many()
+            .col_expr(Column::Status, Expr::value(status))
+            .filter(Column::Id.eq(id))
+            .filter(Column::Status.ne(status))
+            .exec(self.conn())
+            .await?;
+        Ok(changed.rows_affected > 0)
+    }
+
     /// Moves every sandbox record of worker `from` to worker `to` (a
     /// worker whose id changed); returns how many moved.
     pub async fn reassign_worker(&self, from: &str, to: &str) -> StoreResult<u64> {

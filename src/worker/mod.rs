@@ -39,6 +39,29 @@ use crate::provider::{
 /// that cannot be reached, or lacks the provider, answers `Unavailable`.
 pub type WorkerResult<T> = ProviderResult<T>;
 
+/// Whether a worker is in reach, as `/workers` and GraphQL show it (the
+/// store keeps the text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    /// Heard from within `lifecycle.worker_stale_after` (or in process).
+    Online,
+    /// Silent past `worker_stale_after`: no new sandboxes, its sandboxes
+    /// `unhealthy`.
+    Stale,
+    /// Silent past `worker_lost_after`: its sandboxes are lost.
+    Offline,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Online => "online",
+            WorkerState::Stale => "stale",
+            WorkerState::Offline => "offline",
+        }
+    }
+}
+
 /// The last health check of one provider.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProviderHealth {

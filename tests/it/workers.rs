@@ -547,6 +547,9 @@ async fn a_lost_worker_is_reported_then_cleaned_up_when_it_returns() {
         reason.starts_with("lost: worker w1 unreachable since "),
         "{reason}"
     );
+    let (_, workers) = server.get("/workers").await;
+    assert_eq!(workers[0]["status"], "offline", "{workers}");
+    assert_eq!(workers[0]["stale"], true, "{workers}");
     assert_eq!(
         w1.sandbox_dirs().len(),
         1,
@@ -558,6 +561,8 @@ async fn a_lost_worker_is_reported_then_cleaned_up_when_it_returns() {
     server
         .wait_for_state(&id, "destroyed", Duration::from_secs(20))
         .await;
+    let (_, workers) = server.get("/workers").await;
+    assert_eq!(workers[0]["status"], "online", "{workers}");
     let started = Instant::now();
     while !w1.sandbox_dirs().is_empty() {
         assert!(

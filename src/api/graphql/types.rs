@@ -236,7 +236,7 @@ pub struct Worker {
     pub providers: Vec<String>,
     pub capacity: i32,
     pub last_heartbeat: DateTime<Utc>,
-    /// No heartbeat for two minutes.
+    /// Not `online`: silent past `lifecycle.worker_stale_after`.
     pub stale: bool,
 }
 
