@@ -466,7 +466,7 @@ impl DockerProvider {
     /// container resolves it; a symlink elsewhere that points into `/tmp`
     /// is not followed, so a file reached that way lands in the layer.
     async fn on_tmpfs(&self, container: &str, path: &str) -> ProviderResult<bool> {
-        let path = lexical_path(path);
+        let path = super::resolve_lexically(path);
         let under = path == TMPFS_DIR
             || path
                 .strip_prefix(TMPFS_DIR)
@@ -760,22 +760,6 @@ impl DockerProvider {
             )
             .await
     }
-}
-
-/// An absolute path with `.`, `..` and empty components resolved without
-/// looking at the filesystem; `..` at the root stays at the root.
-fn lexical_path(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            other => parts.push(other),
-        }
-    }
-    format!("/{}", parts.join("/"))
 }
 
 /// `sh -c script sh args...`: a helper script with its arguments as `$1...`.
@@ -1539,11 +1523,12 @@ mod tests {
 
     #[test]
     fn resolves_paths_lexically() {
-        assert_eq!(lexical_path("/../../..//tmp/./x"), "/tmp/x");
-        assert_eq!(lexical_path("/tmp/../etc/x"), "/etc/x");
-        assert_eq!(lexical_path("/tmp"), "/tmp");
-        assert_eq!(lexical_path("/tmpx/y"), "/tmpx/y");
-        assert_eq!(lexical_path("/"), "/");
+        use crate::provider::resolve_lexically;
+        assert_eq!(resolve_lexically("/../../..//tmp/./x"), "/tmp/x");
+        assert_eq!(resolve_lexically("/tmp/../etc/x"), "/etc/x");
+        assert_eq!(resolve_lexically("/tmp"), "/tmp");
+        assert_eq!(resolve_lexically("/tmpx/y"), "/tmpx/y");
+        assert_eq!(resolve_lexically("/"), "/");
     }
 
     #[test]

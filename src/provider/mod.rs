@@ -65,6 +65,24 @@ pub const SANDBOX_CAPABILITIES: [&str; 7] = [
     "KILL",
 ];
 
+/// An absolute sandbox path with `.`, `..` and empty components resolved
+/// without looking at the filesystem; `..` at the root stays at the root.
+/// The service normalizes every path with it; providers that must decide
+/// by a path's place (the docker provider's tmpfs `/tmp`) use it too.
+pub fn resolve_lexically(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// The largest file a provider reads into memory for one `read_file` where
 /// it must buffer (the docker provider's reads from a tmpfs `/tmp`).
 pub const MAX_READ_BYTES: usize = 256 << 20;

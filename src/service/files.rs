@@ -27,17 +27,7 @@ pub(crate) fn normalize_path(path: &str) -> Result<String> {
     if path.len() > MAX_PATH_BYTES || path.contains('\0') {
         return Err(Error::BadRequest("invalid path".into()));
     }
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            other => parts.push(other),
-        }
-    }
-    Ok(format!("/{}", parts.join("/")))
+    Ok(crate::provider::resolve_lexically(path))
 }
 
 /// Parses permission bits written in octal ("644", "0755", "0o600").
