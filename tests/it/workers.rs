@@ -137,6 +137,34 @@ async fn wait_for_workers(server: &TestServer, ids: &[&str]) {
     }
 }
 
+/// Spawns a sandbox and starts a background process in it (its pid in
+/// `/tmp/pid`), for tests that check it survives.
+async fn sandbox_with_a_background_process(server: &TestServer) -> String {
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    let (_, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(body["exit_code"], 0, "{body}");
+    id
+}
+
+/// Asks whether that process still runs: stdout `alive` when it does.
+async fn background_process_check(server: &TestServer, id: &str) -> (u16, Value) {
+    server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "kill -0 $(cat /tmp/pid) && echo alive", "mode": "shell"}),
+        )
+        .await
+}
+
 /// The RPC addresses the control plane recorded, by worker id.
 async fn endpoints(server: &TestServer) -> Vec<String> {
     server
@@ -305,6 +333,19 @@ async fn worker_credentials_are_checked_both_ways() {
     }
     let (_, workers) = server.get("/workers").await;
     assert_eq!(workers, json!([]), "a refused worker was registered");
+    // Malformed JSON is a clear 400, not a 500.
+    let resp = server
+        .http
+        .post(format!("{cp}/api/v1/workers/heartbeat"))
+        .bearer_auth("token-one")
+        .header("content-type", "application/json")
+        .body("{\"id\": \"w1\", \"snapshot\": [")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["code"], "BAD_REQUEST", "{body}");
     // An oversized heartbeat is refused before it is parsed.
     let mut big = beat("w1", "http://127.0.0.1:1");
     big["hostname"] = json!("x".repeat(100 * 1024));
@@ -378,18 +419,7 @@ async fn without_a_reachable_worker_calls_say_so() {
     let cp = base(&server);
     let w1 = WorkerProcess::start(&cp, "w1", "token-one");
     wait_for_workers(&server, &["w1"]).await;
-    let (status, body) = server
-        .post("/sandboxes", json!({"image": docker_image()}))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_str().expect("id").to_string();
-    let (_, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(body["exit_code"], 0, "{body}");
+    let id = sandbox_with_a_background_process(&server).await;
     let mut w1 = w1;
     w1.kill();
     let (status, body) = server
@@ -407,12 +437,7 @@ async fn without_a_reachable_worker_calls_say_so() {
     let w1 = w1.restart(&cp, "token-one");
     let started = Instant::now();
     let out = loop {
-        let (status, body) = server
-            .post(
-                &format!("/sandboxes/{id}/exec"),
-                json!({"command": "kill -0 $(cat /tmp/pid) && echo alive", "mode": "shell"}),
-            )
-            .await;
+        let (status, body) = background_process_check(&server, &id).await;
         if status == 200 {
             break body;
         }
@@ -448,27 +473,11 @@ async fn a_control_plane_restart_leaves_remote_sandboxes_running() {
     let cp = base(&server);
     let w1 = WorkerProcess::start(&cp, "w1", "token-one");
     wait_for_workers(&server, &["w1"]).await;
-    let (status, body) = server
-        .post("/sandboxes", json!({"image": docker_image()}))
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_str().expect("id").to_string();
-    let (_, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/pid", "mode": "shell"}),
-        )
-        .await;
-    assert_eq!(body["exit_code"], 0, "{body}");
+    let id = sandbox_with_a_background_process(&server).await;
 
     let data_dir = server.stop().await;
     let server = TestServer::start_in(data_dir, tweak).await;
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/exec"),
-            json!({"command": "kill -0 $(cat /tmp/pid) && echo alive", "mode": "shell"}),
-        )
-        .await;
+    let (status, body) = background_process_check(&server, &id).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["stdout"], "alive\n", "{body}");
     let (_, body) = server.get(&format!("/sandboxes/{id}")).await;
