@@ -166,6 +166,13 @@ fn log_health(health: &std::collections::BTreeMap<String, crate::worker::Provide
     }
 }
 
+/// The lease fence of this installation's worker, in `data_dir/leases`.
+fn open_fence(config: &Config) -> Result<crate::worker::fence::Fence, StartError> {
+    let dir = config.data_dir.join("leases");
+    crate::worker::fence::Fence::open(dir.clone())
+        .map_err(|source| StartError::DataDir { path: dir, source })
+}
+
 /// `stacyvm worker`: this host's providers behind the worker RPC on
 /// `worker.listen`, heartbeating to `worker.control_plane`, until `signal`.
 /// Sandboxes stay when it stops; the next start adopts them.
@@ -185,7 +192,12 @@ pub async fn run_worker(
     })?;
     let instance = instance_id(&config.data_dir)?;
     let providers = build_providers(&config, &instance, &w.providers).await?;
-    let worker = Arc::new(LocalWorker::new(&instance, providers).with_id(&w.id));
+    let worker = Arc::new(
+        LocalWorker::new(&instance, providers)
+            .with_id(&w.id)
+            .with_labels(w.labels.clone())
+            .with_fence(open_fence(&config)?),
+    );
     if let Err(e) = worker.recover_at_startup().await {
         tracing::warn!(error = %e, "worker start-up recovery failed");
     }
@@ -263,7 +275,8 @@ impl App {
         let (scheduler, local, default) = if config.worker.local {
             let instance = instance_id(&config.data_dir)?;
             let providers = build_providers(&config, &instance, &[]).await?;
-            let worker = Arc::new(LocalWorker::new(&instance, providers));
+            let worker =
+                Arc::new(LocalWorker::new(&instance, providers).with_fence(open_fence(&config)?));
             let health = worker.check_health().await;
             crate::worker::record_health(&store, &health).await;
             log_health(&health);

@@ -3,6 +3,7 @@
 //! command-line flags, then validation. Key names follow the original
 //! StacyVM server wherever the feature exists.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -62,6 +63,8 @@ pub struct WorkerConfig {
     pub token: String,
     /// Providers the worker offers; empty: all of this host's.
     pub providers: Vec<String>,
+    /// What the worker is, for spawns that ask (`--label zone=a`).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Default for WorkerConfig {
@@ -74,6 +77,7 @@ impl Default for WorkerConfig {
             control_plane: "http://127.0.0.1:7423".into(),
             token: String::new(),
             providers: Vec::new(),
+            labels: BTreeMap::new(),
         }
     }
 }
@@ -88,6 +92,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("control_plane", &self.control_plane)
             .field("token", &if self.token.is_empty() { "" } else { "***" })
             .field("providers", &self.providers)
+            .field("labels", &self.labels)
             .finish()
     }
 }

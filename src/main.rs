@@ -66,6 +66,21 @@ enum Command {
         /// Providers to offer (repeat or comma-separate); default: all.
         #[arg(long, value_delimiter = ',')]
         provider: Vec<String>,
+        /// A label KEY=VALUE describing this worker (repeat for more).
+        #[arg(long, value_parser = parse_label)]
+        label: Vec<(String, String)>,
+    },
+    /// Cordon, uncordon, drain and list the workers of a running control
+    /// plane (admin API).
+    Workers {
+        /// The control plane's URL.
+        #[arg(long, env = "STACYVM_URL", default_value = "http://127.0.0.1:7423")]
+        server: String,
+        /// An admin key, sent as X-Admin-API-Key.
+        #[arg(long, env = "STACYVM_ADMIN_API_KEY", hide_env_values = true)]
+        admin_key: Option<String>,
+        #[command(subcommand)]
+        command: WorkersCommand,
     },
     /// Apply database migrations and exit.
     Migrate,
@@ -111,6 +126,26 @@ enum KeyCommand {
 }
 
 #[derive(Subcommand)]
+enum WorkersCommand {
+    /// List workers with their state and sandboxes.
+    List,
+    /// No new sandboxes on the worker; its sandboxes run on.
+    Cordon { id: String },
+    /// Let the worker take new sandboxes again.
+    Uncordon { id: String },
+    /// Cordon the worker until its sandboxes are gone.
+    Drain {
+        id: String,
+        /// Return only once the worker has no sandbox left.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, as a Go duration.
+        #[arg(long, default_value = "1h")]
+        timeout: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImageCommand {
     /// Import a root filesystem tarball (as `docker export` writes it).
     Import { name: String, tarball: PathBuf },
@@ -118,6 +153,22 @@ enum ImageCommand {
     List,
     /// Remove an image.
     Rm { name: String },
+}
+
+/// `KEY=VALUE`, with a key of letters, digits and `-_./`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("a label is KEY=VALUE, got {text:?}"))?;
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
+    if !key_ok || value.len() > 255 || value.chars().any(char::is_control) {
+        return Err(format!("invalid label {text:?}"));
+    }
+    Ok((key.to_string(), value.to_string()))
 }
 
 /// Flags that were given, as a config layer above everything else.
@@ -136,6 +187,7 @@ fn overrides(cli: &Cli) -> Figment {
         id,
         token,
         provider,
+        label,
     } = &cli.command
     {
         let mut worker = Map::new();
@@ -151,6 +203,11 @@ fn overrides(cli: &Cli) -> Figment {
         put("token", token);
         if !provider.is_empty() {
             worker.insert("providers".into(), json!(provider));
+        }
+        if !label.is_empty() {
+            let labels: Map<String, Value> =
+                label.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            worker.insert("labels".into(), Value::Object(labels));
         }
         root.insert("worker".into(), Value::Object(worker));
     }
@@ -213,6 +270,27 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
         }
         Command::Worker { .. } => app::run_worker(config, shutdown_signal()).await?,
         Command::Schema => print!("{}", stacyvm::api::graphql::sdl()),
+        Command::Workers {
+            server,
+            admin_key,
+            command,
+        } => {
+            use stacyvm::cli::{Target, workers};
+            let target = Target { server, admin_key };
+            match command {
+                WorkersCommand::List => workers::list(&target).await?,
+                WorkersCommand::Cordon { id } => {
+                    workers::set_state(&target, &id, "cordon", None).await?
+                }
+                WorkersCommand::Uncordon { id } => {
+                    workers::set_state(&target, &id, "uncordon", None).await?
+                }
+                WorkersCommand::Drain { id, wait, timeout } => {
+                    let timeout = stacyvm::duration::parse(&timeout)?;
+                    workers::set_state(&target, &id, "drain", wait.then_some(timeout)).await?
+                }
+            }
+        }
         Command::Keys { command } => {
             let store = app::open_store(&config).await?;
             let identity = app::identity(&config, &store)?;

@@ -6,9 +6,17 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub sandbox_id: String,
+    /// The holder: the worker that manages the runtime.
     pub worker_id: String,
+    /// The fencing token: bumped whenever the lease is taken again, and
+    /// carried by every runtime operation.
+    pub generation: i64,
     pub acquired_at: DateTimeUtc,
+    /// Renewed with each heartbeat of the holder; past it, the sandbox is
+    /// lost.
     pub expires_at: DateTimeUtc,
+    /// Set when the lease was let go (the sandbox was lost or destroyed).
+    pub released_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -26,6 +26,9 @@ pub struct Model {
     pub updated_at: DateTimeUtc,
     pub expires_at: DateTimeUtc,
     pub destroyed_at: Option<DateTimeUtc>,
+    /// The client's idempotency key, unique per owner: a retried spawn
+    /// with the same key answers this sandbox instead of making another.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

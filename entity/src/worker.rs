@@ -16,6 +16,12 @@ pub struct Model {
     pub capacity: i32,
     pub last_heartbeat: DateTimeUtc,
     pub created_at: DateTimeUtc,
+    /// active, cordoned (no new sandboxes) or draining (cordoned until its
+    /// sandboxes are gone); set by admins, kept across heartbeats.
+    pub admin_state: String,
+    /// JSON object of string to string: what the worker says it is
+    /// (`--label`), matched by spawns that ask for labels.
+    pub labels: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

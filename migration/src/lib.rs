@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261128_000001_initial;
 mod m20261128_000002_api_keys;
 mod m20261201_000003_tenants;
+mod m20261202_000004_leases;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -19,6 +20,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000001_initial::Migration),
             Box::new(m20261128_000002_api_keys::Migration),
             Box::new(m20261201_000003_tenants::Migration),
+            Box::new(m20261202_000004_leases::Migration),
         ]
     }
 }

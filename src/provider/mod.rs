@@ -206,7 +206,7 @@ pub enum Capability {
 /// Everything that can go wrong inside a provider. The service maps these to
 /// API errors; the `Display` text is what a client will read, so it says what
 /// went wrong in the caller's terms.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     /// The image is not available and could not be obtained.
     #[error("image {image:?} is not available: {reason}")]
@@ -230,6 +230,10 @@ pub enum ProviderError {
     /// The runtime backend cannot be reached (daemon down, binary missing).
     #[error("{0}")]
     Unavailable(String),
+    /// The operation carried a lease generation older than the newest the
+    /// worker has seen: its sender no longer manages the runtime.
+    #[error("fenced off: {0}")]
+    Fenced(String),
     /// Anything else: an unexpected runtime failure.
     #[error("{0}")]
     Runtime(String),

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::worker::{RemoteWorker, Worker};
+use crate::worker::{AdminState, RemoteWorker, Worker};
 
 /// Where a sandbox will run.
 #[derive(Clone)]
@@ -46,6 +46,10 @@ pub struct Scheduler {
     /// Live sandboxes per worker: counted by each reconcile pass, plus
     /// the placements made since.
     load: Arc<RwLock<BTreeMap<String, usize>>>,
+    /// Workers admins cordoned or are draining (absent: active). Set by
+    /// the service when an admin acts, refreshed from the store by each
+    /// reconcile pass.
+    admin: Arc<RwLock<BTreeMap<String, AdminState>>>,
     default_provider: String,
     /// A remote worker silent this long is out of reach
     /// (`lifecycle.worker_stale_after`): nothing new goes to it.
@@ -58,6 +62,7 @@ impl Scheduler {
             workers: Arc::new(RwLock::new(BTreeMap::new())),
             remotes: Arc::new(RwLock::new(BTreeMap::new())),
             load: Arc::new(RwLock::new(BTreeMap::new())),
+            admin: Arc::new(RwLock::new(BTreeMap::new())),
             default_provider,
             stale_after,
         }
@@ -112,6 +117,25 @@ impl Scheduler {
         if let Ok(mut load) = self.load.write() {
             load.insert(worker_id.to_string(), live);
         }
+    }
+
+    /// Records what admins allow on a worker.
+    pub fn set_admin_state(&self, worker_id: &str, state: AdminState) {
+        if let Ok(mut admin) = self.admin.write() {
+            match state {
+                AdminState::Active => admin.remove(worker_id),
+                other => admin.insert(worker_id.to_string(), other),
+            };
+        }
+    }
+
+    /// What admins allow on a worker.
+    pub fn admin_state(&self, worker_id: &str) -> AdminState {
+        self.admin
+            .read()
+            .ok()
+            .and_then(|a| a.get(worker_id).copied())
+            .unwrap_or_default()
     }
 
     fn load_of(&self, worker_id: &str) -> usize {
@@ -211,6 +235,19 @@ impl Scheduler {
                 available: self.provider_names().join(", "),
             });
         }
+        let (offering, fenced): (Vec<_>, Vec<_>) = offering
+            .into_iter()
+            .partition(|(w, _, _)| self.admin_state(w.id()).schedulable());
+        if offering.is_empty() {
+            return Err(ScheduleError::NoWorker(format!(
+                "every worker offering provider {name} is cordoned or draining ({})",
+                fenced
+                    .iter()
+                    .map(|(w, _, _)| w.id())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let mut unhealthy = None;
         let mut most_vcpus = 0;
         let mut best: Option<(usize, Arc<dyn Worker>)> = None;
@@ -293,6 +330,7 @@ mod tests {
             snapshot: WorkerSnapshot {
                 providers,
                 max_vcpus,
+                ..Default::default()
             },
         })
     }
@@ -327,7 +365,7 @@ mod tests {
         async fn image_available(&self, _: &str, _: &str) -> WorkerResult<bool> {
             Err(never())
         }
-        async fn spawn(&self, _: &str, _: &SpawnSpec) -> WorkerResult<RuntimeHandle> {
+        async fn spawn(&self, _: &str, _: &SpawnSpec, _: u64) -> WorkerResult<RuntimeHandle> {
             Err(never())
         }
         async fn inventory(&self, _: &str) -> WorkerResult<Vec<InventoryItem>> {
@@ -380,6 +418,27 @@ mod tests {
             .map(|_| s.place(None, 1).expect("placed").worker.id().to_string())
             .collect();
         assert_eq!(picks, ["b", "b", "b", "a"]);
+    }
+
+    #[test]
+    fn cordoned_and_draining_workers_take_nothing_new() {
+        let s = scheduler(vec![
+            worker("a", 2, &[("native", Some(true))]),
+            worker("b", 2, &[("native", Some(true))]),
+        ]);
+        s.set_admin_state("a", AdminState::Cordoned);
+        for _ in 0..3 {
+            assert_eq!(s.place(None, 1).expect("placed").worker.id(), "b");
+        }
+        s.set_admin_state("b", AdminState::Draining);
+        let err = s.place(None, 1).err().expect("nothing is schedulable");
+        assert!(matches!(err, ScheduleError::NoWorker(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("cordoned or draining (a, b)"),
+            "{err}"
+        );
+        s.set_admin_state("a", AdminState::Active);
+        assert_eq!(s.place(None, 1).expect("placed").worker.id(), "a");
     }
 
     #[test]

@@ -92,6 +92,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl From<StoreError> for Error {
     #[track_caller]
     fn from(e: StoreError) -> Self {
+        if let StoreError::AlreadyExists(_) = e {
+            return Error::Conflict(e.to_string());
+        }
         let location = std::panic::Location::caller();
         tracing::error!(error = %e, %location, "store error");
         Error::Internal(e.to_string())
@@ -123,6 +126,8 @@ impl From<ProviderError> for Error {
                 Error::Conflict("the sandbox's runtime is gone; destroy the sandbox".into())
             }
             ProviderError::Unavailable(_) => Error::Unavailable(e.to_string()),
+            // Another manager took the sandbox over (its lease moved on).
+            ProviderError::Fenced(_) => Error::Conflict(e.to_string()),
             ProviderError::Runtime(_) => {
                 let location = std::panic::Location::caller();
                 tracing::error!(error = %e, %location, "provider error");

@@ -102,7 +102,12 @@ impl Service {
         // under the sandbox id (the spawn failed, or the server died
         // mid-spawn).
         let result = match self.scheduler().worker_for(&model.worker_id) {
-            Ok(worker) => worker.destroy(&super::sandboxes::runtime_ref(&model)).await,
+            Ok(worker) => match self.runtime_for_destroy(&model).await {
+                Ok(runtime) => worker.destroy(&runtime).await,
+                Err(e) => Err(crate::provider::ProviderError::Unavailable(format!(
+                    "cannot take the sandbox's lease: {e}"
+                ))),
+            },
             Err(e) => Err(crate::provider::ProviderError::Unavailable(e.to_string())),
         };
         match result {
@@ -208,6 +213,12 @@ impl Service {
     /// reconciler then destroys whatever runtime remains); executions it
     /// was running are `interrupted`; half-done provider work is swept.
     pub async fn recover_after_restart(&self) -> Result<()> {
+        // No heartbeat could arrive while this process was not running:
+        // every worker gets a full lease period to be heard from again.
+        let extended = self.store().extend_all_leases(self.lease_until()).await?;
+        if extended > 0 {
+            tracing::info!(count = extended, "leases extended at start-up");
+        }
         // Every running command's stream went through this process (a
         // remote worker kills a command whose stream drops), so all of them
         // ended with it. Only in-process workers' sandboxes in flight died

@@ -11,6 +11,7 @@ mod exec;
 mod files;
 mod follow;
 mod identity;
+mod leases;
 mod lifecycle;
 mod listing;
 mod output;

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
+use super::sandboxes::{FINAL_GENERATION, lease_generation};
 use super::{Result, Service};
 use crate::auth::Caller;
 use crate::lifecycle::SandboxState;
@@ -38,6 +39,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long a record may sit in `expired` (set just before its destroy)
 /// before the reconciler takes over the destroy.
 const EXPIRED_STUCK_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+/// The most expired leases one pass releases per worker (the next pass
+/// takes the rest), so a pass stays bounded.
+const MAX_RELEASES_PER_PASS: u64 = 1000;
+
+/// What one provider's pass works with.
+#[derive(Clone, Copy)]
+struct ProviderPass<'a> {
+    worker: &'a dyn Worker,
+    provider: &'a str,
+    leases: &'a HashMap<String, entity::lease::Model>,
+    startup: bool,
+}
 
 /// What one pass did, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -134,6 +148,7 @@ impl Service {
     pub async fn reconcile(&self, startup: bool) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let mut live = std::collections::HashSet::new();
+        self.refresh_admin_states().await?;
         for worker in self.scheduler().workers() {
             self.reconcile_worker(worker.as_ref(), startup, &mut report, &mut live)
                 .await?;
@@ -174,6 +189,40 @@ impl Service {
             .await?;
         live.extend(records.iter().map(|r| r.id.clone()));
         self.scheduler().set_load(worker.id(), records.len());
+        // A worker in this process is alive while this runs.
+        if worker.in_process() {
+            self.renew_leases(worker.id()).await?;
+        }
+        let expired = self
+            .store()
+            .release_expired_leases(worker.id(), Utc::now(), MAX_RELEASES_PER_PASS)
+            .await?;
+        if !expired.is_empty() {
+            tracing::warn!(
+                worker = worker.id(),
+                count = expired.len(),
+                "leases expired and released"
+            );
+        }
+        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        let leases: HashMap<String, entity::lease::Model> = self
+            .store()
+            .leases_by_ids(&ids)
+            .await?
+            .into_iter()
+            .map(|l| (l.sandbox_id.clone(), l))
+            .collect();
+        // A lease that was let go (expired while the worker was silent)
+        // means the sandbox is lost, even if its worker answers again.
+        let lost: std::collections::HashSet<&str> = records
+            .iter()
+            .filter(|r| {
+                leases
+                    .get(&r.id)
+                    .is_some_and(|l| l.released_at.is_some() || l.worker_id != r.worker_id)
+            })
+            .map(|r| r.id.as_str())
+            .collect();
         let state = self.worker_state(worker);
         if self
             .store()
@@ -186,17 +235,17 @@ impl Service {
                 "worker state changed"
             );
         }
-        if let Some(since) = self.silent_since(worker) {
+        let silent_since = self.silent_since(worker);
+        if let Some(since) = silent_since {
             // Nothing on it can be observed or destroyed: say so, and once
-            // it has been gone long enough, that its sandboxes are lost.
-            let lost = state == crate::worker::WorkerState::Offline;
+            // its leases expired, that its sandboxes are lost.
             let why = format!(
                 "worker {} unreachable since {}",
                 worker.id(),
                 since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
             for record in records.iter().filter(|r| is_usable(r)) {
-                let verdict = if lost {
+                let verdict = if lost.contains(record.id.as_str()) {
                     Verdict::Failed(format!("lost: {why}"))
                 } else if record.state == SandboxState::Unhealthy.as_str() {
                     continue;
@@ -214,10 +263,26 @@ impl Service {
             }
             return Ok(());
         }
+        // Back, but too late: its sandboxes were lost when their leases
+        // expired; they are destroyed under a reclaimed lease.
+        for record in records
+            .iter()
+            .filter(|r| is_usable(r) && lost.contains(r.id.as_str()))
+        {
+            let why = format!(
+                "lost: the lease of worker {} expired while it was unreachable",
+                worker.id()
+            );
+            if self.apply(record, Verdict::Failed(why)).await? {
+                report.failed += 1;
+            }
+        }
         for provider in worker.snapshot().providers {
             let mine: Vec<_> = records
                 .iter()
-                .filter(|r| r.provider == provider.name)
+                .filter(|r| {
+                    r.provider == provider.name && !(is_usable(r) && lost.contains(r.id.as_str()))
+                })
                 .cloned()
                 .collect();
             // Records are read before the inventory: a runtime created after
@@ -235,8 +300,13 @@ impl Service {
             };
             match inventory {
                 Ok(items) => {
-                    self.reconcile_provider(worker, &provider.name, mine, items, startup, report)
-                        .await?;
+                    let pass = ProviderPass {
+                        worker,
+                        provider: &provider.name,
+                        leases: &leases,
+                        startup,
+                    };
+                    self.reconcile_provider(&pass, mine, items, report).await?;
                 }
                 Err(why) => {
                     // Nothing can be observed: usable sandboxes count a
@@ -284,13 +354,17 @@ impl Service {
 
     async fn reconcile_provider(
         &self,
-        worker: &dyn Worker,
-        provider: &str,
+        pass: &ProviderPass<'_>,
         records: Vec<entity::sandbox::Model>,
         inventory: Vec<InventoryItem>,
-        startup: bool,
         report: &mut ReconcileReport,
     ) -> Result<()> {
+        let ProviderPass {
+            worker,
+            provider,
+            leases,
+            startup,
+        } = *pass;
         let mut by_sandbox: HashMap<String, InventoryItem> = inventory
             .into_iter()
             .map(|item| (item.sandbox_id.clone(), item))
@@ -301,7 +375,8 @@ impl Service {
             let state = record.state.parse::<SandboxState>().ok();
             match state {
                 Some(SandboxState::Running | SandboxState::Unhealthy) => {
-                    let verdict = self.observe(worker, provider, &record, item).await;
+                    let lease = lease_generation(leases.get(&record.id));
+                    let verdict = self.observe(worker, provider, &record, item, lease).await;
                     match verdict {
                         Verdict::Nothing => {}
                         Verdict::Failed(_) => {
@@ -375,10 +450,24 @@ impl Service {
                 None => "runtime has no sandbox record".to_string(),
             };
             tracing::warn!(sandbox = %item.sandbox_id, runtime = %item.runtime_id, %why, "destroying orphaned runtime");
+            // The record's lease is reclaimed first (its holder may have
+            // been someone else); a runtime no record owns gets the last
+            // generation.
+            let lease = match &record {
+                Some(r) => {
+                    let lease = self
+                        .store()
+                        .reclaim_lease(&r.id, worker.id(), self.lease_until())
+                        .await?;
+                    lease_generation(Some(&lease))
+                }
+                None => FINAL_GENERATION,
+            };
             let runtime = RuntimeRef {
                 sandbox_id: item.sandbox_id.clone(),
                 provider: provider.to_string(),
                 runtime_id: Some(item.runtime_id.clone()),
+                lease,
             };
             match worker.destroy(&runtime).await {
                 Ok(()) => {
@@ -405,6 +494,7 @@ impl Service {
         provider: &str,
         record: &entity::sandbox::Model,
         item: Option<InventoryItem>,
+        lease: u64,
     ) -> Verdict {
         let lifecycle = &self.config().lifecycle;
         let memory = &self.inner.reconcile;
@@ -426,6 +516,7 @@ impl Service {
                         sandbox_id: record.id.clone(),
                         provider: provider.to_string(),
                         runtime_id: Some(handle),
+                        lease,
                     })
                     .await
                 {

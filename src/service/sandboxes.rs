@@ -55,6 +55,9 @@ pub struct SpawnRequest {
     pub template: Option<String>,
     pub owner_id: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    /// A client's key for this spawn (REST `Idempotency-Key`): a retry
+    /// with the same key answers the sandbox the first one made.
+    pub idempotency_key: Option<String>,
 }
 
 /// A spawn request with defaults applied and every field validated.
@@ -71,11 +74,19 @@ pub(super) struct SpawnPlan {
     pub tenant_id: String,
     pub owner_id: String,
     pub metadata: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
 }
+
+/// The longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// How long a retried spawn waits for the first one to leave `creating`.
+const IDEMPOTENT_WAIT: Duration = Duration::from_secs(120);
 
 /// The least memory one sandbox may have, in MiB (the most is
 /// `defaults.max_memory_mb`, checked with the other bounds).
 const MIN_MEMORY_MB: u32 = 16;
+/// The generation of the lease a sandbox gets with its record.
+const FIRST_GENERATION: u64 = 1;
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_METADATA_BYTES: usize = 16 * 1024;
 
@@ -192,6 +203,21 @@ impl Service {
                 "metadata is limited to {MAX_METADATA_ENTRIES} entries and {MAX_METADATA_BYTES} bytes"
             )));
         }
+        let idempotency_key = match req.idempotency_key {
+            None => None,
+            Some(key)
+                if !key.is_empty()
+                    && key.len() <= MAX_IDEMPOTENCY_KEY
+                    && key.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
+                Some(key)
+            }
+            Some(_) => {
+                return Err(Error::BadRequest(format!(
+                    "an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+                )));
+            }
+        };
         let owner_id = caller.effective_owner(req.owner_id.as_deref());
         self.check_sandbox_rules(
             caller,
@@ -218,7 +244,60 @@ impl Service {
             tenant_id: caller.tenant_id.clone(),
             owner_id,
             metadata,
+            idempotency_key,
         })
+    }
+
+    /// The sandbox an earlier spawn with the plan's idempotency key made,
+    /// once it is past `creating` (waited for, bounded). A key reused for
+    /// a different spawn is refused.
+    async fn earlier_spawn(&self, plan: &SpawnPlan) -> Result<Option<Sandbox>> {
+        let Some(key) = plan.idempotency_key.as_deref() else {
+            return Ok(None);
+        };
+        let deadline = tokio::time::Instant::now() + IDEMPOTENT_WAIT;
+        loop {
+            let Some(model) = self
+                .store()
+                .sandbox_by_idempotency_key(&plan.tenant_id, &plan.owner_id, key)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let same = model.image == plan.image
+                && plan.provider.as_ref().is_none_or(|p| *p == model.provider)
+                && u32::try_from(model.memory_mb).ok() == Some(plan.memory_mb)
+                && u32::try_from(model.vcpus).ok() == Some(plan.vcpus)
+                && model.template == plan.template;
+            if !same {
+                return Err(Error::Conflict(format!(
+                    "idempotency key {key:?} was used for a different spawn (sandbox {})",
+                    model.id
+                )));
+            }
+            match model.state.parse::<SandboxState>() {
+                Ok(SandboxState::Creating) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(SandboxState::Creating) => {
+                    return Err(Error::Conflict(format!(
+                        "sandbox {} of idempotency key {key:?} is still being created",
+                        model.id
+                    )));
+                }
+                Ok(SandboxState::Destroyed | SandboxState::Error) => {
+                    let reason = model
+                        .state_reason
+                        .as_deref()
+                        .unwrap_or("no reason recorded");
+                    return Err(Error::Conflict(format!(
+                        "sandbox {} of idempotency key {key:?} is {} ({reason}); use a new key",
+                        model.id, model.state
+                    )));
+                }
+                _ => return self.to_sandbox(model).map(Some),
+            }
+        }
     }
 
     /// Creates a sandbox and returns it `running`.
@@ -244,6 +323,10 @@ impl Service {
         self.require_write(caller)?;
         self.refuse_if_draining()?;
         let plan = self.plan_spawn(caller, req).await?;
+        // A retry: the first spawn's sandbox, before any quota counts it twice.
+        if let Some(earlier) = self.earlier_spawn(&plan).await? {
+            return Ok(earlier);
+        }
         let decision = self.admission_for_plan(&plan).await?;
         if decision.reason == "worker_unavailable" {
             // The scheduler says precisely why (unknown provider, unhealthy, ...).
@@ -291,6 +374,7 @@ impl Service {
             updated_at: now,
             expires_at,
             destroyed_at: None,
+            idempotency_key: plan.idempotency_key.clone(),
         };
         // Re-check quotas and insert under one lock so that concurrent
         // spawns cannot both take the last slot.
@@ -314,11 +398,24 @@ impl Service {
                         retry_after_secs: 5,
                     },
                     QueueError::Admit(e) => e,
-                })?
+                })
         } else {
             let _guard = self.inner.admission.lock().await;
             self.admission_for_plan(&plan).await?.into_result()?;
-            self.store().insert_sandbox(record).await?
+            self.store()
+                .insert_sandbox(record, self.lease_until())
+                .await
+                .map_err(Error::from)
+        };
+        let record = match record {
+            // A concurrent retry with the same key inserted first.
+            Err(Error::Conflict(_)) if plan.idempotency_key.is_some() => {
+                return self
+                    .earlier_spawn(&plan)
+                    .await?
+                    .ok_or_else(|| Error::Internal("idempotent spawn vanished".into()));
+            }
+            other => other?,
         };
         let id = record.id.clone();
         self.publish_state(&record, SandboxState::Creating, None);
@@ -330,7 +427,11 @@ impl Service {
             vcpus: plan.vcpus,
             disk_mb: plan.disk_mb,
         };
-        match placement.worker.spawn(&placement.provider, &spec).await {
+        match placement
+            .worker
+            .spawn(&placement.provider, &spec, FIRST_GENERATION)
+            .await
+        {
             Ok(handle) => {
                 crate::failpoint::hit("spawn.runtime_started");
                 let running = self
@@ -349,6 +450,7 @@ impl Service {
                             sandbox_id: id.clone(),
                             provider: placement.provider.clone(),
                             runtime_id: Some(handle.runtime_id.clone()),
+                            lease: FIRST_GENERATION,
                         };
                         placement
                             .worker
@@ -387,7 +489,9 @@ impl Service {
             record.created_at = now;
             record.updated_at = now;
             return Ok(Admission::Admitted(
-                self.store().insert_sandbox(record).await?,
+                self.store()
+                    .insert_sandbox(record, self.lease_until())
+                    .await?,
             ));
         }
         if decision.queueable {
@@ -453,12 +557,13 @@ impl Service {
         crate::worker::RuntimeRef,
     )> {
         let model = self.usable_sandbox(caller, id).await?;
-        let (worker, runtime) = self.runtime_of(&model)?;
+        let (worker, runtime) = self.runtime_of(&model).await?;
         Ok((model, worker, runtime))
     }
 
-    /// The worker recorded on a sandbox and its runtime there.
-    pub(super) fn runtime_of(
+    /// The worker recorded on a sandbox and its runtime there, at the
+    /// generation of the sandbox's lease.
+    pub(super) async fn runtime_of(
         &self,
         model: &entity::sandbox::Model,
     ) -> Result<(
@@ -466,7 +571,8 @@ impl Service {
         crate::worker::RuntimeRef,
     )> {
         let worker = self.scheduler().worker_for(&model.worker_id)?;
-        Ok((worker, runtime_ref(model)))
+        let lease = self.store().lease(&model.id).await?;
+        Ok((worker, runtime_ref(model, lease_generation(lease.as_ref()))))
     }
 
     /// A sandbox by id (404 when destroyed or not the caller's).
@@ -557,11 +663,22 @@ impl Service {
     }
 }
 
-/// A sandbox's runtime as its worker knows it.
-pub(super) fn runtime_ref(model: &entity::sandbox::Model) -> crate::worker::RuntimeRef {
+/// A sandbox's runtime as its worker knows it, at lease generation `lease`.
+pub(super) fn runtime_ref(model: &entity::sandbox::Model, lease: u64) -> crate::worker::RuntimeRef {
     crate::worker::RuntimeRef {
         sandbox_id: model.id.clone(),
         provider: model.provider.clone(),
         runtime_id: model.runtime_id.clone(),
+        lease,
     }
 }
+
+/// The generation a lease row carries (0 without one: a record from
+/// before leases, which every worker fence refuses once it saw a lease).
+pub(super) fn lease_generation(lease: Option<&entity::lease::Model>) -> u64 {
+    lease.map_or(0, |l| u64::try_from(l.generation).unwrap_or(0))
+}
+
+/// The generation a runtime that no record owns is destroyed at: the
+/// last one, so nothing can reach it after.
+pub(super) const FINAL_GENERATION: u64 = u64::MAX;

@@ -46,12 +46,21 @@ pub struct WorkerStatus {
     pub last_heartbeat: DateTime<Utc>,
     /// Not `online`: silent past `lifecycle.worker_stale_after`.
     pub stale: bool,
+    /// What admins allow: active, cordoned or draining.
+    pub admin_state: String,
+    /// What the worker says it is (`--label`).
+    pub labels: BTreeMap<String, String>,
+    /// Its live sandboxes (a drain is done at 0); `None` where not counted.
+    pub sandboxes: Option<u64>,
 }
 
 impl From<entity::worker::Model> for WorkerStatus {
     fn from(w: entity::worker::Model) -> Self {
         let providers: Vec<String> = serde_json::from_value(w.providers).unwrap_or_default();
         WorkerStatus {
+            admin_state: w.admin_state,
+            labels: serde_json::from_str(&w.labels).unwrap_or_default(),
+            sandboxes: None,
             // Set by the reconciler from `lifecycle.worker_stale_after`.
             stale: w.status != crate::worker::WorkerState::Online.as_str(),
             capabilities: providers.clone(),
@@ -154,12 +163,19 @@ impl Service {
     }
 
     pub async fn workers(&self) -> Result<Vec<WorkerStatus>> {
+        let counts = self.store().live_sandboxes_per_worker().await?;
         Ok(self
             .store()
             .list_workers()
             .await?
             .into_iter()
-            .map(WorkerStatus::from)
+            .map(|w| {
+                let sandboxes = counts.get(&w.id).copied().unwrap_or(0);
+                WorkerStatus {
+                    sandboxes: Some(sandboxes),
+                    ..WorkerStatus::from(w)
+                }
+            })
             .collect())
     }
 

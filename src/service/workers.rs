@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::{Error, Result, Service};
-use crate::worker::RemoteWorker;
+use super::{Error, Result, Service, WorkerStatus};
+use crate::auth::Caller;
 use crate::worker::rpc::{self, Heartbeat};
+use crate::worker::{AdminState, RemoteWorker};
 
 /// Longest worker id accepted.
 const MAX_WORKER_ID: usize = 64;
@@ -92,9 +93,76 @@ impl Service {
                 capacity: i32::try_from(beat.snapshot.max_vcpus).unwrap_or(i32::MAX),
                 last_heartbeat: now,
                 created_at: now,
+                admin_state: crate::worker::AdminState::Active.as_str().into(),
+                labels: serde_json::to_string(&beat.snapshot.labels).unwrap_or_default(),
             })
             .await?;
+        self.renew_leases(id).await?;
         worker.update_snapshot(beat.snapshot);
+        Ok(())
+    }
+}
+
+impl Service {
+    /// Cordons, uncordons or drains a worker (admins only): a cordoned or
+    /// draining worker gets no new sandboxes; its sandboxes run on. Takes
+    /// effect on the next placement of every control plane (this one at
+    /// once, others at their next reconcile pass).
+    pub async fn set_worker_admin_state(
+        &self,
+        caller: &Caller,
+        id: &str,
+        state: AdminState,
+    ) -> Result<WorkerStatus> {
+        let action = match state {
+            AdminState::Active => "worker.uncordon",
+            AdminState::Cordoned => "worker.cordon",
+            AdminState::Draining => "worker.drain",
+        };
+        let outcome = async {
+            self.require_admin(caller)?;
+            if !self
+                .store()
+                .set_worker_admin_state(id, state.as_str())
+                .await?
+            {
+                return Err(Error::NotFound(format!("worker {id} not found")));
+            }
+            self.scheduler().set_admin_state(id, state);
+            tracing::info!(worker = %id, state = state.as_str(), "worker admin state set");
+            self.worker_status(id).await
+        }
+        .await;
+        self.audit(caller, action, id, outcome.as_ref().map(drop))
+            .await;
+        outcome
+    }
+
+    /// One worker as `/admin/workers` shows it (admins only).
+    pub async fn admin_worker(&self, caller: &Caller, id: &str) -> Result<WorkerStatus> {
+        self.require_admin(caller)?;
+        self.worker_status(id).await
+    }
+
+    async fn worker_status(&self, id: &str) -> Result<WorkerStatus> {
+        self.workers()
+            .await?
+            .into_iter()
+            .find(|w| w.id == id)
+            .ok_or_else(|| Error::NotFound(format!("worker {id} not found")))
+    }
+
+    /// Takes what admins set on every worker from the store (another
+    /// control plane may have set it).
+    pub(super) async fn refresh_admin_states(&self) -> Result<()> {
+        for w in self.store().list_workers().await? {
+            match w.admin_state.parse::<AdminState>() {
+                Ok(state) => self.scheduler().set_admin_state(&w.id, state),
+                Err(e) => {
+                    tracing::warn!(worker = %w.id, error = %e, "ignoring a corrupt admin state")
+                }
+            }
+        }
         Ok(())
     }
 }

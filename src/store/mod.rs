@@ -7,6 +7,7 @@
 mod audit;
 mod executions;
 mod keys;
+mod leases;
 mod owners;
 mod providers;
 mod sandboxes;

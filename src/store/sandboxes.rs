@@ -50,9 +50,52 @@ fn names(states: &[SandboxState]) -> Vec<&'static str> {
 }
 
 impl Store {
-    /// Inserts a new sandbox record.
-    pub async fn insert_sandbox(&self, model: sandbox::Model) -> StoreResult<sandbox::Model> {
-        Ok(model.into_active_model().insert(self.conn()).await?)
+    /// Inserts a new sandbox record with its lease (generation 1, held by
+    /// the sandbox's worker until `lease_until`), in one transaction. An
+    /// idempotency key the owner already used is
+    /// [`super::StoreError::AlreadyExists`].
+    pub async fn insert_sandbox(
+        &self,
+        model: sandbox::Model,
+        lease_until: DateTime<Utc>,
+    ) -> StoreResult<sandbox::Model> {
+        use sea_orm::{SqlErr, TransactionTrait};
+        let lease = entity::lease::Model {
+            sandbox_id: model.id.clone(),
+            worker_id: model.worker_id.clone(),
+            generation: 1,
+            acquired_at: model.created_at,
+            expires_at: lease_until,
+            released_at: None,
+        };
+        let txn = self.conn().begin().await?;
+        let inserted = match model.into_active_model().insert(&txn).await {
+            Ok(inserted) => inserted,
+            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                return Err(super::StoreError::AlreadyExists(
+                    "a sandbox with this idempotency key".into(),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        lease.into_active_model().insert(&txn).await?;
+        txn.commit().await?;
+        Ok(inserted)
+    }
+
+    /// The owner's sandbox spawned with idempotency key `key`, in any state.
+    pub async fn sandbox_by_idempotency_key(
+        &self,
+        tenant_id: &str,
+        owner_id: &str,
+        key: &str,
+    ) -> StoreResult<Option<sandbox::Model>> {
+        Ok(Entity::find()
+            .filter(Column::TenantId.eq(tenant_id))
+            .filter(Column::OwnerId.eq(owner_id))
+            .filter(Column::IdempotencyKey.eq(key))
+            .one(self.conn())
+            .await?)
     }
 
     /// A sandbox by id, in any state.
@@ -190,14 +233,29 @@ impl Store {
         if let Some(runtime_id) = runtime_id {
             update = update.col_expr(Column::RuntimeId, Expr::value(runtime_id));
         }
-        if to == SandboxState::Destroyed {
-            update = update.col_expr(Column::DestroyedAt, Expr::value(Some(now)));
+        if to != SandboxState::Destroyed {
+            let result = update.exec(self.conn()).await?;
+            if result.rows_affected == 0 {
+                return Ok(None);
+            }
+            return self.get_sandbox(id).await;
         }
-        let result = update.exec(self.conn()).await?;
-        if result.rows_affected == 0 {
+        // Destroyed: the record and its lease let go together.
+        use sea_orm::TransactionTrait;
+        update = update.col_expr(Column::DestroyedAt, Expr::value(Some(now)));
+        let txn = self.conn().begin().await?;
+        if update.exec(&txn).await?.rows_affected == 0 {
             return Ok(None);
         }
-        self.get_sandbox(id).await
+        entity::lease::Entity::update_many()
+            .col_expr(entity::lease::Column::ReleasedAt, Expr::value(Some(now)))
+            .filter(entity::lease::Column::SandboxId.eq(id))
+            .filter(entity::lease::Column::ReleasedAt.is_null())
+            .exec(&txn)
+            .await?;
+        let model = Entity::find_by_id(id.to_string()).one(&txn).await?;
+        txn.commit().await?;
+        Ok(model)
     }
 
     /// Sets a new expiry for a sandbox that is still usable.

@@ -20,6 +20,7 @@ impl Store {
                         Column::Providers,
                         Column::Capacity,
                         Column::LastHeartbeat,
+                        Column::Labels,
                     ])
                     .to_owned(),
             )
@@ -80,5 +81,49 @@ impl Store {
             .exec(self.conn())
             .await?;
         Ok(moved.rows_affected)
+    }
+}
+
+impl Store {
+    /// Sets what admins allow on a worker; false when no such worker.
+    pub async fn set_worker_admin_state(&self, id: &str, state: &str) -> StoreResult<bool> {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait, QueryFilter};
+        let updated = Entity::update_many()
+            .col_expr(Column::AdminState, Expr::value(state))
+            .filter(Column::Id.eq(id))
+            .exec(self.conn())
+            .await?;
+        Ok(updated.rows_affected > 0)
+    }
+
+    /// A worker by id.
+    pub async fn get_worker(&self, id: &str) -> StoreResult<Option<worker::Model>> {
+        Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
+    }
+
+    /// The number of live sandboxes on each worker that has any.
+    pub async fn live_sandboxes_per_worker(
+        &self,
+    ) -> StoreResult<std::collections::BTreeMap<String, u64>> {
+        use entity::sandbox::Column as S;
+        use sea_orm::{ColumnTrait, QueryFilter, QuerySelect};
+        let live: Vec<&str> = crate::lifecycle::SandboxState::LIVE
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        let rows: Vec<(String, i64)> = entity::sandbox::Entity::find()
+            .select_only()
+            .column(S::WorkerId)
+            .column_as(S::Id.count(), "count")
+            .filter(S::State.is_in(live))
+            .group_by(S::WorkerId)
+            .into_tuple()
+            .all(self.conn())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(w, n)| (w, u64::try_from(n).unwrap_or(0)))
+            .collect())
     }
 }

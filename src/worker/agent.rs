@@ -107,7 +107,9 @@ async fn spawn(State(s): State<AgentState>, Json(req): Json<rpc::Spawn>) -> Resp
     // one without a record, but not a half-built one).
     let worker = s.worker.clone();
     let answer: Answer<_> =
-        match tokio::spawn(async move { worker.spawn(&req.provider, &req.spec).await }).await {
+        match tokio::spawn(async move { worker.spawn(&req.provider, &req.spec, req.lease).await })
+            .await
+        {
             Ok(result) => result.into(),
             Err(e) => Answer::Err(rpc::WireError::Runtime {
                 message: format!("spawn task failed: {e}"),

@@ -1,14 +1,15 @@
 //! The worker that runs inside the server process: the providers in
 //! process, their health cached between checks.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
+use super::fence::{Fence, Operation};
 use super::{
     ProviderHealth, ProviderInfo, RuntimeCall, RuntimeRef, RuntimeReply, Worker, WorkerResult,
     WorkerSnapshot, record_health,
@@ -22,6 +23,9 @@ use crate::store::Store;
 /// How long one provider health probe may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The outcome of one sandbox's spawn, shared by its retries.
+type SpawnCell = Arc<tokio::sync::OnceCell<WorkerResult<RuntimeHandle>>>;
+
 /// The worker inside the server process.
 pub struct LocalWorker {
     id: String,
@@ -29,6 +33,12 @@ pub struct LocalWorker {
     providers: BTreeMap<String, Arc<dyn Provider>>,
     health: RwLock<BTreeMap<String, ProviderHealth>>,
     max_vcpus: u32,
+    labels: BTreeMap<String, String>,
+    fence: Fence,
+    /// Spawns in flight or done, by sandbox id, until the sandbox is
+    /// destroyed: a retried spawn waits for (or returns) the first one's
+    /// runtime. Bounded by the live sandboxes.
+    spawns: Mutex<HashMap<String, SpawnCell>>,
 }
 
 impl LocalWorker {
@@ -48,7 +58,46 @@ impl LocalWorker {
                 .collect(),
             health: RwLock::new(BTreeMap::new()),
             max_vcpus,
+            labels: BTreeMap::new(),
+            fence: Fence::in_memory(),
+            spawns: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same worker describing itself with `labels`.
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> LocalWorker {
+        self.labels = labels;
+        self
+    }
+
+    /// The same worker keeping its lease fence in `fence` (its data dir),
+    /// so that it survives restarts.
+    pub fn with_fence(mut self, fence: Fence) -> LocalWorker {
+        self.fence = fence;
+        self
+    }
+
+    fn spawns(&self) -> std::sync::MutexGuard<'_, HashMap<String, SpawnCell>> {
+        match self.spawns.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// A runtime a previous process of this worker made for `sandbox_id`.
+    async fn existing_runtime(
+        &self,
+        provider: &dyn Provider,
+        sandbox_id: &str,
+    ) -> WorkerResult<Option<RuntimeHandle>> {
+        Ok(provider
+            .inventory()
+            .await?
+            .into_iter()
+            .find(|item| item.sandbox_id == sandbox_id)
+            .map(|item| RuntimeHandle {
+                runtime_id: item.runtime_id,
+            }))
     }
 
     /// The same worker under an explicit id (`stacyvm worker --id`).
@@ -94,6 +143,8 @@ impl LocalWorker {
                 capacity: 0,
                 last_heartbeat: now,
                 created_at: now,
+                admin_state: super::AdminState::Active.as_str().into(),
+                labels: "{}".into(),
             })
             .await
     }
@@ -159,6 +210,7 @@ impl Worker for LocalWorker {
                 })
                 .collect(),
             max_vcpus: self.max_vcpus,
+            labels: self.labels.clone(),
         }
     }
 
@@ -227,8 +279,54 @@ impl Worker for LocalWorker {
         self.provider(provider)?.image_available(image).await
     }
 
-    async fn spawn(&self, provider: &str, spec: &SpawnSpec) -> WorkerResult<RuntimeHandle> {
-        self.provider(provider)?.spawn(spec).await
+    async fn spawn(
+        &self,
+        provider: &str,
+        spec: &SpawnSpec,
+        lease: u64,
+    ) -> WorkerResult<RuntimeHandle> {
+        let p = self.provider(provider)?;
+        let seen_before = self
+            .fence
+            .admit(&spec.sandbox_id, lease, Operation::Spawn)?;
+        let (cell, first) = {
+            let mut spawns = self.spawns();
+            match spawns.get(&spec.sandbox_id) {
+                Some(cell) => (cell.clone(), false),
+                None => {
+                    let cell = SpawnCell::default();
+                    spawns.insert(spec.sandbox_id.clone(), cell.clone());
+                    (cell, true)
+                }
+            }
+        };
+        let result = cell
+            .get_or_init(|| async {
+                // A retry reaching a restarted worker: the first attempt's
+                // runtime may exist already.
+                if first
+                    && seen_before
+                    && let Some(handle) =
+                        self.existing_runtime(p.as_ref(), &spec.sandbox_id).await?
+                {
+                    tracing::info!(sandbox = %spec.sandbox_id, "retried spawn: the runtime exists already");
+                    return Ok(handle);
+                }
+                p.spawn(spec).await
+            })
+            .await
+            .clone();
+        if result.is_err() {
+            // A failed spawn may be tried again.
+            let mut spawns = self.spawns();
+            if spawns
+                .get(&spec.sandbox_id)
+                .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
+                spawns.remove(&spec.sandbox_id);
+            }
+        }
+        result
     }
 
     async fn inventory(&self, provider: &str) -> WorkerResult<Vec<InventoryItem>> {
@@ -242,13 +340,16 @@ impl Worker for LocalWorker {
         sink: OutputSink,
     ) -> WorkerResult<ExecExit> {
         let handle = handle(runtime)?;
-        self.provider(&runtime.provider)?
-            .exec(handle, spec, sink)
-            .await
+        let p = self.provider(&runtime.provider)?;
+        self.fence
+            .admit(&runtime.sandbox_id, runtime.lease, Operation::Runtime)?;
+        p.exec(handle, spec, sink).await
     }
 
     async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {
         let p = self.provider(&runtime.provider)?;
+        self.fence
+            .admit(&runtime.sandbox_id, runtime.lease, Operation::Runtime)?;
         let h = || handle(runtime);
         Ok(match call {
             RuntimeCall::Destroy => {
@@ -259,6 +360,8 @@ impl Worker for LocalWorker {
                     None => p.destroy_by_sandbox_id(&runtime.sandbox_id).await?,
                     Some(handle) => p.destroy(handle).await?,
                 }
+                self.fence.retire(&runtime.sandbox_id, runtime.lease);
+                self.spawns().remove(&runtime.sandbox_id);
                 RuntimeReply::Done
             }
             RuntimeCall::Inspect => RuntimeReply::Status(p.inspect(h()?).await?),

@@ -15,6 +15,7 @@
 //! service stays typed and the wire stays one message pair.
 
 pub mod agent;
+pub mod fence;
 mod local;
 mod remote;
 pub mod rpc;
@@ -62,6 +63,47 @@ impl WorkerState {
     }
 }
 
+/// What admins allow on a worker. Kept in the store (`workers.admin_state`)
+/// and across heartbeats and restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdminState {
+    /// Takes new sandboxes.
+    #[default]
+    Active,
+    /// Takes no new sandboxes; its sandboxes run on.
+    Cordoned,
+    /// Cordoned while its sandboxes end (destroyed or expired); a drain
+    /// is done when none is left.
+    Draining,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Active => "active",
+            AdminState::Cordoned => "cordoned",
+            AdminState::Draining => "draining",
+        }
+    }
+
+    /// Whether the scheduler may place new sandboxes on the worker.
+    pub fn schedulable(self) -> bool {
+        self == AdminState::Active
+    }
+}
+
+impl std::str::FromStr for AdminState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(AdminState::Active),
+            "cordoned" => Ok(AdminState::Cordoned),
+            "draining" => Ok(AdminState::Draining),
+            other => Err(format!("unknown worker admin state {other:?}")),
+        }
+    }
+}
+
 /// The last health check of one provider.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProviderHealth {
@@ -88,6 +130,9 @@ pub struct WorkerSnapshot {
     pub providers: Vec<ProviderInfo>,
     /// CPUs of the worker's host: a sandbox may not ask for more.
     pub max_vcpus: u32,
+    /// What the operator says the worker is (`worker.labels`, `--label`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl WorkerSnapshot {
@@ -96,14 +141,16 @@ impl WorkerSnapshot {
     }
 }
 
-/// One runtime on a worker: the sandbox, its provider and the provider's
+/// One runtime on a worker: the sandbox, its provider, the provider's
 /// handle (`None` when the spawn never recorded one: destroy then removes
-/// whatever exists under the sandbox id).
+/// whatever exists under the sandbox id) and the generation of the
+/// sandbox's lease, which the worker fences on (see [`fence`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeRef {
     pub sandbox_id: String,
     pub provider: String,
     pub runtime_id: Option<String>,
+    pub lease: u64,
 }
 
 /// A one-shot operation on a runtime.
@@ -192,8 +239,15 @@ pub trait Worker: Send + Sync {
 
     async fn image_available(&self, provider: &str, image: &str) -> WorkerResult<bool>;
 
-    /// Makes the runtime of a new sandbox.
-    async fn spawn(&self, provider: &str, spec: &SpawnSpec) -> WorkerResult<RuntimeHandle>;
+    /// Makes the runtime of a new sandbox under lease generation `lease`.
+    /// Idempotent: a retried spawn of the same sandbox returns the runtime
+    /// the first one made (or is making) instead of making another.
+    async fn spawn(
+        &self,
+        provider: &str,
+        spec: &SpawnSpec,
+        lease: u64,
+    ) -> WorkerResult<RuntimeHandle>;
 
     /// Every runtime `provider` holds for this installation.
     async fn inventory(&self, provider: &str) -> WorkerResult<Vec<InventoryItem>>;

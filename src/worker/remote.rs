@@ -37,6 +37,10 @@ const EXEC_GRACE: Duration = Duration::from_secs(30);
 const MAX_ANSWER: usize = crate::provider::MAX_READ_BYTES / 3 * 4 + (1 << 20);
 /// The longest NDJSON line accepted from a worker (a base64 chunk).
 const MAX_FRAME: usize = 4 << 20;
+/// Idempotent calls (spawn, destroy) are sent this many times at most.
+const IDEMPOTENT_ATTEMPTS: u32 = 3;
+/// The first wait before resending one; doubles each time.
+const RETRY_BACKOFF: Duration = Duration::from_millis(250);
 
 /// A worker reached over RPC.
 pub struct RemoteWorker {
@@ -75,10 +79,7 @@ impl RemoteWorker {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token: token.to_string(),
             client,
-            snapshot: RwLock::new(WorkerSnapshot {
-                providers: Vec::new(),
-                max_vcpus: 0,
-            }),
+            snapshot: RwLock::new(WorkerSnapshot::default()),
             last_seen: Mutex::new(None),
             heard_from: Mutex::new(heard_from),
         }
@@ -123,12 +124,32 @@ impl RemoteWorker {
         body: &B,
         timeout: Duration,
     ) -> WorkerResult<T> {
-        let resp = self
-            .request(operation, timeout)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        self.unary_retried(operation, body, timeout, 1).await
+    }
+
+    /// A unary call sent up to `attempts` times while the request itself
+    /// fails before the worker answered (refused or reset connection):
+    /// only for operations the worker makes idempotent (spawn, destroy).
+    async fn unary_retried<B: Serialize, T: DeserializeOwned>(
+        &self,
+        operation: &str,
+        body: &B,
+        timeout: Duration,
+        attempts: u32,
+    ) -> WorkerResult<T> {
+        let mut attempt = 1;
+        let resp = loop {
+            match self.request(operation, timeout).json(body).send().await {
+                Ok(resp) => break resp,
+                Err(e) if attempt < attempts && !e.is_timeout() => {
+                    let wait = RETRY_BACKOFF * 2u32.pow(attempt - 1);
+                    tracing::warn!(worker = %self.id, operation, error = %e, retry_in = ?wait, "worker call failed before an answer; retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(self.unreachable(e)),
+            }
+        };
         let status = resp.status();
         if !status.is_success() {
             // The body is not echoed: the endpoint is not trusted to say
@@ -183,13 +204,7 @@ impl Worker for RemoteWorker {
     }
 
     fn snapshot(&self) -> WorkerSnapshot {
-        self.snapshot
-            .read()
-            .map(|s| s.clone())
-            .unwrap_or_else(|_| WorkerSnapshot {
-                providers: Vec::new(),
-                max_vcpus: 0,
-            })
+        self.snapshot.read().map(|s| s.clone()).unwrap_or_default()
     }
 
     async fn check_health(&self) -> BTreeMap<String, ProviderHealth> {
@@ -227,12 +242,19 @@ impl Worker for RemoteWorker {
         self.unary("image_available", &body, SPAWN_TIMEOUT).await
     }
 
-    async fn spawn(&self, provider: &str, spec: &SpawnSpec) -> WorkerResult<RuntimeHandle> {
+    async fn spawn(
+        &self,
+        provider: &str,
+        spec: &SpawnSpec,
+        lease: u64,
+    ) -> WorkerResult<RuntimeHandle> {
         let body = rpc::Spawn {
             provider: provider.to_string(),
             spec: spec.clone(),
+            lease,
         };
-        self.unary("spawn", &body, SPAWN_TIMEOUT).await
+        self.unary_retried("spawn", &body, SPAWN_TIMEOUT, IDEMPOTENT_ATTEMPTS)
+            .await
     }
 
     async fn inventory(&self, provider: &str) -> WorkerResult<Vec<InventoryItem>> {
@@ -307,10 +329,15 @@ impl Worker for RemoteWorker {
     }
 
     async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {
+        let attempts = match call {
+            RuntimeCall::Destroy => IDEMPOTENT_ATTEMPTS,
+            _ => 1,
+        };
         let body = rpc::Call {
             runtime: runtime.clone(),
             call,
         };
-        self.unary("call", &body, CALL_TIMEOUT).await
+        self.unary_retried("call", &body, CALL_TIMEOUT, attempts)
+            .await
     }
 }

@@ -28,6 +28,7 @@ pub enum WireError {
     FileNotFound { message: String },
     InvalidRequest { message: String },
     Unavailable { message: String },
+    Fenced { message: String },
     Runtime { message: String },
 }
 
@@ -44,6 +45,7 @@ impl From<ProviderError> for WireError {
                 message: e.to_string(),
             },
             ProviderError::Unavailable(message) => WireError::Unavailable { message },
+            ProviderError::Fenced(message) => WireError::Fenced { message },
             ProviderError::Runtime(message) => WireError::Runtime { message },
         }
     }
@@ -59,6 +61,7 @@ impl From<WireError> for ProviderError {
             WireError::FileNotFound { message } => ProviderError::FileNotFound(message),
             WireError::InvalidRequest { message } => ProviderError::InvalidRequest(message),
             WireError::Unavailable { message } => ProviderError::Unavailable(message),
+            WireError::Fenced { message } => ProviderError::Fenced(message),
             WireError::Runtime { message } => ProviderError::Runtime(message),
         }
     }
@@ -100,6 +103,8 @@ pub struct ImageAvailable {
 pub struct Spawn {
     pub provider: String,
     pub spec: SpawnSpec,
+    /// The generation of the sandbox's lease.
+    pub lease: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

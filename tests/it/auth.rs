@@ -203,14 +203,30 @@ async fn owners_cannot_see_or_touch_each_other_on_any_surface() {
         );
     }
     // Admin-only routes are forbidden to owners.
-    for path in ["/quotas", "/admin/quotas", "/admin/workers"] {
-        let (s, answer, _) = call(&server, Method::GET, path, &hb, None).await;
+    let local = server.app_service.scheduler().in_process_workers()[0]
+        .id()
+        .to_string();
+    let mut admin_only: Vec<(Method, String)> = ["/quotas", "/admin/quotas", "/admin/workers"]
+        .into_iter()
+        .map(|p| (Method::GET, p.to_string()))
+        .collect();
+    admin_only.push((Method::GET, format!("/admin/workers/{local}")));
+    for verb in ["cordon", "uncordon", "drain"] {
+        admin_only.push((Method::POST, format!("/admin/workers/{local}/{verb}")));
+    }
+    for (method, path) in admin_only {
+        let (s, answer, _) = call(&server, method, &path, &hb, None).await;
         assert_eq!(
             (s, answer["code"].as_str()),
             (403, Some("FORBIDDEN")),
             "{path}"
         );
     }
+    assert_eq!(
+        server.app_service.scheduler().admin_state(&local),
+        stacyvm::worker::AdminState::Active,
+        "an owner's refused cordon changed the worker"
+    );
     let (s, _, _) = call(
         &server,
         Method::PUT,

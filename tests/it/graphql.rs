@@ -28,16 +28,7 @@ fn graphql_url(server: &TestServer) -> String {
 
 /// Runs a query or mutation over HTTP and returns the whole response.
 async fn gql(server: &TestServer, query: &str, variables: Value) -> Value {
-    server
-        .http
-        .post(graphql_url(server))
-        .json(&json!({"query": query, "variables": variables}))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .json()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
+    server.post_graphql(query, variables).await.1
 }
 
 /// Like [`gql`] but fails on errors and returns `data`.

@@ -30,6 +30,7 @@ fn sandbox(id: &str, owner: &str, state: SandboxState) -> entity::sandbox::Model
         updated_at: now,
         expires_at: now + Duration::minutes(30),
         destroyed_at: None,
+        idempotency_key: None,
     }
 }
 
@@ -60,15 +61,24 @@ async fn migrations_are_idempotent(store: &Store) {
 
 async fn sandboxes_round_trip_and_filter(store: &Store) {
     store
-        .insert_sandbox(sandbox("sb-00000001", "alice", SandboxState::Running))
+        .insert_sandbox(
+            sandbox("sb-00000001", "alice", SandboxState::Running),
+            Utc::now() + Duration::minutes(5),
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     store
-        .insert_sandbox(sandbox("sb-00000002", "bob", SandboxState::Running))
+        .insert_sandbox(
+            sandbox("sb-00000002", "bob", SandboxState::Running),
+            Utc::now() + Duration::minutes(5),
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     store
-        .insert_sandbox(sandbox("sb-00000003", "alice", SandboxState::Destroyed))
+        .insert_sandbox(
+            sandbox("sb-00000003", "alice", SandboxState::Destroyed),
+            Utc::now() + Duration::minutes(5),
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -126,7 +136,7 @@ async fn sandboxes_round_trip_and_filter(store: &Store) {
     let mut other = sandbox("sb-000000a1", "alice", SandboxState::Running);
     other.tenant_id = "acme".into();
     store
-        .insert_sandbox(other)
+        .insert_sandbox(other, Utc::now() + Duration::minutes(5))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
@@ -174,7 +184,10 @@ async fn sandboxes_round_trip_and_filter(store: &Store) {
 
 async fn transitions_are_conditional(store: &Store) {
     store
-        .insert_sandbox(sandbox("sb-0000000a", "alice", SandboxState::Creating))
+        .insert_sandbox(
+            sandbox("sb-0000000a", "alice", SandboxState::Creating),
+            Utc::now() + Duration::minutes(5),
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // creating -> destroyed is not a transition.
@@ -234,11 +247,14 @@ async fn expiry_queries(store: &Store) {
     let mut old = sandbox("sb-0000000b", "alice", SandboxState::Running);
     old.expires_at = Utc::now() - Duration::seconds(5);
     store
-        .insert_sandbox(old)
+        .insert_sandbox(old, Utc::now() + Duration::minutes(5))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     store
-        .insert_sandbox(sandbox("sb-0000000c", "alice", SandboxState::Running))
+        .insert_sandbox(
+            sandbox("sb-0000000c", "alice", SandboxState::Running),
+            Utc::now() + Duration::minutes(5),
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let expired = store
@@ -453,6 +469,8 @@ async fn workers_and_quotas(store: &Store) {
         capacity: 0,
         last_heartbeat: now - Duration::minutes(5),
         created_at: now,
+        admin_state: "active".into(),
+        labels: "{}".into(),
     };
     store
         .upsert_worker(worker.clone())
@@ -546,6 +564,119 @@ async fn workers_and_quotas(store: &Store) {
     );
 }
 
+/// Leases: taken with the record, renewed and released per worker,
+/// reclaimed with the next generation (concurrent reclaims never share
+/// one), let go when the sandbox is destroyed; idempotency keys are
+/// unique per owner.
+async fn leases_fence_and_idempotency_keys(store: &Store) {
+    let soon = Utc::now() + Duration::minutes(5);
+    let mut a = sandbox("sb-0000a001", "alice", SandboxState::Running);
+    a.worker_id = "wk-lease-1".into();
+    let mut b = sandbox("sb-0000a002", "alice", SandboxState::Running);
+    b.worker_id = "wk-lease-2".into();
+    for s in [&a, &b] {
+        store
+            .insert_sandbox(s.clone(), soon)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let lease = store.lease(&a.id).await.ok().flatten().expect("a lease");
+    assert_eq!(
+        (lease.generation, lease.worker_id.as_str()),
+        (1, "wk-lease-1")
+    );
+    assert!(lease.released_at.is_none());
+
+    // Renewal reaches only the holder's leases.
+    let later = soon + Duration::minutes(5);
+    assert_eq!(store.renew_leases("wk-lease-1", later).await.ok(), Some(1));
+    let b_lease = store.lease(&b.id).await.ok().flatten().expect("b lease");
+    assert_eq!(b_lease.expires_at.timestamp(), soon.timestamp());
+
+    // Expiry releases what expired, once, for that worker only.
+    let past_b = soon + Duration::minutes(1);
+    let released = store
+        .release_expired_leases("wk-lease-2", past_b, 100)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].sandbox_id, b.id);
+    let again = store
+        .release_expired_leases("wk-lease-2", past_b, 100)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.is_empty(), "released twice: {again:?}");
+    let none = store
+        .release_expired_leases("wk-lease-1", past_b, 100)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.is_empty(), "a renewed lease expired: {none:?}");
+    // A released lease is not renewed by a late heartbeat.
+    assert_eq!(store.renew_leases("wk-lease-2", later).await.ok(), Some(0));
+
+    // Reclaims bump the generation; concurrent ones each get their own.
+    let reclaimed = store
+        .reclaim_lease(&b.id, "wk-lease-2", later)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(reclaimed.generation, 2);
+    assert!(reclaimed.released_at.is_none());
+    let (x, y) = tokio::join!(
+        store.reclaim_lease(&b.id, "wk-lease-2", later),
+        store.reclaim_lease(&b.id, "wk-lease-2", later)
+    );
+    let mut generations = vec![
+        x.unwrap_or_else(|e| panic!("{e}")).generation,
+        y.unwrap_or_else(|e| panic!("{e}")).generation,
+    ];
+    generations.sort_unstable();
+    assert_eq!(generations, [3, 4]);
+
+    // Destroyed: the lease is let go with the record.
+    store
+        .transition_sandbox(&a.id, SandboxState::Destroying, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    store
+        .transition_sandbox(&a.id, SandboxState::Destroyed, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gone = store.lease(&a.id).await.ok().flatten().expect("kept");
+    assert!(gone.released_at.is_some(), "{gone:?}");
+    assert_eq!(gone.generation, 1);
+
+    // Idempotency keys: unique per owner, free for another owner.
+    let mut first = sandbox("sb-0000a003", "alice", SandboxState::Running);
+    first.idempotency_key = Some("retry-1".into());
+    store
+        .insert_sandbox(first.clone(), soon)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut dup = sandbox("sb-0000a004", "alice", SandboxState::Running);
+    dup.idempotency_key = Some("retry-1".into());
+    assert!(matches!(
+        store.insert_sandbox(dup, soon).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(
+        store.lease("sb-0000a004").await.ok().flatten().is_none(),
+        "a refused insert left its lease"
+    );
+    let mut other = sandbox("sb-0000a005", "bob", SandboxState::Running);
+    other.idempotency_key = Some("retry-1".into());
+    store
+        .insert_sandbox(other, soon)
+        .await
+        .unwrap_or_else(|e| panic!("another owner's key: {e}"));
+    let found = store
+        .sandbox_by_idempotency_key("default", "alice", "retry-1")
+        .await
+        .ok()
+        .flatten()
+        .expect("found by key");
+    assert_eq!(found.id, first.id);
+}
+
 /// Runs every case on one store, in order (they use distinct ids).
 async fn suite(store: Store) {
     migrations_are_idempotent(&store).await;
@@ -556,6 +687,7 @@ async fn suite(store: Store) {
     executions_record(&store).await;
     audit_is_newest_first_and_filtered(&store).await;
     workers_and_quotas(&store).await;
+    leases_fence_and_idempotency_keys(&store).await;
 }
 
 #[tokio::test]

@@ -177,6 +177,23 @@ impl TestServer {
         decode(resp).await
     }
 
+    /// Runs a GraphQL query or mutation over HTTP: status and the whole
+    /// response.
+    pub async fn post_graphql(
+        &self,
+        query: &str,
+        variables: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let resp = self
+            .http
+            .post(self.base.replace("/api/v1", "/graphql"))
+            .json(&serde_json::json!({"query": query, "variables": variables}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /graphql: {e}"));
+        decode(resp).await
+    }
+
     pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
         let resp = self
             .http
@@ -311,27 +328,31 @@ pub async fn insert_docker_record(
     server
         .app_service
         .store()
-        .insert_sandbox(entity::sandbox::Model {
-            id: id.to_string(),
-            owner_id: "anonymous".into(),
-            tenant_id: "default".into(),
-            worker_id: server.app_service.scheduler().in_process_workers()[0]
-                .id()
-                .to_string(),
-            provider: "docker".into(),
-            runtime_id,
-            image: docker_image(),
-            template: None,
-            memory_mb: 64,
-            vcpus: 1,
-            state: state.into(),
-            state_reason: None,
-            metadata: serde_json::json!({}),
-            created_at: now,
-            updated_at: now,
-            expires_at: now + chrono::Duration::minutes(30),
-            destroyed_at: None,
-        })
+        .insert_sandbox(
+            entity::sandbox::Model {
+                id: id.to_string(),
+                owner_id: "anonymous".into(),
+                tenant_id: "default".into(),
+                worker_id: server.app_service.scheduler().in_process_workers()[0]
+                    .id()
+                    .to_string(),
+                provider: "docker".into(),
+                runtime_id,
+                image: docker_image(),
+                template: None,
+                memory_mb: 64,
+                vcpus: 1,
+                state: state.into(),
+                state_reason: None,
+                metadata: serde_json::json!({}),
+                created_at: now,
+                updated_at: now,
+                expires_at: now + chrono::Duration::minutes(30),
+                destroyed_at: None,
+                idempotency_key: None,
+            },
+            now + chrono::Duration::minutes(5),
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }

@@ -581,4 +581,362 @@ async fn a_lost_worker_is_reported_then_cleaned_up_when_it_returns() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // It was destroyed under a reclaimed lease: whatever still carries
+    // the generation from before the loss is refused by the worker.
+    let store = server.app_service.store();
+    let lease = store.lease(&id).await.expect("lease").expect("kept");
+    assert_eq!(lease.generation, 2, "{lease:?}");
+    assert!(lease.released_at.is_some(), "{lease:?}");
+    let handle = store
+        .get_sandbox(&id)
+        .await
+        .expect("record")
+        .and_then(|r| r.runtime_id)
+        .expect("handle");
+    let endpoint = endpoints(&server).await.remove(0);
+    let stale = rpc(
+        &endpoint,
+        "token-one",
+        "call",
+        json!({"runtime": runtime(&id, &handle, 1), "call": "inspect"}),
+    )
+    .await;
+    assert_eq!(stale["err"]["kind"], "fenced", "{stale}");
+}
+
+/// The worker's RPC address once it registered anew after a restart.
+async fn endpoint_after_restart(server: &TestServer, before: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let now = endpoints(server).await.remove(0);
+        if now != before {
+            return now;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "not back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One RPC to a worker, as the control plane sends it: the JSON answer.
+async fn rpc(endpoint: &str, token: &str, operation: &str, body: Value) -> Value {
+    let resp = reqwest::Client::new()
+        .post(format!("{endpoint}/rpc/v1/{operation}"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("rpc");
+    assert_eq!(resp.status().as_u16(), 200, "{operation}");
+    resp.json().await.expect("json")
+}
+
+fn runtime(sandbox_id: &str, runtime_id: &str, lease: u64) -> Value {
+    json!({
+        "sandbox_id": sandbox_id,
+        "provider": "native",
+        "runtime_id": runtime_id,
+        "lease": lease,
+    })
+}
+
+/// Retried spawns make one runtime: at the worker (the same spawn RPC
+/// twice at once, and again later) and at the API (the same
+/// `Idempotency-Key`, over REST and GraphQL). A worker refuses operations
+/// carrying a lease generation older than the newest it has seen, and a
+/// late spawn of a sandbox it destroyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_spawns_make_one_runtime_and_stale_leases_are_fenced_off() {
+    let server = control_plane().await;
+    let cp = base(&server);
+    let w1 = WorkerProcess::start(&cp, "w1", "token-one");
+    wait_for_workers(&server, &["w1"]).await;
+    let endpoint = endpoints(&server).await.remove(0);
+
+    // The worker: one spawn sent twice at once, and once more after.
+    let id = "sb-0fe11ce0";
+    let spawn = json!({
+        "provider": "native",
+        "spec": {"sandbox_id": id, "image": docker_image(), "memory_mb": 64, "vcpus": 1, "disk_mb": 64},
+        "lease": 1,
+    });
+    let (a, b) = tokio::join!(
+        rpc(&endpoint, "token-one", "spawn", spawn.clone()),
+        rpc(&endpoint, "token-one", "spawn", spawn.clone())
+    );
+    let handle = a["ok"]["runtime_id"].as_str().expect("spawned").to_string();
+    assert_eq!(b["ok"]["runtime_id"], handle, "{a} {b}");
+    let c = rpc(&endpoint, "token-one", "spawn", spawn.clone()).await;
+    assert_eq!(c["ok"]["runtime_id"], handle, "{c}");
+    assert_eq!(w1.sandbox_dirs(), [id], "one runtime");
+
+    // Generation 3 moves the fence: 2 is refused, 3 passes.
+    let inspect = |lease: u64| json!({"runtime": runtime(id, &handle, lease), "call": "inspect"});
+    let ok = rpc(&endpoint, "token-one", "call", inspect(3)).await;
+    assert!(ok.get("ok").is_some(), "{ok}");
+    let stale = rpc(&endpoint, "token-one", "call", inspect(2)).await;
+    assert_eq!(stale["err"]["kind"], "fenced", "{stale}");
+    let message = stale["err"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("seen generation 3"), "{message}");
+    let exec = reqwest::Client::new()
+        .post(format!("{endpoint}/rpc/v1/exec"))
+        .bearer_auth("token-one")
+        .json(&json!({
+            "runtime": runtime(id, &handle, 1),
+            "spec": {"argv": ["touch", "/tmp/stale"], "env": {}, "workdir": null, "timeout": {"secs": 10, "nanos": 0}},
+        }))
+        .send()
+        .await
+        .expect("exec")
+        .text()
+        .await
+        .expect("frames");
+    assert!(exec.contains("\"fenced\""), "{exec}");
+
+    // Destroyed at 3: a spawn delayed from before cannot bring it back.
+    let destroyed = rpc(
+        &endpoint,
+        "token-one",
+        "call",
+        json!({"runtime": runtime(id, &handle, 3), "call": "destroy"}),
+    )
+    .await;
+    assert!(destroyed.get("ok").is_some(), "{destroyed}");
+    let late = rpc(&endpoint, "token-one", "spawn", spawn.clone()).await;
+    assert_eq!(late["err"]["kind"], "fenced", "{late}");
+    assert!(w1.sandbox_dirs().is_empty(), "{:?}", w1.sandbox_dirs());
+    // ... and the worker remembers across kill -9.
+    let w1 = w1.restart(&cp, "token-one");
+    let endpoint = endpoint_after_restart(&server, &endpoint).await;
+    let late = rpc(&endpoint, "token-one", "spawn", spawn).await;
+    assert_eq!(late["err"]["kind"], "fenced", "{late}");
+    // A spawn retried across a kill -9 of the worker finds the runtime
+    // the first attempt made.
+    let kept = "sb-0fe11ce1";
+    let spawn = json!({
+        "provider": "native",
+        "spec": {"sandbox_id": kept, "image": docker_image(), "memory_mb": 64, "vcpus": 1, "disk_mb": 64},
+        "lease": 1,
+    });
+    let first = rpc(&endpoint, "token-one", "spawn", spawn.clone()).await;
+    let first = first["ok"]["runtime_id"]
+        .as_str()
+        .expect("spawned")
+        .to_string();
+    let w1 = w1.restart(&cp, "token-one");
+    let endpoint = endpoint_after_restart(&server, &endpoint).await;
+    let retried = rpc(&endpoint, "token-one", "spawn", spawn).await;
+    assert_eq!(retried["ok"]["runtime_id"], first.as_str(), "{retried}");
+    assert_eq!(w1.sandbox_dirs(), [kept], "one runtime");
+    let destroyed = rpc(
+        &endpoint,
+        "token-one",
+        "call",
+        json!({"runtime": runtime(kept, &first, 1), "call": "destroy"}),
+    )
+    .await;
+    assert!(destroyed.get("ok").is_some(), "{destroyed}");
+
+    // The API: one key, one sandbox, however often and however sent.
+    let body = json!({"image": docker_image()});
+    let send = |key: &str, body: &Value| {
+        server
+            .http
+            .post(server.url("/sandboxes"))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+    };
+    let (x, y) = tokio::join!(send("job-17", &body), send("job-17", &body));
+    let (x, y) = (x.expect("send"), y.expect("send"));
+    assert_eq!((x.status().as_u16(), y.status().as_u16()), (201, 201));
+    let (x, y): (Value, Value) = (x.json().await.expect("json"), y.json().await.expect("json"));
+    assert_eq!(x["id"], y["id"], "{x} {y}");
+    assert_eq!(x["state"], "running", "{x}");
+    let sandbox = x["id"].as_str().expect("id").to_string();
+    let later: Value = send("job-17", &body)
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(later["id"], sandbox.as_str());
+    let (_, gql) = server
+        .post_graphql(
+            "mutation($k: String) { spawnSandbox(input: {image: \"%IMAGE%\", idempotencyKey: $k}) { id } }"
+                .replace("%IMAGE%", &docker_image())
+                .as_str(),
+            json!({"k": "job-17"}),
+        )
+        .await;
+    assert_eq!(gql["data"]["spawnSandbox"]["id"], sandbox.as_str(), "{gql}");
+    let (_, list) = server.get("/sandboxes").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(w1.sandbox_dirs(), [sandbox.as_str()]);
+    let lease = server
+        .app_service
+        .store()
+        .lease(&sandbox)
+        .await
+        .expect("lease")
+        .expect("held");
+    assert_eq!((lease.generation, lease.worker_id.as_str()), (1, "w1"));
+
+    // The same key for another spawn, and malformed keys: clear refusals.
+    let other = send(
+        "job-17",
+        &json!({"image": docker_image(), "memory_mb": 128}),
+    )
+    .await
+    .expect("send");
+    assert_eq!(other.status().as_u16(), 409);
+    let other: Value = other.json().await.expect("json");
+    assert_eq!(other["code"], "CONFLICT", "{other}");
+    for key in ["x".repeat(256), "has space".to_string(), String::new()] {
+        let resp = send(&key, &body).await.expect("send");
+        assert_eq!(resp.status().as_u16(), 400, "{key:?}");
+    }
+    let (_, list) = server.get("/sandboxes").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+
+    // Destroyed, the key is spent: a retry says so instead of a new sandbox.
+    let (status, _) = server.delete(&format!("/sandboxes/{sandbox}")).await;
+    assert_eq!(status, 200);
+    let spent = send("job-17", &body).await.expect("send");
+    assert_eq!(spent.status().as_u16(), 409);
+    let lease = server
+        .app_service
+        .store()
+        .lease(&sandbox)
+        .await
+        .expect("lease")
+        .expect("kept");
+    assert!(lease.released_at.is_some(), "{lease:?}");
+}
+
+/// Cordon, drain and uncordon over REST, GraphQL and the CLI: a cordoned
+/// or draining worker takes nothing new, a spawn nothing can take says
+/// why, and `stacyvm workers drain --wait` returns once the worker's
+/// sandboxes are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cordoned_and_draining_workers_take_no_new_sandboxes() {
+    let server = control_plane().await;
+    let cp = base(&server);
+    let w1 = WorkerProcess::start(&cp, "w1", "token-one");
+    let w2 = WorkerProcess::start(&cp, "w2", "token-two");
+    wait_for_workers(&server, &["w1", "w2"]).await;
+
+    let (status, worker) = server.post("/admin/workers/w1/cordon", json!(null)).await;
+    assert_eq!(status, 200, "{worker}");
+    assert_eq!(worker["admin_state"], "cordoned", "{worker}");
+    let mut placed = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = server
+            .post("/sandboxes", json!({"image": docker_image()}))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["worker_id"], "w2", "placed on a cordoned worker");
+        placed.push(body["id"].as_str().expect("id").to_string());
+    }
+
+    // Drain w2 from the CLI and wait; nothing can take a sandbox now.
+    let mut drain = Command::new(BIN)
+        .args([
+            "workers",
+            "--server",
+            &cp,
+            "drain",
+            "w2",
+            "--wait",
+            "--timeout",
+            "60s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stacyvm workers drain");
+    let started = Instant::now();
+    loop {
+        let (_, w) = server.get("/admin/workers/w2").await;
+        if w["admin_state"] == "draining" {
+            assert_eq!(w["sandboxes"], 3, "{w}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{w}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "UNAVAILABLE");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("cordoned or draining (w1, w2)"),
+        "{message}"
+    );
+    assert!(
+        drain.try_wait().expect("poll").is_none(),
+        "drain returned early"
+    );
+    for id in &placed {
+        let (status, _) = server.delete(&format!("/sandboxes/{id}")).await;
+        assert_eq!(status, 200);
+    }
+    let out = tokio::task::spawn_blocking(move || drain.wait_with_output())
+        .await
+        .expect("join")
+        .expect("drain output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("worker w2 is drained"), "{stdout}");
+
+    // GraphQL: uncordon w1, and new sandboxes go there again.
+    let (_, gql) = server
+        .post_graphql(
+            "mutation { uncordonWorker(id: \"w1\") { id adminState sandboxes } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        gql["data"]["uncordonWorker"]["adminState"], "active",
+        "{gql}"
+    );
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["worker_id"], "w1");
+
+    // Unknown workers: 404 over REST, an extension code over GraphQL,
+    // an error exit from the CLI.
+    let (status, body) = server.post("/admin/workers/w9/drain", json!(null)).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("NOT_FOUND")),
+        "{body}"
+    );
+    let (_, gql) = server
+        .post_graphql("mutation { cordonWorker(id: \"w9\") { id } }", json!({}))
+        .await;
+    assert_eq!(gql["errors"][0]["extensions"]["code"], "NOT_FOUND", "{gql}");
+    let out = Command::new(BIN)
+        .args(["workers", "--server", &cp, "cordon", "w9"])
+        .output()
+        .expect("stacyvm workers cordon");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("worker w9 not found"),
+        "{out:?}"
+    );
+    // The audit trail names each action.
+    let (_, audit) = server.get("/admin/audit?target=w1").await;
+    let actions: Vec<&str> = audit
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"worker.cordon"), "{audit}");
+    assert!(actions.contains(&"worker.uncordon"), "{audit}");
+    drop((w1, w2));
 }

@@ -7,12 +7,15 @@ use base64::Engine;
 
 use super::ctx;
 use super::errors::GqlResult;
-use super::types::{ExecMode, ExecResult, Execution, GoDuration, QuotaPolicy, Sandbox, Template};
+use super::types::{
+    ExecMode, ExecResult, Execution, GoDuration, QuotaPolicy, Sandbox, Template, Worker,
+};
 use crate::duration;
 use crate::service::QuotaInput;
 use crate::service::{
     Error, ExecRequest, FileWrite, SpawnRequest, TemplateInput as ServiceTemplateInput,
 };
+use crate::worker::AdminState;
 
 #[derive(InputObject, Default)]
 pub struct SpawnSandboxInput {
@@ -26,6 +29,9 @@ pub struct SpawnSandboxInput {
     pub template: Option<String>,
     pub owner_id: Option<String>,
     pub metadata: Option<Json<BTreeMap<String, String>>>,
+    /// A key for this spawn, unique per owner: a retry with the same key
+    /// answers the sandbox the first spawn made instead of making another.
+    pub idempotency_key: Option<String>,
 }
 
 #[derive(InputObject)]
@@ -145,6 +151,7 @@ impl MutationRoot {
             template: input.template,
             owner_id: input.owner_id,
             metadata: input.metadata.map(|m| m.0).unwrap_or_default(),
+            idempotency_key: input.idempotency_key,
         };
         Ok(Sandbox(service.spawn(caller, req).await.gql()?))
     }
@@ -154,6 +161,22 @@ impl MutationRoot {
         let (service, caller) = ctx(cx)?;
         service.destroy_sandbox(caller, &id).await.gql()?;
         Ok(true)
+    }
+
+    /// Takes no new sandboxes on a worker (admins only); its sandboxes run on.
+    async fn cordon_worker(&self, cx: &Context<'_>, id: ID) -> async_graphql::Result<Worker> {
+        set_admin_state(cx, &id, AdminState::Cordoned).await
+    }
+
+    /// Lets a cordoned or draining worker take new sandboxes again.
+    async fn uncordon_worker(&self, cx: &Context<'_>, id: ID) -> async_graphql::Result<Worker> {
+        set_admin_state(cx, &id, AdminState::Active).await
+    }
+
+    /// Cordons a worker until its sandboxes are gone: done when the
+    /// worker's `sandboxes` is 0.
+    async fn drain_worker(&self, cx: &Context<'_>, id: ID) -> async_graphql::Result<Worker> {
+        set_admin_state(cx, &id, AdminState::Draining).await
     }
 
     /// Sets a sandbox's expiry to now + ttl.
@@ -352,4 +375,18 @@ impl MutationRoot {
         let (service, caller) = ctx(cx)?;
         service.prune_expired(caller).await.gql()
     }
+}
+
+async fn set_admin_state(
+    cx: &Context<'_>,
+    id: &ID,
+    state: AdminState,
+) -> async_graphql::Result<Worker> {
+    let (service, caller) = ctx(cx)?;
+    Ok(Worker::from(
+        service
+            .set_worker_admin_state(caller, id, state)
+            .await
+            .gql()?,
+    ))
 }

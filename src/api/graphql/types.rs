@@ -238,6 +238,13 @@ pub struct Worker {
     pub last_heartbeat: DateTime<Utc>,
     /// Not `online`: silent past `lifecycle.worker_stale_after`.
     pub stale: bool,
+    /// What admins allow: active, cordoned or draining.
+    pub admin_state: String,
+    /// What the worker says it is (`--label`).
+    pub labels: Json<BTreeMap<String, String>>,
+    /// Its live sandboxes (a drain is done at 0); null where not counted
+    /// (a sandbox's `worker`).
+    pub sandboxes: Option<u64>,
 }
 
 impl Worker {
@@ -256,6 +263,9 @@ impl From<service::WorkerStatus> for Worker {
             capacity: w.capacity,
             last_heartbeat: w.last_heartbeat,
             stale: w.stale,
+            admin_state: w.admin_state,
+            labels: Json(w.labels),
+            sandboxes: w.sandboxes,
         }
     }
 }

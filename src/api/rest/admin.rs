@@ -1,9 +1,10 @@
-//! `/admin/...`: the audit trail (JSON or CSV) and worker listing.
+//! `/admin/...`: the audit trail (JSON or CSV), worker listing, and
+//! cordon, uncordon and drain of a worker.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
@@ -13,11 +14,16 @@ use crate::auth::Caller;
 use crate::events::AuditRecord;
 use crate::service::{Error, Service, WorkerStatus};
 use crate::store::AuditFilter;
+use crate::worker::AdminState;
 
 pub fn router() -> Router<Service> {
     Router::new()
         .route("/admin/audit", get(audit))
         .route("/admin/workers", get(workers))
+        .route("/admin/workers/{id}", get(worker))
+        .route("/admin/workers/{id}/cordon", post(cordon))
+        .route("/admin/workers/{id}/uncordon", post(uncordon))
+        .route("/admin/workers/{id}/drain", post(drain))
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,4 +109,48 @@ async fn workers(
     caller: Caller,
 ) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
     Ok(Json(service.admin_workers(&caller).await?))
+}
+
+async fn worker(
+    State(service): State<Service>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerStatus>, ApiError> {
+    Ok(Json(service.admin_worker(&caller, &id).await?))
+}
+
+async fn cordon(
+    State(service): State<Service>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerStatus>, ApiError> {
+    Ok(Json(
+        service
+            .set_worker_admin_state(&caller, &id, AdminState::Cordoned)
+            .await?,
+    ))
+}
+
+async fn uncordon(
+    State(service): State<Service>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerStatus>, ApiError> {
+    Ok(Json(
+        service
+            .set_worker_admin_state(&caller, &id, AdminState::Active)
+            .await?,
+    ))
+}
+
+async fn drain(
+    State(service): State<Service>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerStatus>, ApiError> {
+    Ok(Json(
+        service
+            .set_worker_admin_state(&caller, &id, AdminState::Draining)
+            .await?,
+    ))
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use super::ApiError;
 use super::extract::JsonBody;
 use crate::auth::Caller;
-use crate::service::{AdmissionDecision, Sandbox, Service, SpawnRequest};
+use crate::service::{AdmissionDecision, Error, Sandbox, Service, SpawnRequest};
 
 pub fn router() -> Router<Service> {
     Router::new()
@@ -49,16 +49,33 @@ impl From<SpawnBody> for SpawnRequest {
             template: b.template,
             owner_id: b.owner_id,
             metadata: b.metadata.unwrap_or_default(),
+            idempotency_key: None,
         }
     }
 }
 
+/// The header a client retrying a spawn sends with the same value.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 async fn spawn(
     State(service): State<Service>,
     caller: Caller,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<SpawnBody>,
 ) -> Result<(StatusCode, Json<Sandbox>), ApiError> {
-    let sandbox = service.spawn(&caller, body.into()).await?;
+    let mut req = SpawnRequest::from(body);
+    req.idempotency_key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| {
+                    Error::BadRequest("the Idempotency-Key header is not printable ASCII".into())
+                })?
+                .to_string(),
+        ),
+    };
+    let sandbox = service.spawn(&caller, req).await?;
     Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
