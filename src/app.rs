@@ -218,19 +218,21 @@ pub async fn run_worker(
     let endpoint = crate::worker::rpc::checked_endpoint(&endpoint)
         .map_err(|why| StartError::Provider(format!("{why}: give --advertise http://HOST:PORT")))?;
     tracing::info!(worker = %w.id, rpc = %local, %endpoint, control_plane = %w.control_plane, "StacyVM worker listening");
+    let credentials =
+        crate::worker::token::WorkerCredentials::new(&w.id, &w.token, config.auth.worker_auth);
     let shutdown = CancellationToken::new();
     let beats = tokio::spawn(crate::worker::agent::heartbeat_loop(
         worker.clone(),
         crate::worker::agent::HeartbeatTarget {
             control_plane: w.control_plane.clone(),
-            token: w.token.clone(),
+            credentials: credentials.clone(),
             endpoint,
         },
         config.lifecycle.heartbeat_interval.0,
         config.lifecycle.health_interval.0,
         shutdown.child_token(),
     ));
-    let router = crate::worker::agent::router(worker, &w.token, config.server.max_body_bytes);
+    let router = crate::worker::agent::router(worker, credentials, config.server.max_body_bytes);
     let served = axum::serve(listener.tap_io(no_delay), router)
         .with_graceful_shutdown(signal)
         .await
@@ -316,15 +318,20 @@ impl App {
         // Remote workers known from before a restart are reachable at once,
         // before their next heartbeat says what they offer.
         for row in store.list_workers().await? {
-            let Some(token) = config.auth.worker_tokens.get(&row.id) else {
+            let Some(secret) = config.auth.worker_tokens.get(&row.id) else {
                 continue;
             };
+            let credentials = crate::worker::token::WorkerCredentials::new(
+                &row.id,
+                secret,
+                config.auth.worker_auth,
+            );
             if let Ok(endpoint) = crate::worker::rpc::checked_endpoint(&row.endpoint) {
                 scheduler.add_remote(Arc::new(crate::worker::RemoteWorker::new(
                     &row.id,
                     &row.hostname,
                     &endpoint,
-                    token,
+                    credentials,
                     // Silence counts only from when this process could
                     // hear: a control plane that was down does not make
                     // its workers lost.

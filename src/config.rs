@@ -293,6 +293,9 @@ pub struct AuthConfig {
     /// Remote workers allowed to register: worker id → its token (the
     /// worker's `--token`).
     pub worker_tokens: std::collections::BTreeMap<String, String>,
+    /// How worker secrets travel, on both ends: `signed` (short-lived
+    /// JWTs, the default) or `static` (the secret as a bearer token).
+    pub worker_auth: crate::worker::token::WorkerAuth,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -307,6 +310,7 @@ impl std::fmt::Debug for AuthConfig {
                 "worker_tokens",
                 &self.worker_tokens.keys().collect::<Vec<_>>(),
             )
+            .field("worker_auth", &self.worker_auth)
             .finish()
     }
 }

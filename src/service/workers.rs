@@ -9,6 +9,7 @@ use chrono::Utc;
 use super::{Error, Result, Service, WorkerStatus};
 use crate::auth::Caller;
 use crate::worker::rpc::{self, Heartbeat};
+use crate::worker::token::{Audience, WorkerCredentials};
 use crate::worker::{AdminState, RemoteWorker};
 
 /// Longest worker id accepted.
@@ -32,13 +33,19 @@ impl Service {
             && id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        let token = self.config().auth.worker_tokens.get(id);
-        if !well_formed || !token.is_some_and(|t| rpc::bearer_matches(authorization, t)) {
+        let credentials = self
+            .config()
+            .auth
+            .worker_tokens
+            .get(id)
+            .map(|secret| WorkerCredentials::new(id, secret, self.config().auth.worker_auth));
+        let Some(credentials) =
+            credentials.filter(|c| well_formed && c.verify(authorization, Audience::ControlPlane))
+        else {
             return Err(Error::Unauthorized(
                 "unknown worker or wrong worker token".into(),
             ));
-        }
-        let token = token.cloned().unwrap_or_default();
+        };
         let endpoint = rpc::checked_endpoint(&beat.endpoint).map_err(Error::BadRequest)?;
         let scheduler = self.scheduler();
         if scheduler.in_process_workers().iter().any(|w| w.id() == id) {
@@ -69,7 +76,7 @@ impl Service {
                     id,
                     &hostname,
                     &endpoint,
-                    &token,
+                    credentials,
                     Utc::now(),
                 ));
                 scheduler.add_remote(worker.clone());

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::rpc::{self, Answer, ExecFrame, Heartbeat};
+use super::token::{Audience, WorkerCredentials};
 use super::{LocalWorker, Worker};
 use crate::provider::OutputChunk;
 
@@ -28,15 +29,19 @@ const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 struct AgentState {
     worker: Arc<LocalWorker>,
-    token: Arc<String>,
+    credentials: Arc<WorkerCredentials>,
 }
 
 /// The worker's RPC server. `max_body_bytes` bounds a request (a file
 /// write arrives base64-encoded, a third larger than the file).
-pub fn router(worker: Arc<LocalWorker>, token: &str, max_body_bytes: usize) -> Router {
+pub fn router(
+    worker: Arc<LocalWorker>,
+    credentials: WorkerCredentials,
+    max_body_bytes: usize,
+) -> Router {
     let state = AgentState {
         worker,
-        token: Arc::new(token.to_string()),
+        credentials: Arc::new(credentials),
     };
     Router::new()
         .route(&format!("{}/snapshot", rpc::PREFIX), post(snapshot))
@@ -68,7 +73,7 @@ async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if rpc::bearer_matches(presented, &state.token) {
+    if state.credentials.verify(presented, Audience::Worker) {
         return next.run(req).await;
     }
     (
@@ -191,7 +196,7 @@ async fn exec(State(s): State<AgentState>, Json(req): Json<rpc::Exec>) -> Respon
 pub struct HeartbeatTarget {
     /// The control plane's base URL, e.g. `http://10.0.0.1:7423`.
     pub control_plane: String,
-    pub token: String,
+    pub credentials: WorkerCredentials,
     /// This worker's RPC address as the control plane reaches it.
     pub endpoint: String,
 }
@@ -230,7 +235,7 @@ pub async fn heartbeat_loop(
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     snapshot: worker.snapshot(),
                 };
-                match client.post(&url).bearer_auth(&target.token).json(&beat).send().await {
+                match client.post(&url).bearer_auth(target.credentials.bearer(Audience::ControlPlane)).json(&beat).send().await {
                     Ok(resp) if resp.status().is_success() => {
                         if !std::mem::replace(&mut registered, true) {
                             tracing::info!(control_plane = %target.control_plane, "registered with the control plane");

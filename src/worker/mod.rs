@@ -19,6 +19,7 @@ pub mod fence;
 mod local;
 mod remote;
 pub mod rpc;
+pub mod token;
 
 pub use local::LocalWorker;
 pub use remote::RemoteWorker;

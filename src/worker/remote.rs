@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::rpc::{self, Answer, ExecFrame};
+use super::token::{Audience, WorkerCredentials};
 use super::{
     ProviderHealth, RuntimeCall, RuntimeRef, RuntimeReply, Worker, WorkerResult, WorkerSnapshot,
 };
@@ -47,7 +48,7 @@ pub struct RemoteWorker {
     id: String,
     hostname: String,
     endpoint: String,
-    token: String,
+    credentials: WorkerCredentials,
     client: reqwest::Client,
     snapshot: RwLock<WorkerSnapshot>,
     /// When its last heartbeat arrived.
@@ -65,7 +66,7 @@ impl RemoteWorker {
         id: &str,
         hostname: &str,
         endpoint: &str,
-        token: &str,
+        credentials: WorkerCredentials,
         heard_from: DateTime<Utc>,
     ) -> RemoteWorker {
         let client = reqwest::Client::builder()
@@ -77,7 +78,7 @@ impl RemoteWorker {
             id: id.to_string(),
             hostname: hostname.to_string(),
             endpoint: endpoint.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            credentials,
             client,
             snapshot: RwLock::new(WorkerSnapshot::default()),
             last_seen: Mutex::new(None),
@@ -114,7 +115,7 @@ impl RemoteWorker {
     fn request(&self, operation: &str, timeout: Duration) -> reqwest::RequestBuilder {
         self.client
             .post(format!("{}{}/{operation}", self.endpoint, rpc::PREFIX))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.credentials.bearer(Audience::Worker))
             .timeout(timeout)
     }
 

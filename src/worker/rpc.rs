@@ -1,10 +1,10 @@
 //! The worker protocol: what the control plane sends a `stacyvm worker`
 //! and what it answers, over HTTP on the worker's `--listen` address.
 //!
-//! Every request is a `POST /rpc/v1/<operation>` with a JSON body and the
-//! worker's token as `Authorization: Bearer <token>` (the same static token
-//! the worker presents when it heartbeats to the control plane; compared in
-//! constant time). A unary answer is `{"ok": value}` or `{"err": WireError}`.
+//! Every request is a `POST /rpc/v1/<operation>` with a JSON body and a
+//! credential of the worker as `Authorization: Bearer <token>`: a
+//! short-lived signed token for this direction, or the static secret (see
+//! [`super::token`]). A unary answer is `{"ok": value}` or `{"err": WireError}`.
 //! An exec answers a stream of NDJSON [`ExecFrame`]s: output chunks in
 //! order, then one `exit` or `error` frame. Closing the stream early
 //! cancels the command on the worker, as dropping a local exec does.

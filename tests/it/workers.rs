@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use stacyvm::worker::token::{Audience, WorkerAuth, WorkerCredentials};
+
 use crate::support::{TestServer, docker_image, rootfs_tarball};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stacyvm");
@@ -307,7 +309,7 @@ async fn worker_credentials_are_checked_both_ways() {
             "snapshot": {"providers": [], "max_vcpus": 1}
         })
     };
-    let heartbeat = |token: Option<&str>, body: Value| {
+    let heartbeat = |token: Option<String>, body: Value| {
         let mut req = server
             .http
             .post(format!("{cp}/api/v1/workers/heartbeat"))
@@ -317,27 +319,47 @@ async fn worker_credentials_are_checked_both_ways() {
         }
         req.send()
     };
-    // Wrong token, another worker's token, no token, unknown id: 401 alike.
-    for (token, id) in [
-        (Some("wrong"), "w1"),
-        (Some("token-two"), "w1"),
-        (None, "w1"),
-        (Some("token-one"), "w9"),
+    let now = jsonwebtoken::get_current_timestamp();
+    let to_cp = Audience::ControlPlane;
+    // Forged (wrong secret, another worker's secret), for another worker,
+    // expired, for the other direction, the raw secret, none: 401 alike.
+    for (token, id, case) in [
+        (Some(signed("w1", "wrong", to_cp)), "w1", "wrong secret"),
+        (Some(signed("w1", "token-two", to_cp)), "w1", "w2's secret"),
+        (None, "w1", "no token"),
+        (
+            Some(signed("w9", "token-one", to_cp)),
+            "w9",
+            "unknown worker",
+        ),
+        (Some(signed("w2", "token-one", to_cp)), "w1", "w2's token"),
+        (
+            Some(expired("w1", "token-one", to_cp, now)),
+            "w1",
+            "expired",
+        ),
+        (
+            Some(signed("w1", "token-one", Audience::Worker)),
+            "w1",
+            "audience",
+        ),
+        (Some("token-one".to_string()), "w1", "raw secret"),
     ] {
         let resp = heartbeat(token, beat(id, "http://127.0.0.1:1"))
             .await
             .expect("send");
-        assert_eq!(resp.status().as_u16(), 401, "{token:?} {id}");
+        assert_eq!(resp.status().as_u16(), 401, "{case}");
         let body: Value = resp.json().await.expect("json");
         assert_eq!(body["code"], "UNAUTHORIZED", "{body}");
     }
     let (_, workers) = server.get("/workers").await;
     assert_eq!(workers, json!([]), "a refused worker was registered");
+    let good = || Some(signed("w1", "token-one", to_cp));
     // Malformed JSON is a clear 400, not a 500.
     let resp = server
         .http
         .post(format!("{cp}/api/v1/workers/heartbeat"))
-        .bearer_auth("token-one")
+        .bearer_auth(signed("w1", "token-one", to_cp))
         .header("content-type", "application/json")
         .body("{\"id\": \"w1\", \"snapshot\": [")
         .send()
@@ -352,44 +374,48 @@ async fn worker_credentials_are_checked_both_ways() {
     let resp = heartbeat(None, big).await.expect("send");
     assert!(resp.status().is_client_error(), "{}", resp.status());
     // A bad endpoint is a clear 400.
-    for endpoint in ["http://127.0.0.1:1/steer?x=", "http://0.0.0.0:1"] {
-        let resp = heartbeat(Some("token-one"), beat("w1", endpoint))
-            .await
-            .expect("send");
+    for endpoint in [
+        "http://127.0.0.1:1/steer?x=",
+        "http://0.0.0.0:1",
+        "file:///etc",
+    ] {
+        let resp = heartbeat(good(), beat("w1", endpoint)).await.expect("send");
         assert_eq!(resp.status().as_u16(), 400, "{endpoint}");
     }
-    let resp = heartbeat(Some("token-one"), beat("w1", "file:///etc"))
-        .await
-        .expect("send");
-    assert_eq!(resp.status().as_u16(), 400);
 
     // A real worker registers; another process claiming its id from
     // another address is refused while the first is alive.
     let w1 = WorkerProcess::start(&cp, "w1", "token-one");
     wait_for_workers(&server, &["w1"]).await;
     let endpoint = endpoints(&server).await.remove(0);
-    let resp = heartbeat(Some("token-one"), beat("w1", "http://127.0.0.1:2"))
+    let resp = heartbeat(good(), beat("w1", "http://127.0.0.1:2"))
         .await
         .expect("send");
     assert_eq!(resp.status().as_u16(), 409);
 
-    // The worker's RPC refuses callers without its token.
-    let rpc = reqwest::Client::new();
-    for token in [None, Some("token-two"), Some("token-on")] {
-        let mut req = rpc
+    // The worker's RPC refuses the same kinds of bad credentials.
+    let to_worker = Audience::Worker;
+    let rpc_with = |token: Option<String>| {
+        let mut req = reqwest::Client::new()
             .post(format!("{endpoint}/rpc/v1/snapshot"))
             .json(&json!(null));
         if let Some(token) = token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.expect("rpc");
-        assert_eq!(resp.status().as_u16(), 401, "{token:?}");
+        req.send()
+    };
+    for (token, case) in [
+        (None, "no token"),
+        (Some(signed("w1", "token-two", to_worker)), "w2's secret"),
+        (Some(signed("w2", "token-one", to_worker)), "another worker"),
+        (Some(expired("w1", "token-one", to_worker, now)), "expired"),
+        (Some(signed("w1", "token-one", to_cp)), "audience"),
+        (Some("token-one".to_string()), "raw secret"),
+    ] {
+        let resp = rpc_with(token).await.expect("rpc");
+        assert_eq!(resp.status().as_u16(), 401, "{case}");
     }
-    let resp = rpc
-        .post(format!("{endpoint}/rpc/v1/snapshot"))
-        .bearer_auth("token-one")
-        .json(&json!(null))
-        .send()
+    let resp = rpc_with(Some(signed("w1", "token-one", to_worker)))
         .await
         .expect("rpc");
     assert_eq!(resp.status().as_u16(), 200);
@@ -617,11 +643,21 @@ async fn endpoint_after_restart(server: &TestServer, before: &str) -> String {
     }
 }
 
+/// A signed token for worker `id` with `secret`, as the other end makes it.
+fn signed(id: &str, secret: &str, audience: Audience) -> String {
+    WorkerCredentials::new(id, secret, WorkerAuth::Signed).bearer(audience)
+}
+
+/// The same, but issued five minutes before `now` (long expired).
+fn expired(id: &str, secret: &str, audience: Audience, now: u64) -> String {
+    WorkerCredentials::new(id, secret, WorkerAuth::Signed).bearer_issued_at(audience, now - 300)
+}
+
 /// One RPC to a worker, as the control plane sends it: the JSON answer.
-async fn rpc(endpoint: &str, token: &str, operation: &str, body: Value) -> Value {
+async fn rpc(endpoint: &str, secret: &str, operation: &str, body: Value) -> Value {
     let resp = reqwest::Client::new()
         .post(format!("{endpoint}/rpc/v1/{operation}"))
-        .bearer_auth(token)
+        .bearer_auth(signed("w1", secret, Audience::Worker))
         .json(&body)
         .send()
         .await
@@ -679,7 +715,7 @@ async fn retried_spawns_make_one_runtime_and_stale_leases_are_fenced_off() {
     assert!(message.contains("seen generation 3"), "{message}");
     let exec = reqwest::Client::new()
         .post(format!("{endpoint}/rpc/v1/exec"))
-        .bearer_auth("token-one")
+        .bearer_auth(signed("w1", "token-one", Audience::Worker))
         .json(&json!({
             "runtime": runtime(id, &handle, 1),
             "spec": {"argv": ["touch", "/tmp/stale"], "env": {}, "workdir": null, "timeout": {"secs": 10, "nanos": 0}},
