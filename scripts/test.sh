@@ -245,6 +245,14 @@ run_sdk() {
 
     STACYVM_URL="$url" STACYVM_TEST_PROVIDER="$provider" STACYVM_API_KEY="$api_key" \
         "$PY" -m pytest "$ROOT/tests/sdk" -v -p no:cacheprovider --durations=10 || rc=$?
+    if [ "$pass" = remote ] && [ "$rc" -eq 0 ]; then
+        # The suite's sandboxes must have been spread over both workers.
+        local spread
+        spread=$(psql -tA "${STACYVM_TEST_POSTGRES_URL%/*}/sdk_${pass}_$$" \
+            -c "SELECT COUNT(DISTINCT worker_id) || ' workers, ' || COUNT(*) || ' sandboxes' FROM sandboxes") || rc=1
+        echo "the SDK suite's sandboxes landed on $spread"
+        case "$spread" in 2\ workers*) ;; *) echo "expected sandboxes on both workers"; rc=1 ;; esac
+    fi
 
     if [ "$rc" -ne 0 ]; then
         echo "--- server log (tail) ---"

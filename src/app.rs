@@ -336,6 +336,7 @@ impl App {
                     // hear: a control plane that was down does not make
                     // its workers lost.
                     row.last_heartbeat.max(chrono::Utc::now()),
+                    stale_after,
                 )));
             }
         }

@@ -72,11 +72,7 @@ impl Scheduler {
     /// `stale_after`. The one freshness rule placement, readiness, the
     /// provider list and the reconciler share.
     pub fn is_fresh(&self, worker: &dyn Worker) -> bool {
-        worker.heard_from().is_none_or(|since| {
-            (chrono::Utc::now() - since)
-                .to_std()
-                .map_or(true, |silent| silent < self.stale_after)
-        })
+        crate::worker::is_fresh(worker.heard_from(), self.stale_after)
     }
 
     /// The workers in reach now.

@@ -191,7 +191,7 @@ impl Service {
 
     /// Runs the reaper until `shutdown` fires.
     pub async fn run_reaper(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
+        let mut tick = crate::ticker::every(every);
         let system = Caller::system();
         loop {
             tokio::select! {

@@ -68,6 +68,16 @@ pub struct ReconcileReport {
     pub orphans_destroyed: usize,
 }
 
+impl ReconcileReport {
+    fn add(&mut self, other: &ReconcileReport) {
+        self.running += other.running;
+        self.failed += other.failed;
+        self.health_changes += other.health_changes;
+        self.destroyed += other.destroyed;
+        self.orphans_destroyed += other.orphans_destroyed;
+    }
+}
+
 /// What the reconciler remembers between passes (in memory: a restart
 /// starts counting afresh, which only delays a verdict by one pass).
 #[derive(Debug, Default)]
@@ -128,8 +138,7 @@ impl ReconcileMemory {
 impl Service {
     /// Runs the reconciler every `every` until `shutdown` fires.
     pub async fn run_reconciler(self, every: Duration, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::ticker::every(every);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -149,9 +158,19 @@ impl Service {
         let mut report = ReconcileReport::default();
         let mut live = std::collections::HashSet::new();
         self.refresh_admin_states().await?;
-        for worker in self.scheduler().workers() {
+        // Every worker at once: one that hangs delays only its own pass.
+        let workers = self.scheduler().workers();
+        let passes = workers.iter().map(|worker| async move {
+            let mut report = ReconcileReport::default();
+            let mut live = std::collections::HashSet::new();
             self.reconcile_worker(worker.as_ref(), startup, &mut report, &mut live)
-                .await?;
+                .await
+                .map(|()| (report, live))
+        });
+        for pass in futures::future::join_all(passes).await {
+            let (one, ids) = pass?;
+            report.add(&one);
+            live.extend(ids);
         }
         // Forget sandboxes that are no longer live (destroyed by anyone).
         self.inner

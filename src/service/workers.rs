@@ -78,6 +78,7 @@ impl Service {
                     &endpoint,
                     credentials,
                     Utc::now(),
+                    fresh_for,
                 ));
                 scheduler.add_remote(worker.clone());
                 worker

@@ -220,9 +220,13 @@ pub async fn heartbeat_loop(
         target.control_plane.trim_end_matches('/'),
         crate::api::rest::WORKER_HEARTBEAT_PATH
     );
-    let mut heartbeat = tokio::time::interval(heartbeat_every);
-    let mut health = tokio::time::interval(health_every);
+    let mut heartbeat = crate::ticker::every(heartbeat_every);
+    let mut health = crate::ticker::every(health_every);
     let mut registered = false;
+    // Consecutive failures: the first is logged as a warning, then one in
+    // every `LOG_EVERY`, so a partition does not flood the log.
+    let mut failures: u64 = 0;
+    const LOG_EVERY: u64 = 50;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -235,18 +239,35 @@ pub async fn heartbeat_loop(
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     snapshot: worker.snapshot(),
                 };
-                match client.post(&url).bearer_auth(target.credentials.bearer(Audience::ControlPlane)).json(&beat).send().await {
+                let sent = client
+                    .post(&url)
+                    .bearer_auth(target.credentials.bearer(Audience::ControlPlane))
+                    .json(&beat)
+                    .send()
+                    .await;
+                let failure = match sent {
                     Ok(resp) if resp.status().is_success() => {
                         if !std::mem::replace(&mut registered, true) {
                             tracing::info!(control_plane = %target.control_plane, "registered with the control plane");
                         }
+                        if failures > 0 {
+                            tracing::info!(failures, "heartbeats reach the control plane again");
+                        }
+                        failures = 0;
+                        continue;
                     }
                     Ok(resp) => {
                         let status = resp.status();
-                        let text = resp.text().await.unwrap_or_default();
-                        tracing::warn!(%status, answer = %text, "the control plane refused the heartbeat");
+                        let text: String = resp.text().await.unwrap_or_default().chars().take(500).collect();
+                        format!("the control plane refused the heartbeat: {status}: {text}")
                     }
-                    Err(e) => tracing::warn!(error = %e, "heartbeat to the control plane failed"),
+                    Err(e) => format!("heartbeat to the control plane failed: {e}"),
+                };
+                failures += 1;
+                if failures % LOG_EVERY == 1 {
+                    tracing::warn!(failures, "{failure}");
+                } else {
+                    tracing::debug!(failures, "{failure}");
                 }
             }
         }

@@ -157,8 +157,8 @@ impl LocalWorker {
         health_every: Duration,
         shutdown: CancellationToken,
     ) {
-        let mut heartbeat = tokio::time::interval(heartbeat_every);
-        let mut health = tokio::time::interval(health_every);
+        let mut heartbeat = crate::ticker::every(heartbeat_every);
+        let mut health = crate::ticker::every(health_every);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,

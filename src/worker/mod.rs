@@ -105,6 +105,17 @@ impl std::str::FromStr for AdminState {
     }
 }
 
+/// Whether a worker last heard from at `heard_from` (`None`: in process)
+/// is in reach: heard from within `stale_after`. The one freshness rule;
+/// the scheduler and the remote worker's calls both use it.
+pub fn is_fresh(heard_from: Option<DateTime<Utc>>, stale_after: Duration) -> bool {
+    heard_from.is_none_or(|since| {
+        (Utc::now() - since)
+            .to_std()
+            .map_or(true, |silent| silent < stale_after)
+    })
+}
+
 /// The last health check of one provider.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProviderHealth {

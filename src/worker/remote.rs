@@ -42,6 +42,8 @@ const MAX_FRAME: usize = 4 << 20;
 const IDEMPOTENT_ATTEMPTS: u32 = 3;
 /// The first wait before resending one; doubles each time.
 const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// How often a call in flight checks whether the worker went silent.
+const SILENCE_POLL: Duration = Duration::from_millis(100);
 
 /// A worker reached over RPC.
 pub struct RemoteWorker {
@@ -58,16 +60,20 @@ pub struct RemoteWorker {
     /// The wall-clock time of the last heartbeat (from the store for a
     /// worker known before a restart).
     heard_from: Mutex<DateTime<Utc>>,
+    /// Silent this long, it is out of reach: calls in flight give up.
+    stale_after: Duration,
 }
 
 impl RemoteWorker {
-    /// A worker last heard from at `heard_from`.
+    /// A worker last heard from at `heard_from`, out of reach once silent
+    /// for `stale_after` (`lifecycle.worker_stale_after`).
     pub fn new(
         id: &str,
         hostname: &str,
         endpoint: &str,
         credentials: WorkerCredentials,
         heard_from: DateTime<Utc>,
+        stale_after: Duration,
     ) -> RemoteWorker {
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
@@ -83,6 +89,36 @@ impl RemoteWorker {
             snapshot: RwLock::new(WorkerSnapshot::default()),
             last_seen: Mutex::new(None),
             heard_from: Mutex::new(heard_from),
+            stale_after,
+        }
+    }
+
+    /// Resolves once the worker has been silent past `stale_after`, with
+    /// when it was last heard from. A call raced against it fails as soon
+    /// as the worker is out of reach (a partition) instead of after its
+    /// whole timeout.
+    async fn silent(&self) -> DateTime<Utc> {
+        loop {
+            let heard = self.heard_from();
+            if !super::is_fresh(heard, self.stale_after) {
+                return heard.unwrap_or_else(Utc::now);
+            }
+            tokio::time::sleep(SILENCE_POLL).await;
+        }
+    }
+
+    /// `call`, unless the worker goes silent first.
+    async fn while_in_reach<T>(
+        &self,
+        call: impl std::future::Future<Output = WorkerResult<T>>,
+    ) -> WorkerResult<T> {
+        tokio::select! {
+            result = call => result,
+            since = self.silent() => Err(ProviderError::Unavailable(format!(
+                "worker {} unreachable since {}",
+                self.id,
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ))),
         }
     }
 
@@ -138,6 +174,17 @@ impl RemoteWorker {
         timeout: Duration,
         attempts: u32,
     ) -> WorkerResult<T> {
+        self.while_in_reach(self.unary_once(operation, body, timeout, attempts))
+            .await
+    }
+
+    async fn unary_once<B: Serialize, T: DeserializeOwned>(
+        &self,
+        operation: &str,
+        body: &B,
+        timeout: Duration,
+        attempts: u32,
+    ) -> WorkerResult<T> {
         let mut attempt = 1;
         let resp = loop {
             match self.request(operation, timeout).json(body).send().await {
@@ -183,6 +230,71 @@ impl RemoteWorker {
             body.extend_from_slice(&part);
         }
         Ok(body)
+    }
+
+    /// Runs a command on the worker and streams its frames into `sink`.
+    async fn exec_stream(
+        &self,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> WorkerResult<ExecExit> {
+        let body = rpc::Exec {
+            runtime: runtime.clone(),
+            spec: spec.clone(),
+        };
+        let resp = self
+            .request("exec", spec.timeout + EXEC_GRACE)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !resp.status().is_success() {
+            return Err(ProviderError::Unavailable(format!(
+                "worker {} refused exec: {}",
+                self.id,
+                resp.status()
+            )));
+        }
+        let mut stream = resp.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut listening = true;
+        loop {
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let frame: ExecFrame = serde_json::from_slice(&line).map_err(|e| {
+                    ProviderError::Runtime(format!("worker {} sent a bad frame: {e}", self.id))
+                })?;
+                match frame {
+                    ExecFrame::Output { stream, data } => {
+                        // Backpressure: wait for the consumer. One that
+                        // left stops listening; the command runs on.
+                        if listening && sink.send(OutputChunk { stream, data }).await.is_err() {
+                            listening = false;
+                        }
+                    }
+                    ExecFrame::Exit(exit) => return Ok(exit),
+                    ExecFrame::Error(e) => return Err(e.into()),
+                }
+            }
+            if pending.len() > MAX_FRAME {
+                return Err(ProviderError::Runtime(format!(
+                    "worker {} sent a frame over {} MiB",
+                    self.id,
+                    MAX_FRAME >> 20
+                )));
+            }
+            match stream.next().await {
+                Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
+                Some(Err(e)) => return Err(self.unreachable(e)),
+                None => {
+                    return Err(ProviderError::Unavailable(format!(
+                        "worker {} ended the command's stream without an exit status",
+                        self.id
+                    )));
+                }
+            }
+        }
     }
 }
 
@@ -271,62 +383,10 @@ impl Worker for RemoteWorker {
         spec: &ExecSpec,
         sink: OutputSink,
     ) -> WorkerResult<ExecExit> {
-        let body = rpc::Exec {
-            runtime: runtime.clone(),
-            spec: spec.clone(),
-        };
-        let resp = self
-            .request("exec", spec.timeout + EXEC_GRACE)
-            .json(&body)
-            .send()
+        // Dropping the stream (the worker went silent) cancels the command
+        // there once the connection closes.
+        self.while_in_reach(self.exec_stream(runtime, spec, sink))
             .await
-            .map_err(|e| self.unreachable(e))?;
-        if !resp.status().is_success() {
-            return Err(ProviderError::Unavailable(format!(
-                "worker {} refused exec: {}",
-                self.id,
-                resp.status()
-            )));
-        }
-        let mut stream = resp.bytes_stream();
-        let mut pending: Vec<u8> = Vec::new();
-        let mut listening = true;
-        loop {
-            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = pending.drain(..=end).collect();
-                let frame: ExecFrame = serde_json::from_slice(&line).map_err(|e| {
-                    ProviderError::Runtime(format!("worker {} sent a bad frame: {e}", self.id))
-                })?;
-                match frame {
-                    ExecFrame::Output { stream, data } => {
-                        // Backpressure: wait for the consumer. One that
-                        // left stops listening; the command runs on.
-                        if listening && sink.send(OutputChunk { stream, data }).await.is_err() {
-                            listening = false;
-                        }
-                    }
-                    ExecFrame::Exit(exit) => return Ok(exit),
-                    ExecFrame::Error(e) => return Err(e.into()),
-                }
-            }
-            if pending.len() > MAX_FRAME {
-                return Err(ProviderError::Runtime(format!(
-                    "worker {} sent a frame over {} MiB",
-                    self.id,
-                    MAX_FRAME >> 20
-                )));
-            }
-            match stream.next().await {
-                Some(Ok(bytes)) => pending.extend_from_slice(&bytes),
-                Some(Err(e)) => return Err(self.unreachable(e)),
-                None => {
-                    return Err(ProviderError::Unavailable(format!(
-                        "worker {} ended the command's stream without an exit status",
-                        self.id
-                    )));
-                }
-            }
-        }
     }
 
     async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {

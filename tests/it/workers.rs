@@ -13,15 +13,46 @@ use crate::support::{TestServer, docker_image, rootfs_tarball};
 
 const BIN: &str = env!("CARGO_BIN_EXE_stacyvm");
 
+/// How a worker process is started.
+#[derive(Clone)]
+struct WorkerOptions {
+    /// `--listen`.
+    listen: String,
+    /// `--provider`, comma-separated.
+    providers: String,
+    /// Runs inside this network namespace (`ip netns add` name).
+    netns: Option<String>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            listen: "127.0.0.1:0".into(),
+            providers: "native".into(),
+            netns: None,
+        }
+    }
+}
+
 /// A `stacyvm worker` process; SIGKILLed when dropped.
 struct WorkerProcess {
     id: String,
     child: Child,
     data_dir: tempfile::TempDir,
+    options: WorkerOptions,
 }
 
 impl WorkerProcess {
     fn start(control_plane: &str, id: &str, token: &str) -> WorkerProcess {
+        Self::start_with(control_plane, id, token, WorkerOptions::default())
+    }
+
+    fn start_with(
+        control_plane: &str,
+        id: &str,
+        token: &str,
+        options: WorkerOptions,
+    ) -> WorkerProcess {
         let data_dir = tempfile::tempdir().expect("tempdir");
         let imported = Command::new(BIN)
             .arg("--data-dir")
@@ -31,14 +62,20 @@ impl WorkerProcess {
             .output()
             .expect("stacyvm image import");
         assert!(imported.status.success(), "{imported:?}");
-        Self::start_in(data_dir, control_plane, id, token)
+        Self::start_in(data_dir, control_plane, id, token, options)
     }
 
     /// SIGKILLs the process and starts it again on the same data dir.
     fn restart(mut self, control_plane: &str, token: &str) -> WorkerProcess {
         self.kill();
         let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().expect("tempdir"));
-        Self::start_in(data_dir, control_plane, &self.id, token)
+        Self::start_in(
+            data_dir,
+            control_plane,
+            &self.id,
+            token,
+            self.options.clone(),
+        )
     }
 
     fn kill(&mut self) {
@@ -55,8 +92,20 @@ impl WorkerProcess {
         control_plane: &str,
         id: &str,
         token: &str,
+        options: WorkerOptions,
     ) -> WorkerProcess {
-        let child = Command::new(BIN)
+        let mut command = match &options.netns {
+            // Only the network namespace: `ip netns exec` would also
+            // remount /sys, hiding the cgroup mounts. nsenter execs the
+            // program, so the child is the worker.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .arg("--data-dir")
             .arg(data_dir.path())
             .args([
@@ -64,13 +113,13 @@ impl WorkerProcess {
                 "--control-plane",
                 control_plane,
                 "--listen",
-                "127.0.0.1:0",
+                &options.listen,
                 "--id",
                 id,
                 "--token",
                 token,
                 "--provider",
-                "native",
+                &options.providers,
             ])
             .env("STACYVM_LIFECYCLE_HEARTBEAT_INTERVAL", "200ms")
             .env("STACYVM_LIFECYCLE_HEALTH_INTERVAL", "1s")
@@ -83,6 +132,7 @@ impl WorkerProcess {
             id: id.to_string(),
             child,
             data_dir,
+            options,
         }
     }
 
@@ -975,4 +1025,282 @@ async fn cordoned_and_draining_workers_take_no_new_sandboxes() {
     assert!(actions.contains(&"worker.cordon"), "{audit}");
     assert!(actions.contains(&"worker.uncordon"), "{audit}");
     drop((w1, w2));
+}
+
+/// A network namespace joined to this one by a veth pair, removed when
+/// dropped: a worker inside it can be cut off from the control plane and
+/// reconnected, a real network partition on one host.
+struct Netns {
+    name: String,
+    inner_link: String,
+    /// The host side's address (the control plane binds it).
+    host_ip: String,
+    /// The namespace side's address (the worker listens on it).
+    ns_ip: String,
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let tag = std::process::id() % 100_000;
+        let subnet = 20 + tag % 200;
+        let ns = Netns {
+            name: format!("svm-part-{tag}"),
+            inner_link: format!("svn{tag}"),
+            host_ip: format!("10.231.{subnet}.1"),
+            ns_ip: format!("10.231.{subnet}.2"),
+        };
+        let outer = format!("svh{tag}");
+        // Left over by a run that was killed.
+        let _cleanup = Command::new("ip").args(["netns", "del", &ns.name]).output();
+        ip(&["netns", "add", &ns.name]);
+        ip(&[
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.inner_link,
+        ]);
+        ip(&["link", "set", &ns.inner_link, "netns", &ns.name]);
+        ip(&["addr", "add", &format!("{}/30", ns.host_ip), "dev", &outer]);
+        ip(&["link", "set", &outer, "up"]);
+        ns.exec_ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", ns.ns_ip),
+            "dev",
+            &ns.inner_link,
+        ]);
+        ns.exec_ip(&["link", "set", &ns.inner_link, "up"]);
+        ns.exec_ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn exec_ip(&self, args: &[&str]) {
+        let mut all = vec!["netns", "exec", &self.name, "ip"];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// Cuts the namespace off (`false`) or reconnects it (`true`).
+    fn connect(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.exec_ip(&["link", "set", &self.inner_link, state]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes both ends of the veth pair.
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            other => eprintln!("ip netns del {}: {other:?}", self.name),
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// A worker in its own network namespace is partitioned from the control
+/// plane: a short partition makes its sandbox `unhealthy` and, healed,
+/// `running` again with its processes intact (the lease was still held);
+/// a partition past `worker_lost_after` loses the sandbox, and when the
+/// network heals its runtime is destroyed under a reclaimed lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_worker_is_unhealthy_then_heals_or_is_lost() {
+    let net = Netns::create();
+    let admin = "partition-test-admin-key";
+    let mut server = TestServer::start(|c| {
+        // Reachable from the namespace; beyond loopback, so keys are on.
+        c.server.host = net.host_ip.clone();
+        c.auth.admin_api_key = admin.into();
+        c.worker.local = false;
+        c.providers.default = "native".into();
+        c.auth.worker_tokens.insert("w1".into(), "token-one".into());
+        let ms = |n| stacyvm::duration::GoDuration(Duration::from_millis(n));
+        c.lifecycle.heartbeat_interval = ms(200);
+        c.lifecycle.reconcile_interval = ms(200);
+        c.lifecycle.worker_stale_after = ms(1000);
+        c.lifecycle.worker_lost_after = ms(6000);
+    })
+    .await;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-admin-api-key", admin.parse().expect("header"));
+    server.http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client");
+    let cp = base(&server);
+    assert!(cp.contains(&net.host_ip), "{cp}");
+    let options = WorkerOptions {
+        listen: format!("{}:0", net.ns_ip),
+        netns: Some(net.name.clone()),
+        ..WorkerOptions::default()
+    };
+    let w1 = WorkerProcess::start_with(&cp, "w1", "token-one", options);
+    wait_for_workers(&server, &["w1"]).await;
+    let id = sandbox_with_a_background_process(&server).await;
+
+    // A short partition: unhealthy, then healed.
+    net.connect(false);
+    let cut = Instant::now();
+    let record = server
+        .wait_for_state(&id, "unhealthy", Duration::from_secs(30))
+        .await;
+    eprintln!("unhealthy {:?} after the cut", cut.elapsed());
+    assert!(
+        cut.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        cut.elapsed()
+    );
+    let reason = record.state_reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("worker w1 unreachable since "),
+        "{reason}"
+    );
+    let started = Instant::now();
+    let (status, body) = background_process_check(&server, &id).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("UNAVAILABLE")),
+        "{body}"
+    );
+    // The worker is out of reach: the call gives up at once, not after
+    // its timeout on a connection that will never answer.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    net.connect(true);
+    server
+        .wait_for_state(&id, "running", Duration::from_secs(15))
+        .await;
+    let (status, body) = background_process_check(&server, &id).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"], "alive\n", "the sandbox did not survive");
+    let store = server.app_service.store();
+    let lease = store.lease(&id).await.expect("lease").expect("held");
+    assert_eq!(lease.generation, 1, "{lease:?}");
+    assert!(lease.released_at.is_none(), "{lease:?}");
+
+    // A long one: lost, and cleaned up when the network heals.
+    net.connect(false);
+    let record = server
+        .wait_for_state(&id, "error", Duration::from_secs(20))
+        .await;
+    let reason = record.state_reason.unwrap_or_default();
+    assert!(
+        reason.starts_with("lost: worker w1 unreachable since "),
+        "{reason}"
+    );
+    assert_eq!(w1.sandbox_dirs().len(), 1, "destroyed while unreachable");
+    net.connect(true);
+    server
+        .wait_for_state(&id, "destroyed", Duration::from_secs(20))
+        .await;
+    let started = Instant::now();
+    while !w1.sandbox_dirs().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            w1.sandbox_dirs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lease = store.lease(&id).await.expect("lease").expect("kept");
+    assert_eq!(
+        lease.generation, 2,
+        "destroyed under a reclaimed lease: {lease:?}"
+    );
+    let (_, workers) = server.get("/workers").await;
+    assert_eq!(workers[0]["status"], "online", "{workers}");
+    drop(w1);
+    drop(net);
+}
+
+/// Docker sandboxes on a remote worker: placed there, exec and files
+/// through the worker's RPC, removed with the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_sandboxes_run_on_a_remote_worker() {
+    if std::env::var_os("STACYVM_TEST_DOCKER").is_none() {
+        eprintln!("skipped: STACYVM_TEST_DOCKER is not set");
+        return;
+    }
+    let server = TestServer::start(|c| {
+        c.worker.local = false;
+        c.providers.default = "docker".into();
+        c.auth.worker_tokens.insert("w1".into(), "token-one".into());
+        c.lifecycle.heartbeat_interval = stacyvm::duration::GoDuration(Duration::from_millis(200));
+    })
+    .await;
+    let cp = base(&server);
+    let options = WorkerOptions {
+        providers: "docker".into(),
+        ..WorkerOptions::default()
+    };
+    let w1 = WorkerProcess::start_with(&cp, "w1", "token-one", options);
+    wait_for_workers(&server, &["w1"]).await;
+    let (status, body) = server
+        .post(
+            "/sandboxes",
+            json!({"image": docker_image(), "provider": "docker"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (body["worker_id"].as_str(), body["provider"].as_str()),
+        (Some("w1"), Some("docker"))
+    );
+    let id = body["id"].as_str().expect("id").to_string();
+    let container = format!("stacyvm-{id}");
+    let inspect = |name: &str| {
+        Command::new("docker")
+            .args(["inspect", "-f", "{{.State.Running}}", name])
+            .output()
+            .expect("docker inspect")
+    };
+    let out = inspect(&container);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "true",
+        "{out:?}"
+    );
+    assert_eq!(server.shell(&id, "echo hi; id -u").await, "hi\n0\n");
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/root/note", "content": "through a remote worker\n"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = server
+        .http
+        .get(server.url(&format!("/sandboxes/{id}/files?path=/root/note")))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.expect("text");
+    assert!(text.contains("through a remote worker"), "{text}");
+    assert_eq!(
+        server.shell(&id, "cat /root/note").await,
+        "through a remote worker\n"
+    );
+    let (status, _) = server.delete(&format!("/sandboxes/{id}")).await;
+    assert_eq!(status, 200);
+    let out = inspect(&container);
+    assert!(
+        !out.status.success(),
+        "the container outlived its sandbox: {out:?}"
+    );
+    drop(w1);
 }
