@@ -196,6 +196,7 @@ pub async fn run_worker(
         LocalWorker::new(&instance, providers)
             .with_id(&w.id)
             .with_labels(w.labels.clone())
+            .with_max_sandboxes(w.max_sandboxes)
             .with_fence(open_fence(&config)?),
     );
     if let Err(e) = worker.recover_at_startup().await {

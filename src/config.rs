@@ -65,6 +65,8 @@ pub struct WorkerConfig {
     pub providers: Vec<String>,
     /// What the worker is, for spawns that ask (`--label zone=a`).
     pub labels: BTreeMap<String, String>,
+    /// Most live sandboxes the worker takes; 0: no limit.
+    pub max_sandboxes: u32,
 }
 
 impl Default for WorkerConfig {
@@ -78,6 +80,7 @@ impl Default for WorkerConfig {
             token: String::new(),
             providers: Vec::new(),
             labels: BTreeMap::new(),
+            max_sandboxes: 0,
         }
     }
 }
@@ -93,6 +96,7 @@ impl std::fmt::Debug for WorkerConfig {
             .field("token", &if self.token.is_empty() { "" } else { "***" })
             .field("providers", &self.providers)
             .field("labels", &self.labels)
+            .field("max_sandboxes", &self.max_sandboxes)
             .finish()
     }
 }

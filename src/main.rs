@@ -69,6 +69,9 @@ enum Command {
         /// A label KEY=VALUE describing this worker (repeat for more).
         #[arg(long, value_parser = parse_label)]
         label: Vec<(String, String)>,
+        /// Most live sandboxes this worker takes (default: no limit).
+        #[arg(long)]
+        max_sandboxes: Option<u32>,
     },
     /// Cordon, uncordon, drain and list the workers of a running control
     /// plane (admin API).
@@ -155,20 +158,9 @@ enum ImageCommand {
     Rm { name: String },
 }
 
-/// `KEY=VALUE`, with a key of letters, digits and `-_./`.
+/// `KEY=VALUE` (see `stacyvm::worker::labels`).
 fn parse_label(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text
-        .split_once('=')
-        .ok_or_else(|| format!("a label is KEY=VALUE, got {text:?}"))?;
-    let key_ok = !key.is_empty()
-        && key.len() <= 63
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'));
-    if !key_ok || value.len() > 255 || value.chars().any(char::is_control) {
-        return Err(format!("invalid label {text:?}"));
-    }
-    Ok((key.to_string(), value.to_string()))
+    stacyvm::worker::labels::parse(text)
 }
 
 /// Flags that were given, as a config layer above everything else.
@@ -188,6 +180,7 @@ fn overrides(cli: &Cli) -> Figment {
         token,
         provider,
         label,
+        max_sandboxes,
     } = &cli.command
     {
         let mut worker = Map::new();
@@ -203,6 +196,9 @@ fn overrides(cli: &Cli) -> Figment {
         put("token", token);
         if !provider.is_empty() {
             worker.insert("providers".into(), json!(provider));
+        }
+        if let Some(max) = max_sandboxes {
+            worker.insert("max_sandboxes".into(), json!(max));
         }
         if !label.is_empty() {
             let labels: Map<String, Value> =

@@ -20,6 +20,9 @@ pub struct Model {
     pub ttl_ms: i64,
     /// JSON object of string to string.
     pub metadata: Json,
+    /// JSON object of string to string: labels a worker must carry to get
+    /// this template's sandboxes.
+    pub worker_labels: String,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -9,6 +9,7 @@ mod m20261128_000001_initial;
 mod m20261128_000002_api_keys;
 mod m20261201_000003_tenants;
 mod m20261202_000004_leases;
+mod m20261202_000005_template_worker_labels;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261128_000002_api_keys::Migration),
             Box::new(m20261201_000003_tenants::Migration),
             Box::new(m20261202_000004_leases::Migration),
+            Box::new(m20261202_000005_template_worker_labels::Migration),
         ]
     }
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use crate::worker::{AdminState, RemoteWorker, Worker};
+use crate::worker::{AdminState, ProviderInfo, RemoteWorker, Worker, WorkerSnapshot};
 
 /// Where a sandbox will run.
 #[derive(Clone)]
@@ -191,12 +191,25 @@ impl Scheduler {
         names
     }
 
-    /// Picks a worker and provider for a new sandbox: of the workers
-    /// that can run it, the least loaded (ties: the first by id). With a
-    /// handful of workers every candidate is scored; the best-of-K sample
-    /// is for when there are many.
-    pub fn place(&self, provider: Option<&str>, vcpus: u32) -> Result<Placement, ScheduleError> {
-        let name = match provider {
+    /// Picks a worker and provider for a new sandbox and counts it on
+    /// that worker's load (see [`Scheduler::choose`]).
+    pub fn place(&self, ask: &Ask<'_>) -> Result<Placement, ScheduleError> {
+        let placement = self.choose(ask)?;
+        let id = placement.worker.id();
+        self.set_load(id, self.load_of(id) + 1);
+        Ok(placement)
+    }
+
+    /// Where a new sandbox would go, without reserving anything (an
+    /// admission check asks this). Filters, in order, each refusal saying
+    /// why: fresh workers offering the provider; active (not cordoned or
+    /// draining); carrying every label asked for; below their
+    /// `max_sandboxes`; the provider healthy (or not checked yet); enough
+    /// CPUs. Of what is left, the least loaded (ties: the first by id).
+    /// With a handful of workers every candidate is scored; a best-of-K
+    /// sample is for when there are many.
+    pub fn choose(&self, ask: &Ask<'_>) -> Result<Placement, ScheduleError> {
+        let name = match ask.provider {
             Some(p) if !p.is_empty() => p,
             _ => self.default_provider.as_str(),
         };
@@ -206,7 +219,7 @@ impl Scheduler {
             .filter_map(|w| {
                 let snapshot = w.snapshot();
                 let info = snapshot.provider(name)?.clone();
-                Some((w, snapshot.max_vcpus, info))
+                Some((w, snapshot, info))
             })
             .collect();
         if offering.is_empty() {
@@ -231,31 +244,58 @@ impl Scheduler {
                 available: self.provider_names().join(", "),
             });
         }
+        let ids = |left: &[(Arc<dyn Worker>, WorkerSnapshot, ProviderInfo)]| {
+            left.iter()
+                .map(|(w, _, _)| w.id())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let (offering, fenced): (Vec<_>, Vec<_>) = offering
             .into_iter()
             .partition(|(w, _, _)| self.admin_state(w.id()).schedulable());
         if offering.is_empty() {
             return Err(ScheduleError::NoWorker(format!(
                 "every worker offering provider {name} is cordoned or draining ({})",
-                fenced
+                ids(&fenced)
+            )));
+        }
+        let (offering, unlabelled): (Vec<_>, Vec<_>) =
+            offering.into_iter().partition(|(_, snapshot, _)| {
+                ask.labels
                     .iter()
-                    .map(|(w, _, _)| w.id())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                    .all(|(k, v)| snapshot.labels.get(k) == Some(v))
+            });
+        if offering.is_empty() {
+            let wanted: Vec<String> = ask.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            return Err(ScheduleError::NoWorker(format!(
+                "no worker offering provider {name} has the labels {} ({} lack them)",
+                wanted.join(","),
+                ids(&unlabelled)
+            )));
+        }
+        let (offering, full): (Vec<_>, Vec<_>) =
+            offering.into_iter().partition(|(w, snapshot, _)| {
+                snapshot.max_sandboxes == 0
+                    || self.load_of(w.id()) < snapshot.max_sandboxes as usize
+            });
+        if offering.is_empty() {
+            return Err(ScheduleError::NoWorker(format!(
+                "every worker offering provider {name} holds its max_sandboxes ({})",
+                ids(&full)
             )));
         }
         let mut unhealthy = None;
         let mut most_vcpus = 0;
         let mut best: Option<(usize, Arc<dyn Worker>)> = None;
-        for (worker, max_vcpus, info) in offering {
+        for (worker, snapshot, info) in offering {
             if let Some(health) = &info.health
                 && !health.healthy
             {
                 unhealthy.get_or_insert_with(|| health.error.clone().unwrap_or_default());
                 continue;
             }
-            most_vcpus = most_vcpus.max(max_vcpus);
-            if vcpus > max_vcpus {
+            most_vcpus = most_vcpus.max(snapshot.max_vcpus);
+            if ask.vcpus > snapshot.max_vcpus {
                 continue;
             }
             let load = self.load_of(worker.id());
@@ -263,8 +303,7 @@ impl Scheduler {
                 best = Some((load, worker));
             }
         }
-        if let Some((load, worker)) = best {
-            self.set_load(worker.id(), load + 1);
+        if let Some((_, worker)) = best {
             return Ok(Placement {
                 worker,
                 provider: name.to_string(),
@@ -276,11 +315,21 @@ impl Scheduler {
                 reason,
             }),
             _ => Err(ScheduleError::TooManyVcpus {
-                requested: vcpus,
+                requested: ask.vcpus,
                 available: most_vcpus,
             }),
         }
     }
+}
+
+/// What a new sandbox needs from its worker.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// `None` or empty: the default provider.
+    pub provider: Option<&'a str>,
+    pub vcpus: u32,
+    /// Labels the worker must carry (from the spawn and its template).
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 #[cfg(test)]
@@ -380,6 +429,15 @@ mod tests {
         }
     }
 
+    fn ask(provider: Option<&str>, vcpus: u32) -> Ask<'_> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        Ask {
+            provider,
+            vcpus,
+            labels: &NONE,
+        }
+    }
+
     fn scheduler(workers: Vec<Arc<dyn Worker>>) -> Scheduler {
         let scheduler = Scheduler::new("native".into(), Duration::from_secs(30));
         for w in workers {
@@ -396,11 +454,23 @@ mod tests {
             worker("c", 16, &[("native", None)]),
         ]);
         // The default provider: a is unhealthy for it, b has it.
-        let p = s.place(None, 1).expect("placed");
+        let p = s.place(&ask(None, 1)).expect("placed");
         assert_eq!((p.worker.id(), p.provider.as_str()), ("b", "native"));
         // Only c has 8 CPUs (not checked yet counts as usable).
-        assert_eq!(s.place(Some("native"), 8).expect("placed").worker.id(), "c");
-        assert_eq!(s.place(Some("docker"), 1).expect("placed").worker.id(), "a");
+        assert_eq!(
+            s.place(&ask(Some("native"), 8))
+                .expect("placed")
+                .worker
+                .id(),
+            "c"
+        );
+        assert_eq!(
+            s.place(&ask(Some("docker"), 1))
+                .expect("placed")
+                .worker
+                .id(),
+            "a"
+        );
     }
 
     #[test]
@@ -411,7 +481,13 @@ mod tests {
         ]);
         s.set_load("a", 3);
         let picks: Vec<String> = (0..4)
-            .map(|_| s.place(None, 1).expect("placed").worker.id().to_string())
+            .map(|_| {
+                s.place(&ask(None, 1))
+                    .expect("placed")
+                    .worker
+                    .id()
+                    .to_string()
+            })
             .collect();
         assert_eq!(picks, ["b", "b", "b", "a"]);
     }
@@ -424,23 +500,106 @@ mod tests {
         ]);
         s.set_admin_state("a", AdminState::Cordoned);
         for _ in 0..3 {
-            assert_eq!(s.place(None, 1).expect("placed").worker.id(), "b");
+            assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "b");
         }
         s.set_admin_state("b", AdminState::Draining);
-        let err = s.place(None, 1).err().expect("nothing is schedulable");
+        let err = s
+            .place(&ask(None, 1))
+            .err()
+            .expect("nothing is schedulable");
         assert!(matches!(err, ScheduleError::NoWorker(_)), "{err:?}");
         assert!(
             err.to_string().contains("cordoned or draining (a, b)"),
             "{err}"
         );
         s.set_admin_state("a", AdminState::Active);
-        assert_eq!(s.place(None, 1).expect("placed").worker.id(), "a");
+        assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "a");
+    }
+
+    /// A worker with labels and a sandbox limit.
+    fn described(id: &str, labels: &[(&str, &str)], max_sandboxes: u32) -> Arc<dyn Worker> {
+        let base = worker(id, 2, &[("native", Some(true))]);
+        let mut snapshot = base.snapshot();
+        snapshot.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        snapshot.max_sandboxes = max_sandboxes;
+        Arc::new(Described {
+            id: id.to_string(),
+            snapshot,
+        })
+    }
+
+    #[test]
+    fn labels_asked_for_pick_the_workers_that_carry_them() {
+        let s = scheduler(vec![
+            described("a", &[("zone", "eu")], 0),
+            described("b", &[("zone", "us"), ("gpu", "yes")], 0),
+        ]);
+        let want = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let us = want(&[("zone", "us")]);
+        for _ in 0..3 {
+            let ask = Ask {
+                provider: None,
+                vcpus: 1,
+                labels: &us,
+            };
+            assert_eq!(s.place(&ask).expect("placed").worker.id(), "b");
+        }
+        let none = want(&[("zone", "eu"), ("gpu", "yes")]);
+        let ask = Ask {
+            provider: None,
+            vcpus: 1,
+            labels: &none,
+        };
+        let err = s.place(&ask).err().expect("no worker has both");
+        assert!(matches!(err, ScheduleError::NoWorker(_)), "{err:?}");
+        assert!(err.to_string().contains("gpu=yes,zone=eu"), "{err}");
+    }
+
+    #[test]
+    fn a_full_worker_takes_nothing_until_its_load_drops() {
+        let s = scheduler(vec![described("a", &[], 2), described("b", &[], 1)]);
+        let picks: Vec<String> = (0..3)
+            .map(|_| {
+                s.place(&ask(None, 1))
+                    .expect("placed")
+                    .worker
+                    .id()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(picks, ["a", "b", "a"]);
+        let err = s.place(&ask(None, 1)).err().expect("full");
+        assert!(err.to_string().contains("max_sandboxes (a, b)"), "{err}");
+        // The reconciler counted again: one sandbox of a is gone.
+        s.set_load("a", 1);
+        assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "a");
+    }
+
+    #[test]
+    fn choosing_reserves_nothing() {
+        let s = scheduler(vec![described("a", &[], 1)]);
+        for _ in 0..5 {
+            assert_eq!(s.choose(&ask(None, 1)).expect("chosen").worker.id(), "a");
+        }
+        assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "a");
+        assert!(s.choose(&ask(None, 1)).is_err(), "the one slot is taken");
     }
 
     #[test]
     fn without_workers_placement_is_unavailable_not_a_bad_request() {
         let s = scheduler(Vec::new());
-        assert!(matches!(s.place(None, 1), Err(ScheduleError::NoWorker(_))));
+        assert!(matches!(
+            s.place(&ask(None, 1)),
+            Err(ScheduleError::NoWorker(_))
+        ));
     }
 
     #[test]
@@ -449,17 +608,17 @@ mod tests {
             worker("a", 2, &[("native", Some(false))]),
             worker("b", 4, &[("docker", Some(true))]),
         ]);
-        let err = s.place(Some("proot"), 1).err().expect("refused");
+        let err = s.place(&ask(Some("proot"), 1)).err().expect("refused");
         assert!(
             matches!(&err, ScheduleError::UnknownProvider { available, .. } if available == "docker, native"),
             "{err}"
         );
-        let err = s.place(Some("native"), 1).err().expect("refused");
+        let err = s.place(&ask(Some("native"), 1)).err().expect("refused");
         assert!(
             matches!(&err, ScheduleError::ProviderUnavailable { reason, .. } if reason.contains("down on a")),
             "{err}"
         );
-        let err = s.place(Some("docker"), 5).err().expect("refused");
+        let err = s.place(&ask(Some("docker"), 5)).err().expect("refused");
         assert!(
             matches!(
                 err,

@@ -57,6 +57,13 @@ impl AdmissionDecision {
     }
 }
 
+/// Whether the spawn being admitted already holds its placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Placed {
+    No,
+    Yes,
+}
+
 impl Service {
     /// The largest TTL `owner` may ask for.
     pub(super) async fn max_ttl_for(&self, tenant: &str, owner: &str) -> Result<Duration> {
@@ -76,10 +83,17 @@ impl Service {
     /// Preflight: would this spawn be admitted? Creates nothing.
     pub async fn admission(&self, caller: &Caller, req: SpawnRequest) -> Result<AdmissionDecision> {
         let plan = self.plan_spawn(caller, req).await?;
-        self.admission_for_plan(&plan).await
+        self.admission_for_plan(&plan, Placed::No).await
     }
 
-    pub(super) async fn admission_for_plan(&self, plan: &SpawnPlan) -> Result<AdmissionDecision> {
+    /// The admission decision for a plan. `Placed::Yes` once the spawn
+    /// holds its placement (the re-check under the admission lock): its
+    /// own reservation must not make the worker look full.
+    pub(super) async fn admission_for_plan(
+        &self,
+        plan: &SpawnPlan,
+        placed: Placed,
+    ) -> Result<AdmissionDecision> {
         let defaults = &self.config().defaults;
         // One read of the owner's record serves every limit below.
         let owner = self
@@ -114,11 +128,7 @@ impl Service {
         };
         if plan.ttl > max_ttl {
             refuse(&mut decision, "max_ttl", false);
-        } else if self
-            .scheduler()
-            .place(plan.provider.as_deref(), plan.vcpus)
-            .is_err()
-        {
+        } else if placed == Placed::No && self.scheduler().choose(&plan.ask()).is_err() {
             refuse(&mut decision, "worker_unavailable", false);
         } else if max_sandboxes > 0 && active_sandboxes >= max_sandboxes {
             refuse(&mut decision, "max_sandboxes", true);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::admission::Placed;
 use super::policy::SandboxAsk;
 use super::spawn_queue::{Admission, QueueError};
 use super::{Error, Result, Service};
@@ -58,6 +59,8 @@ pub struct SpawnRequest {
     /// A client's key for this spawn (REST `Idempotency-Key`): a retry
     /// with the same key answers the sandbox the first one made.
     pub idempotency_key: Option<String>,
+    /// Labels the worker must carry (added to the template's).
+    pub worker_labels: BTreeMap<String, String>,
 }
 
 /// A spawn request with defaults applied and every field validated.
@@ -75,6 +78,18 @@ pub(super) struct SpawnPlan {
     pub owner_id: String,
     pub metadata: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
+    pub worker_labels: BTreeMap<String, String>,
+}
+
+impl SpawnPlan {
+    /// What the plan needs from a worker.
+    pub(super) fn ask(&self) -> crate::scheduler::Ask<'_> {
+        crate::scheduler::Ask {
+            provider: self.provider.as_deref(),
+            vcpus: self.vcpus,
+            labels: &self.worker_labels,
+        }
+    }
 }
 
 /// The longest idempotency key accepted.
@@ -218,6 +233,14 @@ impl Service {
                 )));
             }
         };
+        let mut worker_labels = match &template {
+            Some(t) => serde_json::from_str(&t.worker_labels)
+                .map_err(|e| Error::Internal(format!("template {}: worker_labels: {e}", t.name)))?,
+            None => BTreeMap::new(),
+        };
+        worker_labels.extend(req.worker_labels);
+        crate::worker::labels::check_all(&worker_labels)
+            .map_err(|e| Error::BadRequest(format!("worker_labels: {e}")))?;
         let owner_id = caller.effective_owner(req.owner_id.as_deref());
         self.check_sandbox_rules(
             caller,
@@ -245,6 +268,7 @@ impl Service {
             owner_id,
             metadata,
             idempotency_key,
+            worker_labels,
         })
     }
 
@@ -327,19 +351,16 @@ impl Service {
         if let Some(earlier) = self.earlier_spawn(&plan).await? {
             return Ok(earlier);
         }
-        let decision = self.admission_for_plan(&plan).await?;
+        let decision = self.admission_for_plan(&plan, Placed::No).await?;
         if decision.reason == "worker_unavailable" {
             // The scheduler says precisely why (unknown provider, unhealthy, ...).
-            self.scheduler()
-                .place(plan.provider.as_deref(), plan.vcpus)?;
+            self.scheduler().choose(&plan.ask())?;
         }
         let queueing = self.config().defaults.spawn_overflow == "queue";
         if !(queueing && decision.queueable) {
             decision.into_result()?;
         }
-        let placement = self
-            .scheduler()
-            .place(plan.provider.as_deref(), plan.vcpus)?;
+        let placement = self.scheduler().place(&plan.ask())?;
         if !placement
             .worker
             .image_available(&placement.provider, &plan.image)
@@ -401,7 +422,9 @@ impl Service {
                 })
         } else {
             let _guard = self.inner.admission.lock().await;
-            self.admission_for_plan(&plan).await?.into_result()?;
+            self.admission_for_plan(&plan, Placed::Yes)
+                .await?
+                .into_result()?;
             self.store()
                 .insert_sandbox(record, self.lease_until())
                 .await
@@ -480,7 +503,7 @@ impl Service {
         record: entity::sandbox::Model,
     ) -> Result<Admission<entity::sandbox::Model>> {
         let _guard = self.inner.admission.lock().await;
-        let decision = self.admission_for_plan(plan).await?;
+        let decision = self.admission_for_plan(plan, Placed::Yes).await?;
         if decision.allowed {
             // The TTL counts from admission, not from the start of a wait.
             let mut record = record;

@@ -24,6 +24,9 @@ pub struct Template {
     pub ttl: String,
     pub provider: String,
     pub metadata: BTreeMap<String, String>,
+    /// Labels a worker must carry to get this template's sandboxes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub worker_labels: BTreeMap<String, String>,
     pub owner_id: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -40,6 +43,7 @@ pub struct TemplateInput {
     pub ttl: Option<String>,
     pub provider: Option<String>,
     pub metadata: BTreeMap<String, String>,
+    pub worker_labels: BTreeMap<String, String>,
 }
 
 fn validate_name(name: &str) -> Result<()> {
@@ -62,6 +66,8 @@ impl Service {
     fn to_template(&self, m: entity::template::Model) -> Result<Template> {
         Ok(Template {
             metadata: crate::store::json_to_map(&m.metadata)?,
+            worker_labels: serde_json::from_str(&m.worker_labels)
+                .map_err(|e| Error::Internal(format!("template {}: worker_labels: {e}", m.name)))?,
             name: m.name,
             image: m.image,
             memory_mb: u32::try_from(m.memory_mb).unwrap_or_default(),
@@ -159,6 +165,8 @@ impl Service {
             },
         )
         .await?;
+        crate::worker::labels::check_all(&input.worker_labels)
+            .map_err(|e| Error::BadRequest(format!("worker_labels: {e}")))?;
         let now = Utc::now();
         Ok(entity::template::Model {
             tenant_id: caller.tenant_id.clone(),
@@ -171,6 +179,8 @@ impl Service {
             disk_mb: disk_mb.map(|d| d as i32),
             ttl_ms: ttl.as_millis() as i64,
             metadata: serde_json::to_value(&input.metadata)
+                .map_err(|e| Error::Internal(e.to_string()))?,
+            worker_labels: serde_json::to_string(&input.worker_labels)
                 .map_err(|e| Error::Internal(e.to_string()))?,
             created_at: now,
             updated_at: now,

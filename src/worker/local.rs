@@ -34,6 +34,7 @@ pub struct LocalWorker {
     health: RwLock<BTreeMap<String, ProviderHealth>>,
     max_vcpus: u32,
     labels: BTreeMap<String, String>,
+    max_sandboxes: u32,
     fence: Fence,
     /// Spawns in flight or done, by sandbox id, until the sandbox is
     /// destroyed: a retried spawn waits for (or returns) the first one's
@@ -59,6 +60,7 @@ impl LocalWorker {
             health: RwLock::new(BTreeMap::new()),
             max_vcpus,
             labels: BTreeMap::new(),
+            max_sandboxes: 0,
             fence: Fence::in_memory(),
             spawns: Mutex::new(HashMap::new()),
         }
@@ -67,6 +69,12 @@ impl LocalWorker {
     /// The same worker describing itself with `labels`.
     pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> LocalWorker {
         self.labels = labels;
+        self
+    }
+
+    /// The same worker taking at most `max` live sandboxes (0: no limit).
+    pub fn with_max_sandboxes(mut self, max: u32) -> LocalWorker {
+        self.max_sandboxes = max;
         self
     }
 
@@ -211,6 +219,7 @@ impl Worker for LocalWorker {
                 .collect(),
             max_vcpus: self.max_vcpus,
             labels: self.labels.clone(),
+            max_sandboxes: self.max_sandboxes,
         }
     }
 

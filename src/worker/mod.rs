@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod fence;
+pub mod labels;
 mod local;
 mod remote;
 pub mod rpc;
@@ -145,6 +146,9 @@ pub struct WorkerSnapshot {
     /// What the operator says the worker is (`worker.labels`, `--label`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Most live sandboxes it takes (`worker.max_sandboxes`); 0: no limit.
+    #[serde(default)]
+    pub max_sandboxes: u32,
 }
 
 impl WorkerSnapshot {

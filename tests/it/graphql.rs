@@ -302,9 +302,30 @@ async fn state_events_and_exec_output_over_graphql_transport_ws() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_joiners_resume_from_seq_and_many_follow_one_execution() {
     let server = server().await;
-    let id = spawn(&server).await;
+    late_joiners_resume_from_seq(&server).await;
+    server.stop().await;
+}
+
+/// The same, through a control plane whose sandboxes all live on a
+/// `stacyvm worker` process: output crosses the worker RPC first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiners_resume_from_seq_through_a_remote_worker() {
+    let server = crate::workers::control_plane().await;
+    let cp = crate::workers::base(&server);
+    let w1 = crate::workers::WorkerProcess::start(&cp, "w1", "token-one");
+    crate::workers::wait_for_workers(&server, &["w1"]).await;
+    late_joiners_resume_from_seq(&server).await;
+    let (_, sandboxes) = server.get("/sandboxes").await;
+    assert_eq!(sandboxes[0]["worker_id"], "w1", "{sandboxes}");
+    drop(w1);
+}
+
+/// Two subscribers follow one command's output from seq 0, one joining
+/// late; a third reconnects from seq 2 and gets exactly what follows.
+async fn late_joiners_resume_from_seq(server: &TestServer) {
+    let id = spawn(server).await;
     let data = gql_ok(
-        &server,
+        server,
         "mutation($id: ID!) { startExec(sandboxId: $id, input: {command: \"for i in 1 2 3 4 5 6; do echo line$i; sleep 0.2; done\"}) { id } }",
         json!({"id": id}),
     )
@@ -318,11 +339,11 @@ async fn late_joiners_resume_from_seq_and_many_follow_one_execution() {
     );
 
     // Two subscribers join while it runs, one a little later.
-    let mut a = Ws::connect(&server, false).await;
+    let mut a = Ws::connect(server, false).await;
     a.subscribe("a", &query, json!({"e": execution, "from": 0}))
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut b = Ws::connect(&server, false).await;
+    let mut b = Ws::connect(server, false).await;
     b.subscribe("b", &query, json!({"e": execution, "from": 0}))
         .await;
     let (a_out, b_out) = tokio::join!(a.collect("a"), b.collect("b"));
@@ -335,7 +356,7 @@ async fn late_joiners_resume_from_seq_and_many_follow_one_execution() {
     assert_eq!(a_out, b_out, "both subscribers see the same events");
 
     // A reconnect from seq 2 gets exactly what follows, no duplicate.
-    let mut c = Ws::connect(&server, false).await;
+    let mut c = Ws::connect(server, false).await;
     c.subscribe("c", &query, json!({"e": execution, "from": 2}))
         .await;
     let c_out = events_of(&c.collect("c").await, "execOutput");
@@ -350,7 +371,6 @@ async fn late_joiners_resume_from_seq_and_many_follow_one_execution() {
         c_out.last().map(|e| e["__typename"].clone()),
         Some(json!("ExecExit"))
     );
-    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,7 @@ fn template(name: &str) -> entity::template::Model {
         disk_mb: None,
         ttl_ms: 60_000,
         metadata: serde_json::json!({}),
+        worker_labels: "{}".into(),
         created_at: now,
         updated_at: now,
     }

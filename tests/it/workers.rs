@@ -22,6 +22,8 @@ struct WorkerOptions {
     providers: String,
     /// Runs inside this network namespace (`ip netns add` name).
     netns: Option<String>,
+    /// More flags (`--label`, `--max-sandboxes`).
+    extra: Vec<String>,
 }
 
 impl Default for WorkerOptions {
@@ -30,12 +32,13 @@ impl Default for WorkerOptions {
             listen: "127.0.0.1:0".into(),
             providers: "native".into(),
             netns: None,
+            extra: Vec::new(),
         }
     }
 }
 
 /// A `stacyvm worker` process; SIGKILLed when dropped.
-struct WorkerProcess {
+pub(crate) struct WorkerProcess {
     id: String,
     child: Child,
     data_dir: tempfile::TempDir,
@@ -43,7 +46,7 @@ struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    fn start(control_plane: &str, id: &str, token: &str) -> WorkerProcess {
+    pub(crate) fn start(control_plane: &str, id: &str, token: &str) -> WorkerProcess {
         Self::start_with(control_plane, id, token, WorkerOptions::default())
     }
 
@@ -121,6 +124,7 @@ impl WorkerProcess {
                 "--provider",
                 &options.providers,
             ])
+            .args(&options.extra)
             .env("STACYVM_LIFECYCLE_HEARTBEAT_INTERVAL", "200ms")
             .env("STACYVM_LIFECYCLE_HEALTH_INTERVAL", "1s")
             .env("STACYVM_PROVIDERS_NATIVE_HELPER_BINARY", BIN)
@@ -156,7 +160,7 @@ impl Drop for WorkerProcess {
     }
 }
 
-async fn control_plane() -> TestServer {
+pub(crate) async fn control_plane() -> TestServer {
     TestServer::start(|c| {
         c.worker.local = false;
         c.providers.default = "native".into();
@@ -168,12 +172,12 @@ async fn control_plane() -> TestServer {
     .await
 }
 
-fn base(server: &TestServer) -> String {
+pub(crate) fn base(server: &TestServer) -> String {
     server.url("").trim_end_matches("/api/v1").to_string()
 }
 
 /// Waits until the control plane lists `ids` as online workers.
-async fn wait_for_workers(server: &TestServer, ids: &[&str]) {
+pub(crate) async fn wait_for_workers(server: &TestServer, ids: &[&str]) {
     let started = Instant::now();
     loop {
         let (_, body) = server.get("/workers").await;
@@ -1303,4 +1307,100 @@ async fn docker_sandboxes_run_on_a_remote_worker() {
         "the container outlived its sandbox: {out:?}"
     );
     drop(w1);
+}
+
+/// Placement honours what workers say they are and can take: a spawn or
+/// template asking for labels lands on a worker carrying them, a worker
+/// at its `--max-sandboxes` takes nothing more, and when nothing fits the
+/// answer says why, over REST and GraphQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_follows_worker_labels_and_limits() {
+    let server = control_plane().await;
+    let cp = base(&server);
+    let with = |flags: &[&str]| WorkerOptions {
+        extra: flags.iter().map(|f| f.to_string()).collect(),
+        ..WorkerOptions::default()
+    };
+    let w1 = WorkerProcess::start_with(
+        &cp,
+        "w1",
+        "token-one",
+        with(&["--label", "zone=eu", "--max-sandboxes", "1"]),
+    );
+    let w2 = WorkerProcess::start_with(&cp, "w2", "token-two", with(&["--label", "zone=us"]));
+    wait_for_workers(&server, &["w1", "w2"]).await;
+    let (_, workers) = server.get("/admin/workers").await;
+    assert_eq!(workers[0]["labels"], json!({"zone": "eu"}), "{workers}");
+
+    // Admission checks reserve nothing: many of them leave w1's one slot.
+    for _ in 0..5 {
+        let (status, body) = server
+            .post(
+                "/sandboxes/admission",
+                json!({"image": docker_image(), "worker_labels": {"zone": "eu"}}),
+            )
+            .await;
+        assert_eq!(
+            (status, body["allowed"].as_bool()),
+            (200, Some(true)),
+            "{body}"
+        );
+    }
+    let eu = json!({"image": docker_image(), "worker_labels": {"zone": "eu"}});
+    let (status, body) = server.post("/sandboxes", eu.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["worker_id"], "w1");
+    let (status, body) = server.post("/sandboxes", eu).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("UNAVAILABLE")),
+        "{body}"
+    );
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(message.contains("max_sandboxes (w1)"), "{message}");
+
+    // A template's labels.
+    let (status, body) = server
+        .post(
+            "/templates",
+            json!({"name": "us-only", "image": docker_image(), "worker_labels": {"zone": "us"}}),
+        )
+        .await;
+    assert!((200..300).contains(&status), "{status} {body}");
+    let (_, template) = server.get("/templates/us-only").await;
+    assert_eq!(
+        template["worker_labels"],
+        json!({"zone": "us"}),
+        "{template}"
+    );
+    for _ in 0..2 {
+        let (status, body) = server.post("/templates/us-only/spawn", json!({})).await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(body["worker_id"], "w2", "{body}");
+    }
+
+    // Nothing carries the label; a malformed one is the client's mistake.
+    let (_, gql) = server
+        .post_graphql(
+            "mutation($l: JSON) { spawnSandbox(input: {workerLabels: $l}) { id } }",
+            json!({"l": {"zone": "mars"}}),
+        )
+        .await;
+    assert_eq!(
+        gql["errors"][0]["extensions"]["code"], "UNAVAILABLE",
+        "{gql}"
+    );
+    let msg = gql["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("labels zone=mars"), "{msg}");
+    let (status, body) = server
+        .post("/sandboxes", json!({"worker_labels": {"bad key": "x"}}))
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("BAD_REQUEST")),
+        "{body}"
+    );
+    let (_, list) = server.get("/sandboxes").await;
+    assert_eq!(list.as_array().map(Vec::len), Some(3), "{list}");
+    drop((w1, w2));
 }

@@ -32,6 +32,8 @@ pub struct SpawnSandboxInput {
     /// A key for this spawn, unique per owner: a retry with the same key
     /// answers the sandbox the first spawn made instead of making another.
     pub idempotency_key: Option<String>,
+    /// Labels the worker must carry (added to the template's).
+    pub worker_labels: Option<Json<BTreeMap<String, String>>>,
 }
 
 #[derive(InputObject)]
@@ -114,6 +116,8 @@ pub struct TemplateInput {
     pub ttl: Option<GoDuration>,
     pub provider: Option<String>,
     pub metadata: Option<Json<BTreeMap<String, String>>>,
+    /// Labels a worker must carry to get this template's sandboxes.
+    pub worker_labels: Option<Json<BTreeMap<String, String>>>,
 }
 
 /// Quota overrides for one owner; a missing field clears that override.
@@ -152,6 +156,7 @@ impl MutationRoot {
             owner_id: input.owner_id,
             metadata: input.metadata.map(|m| m.0).unwrap_or_default(),
             idempotency_key: input.idempotency_key,
+            worker_labels: input.worker_labels.map(|m| m.0).unwrap_or_default(),
         };
         Ok(Sandbox(service.spawn(caller, req).await.gql()?))
     }
@@ -327,6 +332,7 @@ impl MutationRoot {
             ttl: input.ttl.map(|t| duration::format(t.0)),
             provider: input.provider,
             metadata: input.metadata.map(|m| m.0).unwrap_or_default(),
+            worker_labels: input.worker_labels.map(|m| m.0).unwrap_or_default(),
         };
         Ok(Template(service.save_template(caller, input).await.gql()?))
     }

@@ -339,6 +339,10 @@ impl Template {
     async fn metadata(&self) -> Json<BTreeMap<String, String>> {
         Json(self.0.metadata.clone())
     }
+    /// Labels a worker must carry to get this template's sandboxes.
+    async fn worker_labels(&self) -> Json<BTreeMap<String, String>> {
+        Json(self.0.worker_labels.clone())
+    }
     async fn owner_id(&self) -> &str {
         &self.0.owner_id
     }

@@ -35,6 +35,8 @@ pub struct SpawnBody {
     template: Option<String>,
     owner_id: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
+    /// Labels the worker must carry (an extension; the SDK never sends it).
+    worker_labels: Option<BTreeMap<String, String>>,
 }
 
 impl From<SpawnBody> for SpawnRequest {
@@ -50,6 +52,7 @@ impl From<SpawnBody> for SpawnRequest {
             owner_id: b.owner_id,
             metadata: b.metadata.unwrap_or_default(),
             idempotency_key: None,
+            worker_labels: b.worker_labels.unwrap_or_default(),
         }
     }
 }

@@ -34,6 +34,7 @@ struct TemplateBody {
     ttl: Option<String>,
     provider: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
+    worker_labels: Option<BTreeMap<String, String>>,
 }
 
 impl From<TemplateBody> for TemplateInput {
@@ -47,6 +48,7 @@ impl From<TemplateBody> for TemplateInput {
             ttl: b.ttl,
             provider: b.provider,
             metadata: b.metadata.unwrap_or_default(),
+            worker_labels: b.worker_labels.unwrap_or_default(),
         }
     }
 }
