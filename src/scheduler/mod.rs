@@ -7,16 +7,48 @@
 //! for a spawn that would fail on its way in.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::worker::{AdminState, ProviderInfo, RemoteWorker, Worker, WorkerSnapshot};
 
-/// Where a sandbox will run.
+/// Where a sandbox will run. A placement from [`Scheduler::place`]
+/// holds its slot on the worker until it is dropped (by then the record
+/// exists and the reconciler counts it).
 #[derive(Clone)]
 pub struct Placement {
     pub worker: Arc<dyn Worker>,
     pub provider: String,
+    _reserved: Option<Arc<Reserved>>,
+}
+
+/// A slot taken on a worker by a spawn in flight. When the spawn is done
+/// the slot joins the worker's counted load until the next reconcile pass
+/// counts the records again (a failed spawn is over-counted until then).
+struct Reserved {
+    reserved: Arc<Mutex<BTreeMap<String, usize>>>,
+    load: Arc<RwLock<BTreeMap<String, usize>>>,
+    worker_id: String,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut reserved = match self.reserved.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(n) = reserved.get_mut(&self.worker_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                reserved.remove(&self.worker_id);
+            }
+        }
+        // Under the same lock, so `load_of` never sees the slot twice or
+        // not at all.
+        if let Ok(mut load) = self.load.write() {
+            *load.entry(self.worker_id.clone()).or_insert(0) += 1;
+        }
+    }
 }
 
 /// Why no placement was found, or a sandbox's worker cannot be reached.
@@ -50,6 +82,11 @@ pub struct Scheduler {
     /// the service when an admin acts, refreshed from the store by each
     /// reconcile pass.
     admin: Arc<RwLock<BTreeMap<String, AdminState>>>,
+    /// Slots taken by spawns whose records may not exist yet, per worker;
+    /// also the lock that makes choosing and taking a slot one step.
+    reserved: Arc<Mutex<BTreeMap<String, usize>>>,
+    /// Makes choosing and reserving one step.
+    placing: Arc<Mutex<()>>,
     default_provider: String,
     /// A remote worker silent this long is out of reach
     /// (`lifecycle.worker_stale_after`): nothing new goes to it.
@@ -63,6 +100,8 @@ impl Scheduler {
             remotes: Arc::new(RwLock::new(BTreeMap::new())),
             load: Arc::new(RwLock::new(BTreeMap::new())),
             admin: Arc::new(RwLock::new(BTreeMap::new())),
+            reserved: Arc::new(Mutex::new(BTreeMap::new())),
+            placing: Arc::new(Mutex::new(())),
             default_provider,
             stale_after,
         }
@@ -134,12 +173,27 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
+    /// Live sandboxes counted on a worker plus the slots spawns in
+    /// flight hold there.
     fn load_of(&self, worker_id: &str) -> usize {
-        self.load
+        let counted = self
+            .load
             .read()
             .ok()
             .and_then(|l| l.get(worker_id).copied())
-            .unwrap_or(0)
+            .unwrap_or(0);
+        counted + self.reserved_on(worker_id)
+    }
+
+    fn reserved_on(&self, worker_id: &str) -> usize {
+        self.reserved_map().get(worker_id).copied().unwrap_or(0)
+    }
+
+    fn reserved_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        match self.reserved.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
     }
 
     /// The provider used when a request names none.
@@ -194,9 +248,21 @@ impl Scheduler {
     /// Picks a worker and provider for a new sandbox and counts it on
     /// that worker's load (see [`Scheduler::choose`]).
     pub fn place(&self, ask: &Ask<'_>) -> Result<Placement, ScheduleError> {
-        let placement = self.choose(ask)?;
-        let id = placement.worker.id();
-        self.set_load(id, self.load_of(id) + 1);
+        // One at a time, so two spawns cannot both take a worker's last
+        // slot. `choose` reads the reservations itself, so the map's lock
+        // is only taken around it, never across it.
+        let _one_at_a_time = match self.placing.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let mut placement = self.choose(ask)?;
+        let id = placement.worker.id().to_string();
+        *self.reserved_map().entry(id.clone()).or_insert(0) += 1;
+        placement._reserved = Some(Arc::new(Reserved {
+            reserved: self.reserved.clone(),
+            load: self.load.clone(),
+            worker_id: id,
+        }));
         Ok(placement)
     }
 
@@ -307,6 +373,7 @@ impl Scheduler {
             return Ok(Placement {
                 worker,
                 provider: name.to_string(),
+                _reserved: None,
             });
         }
         match unhealthy {
@@ -480,16 +547,16 @@ mod tests {
             worker("b", 2, &[("native", Some(true))]),
         ]);
         s.set_load("a", 3);
-        let picks: Vec<String> = (0..4)
-            .map(|_| {
-                s.place(&ask(None, 1))
-                    .expect("placed")
-                    .worker
-                    .id()
-                    .to_string()
-            })
+        // Spawns in flight hold their placements.
+        let held: Vec<Placement> = (0..4)
+            .map(|_| s.place(&ask(None, 1)).expect("placed"))
             .collect();
+        let picks: Vec<&str> = held.iter().map(|p| p.worker.id()).collect();
         assert_eq!(picks, ["b", "b", "b", "a"]);
+        // Done: counted until the reconciler counts records (a: 4, b: 3).
+        drop(held);
+        assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "b");
+        assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "a");
     }
 
     #[test]
@@ -566,21 +633,35 @@ mod tests {
     #[test]
     fn a_full_worker_takes_nothing_until_its_load_drops() {
         let s = scheduler(vec![described("a", &[], 2), described("b", &[], 1)]);
-        let picks: Vec<String> = (0..3)
-            .map(|_| {
-                s.place(&ask(None, 1))
-                    .expect("placed")
-                    .worker
-                    .id()
-                    .to_string()
-            })
+        let held: Vec<Placement> = (0..3)
+            .map(|_| s.place(&ask(None, 1)).expect("placed"))
             .collect();
+        let picks: Vec<&str> = held.iter().map(|p| p.worker.id()).collect();
         assert_eq!(picks, ["a", "b", "a"]);
         let err = s.place(&ask(None, 1)).err().expect("full");
         assert!(err.to_string().contains("max_sandboxes (a, b)"), "{err}");
-        // The reconciler counted again: one sandbox of a is gone.
+        // The spawns finished: still full, counted now.
+        drop(held);
+        assert!(s.place(&ask(None, 1)).is_err(), "still full");
+        // One sandbox of a is gone.
         s.set_load("a", 1);
         assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "a");
+    }
+
+    #[test]
+    fn concurrent_placements_never_overfill_a_worker() {
+        let s = scheduler(vec![described("a", &[], 3)]);
+        let placed = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    if let Ok(p) = s.place(&ask(None, 1)) {
+                        placed.lock().expect("lock").push(p);
+                    }
+                });
+            }
+        });
+        assert_eq!(placed.lock().expect("lock").len(), 3);
     }
 
     #[test]
@@ -589,8 +670,13 @@ mod tests {
         for _ in 0..5 {
             assert_eq!(s.choose(&ask(None, 1)).expect("chosen").worker.id(), "a");
         }
-        assert_eq!(s.place(&ask(None, 1)).expect("placed").worker.id(), "a");
+        let held = s.place(&ask(None, 1)).expect("placed");
+        assert_eq!(held.worker.id(), "a");
         assert!(s.choose(&ask(None, 1)).is_err(), "the one slot is taken");
+        drop(held);
+        assert!(s.choose(&ask(None, 1)).is_err(), "its sandbox holds it");
+        s.set_load("a", 0);
+        assert!(s.choose(&ask(None, 1)).is_ok(), "the sandbox is gone");
     }
 
     #[test]

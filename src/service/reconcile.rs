@@ -88,6 +88,9 @@ pub(super) struct ReconcileMemory {
 #[derive(Debug, Default)]
 struct MemoryInner {
     sandboxes: HashMap<String, Observation>,
+    /// The live sandboxes each worker's last pass saw, so that a pass can
+    /// forget those of its worker that are gone.
+    live_by_worker: HashMap<String, std::collections::HashSet<String>>,
     /// (provider, runtime id) -> when it was first seen without a live
     /// record.
     orphans: HashMap<(String, String), Instant>,
@@ -136,19 +139,73 @@ impl ReconcileMemory {
 }
 
 impl Service {
-    /// Runs the reconciler every `every` until `shutdown` fires.
+    /// Runs the reconciler every `every` until `shutdown` fires: each
+    /// worker's pass is its own task, and a worker whose previous pass is
+    /// still running (its RPCs hang) is skipped this tick, so it delays
+    /// nobody else's.
     pub async fn run_reconciler(self, every: Duration, shutdown: CancellationToken) {
         let mut tick = crate::ticker::every(every);
+        let mut passes: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    if let Err(e) = self.reconcile(false).await {
-                        tracing::warn!(error = %e, "reconcile pass failed");
+                    if let Err(e) = self.refresh_admin_states().await {
+                        tracing::warn!(error = %e, "cannot read worker admin states");
+                    }
+                    passes.retain(|_, pass| !pass.is_finished());
+                    for worker in self.scheduler().workers() {
+                        if passes.contains_key(worker.id()) {
+                            tracing::debug!(worker = worker.id(), "previous reconcile pass still running");
+                            continue;
+                        }
+                        let service = self.clone();
+                        let id = worker.id().to_string();
+                        passes.insert(id, tokio::spawn(async move {
+                            if let Err(e) = service.reconcile_one(worker.as_ref(), false).await {
+                                tracing::warn!(worker = worker.id(), error = %e, "reconcile pass failed");
+                            }
+                        }));
                     }
                 }
             }
         }
+        // A pass in flight finishes (a destroy cut off half-way would be
+        // left `destroying`), bounded.
+        for (worker, pass) in passes {
+            if tokio::time::timeout(Duration::from_secs(10), pass)
+                .await
+                .is_err()
+            {
+                tracing::warn!(%worker, "reconcile pass still running at shutdown; left to the runtime");
+            }
+        }
+    }
+
+    /// One worker's pass, with its report logged and what the reconciler
+    /// remembers of that worker's sandboxes brought up to date.
+    async fn reconcile_one(&self, worker: &dyn Worker, startup: bool) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let mut live = std::collections::HashSet::new();
+        self.reconcile_worker(worker, startup, &mut report, &mut live)
+            .await?;
+        // Forget sandboxes of this worker that are no longer live.
+        self.inner.reconcile.with(|m| {
+            let before = m
+                .live_by_worker
+                .insert(worker.id().to_string(), live.clone())
+                .unwrap_or_default();
+            for gone in before.difference(&live) {
+                m.sandboxes.remove(gone);
+            }
+        });
+        if !startup
+            && report.failed + report.health_changes + report.destroyed + report.orphans_destroyed
+                > 0
+        {
+            tracing::info!(worker = worker.id(), ?report, "reconcile pass acted");
+        }
+        Ok(report)
     }
 
     /// One reconcile pass over every provider of every worker. With
@@ -156,35 +213,17 @@ impl Service {
     /// can be in flight yet) and surviving sandboxes are reported adopted.
     pub async fn reconcile(&self, startup: bool) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        let mut live = std::collections::HashSet::new();
         self.refresh_admin_states().await?;
-        // Every worker at once: one that hangs delays only its own pass.
+        // Every worker at once.
         let workers = self.scheduler().workers();
-        let passes = workers.iter().map(|worker| async move {
-            let mut report = ReconcileReport::default();
-            let mut live = std::collections::HashSet::new();
-            self.reconcile_worker(worker.as_ref(), startup, &mut report, &mut live)
-                .await
-                .map(|()| (report, live))
-        });
+        let passes = workers
+            .iter()
+            .map(|worker| self.reconcile_one(worker.as_ref(), startup));
         for pass in futures::future::join_all(passes).await {
-            let (one, ids) = pass?;
-            report.add(&one);
-            live.extend(ids);
+            report.add(&pass?);
         }
-        // Forget sandboxes that are no longer live (destroyed by anyone).
-        self.inner
-            .reconcile
-            .with(|m| m.sandboxes.retain(|id, _| live.contains(id)));
         if startup {
             tracing::info!(?report, "start-up reconcile");
-        } else if report.failed
-            + report.health_changes
-            + report.destroyed
-            + report.orphans_destroyed
-            > 0
-        {
-            tracing::info!(?report, "reconcile pass acted");
         }
         Ok(report)
     }
@@ -490,6 +529,13 @@ impl Service {
             };
             match worker.destroy(&runtime).await {
                 Ok(()) => {
+                    // The reclaim was only to destroy it: let go again, so
+                    // heartbeats do not renew a dead sandbox's lease.
+                    if record.is_some() {
+                        self.store()
+                            .release_lease(&item.sandbox_id, Utc::now())
+                            .await?;
+                    }
                     self.inner
                         .reconcile
                         .with(|m| m.orphans.remove(&(name.clone(), item.runtime_id.clone())));

@@ -351,6 +351,23 @@ impl Service {
         if let Some(earlier) = self.earlier_spawn(&plan).await? {
             return Ok(earlier);
         }
+        match self.spawn_planned(plan.clone()).await {
+            // A retry racing its first attempt: that one may have taken
+            // the last slot, and its sandbox is the answer.
+            Err(e @ (Error::ResourceLimit { .. } | Error::Unavailable(_)))
+                if plan.idempotency_key.is_some() =>
+            {
+                match self.earlier_spawn(&plan).await? {
+                    Some(earlier) => Ok(earlier),
+                    None => Err(e),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Admits, places and makes a planned sandbox.
+    async fn spawn_planned(&self, plan: SpawnPlan) -> Result<Sandbox> {
         let decision = self.admission_for_plan(&plan, Placed::No).await?;
         if decision.reason == "worker_unavailable" {
             // The scheduler says precisely why (unknown provider, unhealthy, ...).
@@ -469,11 +486,14 @@ impl Service {
                     Some(model) => self.to_sandbox(model),
                     None => {
                         // Someone destroyed it while it was being created.
+                        // At the lease's generation now: the destroy that
+                        // raced may have reclaimed it.
+                        let lease = self.store().lease(&id).await?;
                         let runtime = crate::worker::RuntimeRef {
                             sandbox_id: id.clone(),
                             provider: placement.provider.clone(),
                             runtime_id: Some(handle.runtime_id.clone()),
-                            lease: FIRST_GENERATION,
+                            lease: lease_generation(lease.as_ref()).max(FIRST_GENERATION),
                         };
                         placement
                             .worker

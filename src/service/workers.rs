@@ -47,6 +47,8 @@ impl Service {
             ));
         };
         let endpoint = rpc::checked_endpoint(&beat.endpoint).map_err(Error::BadRequest)?;
+        crate::worker::labels::check_all(&beat.snapshot.labels)
+            .map_err(|e| Error::BadRequest(format!("labels: {e}")))?;
         let scheduler = self.scheduler();
         if scheduler.in_process_workers().iter().any(|w| w.id() == id) {
             return Err(Error::Conflict(format!(
@@ -69,7 +71,19 @@ impl Service {
                     fresh_for.as_secs().max(1)
                 )));
             }
-            _ => {
+            other => {
+                if let Some(previous) = other.filter(|p| {
+                    let known = p.instance();
+                    !known.is_empty() && known != beat.instance
+                }) {
+                    // Another installation took the id from another
+                    // address (the same one restarted on a new port keeps
+                    // its instance and its sandboxes): what ran at the old
+                    // one is out of reach, and its leases must not be
+                    // renewed by the newcomer.
+                    let released = self.store().release_leases_of(id, Utc::now()).await?;
+                    tracing::warn!(worker = %id, old = previous.endpoint(), new = %endpoint, leases = released, "worker id moved to another address; its leases were released");
+                }
                 tracing::info!(worker = %id, %endpoint, "worker registered");
                 let hostname: String = beat.hostname.chars().take(255).collect();
                 let worker = Arc::new(RemoteWorker::new(
@@ -106,6 +120,7 @@ impl Service {
             })
             .await?;
         self.renew_leases(id).await?;
+        worker.set_instance(&beat.instance);
         worker.update_snapshot(beat.snapshot);
         Ok(())
     }

@@ -14,7 +14,9 @@
 use chrono::{DateTime, Utc};
 use entity::lease::{self, Column, Entity};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
+};
 
 use super::{Store, StoreResult};
 
@@ -53,40 +55,45 @@ impl Store {
     }
 
     /// Releases the leases of `worker_id` that expired before `now` and
-    /// returns them (at most `limit`, oldest expiry first). Rows another
-    /// transaction holds are skipped, not waited for.
+    /// returns them (at most `limit`, oldest expiry first). One statement,
+    /// `UPDATE ... WHERE sandbox_id IN (SELECT ... FOR UPDATE SKIP LOCKED)
+    /// RETURNING`: on PostgreSQL rows another sweep holds are skipped, not
+    /// waited for; SQLite (one writer, no row locks) runs it as one write,
+    /// so no read-then-write transaction can fail on a stale snapshot.
     pub async fn release_expired_leases(
         &self,
         worker_id: &str,
         now: DateTime<Utc>,
         limit: u64,
     ) -> StoreResult<Vec<lease::Model>> {
-        let txn = self.conn().begin().await?;
         let expired = Entity::find()
+            .select_only()
+            .column(Column::SandboxId)
             .filter(Column::WorkerId.eq(worker_id))
             .filter(Column::ReleasedAt.is_null())
             .filter(Column::ExpiresAt.lt(now))
             .order_by_asc(Column::ExpiresAt)
             .limit(limit)
             .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
-            .all(&txn)
+            .into_query();
+        Ok(Entity::update_many()
+            .col_expr(Column::ReleasedAt, Expr::value(now))
+            .filter(Column::SandboxId.in_subquery(expired))
+            .filter(Column::ReleasedAt.is_null())
+            .exec_with_returning(self.conn())
+            .await?)
+    }
+
+    /// Releases every lease `worker_id` holds (another process took its id
+    /// from another address: whatever ran on the old one is out of reach).
+    pub async fn release_leases_of(&self, worker_id: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+        let released = Entity::update_many()
+            .col_expr(Column::ReleasedAt, Expr::value(now))
+            .filter(Column::WorkerId.eq(worker_id))
+            .filter(Column::ReleasedAt.is_null())
+            .exec(self.conn())
             .await?;
-        if !expired.is_empty() {
-            Entity::update_many()
-                .col_expr(Column::ReleasedAt, Expr::value(now))
-                .filter(Column::SandboxId.is_in(expired.iter().map(|l| l.sandbox_id.as_str())))
-                .filter(Column::ReleasedAt.is_null())
-                .exec(&txn)
-                .await?;
-        }
-        txn.commit().await?;
-        Ok(expired
-            .into_iter()
-            .map(|l| lease::Model {
-                released_at: Some(now),
-                ..l
-            })
-            .collect())
+        Ok(released.rows_affected)
     }
 
     /// Releases a sandbox's lease (its sandbox is gone). True when it was

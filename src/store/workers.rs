@@ -74,12 +74,21 @@ impl Store {
     /// worker whose id changed); returns how many moved.
     pub async fn reassign_worker(&self, from: &str, to: &str) -> StoreResult<u64> {
         use sea_orm::sea_query::Expr;
-        use sea_orm::{ColumnTrait, QueryFilter};
+        use sea_orm::{ColumnTrait, QueryFilter, TransactionTrait};
+        // The records and the leases their worker holds move together: a
+        // lease left under the old id would make every sandbox look lost.
+        let txn = self.conn().begin().await?;
         let moved = entity::sandbox::Entity::update_many()
             .col_expr(entity::sandbox::Column::WorkerId, Expr::value(to))
             .filter(entity::sandbox::Column::WorkerId.eq(from))
-            .exec(self.conn())
+            .exec(&txn)
             .await?;
+        entity::lease::Entity::update_many()
+            .col_expr(entity::lease::Column::WorkerId, Expr::value(to))
+            .filter(entity::lease::Column::WorkerId.eq(from))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
         Ok(moved.rows_affected)
     }
 }

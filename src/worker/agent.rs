@@ -238,6 +238,7 @@ pub async fn heartbeat_loop(
                     hostname: worker.hostname().to_string(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                     snapshot: worker.snapshot(),
+                    instance: worker.instance().to_string(),
                 };
                 let sent = client
                     .post(&url)

@@ -147,8 +147,10 @@ impl Fence {
             retired_at: None,
         };
         inner.seen.insert(sandbox_id.to_string(), now);
-        drop(inner);
+        // Written under the lock: two admits racing must not leave the
+        // older generation on disk.
         self.persist(sandbox_id, now);
+        drop(inner);
         Ok(false)
     }
 
@@ -170,8 +172,8 @@ impl Fence {
         inner.seen.insert(sandbox_id.to_string(), seen);
         inner.retirements += 1;
         let prune = inner.retirements.is_multiple_of(PRUNE_EVERY);
-        drop(inner);
         self.persist(sandbox_id, seen);
+        drop(inner);
         if prune {
             self.prune(now);
         }
@@ -220,7 +222,8 @@ impl Fence {
     }
 
     /// Writes one entry (temporary file and rename, so a crash leaves the
-    /// old entry or the new one). Best effort: a failure is logged, and
+    /// old entry or the new one). Called with the lock held, so writes of
+    /// one entry never interleave. Best effort: a failure is logged, and
     /// the fence in memory still holds for this process.
     fn persist(&self, sandbox_id: &str, seen: Seen) {
         let Some(dir) = &self.dir else { return };

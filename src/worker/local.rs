@@ -29,6 +29,8 @@ type SpawnCell = Arc<tokio::sync::OnceCell<WorkerResult<RuntimeHandle>>>;
 /// The worker inside the server process.
 pub struct LocalWorker {
     id: String,
+    /// The installation's instance id (`data_dir/instance_id`).
+    instance: String,
     hostname: String,
     providers: BTreeMap<String, Arc<dyn Provider>>,
     health: RwLock<BTreeMap<String, ProviderHealth>>,
@@ -52,6 +54,7 @@ impl LocalWorker {
             .unwrap_or(1);
         LocalWorker {
             id: Self::id_for(instance),
+            instance: instance.to_string(),
             hostname: hostname(),
             providers: providers
                 .into_iter()
@@ -106,6 +109,11 @@ impl LocalWorker {
             .map(|item| RuntimeHandle {
                 runtime_id: item.runtime_id,
             }))
+    }
+
+    /// The installation this worker runs from.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// The same worker under an explicit id (`stacyvm worker --id`).

@@ -62,6 +62,8 @@ pub struct RemoteWorker {
     heard_from: Mutex<DateTime<Utc>>,
     /// Silent this long, it is out of reach: calls in flight give up.
     stale_after: Duration,
+    /// The installation it said it runs from (empty until it said).
+    instance: RwLock<String>,
 }
 
 impl RemoteWorker {
@@ -90,6 +92,19 @@ impl RemoteWorker {
             last_seen: Mutex::new(None),
             heard_from: Mutex::new(heard_from),
             stale_after,
+            instance: RwLock::new(String::new()),
+        }
+    }
+
+    /// The installation the worker last said it runs from.
+    pub fn instance(&self) -> String {
+        self.instance.read().map(|i| i.clone()).unwrap_or_default()
+    }
+
+    /// Records the installation a heartbeat names.
+    pub fn set_instance(&self, instance: &str) {
+        if let Ok(mut current) = self.instance.write() {
+            instance.clone_into(&mut current);
         }
     }
 

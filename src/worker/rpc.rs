@@ -147,6 +147,10 @@ pub struct Heartbeat {
     pub hostname: String,
     pub version: String,
     pub snapshot: WorkerSnapshot,
+    /// The worker's installation (`data_dir/instance_id`): the same worker
+    /// restarted keeps it, another host taking the id does not.
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// Health results by provider.

@@ -172,12 +172,13 @@ impl WorkerCredentials {
                 self.secrets.iter().any(|secret| {
                     let claims = DecodingKey::from_secret(&Self::key(secret))
                         .and_then(|key| jsonwebtoken::decode::<Claims>(token, &key, &validation));
-                    // A token must not claim to live longer than any we
-                    // sign (a stolen key could not mint long-lived ones
-                    // anyway, but a clock far ahead could).
+                    // A token must not live longer than any we sign, nor
+                    // come from the future: a peer whose clock runs ahead
+                    // would otherwise mint tokens replayable for as long.
+                    let now = jsonwebtoken::get_current_timestamp();
                     claims.is_ok_and(|c| {
-                        c.claims.exp.saturating_sub(c.claims.iat)
-                            <= TOKEN_LIFETIME_SECS + LEEWAY_SECS
+                        c.claims.iat <= now + LEEWAY_SECS
+                            && c.claims.exp <= now + TOKEN_LIFETIME_SECS + LEEWAY_SECS
                     })
                 })
             }
@@ -230,6 +231,16 @@ mod tests {
         assert!(!w1.verify(Some(&bearer(&expired)), Audience::Worker));
         let forever = forge("secret-one", claims(now, now + 86_400), Algorithm::HS256);
         assert!(!w1.verify(Some(&bearer(&forever)), Audience::Worker));
+        // Signed by a clock a day ahead: short-lived, but from the future.
+        let ahead = forge(
+            "secret-one",
+            claims(now + 86_400, now + 86_460),
+            Algorithm::HS256,
+        );
+        assert!(!w1.verify(Some(&bearer(&ahead)), Audience::Worker));
+        // A few seconds of skew is tolerated.
+        let skewed = forge("secret-one", claims(now + 5, now + 65), Algorithm::HS256);
+        assert!(w1.verify(Some(&bearer(&skewed)), Audience::Worker));
         let other_alg = forge("secret-one", claims(now, now + 60), Algorithm::HS512);
         assert!(!w1.verify(Some(&bearer(&other_alg)), Audience::Worker));
         // A flipped signature byte.

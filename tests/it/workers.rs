@@ -130,6 +130,13 @@ impl WorkerProcess {
             .env("STACYVM_PROVIDERS_NATIVE_HELPER_BINARY", BIN)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data_dir.path().join("worker.log"))
+                    .expect("worker log"),
+            )
             .spawn()
             .expect("spawn stacyvm worker");
         WorkerProcess {
@@ -138,6 +145,14 @@ impl WorkerProcess {
             data_dir,
             options,
         }
+    }
+
+    /// The end of the worker's log, for failure messages.
+    fn log_tail(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.data_dir.path().join("worker.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// Native sandbox directories left on this worker.
@@ -1150,7 +1165,19 @@ async fn a_partitioned_worker_is_unhealthy_then_heals_or_is_lost() {
         ..WorkerOptions::default()
     };
     let w1 = WorkerProcess::start_with(&cp, "w1", "token-one", options);
-    wait_for_workers(&server, &["w1"]).await;
+    let started = Instant::now();
+    loop {
+        let (_, body) = server.get("/workers").await;
+        if body.as_array().is_some_and(|w| !w.is_empty()) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "w1 did not register from its namespace: {body}\n{}",
+            w1.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let id = sandbox_with_a_background_process(&server).await;
 
     // A short partition: unhealthy, then healed.
