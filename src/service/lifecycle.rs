@@ -221,8 +221,7 @@ impl Service {
         }
         // Every running command's stream went through this process (a
         // remote worker kills a command whose stream drops), so all of them
-        // ended with it. Only in-process workers' sandboxes in flight died
-        // with it; remote workers finish their own.
+        // ended with it.
         for worker in self.scheduler().workers() {
             let interrupted = self
                 .store()
@@ -238,12 +237,16 @@ impl Service {
                     "executions interrupted by the previous shutdown"
                 );
             }
-            if !worker.in_process() {
-                continue;
-            }
-            if let Err(e) = worker.recover_at_startup().await {
+            if worker.in_process()
+                && let Err(e) = worker.recover_at_startup().await
+            {
                 tracing::warn!(worker = worker.id(), error = %e, "worker start-up recovery failed");
             }
+            // A spawn or destroy this process was driving can never report
+            // back, on any worker. On a remote worker it may still finish:
+            // the destroy that follows `error` then leaves a tombstone, and
+            // a runtime the spawn made after it is an orphan the
+            // reconciler removes.
             let filter = SandboxFilter {
                 tenant_id: None,
                 owner_id: None,

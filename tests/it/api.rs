@@ -574,6 +574,10 @@ async fn operations_are_routed_by_the_sandboxs_worker() {
         .reassign_worker(&local, "wk-elsewhere")
         .await
         .expect("reassign");
+    // The lease moves with the record (a lease left under the old id
+    // would make the sandbox look lost to its new worker's pass).
+    let lease = store.lease(&id).await.expect("lease").expect("held");
+    assert_eq!(lease.worker_id, "wk-elsewhere", "{lease:?}");
     let calls: Vec<(reqwest::Method, String, Option<Value>)> = vec![
         (
             reqwest::Method::POST,
@@ -622,6 +626,16 @@ async fn operations_are_routed_by_the_sandboxs_worker() {
         .reassign_worker("wk-elsewhere", &local)
         .await
         .expect("reassign back");
+    server
+        .app_service
+        .reconcile(false)
+        .await
+        .expect("reconcile");
+    let (_, body) = server.get(&format!("/sandboxes/{id}")).await;
+    assert_eq!(
+        body["state"], "running",
+        "moved back, it is not lost: {body}"
+    );
     let out = server.shell(&id, "echo routed").await;
     assert_eq!(out, "routed\n");
     let (status, body) = server.delete(&format!("/sandboxes/{id}")).await;

@@ -569,9 +569,73 @@ async fn a_control_plane_restart_leaves_remote_sandboxes_running() {
     let w1 = WorkerProcess::start(&cp, "w1", "token-one");
     wait_for_workers(&server, &["w1"]).await;
     let id = sandbox_with_a_background_process(&server).await;
+    // A spawn the control plane was driving when it stopped: its record
+    // is `creating`, and the worker made the runtime after all.
+    let cut = "sb-0c0ffee0";
+    let now = chrono::Utc::now();
+    server
+        .app_service
+        .store()
+        .insert_sandbox(
+            entity::sandbox::Model {
+                id: cut.into(),
+                owner_id: "anonymous".into(),
+                tenant_id: "default".into(),
+                worker_id: "w1".into(),
+                provider: "native".into(),
+                runtime_id: None,
+                image: docker_image(),
+                template: None,
+                memory_mb: 64,
+                vcpus: 1,
+                state: "creating".into(),
+                state_reason: None,
+                metadata: json!({}),
+                created_at: now,
+                updated_at: now,
+                expires_at: now + chrono::Duration::minutes(30),
+                destroyed_at: None,
+                idempotency_key: None,
+            },
+            now + chrono::Duration::minutes(5),
+        )
+        .await
+        .expect("record");
+    let endpoint = endpoints(&server).await.remove(0);
+    let spawned = rpc(
+        &endpoint,
+        "token-one",
+        "spawn",
+        json!({
+            "provider": "native",
+            "spec": {"sandbox_id": cut, "image": docker_image(), "memory_mb": 64, "vcpus": 1, "disk_mb": 64},
+            "lease": 1,
+        }),
+    )
+    .await;
+    assert!(spawned.get("ok").is_some(), "{spawned}");
 
     let data_dir = server.stop().await;
     let server = TestServer::start_in(data_dir, tweak).await;
+    // The interrupted spawn is not left lying `creating`: it fails with
+    // the reason, and its runtime is removed from the worker.
+    let record = server
+        .wait_for_state(cut, "destroyed", Duration::from_secs(20))
+        .await;
+    let reason = record.state_reason.unwrap_or_default();
+    assert!(
+        reason.contains("server restarted while the sandbox was creating"),
+        "{reason}"
+    );
+    let started = Instant::now();
+    while w1.sandbox_dirs().len() != 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            w1.sandbox_dirs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (status, body) = background_process_check(&server, &id).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["stdout"], "alive\n", "{body}");
