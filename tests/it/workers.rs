@@ -1495,3 +1495,74 @@ async fn placement_follows_worker_labels_and_limits() {
     assert_eq!(list.as_array().map(Vec::len), Some(3), "{list}");
     drop((w1, w2));
 }
+
+/// A client that hangs up on a streamed command: the command runs to its
+/// end and its record says how it ended, whether the sandbox is on the
+/// in-process worker or on a remote one (the same body runs both ways).
+async fn a_client_that_hangs_up_leaves_its_command_running(server: &TestServer, id: &str) {
+    let mut resp = server
+        .http
+        .post(server.url(&format!("/sandboxes/{id}/exec")))
+        .json(&json!({
+            "command": "echo first; sleep 1; echo second > /tmp/after; echo done",
+            "mode": "shell",
+            "stream": true,
+        }))
+        .send()
+        .await
+        .expect("exec");
+    assert_eq!(resp.status().as_u16(), 200);
+    let first = resp.chunk().await.expect("chunk").expect("a first line");
+    assert!(
+        String::from_utf8_lossy(&first).contains("first"),
+        "{first:?}"
+    );
+    drop(resp);
+    let store = server.app_service.store();
+    let started = Instant::now();
+    let record = loop {
+        let records = store
+            .executions_of(&[id.to_string()])
+            .await
+            .expect("executions");
+        if let Some(done) = records.into_iter().find(|r| r.status != "running") {
+            break done;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "still running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (record.status.as_str(), record.exit_code),
+        ("completed", Some(0)),
+        "{record:?}"
+    );
+    assert!(record.stdout_tail.ends_with("done\n"), "{record:?}");
+    assert_eq!(server.shell(id, "cat /tmp/after").await, "second\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_affects_local_and_remote_commands_alike() {
+    // In process.
+    let local = crate::support::native_server(|_| {}).await;
+    let (status, body) = local
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    a_client_that_hangs_up_leaves_its_command_running(&local, &id).await;
+    // On a remote worker.
+    let server = control_plane().await;
+    let w1 = WorkerProcess::start(&base(&server), "w1", "token-one");
+    wait_for_workers(&server, &["w1"]).await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(
+        (status, body["worker_id"].as_str()),
+        (201, Some("w1")),
+        "{body}"
+    );
+    let id = body["id"].as_str().expect("id").to_string();
+    a_client_that_hangs_up_leaves_its_command_running(&server, &id).await;
+    drop(w1);
+}
