@@ -186,6 +186,12 @@ pub async fn run_worker(
             "a worker needs --id and --token (worker.id, worker.token)".into(),
         ));
     }
+    if !w.control_plane.starts_with("http://") {
+        return Err(StartError::Provider(format!(
+            "--control-plane {:?} must be an http:// URL (TLS between workers and the control plane is not supported yet)",
+            w.control_plane
+        )));
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.clone(),
         source,

@@ -187,8 +187,12 @@ pub fn checked_endpoint(endpoint: &str) -> Result<String, String> {
     let Ok(url) = reqwest::Url::parse(endpoint) else {
         return refuse("is not a URL");
     };
-    if !matches!(url.scheme(), "http" | "https") {
-        return refuse("must be http:// or https://");
+    match url.scheme() {
+        "http" => {}
+        // This build's HTTP client has no TLS: say so at registration
+        // rather than fail every call later.
+        "https" => return refuse("uses https://, which the worker RPC does not support yet"),
+        _ => return refuse("must be http://"),
     }
     if url.host_str().is_none_or(str::is_empty) {
         return refuse("has no host");
@@ -262,7 +266,8 @@ mod tests {
             checked_endpoint("http://127.0.0.1:7424/").as_deref(),
             Ok("http://127.0.0.1:7424")
         );
-        assert!(checked_endpoint("https://w1.internal:7424").is_ok());
+        let https = checked_endpoint("https://w1.internal:7424").unwrap_err();
+        assert!(https.contains("does not support yet"), "{https}");
         for bad in [
             "file:///etc/passwd",
             "http://10.0.0.5/admin?x=",
