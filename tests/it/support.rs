@@ -324,6 +324,22 @@ pub async fn insert_docker_record(
     state: &str,
     runtime_id: Option<String>,
 ) {
+    let worker = server.app_service.scheduler().in_process_workers()[0]
+        .id()
+        .to_string();
+    insert_record(server, id, &worker, "docker", state, runtime_id).await;
+}
+
+/// Inserts a sandbox record (and its lease) on `worker` and `provider`, as
+/// the control plane writes one before and after a spawn.
+pub async fn insert_record(
+    server: &TestServer,
+    id: &str,
+    worker: &str,
+    provider: &str,
+    state: &str,
+    runtime_id: Option<String>,
+) {
     let now = chrono::Utc::now();
     server
         .app_service
@@ -333,10 +349,8 @@ pub async fn insert_docker_record(
                 id: id.to_string(),
                 owner_id: "anonymous".into(),
                 tenant_id: "default".into(),
-                worker_id: server.app_service.scheduler().in_process_workers()[0]
-                    .id()
-                    .to_string(),
-                provider: "docker".into(),
+                worker_id: worker.to_string(),
+                provider: provider.into(),
                 runtime_id,
                 image: docker_image(),
                 template: None,

@@ -301,21 +301,13 @@ async fn sandboxes_spread_over_remote_workers_and_work_the_same() {
         );
         // Files: write, read back, list.
         let files = format!("/sandboxes/{id}/files");
-        let (status, body) = server
-            .post(
-                &files,
-                json!({"path": "/workspace/hello.txt", "content": "from the control plane\n"}),
-            )
-            .await;
-        assert_eq!(status, 200, "{body}");
-        let resp = server
-            .http
-            .get(server.url(&format!("{files}?path=/workspace/hello.txt")))
-            .send()
-            .await
-            .expect("read");
-        assert_eq!(resp.status().as_u16(), 200);
-        assert_eq!(resp.text().await.expect("text"), "from the control plane\n");
+        write_and_read_back(
+            &server,
+            id,
+            "/workspace/hello.txt",
+            "from the control plane\n",
+        )
+        .await;
         let (status, _) = server
             .get(&format!("{files}?path=/workspace/missing"))
             .await;
@@ -572,35 +564,7 @@ async fn a_control_plane_restart_leaves_remote_sandboxes_running() {
     // A spawn the control plane was driving when it stopped: its record
     // is `creating`, and the worker made the runtime after all.
     let cut = "sb-0c0ffee0";
-    let now = chrono::Utc::now();
-    server
-        .app_service
-        .store()
-        .insert_sandbox(
-            entity::sandbox::Model {
-                id: cut.into(),
-                owner_id: "anonymous".into(),
-                tenant_id: "default".into(),
-                worker_id: "w1".into(),
-                provider: "native".into(),
-                runtime_id: None,
-                image: docker_image(),
-                template: None,
-                memory_mb: 64,
-                vcpus: 1,
-                state: "creating".into(),
-                state_reason: None,
-                metadata: json!({}),
-                created_at: now,
-                updated_at: now,
-                expires_at: now + chrono::Duration::minutes(30),
-                destroyed_at: None,
-                idempotency_key: None,
-            },
-            now + chrono::Duration::minutes(5),
-        )
-        .await
-        .expect("record");
+    crate::support::insert_record(&server, cut, "w1", "native", "creating", None).await;
     let endpoint = endpoints(&server).await.remove(0);
     let spawned = rpc(
         &endpoint,
@@ -761,6 +725,23 @@ async fn a_lost_worker_is_reported_then_cleaned_up_when_it_returns() {
     )
     .await;
     assert_eq!(stale["err"]["kind"], "fenced", "{stale}");
+}
+
+/// Writes a file into a sandbox over REST and reads it back unchanged.
+async fn write_and_read_back(server: &TestServer, id: &str, path: &str, content: &str) {
+    let files = format!("/sandboxes/{id}/files");
+    let (status, body) = server
+        .post(&files, json!({"path": path, "content": content}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let resp = server
+        .http
+        .get(server.url(&format!("{files}?path={path}")))
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.text().await.expect("text"), content);
 }
 
 /// The worker's RPC address once it registered anew after a restart.
@@ -1370,22 +1351,7 @@ async fn docker_sandboxes_run_on_a_remote_worker() {
         "{out:?}"
     );
     assert_eq!(server.shell(&id, "echo hi; id -u").await, "hi\n0\n");
-    let (status, body) = server
-        .post(
-            &format!("/sandboxes/{id}/files"),
-            json!({"path": "/root/note", "content": "through a remote worker\n"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let resp = server
-        .http
-        .get(server.url(&format!("/sandboxes/{id}/files?path=/root/note")))
-        .send()
-        .await
-        .expect("read");
-    assert_eq!(resp.status().as_u16(), 200);
-    let text = resp.text().await.expect("text");
-    assert!(text.contains("through a remote worker"), "{text}");
+    write_and_read_back(&server, &id, "/root/note", "through a remote worker\n").await;
     assert_eq!(
         server.shell(&id, "cat /root/note").await,
         "through a remote worker\n"

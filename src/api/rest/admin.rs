@@ -21,9 +21,7 @@ pub fn router() -> Router<Service> {
         .route("/admin/audit", get(audit))
         .route("/admin/workers", get(workers))
         .route("/admin/workers/{id}", get(worker))
-        .route("/admin/workers/{id}/cordon", post(cordon))
-        .route("/admin/workers/{id}/uncordon", post(uncordon))
-        .route("/admin/workers/{id}/drain", post(drain))
+        .route("/admin/workers/{id}/{action}", post(set_admin_state))
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,38 +117,25 @@ async fn worker(
     Ok(Json(service.admin_worker(&caller, &id).await?))
 }
 
-async fn cordon(
+/// `POST /admin/workers/{id}/cordon|uncordon|drain`.
+async fn set_admin_state(
     State(service): State<Service>,
     caller: Caller,
-    Path(id): Path<String>,
+    Path((id, action)): Path<(String, String)>,
 ) -> Result<Json<WorkerStatus>, ApiError> {
+    let state = match action.as_str() {
+        "cordon" => AdminState::Cordoned,
+        "uncordon" => AdminState::Active,
+        "drain" => AdminState::Draining,
+        other => {
+            return Err(Error::NotFound(format!(
+                "no worker action {:?}: use cordon, uncordon or drain",
+                other.chars().take(40).collect::<String>()
+            ))
+            .into());
+        }
+    };
     Ok(Json(
-        service
-            .set_worker_admin_state(&caller, &id, AdminState::Cordoned)
-            .await?,
-    ))
-}
-
-async fn uncordon(
-    State(service): State<Service>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<WorkerStatus>, ApiError> {
-    Ok(Json(
-        service
-            .set_worker_admin_state(&caller, &id, AdminState::Active)
-            .await?,
-    ))
-}
-
-async fn drain(
-    State(service): State<Service>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<WorkerStatus>, ApiError> {
-    Ok(Json(
-        service
-            .set_worker_admin_state(&caller, &id, AdminState::Draining)
-            .await?,
+        service.set_worker_admin_state(&caller, &id, state).await?,
     ))
 }
