@@ -816,8 +816,10 @@ impl NativeProvider {
     /// Uses `path` (a `stacyvm` binary) for the sandbox init and exec
     /// helpers; needed where the running executable is not `stacyvm`
     /// (tests embedding a server).
+    /// A relative path is taken from the current directory now: the
+    /// helpers are started from other directories.
     pub fn with_helper_binary(mut self, path: PathBuf) -> Self {
-        self.helper = Ok(path);
+        self.helper = Ok(absolute_path(path));
         self
     }
 
@@ -1334,5 +1336,29 @@ impl NativeProvider {
             tracing::warn!(%why, "cannot remove a leftover sandbox cgroup");
         }
         removed.len()
+    }
+}
+
+/// `path` made absolute against the current directory (unchanged when it
+/// already is, or when the current directory cannot be read).
+fn absolute_path(path: PathBuf) -> PathBuf {
+    std::path::absolute(&path).unwrap_or(path)
+}
+
+#[cfg(test)]
+mod helper_path_tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_helper_binary_is_taken_from_the_current_directory() {
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(
+            absolute_path(PathBuf::from("target/release/stacyvm")),
+            cwd.join("target/release/stacyvm")
+        );
+        assert_eq!(
+            absolute_path(PathBuf::from("/usr/bin/stacyvm")),
+            PathBuf::from("/usr/bin/stacyvm")
+        );
     }
 }
