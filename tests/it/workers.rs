@@ -187,6 +187,16 @@ pub(crate) async fn control_plane() -> TestServer {
     .await
 }
 
+/// Heartbeats and reconcile passes every 200 ms, a worker stale after 1 s
+/// and lost after `lost_ms`: worker loss in seconds, for tests.
+fn quick_loss(c: &mut stacyvm::config::Config, lost_ms: u64) {
+    let ms = |n| stacyvm::duration::GoDuration(Duration::from_millis(n));
+    c.lifecycle.heartbeat_interval = ms(200);
+    c.lifecycle.reconcile_interval = ms(200);
+    c.lifecycle.worker_stale_after = ms(1000);
+    c.lifecycle.worker_lost_after = ms(lost_ms);
+}
+
 pub(crate) fn base(server: &TestServer) -> String {
     server.url("").trim_end_matches("/api/v1").to_string()
 }
@@ -434,6 +444,21 @@ async fn worker_credentials_are_checked_both_ways() {
     big["hostname"] = json!("x".repeat(100 * 1024));
     let resp = heartbeat(None, big).await.expect("send");
     assert!(resp.status().is_client_error(), "{}", resp.status());
+    // Labels a worker claims are checked like any client input.
+    let mut labelled = beat("w1", "http://127.0.0.1:1");
+    labelled["snapshot"]["labels"] = json!({"bad key\n": "x"});
+    let resp = heartbeat(good(), labelled).await.expect("send");
+    assert_eq!(resp.status().as_u16(), 400);
+    let mut many = beat("w1", "http://127.0.0.1:1");
+    many["snapshot"]["labels"] = (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let resp = heartbeat(good(), many).await.expect("send");
+    assert_eq!(resp.status().as_u16(), 400);
+    let (_, workers) = server.get("/workers").await;
+    assert_eq!(
+        workers,
+        json!([]),
+        "a worker with bad labels was registered"
+    );
     // A bad endpoint is a clear 400.
     for endpoint in [
         "http://127.0.0.1:1/steer?x=",
@@ -622,11 +647,7 @@ async fn a_lost_worker_is_reported_then_cleaned_up_when_it_returns() {
         c.worker.local = false;
         c.providers.default = "native".into();
         c.auth.worker_tokens.insert("w1".into(), "token-one".into());
-        let ms = |n| stacyvm::duration::GoDuration(Duration::from_millis(n));
-        c.lifecycle.heartbeat_interval = ms(200);
-        c.lifecycle.reconcile_interval = ms(200);
-        c.lifecycle.worker_stale_after = ms(1000);
-        c.lifecycle.worker_lost_after = ms(3000);
+        quick_loss(c, 3000);
     })
     .await;
     let cp = base(&server);
@@ -1189,11 +1210,7 @@ async fn a_partitioned_worker_is_unhealthy_then_heals_or_is_lost() {
         c.worker.local = false;
         c.providers.default = "native".into();
         c.auth.worker_tokens.insert("w1".into(), "token-one".into());
-        let ms = |n| stacyvm::duration::GoDuration(Duration::from_millis(n));
-        c.lifecycle.heartbeat_interval = ms(200);
-        c.lifecycle.reconcile_interval = ms(200);
-        c.lifecycle.worker_stale_after = ms(1000);
-        c.lifecycle.worker_lost_after = ms(6000);
+        quick_loss(c, 6000);
     })
     .await;
     let mut headers = reqwest::header::HeaderMap::new();
