@@ -63,6 +63,8 @@ pub enum ScheduleError {
     ProviderUnavailable { provider: String, reason: String },
     #[error("{requested} vcpus requested but no worker has more than {available}")]
     TooManyVcpus { requested: u32, available: u32 },
+    #[error("{requested} MiB of memory requested but no worker has more than {available} MiB")]
+    TooMuchMemory { requested: u32, available: u64 },
     #[error("worker {0} is not known to this control plane")]
     UnknownWorker(String),
     #[error("no worker can take a sandbox: {0}")]
@@ -352,6 +354,7 @@ impl Scheduler {
         }
         let mut unhealthy = None;
         let mut most_vcpus = 0;
+        let mut most_memory = 0;
         let mut best: Option<(usize, Arc<dyn Worker>)> = None;
         for (worker, snapshot, info) in offering {
             if let Some(health) = &info.health
@@ -362,6 +365,16 @@ impl Scheduler {
             }
             most_vcpus = most_vcpus.max(snapshot.max_vcpus);
             if ask.vcpus > snapshot.max_vcpus {
+                continue;
+            }
+            // 0: the worker did not say (an older version).
+            let memory = if snapshot.memory_mb == 0 {
+                u64::MAX
+            } else {
+                snapshot.memory_mb
+            };
+            most_memory = most_memory.max(memory);
+            if u64::from(ask.memory_mb) > memory {
                 continue;
             }
             let load = self.load_of(worker.id());
@@ -381,9 +394,13 @@ impl Scheduler {
                 provider: name.to_string(),
                 reason,
             }),
-            _ => Err(ScheduleError::TooManyVcpus {
+            _ if ask.vcpus > most_vcpus => Err(ScheduleError::TooManyVcpus {
                 requested: ask.vcpus,
                 available: most_vcpus,
+            }),
+            _ => Err(ScheduleError::TooMuchMemory {
+                requested: ask.memory_mb,
+                available: most_memory,
             }),
         }
     }
@@ -395,6 +412,7 @@ pub struct Ask<'a> {
     /// `None` or empty: the default provider.
     pub provider: Option<&'a str>,
     pub vcpus: u32,
+    pub memory_mb: u32,
     /// Labels the worker must carry (from the spawn and its template).
     pub labels: &'a BTreeMap<String, String>,
 }
@@ -501,6 +519,7 @@ mod tests {
         Ask {
             provider,
             vcpus,
+            memory_mb: 64,
             labels: &NONE,
         }
     }
@@ -615,6 +634,7 @@ mod tests {
             let ask = Ask {
                 provider: None,
                 vcpus: 1,
+                memory_mb: 64,
                 labels: &us,
             };
             assert_eq!(s.place(&ask).expect("placed").worker.id(), "b");
@@ -623,6 +643,7 @@ mod tests {
         let ask = Ask {
             provider: None,
             vcpus: 1,
+            memory_mb: 64,
             labels: &none,
         };
         let err = s.place(&ask).err().expect("no worker has both");
@@ -662,6 +683,34 @@ mod tests {
             }
         });
         assert_eq!(placed.lock().expect("lock").len(), 3);
+    }
+
+    #[test]
+    fn a_sandbox_larger_than_any_workers_memory_is_refused() {
+        let small = {
+            let base = described("small", &[], 0);
+            let mut snapshot = base.snapshot();
+            snapshot.memory_mb = 512;
+            Arc::new(Described {
+                id: "small".into(),
+                snapshot,
+            }) as Arc<dyn Worker>
+        };
+        let s = scheduler(vec![small]);
+        let fits = Ask {
+            memory_mb: 512,
+            ..ask(None, 1)
+        };
+        assert_eq!(s.choose(&fits).expect("fits").worker.id(), "small");
+        let big = Ask {
+            memory_mb: 513,
+            ..ask(None, 1)
+        };
+        let err = s.choose(&big).err().expect("too big");
+        assert!(
+            matches!(err, ScheduleError::TooMuchMemory { available: 512, .. }),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -104,9 +104,9 @@ impl From<StoreError> for Error {
 impl From<ScheduleError> for Error {
     fn from(e: ScheduleError) -> Self {
         match e {
-            ScheduleError::UnknownProvider { .. } | ScheduleError::TooManyVcpus { .. } => {
-                Error::BadRequest(e.to_string())
-            }
+            ScheduleError::UnknownProvider { .. }
+            | ScheduleError::TooManyVcpus { .. }
+            | ScheduleError::TooMuchMemory { .. } => Error::BadRequest(e.to_string()),
             ScheduleError::ProviderUnavailable { .. }
             | ScheduleError::UnknownWorker(_)
             | ScheduleError::NoWorker(_) => Error::Unavailable(e.to_string()),

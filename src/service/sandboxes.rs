@@ -87,6 +87,7 @@ impl SpawnPlan {
         crate::scheduler::Ask {
             provider: self.provider.as_deref(),
             vcpus: self.vcpus,
+            memory_mb: self.memory_mb,
             labels: &self.worker_labels,
         }
     }

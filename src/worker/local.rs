@@ -35,6 +35,8 @@ pub struct LocalWorker {
     providers: BTreeMap<String, Arc<dyn Provider>>,
     health: RwLock<BTreeMap<String, ProviderHealth>>,
     max_vcpus: u32,
+    /// The host's memory in MiB (0 when /proc/meminfo cannot be read).
+    memory_mb: u64,
     labels: BTreeMap<String, String>,
     max_sandboxes: u32,
     fence: Fence,
@@ -62,6 +64,7 @@ impl LocalWorker {
                 .collect(),
             health: RwLock::new(BTreeMap::new()),
             max_vcpus,
+            memory_mb: host_memory_mb(),
             labels: BTreeMap::new(),
             max_sandboxes: 0,
             fence: Fence::in_memory(),
@@ -192,6 +195,18 @@ impl LocalWorker {
     }
 }
 
+/// `MemTotal` of /proc/meminfo in MiB; 0 when it cannot be read.
+fn host_memory_mb() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib / 1024)
+        })
+        .unwrap_or(0)
+}
+
 fn hostname() -> String {
     rustix::system::uname()
         .nodename()
@@ -226,6 +241,7 @@ impl Worker for LocalWorker {
                 })
                 .collect(),
             max_vcpus: self.max_vcpus,
+            memory_mb: self.memory_mb,
             labels: self.labels.clone(),
             max_sandboxes: self.max_sandboxes,
         }

@@ -149,6 +149,10 @@ pub struct WorkerSnapshot {
     /// Most live sandboxes it takes (`worker.max_sandboxes`); 0: no limit.
     #[serde(default)]
     pub max_sandboxes: u32,
+    /// Memory of the worker's host in MiB: a sandbox may not ask for more
+    /// (0: not said).
+    #[serde(default)]
+    pub memory_mb: u64,
 }
 
 impl WorkerSnapshot {
