@@ -374,6 +374,51 @@ async fn owners_cannot_see_or_touch_each_other_on_any_surface() {
     )
     .await;
     assert!(audit.as_array().is_some_and(|e| !e.is_empty()), "{audit}");
+
+    // An idempotency key is the caller's own: Bob replaying the key Alice
+    // used gets a sandbox of his, never hers; without credentials, 401.
+    let key = "nightly-build-7";
+    let body = json!({"image": docker_image()});
+    let with_key = |creds: &[(&str, &str)]| {
+        let mut h: Vec<(String, String)> = creds
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        h.push(("idempotency-key".into(), key.into()));
+        h
+    };
+    let mut answers = Vec::new();
+    for creds in [with_key(&ha), with_key(&hb), with_key(&ha)] {
+        let pairs: Vec<(&str, &str)> = creds
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let (s, sb, _) = call(
+            &server,
+            Method::POST,
+            "/sandboxes",
+            &pairs,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, 201, "{sb}");
+        answers.push((
+            sb["id"].as_str().unwrap_or_default().to_string(),
+            sb["owner_id"].clone(),
+        ));
+    }
+    assert_eq!(answers[0], answers[2], "alice's retry answers her sandbox");
+    assert_ne!(answers[0].0, answers[1].0, "bob got alice's sandbox");
+    assert_eq!(answers[1].1, "bob");
+    let (s, _, _) = call(
+        &server,
+        Method::POST,
+        "/sandboxes",
+        &[("idempotency-key", key)],
+        Some(body),
+    )
+    .await;
+    assert_eq!(s, 401, "an anonymous replay of the key");
     server.stop().await;
 }
 

@@ -155,6 +155,19 @@ impl WorkerProcess {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// Waits (bounded) until `count` native sandbox directories are left.
+    async fn wait_for_sandbox_dirs(&self, count: usize) {
+        let started = Instant::now();
+        while self.sandbox_dirs().len() != count {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "wanted {count}: {:?}",
+                self.sandbox_dirs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Native sandbox directories left on this worker.
     fn sandbox_dirs(&self) -> Vec<String> {
         std::fs::read_dir(self.data_dir.path().join("sandboxes/native"))
@@ -616,15 +629,7 @@ async fn a_control_plane_restart_leaves_remote_sandboxes_running() {
         reason.contains("server restarted while the sandbox was creating"),
         "{reason}"
     );
-    let started = Instant::now();
-    while w1.sandbox_dirs().len() != 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            w1.sandbox_dirs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w1.wait_for_sandbox_dirs(1).await;
     let (status, body) = background_process_check(&server, &id).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["stdout"], "alive\n", "{body}");
@@ -716,15 +721,7 @@ async fn a_lost_worker_is_reported_then_cleaned_up_when_it_returns() {
         .await;
     let (_, workers) = server.get("/workers").await;
     assert_eq!(workers[0]["status"], "online", "{workers}");
-    let started = Instant::now();
-    while !w1.sandbox_dirs().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            w1.sandbox_dirs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w1.wait_for_sandbox_dirs(0).await;
     // It was destroyed under a reclaimed lease: whatever still carries
     // the generation from before the loss is refused by the worker.
     let store = server.app_service.store();
@@ -1300,15 +1297,7 @@ async fn a_partitioned_worker_is_unhealthy_then_heals_or_is_lost() {
     server
         .wait_for_state(&id, "destroyed", Duration::from_secs(20))
         .await;
-    let started = Instant::now();
-    while !w1.sandbox_dirs().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{:?}",
-            w1.sandbox_dirs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w1.wait_for_sandbox_dirs(0).await;
     let lease = store.lease(&id).await.expect("lease").expect("kept");
     assert_eq!(
         lease.generation, 2,
