@@ -50,6 +50,61 @@ pub enum StartError {
     OpenBeyondLoopback(String),
     #[error("start-up recovery failed: {0}")]
     Recovery(#[from] crate::service::Error),
+    #[error(
+        "another `stacyvm serve` ({holder}) is using the SQLite database {path}: SQLite serves \
+         one replica. Run several replicas on PostgreSQL (database.url: postgres://...), or \
+         give this server its own --data-dir"
+    )]
+    SqliteInUse { path: String, holder: String },
+    #[error("cluster.advertise_url: {0}")]
+    Advertise(String),
+}
+
+/// Holds a `serve` lock on a SQLite database file (`<db>.serve.lock`,
+/// `flock`, released by the kernel when the process dies), so a second
+/// `serve` on the same database refuses to start. Other commands (`keys`,
+/// `migrate`) do not take it. `None` for other databases.
+fn lock_sqlite(url: &str) -> Result<Option<std::fs::File>, StartError> {
+    use std::io::{Read, Seek, Write};
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
+        return Ok(None);
+    };
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path.contains(":memory:") {
+        return Ok(None);
+    }
+    let lock_path = format!("{path}.serve.lock");
+    let fail = |source| StartError::DataDir {
+        path: PathBuf::from(&lock_path),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(fail)?;
+    if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut holder = String::new();
+        if let Err(e) = file.read_to_string(&mut holder) {
+            tracing::debug!(error = %e, "cannot read the SQLite lock holder");
+        }
+        return Err(StartError::SqliteInUse {
+            path: path.to_string(),
+            holder: match holder.trim() {
+                "" => "another process".to_string(),
+                pid => format!("pid {pid}"),
+            },
+        });
+    }
+    file.set_len(0).map_err(fail)?;
+    file.rewind().map_err(fail)?;
+    write!(file, "{}", std::process::id()).map_err(fail)?;
+    Ok(Some(file))
 }
 
 /// The image store under the data directory.
@@ -69,8 +124,8 @@ pub async fn open_store(config: &Config) -> Result<Store, StartError> {
 }
 
 /// The identity component: stored keys, static keys and JWT settings.
-pub fn identity(config: &Config, store: &Store) -> Result<Identity, StartError> {
-    let pepper = load_pepper(&config.auth, &config.data_dir)?;
+pub async fn identity(config: &Config, store: &Store) -> Result<Identity, StartError> {
+    let pepper = load_pepper(&config.auth, &config.data_dir, store).await?;
     Ok(Identity::new(store.clone(), config.auth.clone(), pepper)?)
 }
 
@@ -256,15 +311,28 @@ pub struct App {
     pub service: Service,
     shutdown: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Background loops that must outlive the others (replica upkeep hands
+    /// over leadership as it stops).
+    last_tasks: Vec<tokio::task::JoinHandle<()>>,
+    last_shutdown: CancellationToken,
+    /// The SQLite `serve` lock, held while the app lives.
+    _sqlite_lock: Option<std::fs::File>,
 }
 
 impl App {
     /// Builds everything and starts the background loops.
     pub async fn start(config: Config) -> Result<App, StartError> {
-        let store = open_store(&config).await?;
-        tracing::info!(store = store.backend_name(), url = %redact(&config.database_url()), "store ready");
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let sqlite_lock = lock_sqlite(&config.database_url())?;
+        let instance = instance_id(&config.data_dir)?;
+        let replica_id = crate::service::cluster::Replica::id_for(&instance);
+        let store = open_store(&config).await?.with_replica(&replica_id);
+        tracing::info!(store = store.backend_name(), url = %redact(&config.database_url()), replica = %replica_id, "store ready");
 
-        let identity = identity(&config, &store)?;
+        let identity = identity(&config, &store).await?;
         if identity
             .auth_required()
             .await
@@ -282,7 +350,6 @@ impl App {
         let default_setting = config.providers.default.clone();
         let stale_after = config.lifecycle.worker_stale_after.0;
         let (scheduler, local, default) = if config.worker.local {
-            let instance = instance_id(&config.data_dir)?;
             let providers = build_providers(&config, &instance, &[]).await?;
             let worker =
                 Arc::new(LocalWorker::new(&instance, providers).with_fence(open_fence(&config)?));
@@ -348,13 +415,36 @@ impl App {
             }
         }
 
+        let advertise = if config.cluster.advertise_url.is_empty() {
+            String::new()
+        } else {
+            crate::worker::rpc::checked_endpoint(&config.cluster.advertise_url)
+                .map_err(StartError::Advertise)?
+        };
+        let secret = if config.cluster.secret.is_empty() {
+            identity.derived_secret("stacyvm replica rpc")
+        } else {
+            config.cluster.secret.clone()
+        };
+        let replica = crate::service::cluster::Replica::new(&replica_id, &advertise, &secret);
+        let (events, outbox) = if store.is_shared() {
+            let (bus, outbox) = EventBus::clustered(1024, crate::service::cluster::OUTBOX);
+            (bus, Some(outbox))
+        } else {
+            (EventBus::new(1024), None)
+        };
         let service = Service::new(
             store.clone(),
             scheduler,
             config.clone(),
-            EventBus::new(1024),
+            events,
             identity,
+            replica,
         );
+        service.register_replica().await?;
+        // Leadership and the workers other replicas heard, before anything
+        // acts on them.
+        service.cluster_tick().await?;
         service.recover_after_restart().await?;
         // Before serving: adopt what survived, destroy what has no record,
         // finish what the previous process left half-done.
@@ -372,6 +462,21 @@ impl App {
                 shutdown.child_token(),
             )),
         ];
+        let last_shutdown = CancellationToken::new();
+        let mut last_tasks = vec![tokio::spawn(service.clone().run_cluster(
+            config.lifecycle.heartbeat_interval.0,
+            last_shutdown.child_token(),
+        ))];
+        if let Some(outbox) = outbox {
+            last_tasks.push(tokio::spawn(
+                service
+                    .clone()
+                    .run_event_outbox(outbox, last_shutdown.child_token()),
+            ));
+            last_tasks.push(tokio::spawn(
+                service.clone().run_event_inbox(last_shutdown.child_token()),
+            ));
+        }
         if let Some(worker) = local {
             tasks.push(tokio::spawn(worker.run(
                 store,
@@ -384,6 +489,9 @@ impl App {
             service,
             shutdown,
             tasks,
+            last_tasks,
+            last_shutdown,
+            _sqlite_lock: sqlite_lock,
         })
     }
 
@@ -466,6 +574,12 @@ impl App {
             }
         } else {
             tracing::info!("sandboxes left running for the next start to adopt");
+        }
+        self.last_shutdown.cancel();
+        for task in self.last_tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "cluster task ended abnormally");
+            }
         }
         result
     }

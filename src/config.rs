@@ -40,6 +40,46 @@ pub struct Config {
     /// The execution plane: the in-process worker, and what a `stacyvm
     /// worker` process uses.
     pub worker: WorkerConfig,
+    /// Several `serve` replicas on one PostgreSQL database.
+    pub cluster: ClusterConfig,
+}
+
+/// `cluster`: what replicas sharing one database need from each other.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The URL other replicas reach this one at (`http://HOST:PORT`), to
+    /// follow the live output of commands it runs. Empty: the address it
+    /// listens on, unless that is every address (then followers on other
+    /// replicas are refused with 409).
+    pub advertise_url: String,
+    /// The secret replicas sign their calls to each other with; `new,old`
+    /// rotates it. Empty: derived from the key pepper, which replicas share
+    /// anyway.
+    pub secret: String,
+    /// A replica silent this long is gone: the leader finishes or fails
+    /// the steps it was driving and another replica takes over leadership.
+    pub replica_stale_after: GoDuration,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("advertise_url", &self.advertise_url)
+            .field("secret", &if self.secret.is_empty() { "" } else { "***" })
+            .field("replica_stale_after", &self.replica_stale_after)
+            .finish()
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            advertise_url: String::new(),
+            secret: String::new(),
+            replica_stale_after: secs(15),
+        }
+    }
 }
 
 /// `worker`: `local` for `serve`; the rest for `stacyvm worker`.
@@ -290,9 +330,15 @@ pub struct AuthConfig {
     pub api_key: String,
     /// A shared admin key (sent as `X-Admin-API-Key`).
     pub admin_api_key: String,
-    /// The secret stored keys are hashed with. Empty: a random one kept in
-    /// `<data_dir>/key_pepper`. Servers sharing one database need the same.
+    /// The secret stored keys are hashed with. Empty: on SQLite a random
+    /// one kept in `<data_dir>/key_pepper`; on PostgreSQL one kept in the
+    /// database and shared by every replica (configure it to keep it apart
+    /// from the hashes it protects).
     pub key_pepper: String,
+    /// Earlier peppers, still accepted: a key hashed under one is rehashed
+    /// under `key_pepper` when it is next used, so the pepper rotates
+    /// without downtime.
+    pub previous_key_peppers: Vec<String>,
     pub jwt: crate::auth::jwt::JwtConfig,
     /// Remote workers allowed to register: worker id → its token (the
     /// worker's `--token`).
@@ -309,6 +355,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("api_key", &mask(&self.api_key))
             .field("admin_api_key", &mask(&self.admin_api_key))
             .field("key_pepper", &mask(&self.key_pepper))
+            .field("previous_key_peppers", &self.previous_key_peppers.len())
             .field("jwt", &self.jwt)
             .field(
                 "worker_tokens",
@@ -377,6 +424,7 @@ impl Default for Config {
             rate_limit: Default::default(),
             policy: PolicyConfig::default(),
             worker: WorkerConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -477,7 +525,8 @@ impl Default for LoggingConfig {
 /// Top-level sections; an environment variable is read only when it names
 /// one of them, so unrelated `STACYVM_*` variables (e.g. test settings) are
 /// not mistaken for configuration.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
+    "cluster",
     "server",
     "providers",
     "defaults",

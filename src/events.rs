@@ -3,13 +3,18 @@
 //! same stream.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
-use tokio::sync::broadcast;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::{broadcast, mpsc};
 
 use crate::lifecycle::SandboxState;
 
 /// Something that happened.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum Event {
     /// A sandbox entered a new state.
@@ -30,7 +35,7 @@ pub enum Event {
         owner_id: String,
         tenant_id: String,
         /// started, completed, timeout or failed.
-        status: &'static str,
+        status: Cow<'static, str>,
         exit_code: Option<i32>,
         at: DateTime<Utc>,
     },
@@ -40,7 +45,7 @@ pub enum Event {
 }
 
 /// An audit event as published on the bus.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditRecord {
     pub id: String,
     pub actor: String,
@@ -89,20 +94,55 @@ impl Event {
 }
 
 /// A broadcast channel of [`Event`]s. Slow readers lose old events (and are
-/// told so by `RecvError::Lagged`) rather than slowing publishers.
+/// told so by `RecvError::Lagged`) rather than slowing publishers. On a
+/// database several replicas share, what is published here also goes to
+/// an outbox the cluster relays to the other replicas, whose events come
+/// back through [`EventBus::deliver`].
 #[derive(Clone)]
 pub struct EventBus {
     sender: broadcast::Sender<Event>,
+    outbox: Option<mpsc::Sender<Event>>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl EventBus {
     pub fn new(capacity: usize) -> EventBus {
         let (sender, _) = broadcast::channel(capacity);
-        EventBus { sender }
+        EventBus {
+            sender,
+            outbox: None,
+            dropped: Arc::default(),
+        }
+    }
+
+    /// A bus whose events also go to other replicas: the receiver is the
+    /// outbox, holding at most `outbox` events.
+    pub fn clustered(capacity: usize, outbox: usize) -> (EventBus, mpsc::Receiver<Event>) {
+        let (tx, rx) = mpsc::channel(outbox);
+        let mut bus = EventBus::new(capacity);
+        bus.outbox = Some(tx);
+        (bus, rx)
     }
 
     /// Publishes an event; having no subscribers is fine.
     pub fn publish(&self, event: Event) {
+        if let Some(outbox) = &self.outbox
+            && outbox.try_send(event.clone()).is_err()
+        {
+            // Never block a publisher on the database: count and move on.
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(100) {
+                tracing::warn!(
+                    dropped = n + 1,
+                    "event outbox to other replicas is full; events dropped"
+                );
+            }
+        }
+        self.deliver(event);
+    }
+
+    /// Hands an event from another replica to this replica's subscribers.
+    pub fn deliver(&self, event: Event) {
         // An error only means nobody is subscribed right now.
         let _ignored_no_subscribers = self.sender.send(event);
     }

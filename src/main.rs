@@ -260,6 +260,12 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
     match cli.command {
         Command::Serve { .. } => {
             let listener = app::bind(&config).await?;
+            let mut config = config;
+            let local = listener.local_addr()?;
+            if config.cluster.advertise_url.is_empty() && !local.ip().is_unspecified() {
+                // Other replicas reach this one where it listens.
+                config.cluster.advertise_url = format!("http://{local}");
+            }
             let app = App::start(config.clone()).await?;
             tracing::info!(address = %listener.local_addr()?, "StacyVM listening");
             app.serve(listener, shutdown_signal()).await?;
@@ -289,7 +295,7 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
         }
         Command::Keys { command } => {
             let store = app::open_store(&config).await?;
-            let identity = app::identity(&config, &store)?;
+            let identity = app::identity(&config, &store).await?;
             match command {
                 KeyCommand::Create {
                     owner,

@@ -22,6 +22,8 @@ pub struct Model {
     pub error: Option<String>,
     pub created_at: DateTimeUtc,
     pub finished_at: Option<DateTimeUtc>,
+    /// The control-plane replica that runs it and holds its live output.
+    pub replica_id: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -5,10 +5,13 @@
 
 pub mod api_key;
 pub mod audit_event;
+pub mod cluster_secret;
 pub mod execution;
+pub mod leadership;
 pub mod lease;
 pub mod owner;
 pub mod provider;
+pub mod replica;
 pub mod sandbox;
 pub mod template;
 pub mod worker;

@@ -29,6 +29,9 @@ pub struct Model {
     /// The client's idempotency key, unique per owner: a retried spawn
     /// with the same key answers this sandbox instead of making another.
     pub idempotency_key: Option<String>,
+    /// The control-plane replica driving its current step (creating,
+    /// destroying); another replica finishes what a dead one left.
+    pub replica_id: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

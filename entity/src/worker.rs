@@ -22,6 +22,11 @@ pub struct Model {
     /// JSON object of string to string: what the worker says it is
     /// (`--label`), matched by spawns that ask for labels.
     pub labels: String,
+    /// JSON of the last heartbeat's snapshot (providers, health, CPUs,
+    /// memory, labels, limits), so every replica knows what it offers.
+    pub snapshot: String,
+    /// The installation it last said it runs from.
+    pub instance: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

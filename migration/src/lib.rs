@@ -10,6 +10,7 @@ mod m20261128_000002_api_keys;
 mod m20261201_000003_tenants;
 mod m20261202_000004_leases;
 mod m20261202_000005_template_worker_labels;
+mod m20261202_000006_replicas;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261201_000003_tenants::Migration),
             Box::new(m20261202_000004_leases::Migration),
             Box::new(m20261202_000005_template_worker_labels::Migration),
+            Box::new(m20261202_000006_replicas::Migration),
         ]
     }
 }

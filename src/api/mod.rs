@@ -3,6 +3,7 @@
 
 pub mod caller;
 pub mod graphql;
+pub mod internal;
 pub mod playground;
 pub mod rest;
 
@@ -22,6 +23,7 @@ pub fn router(service: Service) -> Router {
         .nest("/api/v1", rest::router(service.clone()))
         .merge(graphql::router(service.clone()))
         .merge(playground::router())
+        .merge(internal::router(service.clone()))
         .fallback(rest::not_found)
         .layer(axum::middleware::from_fn_with_state(
             service.clone(),

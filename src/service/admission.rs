@@ -10,6 +10,7 @@ use super::sandboxes::SpawnPlan;
 use super::{Error, Result, Service, SpawnRequest};
 use crate::auth::Caller;
 use crate::duration;
+use crate::store::LiveCounts;
 
 /// The admission answer; field names are the ones StacyVM SDKs read, and
 /// nothing else is serialized (SDK 0.1.1 refuses unknown keys).
@@ -26,6 +27,14 @@ pub struct AdmissionDecision {
 }
 
 impl AdmissionDecision {
+    /// The error a refused spawn answers with.
+    pub fn refusal(self) -> Error {
+        match self.into_result() {
+            Err(e) => e,
+            Ok(()) => Error::Internal("admission refused without a reason".into()),
+        }
+    }
+
     /// `Ok` when allowed, otherwise the error a spawn answers with.
     pub fn into_result(self) -> Result<()> {
         if self.allowed {
@@ -86,55 +95,83 @@ impl Service {
         self.admission_for_plan(&plan, Placed::No).await
     }
 
-    /// The admission decision for a plan. `Placed::Yes` once the spawn
-    /// holds its placement (the re-check under the admission lock): its
-    /// own reservation must not make the worker look full.
+    /// The admission decision for a plan, from the store's counts now.
     pub(super) async fn admission_for_plan(
         &self,
         plan: &SpawnPlan,
         placed: Placed,
     ) -> Result<AdmissionDecision> {
+        let limits = self.limits_for(plan).await?;
+        let counts = LiveCounts {
+            all: self.store().count_live_sandboxes(None).await?,
+            owner: self
+                .store()
+                .count_live_sandboxes(Some((&plan.tenant_id, &plan.owner_id)))
+                .await?,
+        };
+        Ok(self.decide(plan, placed, &limits, counts))
+    }
+
+    /// The caps that apply to a plan's owner (overrides win over defaults).
+    pub(super) async fn limits_for(&self, plan: &SpawnPlan) -> Result<Limits> {
         let defaults = &self.config().defaults;
-        // One read of the owner's record serves every limit below.
+        // One read of the owner's record serves every limit.
         let owner = self
             .store()
             .get_owner(&plan.tenant_id, &plan.owner_id)
             .await?;
-        let max_ttl = self.max_ttl_of(owner.as_ref());
-        let max_sandboxes = u64::from(defaults.max_sandboxes);
-        let max_owner_sandboxes = owner
-            .and_then(|o| o.max_sandboxes)
-            .and_then(|m| u64::try_from(m).ok())
-            .unwrap_or(u64::from(defaults.max_sandboxes_per_owner));
-        let active_sandboxes = self.store().count_live_sandboxes(None).await?;
-        let active_owner_sandboxes = self
-            .store()
-            .count_live_sandboxes(Some((&plan.tenant_id, &plan.owner_id)))
-            .await?;
+        Ok(Limits {
+            max_ttl: self.max_ttl_of(owner.as_ref()),
+            max_sandboxes: u64::from(defaults.max_sandboxes),
+            max_owner_sandboxes: owner
+                .and_then(|o| o.max_sandboxes)
+                .and_then(|m| u64::try_from(m).ok())
+                .unwrap_or(u64::from(defaults.max_sandboxes_per_owner)),
+        })
+    }
+
+    /// The admission decision given the caps and the live counts.
+    /// `Placed::Yes` once the spawn holds its placement (the re-check as it
+    /// is inserted): its own reservation must not make the worker look
+    /// full.
+    pub(super) fn decide(
+        &self,
+        plan: &SpawnPlan,
+        placed: Placed,
+        limits: &Limits,
+        counts: LiveCounts,
+    ) -> AdmissionDecision {
         let mut decision = AdmissionDecision {
             allowed: true,
             queueable: false,
             reason: String::new(),
-            active_sandboxes,
-            max_sandboxes,
-            active_owner_sandboxes,
-            max_owner_sandboxes,
-            max_ttl: duration::format(max_ttl),
+            active_sandboxes: counts.all,
+            max_sandboxes: limits.max_sandboxes,
+            active_owner_sandboxes: counts.owner,
+            max_owner_sandboxes: limits.max_owner_sandboxes,
+            max_ttl: duration::format(limits.max_ttl),
         };
         let refuse = |d: &mut AdmissionDecision, reason: &str, queueable: bool| {
             d.allowed = false;
             d.queueable = queueable;
             d.reason = reason.to_string();
         };
-        if plan.ttl > max_ttl {
+        if plan.ttl > limits.max_ttl {
             refuse(&mut decision, "max_ttl", false);
         } else if placed == Placed::No && self.scheduler().choose(&plan.ask()).is_err() {
             refuse(&mut decision, "worker_unavailable", false);
-        } else if max_sandboxes > 0 && active_sandboxes >= max_sandboxes {
+        } else if limits.max_sandboxes > 0 && counts.all >= limits.max_sandboxes {
             refuse(&mut decision, "max_sandboxes", true);
-        } else if max_owner_sandboxes > 0 && active_owner_sandboxes >= max_owner_sandboxes {
+        } else if limits.max_owner_sandboxes > 0 && counts.owner >= limits.max_owner_sandboxes {
             refuse(&mut decision, "max_sandboxes_per_owner", true);
         }
-        Ok(decision)
+        decision
     }
+}
+
+/// The caps of one spawn's owner.
+pub(super) struct Limits {
+    max_ttl: Duration,
+    max_sandboxes: u64,
+    max_owner_sandboxes: u64,
 }

@@ -248,6 +248,7 @@ impl Service {
                 error: None,
                 created_at: Utc::now(),
                 finished_at: None,
+                replica_id: self.store().replica().to_string(),
             })
             .await?;
         self.events().publish(Event::Exec {
@@ -255,7 +256,7 @@ impl Service {
             sandbox_id: model.id.clone(),
             owner_id: model.owner_id.clone(),
             tenant_id: model.tenant_id.clone(),
-            status: "started",
+            status: "started".into(),
             exit_code: None,
             at: Utc::now(),
         });
@@ -371,7 +372,7 @@ impl Service {
                 sandbox_id: model.id.clone(),
                 owner_id: model.owner_id.clone(),
                 tenant_id: model.tenant_id.clone(),
-                status,
+                status: status.into(),
                 exit_code,
                 at: Utc::now(),
             });

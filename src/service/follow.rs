@@ -38,13 +38,25 @@ impl Service {
             }
             return Ok(log.follow(from_seq));
         }
-        let execution = self.get_execution(caller, execution_id).await?;
-        if execution.status == "running" {
-            // Running on another server instance, or interrupted: nothing to follow here.
+        let record = match self.store().get_execution(execution_id).await? {
+            Some(m) if caller.can_access(&m.tenant_id, &m.owner_id) => m,
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "execution {execution_id} not found"
+                )));
+            }
+        };
+        if record.status == "running" {
+            if record.replica_id != self.replica_id() {
+                // Running on another replica: follow it there.
+                return self.follow_on_replica(&record, from_seq).await;
+            }
+            // Ours, yet not in the hub: it was interrupted.
             return Err(Error::Conflict(format!(
                 "execution {execution_id} is not running on this server"
             )));
         }
+        let execution = super::Execution::from(record);
         let log = Arc::new(OutputLog::detached(
             &execution.sandbox_id,
             &execution.tenant_id,

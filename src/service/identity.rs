@@ -78,6 +78,8 @@ const OPEN_CHECK_EVERY: Duration = Duration::from_secs(2);
 pub struct Identity {
     store: Store,
     hasher: KeyHasher,
+    /// Hashers of `auth.previous_key_peppers`, tried after `hasher`.
+    previous: Vec<KeyHasher>,
     config: AuthConfig,
     jwt: Option<JwtVerifier>,
     /// When stored keys were last counted, and whether any was usable.
@@ -94,15 +96,36 @@ pub enum IdentityError {
     },
     #[error("jwt: {0}")]
     Jwt(#[from] crate::auth::jwt::JwtError),
+    #[error("cannot read or store the shared key pepper: {0}")]
+    SharedPepper(crate::store::StoreError),
 }
 
-/// The pepper from the configuration, or from (a new) `<data_dir>/key_pepper`.
-pub fn load_pepper(
+/// The pepper: from the configuration; else, on a database replicas
+/// share (PostgreSQL), the one kept in it (the first replica stores its
+/// own, seeded from an older `<data_dir>/key_pepper` so existing keys stay
+/// valid); else from (a new) `<data_dir>/key_pepper`. Never one replica's
+/// own file where several replicas verify the same keys.
+pub async fn load_pepper(
     config: &AuthConfig,
     data_dir: &Path,
+    store: &Store,
 ) -> std::result::Result<String, IdentityError> {
     if !config.key_pepper.is_empty() {
         return Ok(config.key_pepper.clone());
+    }
+    if store.is_shared() {
+        let seed = match std::fs::read_to_string(data_dir.join("key_pepper")) {
+            Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
+            _ => keys::generate_pepper(),
+        };
+        let pepper = store
+            .cluster_secret("key_pepper", &seed)
+            .await
+            .map_err(IdentityError::SharedPepper)?;
+        tracing::info!(
+            "key pepper kept in the database and shared by every replica; set auth.key_pepper to keep it apart from the key hashes"
+        );
+        return Ok(pepper);
     }
     let path = data_dir.join("key_pepper");
     let fail = |source| IdentityError::Pepper {
@@ -145,10 +168,22 @@ impl Identity {
         Ok(Identity {
             store,
             hasher: KeyHasher::new(pepper),
+            previous: config
+                .previous_key_peppers
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| KeyHasher::new(p.as_str()))
+                .collect(),
             config,
             jwt,
             keys_exist: Mutex::new(None),
         })
+    }
+
+    /// A secret derived from the pepper for `label` (HMAC): replicas that
+    /// share the pepper share it, and it reveals nothing of the pepper.
+    pub fn derived_secret(&self, label: &str) -> String {
+        self.hasher.hash(label)
     }
 
     /// Whether any credential is configured: the server must then refuse
@@ -264,11 +299,7 @@ impl Identity {
             });
         }
         let invalid = || Error::Unauthorized("invalid API key".into());
-        let stored = self
-            .store
-            .api_key_by_hash(&self.hasher.hash(key))
-            .await?
-            .ok_or_else(invalid)?;
+        let stored = self.stored_key(key).await?.ok_or_else(invalid)?;
         if stored.revoked_at.is_some() {
             return Err(Error::Unauthorized("API key revoked".into()));
         }
@@ -288,6 +319,31 @@ impl Identity {
             credential: Some(credential),
             request_id: request_id.to_string(),
         })
+    }
+
+    /// The stored key `key` hashes to, under the pepper or a previous one
+    /// (then it is rehashed under the pepper, so rotation completes as keys
+    /// are used).
+    async fn stored_key(&self, key: &str) -> Result<Option<entity::api_key::Model>> {
+        let current = self.hasher.hash(key);
+        if let Some(stored) = self.store.api_key_by_hash(&current).await? {
+            return Ok(Some(stored));
+        }
+        for previous in &self.previous {
+            if let Some(stored) = self.store.api_key_by_hash(&previous.hash(key)).await? {
+                match self.store.set_api_key_hash(&stored.id, &current).await {
+                    Ok(()) => {
+                        tracing::info!(key = %stored.prefix, "API key rehashed under the current pepper")
+                    }
+                    // Best effort: the previous pepper still verifies it.
+                    Err(e) => {
+                        tracing::warn!(key = %stored.prefix, error = %e, "cannot rehash an API key")
+                    }
+                }
+                return Ok(Some(stored));
+            }
+        }
+        Ok(None)
     }
 
     /// Creates a key and returns it (shown once) with its listing.

@@ -196,7 +196,12 @@ impl Service {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                // One replica reaps; each expiry is a conditional
+                // transition anyway, so a handover never destroys twice.
                 _ = tick.tick() => {
+                    if !self.is_leader() {
+                        continue;
+                    }
                     if let Err(e) = self.prune_expired(&system).await {
                         tracing::warn!(error = %e, "reaper pass failed");
                     }
@@ -213,52 +218,32 @@ impl Service {
     /// reconciler then destroys whatever runtime remains); executions it
     /// was running are `interrupted`; half-done provider work is swept.
     pub async fn recover_after_restart(&self) -> Result<()> {
-        // No heartbeat could arrive while this process was not running:
-        // every worker gets a full lease period to be heard from again.
-        let extended = self.store().extend_all_leases(self.lease_until()).await?;
-        if extended > 0 {
-            tracing::info!(count = extended, "leases extended at start-up");
-        }
-        // Every running command's stream went through this process (a
-        // remote worker kills a command whose stream drops), so all of them
-        // ended with it.
-        for worker in self.scheduler().workers() {
-            let interrupted = self
-                .store()
-                .interrupt_running_executions(
-                    worker.id(),
-                    "interrupted: the server stopped while the command ran",
-                )
-                .await?;
-            if interrupted > 0 {
-                tracing::warn!(
-                    worker = worker.id(),
-                    count = interrupted,
-                    "executions interrupted by the previous shutdown"
-                );
+        // Alone on the database, no heartbeat could arrive while this
+        // process was not running: every worker gets a full lease period
+        // to be heard from again. With other replicas up, they kept
+        // hearing the workers and renewing their leases.
+        if !self.other_replicas_alive().await? {
+            let extended = self.store().extend_all_leases(self.lease_until()).await?;
+            if extended > 0 {
+                tracing::info!(count = extended, "leases extended at start-up");
             }
-            if worker.in_process()
-                && let Err(e) = worker.recover_at_startup().await
-            {
+        }
+        for worker in self.scheduler().in_process_workers() {
+            if let Err(e) = worker.recover_at_startup().await {
                 tracing::warn!(worker = worker.id(), error = %e, "worker start-up recovery failed");
             }
-            // A spawn or destroy this process was driving can never report
-            // back, on any worker. On a remote worker it may still finish:
-            // the destroy that follows `error` then leaves a tombstone, and
-            // a runtime the spawn made after it is an orphan the
-            // reconciler removes.
-            let filter = SandboxFilter {
-                tenant_id: None,
-                owner_id: None,
-                states: Some(vec![SandboxState::Creating, SandboxState::Destroying]),
-                worker_id: Some(worker.id().to_string()),
-            };
-            for model in self.store().list_sandboxes(&filter).await? {
-                let reason = format!("server restarted while the sandbox was {}", model.state);
-                tracing::warn!(sandbox = %model.id, %reason, "recovering sandbox");
-                self.transition(&model.id, SandboxState::Error, Some(reason), None)
-                    .await?;
-            }
+        }
+        // What this replica's previous process was driving, on any worker,
+        // can never report back: its commands' streams ended with it (a
+        // remote worker kills a command whose stream drops), and its spawns
+        // and destroys move to `error`. On a remote worker such a step may
+        // still finish: the destroy that follows `error` then leaves a
+        // tombstone, and a runtime the spawn made after it is an orphan the
+        // reconciler removes. Other replicas' steps are theirs (the leader
+        // fails those of a replica that died). Records from before replicas
+        // were recorded have no replica.
+        for replica in [self.replica_id().to_string(), String::new()] {
+            self.fail_steps_of(&replica, "restarted").await?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! before reporting them, and publishes events.
 
 mod admission;
+pub mod cluster;
 mod error;
 mod exec;
 mod files;
@@ -14,7 +15,7 @@ mod identity;
 mod leases;
 mod lifecycle;
 mod listing;
-mod output;
+pub mod output;
 mod policy;
 mod quotas;
 mod rate_limit;
@@ -81,6 +82,8 @@ struct Inner {
     /// spawns cannot overshoot a quota. Held only around those two store
     /// calls, never around provider work.
     admission: Mutex<()>,
+    /// This replica among those sharing the database.
+    replica: cluster::Replica,
     /// What the reconciler remembers between passes.
     reconcile: reconcile::ReconcileMemory,
     /// Shutdown phases and the running commands they wait for.
@@ -95,6 +98,7 @@ impl Service {
         config: Config,
         events: EventBus,
         identity: Identity,
+        replica: cluster::Replica,
     ) -> Service {
         Service {
             inner: Arc::new(Inner {
@@ -111,6 +115,7 @@ impl Service {
                 events,
                 outputs: OutputHub::default(),
                 admission: Mutex::new(()),
+                replica,
                 reconcile: Default::default(),
                 shutdown: Default::default(),
                 started_at: Instant::now(),

@@ -123,6 +123,42 @@ impl OutputLog {
         seq
     }
 
+    /// A log mirroring another replica's, whose followers start at
+    /// `start_seq` (chunks before it are not wanted, not lost).
+    pub fn relay(sandbox_id: &str, tenant_id: &str, owner_id: &str, start_seq: u64) -> OutputLog {
+        let log = OutputLog::new(sandbox_id, tenant_id, owner_id);
+        log.lock().next_seq = start_seq;
+        log
+    }
+
+    /// Appends a chunk numbered by its source (a relayed log).
+    pub fn append_at(&self, seq: u64, stream: StreamKind, text: String, bytes: Bytes) {
+        {
+            let mut st = self.lock();
+            if seq < st.next_seq {
+                return;
+            }
+            st.next_seq = seq;
+        }
+        self.append(stream, text, bytes);
+    }
+
+    /// Records that the source dropped chunks before `seq` (a relayed log):
+    /// followers are told they lost them.
+    pub fn skip_to(&self, seq: u64) {
+        let next = {
+            let mut st = self.lock();
+            if seq <= st.next_seq {
+                return;
+            }
+            st.next_seq = seq;
+            st.chunks.clear();
+            st.bytes = 0;
+            seq
+        };
+        self.changed.send_replace(next);
+    }
+
     /// Records the end; followers receive it after the last chunk.
     pub fn finish(&self, end: OutputEnd) {
         let next = {
@@ -141,6 +177,65 @@ impl OutputLog {
             pending: VecDeque::new(),
             done: false,
             changed: self.changed.subscribe(),
+            _feed: None,
+        }
+    }
+
+    /// A follower that owns the task feeding this log (a relay from
+    /// another replica): dropping the follower stops it.
+    pub fn follow_with(
+        self: &Arc<Self>,
+        from_seq: u64,
+        feed: tokio_util::task::AbortOnDropHandle<()>,
+    ) -> OutputFollower {
+        let mut follower = self.follow(from_seq);
+        follower._feed = Some(feed);
+        follower
+    }
+}
+
+/// An output event on the wire between replicas.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WireOutput {
+    Chunk {
+        seq: u64,
+        stream: StreamKind,
+        text: String,
+        /// The raw bytes, base64.
+        bytes: String,
+    },
+    Truncated {
+        from_seq: u64,
+        to_seq: u64,
+    },
+    End {
+        exit_code: Option<i32>,
+        duration_ms: u64,
+        timed_out: bool,
+        error: Option<String>,
+    },
+}
+
+impl From<OutputEvent> for WireOutput {
+    fn from(event: OutputEvent) -> Self {
+        use base64::Engine;
+        match event {
+            OutputEvent::Chunk(c) => WireOutput::Chunk {
+                seq: c.seq,
+                stream: c.stream,
+                text: c.text,
+                bytes: base64::engine::general_purpose::STANDARD.encode(&c.bytes),
+            },
+            OutputEvent::Truncated { from_seq, to_seq } => {
+                WireOutput::Truncated { from_seq, to_seq }
+            }
+            OutputEvent::End(end) => WireOutput::End {
+                exit_code: end.exit_code,
+                duration_ms: u64::try_from(end.duration.as_millis()).unwrap_or(u64::MAX),
+                timed_out: end.timed_out,
+                error: end.error,
+            },
         }
     }
 }
@@ -152,6 +247,8 @@ pub struct OutputFollower {
     pending: VecDeque<OutputEvent>,
     done: bool,
     changed: watch::Receiver<u64>,
+    /// The task feeding a relayed log; aborted with the follower.
+    _feed: Option<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 impl OutputFollower {

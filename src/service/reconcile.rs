@@ -155,6 +155,11 @@ impl Service {
                     }
                     passes.retain(|_, pass| !pass.is_finished());
                     for worker in self.scheduler().workers() {
+                        // Remote workers are reconciled by the leader; a
+                        // worker in this process only from here.
+                        if !worker.in_process() && !self.is_leader() {
+                            continue;
+                        }
                         if passes.contains_key(worker.id()) {
                             tracing::debug!(worker = worker.id(), "previous reconcile pass still running");
                             continue;

@@ -414,6 +414,7 @@ impl Service {
             expires_at,
             destroyed_at: None,
             idempotency_key: plan.idempotency_key.clone(),
+            replica_id: self.store().replica().to_string(),
         };
         // Re-check quotas and insert under one lock so that concurrent
         // spawns cannot both take the last slot.
@@ -439,14 +440,11 @@ impl Service {
                     QueueError::Admit(e) => e,
                 })
         } else {
-            let _guard = self.inner.admission.lock().await;
-            self.admission_for_plan(&plan, Placed::Yes)
-                .await?
-                .into_result()?;
-            self.store()
-                .insert_sandbox(record, self.lease_until())
-                .await
-                .map_err(Error::from)
+            match self.reserve(&plan, record).await {
+                Ok(Ok(record)) => Ok(record),
+                Ok(Err(refused)) => Err(refused.refusal()),
+                Err(e) => Err(e),
+            }
         };
         let record = match record {
             // A concurrent retry with the same key inserted first.
@@ -523,26 +521,42 @@ impl Service {
         plan: &SpawnPlan,
         record: entity::sandbox::Model,
     ) -> Result<Admission<entity::sandbox::Model>> {
+        // The TTL counts from admission, not from the start of a wait.
+        let mut record = record;
+        let now = Utc::now();
+        record.expires_at = now + (record.expires_at - record.created_at);
+        record.created_at = now;
+        record.updated_at = now;
+        match self.reserve(plan, record).await? {
+            Ok(record) => Ok(Admission::Admitted(record)),
+            Err(refused) if refused.queueable => Ok(Admission::StillFull),
+            Err(refused) => Err(refused.refusal()),
+        }
+    }
+
+    /// Re-checks the caps and inserts the record with its lease as one
+    /// step of the store (one transaction under an installation-wide lock
+    /// on PostgreSQL), so concurrent spawns on any replica cannot both
+    /// take the last slot. The refusal is the decision that refused.
+    async fn reserve(
+        &self,
+        plan: &SpawnPlan,
+        record: entity::sandbox::Model,
+    ) -> Result<std::result::Result<entity::sandbox::Model, super::AdmissionDecision>> {
+        let limits = self.limits_for(plan).await?;
+        // In-process spawns queue here rather than on the database lock.
         let _guard = self.inner.admission.lock().await;
-        let decision = self.admission_for_plan(plan, Placed::Yes).await?;
-        if decision.allowed {
-            // The TTL counts from admission, not from the start of a wait.
-            let mut record = record;
-            let now = Utc::now();
-            record.expires_at = now + (record.expires_at - record.created_at);
-            record.created_at = now;
-            record.updated_at = now;
-            return Ok(Admission::Admitted(
-                self.store()
-                    .insert_sandbox(record, self.lease_until())
-                    .await?,
-            ));
-        }
-        if decision.queueable {
-            return Ok(Admission::StillFull);
-        }
-        decision.into_result()?;
-        Err(Error::Internal("admission refused without a reason".into()))
+        Ok(self
+            .store()
+            .admit_sandbox(record, self.lease_until(), |counts| {
+                let decision = self.decide(plan, Placed::Yes, &limits, counts);
+                if decision.allowed {
+                    Ok(())
+                } else {
+                    Err(decision)
+                }
+            })
+            .await?)
     }
 
     /// Loads a sandbox the caller may see, in a state other than destroyed.

@@ -18,6 +18,10 @@ pub struct HealthReport {
     pub version: &'static str,
     /// Go duration string.
     pub uptime: String,
+    /// This replica's id (several `serve` processes may share a database).
+    pub replica_id: String,
+    /// Whether this replica runs the background work (reaper, reconciler).
+    pub leader: bool,
 }
 
 /// One provider and its last health check.
@@ -84,6 +88,8 @@ impl Service {
             status: "ok",
             version: env!("CARGO_PKG_VERSION"),
             uptime: crate::duration::format(std::time::Duration::from_secs(uptime.as_secs())),
+            replica_id: self.replica_id().to_string(),
+            leader: self.is_leader(),
         }
     }
 
@@ -92,7 +98,20 @@ impl Service {
     /// healthy.
     pub async fn ready(&self) -> Result<()> {
         self.refuse_if_draining()?;
-        self.store().ping().await?;
+        // Not ready while the database does not answer (quickly).
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.store().ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Error::Unavailable(format!(
+                    "the database does not answer: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(Error::Unavailable(
+                    "the database did not answer within 2 s".into(),
+                ));
+            }
+        }
         let default = self.scheduler().default_provider();
         let mut reason = None;
         for worker in self.scheduler().live_workers() {

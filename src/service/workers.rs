@@ -117,6 +117,8 @@ impl Service {
                 created_at: now,
                 admin_state: crate::worker::AdminState::Active.as_str().into(),
                 labels: serde_json::to_string(&beat.snapshot.labels).unwrap_or_default(),
+                snapshot: serde_json::to_string(&beat.snapshot).unwrap_or_default(),
+                instance: beat.instance.chars().take(64).collect(),
             })
             .await?;
         self.renew_leases(id).await?;

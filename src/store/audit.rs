@@ -37,6 +37,11 @@ pub struct AuditFilter {
 }
 
 impl Store {
+    /// One audit event by id.
+    pub async fn audit_event(&self, id: &str) -> StoreResult<Option<audit_event::Model>> {
+        Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
+    }
+
     /// Appends an audit event.
     pub async fn append_audit(&self, event: NewAuditEvent) -> StoreResult<audit_event::Model> {
         let model = audit_event::Model {

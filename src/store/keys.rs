@@ -24,6 +24,16 @@ impl Store {
             .await?)
     }
 
+    /// Replaces a key's hash (rotation of the pepper).
+    pub async fn set_api_key_hash(&self, id: &str, hash: &str) -> StoreResult<()> {
+        Entity::update_many()
+            .col_expr(Column::Hash, Expr::value(hash))
+            .filter(Column::Id.eq(id))
+            .exec(self.conn())
+            .await?;
+        Ok(())
+    }
+
     /// All keys, newest first.
     pub async fn list_api_keys(&self) -> StoreResult<Vec<api_key::Model>> {
         Ok(Entity::find()

@@ -8,8 +8,10 @@ mod audit;
 mod executions;
 mod keys;
 mod leases;
+mod notify;
 mod owners;
 mod providers;
+mod replicas;
 mod sandboxes;
 mod templates;
 mod workers;
@@ -17,7 +19,7 @@ mod workers;
 pub use audit::{AuditFilter, NewAuditEvent};
 pub use executions::ExecutionFinish;
 pub use owners::{OwnerQuota, QuotaSummary, overrides_quota};
-pub use sandboxes::{PageCursor, SandboxFilter, SandboxQuery};
+pub use sandboxes::{LiveCounts, PageCursor, SandboxFilter, SandboxQuery};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +51,9 @@ pub struct Store {
     /// Statements run so far; lets tests prove that batching bounds the
     /// number of queries a GraphQL page costs.
     queries: Arc<AtomicU64>,
+    /// The control-plane replica using this handle: written on every
+    /// sandbox transition it makes (empty for tools such as `stacyvm keys`).
+    replica: Arc<str>,
 }
 
 impl Store {
@@ -84,7 +89,27 @@ impl Store {
         db.set_metric_callback(move |_| {
             counter.fetch_add(1, Ordering::Relaxed);
         });
-        Ok(Store { db, queries })
+        Ok(Store {
+            db,
+            queries,
+            replica: Arc::from(""),
+        })
+    }
+
+    /// This handle, acting for replica `id`.
+    pub fn with_replica(mut self, id: &str) -> Store {
+        self.replica = Arc::from(id);
+        self
+    }
+
+    /// The replica this handle acts for.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Whether several replicas may share this database (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.db.get_database_backend() == DbBackend::Postgres
     }
 
     /// Applies pending migrations.

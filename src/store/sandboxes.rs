@@ -49,7 +49,77 @@ fn names(states: &[SandboxState]) -> Vec<&'static str> {
     states.iter().map(|s| s.as_str()).collect()
 }
 
+/// Sandboxes holding capacity, counted inside an admission.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveCounts {
+    /// On the whole installation.
+    pub all: u64,
+    /// Of the spawning owner.
+    pub owner: u64,
+}
+
+/// A PostgreSQL advisory lock key (`pg_advisory_xact_lock`) taken by
+/// every admission, on every replica: counting and inserting are one
+/// critical section across the installation.
+const ADMISSION_LOCK: i64 = 0x5374_6163_7941_646d; // "StacyAdm"
+
+async fn count_live_on<C: sea_orm::ConnectionTrait>(
+    conn: &C,
+    owner: Option<(&str, &str)>,
+) -> StoreResult<u64> {
+    let mut query = Entity::find().filter(Column::State.is_in(names(&SandboxState::LIVE)));
+    if let Some((tenant, owner)) = owner {
+        query = query
+            .filter(Column::TenantId.eq(tenant))
+            .filter(Column::OwnerId.eq(owner));
+    }
+    Ok(query.count(conn).await?)
+}
+
 impl Store {
+    /// Admits and inserts a sandbox as one step: counts the live
+    /// sandboxes (all, and the record's owner's), asks `decide`, and
+    /// inserts the record with its lease only if it agrees. On PostgreSQL
+    /// this runs in one transaction under an advisory lock, so replicas
+    /// admitting at once never both take the last slot; SQLite has a
+    /// single replica (and a single writer), where the caller's lock is
+    /// enough. `decide`'s refusal is handed back untouched.
+    pub async fn admit_sandbox<E>(
+        &self,
+        model: sandbox::Model,
+        lease_until: DateTime<Utc>,
+        decide: impl FnOnce(LiveCounts) -> Result<(), E>,
+    ) -> StoreResult<Result<sandbox::Model, E>> {
+        use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+        let owner = (model.tenant_id.clone(), model.owner_id.clone());
+        let owner = Some((owner.0.as_str(), owner.1.as_str()));
+        let txn = self.conn().begin().await?;
+        let counts = if self.is_shared() {
+            txn.execute_raw(Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_advisory_xact_lock($1)",
+                [ADMISSION_LOCK.into()],
+            ))
+            .await?;
+            LiveCounts {
+                all: count_live_on(&txn, None).await?,
+                owner: count_live_on(&txn, owner).await?,
+            }
+        } else {
+            LiveCounts {
+                all: count_live_on(self.conn(), None).await?,
+                owner: count_live_on(self.conn(), owner).await?,
+            }
+        };
+        if let Err(refused) = decide(counts) {
+            txn.rollback().await?;
+            return Ok(Err(refused));
+        }
+        let inserted = insert_with_lease(&txn, model, lease_until).await?;
+        txn.commit().await?;
+        Ok(Ok(inserted))
+    }
+
     /// Inserts a new sandbox record with its lease (generation 1, held by
     /// the sandbox's worker until `lease_until`), in one transaction. An
     /// idempotency key the owner already used is
@@ -59,26 +129,9 @@ impl Store {
         model: sandbox::Model,
         lease_until: DateTime<Utc>,
     ) -> StoreResult<sandbox::Model> {
-        use sea_orm::{SqlErr, TransactionTrait};
-        let lease = entity::lease::Model {
-            sandbox_id: model.id.clone(),
-            worker_id: model.worker_id.clone(),
-            generation: 1,
-            acquired_at: model.created_at,
-            expires_at: lease_until,
-            released_at: None,
-        };
+        use sea_orm::TransactionTrait;
         let txn = self.conn().begin().await?;
-        let inserted = match model.into_active_model().insert(&txn).await {
-            Ok(inserted) => inserted,
-            Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                return Err(super::StoreError::AlreadyExists(
-                    "a sandbox with this idempotency key".into(),
-                ));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        lease.into_active_model().insert(&txn).await?;
+        let inserted = insert_with_lease(&txn, model, lease_until).await?;
         txn.commit().await?;
         Ok(inserted)
     }
@@ -168,13 +221,7 @@ impl Store {
     /// Number of sandboxes that hold capacity, for one owner (tenant, owner
     /// id) or for all.
     pub async fn count_live_sandboxes(&self, owner: Option<(&str, &str)>) -> StoreResult<u64> {
-        let mut query = Entity::find().filter(Column::State.is_in(names(&SandboxState::LIVE)));
-        if let Some((tenant, owner)) = owner {
-            query = query
-                .filter(Column::TenantId.eq(tenant))
-                .filter(Column::OwnerId.eq(owner));
-        }
-        Ok(query.count(self.conn()).await?)
+        count_live_on(self.conn(), owner).await
     }
 
     /// Moves a sandbox to `to` if, and only if, its current state allows it.
@@ -228,6 +275,7 @@ impl Store {
             .col_expr(Column::State, Expr::value(to.as_str()))
             .col_expr(Column::StateReason, Expr::value(reason))
             .col_expr(Column::UpdatedAt, Expr::value(now))
+            .col_expr(Column::ReplicaId, Expr::value(self.replica()))
             .filter(Column::Id.eq(id))
             .filter(Column::State.is_in(names(&legal)));
         if let Some(runtime_id) = runtime_id {
@@ -282,4 +330,32 @@ impl Store {
             .all(self.conn())
             .await?)
     }
+}
+
+/// The record and its lease (generation 1), inside `txn`.
+async fn insert_with_lease(
+    txn: &sea_orm::DatabaseTransaction,
+    model: sandbox::Model,
+    lease_until: DateTime<Utc>,
+) -> StoreResult<sandbox::Model> {
+    use sea_orm::SqlErr;
+    let lease = entity::lease::Model {
+        sandbox_id: model.id.clone(),
+        worker_id: model.worker_id.clone(),
+        generation: 1,
+        acquired_at: model.created_at,
+        expires_at: lease_until,
+        released_at: None,
+    };
+    let inserted = match model.into_active_model().insert(txn).await {
+        Ok(inserted) => inserted,
+        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            return Err(super::StoreError::AlreadyExists(
+                "a sandbox with this idempotency key".into(),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    lease.into_active_model().insert(txn).await?;
+    Ok(inserted)
 }

@@ -21,6 +21,8 @@ impl Store {
                         Column::Capacity,
                         Column::LastHeartbeat,
                         Column::Labels,
+                        Column::Snapshot,
+                        Column::Instance,
                     ])
                     .to_owned(),
             )

@@ -164,6 +164,8 @@ impl LocalWorker {
                 created_at: now,
                 admin_state: super::AdminState::Active.as_str().into(),
                 labels: "{}".into(),
+                snapshot: String::new(),
+                instance: self.instance.clone(),
             })
             .await
     }
@@ -207,7 +209,8 @@ fn host_memory_mb() -> u64 {
         .unwrap_or(0)
 }
 
-fn hostname() -> String {
+/// This host's name.
+pub fn hostname() -> String {
     rustix::system::uname()
         .nodename()
         .to_string_lossy()

@@ -22,7 +22,7 @@ mod remote;
 pub mod rpc;
 pub mod token;
 
-pub use local::LocalWorker;
+pub use local::{LocalWorker, hostname};
 pub use remote::RemoteWorker;
 
 use std::collections::BTreeMap;

@@ -137,6 +137,25 @@ impl RemoteWorker {
         }
     }
 
+    /// When its last heartbeat arrived, wherever it was heard.
+    pub fn heard_from_at(&self) -> Option<DateTime<Utc>> {
+        self.heard_from.lock().ok().map(|t| *t)
+    }
+
+    /// Takes a heartbeat another replica heard at `at` (from the store).
+    pub fn observe(&self, snapshot: WorkerSnapshot, at: DateTime<Utc>) {
+        if let Ok(mut current) = self.snapshot.write() {
+            *current = snapshot;
+        }
+        let ago = (Utc::now() - at).to_std().unwrap_or_default();
+        if let Ok(mut seen) = self.last_seen.lock() {
+            *seen = Instant::now().checked_sub(ago).or(Some(Instant::now()));
+        }
+        if let Ok(mut heard) = self.heard_from.lock() {
+            *heard = at;
+        }
+    }
+
     /// When the worker's last heartbeat arrived.
     pub fn last_seen(&self) -> Option<Instant> {
         self.last_seen.lock().ok().and_then(|t| *t)

@@ -49,6 +49,8 @@ pub enum Audience {
     Worker,
     /// A worker heartbeating to the control plane.
     ControlPlane,
+    /// One control-plane replica calling another.
+    Replica,
 }
 
 impl Audience {
@@ -56,6 +58,7 @@ impl Audience {
         match self {
             Audience::Worker => "stacyvm-worker-rpc",
             Audience::ControlPlane => "stacyvm-control-plane",
+            Audience::Replica => "stacyvm-replica",
         }
     }
 }

@@ -31,6 +31,7 @@ fn sandbox(id: &str, owner: &str, state: SandboxState) -> entity::sandbox::Model
         expires_at: now + Duration::minutes(30),
         destroyed_at: None,
         idempotency_key: None,
+        replica_id: String::new(),
     }
 }
 
@@ -364,6 +365,7 @@ async fn executions_record(store: &Store) {
         error: None,
         created_at: now,
         finished_at: None,
+        replica_id: String::new(),
     };
     store
         .insert_execution(model)
@@ -472,6 +474,8 @@ async fn workers_and_quotas(store: &Store) {
         created_at: now,
         admin_state: "active".into(),
         labels: "{}".into(),
+        snapshot: String::new(),
+        instance: String::new(),
     };
     store
         .upsert_worker(worker.clone())

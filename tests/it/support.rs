@@ -364,6 +364,7 @@ pub async fn insert_record(
                 expires_at: now + chrono::Duration::minutes(30),
                 destroyed_at: None,
                 idempotency_key: None,
+                replica_id: String::new(),
             },
             now + chrono::Duration::minutes(5),
         )

@@ -11,7 +11,7 @@ use super::errors::GqlResult;
 use super::types::{
     AuditEvent, Execution, Health, Provider, Sandbox, SandboxState, Template, Worker,
 };
-use super::types::{QuotaPolicy, QuotaUsage};
+use super::types::{QuotaPolicy, QuotaUsage, Replica};
 use crate::service::{Page, SandboxListing};
 use crate::store::AuditFilter;
 
@@ -123,6 +123,18 @@ impl QueryRoot {
             .collect())
     }
 
+    /// The control-plane replicas on this database (admins only).
+    async fn replicas(&self, cx: &Context<'_>) -> async_graphql::Result<Vec<Replica>> {
+        let (service, caller) = ctx(cx)?;
+        Ok(service
+            .admin_replicas(caller)
+            .await
+            .gql()?
+            .into_iter()
+            .map(Replica::from)
+            .collect())
+    }
+
     /// Providers with their last health check.
     async fn providers(&self, cx: &Context<'_>) -> async_graphql::Result<Vec<Provider>> {
         let (service, _) = ctx(cx)?;
@@ -202,6 +214,8 @@ impl QueryRoot {
             status: h.status.to_string(),
             version: h.version.to_string(),
             uptime: h.uptime,
+            replica_id: h.replica_id,
+            leader: h.leader,
         })
     }
 }

@@ -227,6 +227,33 @@ pub struct ExecResult {
     pub duration: GoDuration,
 }
 
+/// A control-plane replica sharing the database.
+#[derive(SimpleObject)]
+pub struct Replica {
+    pub id: ID,
+    /// Where other replicas reach it (empty: they cannot).
+    pub endpoint: String,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    /// Heard from within `cluster.replica_stale_after` and not stopped.
+    pub alive: bool,
+    /// Runs the background work.
+    pub leader: bool,
+}
+
+impl From<crate::service::cluster::ReplicaStatus> for Replica {
+    fn from(r: crate::service::cluster::ReplicaStatus) -> Self {
+        Replica {
+            id: ID(r.id),
+            endpoint: r.endpoint,
+            started_at: r.started_at,
+            heartbeat_at: r.heartbeat_at,
+            alive: r.alive,
+            leader: r.leader,
+        }
+    }
+}
+
 /// A worker: where sandboxes run.
 #[derive(SimpleObject)]
 pub struct Worker {
@@ -395,6 +422,10 @@ pub struct Health {
     pub status: String,
     pub version: String,
     pub uptime: String,
+    /// The replica that answered.
+    pub replica_id: String,
+    /// Whether that replica runs the background work.
+    pub leader: bool,
 }
 
 /// A piece of output. `data` is text that never splits a character;

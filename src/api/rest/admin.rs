@@ -20,6 +20,7 @@ pub fn router() -> Router<Service> {
     Router::new()
         .route("/admin/audit", get(audit))
         .route("/admin/workers", get(workers))
+        .route("/admin/replicas", get(replicas))
         .route("/admin/workers/{id}", get(worker))
         .route("/admin/workers/{id}/{action}", post(set_admin_state))
 }
@@ -107,6 +108,13 @@ async fn workers(
     caller: Caller,
 ) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
     Ok(Json(service.admin_workers(&caller).await?))
+}
+
+async fn replicas(
+    State(service): State<Service>,
+    caller: Caller,
+) -> Result<Json<Vec<crate::service::cluster::ReplicaStatus>>, ApiError> {
+    Ok(Json(service.admin_replicas(&caller).await?))
 }
 
 async fn worker(
