@@ -112,9 +112,36 @@ impl Store {
         self.db.get_database_backend() == DbBackend::Postgres
     }
 
-    /// Applies pending migrations.
+    /// Applies pending migrations. On PostgreSQL, under a session advisory
+    /// lock: replicas starting together migrate one after the other (the
+    /// later ones find nothing to do).
     pub async fn migrate(&self) -> StoreResult<()> {
-        Migrator::up(&self.db, None).await?;
+        if !self.is_shared() {
+            Migrator::up(&self.db, None).await?;
+            return Ok(());
+        }
+        use sea_orm::sqlx;
+        const MIGRATION_LOCK: i64 = 0x5374_6163_794d_6967; // "StacyMig"
+        let sqlx_err = |e: sqlx::Error| StoreError::Db(DbErr::Custom(e.to_string()));
+        let pool = self.db.get_postgres_connection_pool();
+        let mut holder = pool.acquire().await.map_err(sqlx_err)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *holder)
+            .await
+            .map_err(sqlx_err)?;
+        let migrated = Migrator::up(&self.db, None).await;
+        if let Err(e) = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *holder)
+            .await
+        {
+            // The lock goes with the connection: drop it instead of
+            // returning it to the pool.
+            tracing::warn!(error = %e, "cannot release the migration lock; closing its connection");
+            holder.detach();
+        }
+        migrated?;
         Ok(())
     }
 

@@ -74,6 +74,15 @@ impl Ws {
 
     /// Connects to a `ws://.../graphql/ws` URL and completes the handshake.
     pub(crate) async fn connect_url(url: &str, legacy: bool) -> Ws {
+        Ws::connect_url_init(url, legacy, json!({})).await
+    }
+
+    /// Connects with `payload` (credentials) in `connection_init`.
+    pub(crate) async fn connect_url_with(url: &str, payload: Value) -> Ws {
+        Ws::connect_url_init(url, false, payload).await
+    }
+
+    async fn connect_url_init(url: &str, legacy: bool, payload: Value) -> Ws {
         let mut request = url.into_client_request().unwrap_or_else(|e| panic!("{e}"));
         let protocol = if legacy {
             "graphql-ws"
@@ -95,7 +104,7 @@ impl Ws {
             Some(protocol)
         );
         let mut ws = Ws { socket, legacy };
-        ws.send(json!({"type": "connection_init", "payload": {}}))
+        ws.send(json!({"type": "connection_init", "payload": payload}))
             .await;
         let ack = ws.recv().await;
         assert_eq!(ack["type"], "connection_ack", "{ack}");

@@ -3,6 +3,7 @@ mod attacks;
 mod auth;
 mod chaos;
 mod graphql;
+mod ha;
 mod isolation;
 mod private_dockerd;
 mod providers;

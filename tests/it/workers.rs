@@ -155,8 +155,22 @@ impl WorkerProcess {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
+    /// Waits (bounded) until at least `count` native sandbox directories
+    /// exist.
+    pub(crate) async fn wait_for_sandbox_dirs_at_least(&self, count: usize) {
+        let started = Instant::now();
+        while self.sandbox_dirs().len() < count {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "wanted {count}: {:?}",
+                self.sandbox_dirs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits (bounded) until `count` native sandbox directories are left.
-    async fn wait_for_sandbox_dirs(&self, count: usize) {
+    pub(crate) async fn wait_for_sandbox_dirs(&self, count: usize) {
         let started = Instant::now();
         while self.sandbox_dirs().len() != count {
             assert!(
