@@ -572,7 +572,7 @@ async fn two_replicas_on_one_postgres_act_as_one_control_plane() {
     let again = a.health().await;
     assert_eq!(again["replica_id"], ha["replica_id"]);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(leaders(&[&a, &b]).await, [b_id.clone()]);
+    assert_eq!(leaders(&[&a, &b]).await, [b_id]);
 
     // Expiry with both replicas running: each sandbox destroyed once, with
     // one expiry in the audit trail.
