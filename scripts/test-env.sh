@@ -67,6 +67,8 @@ _stacyvm_env_packages() {
     # Debian's python3 ships venv without ensurepip unless python3-venv is installed.
     "$py" -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
     command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+    # The HA pass of the SDK suite puts nginx in front of two replicas.
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
     # The playground browser test (tests/browser) drives Debian's Chromium.
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     _stacyvm_pkg_installed fonts-liberation || missing+=(fonts-liberation)

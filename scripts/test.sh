@@ -17,9 +17,11 @@
 #
 # Environment knobs:
 #   STACYVM_TEST_SKIP_CARGO_TEST=1   skip `cargo test` (SDK suites only)
-#   STACYVM_SDK_PROVIDERS="docker native remote"   which SDK passes to run
+#   STACYVM_SDK_PROVIDERS="docker native remote ha"   which SDK passes to run
 #                                    (remote: `serve --no-local-worker` and two
-#                                    `stacyvm worker` processes, native provider)
+#                                    `stacyvm worker` processes, native provider;
+#                                    ha: the same with two replicas on one
+#                                    PostgreSQL behind nginx, round robin)
 #   STACYVM_TEST_SKIP_BROWSER=1      skip the playground browser test
 #   STACYVM_SDK_PG_PROVIDERS="native proot"   SDK passes whose server uses
 #                                    PostgreSQL (--database-url) instead of SQLite
@@ -170,7 +172,7 @@ EOF
 # `stacyvm worker` processes (native provider), so every sandbox is remote.
 run_sdk() {
     local pass=$1 provider=$1 data port log url rc=0
-    [ "$pass" = remote ] && provider=native
+    case "$pass" in remote | ha) provider=native ;; esac
     data=$(mktemp -d "$STACYVM_TEST_TMPDIR/sdk-$provider.XXXXXX")
     # Native sandboxes run as unprivileged host ids that must be able to
     # reach their trees (README, "Isolation notes"): mktemp makes 0700.
@@ -180,11 +182,11 @@ run_sdk() {
     url="http://127.0.0.1:$port"
 
     local -a serve=(serve --host 127.0.0.1 --port "$port" --data-dir "$data/data" --provider "$provider")
-    if [ "$pass" = remote ]; then
+    if [ "$pass" = remote ] || [ "$pass" = ha ]; then
         printf 'auth:\n  worker_tokens:\n    w1: sdk-token-one\n    w2: sdk-token-two\n' >"$data/control-plane.yaml"
         serve+=(--no-local-worker --config "$data/control-plane.yaml")
     fi
-    if [ "$provider" != docker ] && [ "$pass" != remote ]; then
+    if [ "$provider" != docker ] && [ "$pass" = "$provider" ]; then
         echo "importing $STACYVM_TEST_IMAGE from $STACYVM_TEST_ROOTFS into $data/data"
         if ! "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS"; then
             echo "image import failed"
@@ -223,15 +225,71 @@ run_sdk() {
         return 1
     fi
     echo "server up at $url (pid $SERVER_PID)"
-    if [ "$pass" = remote ]; then
-        local w token
+    # PROVIDER `ha`: a second replica on the same database, each worker
+    # heartbeating to another replica, and nginx in front alternating
+    # between the replicas request by request.
+    local -a worker_cp=("$url" "$url")
+    if [ "$pass" = ha ]; then
+        local port_b url_b serve_b=() arg
+        port_b=$(stacyvm_free_port)
+        url_b="http://127.0.0.1:$port_b"
+        for arg in "${serve[@]}"; do
+            case "$arg" in "$port") serve_b+=("$port_b") ;; "$data/data") serve_b+=("$data/data-b") ;; *) serve_b+=("$arg") ;; esac
+        done
+        echo "starting replica B: stacyvm ${serve_b[*]} (log: $data/server-b.log)"
+        "$BIN" "${serve_b[@]}" >"$data/server-b.log" 2>&1 &
+        WORKER_PIDS+=($!)
+        SERVER_PID=$! wait_health "$url_b" "$data/server-b.log" || { tail -n 50 "$data/server-b.log"; stop_server; return 1; }
+        worker_cp=("$url" "$url_b")
+        local port_lb
+        port_lb=$(stacyvm_free_port)
+        mkdir -p "$data/nginx"
+        cat >"$data/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $data/nginx/nginx.pid;
+error_log $data/nginx/error.log warn;
+events { worker_connections 256; }
+http {
+    log_format upstream '\$request \$status \$upstream_addr';
+    access_log $data/nginx/access.log upstream;
+    client_body_temp_path $data/nginx/body;
+    proxy_temp_path $data/nginx/proxy;
+    fastcgi_temp_path $data/nginx/fastcgi;
+    uwsgi_temp_path $data/nginx/uwsgi;
+    scgi_temp_path $data/nginx/scgi;
+    client_max_body_size 64m;
+    upstream replicas { server 127.0.0.1:$port; server 127.0.0.1:$port_b; }
+    server {
+        listen 127.0.0.1:$port_lb;
+        location / {
+            proxy_pass http://replicas;
+            proxy_http_version 1.1;
+            proxy_buffering off;
+            proxy_read_timeout 600s;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection "upgrade";
+            # A request is never retried on the other replica.
+            proxy_next_upstream off;
+        }
+    }
+}
+EOF
+        nginx -c "$data/nginx.conf" -p "$data/nginx" &
+        WORKER_PIDS+=($!)
+        url="http://127.0.0.1:$port_lb"
+        wait_health "$url" "$data/nginx/error.log" || { cat "$data/nginx/error.log"; stop_server; return 1; }
+        echo "nginx at $url alternates between replicas $port and $port_b"
+    fi
+    if [ "$pass" = remote ] || [ "$pass" = ha ]; then
+        local w token cp
         for w in w1 w2; do
-            token=sdk-token-one
-            [ "$w" = w2 ] && token=sdk-token-two
+            token=sdk-token-one cp=${worker_cp[0]}
+            [ "$w" = w2 ] && token=sdk-token-two cp=${worker_cp[1]}
             mkdir -p "$data/$w" && chmod o+x "$data/$w"
             "$BIN" image import --data-dir "$data/$w" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" || return 1
             echo "starting: stacyvm worker --id $w (log: $data/$w.log)"
-            "$BIN" --data-dir "$data/$w" worker --control-plane "$url" --listen 127.0.0.1:0 \
+            "$BIN" --data-dir "$data/$w" worker --control-plane "$cp" --listen 127.0.0.1:0 \
                 --id "$w" --token "$token" --provider native >"$data/$w.log" 2>&1 &
             WORKER_PIDS+=($!)
         done
@@ -245,7 +303,7 @@ run_sdk() {
 
     STACYVM_URL="$url" STACYVM_TEST_PROVIDER="$provider" STACYVM_API_KEY="$api_key" \
         "$PY" -m pytest "$ROOT/tests/sdk" -v -p no:cacheprovider --durations=10 || rc=$?
-    if [ "$pass" = remote ] && [ "$rc" -eq 0 ]; then
+    if { [ "$pass" = remote ] || [ "$pass" = ha ]; } && [ "$rc" -eq 0 ]; then
         # The suite's sandboxes must have been spread over both workers.
         local spread
         spread=$(psql -tA "${STACYVM_TEST_POSTGRES_URL%/*}/sdk_${pass}_$$" \
@@ -253,17 +311,28 @@ run_sdk() {
         echo "the SDK suite's sandboxes landed on $spread"
         case "$spread" in 2\ workers*) ;; *) echo "expected sandboxes on both workers"; rc=1 ;; esac
     fi
+    if [ "$pass" = ha ] && [ "$rc" -eq 0 ]; then
+        # ...and its calls on both replicas: each sandbox's last step was
+        # taken by one of them, and nginx sent requests to both.
+        local replicas upstreams
+        replicas=$(psql -tA "${STACYVM_TEST_POSTGRES_URL%/*}/sdk_${pass}_$$" \
+            -c "SELECT COUNT(DISTINCT replica_id) FROM sandboxes WHERE replica_id <> ''") || rc=1
+        upstreams=$(awk '{print $NF}' "$data/nginx/access.log" | sort -u | wc -l)
+        echo "sandbox steps taken by $replicas replicas; nginx used $upstreams upstreams"
+        [ "$replicas" = 2 ] && [ "$upstreams" -ge 2 ] || { echo "expected both replicas to serve the suite"; rc=1; }
+    fi
 
     if [ "$rc" -ne 0 ]; then
         echo "--- server log (tail) ---"
         tail -n 80 "$log" || true
-        if [ "$pass" = remote ]; then tail -n 40 "$data"/w*.log || true; fi
+        if [ "$pass" = remote ] || [ "$pass" = ha ]; then tail -n 40 "$data"/w*.log || true; fi
+        if [ "$pass" = ha ]; then tail -n 60 "$data/server-b.log" || true; fi
     fi
     stop_server
     return "$rc"
 }
 
-for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote}; do
+for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote ha}; do
     section "Python SDK suite (stacyvm==0.1.1) -- provider $provider"
     rc=0
     run_sdk "$provider" || rc=$?

@@ -463,10 +463,18 @@ impl App {
             )),
         ];
         let last_shutdown = CancellationToken::new();
-        let mut last_tasks = vec![tokio::spawn(service.clone().run_cluster(
-            config.lifecycle.heartbeat_interval.0,
-            last_shutdown.child_token(),
-        ))];
+        // Often enough that workers heard by other replicas look fresh here
+        // and a dead leader is replaced well within its lease.
+        let cluster_every = config
+            .lifecycle
+            .heartbeat_interval
+            .0
+            .min(std::time::Duration::from_secs(2));
+        let mut last_tasks = vec![tokio::spawn(
+            service
+                .clone()
+                .run_cluster(cluster_every, last_shutdown.child_token()),
+        )];
         if let Some(outbox) = outbox {
             last_tasks.push(tokio::spawn(
                 service

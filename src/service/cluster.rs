@@ -246,6 +246,24 @@ impl Service {
         }
     }
 
+    /// The worker a record names. One that registered through another
+    /// replica since this one last looked is read from the store first.
+    pub(super) async fn worker_of(
+        &self,
+        worker_id: &str,
+    ) -> Result<Arc<dyn crate::worker::Worker>> {
+        match self.scheduler().worker_for(worker_id) {
+            Ok(worker) => Ok(worker),
+            Err(unknown) => {
+                if self.store().get_worker(worker_id).await?.is_none() {
+                    return Err(unknown.into());
+                }
+                self.sync_workers().await?;
+                Ok(self.scheduler().worker_for(worker_id)?)
+            }
+        }
+    }
+
     /// Makes every remote worker in the store known here with what its
     /// last heartbeat said, whichever replica heard it.
     pub(super) async fn sync_workers(&self) -> Result<()> {

@@ -101,7 +101,7 @@ impl Service {
         // Without a recorded handle the worker removes whatever exists
         // under the sandbox id (the spawn failed, or the server died
         // mid-spawn).
-        let result = match self.scheduler().worker_for(&model.worker_id) {
+        let result = match self.worker_of(&model.worker_id).await {
             Ok(worker) => match self.runtime_for_destroy(&model).await {
                 Ok(runtime) => worker.destroy(&runtime).await,
                 Err(e) => Err(crate::provider::ProviderError::Unavailable(format!(

@@ -628,7 +628,7 @@ impl Service {
         std::sync::Arc<dyn crate::worker::Worker>,
         crate::worker::RuntimeRef,
     )> {
-        let worker = self.scheduler().worker_for(&model.worker_id)?;
+        let worker = self.worker_of(&model.worker_id).await?;
         let lease = self.store().lease(&model.id).await?;
         Ok((worker, runtime_ref(model, lease_generation(lease.as_ref()))))
     }
