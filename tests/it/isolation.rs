@@ -131,11 +131,15 @@ async fn destroy(server: &TestServer, id: &str) {
     assert_no_cgroup_left(id);
 }
 
-fn host_process_count() -> usize {
+/// Processes on the host running exactly `argv` (other tests run at the
+/// same time, so the host's total says nothing).
+fn processes_running(argv: &[&str]) -> usize {
+    let wanted: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
     std::fs::read_dir("/proc")
         .expect("/proc")
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == wanted))
         .count()
 }
 
@@ -147,7 +151,10 @@ async fn a_fork_bomb_is_held_to_the_pids_limit() {
     let other = spawn(&server, 256, 1).await;
     let pids_max = cgroup_file("pids", &bombed, "pids.max");
     assert_eq!(read_number(&pids_max), LIMIT);
-    let before = host_process_count();
+    // The bomb's processes, as the host sees them (73: no other test
+    // sleeps that long).
+    let bomb = ["sleep", "73"];
+    assert_eq!(processes_running(&bomb), 0);
 
     // Watch the sandbox's process count from the host while the bomb runs.
     let current = cgroup_file("pids", &bombed, "pids.current");
@@ -170,7 +177,7 @@ async fn a_fork_bomb_is_held_to_the_pids_limit() {
     let (status, body) = exec(
         &server,
         &bombed,
-        "for i in $(seq 2000); do sleep 60 & done; echo launched",
+        "for i in $(seq 2000); do sleep 73 & done; echo launched",
         "20s",
     )
     .await;
@@ -194,16 +201,16 @@ async fn a_fork_bomb_is_held_to_the_pids_limit() {
     }
 
     destroy(&server, &bombed).await;
-    // Every process of the bomb is gone (slack for other work on the host).
+    // Every process of the bomb is gone.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = host_process_count();
-        if now <= before + 20 {
+        let left = processes_running(&bomb);
+        if left == 0 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{now} host processes after destroy, {before} before the bomb"
+            "{left} of the bomb's processes left after destroy"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
