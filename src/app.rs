@@ -56,6 +56,11 @@ pub enum StartError {
          give this server its own --data-dir"
     )]
     SqliteInUse { path: String, holder: String },
+    #[error(
+        "another `stacyvm serve` ({holder}) is using the data directory {path}: each replica \
+         needs its own --data-dir"
+    )]
+    DataDirInUse { path: String, holder: String },
     #[error("cluster.advertise_url: {0}")]
     Advertise(String),
 }
@@ -65,7 +70,6 @@ pub enum StartError {
 /// `serve` on the same database refuses to start. Other commands (`keys`,
 /// `migrate`) do not take it. `None` for other databases.
 fn lock_sqlite(url: &str) -> Result<Option<std::fs::File>, StartError> {
-    use std::io::{Read, Seek, Write};
     let Some(rest) = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
@@ -76,35 +80,50 @@ fn lock_sqlite(url: &str) -> Result<Option<std::fs::File>, StartError> {
     if path.is_empty() || path.contains(":memory:") {
         return Ok(None);
     }
-    let lock_path = format!("{path}.serve.lock");
-    let fail = |source| StartError::DataDir {
-        path: PathBuf::from(&lock_path),
-        source,
-    };
+    lock_file(&format!("{path}.serve.lock"))
+        .map_err(|holder| StartError::SqliteInUse {
+            path: path.to_string(),
+            holder,
+        })
+        .map(Some)
+}
+
+/// Holds `data_dir/serve.lock`: two `serve` processes on one data dir would
+/// be one replica id twice (both leading, each failing the other's work).
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let path = data_dir.join("serve.lock");
+    lock_file(&path.display().to_string()).map_err(|holder| StartError::DataDirInUse {
+        path: data_dir.display().to_string(),
+        holder,
+    })
+}
+
+/// An exclusive `flock` on `lock_path`, with this pid written in it; the
+/// holder's description when another process has it.
+fn lock_file(lock_path: &str) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    let fail = |e: std::io::Error| format!("unknown (cannot use {lock_path}: {e})");
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&lock_path)
+        .open(lock_path)
         .map_err(fail)?;
     if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         let mut holder = String::new();
         if let Err(e) = file.read_to_string(&mut holder) {
             tracing::debug!(error = %e, "cannot read the SQLite lock holder");
         }
-        return Err(StartError::SqliteInUse {
-            path: path.to_string(),
-            holder: match holder.trim() {
-                "" => "another process".to_string(),
-                pid => format!("pid {pid}"),
-            },
+        return Err(match holder.trim() {
+            "" => "another process".to_string(),
+            pid => format!("pid {pid}"),
         });
     }
     file.set_len(0).map_err(fail)?;
     file.rewind().map_err(fail)?;
     write!(file, "{}", std::process::id()).map_err(fail)?;
-    Ok(Some(file))
+    Ok(file)
 }
 
 /// The image store under the data directory.
@@ -315,8 +334,9 @@ pub struct App {
     /// over leadership as it stops).
     last_tasks: Vec<tokio::task::JoinHandle<()>>,
     last_shutdown: CancellationToken,
-    /// The SQLite `serve` lock, held while the app lives.
+    /// The SQLite and data-dir `serve` locks, held while the app lives.
     _sqlite_lock: Option<std::fs::File>,
+    _data_dir_lock: std::fs::File,
 }
 
 impl App {
@@ -326,6 +346,7 @@ impl App {
             path: config.data_dir.clone(),
             source,
         })?;
+        let data_dir_lock = lock_data_dir(&config.data_dir)?;
         let sqlite_lock = lock_sqlite(&config.database_url())?;
         let instance = instance_id(&config.data_dir)?;
         let replica_id = crate::service::cluster::Replica::id_for(&instance);
@@ -349,6 +370,13 @@ impl App {
 
         let default_setting = config.providers.default.clone();
         let stale_after = config.lifecycle.worker_stale_after.0;
+        if config.worker.local && store.is_shared() {
+            tracing::warn!(
+                "this server keeps a worker in its own process: with several replicas on this \
+                 database its sandboxes are reachable only through this replica (run replicas \
+                 with --no-local-worker and `stacyvm worker` processes)"
+            );
+        }
         let (scheduler, local, default) = if config.worker.local {
             let providers = build_providers(&config, &instance, &[]).await?;
             let worker =
@@ -500,6 +528,7 @@ impl App {
             last_tasks,
             last_shutdown,
             _sqlite_lock: sqlite_lock,
+            _data_dir_lock: data_dir_lock,
         })
     }
 
@@ -570,9 +599,17 @@ impl App {
             }
         };
         self.shutdown.cancel();
+        // Background work stopped here: hand leadership over at once.
+        service.step_down();
         for task in self.tasks {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "background task ended abnormally");
+            }
+        }
+        self.last_shutdown.cancel();
+        for task in self.last_tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(error = %e, "cluster task ended abnormally");
             }
         }
         if lifecycle.destroy_on_shutdown {
@@ -582,12 +619,6 @@ impl App {
             }
         } else {
             tracing::info!("sandboxes left running for the next start to adopt");
-        }
-        self.last_shutdown.cancel();
-        for task in self.last_tasks {
-            if let Err(e) = task.await {
-                tracing::warn!(error = %e, "cluster task ended abnormally");
-            }
         }
         result
     }

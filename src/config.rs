@@ -630,6 +630,20 @@ impl Config {
                 )));
             }
         }
+        // Replicas renew their leadership and heartbeat every
+        // min(heartbeat_interval, 2 s); a shorter staleness would make live
+        // replicas look dead (and leadership flap).
+        let tick = self
+            .lifecycle
+            .heartbeat_interval
+            .0
+            .min(std::time::Duration::from_secs(2));
+        if self.cluster.replica_stale_after.0 < tick * 3 {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.replica_stale_after must be at least 3 times min(lifecycle.heartbeat_interval, 2s) ({})",
+                crate::duration::format(tick * 3)
+            )));
+        }
         for role in self.policy.roles.keys() {
             role.parse::<crate::auth::Role>()
                 .map_err(|e| ConfigError::Invalid(format!("policy.roles: {e}")))?;

@@ -41,13 +41,21 @@ async fn output(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let follower = service.relay_output(authorization, &id, from.from_seq)?;
-    let lines = futures::stream::unfold(follower, |mut follower| async move {
-        let event = follower.next().await?;
-        let mut line = serde_json::to_vec(&WireOutput::from(event)).unwrap_or_default();
+    let mut beat = tokio::time::interval(crate::service::cluster::RELAY_KEEPALIVE);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.reset();
+    let lines = futures::stream::unfold((follower, beat), |(mut follower, mut beat)| async move {
+        // A quiet command still says it is there, so the follower can tell
+        // it from a replica gone silent.
+        let wire = tokio::select! {
+            event = follower.next() => WireOutput::from(event?),
+            _ = beat.tick() => WireOutput::KeepAlive,
+        };
+        let mut line = serde_json::to_vec(&wire).unwrap_or_default();
         line.push(b'\n');
         Some((
             Ok::<_, std::convert::Infallible>(Bytes::from(line)),
-            follower,
+            (follower, beat),
         ))
     });
     Ok((

@@ -39,6 +39,11 @@ pub const OUTBOX: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest output line accepted from another replica.
 const MAX_RELAY_LINE: usize = 8 << 20;
+/// A replica relaying output sends a keep-alive line this often while the
+/// command is quiet...
+pub const RELAY_KEEPALIVE: Duration = Duration::from_secs(10);
+/// ...and a follower gives up on a replica silent this long.
+const RELAY_SILENCE: Duration = Duration::from_secs(35);
 
 /// This replica: its id, where others reach it, whether it leads.
 pub struct Replica {
@@ -46,6 +51,11 @@ pub struct Replica {
     /// `cluster.advertise_url`, or empty when others cannot reach it.
     pub endpoint: String,
     leader: AtomicBool,
+    /// Until when this process may act as leader without renewing: a
+    /// little short of the lease it last renewed, by this process's own
+    /// clock, so a replica whose renewals fail stops before another may
+    /// take over.
+    leader_until: std::sync::Mutex<Option<std::time::Instant>>,
     /// Signs and verifies calls between replicas.
     credentials: WorkerCredentials,
     client: reqwest::Client,
@@ -58,6 +68,7 @@ impl Replica {
             id: id.to_string(),
             endpoint: endpoint.trim_end_matches('/').to_string(),
             leader: AtomicBool::new(false),
+            leader_until: std::sync::Mutex::new(None),
             credentials: WorkerCredentials::new("cluster", secret, WorkerAuth::Signed),
             client: reqwest::Client::builder()
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -108,7 +119,20 @@ impl Service {
 
     /// Whether this replica runs the background work now.
     pub fn is_leader(&self) -> bool {
+        let until = self
+            .inner
+            .replica
+            .leader_until
+            .lock()
+            .map(|u| *u)
+            .unwrap_or(None);
         self.inner.replica.leader.load(Ordering::Relaxed)
+            && until.is_some_and(|u| std::time::Instant::now() < u)
+    }
+
+    /// Stops acting as leader at once (shutdown).
+    pub fn step_down(&self) {
+        self.inner.replica.leader.store(false, Ordering::Relaxed);
     }
 
     fn replica_stale_after(&self) -> chrono::Duration {
@@ -173,6 +197,7 @@ impl Service {
     /// One round of cluster upkeep: heartbeat, leadership, workers heard
     /// by other replicas, and (as leader) what dead replicas left.
     pub async fn cluster_tick(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         let now = Utc::now();
         if !self
             .store()
@@ -187,6 +212,10 @@ impl Service {
             .try_lead(BACKGROUND, self.replica_id(), now, until)
             .await;
         let leads = matches!(term, Ok(Some(_)));
+        if leads && let Ok(mut until) = self.inner.replica.leader_until.lock() {
+            // Three quarters of the lease, counted from before the renewal.
+            *until = Some(started + self.config().cluster.replica_stale_after.0 * 3 / 4);
+        }
         let was = self.inner.replica.leader.swap(leads, Ordering::Relaxed);
         match (&term, was) {
             (Ok(Some(term)), false) => {
@@ -487,7 +516,7 @@ impl Service {
         from_seq: u64,
     ) -> Result<OutputFollower> {
         let not_here = || {
-            Error::Conflict(format!(
+            Error::Unavailable(format!(
                 "execution {} runs on replica {} which cannot be reached",
                 execution.id, execution.replica_id
             ))
@@ -508,24 +537,30 @@ impl Service {
             "{}/internal/v1/executions/{}/output?from_seq={from_seq}",
             replica.endpoint, execution.id
         );
-        let resp = self
+        let request = self
             .inner
             .replica
             .client
             .get(url)
             .bearer_auth(self.inner.replica.credentials.bearer(Audience::Replica))
-            .send()
-            .await
-            .map_err(|e| {
+            .send();
+        let resp = match tokio::time::timeout(CONNECT_TIMEOUT * 2, request).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
                 tracing::warn!(replica = %replica.id, error = %e, "cannot reach replica");
-                not_here()
-            })?;
+                return Err(not_here());
+            }
+            Err(_) => {
+                tracing::warn!(replica = %replica.id, "replica did not answer in time");
+                return Err(not_here());
+            }
+        };
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             // It just ended there: the record has the result now.
-            return Err(Error::Conflict(format!(
-                "execution {} ended while being followed; ask again",
-                execution.id
-            )));
+            return match self.store().get_execution(&execution.id).await? {
+                Some(record) if record.status != "running" => Ok(self.replay(record, from_seq)),
+                _ => Err(not_here()),
+            };
         }
         if !resp.status().is_success() {
             tracing::warn!(replica = %replica.id, status = %resp.status(), "replica refused to relay output");
@@ -578,6 +613,7 @@ async fn pump_relay(resp: reqwest::Response, log: &OutputLog) -> std::result::Re
                     log.append_at(seq, stream, text, bytes.into());
                 }
                 WireOutput::Truncated { to_seq, .. } => log.skip_to(to_seq),
+                WireOutput::KeepAlive => {}
                 WireOutput::End {
                     exit_code,
                     duration_ms,
@@ -597,10 +633,11 @@ async fn pump_relay(resp: reqwest::Response, log: &OutputLog) -> std::result::Re
         if buf.len() > MAX_RELAY_LINE {
             return Err("output line too long".into());
         }
-        match stream.next().await {
-            Some(Ok(bytes)) => buf.extend_from_slice(&bytes),
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("the stream ended without the command's end".into()),
+        match tokio::time::timeout(RELAY_SILENCE, stream.next()).await {
+            Ok(Some(Ok(bytes))) => buf.extend_from_slice(&bytes),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("the stream ended without the command's end".into()),
+            Err(_) => return Err(format!("silent for {} s", RELAY_SILENCE.as_secs())),
         }
     }
 }

@@ -56,6 +56,11 @@ impl Service {
                 "execution {execution_id} is not running on this server"
             )));
         }
+        Ok(self.replay(record, from_seq))
+    }
+
+    /// A finished execution's output, replayed from its stored tails.
+    pub(super) fn replay(&self, record: entity::execution::Model, from_seq: u64) -> OutputFollower {
         let execution = super::Execution::from(record);
         let log = Arc::new(OutputLog::detached(
             &execution.sandbox_id,
@@ -80,7 +85,7 @@ impl Service {
             timed_out: execution.status == "timeout",
             error: execution.error.clone(),
         });
-        Ok(log.follow(from_seq))
+        log.follow(from_seq)
     }
 
     /// Starts a command and follows its output from the first chunk.

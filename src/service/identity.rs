@@ -98,6 +98,11 @@ pub enum IdentityError {
     Jwt(#[from] crate::auth::jwt::JwtError),
     #[error("cannot read or store the shared key pepper: {0}")]
     SharedPepper(crate::store::StoreError),
+    #[error(
+        "this database holds API keys but no shared key pepper, and this data dir has none: \
+         set auth.key_pepper (or run first where <data_dir>/key_pepper is) so the keys stay valid"
+    )]
+    PepperUnknown,
 }
 
 /// The pepper: from the configuration; else, on a database replicas
@@ -116,7 +121,22 @@ pub async fn load_pepper(
     if store.is_shared() {
         let seed = match std::fs::read_to_string(data_dir.join("key_pepper")) {
             Ok(p) if !p.trim().is_empty() => p.trim().to_string(),
-            _ => keys::generate_pepper(),
+            _ => {
+                // Keys hashed under a pepper this process does not have
+                // (another host's data dir) must not be orphaned by a new one.
+                let stored = store
+                    .stored_cluster_secret("key_pepper")
+                    .await
+                    .map_err(IdentityError::SharedPepper)?;
+                let keys = store
+                    .list_api_keys()
+                    .await
+                    .map_err(IdentityError::SharedPepper)?;
+                if stored.is_none() && !keys.is_empty() {
+                    return Err(IdentityError::PepperUnknown);
+                }
+                keys::generate_pepper()
+            }
         };
         let pepper = store
             .cluster_secret("key_pepper", &seed)

@@ -215,6 +215,9 @@ pub enum WireOutput {
         timed_out: bool,
         error: Option<String>,
     },
+    /// Nothing to say yet: sent while the command is quiet, so the
+    /// follower can tell a quiet command from a replica gone silent.
+    KeepAlive,
 }
 
 impl From<OutputEvent> for WireOutput {

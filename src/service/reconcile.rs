@@ -219,8 +219,15 @@ impl Service {
     pub async fn reconcile(&self, startup: bool) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         self.refresh_admin_states().await?;
-        // Every worker at once.
-        let workers = self.scheduler().workers();
+        // Every worker at once: those in this process, and remote ones
+        // when this replica leads.
+        let leads = self.is_leader();
+        let workers: Vec<_> = self
+            .scheduler()
+            .workers()
+            .into_iter()
+            .filter(|w| w.in_process() || leads)
+            .collect();
         let passes = workers
             .iter()
             .map(|worker| self.reconcile_one(worker.as_ref(), startup));

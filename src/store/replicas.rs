@@ -134,6 +134,14 @@ impl Store {
         Ok(())
     }
 
+    /// The shared secret `name`, if one is stored.
+    pub async fn stored_cluster_secret(&self, name: &str) -> StoreResult<Option<String>> {
+        Ok(cluster_secret::Entity::find_by_id(name.to_string())
+            .one(self.conn())
+            .await?
+            .map(|r| r.value))
+    }
+
     /// The shared secret `name`: `candidate` if no replica stored one yet
     /// (the first writer wins), otherwise the stored one.
     pub async fn cluster_secret(&self, name: &str, candidate: &str) -> StoreResult<String> {

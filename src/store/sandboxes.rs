@@ -95,6 +95,9 @@ impl Store {
         let owner = Some((owner.0.as_str(), owner.1.as_str()));
         let txn = self.conn().begin().await?;
         let counts = if self.is_shared() {
+            // Never wait forever on a holder that went silent mid-admission.
+            txn.execute_unprepared("SET LOCAL lock_timeout = '15s'")
+                .await?;
             txn.execute_raw(Statement::from_sql_and_values(
                 sea_orm::DbBackend::Postgres,
                 "SELECT pg_advisory_xact_lock($1)",

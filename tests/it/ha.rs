@@ -454,6 +454,25 @@ async fn two_replicas_on_one_postgres_act_as_one_control_plane() {
         assert_eq!(r.get("/admin/replicas", &alice).await.0, 403);
     }
 
+    // The route between replicas takes only the cluster's token: no API
+    // key, worker token or forged one opens it.
+    let internal = format!("{}/internal/v1/executions/ex-1/output", a.base());
+    for auth in [
+        None,
+        Some(ADMIN),
+        Some("Bearer token-one"),
+        Some("Bearer x.y.z"),
+    ] {
+        let mut req = a.http.get(&internal);
+        if let Some(value) = auth {
+            req = req
+                .header("Authorization", value)
+                .header("X-Admin-API-Key", value);
+        }
+        let status = req.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert_eq!(status, 401, "{auth:?}");
+    }
+
     // Workers heartbeat to one replica each; both replicas know both.
     let w1 = WorkerProcess::start(&a.base(), "w1", "token-one");
     let w2 = WorkerProcess::start(&b.base(), "w2", "token-two");
@@ -664,18 +683,34 @@ async fn two_replicas_on_one_postgres_act_as_one_control_plane() {
 #[tokio::test]
 async fn a_second_serve_on_one_sqlite_database_refuses_to_start() {
     let first = crate::support::TestServer::start(|_| {}).await;
-    let out = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(first.data_dir.path())
-        .args(["serve", "--port", "0"])
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .output()
-        .expect("stacyvm serve");
+    let serve = |data_dir: &std::path::Path, db: Option<String>| {
+        let mut c = Command::new(BIN);
+        c.arg("--data-dir").arg(data_dir);
+        if let Some(db) = db {
+            c.args(["--database-url", &db]);
+        }
+        c.args(["serve", "--port", "0"])
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .output()
+            .expect("stacyvm serve")
+    };
+    // Its own data dir, the first one's SQLite database.
+    let other = tempfile::tempdir().expect("tempdir");
+    let db = format!(
+        "sqlite://{}?mode=rwc",
+        first.data_dir.path().join("stacyvm.db").display()
+    );
+    let out = serve(other.path(), Some(db));
     assert!(!out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("SQLite serves one replica"), "{stderr}");
     assert!(stderr.contains("PostgreSQL"), "{stderr}");
+    // The same data dir (whatever the database): one replica id twice.
+    let out = serve(first.data_dir.path(), None);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("needs its own --data-dir"), "{stderr}");
     // Tools that are not servers still work beside it.
     let keys = Command::new(BIN)
         .arg("--data-dir")
