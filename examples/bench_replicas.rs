@@ -10,13 +10,15 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{Value, json};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+mod common;
+
+use common::{BoxError, Process, quantile, start_worker};
 
 #[derive(Parser)]
 struct Args {
@@ -40,23 +42,6 @@ struct Args {
     binary: Option<PathBuf>,
 }
 
-/// A child process killed when dropped, with its data dir.
-struct Proc {
-    child: Child,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Err(e) = self.child.kill() {
-            eprintln!("kill: {e}");
-        }
-        if let Err(e) = self.child.wait() {
-            eprintln!("wait: {e}");
-        }
-    }
-}
-
 fn free_port() -> Result<u16, BoxError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -68,7 +53,7 @@ auth:\n  worker_tokens: {w1: token-1, w2: token-2}\n\
 lifecycle:\n  heartbeat_interval: 200ms\n\
 defaults:\n  max_sandboxes: 0\n  max_sandboxes_per_owner: 0\n";
 
-fn start_replica(bin: &Path, db: &str, port: u16) -> Result<Proc, BoxError> {
+fn start_replica(bin: &Path, db: &str, port: u16) -> Result<Process, BoxError> {
     let data = tempfile::tempdir()?;
     let config = data.path().join("stacyvm.yaml");
     std::fs::write(&config, CONFIG)?;
@@ -81,38 +66,7 @@ fn start_replica(bin: &Path, db: &str, port: u16) -> Result<Proc, BoxError> {
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .spawn()?;
-    Ok(Proc { child, _data: data })
-}
-
-fn start_worker(bin: &Path, args: &Args, control_plane: &str, n: usize) -> Result<Proc, BoxError> {
-    let data = tempfile::tempdir()?;
-    let imported = Command::new(bin)
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["image", "import", &args.image])
-        .arg(&args.rootfs)
-        .output()?;
-    if !imported.status.success() {
-        return Err(format!("image import: {imported:?}").into());
-    }
-    let child = Command::new(bin)
-        .arg("--data-dir")
-        .arg(data.path())
-        .args([
-            "worker",
-            "--control-plane",
-            control_plane,
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--id", &format!("w{n}"), "--token", &format!("token-{n}")])
-        .args(["--provider", "native"])
-        .env("STACYVM_LIFECYCLE_HEARTBEAT_INTERVAL", "200ms")
-        .env("STACYVM_PROVIDERS_NATIVE_HELPER_BINARY", bin)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()?;
-    Ok(Proc { child, _data: data })
+    Ok(Process { child, data })
 }
 
 async fn fresh_database(admin: &str) -> Result<String, BoxError> {
@@ -148,11 +102,6 @@ struct Figures {
     execs_per_s: f64,
     exec_p50: Duration,
     exec_p99: Duration,
-}
-
-fn quantile(v: &mut [Duration], q: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
 /// Spawns, execs and destroys through `bases`, request i to `bases[i % n]`.
@@ -249,8 +198,8 @@ async fn main() -> Result<(), BoxError> {
     let _replica_a = start_replica(&bin, &db, port_a)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _replica_b = start_replica(&bin, &db, port_b)?;
-    let _w1 = start_worker(&bin, &args, &a, 1)?;
-    let _w2 = start_worker(&bin, &args, &b, 2)?;
+    let _w1 = start_worker(&bin, &args.image, &args.rootfs, &a, 1)?;
+    let _w2 = start_worker(&bin, &args.image, &args.rootfs, &b, 2)?;
     let http = reqwest::Client::new();
     wait_for(&http, &a, 2).await?;
     wait_for(&http, &b, 2).await?;

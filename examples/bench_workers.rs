@@ -10,7 +10,6 @@
 //! ```
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -18,7 +17,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{BenchServer, BoxError};
+use common::{BenchServer, BoxError, Process, quantile, start_worker};
 
 #[derive(Parser)]
 struct Args {
@@ -37,54 +36,6 @@ struct Args {
     /// The `stacyvm` binary (default: next to this example's directory).
     #[arg(long)]
     binary: Option<PathBuf>,
-}
-
-struct Worker {
-    child: Child,
-    _data: tempfile::TempDir,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Err(e) = self.child.kill() {
-            eprintln!("kill worker: {e}");
-        }
-        if let Err(e) = self.child.wait() {
-            eprintln!("wait worker: {e}");
-        }
-    }
-}
-
-fn start_worker(bin: &PathBuf, args: &Args, base: &str, n: usize) -> Result<Worker, BoxError> {
-    let data = tempfile::tempdir()?;
-    let imported = Command::new(bin)
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["image", "import", &args.image])
-        .arg(&args.rootfs)
-        .output()?;
-    if !imported.status.success() {
-        return Err(format!("image import: {imported:?}").into());
-    }
-    let child = Command::new(bin)
-        .arg("--data-dir")
-        .arg(data.path())
-        .args(["worker", "--control-plane", base, "--listen", "127.0.0.1:0"])
-        .args(["--id", &format!("w{n}"), "--token", &format!("token-{n}")])
-        .args(["--provider", "native"])
-        .env("STACYVM_LIFECYCLE_HEARTBEAT_INTERVAL", "200ms")
-        .env("STACYVM_PROVIDERS_NATIVE_HELPER_BINARY", bin)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()?;
-    Ok(Worker { child, _data: data })
-}
-
-fn quantile(v: &mut [Duration], q: f64) -> Duration {
-    v.sort();
-    v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
-        .copied()
-        .unwrap_or_default()
 }
 
 struct Figures {
@@ -185,8 +136,8 @@ async fn main() -> Result<(), BoxError> {
             }
         })
         .await?;
-        let workers: Vec<Worker> = (1..=count)
-            .map(|n| start_worker(&bin, &args, &server.base, n))
+        let workers: Vec<Process> = (1..=count)
+            .map(|n| start_worker(&bin, &args.image, &args.rootfs, &server.base, n))
             .collect::<Result<_, _>>()?;
         let api = format!("{}/api/v1", server.base);
         let deadline = Instant::now() + Duration::from_secs(30);
