@@ -44,27 +44,21 @@ impl Store {
         Ok(())
     }
 
-    /// Marks every execution still `running` in a sandbox of `worker_id` as
-    /// `interrupted` with `reason` (at start-up: the process that ran them
-    /// is gone; other workers' executions are not ours). Returns how many.
-    pub async fn interrupt_running_executions(
+    /// Marks every execution replica `replica_id` was running as
+    /// `interrupted` with `reason` (it is gone, and the command's stream
+    /// with it). Returns how many.
+    pub async fn interrupt_executions_of_replica(
         &self,
-        worker_id: &str,
+        replica_id: &str,
         reason: &str,
     ) -> StoreResult<u64> {
         use sea_orm::sea_query::Expr;
-        use sea_orm::{QuerySelect, QueryTrait};
-        let on_worker = entity::sandbox::Entity::find()
-            .select_only()
-            .column(entity::sandbox::Column::Id)
-            .filter(entity::sandbox::Column::WorkerId.eq(worker_id))
-            .into_query();
         let result = Entity::update_many()
             .col_expr(Column::Status, Expr::value("interrupted"))
             .col_expr(Column::Error, Expr::value(Some(reason.to_string())))
             .col_expr(Column::FinishedAt, Expr::value(Some(Utc::now())))
             .filter(Column::Status.eq("running"))
-            .filter(Column::SandboxId.in_subquery(on_worker))
+            .filter(Column::ReplicaId.eq(replica_id))
             .exec(self.conn())
             .await?;
         Ok(result.rows_affected)

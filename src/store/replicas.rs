@@ -176,23 +176,4 @@ impl Store {
             .all(self.conn())
             .await?)
     }
-
-    /// Marks every execution replica `replica_id` was running as
-    /// `interrupted` (it is gone, and the command's stream with it).
-    pub async fn interrupt_executions_of_replica(
-        &self,
-        replica_id: &str,
-        reason: &str,
-    ) -> StoreResult<u64> {
-        use entity::execution::{Column, Entity};
-        let result = Entity::update_many()
-            .col_expr(Column::Status, Expr::value("interrupted"))
-            .col_expr(Column::Error, Expr::value(Some(reason.to_string())))
-            .col_expr(Column::FinishedAt, Expr::value(Some(Utc::now())))
-            .filter(Column::Status.eq("running"))
-            .filter(Column::ReplicaId.eq(replica_id))
-            .exec(self.conn())
-            .await?;
-        Ok(result.rows_affected)
-    }
 }
