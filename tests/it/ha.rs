@@ -450,8 +450,16 @@ async fn two_replicas_on_one_postgres_act_as_one_control_plane() {
         assert_eq!(r.get("/sandboxes", &alice).await.0, 200);
         assert_eq!(r.get("/sandboxes", &bob).await.0, 200);
         assert_eq!(r.get("/sandboxes", "sk-wrong").await.0, 401);
-        // Replica listings are for admins.
+        // Replica listings are for admins, on both surfaces.
         assert_eq!(r.get("/admin/replicas", &alice).await.0, 403);
+        let gql = r
+            .graphql(&alice, "{ replicas { id endpoint } }", json!({}))
+            .await;
+        assert_eq!(gql["errors"][0]["extensions"]["code"], "FORBIDDEN", "{gql}");
+        assert!(
+            gql["data"].is_null() || gql["data"]["replicas"].is_null(),
+            "{gql}"
+        );
     }
 
     // The route between replicas takes only the cluster's token: no API
