@@ -417,32 +417,6 @@ impl App {
             (Scheduler::new(default.clone(), stale_after), None, default)
         };
         tracing::info!(provider = %default, "default provider");
-        // Remote workers known from before a restart are reachable at once,
-        // before their next heartbeat says what they offer.
-        for row in store.list_workers().await? {
-            let Some(secret) = config.auth.worker_tokens.get(&row.id) else {
-                continue;
-            };
-            let credentials = crate::worker::token::WorkerCredentials::new(
-                &row.id,
-                secret,
-                config.auth.worker_auth,
-            );
-            if let Ok(endpoint) = crate::worker::rpc::checked_endpoint(&row.endpoint) {
-                scheduler.add_remote(Arc::new(crate::worker::RemoteWorker::new(
-                    &row.id,
-                    &row.hostname,
-                    &endpoint,
-                    credentials,
-                    // Silence counts only from when this process could
-                    // hear: a control plane that was down does not make
-                    // its workers lost.
-                    row.last_heartbeat.max(chrono::Utc::now()),
-                    stale_after,
-                )));
-            }
-        }
-
         let advertise = if config.cluster.advertise_url.is_empty() {
             String::new()
         } else {
@@ -470,8 +444,9 @@ impl App {
             replica,
         );
         service.register_replica().await?;
-        // Leadership and the workers other replicas heard, before anything
-        // acts on them.
+        // Leadership, and the remote workers in the store (known from before
+        // a restart, or heard by other replicas), before anything acts on
+        // them.
         service.cluster_tick().await?;
         service.recover_after_restart().await?;
         // Before serving: adopt what survived, destroy what has no record,

@@ -322,12 +322,19 @@ impl Service {
             let worker = match scheduler.remote(&row.id) {
                 Some(known) if known.endpoint() == endpoint => known,
                 _ => {
+                    // Silence counts only from when this process could
+                    // hear: a control plane that was down does not make its
+                    // workers lost. Until a newer heartbeat, the snapshot
+                    // is empty (placement and the reconciler wait for it).
+                    let started = Utc::now()
+                        - chrono::Duration::from_std(self.inner.started_at.elapsed())
+                            .unwrap_or_default();
                     let worker = Arc::new(RemoteWorker::new(
                         &row.id,
                         &row.hostname,
                         &endpoint,
                         WorkerCredentials::new(&row.id, secret, self.config().auth.worker_auth),
-                        row.last_heartbeat,
+                        row.last_heartbeat.max(started),
                         scheduler.stale_after(),
                     ));
                     scheduler.add_remote(worker.clone());
