@@ -5,7 +5,6 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -222,15 +221,6 @@ async fn build_providers(
         .collect())
 }
 
-/// Small writes (stream frames, short answers) leave at once: without
-/// TCP_NODELAY, Nagle and the peer's delayed ACK add ~40 ms to an exec
-/// through a remote worker.
-fn no_delay(stream: &mut tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
-}
-
 fn log_health(health: &std::collections::BTreeMap<String, crate::worker::ProviderHealth>) {
     for (name, h) in health {
         match &h.error {
@@ -314,8 +304,8 @@ pub async fn run_worker(
         shutdown.child_token(),
     ));
     let router = crate::worker::agent::router(worker, credentials, config.server.max_body_bytes);
-    let served = axum::serve(listener.tap_io(no_delay), router)
-        .with_graceful_shutdown(signal)
+    let limits = crate::api::server::ServerLimits::from_config(&config.server);
+    let served = crate::api::server::serve(listener, router, limits, signal)
         .await
         .map_err(StartError::Serve);
     shutdown.cancel();
@@ -531,11 +521,13 @@ impl App {
                 service.begin_shutdown();
             }
         };
-        let server = tokio::spawn(
-            axum::serve(listener.tap_io(no_delay), router)
-                .with_graceful_shutdown(stop_accepting)
-                .into_future(),
-        );
+        let limits = crate::api::server::ServerLimits::from_config(&service.config().server);
+        let server = tokio::spawn(crate::api::server::serve(
+            listener,
+            router,
+            limits,
+            stop_accepting,
+        ));
         tokio::pin!(server);
         let finished = tokio::select! {
             joined = &mut server => Some(joined),

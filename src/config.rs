@@ -42,6 +42,31 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// Several `serve` replicas on one PostgreSQL database.
     pub cluster: ClusterConfig,
+    /// How long audit events are kept.
+    pub audit: AuditConfig,
+}
+
+/// `audit`: the audit trail's retention. The leader prunes it every
+/// `prune_interval`; an event goes when it is older than `max_age` or when
+/// more than `max_events` newer ones exist.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// 0: kept whatever their age.
+    pub max_age: GoDuration,
+    /// 0: kept however many there are.
+    pub max_events: u64,
+    pub prune_interval: GoDuration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            max_age: secs(90 * 24 * 3600),
+            max_events: 1_000_000,
+            prune_interval: secs(60),
+        }
+    }
 }
 
 /// `cluster`: what replicas sharing one database need from each other.
@@ -181,6 +206,21 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Whether GraphQL introspection (schema discovery) is allowed.
     pub graphql_introspection: bool,
+    /// Most TCP connections open at once; one more is closed at once.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this, and an idle
+    /// keep-alive connection is closed after it.
+    pub header_read_timeout: GoDuration,
+    /// A GraphQL WebSocket that sends no `connection_init` within this is
+    /// closed with 4408.
+    pub websocket_init_timeout: GoDuration,
+    /// Most GraphQL WebSockets one credential may hold open (0: no limit).
+    pub max_websockets_per_credential: usize,
+    /// Most GraphQL WebSockets open at once.
+    pub max_websockets: usize,
+    /// Requests refused for their credentials, per source address: past
+    /// this rate they are answered 429 and no longer audited.
+    pub refused_rate_limit: crate::service::RateLimitConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -425,6 +465,7 @@ impl Default for Config {
             policy: PolicyConfig::default(),
             worker: WorkerConfig::default(),
             cluster: ClusterConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -437,6 +478,16 @@ impl Default for ServerConfig {
             preview_domain: "localhost".into(),
             max_body_bytes: 32 * 1024 * 1024,
             graphql_introspection: true,
+            max_connections: 4096,
+            header_read_timeout: secs(20),
+            websocket_init_timeout: secs(10),
+            max_websockets_per_credential: 100,
+            max_websockets: 2048,
+            refused_rate_limit: crate::service::RateLimitConfig {
+                enabled: true,
+                requests_per_minute: 60,
+                burst: 30,
+            },
         }
     }
 }
@@ -525,7 +576,8 @@ impl Default for LoggingConfig {
 /// Top-level sections; an environment variable is read only when it names
 /// one of them, so unrelated `STACYVM_*` variables (e.g. test settings) are
 /// not mistaken for configuration.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
+    "audit",
     "cluster",
     "server",
     "providers",
@@ -677,6 +729,23 @@ impl Config {
                 "defaults.spawn_overflow must be reject or queue, not {:?}",
                 d.spawn_overflow
             )));
+        }
+        if self.audit.prune_interval.0.is_zero() {
+            return Err(ConfigError::Invalid(
+                "audit.prune_interval must be positive".into(),
+            ));
+        }
+        let srv = &self.server;
+        if srv.max_connections == 0 || srv.max_websockets == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_connections and server.max_websockets must be positive".into(),
+            ));
+        }
+        if srv.header_read_timeout.0.is_zero() || srv.websocket_init_timeout.0.is_zero() {
+            return Err(ConfigError::Invalid(
+                "server.header_read_timeout and server.websocket_init_timeout must be positive"
+                    .into(),
+            ));
         }
         let l = &self.lifecycle;
         if [

@@ -22,7 +22,11 @@ fn is_public(path: &str) -> bool {
 }
 
 /// Credentials as headers carry them (also used for WebSocket init payloads).
-pub fn credentials(get: impl Fn(&str) -> Option<String>, request_id: String) -> Credentials {
+pub fn credentials(
+    get: impl Fn(&str) -> Option<String>,
+    request_id: String,
+    peer: Option<std::net::IpAddr>,
+) -> Credentials {
     let bearer = get("authorization").and_then(|v| {
         v.strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))
@@ -34,6 +38,7 @@ pub fn credentials(get: impl Fn(&str) -> Option<String>, request_id: String) -> 
         bearer,
         user_id: get("x-user-id"),
         request_id,
+        peer,
     }
 }
 
@@ -70,7 +75,8 @@ pub async fn authenticate(
     }
     let headers = req.headers();
     let request_id = header(headers, "x-request-id").unwrap_or_else(crate::ids::request);
-    let creds = credentials(|name| header(headers, name), request_id);
+    let peer = crate::api::server::peer(req.extensions()).map(|a| a.ip());
+    let creds = credentials(|name| header(headers, name), request_id, peer);
     let path = req.uri().path().to_string();
     let is_get = req.method() == axum::http::Method::GET;
     match service.authenticate(creds).await {

@@ -29,6 +29,9 @@ pub struct Credentials {
     /// `X-User-ID`: the SDK's pool-mode user.
     pub user_id: Option<String>,
     pub request_id: String,
+    /// The address the request came from, when the transport knows it:
+    /// refused requests are rate limited per address.
+    pub peer: Option<std::net::IpAddr>,
 }
 
 /// A stored key as listed (never the key itself).

@@ -192,10 +192,21 @@ impl Service {
     /// Runs the reaper until `shutdown` fires.
     pub async fn run_reaper(self, every: Duration, shutdown: CancellationToken) {
         let mut tick = crate::ticker::every(every);
+        let mut audit_tick = crate::ticker::every(self.config().audit.prune_interval.0);
         let system = Caller::system();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                _ = audit_tick.tick() => {
+                    if !self.is_leader() {
+                        continue;
+                    }
+                    match self.prune_audit().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(deleted = n, "audit events past their retention pruned"),
+                        Err(e) => tracing::warn!(error = %e, "audit pruning failed"),
+                    }
+                }
                 // One replica reaps; each expiry is a conditional
                 // transition anyway, so a handover never destroys twice.
                 _ = tick.tick() => {
@@ -212,6 +223,18 @@ impl Service {
 }
 
 impl Service {
+    /// Deletes audit events past `audit.max_age` or beyond the newest
+    /// `audit.max_events`; answers how many went.
+    pub async fn prune_audit(&self) -> Result<u64> {
+        let retention = &self.config().audit;
+        let older_than = (!retention.max_age.0.is_zero())
+            .then(|| chrono::Duration::from_std(retention.max_age.0).ok())
+            .flatten()
+            .map(|age| Utc::now() - age);
+        let keep = (retention.max_events > 0).then_some(retention.max_events);
+        Ok(self.store().prune_audit(older_than, keep).await?)
+    }
+
     /// Runs once at start-up, before the start-up reconcile pass: a sandbox
     /// left `creating` or `destroying` by a previous process can never
     /// finish that step, so it moves to `error` with the reason (the

@@ -76,6 +76,8 @@ struct Inner {
     /// What the host has; no size bound goes beyond it.
     host: HostCapacity,
     rate_limiter: RateLimiter,
+    /// Refused requests per source address.
+    refused_limiter: RateLimiter,
     /// Spawns waiting for capacity under `spawn_overflow: queue`.
     spawn_queue: spawn_queue::SpawnQueue,
     /// Serialises "count live sandboxes, then insert one" so that concurrent
@@ -103,6 +105,7 @@ impl Service {
         Service {
             inner: Arc::new(Inner {
                 rate_limiter: RateLimiter::new(config.rate_limit.clone()),
+                refused_limiter: RateLimiter::new(config.server.refused_rate_limit.clone()),
                 spawn_queue: spawn_queue::SpawnQueue::new(
                     config.defaults.spawn_queue_size,
                     config.defaults.spawn_queue_timeout.0,
@@ -156,8 +159,23 @@ impl Service {
             "none"
         };
         let request_id = creds.request_id.clone();
+        let peer = creds.peer;
         let result = self.inner.identity.authenticate(creds).await;
         if let Err(e) = &result {
+            // Refusals cost an audit row each: past the per-address rate
+            // they are answered 429 and not recorded, so that an
+            // anonymous client cannot fill the disk.
+            if let Some(peer) = peer {
+                let decision = self.inner.refused_limiter.check(&peer.to_string());
+                if !decision.allowed {
+                    return Err(Error::ResourceLimit {
+                        message: "too many refused requests from this address; slow down".into(),
+                        retry_after_secs: decision
+                            .retry_after
+                            .map_or(1, |d| d.as_secs_f64().ceil() as u64),
+                    });
+                }
+            }
             let unknown = Caller {
                 owner_id: format!("unauthenticated:{presented}"),
                 request_id,

@@ -58,6 +58,48 @@ impl Store {
         Ok(model.into_active_model().insert(self.conn()).await?)
     }
 
+    /// Deletes events created before `older_than` (when given) and all but
+    /// the `keep` newest (when given); answers how many went.
+    pub async fn prune_audit(
+        &self,
+        older_than: Option<chrono::DateTime<Utc>>,
+        keep: Option<u64>,
+    ) -> StoreResult<u64> {
+        let mut deleted = 0;
+        if let Some(cutoff) = older_than {
+            deleted += Entity::delete_many()
+                .filter(Column::CreatedAt.lt(cutoff))
+                .exec(self.conn())
+                .await?
+                .rows_affected;
+        }
+        if let Some(keep) = keep.filter(|k| *k > 0) {
+            let oldest_kept = Entity::find()
+                .order_by_desc(Column::CreatedAt)
+                .order_by_desc(Column::Id)
+                .offset(keep - 1)
+                .limit(1)
+                .one(self.conn())
+                .await?;
+            if let Some(kept) = oldest_kept {
+                deleted += Entity::delete_many()
+                    .filter(
+                        sea_orm::Condition::any()
+                            .add(Column::CreatedAt.lt(kept.created_at))
+                            .add(
+                                sea_orm::Condition::all()
+                                    .add(Column::CreatedAt.eq(kept.created_at))
+                                    .add(Column::Id.lt(kept.id.as_str())),
+                            ),
+                    )
+                    .exec(self.conn())
+                    .await?
+                    .rows_affected;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Audit events matching `filter`, newest first.
     pub async fn list_audit(&self, filter: &AuditFilter) -> StoreResult<Vec<audit_event::Model>> {
         let mut query = Entity::find();

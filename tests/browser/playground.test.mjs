@@ -174,6 +174,18 @@ test('GET /graphql renders GraphiQL from the server alone', { timeout: 60_000 },
     requests.includes(`POST ${BASE}/graphql`),
     `expected the schema request (POST /graphql), saw: ${requests.join(', ')}`,
   );
+  // The schema loaded: the Docs panel lists the root types, and a root
+  // type's fields (the standard introspection query is not refused).
+  await page.locator('.graphiql-sidebar button[aria-label*="Documentation Explorer"]').click();
+  const docs = page.locator('section[aria-label="Documentation Explorer"]');
+  await docs.getByText('Root Types').waitFor({ timeout: 10_000 });
+  const shown = await docs.innerText();
+  assert.doesNotMatch(shown, /Error fetching schema/, shown);
+  assert.match(shown, /QueryRoot/, shown);
+  assert.match(shown, /MutationRoot/, shown);
+  assert.match(shown, /SubscriptionRoot/, shown);
+  await docs.locator('a', { hasText: 'QueryRoot' }).first().click();
+  await docs.getByText('sandboxes', { exact: true }).first().waitFor({ timeout: 5_000 });
   assert.deepEqual(problems, []);
 });
 

@@ -4,6 +4,7 @@ mod auth;
 mod chaos;
 mod graphql;
 mod ha;
+mod hardening;
 mod isolation;
 mod private_dockerd;
 mod providers;

@@ -7,6 +7,7 @@
 //! makes one call. Errors carry `extensions.code` from the one API error type.
 
 mod errors;
+mod limits;
 mod loaders;
 mod mutation;
 mod query;
@@ -14,6 +15,7 @@ mod subscription;
 mod types;
 mod ws;
 
+pub use limits::{MAX_DEPTH, MAX_INTROSPECTION_DEPTH, MAX_SELECTIONS};
 pub use ws::MAX_WS_MESSAGE_BYTES;
 
 use async_graphql::dataloader::DataLoader;
@@ -33,10 +35,7 @@ pub use subscription::SubscriptionRoot;
 /// The StacyVM schema.
 pub type StacySchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
-/// Deepest query accepted: deep enough for sandbox -> executions -> sandbox
-/// round trips, shallow enough to refuse abusive nesting.
-pub const MAX_DEPTH: usize = 10;
-/// Largest query complexity accepted (a field costs 1, lists multiply).
+/// Largest query complexity accepted (a field costs 1).
 pub const MAX_COMPLEXITY: usize = 2000;
 
 /// Builds the schema; tests and `stacyvm schema` call it without HTTP.
@@ -45,7 +44,14 @@ pub fn build_schema(service: Service) -> StacySchema {
     let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(service)
         .extension(ErrorCodes)
-        .limit_depth(MAX_DEPTH)
+        // Added last so that it runs first: nothing expands a document
+        // before its shape is checked.
+        .extension(limits::QueryLimits)
+        // A backstop; data depth is bounded tighter by `limits`.
+        .limit_depth(limits::MAX_INTROSPECTION_DEPTH)
+        // The parser's nesting (it counts selection sets and fields): the
+        // standard introspection query needs more than the default 32.
+        .limit_recursive_depth(limits::MAX_PARSE_NESTING)
         .limit_complexity(MAX_COMPLEXITY);
     if introspection {
         builder.finish()
@@ -83,6 +89,7 @@ pub(crate) fn ctx<'a>(cx: &'a Context<'_>) -> async_graphql::Result<(&'a Service
 struct GraphqlState {
     schema: StacySchema,
     service: Service,
+    sockets: std::sync::Arc<ws::OpenSockets>,
 }
 
 impl axum::extract::FromRef<GraphqlState> for Service {
@@ -96,6 +103,7 @@ pub fn router(service: Service) -> Router {
     let state = GraphqlState {
         schema: build_schema(service.clone()),
         service,
+        sockets: Default::default(),
     };
     Router::new()
         .route("/graphql", post(execute))

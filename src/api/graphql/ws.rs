@@ -1,12 +1,16 @@
 //! The GraphQL WebSocket endpoint: both subprotocols, a message size
 //! limit, and server pings so idle subscriptions survive proxies.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_graphql::http::ALL_WEBSOCKET_PROTOCOLS;
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
-use axum::extract::State;
-use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade, close_code};
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
 
@@ -23,7 +27,11 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 
 /// Credentials in a `connection_init` payload: header names as keys, at
 /// the top level or under `headers` (what GraphiQL's header editor sends).
-fn payload_credentials(payload: &serde_json::Value, request_id: String) -> Option<Credentials> {
+fn payload_credentials(
+    payload: &serde_json::Value,
+    request_id: String,
+    peer: Option<std::net::IpAddr>,
+) -> Option<Credentials> {
     let object = payload.get("headers").unwrap_or(payload).as_object()?;
     let get = |name: &str| {
         object
@@ -34,22 +42,126 @@ fn payload_credentials(payload: &serde_json::Value, request_id: String) -> Optio
             .filter(|v| !v.is_empty())
             .map(str::to_string)
     };
-    let creds = crate::api::caller::credentials(get, request_id);
+    let creds = crate::api::caller::credentials(get, request_id, peer);
     let any = creds.api_key.is_some() || creds.admin_api_key.is_some() || creds.bearer.is_some();
     any.then_some(creds)
+}
+
+/// The GraphQL WebSockets open on this server: in total and per
+/// credential (entries leave the table when their count reaches zero, so it
+/// never holds more than the open sockets).
+#[derive(Default)]
+pub(super) struct OpenSockets {
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_credential: HashMap<String, usize>,
+}
+
+impl OpenSockets {
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place for one more socket, unless `max` are open.
+    fn open(self: &Arc<Self>, max: usize) -> Option<SocketSlot> {
+        let mut counts = self.counts();
+        if counts.total >= max {
+            return None;
+        }
+        counts.total += 1;
+        Some(SocketSlot {
+            sockets: self.clone(),
+            credential: None,
+        })
+    }
+}
+
+/// One open socket's place; given back when dropped.
+struct SocketSlot {
+    sockets: Arc<OpenSockets>,
+    credential: Option<String>,
+}
+
+impl SocketSlot {
+    /// Counts the socket against `credential`, unless it holds `max`
+    /// already (`max` 0: no limit).
+    fn claim(&mut self, credential: String, max: usize) -> bool {
+        let mut counts = self.sockets.counts();
+        let held = counts.per_credential.entry(credential.clone()).or_insert(0);
+        if max > 0 && *held >= max {
+            return false;
+        }
+        *held += 1;
+        drop(counts);
+        self.credential = Some(credential);
+        true
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        let mut counts = self.sockets.counts();
+        counts.total -= 1;
+        if let Some(credential) = self.credential.take()
+            && let Some(held) = counts.per_credential.get_mut(&credential)
+        {
+            *held -= 1;
+            if *held == 0 {
+                counts.per_credential.remove(&credential);
+            }
+        }
+    }
+}
+
+/// Whether a read error is tungstenite refusing a message over the limit.
+fn too_big(e: &axum::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
+
+/// How a session ended.
+enum Ending {
+    /// The client left or the protocol ended it.
+    Session,
+    /// The server is shutting down.
+    Shutdown,
+    /// No `connection_init` in time (graphql-transport-ws: 4408).
+    InitTimeout,
 }
 
 pub async fn upgrade(
     State(state): State<GraphqlState>,
     caller: Option<axum::Extension<Caller>>,
     failure: Option<axum::Extension<AuthFailure>>,
+    connect: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     protocol: GraphQLProtocol,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    use axum::response::IntoResponse;
     let from_headers: Result<Caller, String> = match (caller, failure) {
         (Some(axum::Extension(caller)), _) => Ok(caller),
         (None, Some(axum::Extension(AuthFailure(e)))) => Err(e.to_string()),
         (None, None) => Err("authentication required".into()),
+    };
+    let peer = connect.map(|axum::Extension(ConnectInfo(addr))| addr.ip());
+    let server = &state.service.config().server;
+    let (init_timeout, per_credential) = (
+        server.websocket_init_timeout.0,
+        server.max_websockets_per_credential,
+    );
+    let Some(slot) = state.sockets.open(server.max_websockets) else {
+        return crate::api::rest::ApiError(crate::service::Error::Unavailable(format!(
+            "too many open WebSockets ({}); try again later",
+            server.max_websockets
+        )))
+        .into_response();
     };
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
@@ -57,7 +169,22 @@ pub async fn upgrade(
         .on_upgrade(move |socket| async move {
             // Shutdown waits for this session's goodbye.
             let _open = state.service.stream_guard();
+            let slot = Arc::new(Mutex::new(slot));
             let (mut socket_sink, socket_stream) = socket.split();
+            // A message over the limit ends the stream with an error; the
+            // session then closes with 1009 as documented.
+            let oversized = Arc::new(AtomicBool::new(false));
+            let socket_stream = {
+                let oversized = oversized.clone();
+                socket_stream.inspect(move |item| {
+                    if let Err(e) = item
+                        && too_big(e)
+                    {
+                        oversized.store(true, Ordering::Relaxed);
+                    }
+                })
+            };
+            let initialised = Arc::new(AtomicBool::new(false));
             // GraphQL writes into a channel; this task forwards it and
             // interleaves pings.
             let (tx, mut rx) = futures::channel::mpsc::channel::<Message>(32);
@@ -84,38 +211,86 @@ pub async fn upgrade(
             let closing = state.service.streams_closed();
             // Credentials in the init message win over the upgrade request's
             // headers (browsers cannot set headers on a WebSocket).
-            let on_init = move |payload: serde_json::Value| async move {
-                let caller = match payload_credentials(&payload, crate::ids::request()) {
-                    Some(creds) => service
-                        .authenticate(creds)
-                        .await
-                        .map_err(errors::gql_error)?,
-                    None => from_headers.map_err(|message| {
-                        errors::gql_error(crate::service::Error::Unauthorized(message))
-                    })?,
-                };
-                Ok(request_data(&service, caller))
+            let on_init = {
+                let (initialised, slot) = (initialised.clone(), slot.clone());
+                move |payload: serde_json::Value| async move {
+                    initialised.store(true, Ordering::Relaxed);
+                    let caller = match payload_credentials(&payload, crate::ids::request(), peer) {
+                        Some(creds) => service
+                            .authenticate(creds)
+                            .await
+                            .map_err(errors::gql_error)?,
+                        None => from_headers.map_err(|message| {
+                            errors::gql_error(crate::service::Error::Unauthorized(message))
+                        })?,
+                    };
+                    let credential = caller
+                        .credential
+                        .clone()
+                        .unwrap_or_else(|| format!("open:{}", caller.owner_id));
+                    let claimed = slot
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .claim(credential, per_credential);
+                    if !claimed {
+                        return Err(errors::gql_error(crate::service::Error::ResourceLimit {
+                            message: format!(
+                                "this credential holds {per_credential} open WebSockets already (server.max_websockets_per_credential)"
+                            ),
+                            retry_after_secs: 1,
+                        }));
+                    }
+                    Ok(request_data(&service, caller))
+                }
             };
             let session =
                 GraphQLWebSocket::new_with_pair(tx, socket_stream, state.schema.clone(), protocol)
                     .on_connection_init(on_init)
                     .serve();
             let mut session = Box::pin(session);
-            let server_closing = tokio::select! {
-                () = &mut session => false,
-                () = closing => true,
+            let init_deadline = tokio::time::sleep(init_timeout);
+            tokio::pin!(init_deadline, closing);
+            let mut waiting_for_init = true;
+            let ending = loop {
+                tokio::select! {
+                    () = &mut session => break Ending::Session,
+                    () = &mut closing => break Ending::Shutdown,
+                    () = &mut init_deadline, if waiting_for_init => {
+                        if !initialised.load(Ordering::Relaxed) {
+                            break Ending::InitTimeout;
+                        }
+                        waiting_for_init = false;
+                    }
+                }
             };
             let mut close_tx = close_tx;
-            if server_closing {
+            let goodbye = |code, reason: &'static str| {
+                Message::Close(Some(CloseFrame {
+                    code,
+                    reason: reason.into(),
+                }))
+            };
+            match ending {
+                Ending::Session if oversized.load(Ordering::Relaxed) => {
+                    let _peer_gone = close_tx
+                        .send(goodbye(close_code::SIZE, "message too big"))
+                        .await;
+                }
+                Ending::Session => {}
+                Ending::InitTimeout => {
+                    let _peer_gone = close_tx
+                        .send(goodbye(4408, "Connection initialisation timeout"))
+                        .await;
+                }
+                Ending::Shutdown => {
                 // Subscriptions are ending: let the session send their
                 // final `complete` messages, then say goodbye.
-                let _still_open =
-                    tokio::time::timeout(Duration::from_millis(300), &mut session).await;
-                let goodbye = axum::extract::ws::CloseFrame {
-                    code: axum::extract::ws::close_code::AWAY,
-                    reason: "server shutting down".into(),
-                };
-                let _peer_gone = close_tx.send(Message::Close(Some(goodbye))).await;
+                    let _still_open =
+                        tokio::time::timeout(Duration::from_millis(300), &mut session).await;
+                    let _peer_gone = close_tx
+                        .send(goodbye(close_code::AWAY, "server shutting down"))
+                        .await;
+                }
             }
             // The pump ends once every sender is gone (the session holds one).
             drop(session);

@@ -36,12 +36,20 @@ struct AuditQuery {
     format: Option<String>,
 }
 
-/// Quotes a CSV field when it needs it (RFC 4180).
+/// One CSV field: a value a spreadsheet would run as a formula (it starts
+/// with `=`, `+`, `-`, `@`, a tab or a carriage return; OWASP's list) gets
+/// a leading `'`, and the field is quoted when it needs it (RFC 4180).
+/// Request ids and details come from callers, even unauthenticated ones.
 fn csv_field(value: &str) -> String {
+    let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{value}")
+    } else {
+        value.to_string()
+    };
     if value.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {
-        value.to_string()
+        value
     }
 }
 
@@ -146,4 +154,22 @@ async fn set_admin_state(
     Ok(Json(
         service.set_worker_admin_state(&caller, &id, state).await?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::csv_field;
+
+    #[test]
+    fn csv_fields_never_start_a_formula() {
+        assert_eq!(csv_field("=HYPERLINK(\"x\")"), "\"'=HYPERLINK(\"\"x\"\")\"");
+        assert_eq!(csv_field("+1"), "'+1");
+        assert_eq!(csv_field("-2+3"), "'-2+3");
+        assert_eq!(csv_field("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(csv_field("\tx"), "'\tx");
+        assert_eq!(csv_field("\r=x"), "\"'\r=x\"");
+        assert_eq!(csv_field("sandbox.spawn"), "sandbox.spawn");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field(""), "");
+    }
 }

@@ -1,0 +1,508 @@
+//! Attacks on the control plane itself: what a client (often an
+//! unauthenticated one) can make the server spend, and whether the server
+//! stays healthy and its data unchanged afterwards.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::support::TestServer;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn graphql_url(server: &TestServer) -> String {
+    server.base.replace("/api/v1", "/graphql")
+}
+
+fn host(server: &TestServer) -> String {
+    server
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/api/v1")
+        .to_string()
+}
+
+async fn post_query(server: &TestServer, query: &str) -> Value {
+    server
+        .http
+        .post(graphql_url(server))
+        .json(&json!({ "query": query }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn code(response: &Value) -> &str {
+    response["errors"][0]["extensions"]["code"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+/// `n` fragments, each spreading the next one twice.
+fn fan_out(n: usize) -> String {
+    let mut q = String::from("query { sandboxes { edges { node { ...S0 } } } }\n");
+    for i in 0..n {
+        q.push_str(&format!(
+            "fragment S{i} on Sandbox {{ a:id ...S{} b:id ...S{} }}\n",
+            i + 1,
+            i + 1
+        ));
+    }
+    q.push_str(&format!("fragment S{n} on Sandbox {{ id }}\n"));
+    q
+}
+
+/// graphql-js 16's `getIntrospectionQuery({ descriptions: true })`, which
+/// GraphiQL and most GraphQL tools send.
+const INTROSPECTION: &str = r#"
+    query IntrospectionQuery {
+      __schema {
+        queryType { name }
+        mutationType { name }
+        subscriptionType { name }
+        types { ...FullType }
+        directives { name description locations args { ...InputValue } }
+      }
+    }
+    fragment FullType on __Type {
+      kind name description
+      fields(includeDeprecated: true) {
+        name description args { ...InputValue } type { ...TypeRef }
+        isDeprecated deprecationReason
+      }
+      inputFields { ...InputValue }
+      interfaces { ...TypeRef }
+      enumValues(includeDeprecated: true) { name description isDeprecated deprecationReason }
+      possibleTypes { ...TypeRef }
+    }
+    fragment InputValue on __InputValue {
+      name description type { ...TypeRef } defaultValue
+    }
+    fragment TypeRef on __Type {
+      kind name
+      ofType { kind name ofType { kind name ofType { kind name ofType { kind name
+        ofType { kind name ofType { kind name ofType { kind name ofType { kind name
+          ofType { kind name } } } } } } } } }
+    }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphql_fragment_fan_out_is_refused_and_introspection_works() {
+    let server = TestServer::start(|_| {}).await;
+    // Two abusive queries at once (2^30 fields each once expanded) while
+    // health is asked: the queries are refused and health answers.
+    let abusive = fan_out(30);
+    let (a, b, health) = tokio::join!(
+        post_query(&server, &abusive),
+        post_query(&server, &abusive),
+        tokio::time::timeout(Duration::from_secs(5), server.get("/health")),
+    );
+    for response in [&a, &b] {
+        assert_eq!(code(response), "BAD_REQUEST", "{response}");
+        assert!(
+            response["errors"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("fragments are expanded")),
+            "{response}"
+        );
+    }
+    assert_eq!(health.map(|(s, _)| s).ok(), Some(200));
+    // The standard introspection query loads the whole schema.
+    let schema = post_query(&server, INTROSPECTION).await;
+    assert!(schema.get("errors").is_none(), "{schema}");
+    let types: Vec<&str> = schema["data"]["__schema"]["types"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    for name in [
+        "Sandbox",
+        "Execution",
+        "QueryRoot",
+        "MutationRoot",
+        "SubscriptionRoot",
+    ] {
+        assert!(types.contains(&name), "{name} missing from {types:?}");
+    }
+    // Deeper introspection than any tool sends is still refused.
+    let mut deep = String::from("kind");
+    for _ in 0..30 {
+        deep = format!("kind ofType {{ {deep} }}");
+    }
+    let refused = post_query(
+        &server,
+        &format!("{{ __type(name: \"Sandbox\") {{ {deep} }} }}"),
+    )
+    .await;
+    assert_eq!(code(&refused), "BAD_REQUEST", "{refused}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_cannot_fill_the_audit_table() {
+    let server = TestServer::start(|c| {
+        c.auth.api_key = "hardening-static-key".into();
+        c.auth.admin_api_key = "hardening-admin-key".into();
+        c.server.refused_rate_limit.burst = 5;
+        c.server.refused_rate_limit.requests_per_minute = 1;
+    })
+    .await;
+    // A request id a spreadsheet would run is kept (it is plain) but
+    // exported inert.
+    let first = server
+        .http
+        .get(server.url("/sandboxes"))
+        .header("x-request-id", "-cmd-1")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.status().as_u16(), 401);
+    assert_eq!(
+        first
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("-cmd-1")
+    );
+    let huge = "r".repeat(100_000);
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        let resp = server
+            .http
+            .get(server.url("/sandboxes"))
+            .header("x-request-id", &huge)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let echoed = resp
+            .headers()
+            .get("x-request-id")
+            .map(|v| v.len())
+            .unwrap_or_default();
+        assert!(
+            (1..=128).contains(&echoed),
+            "request id echoed with {echoed} bytes"
+        );
+        statuses.push(resp.status().as_u16());
+    }
+    // Five refusals in the bucket, the first request took one.
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 401).count(),
+        4,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        16,
+        "{statuses:?}"
+    );
+    let denied = server
+        .app_service
+        .store()
+        .list_audit(&stacyvm::store::AuditFilter {
+            action: Some("auth.denied".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    assert_eq!(denied.len(), 5, "{denied:?}");
+    assert!(denied.iter().all(|e| e.request_id.len() <= 128));
+    // A key holder on the same address is not limited by the refusals.
+    let (status, _) = {
+        let resp = server
+            .http
+            .get(server.url("/sandboxes"))
+            .header("x-api-key", "hardening-static-key")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (resp.status().as_u16(), ())
+    };
+    assert_eq!(status, 200);
+    // The CSV export neutralises the formula-looking request id.
+    let csv = server
+        .http
+        .get(server.url("/admin/audit?action=auth.denied&format=csv"))
+        .header("x-admin-api-key", "hardening-admin-key")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(csv.contains(",'-cmd-1,"), "{csv}");
+    assert!(!csv.contains(",-cmd-1,"), "{csv}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_events_are_pruned_by_count_and_age() {
+    let server = TestServer::start(|c| {
+        c.auth.api_key = "retention-key".into();
+        c.audit.max_events = 3;
+        c.audit.prune_interval = stacyvm::duration::GoDuration(Duration::from_millis(200));
+    })
+    .await;
+    for _ in 0..10 {
+        server.get("/sandboxes").await;
+    }
+    let store = server.app_service.store().clone();
+    let all = |store: stacyvm::store::Store| async move {
+        store
+            .list_audit(&stacyvm::store::AuditFilter {
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_default()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = all(store.clone()).await.len();
+        if n <= 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} audit events left past audit.max_events"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = all(store.clone()).await;
+    assert_eq!(kept.len(), 3, "the newest events stay");
+    // By age: everything older than a moment from now goes.
+    let gone = store
+        .prune_audit(
+            Some(chrono::Utc::now() + chrono::Duration::seconds(1)),
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(gone, 3);
+    server.stop().await;
+}
+
+async fn ws_connect(server: &TestServer) -> Result<Ws, u16> {
+    let url = graphql_url(server).replace("http://", "ws://") + "/ws";
+    let mut request = url.into_client_request().unwrap_or_else(|e| panic!("{e}"));
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("connect: {e}"),
+    }
+}
+
+/// The close frame the server ends `ws` with (pings skipped).
+async fn close_of(ws: &mut Ws) -> (CloseCode, String) {
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(15), ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("the server kept the socket open"));
+        match next {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (frame.code, frame.reason.to_string());
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+async fn init(ws: &mut Ws) {
+    let message = json!({"type": "connection_init", "payload": {}}).to_string();
+    ws.send(Message::Text(message.into()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+async fn acked(ws: &mut Ws) -> bool {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let v: Value = serde_json::from_str(&t).unwrap_or_default();
+                return v["type"] == "connection_ack";
+            }
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            _ => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_are_bounded_in_time_number_and_size() {
+    let server = TestServer::start(|c| {
+        c.server.websocket_init_timeout = stacyvm::duration::GoDuration(Duration::from_secs(1));
+        c.server.max_websockets_per_credential = 2;
+        c.server.max_websockets = 3;
+    })
+    .await;
+    // Two sockets of one credential are accepted, a third is refused at
+    // its init.
+    let mut a = ws_connect(&server).await.unwrap_or_else(|s| panic!("{s}"));
+    init(&mut a).await;
+    assert!(acked(&mut a).await);
+    let mut b = ws_connect(&server).await.unwrap_or_else(|s| panic!("{s}"));
+    init(&mut b).await;
+    assert!(acked(&mut b).await);
+    let mut c = ws_connect(&server).await.unwrap_or_else(|s| panic!("{s}"));
+    init(&mut c).await;
+    let (_, reason) = close_of(&mut c).await;
+    assert!(reason.contains("WebSockets"), "{reason}");
+    drop(c);
+    // A socket that never initialises is closed with 4408; while it is
+    // open the server is at its total, and one more upgrade is refused.
+    let mut idle = loop {
+        match ws_connect(&server).await {
+            Ok(ws) => break ws,
+            // The refused socket's place is given back once it is closed.
+            Err(503) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(s) => panic!("{s}"),
+        }
+    };
+    assert_eq!(ws_connect(&server).await.err(), Some(503));
+    assert_eq!(
+        close_of(&mut idle).await,
+        (
+            CloseCode::from(4408),
+            "Connection initialisation timeout".into()
+        )
+    );
+    // An oversized message closes with 1009.
+    let big = "x".repeat(stacyvm::api::graphql::MAX_WS_MESSAGE_BYTES + 1);
+    a.send(Message::Text(big.into()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(close_of(&mut a).await.0, CloseCode::Size);
+    // The accepted socket still works.
+    let ping = json!({"id": "1", "type": "subscribe", "payload": {"query": "{ __typename }"}});
+    b.send(Message::Text(ping.to_string().into()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let answer = loop {
+        match tokio::time::timeout(Duration::from_secs(15), b.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                break serde_json::from_str::<Value>(&t).unwrap_or_default();
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        answer["payload"]["data"]["__typename"], "QueryRoot",
+        "{answer}"
+    );
+    server.stop().await;
+}
+
+/// Reads until the server closes the connection; panics if it does not
+/// within 15 s.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(15), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return seen,
+            Ok(Ok(n)) => seen.extend_from_slice(&buf[..n]),
+            Err(_) => panic!(
+                "the server kept the connection open ({} bytes read)",
+                seen.len()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_http_connections_are_closed() {
+    let server = TestServer::start(|c| {
+        c.server.header_read_timeout = stacyvm::duration::GoDuration(Duration::from_secs(1));
+    })
+    .await;
+    let addr = host(&server);
+    // Half a request.
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    slow.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let answer = closed_by_server(&mut slow).await;
+    assert!(
+        !answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A whole request answered, then an idle keep-alive connection.
+    let mut idle = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    idle.write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let answer = closed_by_server(&mut idle).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_in_total() {
+    let server = TestServer::start(|c| {
+        c.server.max_connections = 3;
+    })
+    .await;
+    let addr = host(&server);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        );
+    }
+    // Accepted by the kernel, then closed by the server at once.
+    let mut over = tokio::net::TcpStream::connect(&addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ignored = over
+        .write_all(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    assert!(closed_by_server(&mut over).await.is_empty());
+    // One connection given back makes room again.
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let client = reqwest::Client::new();
+        if let Ok(resp) = client.get(server.url("/health")).send().await
+            && resp.status().is_success()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+    server.stop().await;
+}
