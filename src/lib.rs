@@ -11,6 +11,7 @@ pub mod duration;
 pub mod events;
 pub mod failpoint;
 pub mod ids;
+pub mod image_ref;
 pub mod lifecycle;
 pub mod provider;
 pub mod scheduler;

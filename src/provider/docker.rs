@@ -866,19 +866,46 @@ fn short(e: &DockerError) -> String {
     }
 }
 
-/// Maps a daemon error: connection failures mean the daemon is unreachable.
+/// Maps a daemon error: a 400 is the request's fault (an image name or a
+/// setting the daemon refuses), a 409 a state the operation cannot act on
+/// (the container stopped, e.g. killed by the OOM killer, or is being
+/// removed), connection failures mean the daemon is unreachable. The match
+/// is exhaustive so that a variant a new bollard adds is sorted here, not
+/// answered as 500 by default.
 fn daemon_error(e: DockerError) -> ProviderError {
     match &e {
+        DockerError::DockerResponseServerError {
+            status_code: 400, ..
+        } => ProviderError::InvalidRequest(format!("the Docker daemon refused: {}", short(&e))),
+        DockerError::DockerResponseServerError {
+            status_code: 409, ..
+        } => ProviderError::Conflict(short(&e)),
         DockerError::DockerResponseServerError { .. } => ProviderError::Runtime(short(&e)),
         DockerError::IOError { .. }
         | DockerError::HyperResponseError { .. }
         | DockerError::HyperLegacyError { .. }
         | DockerError::HttpClientError { .. }
         | DockerError::RequestTimeoutError
-        | DockerError::SocketNotFoundError(_) => {
+        | DockerError::SocketNotFoundError(_)
+        | DockerError::UnsupportedURISchemeError { .. }
+        | DockerError::InvalidURIError { .. }
+        | DockerError::InvalidURIPartsError { .. }
+        | DockerError::URLParseError { .. } => {
             ProviderError::Unavailable(format!("the Docker daemon is unreachable: {e}"))
         }
-        _ => ProviderError::Runtime(e.to_string()),
+        DockerError::JsonDataError { .. }
+        | DockerError::APIVersionParseError {}
+        | DockerError::DockerStreamError { .. }
+        | DockerError::DockerContainerWaitError { .. }
+        | DockerError::MissingSessionBuildkitError {}
+        | DockerError::MissingVersionBuildkitError {}
+        | DockerError::JsonSerdeError { .. }
+        | DockerError::StrParseError { .. }
+        | DockerError::StrFmtError { .. }
+        | DockerError::URLEncodedError { .. }
+        | DockerError::HttpHeaderNotFoundError(_)
+        | DockerError::HttpHeaderToStrError { .. }
+        | DockerError::Base64DecodeError { .. } => ProviderError::Runtime(e.to_string()),
     }
 }
 

@@ -42,6 +42,8 @@ pub enum ImageStoreError {
     #[error("invalid image name {0:?}: use letters, digits and . _ - : / (no empty or .. parts)")]
     InvalidName(String),
     /// The name is reserved for a built-in image (`host`).
+    #[error("{0}")]
+    InvalidReference(String),
     #[error("image name {0:?} is reserved")]
     Reserved(String),
     /// No image with that name has been imported.
@@ -87,6 +89,9 @@ impl ImageStore {
     /// through a symlink to outside the root, fail the whole import; on any
     /// failure nothing is left in the store.
     pub fn import(&self, name: &str, tarball: &Path) -> Result<ImageInfo, ImageStoreError> {
+        // Names follow the grammar every provider's spawn checks.
+        crate::image_ref::check(name)
+            .map_err(|e| ImageStoreError::InvalidReference(e.to_string()))?;
         let encoded = encode_name(name)?;
         // `host` means the host's own root to the native provider; an
         // imported image of that name could never be used.

@@ -227,6 +227,10 @@ pub enum ProviderError {
         provider: &'static str,
         operation: &'static str,
     },
+    /// The runtime is in a state the operation cannot act on (stopped,
+    /// being removed).
+    #[error("{0}")]
+    Conflict(String),
     /// The runtime backend cannot be reached (daemon down, binary missing).
     #[error("{0}")]
     Unavailable(String),

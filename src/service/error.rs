@@ -128,6 +128,7 @@ impl From<ProviderError> for Error {
             ProviderError::Unavailable(_) => Error::Unavailable(e.to_string()),
             // Another manager took the sandbox over (its lease moved on).
             ProviderError::Fenced(_) => Error::Conflict(e.to_string()),
+            ProviderError::Conflict(m) => Error::Conflict(format!("the sandbox's runtime: {m}")),
             ProviderError::Runtime(_) => {
                 let location = std::panic::Location::caller();
                 tracing::error!(error = %e, %location, "provider error");

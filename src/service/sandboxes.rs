@@ -160,9 +160,7 @@ impl Service {
             .filter(|i| !i.trim().is_empty())
             .or_else(|| template.as_ref().map(|t| t.image.clone()))
             .unwrap_or_else(|| defaults.image.clone());
-        if image.len() > 512 || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(Error::BadRequest(format!("invalid image name {image:?}")));
-        }
+        crate::image_ref::check(&image).map_err(|e| Error::BadRequest(e.to_string()))?;
         let provider = req.provider.filter(|p| !p.is_empty()).or_else(|| {
             template
                 .as_ref()

@@ -130,6 +130,7 @@ impl Service {
         if input.image.trim().is_empty() {
             return Err(Error::BadRequest("image is required".into()));
         }
+        crate::image_ref::check(&input.image).map_err(|e| Error::BadRequest(e.to_string()))?;
         let defaults = &self.config().defaults;
         let ttl = self.parse_ttl(input.ttl.as_deref())?;
         let max = self.max_ttl_for(&caller.tenant_id, owner).await?;

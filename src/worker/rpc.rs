@@ -29,6 +29,7 @@ pub enum WireError {
     InvalidRequest { message: String },
     Unavailable { message: String },
     Fenced { message: String },
+    Conflict { message: String },
     Runtime { message: String },
 }
 
@@ -46,6 +47,7 @@ impl From<ProviderError> for WireError {
             },
             ProviderError::Unavailable(message) => WireError::Unavailable { message },
             ProviderError::Fenced(message) => WireError::Fenced { message },
+            ProviderError::Conflict(message) => WireError::Conflict { message },
             ProviderError::Runtime(message) => WireError::Runtime { message },
         }
     }
@@ -62,6 +64,7 @@ impl From<WireError> for ProviderError {
             WireError::InvalidRequest { message } => ProviderError::InvalidRequest(message),
             WireError::Unavailable { message } => ProviderError::Unavailable(message),
             WireError::Fenced { message } => ProviderError::Fenced(message),
+            WireError::Conflict { message } => ProviderError::Conflict(message),
             WireError::Runtime { message } => ProviderError::Runtime(message),
         }
     }

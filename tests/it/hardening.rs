@@ -506,3 +506,88 @@ async fn connections_are_capped_in_total() {
     drop(held);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_names_docker_refuses_are_client_errors_everywhere() {
+    let server = if crate::support::docker_enabled() {
+        TestServer::start(|c| c.providers.default = "docker".into()).await
+    } else {
+        crate::support::native_server(|_| {}).await
+    };
+    for (image, why) in [
+        ("UPPER:latest", "lowercase"),
+        (":", "missing"),
+        ("caf\u{e9}", "ASCII"),
+        ("alpine:.bad", "tag"),
+    ] {
+        let (status, body) = server.post("/sandboxes", json!({ "image": image })).await;
+        assert_eq!(status, 400, "{image}: {body}");
+        assert_eq!(body["code"], "BAD_REQUEST", "{body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains(why)),
+            "{image}: {body}"
+        );
+        let (status, body) = server
+            .post("/templates", json!({ "name": "bad-image", "image": image }))
+            .await;
+        assert_eq!(status, 400, "template with {image}: {body}");
+        let response = post_query(
+            &server,
+            &format!("mutation {{ spawnSandbox(input: {{image: {image:?}}}) {{ id }} }}"),
+        )
+        .await;
+        assert_eq!(code(&response), "BAD_REQUEST", "{response}");
+    }
+    // Nothing was created by the refusals.
+    let (_, listed) = server.get("/sandboxes").await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_the_runtime_cannot_run_now_is_a_conflict_not_a_500() {
+    if !crate::support::docker_enabled() {
+        return;
+    }
+    let server = TestServer::start(|c| c.providers.default = "docker".into()).await;
+    let (status, body) = server
+        .post(
+            "/sandboxes",
+            json!({ "image": crate::support::docker_image() }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let docker = |args: &[&str]| {
+        let out = std::process::Command::new("docker")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("docker: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A paused container: the daemon refuses the exec with 409.
+    docker(&["pause", &format!("stacyvm-{id}")]);
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({ "command": "echo hi", "mode": "shell" }),
+        )
+        .await;
+    docker(&["unpause", &format!("stacyvm-{id}")]);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "CONFLICT", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("paused")),
+        "{body}"
+    );
+    // Unpaused, the sandbox works again.
+    assert_eq!(server.shell(&id, "echo back").await.trim(), "back");
+    server.delete(&format!("/sandboxes/{id}")).await;
+    server.stop().await;
+}
