@@ -350,6 +350,29 @@ impl App {
             .map_err(StartError::Recovery)?
         {
             tracing::info!("authentication required");
+            if identity
+                .keys_all_unusable()
+                .await
+                .map_err(StartError::Recovery)?
+                && config.auth.api_key.is_empty()
+                && config.auth.admin_api_key.is_empty()
+            {
+                tracing::warn!(
+                    "every API key is revoked or expired: nobody can call this server until a key                      is made (`stacyvm keys create --admin --owner NAME`)"
+                );
+            }
+        } else if config.auth.allow_open
+            && identity
+                .keys_all_unusable()
+                .await
+                .map_err(StartError::Recovery)?
+        {
+            if !is_loopback(&config.server.host) {
+                return Err(StartError::OpenBeyondLoopback(config.server.host.clone()));
+            }
+            tracing::warn!(
+                "auth.allow_open: every API key is revoked or expired, so this server runs OPEN                  on loopback: anonymous callers are admins"
+            );
         } else if is_loopback(&config.server.host) {
             tracing::warn!(
                 "no credentials configured: running open on loopback (anyone on this machine can use it)"

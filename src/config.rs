@@ -386,6 +386,10 @@ pub struct AuthConfig {
     /// How worker secrets travel, on both ends: `signed` (short-lived
     /// JWTs, the default) or `static` (the secret as a bearer token).
     pub worker_auth: crate::worker::token::WorkerAuth,
+    /// Run open again (anonymous callers are admins) when every stored key
+    /// is revoked or expired. Off: once a key has existed the server never
+    /// runs open again. Loopback only.
+    pub allow_open: bool,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -402,6 +406,7 @@ impl std::fmt::Debug for AuthConfig {
                 &self.worker_tokens.keys().collect::<Vec<_>>(),
             )
             .field("worker_auth", &self.worker_auth)
+            .field("allow_open", &self.allow_open)
             .finish()
     }
 }

@@ -7,8 +7,7 @@
 //! without credentials is 401.
 
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -74,9 +73,6 @@ pub struct NewApiKey {
     pub allow_user_header: bool,
 }
 
-/// How long "are there stored keys?" is cached while the server is open.
-const OPEN_CHECK_EVERY: Duration = Duration::from_secs(2);
-
 /// Authenticates requests and manages keys.
 pub struct Identity {
     store: Store,
@@ -85,8 +81,11 @@ pub struct Identity {
     previous: Vec<KeyHasher>,
     config: AuthConfig,
     jwt: Option<JwtVerifier>,
-    /// When stored keys were last counted, and whether any was usable.
-    keys_exist: Mutex<Option<(Instant, bool)>>,
+    /// Set once credentials are known to exist: the server then stays
+    /// closed for the rest of the process. While it is unset, every
+    /// unauthenticated request asks the store, so a key made anywhere (the
+    /// CLI, another replica) is enforced at once.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Why the identity component could not start.
@@ -199,7 +198,7 @@ impl Identity {
                 .collect(),
             config,
             jwt,
-            keys_exist: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -209,27 +208,34 @@ impl Identity {
         self.hasher.hash(label)
     }
 
-    /// Whether any credential is configured: the server must then refuse
-    /// requests without one.
+    /// Whether requests without credentials are refused: when a static key
+    /// or JWT is configured, or a key was ever stored (with
+    /// `auth.allow_open`: a usable one exists).
     pub async fn auth_required(&self) -> Result<bool> {
+        use std::sync::atomic::Ordering;
         if !self.config.api_key.is_empty()
             || !self.config.admin_api_key.is_empty()
             || self.jwt.is_some()
+            || self.closed.load(Ordering::Relaxed)
         {
             return Ok(true);
         }
-        if let Ok(cached) = self.keys_exist.lock()
-            && let Some((at, exist)) = *cached
-            && (exist || at.elapsed() < OPEN_CHECK_EVERY)
-        {
-            // Once keys exist the server stays closed until restart.
-            return Ok(exist);
+        let closed = if self.config.allow_open {
+            self.store.count_usable_api_keys(Utc::now()).await? > 0
+        } else {
+            self.store.any_api_key_ever().await?
+        };
+        if closed {
+            self.closed.store(true, Ordering::Relaxed);
         }
-        let exist = self.store.count_usable_api_keys(Utc::now()).await? > 0;
-        if let Ok(mut cached) = self.keys_exist.lock() {
-            *cached = Some((Instant::now(), exist));
-        }
-        Ok(exist)
+        Ok(closed)
+    }
+
+    /// Whether keys were stored but none can be used now (every one is
+    /// revoked or expired).
+    pub async fn keys_all_unusable(&self) -> Result<bool> {
+        Ok(self.store.any_api_key_ever().await?
+            && self.store.count_usable_api_keys(Utc::now()).await? == 0)
     }
 
     /// The caller behind `creds`.
@@ -392,9 +398,8 @@ impl Identity {
             revoked_at: None,
         };
         self.store.insert_api_key(model.clone()).await?;
-        if let Ok(mut cached) = self.keys_exist.lock() {
-            *cached = None;
-        }
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok((key, model.into()))
     }
 

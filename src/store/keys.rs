@@ -5,7 +5,7 @@ use entity::api_key::{self, Column, Entity};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, EntityTrait, IntoActiveModel, PaginatorTrait,
-    QueryFilter, QueryOrder,
+    QueryFilter, QueryOrder, QuerySelect,
 };
 
 use super::{Store, StoreResult};
@@ -40,6 +40,18 @@ impl Store {
             .order_by_desc(Column::CreatedAt)
             .all(self.conn())
             .await?)
+    }
+
+    /// Whether any key was ever stored (revoked and expired ones count).
+    pub async fn any_api_key_ever(&self) -> StoreResult<bool> {
+        Ok(Entity::find()
+            .select_only()
+            .column(Column::Id)
+            .limit(1)
+            .into_tuple::<String>()
+            .one(self.conn())
+            .await?
+            .is_some())
     }
 
     /// Keys that can still be used at `now`.

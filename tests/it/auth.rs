@@ -941,3 +941,58 @@ async fn the_audit_trail_of_a_session_is_complete_and_in_order() {
     assert_eq!(csv.lines().count(), 1 + want.len());
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_key_exists_the_server_never_runs_open_again_by_itself() {
+    let server = TestServer::start(|c| c.providers.default = "native".into()).await;
+    let anonymous = |server: &TestServer| {
+        let url = server.url("/sandboxes");
+        let http = server.http.clone();
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(anonymous(&server).await, 200, "open before any key");
+    // A key made by another process (the CLI, on the same database) is
+    // enforced on the very next request.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .args(["keys", "create", "--admin", "--owner", "root"])
+        .arg("--data-dir")
+        .arg(server.data_dir.path())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(anonymous(&server).await, 401, "closed at once");
+    // Every key revoked: still closed, now and after a restart.
+    let revoked = server
+        .app_service
+        .identity()
+        .list_keys()
+        .await
+        .unwrap_or_default();
+    for k in &revoked {
+        server
+            .app_service
+            .identity()
+            .revoke_key(&k.id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(anonymous(&server).await, 401);
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, |c| c.providers.default = "native".into()).await;
+    assert_eq!(anonymous(&server).await, 401, "closed after a restart");
+    // Only the explicit flag opens it again.
+    let dir = server.stop().await;
+    let server = TestServer::start_in(dir, |c| {
+        c.providers.default = "native".into();
+        c.auth.allow_open = true;
+    })
+    .await;
+    assert_eq!(anonymous(&server).await, 200, "auth.allow_open");
+    server.stop().await;
+}
