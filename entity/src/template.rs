@@ -6,10 +6,11 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub tenant_id: String,
-    /// Unique within its tenant.
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub owner_id: String,
+    /// Unique per owner (of a tenant).
     #[sea_orm(primary_key, auto_increment = false)]
     pub name: String,
-    pub owner_id: String,
     pub image: String,
     /// Empty means "the default provider".
     pub provider: String,

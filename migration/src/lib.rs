@@ -11,6 +11,7 @@ mod m20261201_000003_tenants;
 mod m20261202_000004_leases;
 mod m20261202_000005_template_worker_labels;
 mod m20261202_000006_replicas;
+mod m20261202_000007_template_owner_names;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000004_leases::Migration),
             Box::new(m20261202_000005_template_worker_labels::Migration),
             Box::new(m20261202_000006_replicas::Migration),
+            Box::new(m20261202_000007_template_owner_names::Migration),
         ]
     }
 }

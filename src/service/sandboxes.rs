@@ -151,8 +151,12 @@ impl Service {
     /// Applies defaults (and the template, if named) and validates.
     pub(super) async fn plan_spawn(&self, caller: &Caller, req: SpawnRequest) -> Result<SpawnPlan> {
         let defaults = &self.config().defaults;
+        let owner_id = caller.effective_owner(req.owner_id.as_deref());
+        // The template is the sandbox owner's (its record names it by name).
         let template = match req.template.as_deref() {
-            Some(name) if !name.is_empty() => Some(self.get_template_model(caller, name).await?),
+            Some(name) if !name.is_empty() => {
+                Some(self.get_template_model(caller, &owner_id, name).await?)
+            }
             _ => None,
         };
         let image = req
@@ -240,7 +244,6 @@ impl Service {
         worker_labels.extend(req.worker_labels);
         crate::worker::labels::check_all(&worker_labels)
             .map_err(|e| Error::BadRequest(format!("worker_labels: {e}")))?;
-        let owner_id = caller.effective_owner(req.owner_id.as_deref());
         self.check_sandbox_rules(
             caller,
             (&caller.tenant_id, &owner_id),

@@ -93,7 +93,7 @@ impl Service {
     pub async fn save_template(&self, caller: &Caller, input: TemplateInput) -> Result<Template> {
         let exists = self
             .store()
-            .get_template(&caller.tenant_id, &input.name)
+            .get_template((&caller.tenant_id, &caller.owner_id), &input.name)
             .await?
             .is_some();
         if exists {
@@ -104,14 +104,21 @@ impl Service {
         }
     }
 
-    /// A template the caller may use. Template names are unique within a
-    /// tenant and always resolved in the caller's.
+    /// A template of `owner` (of the caller's tenant) the caller may use.
+    /// Names are per owner: one owner's names neither collide with nor
+    /// reveal another's, and a name is resolved for the owner acting (the
+    /// caller, or the owner a spawn is made for).
     pub(super) async fn get_template_model(
         &self,
         caller: &Caller,
+        owner: &str,
         name: &str,
     ) -> Result<entity::template::Model> {
-        match self.store().get_template(&caller.tenant_id, name).await? {
+        match self
+            .store()
+            .get_template((&caller.tenant_id, owner), name)
+            .await?
+        {
             Some(t) if caller.can_access(&t.tenant_id, &t.owner_id) => Ok(t),
             _ => Err(Error::NotFound(format!("template {name:?} not found"))),
         }
@@ -221,7 +228,9 @@ impl Service {
     ) -> Result<Template> {
         let outcome = async {
             self.require_write(caller)?;
-            let existing = self.get_template_model(caller, name).await?;
+            let existing = self
+                .get_template_model(caller, &caller.owner_id, name)
+                .await?;
             input.name = name.to_string();
             let mut model = self
                 .template_model(caller, &existing.owner_id, input)
@@ -237,7 +246,9 @@ impl Service {
     }
 
     pub async fn get_template(&self, caller: &Caller, name: &str) -> Result<Template> {
-        let model = self.get_template_model(caller, name).await?;
+        let model = self
+            .get_template_model(caller, &caller.owner_id, name)
+            .await?;
         self.to_template(model)
     }
 
@@ -255,9 +266,10 @@ impl Service {
     pub async fn delete_template(&self, caller: &Caller, name: &str) -> Result<()> {
         let outcome = async {
             self.require_write(caller)?;
-            self.get_template_model(caller, name).await?;
+            self.get_template_model(caller, &caller.owner_id, name)
+                .await?;
             self.store()
-                .delete_template(&caller.tenant_id, name)
+                .delete_template((&caller.tenant_id, &caller.owner_id), name)
                 .await?;
             Ok(())
         }
@@ -276,7 +288,8 @@ impl Service {
         ttl: Option<String>,
     ) -> Result<Sandbox> {
         // Resolve first so an unknown template is 404, not a spawn error.
-        self.get_template_model(caller, name).await?;
+        self.get_template_model(caller, &caller.owner_id, name)
+            .await?;
         self.spawn(
             caller,
             SpawnRequest {

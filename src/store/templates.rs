@@ -27,21 +27,23 @@ impl Store {
             .await?)
     }
 
-    /// A template by (tenant, name).
+    /// A template by (tenant, owner, name).
     pub async fn get_template(
         &self,
-        tenant_id: &str,
+        (tenant_id, owner_id): (&str, &str),
         name: &str,
     ) -> StoreResult<Option<template::Model>> {
-        Ok(
-            Entity::find_by_id((tenant_id.to_string(), name.to_string()))
-                .one(self.conn())
-                .await?,
-        )
+        Ok(Entity::find_by_id((
+            tenant_id.to_string(),
+            owner_id.to_string(),
+            name.to_string(),
+        ))
+        .one(self.conn())
+        .await?)
     }
 
     /// Templates by name, in one query; the caller keeps those of the
-    /// tenants it wants.
+    /// (tenant, owner) pairs it wants.
     pub async fn templates_by_names(&self, names: &[String]) -> StoreResult<Vec<template::Model>> {
         use sea_orm::{ColumnTrait, QueryFilter};
         Ok(Entity::find()
@@ -56,15 +58,24 @@ impl Store {
         Ok(Entity::find()
             .filter(Column::TenantId.eq(tenant_id))
             .order_by_asc(Column::Name)
+            .order_by_asc(Column::OwnerId)
             .all(self.conn())
             .await?)
     }
 
     /// Deletes a template; returns whether it existed.
-    pub async fn delete_template(&self, tenant_id: &str, name: &str) -> StoreResult<bool> {
-        let result = Entity::delete_by_id((tenant_id.to_string(), name.to_string()))
-            .exec(self.conn())
-            .await?;
+    pub async fn delete_template(
+        &self,
+        (tenant_id, owner_id): (&str, &str),
+        name: &str,
+    ) -> StoreResult<bool> {
+        let result = Entity::delete_by_id((
+            tenant_id.to_string(),
+            owner_id.to_string(),
+            name.to_string(),
+        ))
+        .exec(self.conn())
+        .await?;
         Ok(result.rows_affected > 0)
     }
 }

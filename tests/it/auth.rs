@@ -965,7 +965,11 @@ async fn once_a_key_exists_the_server_never_runs_open_again_by_itself() {
         .arg(server.data_dir.path())
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(anonymous(&server).await, 401, "closed at once");
     // Every key revoked: still closed, now and after a restart.
     let revoked = server

@@ -299,7 +299,7 @@ async fn templates_crud(store: &Store) {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         store
-            .get_template("default", "py")
+            .get_template(("default", "alice"), "py")
             .await
             .ok()
             .flatten()
@@ -316,12 +316,29 @@ async fn templates_crud(store: &Store) {
         .unwrap_or_else(|e| panic!("acme's py: {e}"));
     assert_eq!(
         store
-            .get_template("acme", "py")
+            .get_template(("acme", "alice"), "py")
             .await
             .ok()
             .flatten()
             .map(|t| t.image),
         Some("acme-img".into())
+    );
+    // And per owner: bob's "py" is his own, beside alice's.
+    let mut bobs = template("py");
+    bobs.owner_id = "bob".into();
+    bobs.image = "bob-img".into();
+    store
+        .insert_template(bobs)
+        .await
+        .unwrap_or_else(|e| panic!("bob's py: {e}"));
+    assert_eq!(
+        store
+            .get_template(("default", "alice"), "py")
+            .await
+            .ok()
+            .flatten()
+            .map(|t| t.image),
+        Some("other".into())
     );
     assert_eq!(
         store
@@ -329,24 +346,40 @@ async fn templates_crud(store: &Store) {
             .await
             .unwrap_or_default()
             .len(),
-        1
+        2
     );
     assert!(
         store
-            .delete_template("default", "py")
+            .delete_template(("default", "bob"), "py")
             .await
             .unwrap_or(false)
     );
-    assert!(!store.delete_template("default", "py").await.unwrap_or(true));
     assert!(
         store
-            .get_template("acme", "py")
+            .delete_template(("default", "alice"), "py")
+            .await
+            .unwrap_or(false)
+    );
+    assert!(
+        !store
+            .delete_template(("default", "alice"), "py")
+            .await
+            .unwrap_or(true)
+    );
+    assert!(
+        store
+            .get_template(("acme", "alice"), "py")
             .await
             .ok()
             .flatten()
             .is_some()
     );
-    assert!(store.delete_template("acme", "py").await.unwrap_or(false));
+    assert!(
+        store
+            .delete_template(("acme", "alice"), "py")
+            .await
+            .unwrap_or(false)
+    );
 }
 
 async fn executions_record(store: &Store) {
@@ -777,7 +810,11 @@ async fn tenants_migration_keeps_rows(url: &str) {
     );
     let owner = store.get_owner("default", "alice").await.ok().flatten();
     assert_eq!(owner.and_then(|o| o.max_sandboxes), Some(3));
-    let template = store.get_template("default", "py").await.ok().flatten();
+    let template = store
+        .get_template(("default", "alice"), "py")
+        .await
+        .ok()
+        .flatten();
     assert_eq!(
         template.map(|t| (t.image, t.disk_mb)),
         Some(("img".into(), None))

@@ -517,7 +517,7 @@ async fn spawns_and_templates_beyond_the_bounds_are_refused_naming_the_bound() {
     let mut old = server
         .app_service
         .store()
-        .get_template("default", "ok")
+        .get_template(("default", "alice"), "ok")
         .await
         .ok()
         .flatten()
@@ -952,5 +952,113 @@ async fn role_and_tenant_policies_refuse_providers_and_images() {
         .filter(|r| r.state != "destroyed")
         .count();
     assert_eq!(live, 2, "only the two admitted spawns left records");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_names_are_per_owner_on_both_surfaces() {
+    let server = native_server(|_| {}).await;
+    let image = docker_image();
+    let alice = key_in(&server, "alice", None, Role::Owner).await;
+    let bob = key_in(&server, "bob", None, Role::Owner).await;
+    let (ha, hb) = (h(&alice), h(&bob));
+    let (s, body, _) = call(
+        &server,
+        Method::POST,
+        "/templates",
+        &ha,
+        Some(json!({"name": "py", "image": image, "memory_mb": 128})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    // Bob's "py" is his own: no 409 revealing alice's, over REST ...
+    let (s, body, _) = call(
+        &server,
+        Method::POST,
+        "/templates",
+        &hb,
+        Some(json!({"name": "py", "image": image, "memory_mb": 256})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    // ... and GraphQL saves his, not a 404 for alice's.
+    let saved = gql(
+        &server,
+        &bob,
+        "mutation($image: String!) { saveTemplate(input: {name: \"py\", image: $image, memoryMb: 384}) { name memoryMb ownerId } }",
+        json!({"image": image}),
+    )
+    .await;
+    assert_eq!(saved["data"]["saveTemplate"]["memoryMb"], 384, "{saved}");
+    assert_eq!(saved["data"]["saveTemplate"]["ownerId"], "bob", "{saved}");
+    let fresh = gql(
+        &server,
+        &bob,
+        "mutation($image: String!) { saveTemplate(input: {name: \"only-bob\", image: $image}) { name } }",
+        json!({"image": image}),
+    )
+    .await;
+    assert!(fresh.get("errors").is_none(), "{fresh}");
+    // Each sees and spawns from their own.
+    let (_, mine, _) = call(&server, Method::GET, "/templates/py", &ha, None).await;
+    assert_eq!(mine["memory_mb"], 128, "alice's is unchanged: {mine}");
+    let (_, his, _) = call(&server, Method::GET, "/templates/py", &hb, None).await;
+    assert_eq!(his["memory_mb"], 384, "{his}");
+    let (_, listed, _) = call(&server, Method::GET, "/templates", &ha, None).await;
+    let names: Vec<&str> = listed
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, ["py"], "{listed}");
+    let (s, _, _) = call(&server, Method::GET, "/templates/only-bob", &ha, None).await;
+    assert_eq!(s, 404);
+    let missing = gql(
+        &server,
+        &alice,
+        "{ template(name: \"only-bob\") { name } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(code(&missing), "NOT_FOUND", "{missing}");
+    let (s, sandbox, _) = call(
+        &server,
+        Method::POST,
+        "/sandboxes",
+        &hb,
+        Some(json!({"template": "py"})),
+    )
+    .await;
+    assert_eq!(
+        (s, sandbox["memory_mb"].as_u64()),
+        (201, Some(384)),
+        "{sandbox}"
+    );
+    let id = sandbox["id"].as_str().unwrap_or_default().to_string();
+    let shown = gql(
+        &server,
+        &bob,
+        "query($id: ID!) { sandbox(id: $id) { template { name memoryMb } } }",
+        json!({"id": id}),
+    )
+    .await;
+    assert_eq!(
+        shown["data"]["sandbox"]["template"]["memoryMb"], 384,
+        "{shown}"
+    );
+    // Deleting is per owner too.
+    let (s, _, _) = call(&server, Method::DELETE, "/templates/py", &hb, None).await;
+    assert_eq!(s, 200);
+    let (s, _, _) = call(&server, Method::GET, "/templates/py", &hb, None).await;
+    assert_eq!(s, 404, "bob's is gone");
+    let (s, _, _) = call(&server, Method::GET, "/templates/py", &ha, None).await;
+    assert_eq!(s, 200, "alice's survives bob's delete");
+    call(
+        &server,
+        Method::DELETE,
+        &format!("/sandboxes/{id}"),
+        &hb,
+        None,
+    )
+    .await;
     server.stop().await;
 }

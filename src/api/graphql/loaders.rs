@@ -27,9 +27,9 @@ pub struct ExecutionsOf(pub String);
 /// Key: a worker by id.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct WorkerId(pub String);
-/// Key: a template by (tenant, name).
+/// Key: a template by (tenant, owner, name).
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct TemplateNamed(pub String, pub String);
+pub struct TemplateNamed(pub String, pub String, pub String);
 /// Key: the audit events about a target.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct AuditOf(pub String);
@@ -97,7 +97,8 @@ impl Loader<TemplateNamed> for StoreLoader {
         &self,
         keys: &[TemplateNamed],
     ) -> Result<HashMap<TemplateNamed, Self::Value>, Self::Error> {
-        let names: Vec<String> = keys.iter().map(|k| k.1.clone()).collect();
+        let wanted: std::collections::HashSet<&TemplateNamed> = keys.iter().collect();
+        let names: Vec<String> = keys.iter().map(|k| k.2.clone()).collect();
         let rows = self
             .service
             .store()
@@ -106,8 +107,11 @@ impl Loader<TemplateNamed> for StoreLoader {
             .map_err(fail)?;
         Ok(rows
             .into_iter()
-            .map(|t| (TemplateNamed(t.tenant_id.clone(), t.name.clone()), t))
-            .filter(|(key, _)| keys.contains(key))
+            .map(|t| {
+                let key = TemplateNamed(t.tenant_id.clone(), t.owner_id.clone(), t.name.clone());
+                (key, t)
+            })
+            .filter(|(key, _)| wanted.contains(key))
             .collect())
     }
 }

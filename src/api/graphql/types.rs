@@ -152,7 +152,11 @@ impl Sandbox {
         };
         let loader = cx.data::<DataLoader<StoreLoader>>()?;
         let model = loader
-            .load_one(TemplateNamed(self.0.tenant_id.clone(), name.clone()))
+            .load_one(TemplateNamed(
+                self.0.tenant_id.clone(),
+                self.0.owner_id.clone(),
+                name.clone(),
+            ))
             .await?;
         let service = cx.data::<service::Service>()?;
         model
