@@ -27,6 +27,17 @@ pub struct AdmissionDecision {
 }
 
 impl AdmissionDecision {
+    /// What `caller` may see of the decision: the server-wide count and cap
+    /// are for admins; anyone else gets their owner's figures in those
+    /// fields too (the SDK needs every field present).
+    pub fn seen_by(mut self, caller: &Caller) -> AdmissionDecision {
+        if !caller.is_admin() {
+            self.active_sandboxes = self.active_owner_sandboxes;
+            self.max_sandboxes = self.max_owner_sandboxes;
+        }
+        self
+    }
+
     /// The error a refused spawn answers with.
     pub fn refusal(self) -> Error {
         match self.into_result() {
@@ -49,10 +60,7 @@ impl AdmissionDecision {
                 "no worker can run this sandbox right now".into(),
             )),
             "max_sandboxes" => Err(Error::ResourceLimit {
-                message: format!(
-                    "the server runs its maximum of {} sandboxes",
-                    self.max_sandboxes
-                ),
+                message: "the server runs its maximum number of sandboxes; try again later".into(),
                 retry_after_secs: 5,
             }),
             _ => Err(Error::ResourceLimit {
@@ -92,7 +100,10 @@ impl Service {
     /// Preflight: would this spawn be admitted? Creates nothing.
     pub async fn admission(&self, caller: &Caller, req: SpawnRequest) -> Result<AdmissionDecision> {
         let plan = self.plan_spawn(caller, req).await?;
-        self.admission_for_plan(&plan, Placed::No).await
+        Ok(self
+            .admission_for_plan(&plan, Placed::No)
+            .await?
+            .seen_by(caller))
     }
 
     /// The admission decision for a plan, from the store's counts now.

@@ -174,10 +174,17 @@ pub async fn load_pepper(
 }
 
 fn valid_user_id(user: &str) -> Result<()> {
-    if user.is_empty() || user.len() > 128 || user.chars().any(char::is_control) {
+    if !valid_name(user) {
         return Err(Error::BadRequest("invalid X-User-ID".into()));
     }
     Ok(())
+}
+
+/// The one rule for owner and tenant names, wherever they come from (a
+/// stored key, `X-User-ID`, a JWT's `sub` and `tenant`): 1 to 128
+/// characters, none of them a control character.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 128 && !name.chars().any(char::is_control)
 }
 
 impl Identity {
@@ -263,6 +270,18 @@ impl Identity {
                     .parse()
                     .map_err(|e: crate::auth::UnknownRole| Error::Unauthorized(e.to_string()))?,
             };
+            if !valid_name(&token.subject) {
+                return Err(Error::Unauthorized(
+                    "invalid bearer token: sub must be 1 to 128 characters, no control characters"
+                        .into(),
+                ));
+            }
+            if token.tenant.as_deref().is_some_and(|t| !valid_name(t)) {
+                return Err(Error::Unauthorized(
+                    "invalid bearer token: tenant must be 1 to 128 characters, no control characters"
+                        .into(),
+                ));
+            }
             Caller {
                 credential: Some(format!("jwt:{}", token.subject)),
                 owner_id: token.subject,

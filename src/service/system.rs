@@ -58,6 +58,18 @@ pub struct WorkerStatus {
     pub sandboxes: Option<u64>,
 }
 
+impl WorkerStatus {
+    /// What `caller` may see of a worker: its host's name is for admins
+    /// (it names the machines behind the service); the rest (state,
+    /// providers, labels a template may ask for) is for every caller.
+    pub fn seen_by(mut self, caller: &Caller) -> WorkerStatus {
+        if !caller.is_admin() {
+            self.hostname = String::new();
+        }
+        self
+    }
+}
+
 impl From<entity::worker::Model> for WorkerStatus {
     fn from(w: entity::worker::Model) -> Self {
         let providers: Vec<String> = serde_json::from_value(w.providers).unwrap_or_default();
@@ -181,7 +193,17 @@ impl Service {
         healthy
     }
 
-    pub async fn workers(&self) -> Result<Vec<WorkerStatus>> {
+    /// The workers, as `caller` may see them.
+    pub async fn workers(&self, caller: &Caller) -> Result<Vec<WorkerStatus>> {
+        Ok(self
+            .all_workers()
+            .await?
+            .into_iter()
+            .map(|w| w.seen_by(caller))
+            .collect())
+    }
+
+    pub(super) async fn all_workers(&self) -> Result<Vec<WorkerStatus>> {
         let counts = self.store().live_sandboxes_per_worker().await?;
         Ok(self
             .store()
@@ -201,11 +223,21 @@ impl Service {
     /// Workers with admin detail (the admin route).
     pub async fn admin_workers(&self, caller: &Caller) -> Result<Vec<WorkerStatus>> {
         self.require_admin(caller)?;
-        self.workers().await
+        self.all_workers().await
     }
 
-    pub async fn quota_summary(&self, _caller: &Caller) -> Result<QuotaSummary> {
-        Ok(self.store().quota_summary().await?)
+    /// Counts of quota overrides: over every owner for admins, over the
+    /// tenant's owners for operators, over the caller's own record for
+    /// anyone else.
+    pub async fn quota_summary(&self, caller: &Caller) -> Result<QuotaSummary> {
+        let scope = if caller.is_admin() {
+            crate::store::OwnerScope::All
+        } else if caller.may_act_for_others() {
+            crate::store::OwnerScope::Tenant(&caller.tenant_id)
+        } else {
+            crate::store::OwnerScope::Owner(&caller.tenant_id, &caller.owner_id)
+        };
+        Ok(self.store().quota_summary(scope).await?)
     }
 
     /// The last `lines` lines of a sandbox's diagnostics.

@@ -170,7 +170,7 @@ impl Service {
     }
 
     async fn worker_status(&self, id: &str) -> Result<WorkerStatus> {
-        self.workers()
+        self.all_workers()
             .await?
             .into_iter()
             .find(|w| w.id == id)

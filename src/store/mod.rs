@@ -18,7 +18,7 @@ mod workers;
 
 pub use audit::{AuditFilter, NewAuditEvent};
 pub use executions::ExecutionFinish;
-pub use owners::{OwnerQuota, QuotaSummary, overrides_quota};
+pub use owners::{OwnerQuota, OwnerScope, QuotaSummary, overrides_quota};
 pub use sandboxes::{LiveCounts, PageCursor, SandboxFilter, SandboxQuery};
 
 use std::sync::Arc;

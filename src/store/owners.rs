@@ -36,23 +36,44 @@ pub struct QuotaSummary {
     pub with_max_exec_timeout: u64,
 }
 
+/// Which owner records a count covers.
+#[derive(Debug, Clone, Copy)]
+pub enum OwnerScope<'a> {
+    All,
+    Tenant(&'a str),
+    Owner(&'a str, &'a str),
+}
+
+impl OwnerScope<'_> {
+    fn condition(self) -> Condition {
+        match self {
+            OwnerScope::All => Condition::all(),
+            OwnerScope::Tenant(tenant) => Condition::all().add(Column::TenantId.eq(tenant)),
+            OwnerScope::Owner(tenant, owner) => Condition::all()
+                .add(Column::TenantId.eq(tenant))
+                .add(Column::Id.eq(owner)),
+        }
+    }
+}
+
 impl Store {
-    /// Counts owners with quota overrides.
-    pub async fn quota_summary(&self) -> StoreResult<QuotaSummary> {
+    /// Counts owners with quota overrides, within `scope`.
+    pub async fn quota_summary(&self, scope: OwnerScope<'_>) -> StoreResult<QuotaSummary> {
         let db = self.conn();
-        let with_max_sandboxes = Entity::find()
+        let find = || Entity::find().filter(scope.condition());
+        let with_max_sandboxes = find()
             .filter(Column::MaxSandboxes.is_not_null())
             .count(db)
             .await?;
-        let with_max_ttl = Entity::find()
+        let with_max_ttl = find()
             .filter(Column::MaxTtlMs.is_not_null())
             .count(db)
             .await?;
-        let with_max_exec_timeout = Entity::find()
+        let with_max_exec_timeout = find()
             .filter(Column::MaxExecTimeoutMs.is_not_null())
             .count(db)
             .await?;
-        let total = Entity::find().filter(has_override()).count(db).await?;
+        let total = find().filter(has_override()).count(db).await?;
         Ok(QuotaSummary {
             total,
             with_max_sandboxes,

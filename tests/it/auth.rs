@@ -608,7 +608,22 @@ async fn jwt_bearer_tokens_are_verified() {
         let e = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
         format!("{}.{}.", e(&json!({"alg": "none", "typ": "JWT"})), e(&good))
     };
+    let mut long_sub = good.clone();
+    long_sub["sub"] = json!("d".repeat(129));
+    let mut control_sub = good.clone();
+    control_sub["sub"] = json!("dave\u{0}root");
+    let mut bad_tenant = good.clone();
+    bad_tenant["tenant"] = json!("t\n1");
     let cases = [
+        ("sub too long", token(long_sub, secret.as_bytes())),
+        (
+            "sub with a control character",
+            token(control_sub, secret.as_bytes()),
+        ),
+        (
+            "tenant with a control character",
+            token(bad_tenant, secret.as_bytes()),
+        ),
         ("alg none", none_token),
         (
             "bad signature",

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use chrono::{Duration, Utc};
 use stacyvm::lifecycle::SandboxState;
 use stacyvm::store::{
-    AuditFilter, ExecutionFinish, NewAuditEvent, OwnerQuota, SandboxFilter, Store, StoreError,
+    AuditFilter, ExecutionFinish, NewAuditEvent, OwnerQuota, OwnerScope, SandboxFilter, Store,
+    StoreError,
 };
 
 use crate::support::{postgres_store, sqlite_store};
@@ -526,7 +527,14 @@ async fn workers_and_quotas(store: &Store) {
     assert_eq!(workers.len(), 1);
     assert_eq!(workers[0].last_heartbeat.timestamp(), now.timestamp());
 
-    assert_eq!(store.quota_summary().await.ok().map(|s| s.total), Some(0));
+    assert_eq!(
+        store
+            .quota_summary(OwnerScope::All)
+            .await
+            .ok()
+            .map(|s| s.total),
+        Some(0)
+    );
     store
         .set_owner_quota(
             "default",
@@ -550,7 +558,10 @@ async fn workers_and_quotas(store: &Store) {
         )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let summary = store.quota_summary().await.unwrap_or_default();
+    let summary = store
+        .quota_summary(OwnerScope::All)
+        .await
+        .unwrap_or_default();
     assert_eq!(
         (
             summary.total,
@@ -560,6 +571,20 @@ async fn workers_and_quotas(store: &Store) {
         ),
         (2, 1, 1, 1)
     );
+    // Scoped to one owner or one tenant.
+    let bobs = store
+        .quota_summary(OwnerScope::Owner("default", "bob"))
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        (bobs.total, bobs.with_max_sandboxes, bobs.with_max_ttl),
+        (1, 0, 1)
+    );
+    let acme = store
+        .quota_summary(OwnerScope::Tenant("acme"))
+        .await
+        .unwrap_or_default();
+    assert_eq!(acme.total, 0);
     // acme's alice has no quota of her own until one is set for her.
     assert!(
         store

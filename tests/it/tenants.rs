@@ -1062,3 +1062,113 @@ async fn template_names_are_per_owner_on_both_surfaces() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_each_role_sees_of_the_server() {
+    let server = native_server(|_| {}).await;
+    let image = docker_image();
+    let admin = key_in(&server, "root", None, Role::Admin).await;
+    let alice = key_in(&server, "alice", None, Role::Owner).await;
+    let bob = key_in(&server, "bob", None, Role::Owner).await;
+    // Bob runs two sandboxes, alice none; bob has a quota override.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (s, sb, _) = call(
+            &server,
+            Method::POST,
+            "/sandboxes",
+            &h(&bob),
+            Some(json!({"image": image})),
+        )
+        .await;
+        assert_eq!(s, 201, "{sb}");
+        ids.push(sb["id"].as_str().unwrap_or_default().to_string());
+    }
+    let (s, _, _) = call(
+        &server,
+        Method::PUT,
+        "/quotas/bob",
+        &h(&admin),
+        Some(json!({"max_sandboxes": 5})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Admission: alice sees her own figures, the admin the server's.
+    let ask = json!({"image": image});
+    let (_, mine, _) = call(
+        &server,
+        Method::POST,
+        "/sandboxes/admission",
+        &h(&alice),
+        Some(ask.clone()),
+    )
+    .await;
+    assert_eq!(
+        (
+            mine["active_sandboxes"].as_u64(),
+            mine["active_owner_sandboxes"].as_u64()
+        ),
+        (Some(0), Some(0)),
+        "{mine}"
+    );
+    assert_eq!(mine["max_sandboxes"], mine["max_owner_sandboxes"], "{mine}");
+    let (_, all, _) = call(
+        &server,
+        Method::POST,
+        "/sandboxes/admission",
+        &h(&admin),
+        Some(ask),
+    )
+    .await;
+    assert_eq!(all["active_sandboxes"].as_u64(), Some(2), "{all}");
+    // Quota summary: alice counts only her own record, the admin every one.
+    let (_, summary, _) = call(&server, Method::GET, "/quotas/summary", &h(&alice), None).await;
+    assert_eq!(summary["total"], 0, "{summary}");
+    let (_, summary, _) = call(&server, Method::GET, "/quotas/summary", &h(&bob), None).await;
+    assert_eq!(summary["total"], 1, "{summary}");
+    let (_, summary, _) = call(&server, Method::GET, "/quotas/summary", &h(&admin), None).await;
+    assert_eq!(summary["total"], 1, "{summary}");
+    // Workers: hostnames are for admins, on REST and both GraphQL paths.
+    let hostnames = |workers: &Value| -> Vec<String> {
+        workers
+            .as_array()
+            .map(|w| {
+                w.iter()
+                    .map(|w| w["hostname"].as_str().unwrap_or("?").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (_, workers, _) = call(&server, Method::GET, "/workers", &h(&alice), None).await;
+    assert!(!hostnames(&workers).is_empty(), "{workers}");
+    assert!(
+        hostnames(&workers).iter().all(String::is_empty),
+        "{workers}"
+    );
+    let (_, workers, _) = call(&server, Method::GET, "/workers", &h(&admin), None).await;
+    assert!(
+        hostnames(&workers).iter().all(|h| !h.is_empty()),
+        "{workers}"
+    );
+    let q = "query($id: ID!) { workers { hostname } sandbox(id: $id) { worker { hostname } } }";
+    let seen = gql(&server, &bob, q, json!({"id": ids[0]})).await;
+    assert_eq!(
+        hostnames(&seen["data"]["workers"]),
+        vec![String::new()],
+        "{seen}"
+    );
+    assert_eq!(seen["data"]["sandbox"]["worker"]["hostname"], "", "{seen}");
+    let seen = gql(&server, &admin, q, json!({"id": ids[0]})).await;
+    assert_ne!(seen["data"]["sandbox"]["worker"]["hostname"], "", "{seen}");
+    for id in ids {
+        call(
+            &server,
+            Method::DELETE,
+            &format!("/sandboxes/{id}"),
+            &h(&bob),
+            None,
+        )
+        .await;
+    }
+    server.stop().await;
+}

@@ -113,9 +113,9 @@ impl QueryRoot {
     }
 
     async fn workers(&self, cx: &Context<'_>) -> async_graphql::Result<Vec<Worker>> {
-        let (service, _) = ctx(cx)?;
+        let (service, caller) = ctx(cx)?;
         Ok(service
-            .workers()
+            .workers(caller)
             .await
             .gql()?
             .into_iter()

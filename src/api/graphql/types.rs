@@ -140,10 +140,11 @@ impl Sandbox {
     /// The worker that runs this sandbox.
     async fn worker(&self, cx: &Context<'_>) -> async_graphql::Result<Option<Worker>> {
         let loader = cx.data::<DataLoader<StoreLoader>>()?;
+        let caller = cx.data::<crate::auth::Caller>()?;
         Ok(loader
             .load_one(WorkerId(self.0.worker_id.clone()))
             .await?
-            .map(Worker::from_model))
+            .map(|m| Worker::from(service::WorkerStatus::from(m).seen_by(caller))))
     }
     /// The template this sandbox was spawned from.
     async fn template(&self, cx: &Context<'_>) -> async_graphql::Result<Option<Template>> {
@@ -276,12 +277,6 @@ pub struct Worker {
     /// Its live sandboxes (a drain is done at 0); null where not counted
     /// (a sandbox's `worker`).
     pub sandboxes: Option<u64>,
-}
-
-impl Worker {
-    pub fn from_model(m: entity::worker::Model) -> Worker {
-        Worker::from(service::WorkerStatus::from(m))
-    }
 }
 
 impl From<service::WorkerStatus> for Worker {

@@ -54,8 +54,11 @@ async fn test_providers(State(service): State<Service>) -> Json<BTreeMap<String,
     Json(service.test_providers().await)
 }
 
-async fn workers(State(service): State<Service>) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
-    Ok(Json(service.workers().await?))
+async fn workers(
+    State(service): State<Service>,
+    caller: Caller,
+) -> Result<Json<Vec<WorkerStatus>>, ApiError> {
+    Ok(Json(service.workers(&caller).await?))
 }
 
 /// A `stacyvm worker` registering or heartbeating; authenticated by its
