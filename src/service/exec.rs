@@ -189,8 +189,13 @@ impl Service {
         req: ExecRequest,
     ) -> Result<RunningExec> {
         let outcome = self.start_exec_inner(caller, id, req).await;
-        self.audit(caller, "sandbox.exec", id, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::SandboxExec,
+            id,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 

@@ -75,8 +75,13 @@ impl Service {
                 .await?)
         }
         .await;
-        self.audit(caller, "file.write", id, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::FileWrite,
+            id,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -119,8 +124,13 @@ impl Service {
             Ok(worker.move_file(&runtime, &from, &to).await?)
         }
         .await;
-        self.audit(caller, "file.move", id, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::FileMove,
+            id,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -140,8 +150,13 @@ impl Service {
             Ok(worker.chmod_file(&runtime, &path, mode).await?)
         }
         .await;
-        self.audit(caller, "file.chmod", id, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::FileChmod,
+            id,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -163,8 +178,13 @@ impl Service {
             Ok(worker.delete_file(&runtime, &path, recursive).await?)
         }
         .await;
-        self.audit(caller, "file.delete", id, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::FileDelete,
+            id,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 

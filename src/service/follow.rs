@@ -111,10 +111,9 @@ impl Service {
         let events = BroadcastStream::new(self.events().subscribe());
         let events = futures::StreamExt::take_until(events, self.streams_closed());
         events.filter_map(move |item| match item {
-            // Audit events follow the audit rule: admins see all, others
-            // their own actions (same tenant, same owner).
+            // Audit events follow the one audit read rule.
             Ok(Event::Audit(record))
-                if caller.is_admin() || caller.is_owner(&record.tenant_id, &record.actor) =>
+                if super::audit::sees_audit_event(&caller, &record.tenant_id, &record.actor) =>
             {
                 Some(Followed::Event(Event::Audit(record)))
             }

@@ -81,8 +81,27 @@ impl Service {
 
     /// Moves a sandbox through destroying to destroyed. When the provider
     /// fails, the sandbox ends in `error` with the reason and the reaper
-    /// retries later.
+    /// retries later. The outcome is audited here, for every path that
+    /// destroys (a request, an expiry, the reconciler, shutdown), as
+    /// `audit.action` by `audit.caller`.
     pub(super) async fn destroy_record(
+        &self,
+        model: entity::sandbox::Model,
+        reason: Option<String>,
+        audit: DestroyAudit<'_>,
+    ) -> Result<()> {
+        let id = model.id.clone();
+        let outcome = self.destroy_record_unaudited(model, reason.clone()).await;
+        let (verdict, detail) = match &outcome {
+            Ok(()) => (super::AuditOutcome::Success, reason),
+            Err(e) => (super::AuditOutcome::Failure, Some(e.to_string())),
+        };
+        self.audit_with_detail(audit.caller, audit.action, &id, verdict, detail)
+            .await;
+        outcome
+    }
+
+    async fn destroy_record_unaudited(
         &self,
         model: entity::sandbox::Model,
         reason: Option<String>,
@@ -149,14 +168,17 @@ impl Service {
                 continue;
             };
             crate::failpoint::hit("expire.marked");
+            let audit = DestroyAudit {
+                caller,
+                action: super::AuditAction::SandboxExpire,
+            };
             match self
-                .destroy_record(expired, Some("ttl reached".into()))
+                .destroy_record(expired, Some("ttl reached".into()), audit)
                 .await
             {
                 Ok(()) => pruned += 1,
                 Err(e) => tracing::warn!(sandbox = %id, error = %e, "expiry destroy failed"),
             }
-            self.audit(caller, "sandbox.expire", &id, Ok(())).await;
         }
         self.await_expiries_in_flight(caller).await?;
         Ok(pruned)
@@ -220,6 +242,13 @@ impl Service {
             }
         }
     }
+}
+
+/// Who a destroy is audited for, and as what.
+#[derive(Clone, Copy)]
+pub(super) struct DestroyAudit<'a> {
+    pub caller: &'a Caller,
+    pub action: super::AuditAction,
 }
 
 impl Service {

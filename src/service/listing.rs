@@ -221,25 +221,17 @@ impl Service {
     pub async fn audit_page(
         &self,
         caller: &Caller,
-        mut filter: AuditFilter,
+        filter: AuditFilter,
         first: Option<u64>,
         after: Option<String>,
     ) -> Result<Page<entity::audit_event::Model>> {
         let size = page_size(first)?;
-        if !caller.is_admin() {
-            filter.tenant_id = Some(caller.tenant_id.clone());
-            if filter
-                .actor
-                .as_deref()
-                .is_some_and(|a| a != caller.owner_id)
-            {
-                return Ok(Page {
-                    items: Vec::new(),
-                    has_next_page: false,
-                });
-            }
-            filter.actor = Some(caller.owner_id.clone());
-        }
+        let Some(mut filter) = super::audit::scoped_audit_filter(caller, filter) else {
+            return Ok(Page {
+                items: Vec::new(),
+                has_next_page: false,
+            });
+        };
         filter.before = after.as_deref().map(decode_cursor).transpose()?;
         filter.limit = size + 1;
         let mut rows = self.store().list_audit(&filter).await?;

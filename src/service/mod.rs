@@ -6,6 +6,7 @@
 //! before reporting them, and publishes events.
 
 mod admission;
+mod audit;
 pub mod cluster;
 mod error;
 mod exec;
@@ -28,6 +29,7 @@ mod templates;
 mod workers;
 
 pub use admission::AdmissionDecision;
+pub use audit::{AuditAction, AuditOutcome};
 pub use error::{Error, ErrorCode, Result};
 pub use exec::{CollectedExec, ExecOutput, ExecRequest, ExecResult, RunningExec};
 pub use files::FileWrite;
@@ -57,7 +59,7 @@ use crate::auth::Caller;
 use crate::config::Config;
 use crate::events::EventBus;
 use crate::scheduler::Scheduler;
-use crate::store::{NewAuditEvent, Store};
+use crate::store::Store;
 
 /// The StacyVM service; cheap to clone.
 #[derive(Clone)]
@@ -181,7 +183,8 @@ impl Service {
                 request_id,
                 ..Caller::system()
             };
-            self.audit(&unknown, "auth.denied", "", Err(e)).await;
+            self.audit(&unknown, AuditAction::AuthDenied, "", Err(e))
+                .await;
         }
         result
     }
@@ -214,50 +217,6 @@ impl Service {
             Ok(())
         } else {
             Err(Error::Forbidden("this needs an admin key".into()))
-        }
-    }
-
-    /// Appends an audit event. Best effort: a failed audit write is logged
-    /// and never fails the action it describes.
-    async fn audit(
-        &self,
-        caller: &Caller,
-        action: &str,
-        target: &str,
-        outcome: std::result::Result<(), &Error>,
-    ) {
-        let (verdict, detail) = match outcome {
-            Ok(()) => ("success", None),
-            Err(e) => ("failure", Some(e.to_string())),
-        };
-        self.audit_with_detail(caller, action, target, verdict, detail)
-            .await;
-    }
-
-    /// Appends an audit event with an explicit outcome and detail.
-    async fn audit_with_detail(
-        &self,
-        caller: &Caller,
-        action: &str,
-        target: &str,
-        outcome: &str,
-        detail: Option<String>,
-    ) {
-        let event = NewAuditEvent {
-            actor: caller.owner_id.clone(),
-            tenant_id: caller.tenant_id.clone(),
-            action: action.to_string(),
-            target: target.to_string(),
-            outcome: outcome.to_string(),
-            request_id: caller.request_id.clone(),
-            detail,
-        };
-        match self.inner.store.append_audit(event).await {
-            Ok(written) => self
-                .inner
-                .events
-                .publish(crate::events::Event::Audit(written.into())),
-            Err(e) => tracing::warn!(error = %e, action, target, "cannot write audit event"),
         }
     }
 }

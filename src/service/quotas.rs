@@ -166,8 +166,13 @@ impl Service {
             Ok(policy(saved))
         }
         .await;
-        self.audit(caller, "quota.set", owner, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::QuotaSet,
+            owner,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -186,8 +191,13 @@ impl Service {
             }
         }
         .await;
-        self.audit(caller, "quota.delete", owner, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::QuotaDelete,
+            owner,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 

@@ -463,7 +463,8 @@ impl Service {
                     }
                     report.running += 1;
                     if startup {
-                        self.audit_system("sandbox.adopt", &record.id, None).await;
+                        self.audit_system(super::AuditAction::SandboxAdopt, &record.id, None)
+                            .await;
                     }
                 }
                 Some(SandboxState::Error) => {
@@ -475,7 +476,11 @@ impl Service {
                 {
                     let reason = record.state_reason.clone();
                     let id = record.id.clone();
-                    match self.destroy_record(record, reason).await {
+                    let audit = super::lifecycle::DestroyAudit {
+                        caller: &Caller::system(),
+                        action: super::AuditAction::SandboxExpire,
+                    };
+                    match self.destroy_record(record, reason, audit).await {
                         Ok(()) => report.destroyed += 1,
                         Err(e) => {
                             tracing::warn!(sandbox = %id, error = %e, "destroy of an expired sandbox failed")
@@ -552,8 +557,12 @@ impl Service {
                         .reconcile
                         .with(|m| m.orphans.remove(&(name.clone(), item.runtime_id.clone())));
                     report.orphans_destroyed += 1;
-                    self.audit_system("sandbox.orphan.destroy", &item.sandbox_id, Some(why))
-                        .await;
+                    self.audit_system(
+                        super::AuditAction::SandboxOrphanDestroy,
+                        &item.sandbox_id,
+                        Some(why),
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::warn!(runtime = %item.runtime_id, error = %e, "cannot destroy orphaned runtime; will retry");
@@ -656,14 +665,24 @@ impl Service {
         use SandboxState::{Error, Running, Unhealthy};
         let (from, to, reason, action): (&[SandboxState], _, _, _) = match verdict {
             Verdict::Nothing => return Ok(false),
-            Verdict::Unhealthy(why) => (&[Running], Unhealthy, why, "sandbox.unhealthy"),
+            Verdict::Unhealthy(why) => (
+                &[Running],
+                Unhealthy,
+                why,
+                super::AuditAction::SandboxUnhealthy,
+            ),
             Verdict::Recovered => (
                 &[Unhealthy],
                 Running,
                 "the runtime answers again".to_string(),
-                "sandbox.recover",
+                super::AuditAction::SandboxRecover,
             ),
-            Verdict::Failed(why) => (&[Running, Unhealthy], Error, why, "sandbox.fail"),
+            Verdict::Failed(why) => (
+                &[Running, Unhealthy],
+                Error,
+                why,
+                super::AuditAction::SandboxFail,
+            ),
         };
         // Already past it as far as we saw (e.g. unhealthy and still
         // unobservable): no write needed; the store re-checks anyway.
@@ -708,10 +727,13 @@ impl Service {
         }
         let id = record.id.clone();
         let reason = record.state_reason.clone();
-        match self.destroy_record(record, reason.clone()).await {
+        let audit = super::lifecycle::DestroyAudit {
+            caller: &Caller::system(),
+            action: super::AuditAction::SandboxDestroy,
+        };
+        match self.destroy_record(record, reason, audit).await {
             Ok(()) => {
                 memory.forget(&id);
-                self.audit_system("sandbox.destroy", &id, reason).await;
                 Ok(true)
             }
             Err(e) => {
@@ -729,9 +751,15 @@ impl Service {
     }
 
     /// An audit event by the server itself.
-    async fn audit_system(&self, action: &str, target: &str, detail: Option<String>) {
-        self.audit_with_detail(&Caller::system(), action, target, "success", detail)
-            .await;
+    async fn audit_system(&self, action: super::AuditAction, target: &str, detail: Option<String>) {
+        self.audit_with_detail(
+            &Caller::system(),
+            action,
+            target,
+            super::AuditOutcome::Success,
+            detail,
+        )
+        .await;
     }
 }
 

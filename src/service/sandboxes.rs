@@ -340,8 +340,13 @@ impl Service {
             .await
             .unwrap_or_else(|e| Err(Error::Internal(format!("spawn task failed: {e}"))));
         let target = outcome.as_ref().map(|s| s.id.clone()).unwrap_or_default();
-        self.audit(caller, "sandbox.spawn", &target, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::SandboxSpawn,
+            &target,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -684,8 +689,13 @@ impl Service {
             self.to_sandbox(model)
         }
         .await;
-        self.audit(caller, "sandbox.extend", id, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::SandboxExtend,
+            id,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -700,7 +710,7 @@ impl Service {
     }
 
     async fn destroy_sandbox_now(&self, caller: &Caller, id: &str) -> Result<()> {
-        let outcome = async {
+        let checked = async {
             self.require_write(caller)?;
             let model = self.visible_sandbox(caller, id).await?;
             if model.state == SandboxState::Destroying.as_str() {
@@ -713,12 +723,21 @@ impl Service {
                     "sandbox {id} is still being created; try again in a moment"
                 )));
             }
-            self.destroy_record(model, None).await
+            Ok(model)
         }
         .await;
-        self.audit(caller, "sandbox.destroy", id, outcome.as_ref().map(drop))
-            .await;
-        outcome
+        let audit = super::lifecycle::DestroyAudit {
+            caller,
+            action: super::AuditAction::SandboxDestroy,
+        };
+        match checked {
+            // The destroy audits its own outcome.
+            Ok(model) => self.destroy_record(model, None, audit).await,
+            Err(e) => {
+                self.audit(caller, audit.action, id, Err(&e)).await;
+                Err(e)
+            }
+        }
     }
 }
 

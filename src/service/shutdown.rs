@@ -156,12 +156,12 @@ impl Service {
         for record in records {
             let id = record.id.clone();
             let reason = Some("destroyed at server shutdown".to_string());
-            match self.destroy_record(record, reason).await {
-                Ok(()) => {
-                    destroyed += 1;
-                    self.audit(&Caller::system(), "sandbox.destroy", &id, Ok(()))
-                        .await;
-                }
+            let audit = super::lifecycle::DestroyAudit {
+                caller: &Caller::system(),
+                action: super::AuditAction::SandboxDestroy,
+            };
+            match self.destroy_record(record, reason, audit).await {
+                Ok(()) => destroyed += 1,
                 Err(e) => tracing::warn!(sandbox = %id, error = %e, "destroy at shutdown failed"),
             }
         }

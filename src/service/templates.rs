@@ -214,8 +214,13 @@ impl Service {
             self.to_template(saved)
         }
         .await;
-        self.audit(caller, "template.create", &name, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::TemplateCreate,
+            &name,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -240,8 +245,13 @@ impl Service {
             self.to_template(saved)
         }
         .await;
-        self.audit(caller, "template.update", name, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::TemplateUpdate,
+            name,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 
@@ -274,8 +284,13 @@ impl Service {
             Ok(())
         }
         .await;
-        self.audit(caller, "template.delete", name, outcome.as_ref().map(drop))
-            .await;
+        self.audit(
+            caller,
+            super::AuditAction::TemplateDelete,
+            name,
+            outcome.as_ref().map(drop),
+        )
+        .await;
         outcome
     }
 

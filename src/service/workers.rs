@@ -140,9 +140,9 @@ impl Service {
         state: AdminState,
     ) -> Result<WorkerStatus> {
         let action = match state {
-            AdminState::Active => "worker.uncordon",
-            AdminState::Cordoned => "worker.cordon",
-            AdminState::Draining => "worker.drain",
+            AdminState::Active => super::AuditAction::WorkerUncordon,
+            AdminState::Cordoned => super::AuditAction::WorkerCordon,
+            AdminState::Draining => super::AuditAction::WorkerDrain,
         };
         let outcome = async {
             self.require_admin(caller)?;

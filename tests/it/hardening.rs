@@ -591,3 +591,64 @@ async fn an_exec_the_runtime_cannot_run_now_is_a_conflict_not_a_500() {
     server.delete(&format!("/sandboxes/{id}")).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_whose_destroy_fails_is_audited_as_a_failure() {
+    let server = TestServer::start(|_| {}).await;
+    // A sandbox on a worker nobody can reach: its destroy cannot succeed.
+    let id = "sb-0000e4f1";
+    crate::support::insert_record(
+        &server,
+        id,
+        "wk-gone",
+        "docker",
+        "running",
+        Some("c1".into()),
+    )
+    .await;
+    server
+        .app_service
+        .store()
+        .set_sandbox_expiry(id, chrono::Utc::now() - chrono::Duration::seconds(1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let expiries = || async {
+        server
+            .app_service
+            .store()
+            .list_audit(&stacyvm::store::AuditFilter {
+                action: Some(stacyvm::service::AuditAction::SandboxExpire.as_str().into()),
+                target: Some(id.into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_default()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let events = expiries().await;
+        if !events.is_empty() {
+            break events;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the expiry was never audited"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(events.iter().all(|e| e.outcome == "failure"), "{events:?}");
+    assert!(
+        events[0].detail.as_deref().is_some_and(|d| !d.is_empty()),
+        "{events:?}"
+    );
+    let record = server
+        .app_service
+        .store()
+        .get_sandbox(id)
+        .await
+        .ok()
+        .flatten();
+    assert_eq!(record.map(|r| r.state), Some("error".into()));
+    server.stop().await;
+}

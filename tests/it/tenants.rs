@@ -1160,6 +1160,26 @@ async fn what_each_role_sees_of_the_server() {
     assert_eq!(seen["data"]["sandbox"]["worker"]["hostname"], "", "{seen}");
     let seen = gql(&server, &admin, q, json!({"id": ids[0]})).await;
     assert_ne!(seen["data"]["sandbox"]["worker"]["hostname"], "", "{seen}");
+    // Audit events: an operator sees bob's sandbox but not bob's actions,
+    // through the sandbox as through the audit query; bob sees his own.
+    let ops = key_in(&server, "ops", None, Role::Operator).await;
+    let q = "query($id: ID!) { sandbox(id: $id) { auditEvents { action actor } } auditEvents(first: 50) { edges { node { actor } } } }";
+    let seen = gql(&server, &ops, q, json!({"id": ids[0]})).await;
+    assert_eq!(seen["data"]["sandbox"]["auditEvents"], json!([]), "{seen}");
+    let actors: Vec<&str> = seen["data"]["auditEvents"]["edges"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter_map(|e| e["node"]["actor"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(actors.iter().all(|a| *a == "ops"), "{seen}");
+    let seen = gql(&server, &bob, q, json!({"id": ids[0]})).await;
+    assert_eq!(
+        seen["data"]["sandbox"]["auditEvents"][0]["actor"], "bob",
+        "{seen}"
+    );
     for id in ids {
         call(
             &server,

@@ -8,16 +8,17 @@ use std::sync::Arc;
 use async_graphql::dataloader::Loader;
 
 use crate::service::Service;
-use crate::store::{AuditFilter, StoreError};
 
-/// Loads from the store for one request.
+/// Loads from the store for one request (and its caller: what the
+/// service's read rules hide from it stays hidden here too).
 pub struct StoreLoader {
     service: Service,
+    caller: crate::auth::Caller,
 }
 
 impl StoreLoader {
-    pub fn new(service: Service) -> StoreLoader {
-        StoreLoader { service }
+    pub fn new(service: Service, caller: crate::auth::Caller) -> StoreLoader {
+        StoreLoader { service, caller }
     }
 }
 
@@ -35,9 +36,10 @@ pub struct TemplateNamed(pub String, pub String, pub String);
 pub struct AuditOf(pub String);
 
 /// Loader errors are store errors; logged, and shown as internal errors.
-type LoadError = Arc<StoreError>;
+type LoadError = Arc<crate::service::Error>;
 
-fn fail(e: StoreError) -> LoadError {
+fn fail(e: impl Into<crate::service::Error>) -> LoadError {
+    let e = e.into();
     tracing::error!(error = %e, "batch load failed");
     Arc::new(e)
 }
@@ -121,15 +123,10 @@ impl Loader<AuditOf> for StoreLoader {
     type Error = LoadError;
 
     async fn load(&self, keys: &[AuditOf]) -> Result<HashMap<AuditOf, Self::Value>, Self::Error> {
-        let filter = AuditFilter {
-            targets: Some(keys.iter().map(|k| k.0.clone()).collect()),
-            limit: AUDIT_PER_TARGET * keys.len() as u64,
-            ..Default::default()
-        };
+        let targets = keys.iter().map(|k| k.0.clone()).collect();
         let rows = self
             .service
-            .store()
-            .list_audit(&filter)
+            .audit_of_targets(&self.caller, targets, AUDIT_PER_TARGET)
             .await
             .map_err(fail)?;
         let mut out: HashMap<AuditOf, Self::Value> = HashMap::new();

@@ -70,13 +70,11 @@ pub fn sdl() -> String {
 /// Per-request data: who calls, and batch loaders scoped to this request.
 fn request_data(service: &Service, caller: Caller) -> Data {
     let mut data = Data::default();
+    let loader = loaders::StoreLoader::new(service.clone(), caller.clone());
     data.insert(caller);
     // A few milliseconds of batching window: a page's resolvers all ask
     // within it even on a busy machine.
-    data.insert(
-        DataLoader::new(loaders::StoreLoader::new(service.clone()), tokio::spawn)
-            .delay(std::time::Duration::from_millis(3)),
-    );
+    data.insert(DataLoader::new(loader, tokio::spawn).delay(std::time::Duration::from_millis(3)));
     data
 }
 
