@@ -121,11 +121,6 @@ impl Caller {
         (!self.sees_all_tenants()).then(|| self.tenant_id.clone())
     }
 
-    /// The owner a listing is limited to; `None` for operators and admins.
-    pub fn owner_scope(&self) -> Option<String> {
-        (!self.may_act_for_others()).then(|| self.owner_id.clone())
-    }
-
     /// May this caller change anything?
     pub fn can_write(&self) -> bool {
         self.role != Role::Viewer

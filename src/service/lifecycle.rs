@@ -192,7 +192,7 @@ impl Service {
         let deadline = tokio::time::Instant::now() + LIMIT;
         let filter = SandboxFilter {
             tenant_id: caller.tenant_scope(),
-            owner_id: caller.owner_scope(),
+            owner_id: super::listing::owner_filter(caller, None).flatten(),
             states: Some(vec![SandboxState::Expired, SandboxState::Destroying]),
             ..Default::default()
         };

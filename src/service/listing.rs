@@ -109,6 +109,20 @@ fn page_size(first: Option<u64>) -> Result<u64> {
     }
 }
 
+/// The one rule for whose sandboxes a caller lists: admins and operators
+/// any owner's (the one `requested`, or all: `Some(None)`), anyone else
+/// only their own; asking for someone else's finds nothing (`None`).
+/// Tenants are scoped apart, by `Caller::tenant_scope`.
+pub(super) fn owner_filter(caller: &Caller, requested: Option<&str>) -> Option<Option<String>> {
+    if caller.may_act_for_others() {
+        Some(requested.map(str::to_string))
+    } else if requested.is_some_and(|o| o != caller.owner_id) {
+        None
+    } else {
+        Some(Some(caller.owner_id.clone()))
+    }
+}
+
 impl Service {
     /// A page of the sandboxes the caller may see, oldest first.
     pub async fn sandbox_page(
@@ -117,20 +131,11 @@ impl Service {
         listing: SandboxListing,
     ) -> Result<Page<Sandbox>> {
         let size = page_size(listing.first)?;
-        let owner_id = if caller.may_act_for_others() {
-            listing.owner_id.clone()
-        } else if listing
-            .owner_id
-            .as_deref()
-            .is_some_and(|o| o != caller.owner_id)
-        {
-            // Asking for someone else's sandboxes finds none.
+        let Some(owner_id) = owner_filter(caller, listing.owner_id.as_deref()) else {
             return Ok(Page {
                 items: Vec::new(),
                 has_next_page: false,
             });
-        } else {
-            Some(caller.owner_id.clone())
         };
         let mut query = SandboxQuery {
             tenant_id: caller.tenant_scope(),
@@ -251,6 +256,37 @@ impl Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caller(role: crate::auth::Role) -> Caller {
+        Caller {
+            owner_id: "alice".into(),
+            role,
+            ..Caller::system()
+        }
+    }
+
+    #[test]
+    fn whose_sandboxes_a_caller_lists() {
+        use crate::auth::Role;
+        for role in [Role::Admin, Role::Operator] {
+            assert_eq!(owner_filter(&caller(role), None), Some(None));
+            assert_eq!(
+                owner_filter(&caller(role), Some("bob")),
+                Some(Some("bob".into()))
+            );
+        }
+        for role in [Role::Owner, Role::Viewer] {
+            assert_eq!(
+                owner_filter(&caller(role), None),
+                Some(Some("alice".into()))
+            );
+            assert_eq!(
+                owner_filter(&caller(role), Some("alice")),
+                Some(Some("alice".into()))
+            );
+            assert_eq!(owner_filter(&caller(role), Some("bob")), None);
+        }
+    }
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {

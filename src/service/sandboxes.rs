@@ -649,7 +649,7 @@ impl Service {
     pub async fn list_sandboxes(&self, caller: &Caller) -> Result<Vec<Sandbox>> {
         let filter = SandboxFilter {
             tenant_id: caller.tenant_scope(),
-            owner_id: caller.owner_scope(),
+            owner_id: super::listing::owner_filter(caller, None).flatten(),
             states: None,
             ..Default::default()
         };
