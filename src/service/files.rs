@@ -19,6 +19,54 @@ pub struct FileWrite {
 
 const MAX_PATH_BYTES: usize = 4096;
 
+/// How file content travels in a JSON or GraphQL text field: as text
+/// (UTF-8, what the SDKs send) or base64 (any bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ContentEncoding {
+    #[default]
+    Text,
+    Base64,
+}
+
+impl ContentEncoding {
+    /// `utf-8` (or `text`) and `base64`, as REST's `encoding` field takes them.
+    pub fn parse(name: &str) -> Result<ContentEncoding> {
+        match name.to_ascii_lowercase().as_str() {
+            "" | "utf-8" | "utf8" | "text" => Ok(ContentEncoding::Text),
+            "base64" => Ok(ContentEncoding::Base64),
+            other => Err(Error::BadRequest(format!(
+                "encoding must be utf-8 or base64, not {other:?}"
+            ))),
+        }
+    }
+
+    /// The bytes a text field carries.
+    pub fn decode(self, content: String) -> Result<Bytes> {
+        use base64::Engine;
+        match self {
+            ContentEncoding::Text => Ok(Bytes::from(content)),
+            ContentEncoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(content.trim())
+                .map(Bytes::from)
+                .map_err(|e| Error::BadRequest(format!("content is not valid base64: {e}"))),
+        }
+    }
+
+    /// `bytes` as a text field; text must be UTF-8 (binary asks for base64).
+    pub fn encode(self, bytes: &[u8]) -> Result<String> {
+        use base64::Engine;
+        match self {
+            ContentEncoding::Text => String::from_utf8(bytes.to_vec()).map_err(|_| {
+                Error::BadRequest(
+                    "the file is not UTF-8 text; read it as base64 (or as raw bytes over REST)"
+                        .into(),
+                )
+            }),
+            ContentEncoding::Base64 => Ok(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        }
+    }
+}
+
 /// Makes `path` absolute and resolves `.` and `..` lexically, never above `/`.
 pub(crate) fn normalize_path(path: &str) -> Result<String> {
     if path.is_empty() {

@@ -32,7 +32,7 @@ pub use admission::AdmissionDecision;
 pub use audit::{AuditAction, AuditOutcome};
 pub use error::{Error, ErrorCode, Result};
 pub use exec::{CollectedExec, ExecOutput, ExecRequest, ExecResult, RunningExec};
-pub use files::FileWrite;
+pub use files::{ContentEncoding, FileWrite};
 pub use follow::Followed;
 pub use identity::{ApiKeyInfo, Credentials, Identity, IdentityError, NewApiKey, load_pepper};
 pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor};

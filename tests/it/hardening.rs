@@ -652,3 +652,84 @@ async fn an_expiry_whose_destroy_fails_is_audited_as_a_failure() {
     assert_eq!(record.map(|r| r.state), Some("error".into()));
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_binary_safe_over_rest_and_graphql() {
+    use base64::Engine;
+    let server = crate::support::native_server(|_| {}).await;
+    let (status, body) = server
+        .post(
+            "/sandboxes",
+            json!({ "image": crate::support::docker_image() }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    // Every byte value, and invalid UTF-8 sequences among them.
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 256) as u8).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/tmp/blob.bin", "content": b64, "encoding": "base64"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let raw = server
+        .http
+        .get(server.url(&format!("/sandboxes/{id}/files?path=/tmp/blob.bin")))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        raw.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/octet-stream")
+    );
+    assert_eq!(
+        raw.bytes().await.unwrap_or_default().as_ref(),
+        bytes.as_slice()
+    );
+    let q = "query($id: ID!, $e: FileEncoding!) { readFile(sandboxId: $id, path: \"/tmp/blob.bin\", encoding: $e) }";
+    let read = post_query_vars(&server, q, json!({"id": id, "e": "BASE64"})).await;
+    assert_eq!(read["data"]["readFile"], b64, "{read}");
+    let text = post_query_vars(&server, q, json!({"id": id, "e": "TEXT"})).await;
+    assert_eq!(code(&text), "BAD_REQUEST", "{text}");
+    // Bad base64 is the client's mistake, and the file is unchanged.
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/tmp/blob.bin", "content": "@@not base64@@", "encoding": "base64"}),
+        )
+        .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("BAD_REQUEST")),
+        "{body}"
+    );
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({"path": "/tmp/x", "content": "x", "encoding": "rot13"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let read = post_query_vars(&server, q, json!({"id": id, "e": "BASE64"})).await;
+    assert_eq!(read["data"]["readFile"], b64, "{read}");
+    server.delete(&format!("/sandboxes/{id}")).await;
+    server.stop().await;
+}
+
+async fn post_query_vars(server: &TestServer, query: &str, variables: Value) -> Value {
+    server
+        .http
+        .post(graphql_url(server))
+        .json(&json!({ "query": query, "variables": variables }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use async_graphql::{Context, ID, InputObject, Json, Object};
-use base64::Engine;
 
 use super::ctx;
 use super::errors::GqlResult;
@@ -13,7 +12,8 @@ use super::types::{
 use crate::duration;
 use crate::service::QuotaInput;
 use crate::service::{
-    Error, ExecRequest, FileWrite, SpawnRequest, TemplateInput as ServiceTemplateInput,
+    ContentEncoding, Error, ExecRequest, FileWrite, SpawnRequest,
+    TemplateInput as ServiceTemplateInput,
 };
 use crate::worker::AdminState;
 
@@ -250,13 +250,8 @@ impl MutationRoot {
     ) -> async_graphql::Result<bool> {
         let (service, caller) = ctx(cx)?;
         let content = match (input.content, input.content_base64) {
-            (Some(text), None) => bytes::Bytes::from(text),
-            (None, Some(b64)) => bytes::Bytes::from(
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|e| Error::BadRequest(format!("contentBase64: {e}")))
-                    .gql()?,
-            ),
+            (Some(text), None) => ContentEncoding::Text.decode(text).gql()?,
+            (None, Some(b64)) => ContentEncoding::Base64.decode(b64).gql()?,
             (None, None) => bytes::Bytes::new(),
             (Some(_), Some(_)) => {
                 return Err(Error::BadRequest(

@@ -12,7 +12,27 @@ use super::types::{
     AuditEvent, Execution, Health, Provider, Sandbox, SandboxState, Template, Worker,
 };
 use super::types::{QuotaPolicy, QuotaUsage, Replica};
-use crate::service::{Page, SandboxListing};
+use crate::service::{ContentEncoding, Page, SandboxListing};
+
+/// How `readFile` returns content.
+#[derive(async_graphql::Enum, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FileEncoding {
+    /// UTF-8 text; a binary file is refused (BAD_REQUEST).
+    #[default]
+    Text,
+    /// Base64 of the exact bytes.
+    #[graphql(name = "BASE64")]
+    Base64,
+}
+
+impl FileEncoding {
+    fn service(self) -> ContentEncoding {
+        match self {
+            FileEncoding::Text => ContentEncoding::Text,
+            FileEncoding::Base64 => ContentEncoding::Base64,
+        }
+    }
+}
 use crate::store::AuditFilter;
 
 /// Which sandboxes to list.
@@ -154,6 +174,19 @@ impl QueryRoot {
             .into_iter()
             .map(Template)
             .collect())
+    }
+
+    /// A file's content: `TEXT` (it must be UTF-8) or `BASE64` (any bytes).
+    async fn read_file(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        path: String,
+        #[graphql(default)] encoding: FileEncoding,
+    ) -> async_graphql::Result<String> {
+        let (service, caller) = ctx(cx)?;
+        let bytes = service.read_file(caller, &sandbox_id, &path).await.gql()?;
+        encoding.service().encode(&bytes).gql()
     }
 
     async fn template(&self, cx: &Context<'_>, name: String) -> async_graphql::Result<Template> {

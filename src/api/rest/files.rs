@@ -1,6 +1,5 @@
 //! `/sandboxes/{id}/files...`: the files API.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -13,7 +12,7 @@ use super::ApiError;
 use super::extract::{JsonBody, Query};
 use crate::auth::Caller;
 use crate::provider::FileEntry;
-use crate::service::{Error, FileWrite, Service};
+use crate::service::{ContentEncoding, Error, FileWrite, Service};
 
 pub fn router() -> Router<Service> {
     Router::new()
@@ -34,6 +33,8 @@ struct WriteBody {
     path: String,
     content: String,
     mode: Option<String>,
+    /// `utf-8` (the default) or `base64` for binary content.
+    encoding: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,9 +77,10 @@ async fn write(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<WriteBody>,
 ) -> Result<Json<Value>, ApiError> {
+    let encoding = ContentEncoding::parse(body.encoding.as_deref().unwrap_or_default())?;
     let write = FileWrite {
         path: body.path,
-        content: Bytes::from(body.content),
+        content: encoding.decode(body.content)?,
         mode: body.mode,
     };
     service.write_file(&caller, &id, write).await?;
