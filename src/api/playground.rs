@@ -106,16 +106,12 @@ fn assets_hash() -> u64 {
     hash
 }
 
-/// The playground routes: `GET /graphql`, `GET /playground` (the page) and
+/// The playground routes: `GET /playground` (the page) and
 /// `GET /playground/assets/{file}`. Generic over the state so it merges into
-/// any router; it holds no state of its own.
-///
-/// `GET /graphql` is a method route, so it merges with a `post`/`post_service`
-/// route on the same path (the GraphQL endpoint) but not with a
-/// `route_service("/graphql", ..)` that takes every method.
+/// any router; it holds no state of its own. `GET /graphql` serves the
+/// page too, from the GraphQL router (which runs a query given there).
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
-        .route("/graphql", get(page))
         .route("/playground", get(page))
         .route("/playground/assets/{file}", get(asset))
 }
@@ -214,8 +210,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn both_paths_serve_the_page_and_it_names_no_other_host() {
-        let (status, headers, body) = get("/graphql").await;
+    async fn the_page_names_no_other_host() {
+        let (status, headers, body) = get("/playground").await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(
             header(&headers, header::CONTENT_TYPE),

@@ -733,3 +733,57 @@ async fn post_query_vars(server: &TestServer, query: &str, variables: Value) -> 
         .await
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_graphql_runs_a_query_and_serves_the_page_otherwise() {
+    let server = TestServer::start(|_| {}).await;
+    let url = graphql_url(&server);
+    let answer = server
+        .http
+        .get(format!("{url}?query={}", encode("{ health { status } }")))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answer.status().as_u16(), 200);
+    let body: Value = answer.json().await.unwrap_or_default();
+    assert_eq!(body["data"]["health"]["status"], "ok", "{body}");
+    let answer = server
+        .http
+        .get(format!(
+            "{url}?query={}",
+            encode("mutation { spawnSandbox(input: {image: \"x\"}) { id } }")
+        ))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answer.status().as_u16(), 405);
+    let page = server
+        .http
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        page.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("text/html"))
+    );
+    // Nothing was spawned by the refused GET.
+    let (_, listed) = server.get("/sandboxes").await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    server.stop().await;
+}
+
+/// Percent-encodes everything but letters and digits.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

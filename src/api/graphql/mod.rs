@@ -104,9 +104,65 @@ pub fn router(service: Service) -> Router {
         sockets: Default::default(),
     };
     Router::new()
-        .route("/graphql", post(execute))
+        .route("/graphql", post(execute).get(execute_get))
         .route("/graphql/ws", get(ws::upgrade))
         .with_state(state)
+}
+
+/// `GET /graphql`: with a `query` parameter, runs it (GraphQL over HTTP:
+/// queries only, a mutation is 405); without, the playground page.
+async fn execute_get(
+    State(state): State<GraphqlState>,
+    caller: Result<Caller, crate::api::rest::ApiError>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let raw = raw.unwrap_or_default();
+    let wants_query = raw
+        .split('&')
+        .any(|pair| pair == "query" || pair.starts_with("query="));
+    if !wants_query {
+        return crate::api::playground::page().await;
+    }
+    let refuse = |status: axum::http::StatusCode, e: crate::service::Error| {
+        let error = errors::gql_error(e).into_server_error(async_graphql::Pos::default());
+        (
+            status,
+            axum::Json(async_graphql::Response::from_errors(vec![error])),
+        )
+            .into_response()
+    };
+    let caller = match caller {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let mut request = match async_graphql::http::parse_query_string(&raw) {
+        Ok(request) => request,
+        Err(e) => {
+            return refuse(
+                axum::http::StatusCode::BAD_REQUEST,
+                crate::service::Error::BadRequest(format!("invalid GraphQL request: {e}")),
+            );
+        }
+    };
+    let only_queries = match request.parsed_query() {
+        Ok(doc) => doc
+            .operations
+            .iter()
+            .all(|(_, op)| op.node.ty == async_graphql::parser::types::OperationType::Query),
+        // Parse errors are answered by the execution below, with a code.
+        Err(_) => true,
+    };
+    if !only_queries {
+        return refuse(
+            axum::http::StatusCode::METHOD_NOT_ALLOWED,
+            crate::service::Error::BadRequest(
+                "GET runs queries only; send mutations and subscriptions with POST".into(),
+            ),
+        );
+    }
+    request.data = request_data(&state.service, caller);
+    async_graphql_axum::GraphQLResponse::from(state.schema.execute(request).await).into_response()
 }
 
 async fn execute(
