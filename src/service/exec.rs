@@ -63,6 +63,8 @@ pub struct CollectedExec {
     pub result: ExecResult,
     pub stdout: String,
     pub stderr: String,
+    /// Output past `defaults.max_exec_output_bytes` (per stream) was cut.
+    pub truncated: bool,
 }
 
 /// Splits a byte stream into text at character boundaries: a character cut
@@ -417,16 +419,16 @@ impl Service {
         let mut running = self.start_exec(caller, id, req).await?;
         let cap = self.config().defaults.max_exec_output_bytes;
         let mut streams = [String::new(), String::new()];
+        let mut truncated = false;
         while let Some(out) = running.output.recv().await {
             let buf = &mut streams[out.stream as usize];
-            if buf.len() < cap {
-                let room = cap - buf.len();
-                let mut take = out.data.len().min(room);
-                while !out.data.is_char_boundary(take) {
-                    take -= 1;
-                }
-                buf.push_str(&out.data[..take]);
+            let room = cap.saturating_sub(buf.len());
+            let mut take = out.data.len().min(room);
+            while !out.data.is_char_boundary(take) {
+                take -= 1;
             }
+            buf.push_str(&out.data[..take]);
+            truncated |= take < out.data.len();
         }
         let result = running
             .result
@@ -443,6 +445,7 @@ impl Service {
             result,
             stdout,
             stderr,
+            truncated,
         })
     }
 }

@@ -787,3 +787,75 @@ fn encode(s: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_says_how_it_ended_and_whether_output_was_cut() {
+    let server = crate::support::native_server(|c| c.defaults.max_exec_output_bytes = 1000).await;
+    let (status, body) = server
+        .post(
+            "/sandboxes",
+            json!({ "image": crate::support::docker_image() }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let exec = format!("/sandboxes/{id}/exec");
+    // Cut output says so, on REST and GraphQL.
+    let (status, body) = server
+        .post(
+            &exec,
+            json!({"command": "head -c 5000 /dev/zero | tr '\\0' x", "mode": "shell"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stdout"].as_str().map(str::len), Some(1000));
+    assert_eq!(body["truncated"], true, "{body}");
+    let (_, body) = server
+        .post(&exec, json!({"command": "echo short", "mode": "shell"}))
+        .await;
+    assert_eq!(body["truncated"], false, "{body}");
+    let q = "mutation($id: ID!) { exec(sandboxId: $id, input: {command: \"head -c 5000 /dev/zero\", mode: SHELL}) { truncated } }";
+    let answer = post_query_vars(&server, q, json!({"id": id})).await;
+    assert_eq!(answer["data"]["exec"]["truncated"], true, "{answer}");
+    // A streamed exec ends with a trailer only when asked for.
+    let stream = |trailer: bool| {
+        let url = server.url(&format!(
+            "{exec}{}",
+            if trailer { "?trailer=true" } else { "" }
+        ));
+        let http = server.http.clone();
+        async move {
+            http.post(url)
+                .json(&json!({"command": "echo out; exit 3", "mode": "shell", "stream": true}))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .text()
+                .await
+                .unwrap_or_default()
+        }
+    };
+    let plain = stream(false).await;
+    let lines: Vec<Value> = plain
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(lines.iter().all(|l| l.get("type").is_none()), "{plain}");
+    let with = stream(true).await;
+    let last: Value = with
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    assert_eq!(last["type"], "end", "{with}");
+    assert_eq!(last["exit_code"], 3, "{with}");
+    assert!(
+        last["execution_id"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("ex-")),
+        "{with}"
+    );
+    assert!(with.contains("\"data\":\"out\\n\""), "{with}");
+    server.delete(&format!("/sandboxes/{id}")).await;
+    server.stop().await;
+}

@@ -218,6 +218,7 @@ impl MutationRoot {
             stdout: done.stdout,
             stderr: done.stderr,
             duration: GoDuration(done.result.duration),
+            truncated: done.truncated,
         })
     }
 

@@ -230,6 +230,9 @@ pub struct ExecResult {
     pub stdout: String,
     pub stderr: String,
     pub duration: GoDuration,
+    /// Output past the server's cap (`defaults.max_exec_output_bytes` per
+    /// stream) was cut.
+    pub truncated: bool,
 }
 
 /// A control-plane replica sharing the database.

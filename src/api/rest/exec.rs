@@ -40,6 +40,26 @@ struct ExecAnswer {
     stderr: String,
     duration: String,
     execution_id: String,
+    /// Output past `defaults.max_exec_output_bytes` (per stream) was cut.
+    truncated: bool,
+}
+
+/// `?trailer=true`: a streamed exec ends with one more line saying how the
+/// command ended. Off by default: SDK 0.1.1 reads every line as output.
+#[derive(Debug, Default, Deserialize)]
+struct ExecQuery {
+    trailer: Option<bool>,
+}
+
+/// The trailer line: `{"type":"end", ...}` (output lines have no `type`).
+#[derive(Serialize)]
+struct Trailer<'a> {
+    r#type: &'static str,
+    execution_id: &'a str,
+    exit_code: Option<i32>,
+    duration: Option<String>,
+    timed_out: bool,
+    error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -58,8 +78,10 @@ async fn exec(
     State(service): State<Service>,
     caller: Caller,
     Path(id): Path<String>,
+    super::extract::Query(query): super::extract::Query<ExecQuery>,
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
+    let trailer = query.trailer.unwrap_or(false);
     let streaming = body.stream.unwrap_or(false);
     let req = ExecRequest {
         command: body.command,
@@ -77,20 +99,23 @@ async fn exec(
             stderr: collected.stderr,
             duration: duration::format(collected.result.duration),
             execution_id: collected.result.execution_id,
+            truncated: collected.truncated,
         })
         .into_response());
     }
 
     let running = service.start_exec(&caller, &id, req).await?;
-    let lines = futures::stream::unfold(Some(running), |state| async move {
+    let lines = futures::stream::unfold(Some(running), move |state| async move {
         let mut running = state?;
         if let Some(out) = running.output.recv().await {
             let line = ndjson_line(out.stream.as_str(), &out.data);
             return Some((Ok::<_, std::convert::Infallible>(line), Some(running)));
         }
         // Output is over; say how it ended only when it ended badly, as a
-        // last stderr line (the SDK yields every line as a chunk).
-        let note = match running.result.await {
+        // last stderr line (the SDK yields every line as a chunk), and in
+        // the trailer when asked for.
+        let outcome = running.result.await;
+        let note = match &outcome {
             Ok(Ok(result)) if result.timed_out => Some(format!(
                 "stacyvm: command timed out after {}\n",
                 duration::format(result.timeout)
@@ -99,7 +124,37 @@ async fn exec(
             Ok(Err(e)) => Some(format!("stacyvm: {e}\n")),
             Err(_) => Some("stacyvm: exec ended without a result\n".to_string()),
         };
-        note.map(|n| (Ok(ndjson_line("stderr", &n)), None))
+        let mut tail = note
+            .map(|n| ndjson_line("stderr", &n).to_vec())
+            .unwrap_or_default();
+        if trailer {
+            let (exit_code, duration, timed_out, error) = match &outcome {
+                Ok(Ok(r)) => (
+                    (!r.timed_out).then_some(r.exit_code),
+                    Some(duration::format(r.duration)),
+                    r.timed_out,
+                    None,
+                ),
+                Ok(Err(e)) => (None, None, false, Some(e.to_string())),
+                Err(_) => (
+                    None,
+                    None,
+                    false,
+                    Some("exec ended without a result".into()),
+                ),
+            };
+            let line = Trailer {
+                r#type: "end",
+                execution_id: &running.execution_id,
+                exit_code,
+                duration,
+                timed_out,
+                error,
+            };
+            tail.extend(serde_json::to_vec(&line).unwrap_or_default());
+            tail.push(b'\n');
+        }
+        (!tail.is_empty()).then(|| (Ok(Bytes::from(tail)), None))
     });
     Ok((
         [
