@@ -267,7 +267,12 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
                 config.cluster.advertise_url = format!("http://{local}");
             }
             let app = App::start(config.clone()).await?;
-            tracing::info!(address = %listener.local_addr()?, "StacyVM listening");
+            let address = listener.local_addr()?;
+            tracing::info!(
+                %address,
+                playground = %format!("http://{address}/playground"),
+                "StacyVM listening"
+            );
             app.serve(listener, shutdown_signal()).await?;
         }
         Command::Worker { .. } => app::run_worker(config, shutdown_signal()).await?,
@@ -365,7 +370,11 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
                     println!("imported {} ({} bytes)", info.name, info.size_bytes);
                 }
                 ImageCommand::List => {
-                    for info in images.list()? {
+                    let list = images.list()?;
+                    if list.is_empty() {
+                        println!("no images imported (stacyvm image import NAME ROOTFS.tar[.gz])");
+                    }
+                    for info in list {
                         println!("{}\t{}\t{}", info.name, info.size_bytes, info.imported_at);
                     }
                 }
@@ -418,12 +427,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // One-shot commands (keys, images, workers, migrate) print their answer
+    // and only warnings, not the server's start-up log lines.
+    let serving = matches!(cli.command, Command::Serve { .. } | Command::Worker { .. });
+    let level = if serving || config.logging.level != "info" {
+        config.logging.level.clone()
+    } else {
+        "warn".to_string()
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.logging.level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level)),
         )
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -435,8 +452,8 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Printed once, without log decoration.
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("stacyvm: {e}");
             ExitCode::FAILURE
         }

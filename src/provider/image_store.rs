@@ -52,6 +52,9 @@ pub enum ImageStoreError {
     /// The tarball contains an entry that would land outside the root.
     #[error("unsafe entry in tarball: {0}")]
     UnsafeEntry(String),
+    /// The file is not a tar archive (plain or gzip-compressed).
+    #[error("{0} is not a tar archive (.tar or .tar.gz)")]
+    NotAnArchive(String),
     /// Reading the tarball or writing the store failed.
     #[error("{context}: {source}")]
     Io {
@@ -251,7 +254,18 @@ fn encode_name(name: &str) -> Result<String, ImageStoreError> {
 /// silently skip (a `..` path) fails the import instead.
 fn unpack(tarball: &Path, rootfs: &Path) -> Result<(), ImageStoreError> {
     let file = fs::File::open(tarball).map_err(io_err(format!("opening {}", tarball.display())))?;
-    let mut archive = tar::Archive::new(io::BufReader::new(file));
+    let mut reader = io::BufReader::new(file);
+    // A gzip-compressed tarball (`.tar.gz`, Alpine's own rootfs format)
+    // is read through a decoder.
+    let gzipped = io::BufRead::fill_buf(&mut reader)
+        .map_err(io_err(format!("reading {}", tarball.display())))?
+        .starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn io::Read> = if gzipped {
+        Box::new(flate2::read::GzDecoder::new(reader))
+    } else {
+        Box::new(reader)
+    };
+    let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     // Ownership can only be restored by root; an unprivileged import keeps
     // the importer as owner, which is what its sandboxes will run as anyway.
@@ -262,7 +276,9 @@ fn unpack(tarball: &Path, rootfs: &Path) -> Result<(), ImageStoreError> {
         .entries()
         .map_err(io_err(format!("reading {}", tarball.display())))?;
     for entry in entries {
-        let mut entry = entry.map_err(io_err(format!("reading {}", tarball.display())))?;
+        // tar's own message quotes the bytes it could not parse.
+        let mut entry =
+            entry.map_err(|_| ImageStoreError::NotAnArchive(tarball.display().to_string()))?;
         let path = entry
             .path()
             .map_err(io_err("reading entry path"))?
@@ -420,6 +436,36 @@ mod tests {
         ));
         // Nothing but the (empty) store directory is left.
         assert_eq!(fs::read_dir(store.dir()).expect("dir").count(), 0);
+    }
+
+    #[test]
+    fn gzipped_tarballs_import_and_other_files_are_named_as_such() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = ImageStore::new(tmp.path().join("images"));
+        let tar = simple_tar(tmp.path());
+        let gz = tmp.path().join("rootfs.tar.gz");
+        let mut encoder = flate2::write::GzEncoder::new(
+            fs::File::create(&gz).expect("create"),
+            flate2::Compression::fast(),
+        );
+        io::copy(&mut fs::File::open(&tar).expect("open"), &mut encoder).expect("compress");
+        encoder.finish().expect("finish");
+        store.import("alpine:gz", &gz).expect("import .tar.gz");
+        let rootfs = store.rootfs("alpine:gz").expect("rootfs");
+        assert_eq!(fs::read(rootfs.join("bin/hello")).expect("read"), b"hello");
+        let junk = tmp.path().join("junk.bin");
+        fs::write(&junk, [0xffu8, 0x00, 0x13, 0x37].repeat(300)).expect("write");
+        let e = store.import("junk", &junk).expect_err("not an archive");
+        assert!(matches!(e, ImageStoreError::NotAnArchive(_)), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("is not a tar archive (.tar or .tar.gz)"),
+            "{e}"
+        );
+        assert!(store.rootfs("junk").is_none());
+        // An upper-case name is refused with Docker's reason.
+        let e = store.import("Alpine", &tar).expect_err("upper case");
+        assert!(e.to_string().contains("lowercase"), "{e}");
     }
 
     #[test]

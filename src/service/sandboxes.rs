@@ -390,8 +390,20 @@ impl Service {
             .image_available(&placement.provider, &plan.image)
             .await?
         {
+            let fix = match placement.provider.as_str() {
+                "docker" => format!(
+                    "pull it on the Docker host (`docker pull {}`) or `docker import` a rootfs \
+                     under that name; the pull from its registry failed",
+                    plan.image
+                ),
+                _ => format!(
+                    "import a root filesystem under that name (`stacyvm image import {} \
+                     ROOTFS.tar[.gz]`) on the worker; `stacyvm image list` shows what is there",
+                    plan.image
+                ),
+            };
             return Err(Error::BadRequest(format!(
-                "image {:?} is not available on provider {}",
+                "image {:?} is not available on provider {}: {fix}",
                 plan.image, placement.provider
             )));
         }
