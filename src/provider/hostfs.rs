@@ -576,7 +576,10 @@ fn write_named(
     match fill(fd, content, perms, shown) {
         Ok(file) => drop(file),
         Err(e) => {
-            let _ = unlinkat(parent, temp.as_str(), AtFlags::empty());
+            super::best_effort(
+                "removing the temporary file of a failed write",
+                unlinkat(parent, temp.as_str(), AtFlags::empty()),
+            );
             return Err(e);
         }
     }
@@ -644,7 +647,10 @@ fn replace(parent: &OwnedFd, temp: &str, name: &str, shown: &str) -> ProviderRes
     // renameat never follows a symlink at either name, and replaces the
     // target in one step: readers see the old file or the new one.
     renameat(parent, temp, parent, name).map_err(|e| {
-        let _ = unlinkat(parent, temp, AtFlags::empty());
+        super::best_effort(
+            "removing the temporary file of a failed rename",
+            unlinkat(parent, temp, AtFlags::empty()),
+        );
         map_errno(e, shown)
     })
 }

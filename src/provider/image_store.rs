@@ -117,7 +117,7 @@ impl ImageStore {
         let result = self.import_into(name, tarball, &tmp, &encoded);
         if result.is_err() {
             // Best effort: the error we return matters more than this one.
-            let _ = fs::remove_dir_all(&tmp);
+            super::best_effort("removing a half-imported image", fs::remove_dir_all(&tmp));
         }
         result
     }
@@ -153,7 +153,7 @@ impl ImageStore {
                 .join(format!("{TMP_PREFIX}{}", uuid::Uuid::new_v4().as_simple()));
             fs::rename(&dest, &trash).map_err(io_err(format!("replacing {name}")))?;
             fs::rename(tmp, &dest).map_err(io_err(format!("installing {name}")))?;
-            let _ = fs::remove_dir_all(&trash);
+            super::best_effort("removing a replaced image", fs::remove_dir_all(&trash));
         } else {
             fs::rename(tmp, &dest).map_err(io_err(format!("installing {name}")))?;
         }

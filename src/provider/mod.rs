@@ -355,3 +355,20 @@ pub trait Provider: Send + Sync + 'static {
         Ok(RuntimeStats::default())
     }
 }
+
+/// Best-effort work (cleanup of what a failed step left, a goodbye to a
+/// peer): its failure never fails the caller, and is logged, at `warn`
+/// for cleanups that leave something behind.
+pub(crate) fn best_effort<T, E: std::fmt::Display>(what: &str, result: Result<T, E>) {
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "{what} failed (best effort)");
+    }
+}
+
+/// Like [`best_effort`] for signals and messages to processes and peers
+/// that may be gone already, which is no news: logged at `debug`.
+pub(crate) fn best_effort_quiet<T, E: std::fmt::Display>(what: &str, result: Result<T, E>) {
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "{what} failed (best effort; it may be gone already)");
+    }
+}

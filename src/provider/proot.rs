@@ -173,7 +173,10 @@ impl Provider for ProotProvider {
             // is not recycled while the group exists, so this cannot hit an
             // unrelated process group.
             if let Some(pgid) = pgid {
-                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+                super::best_effort_quiet(
+                    "killing a command's process group",
+                    rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL),
+                );
             }
         };
         let wait = async move {

@@ -42,7 +42,7 @@ impl AdmissionDecision {
     pub fn refusal(self) -> Error {
         match self.into_result() {
             Err(e) => e,
-            Ok(()) => Error::Internal("admission refused without a reason".into()),
+            Ok(()) => Error::internal("admission refused without a reason"),
         }
     }
 

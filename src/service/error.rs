@@ -89,6 +89,19 @@ impl Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+impl Error {
+    /// An internal error, logged here once with where it was made (the
+    /// client only sees "internal error"; the detail also reaches the
+    /// audit trail).
+    #[track_caller]
+    pub fn internal(detail: impl Into<String>) -> Error {
+        let detail = detail.into();
+        let location = std::panic::Location::caller();
+        tracing::error!(error = %detail, %location, "internal error");
+        Error::Internal(detail)
+    }
+}
+
 impl From<StoreError> for Error {
     #[track_caller]
     fn from(e: StoreError) -> Self {

@@ -346,7 +346,7 @@ impl Service {
             } else {
                 match run.await {
                     Ok(result) => result.map_err(Error::from),
-                    Err(join) => Err(Error::Internal(format!("exec task failed: {join}"))),
+                    Err(join) => Err(Error::internal(format!("exec task failed: {join}"))),
                 }
             };
             let [stdout_tail, stderr_tail] = tails;
@@ -433,7 +433,7 @@ impl Service {
         let result = running
             .result
             .await
-            .map_err(|_| Error::Internal("exec task ended without a result".into()))??;
+            .map_err(|_| Error::internal("exec task ended without a result"))??;
         if result.timed_out {
             return Err(Error::Timeout(format!(
                 "command timed out after {}",

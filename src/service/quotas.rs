@@ -162,7 +162,7 @@ impl Service {
                 .store()
                 .get_owner(tenant, owner)
                 .await?
-                .ok_or_else(|| Error::Internal("quota vanished after write".into()))?;
+                .ok_or_else(|| Error::internal("quota vanished after write"))?;
             Ok(policy(saved))
         }
         .await;

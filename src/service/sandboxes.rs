@@ -111,7 +111,7 @@ impl Service {
         let state = m
             .state
             .parse()
-            .map_err(|e: crate::lifecycle::UnknownState| Error::Internal(e.to_string()))?;
+            .map_err(|e: crate::lifecycle::UnknownState| Error::internal(e.to_string()))?;
         let metadata = crate::store::json_to_map(&m.metadata)?;
         Ok(Sandbox {
             id: m.id,
@@ -238,7 +238,7 @@ impl Service {
         };
         let mut worker_labels = match &template {
             Some(t) => serde_json::from_str(&t.worker_labels)
-                .map_err(|e| Error::Internal(format!("template {}: worker_labels: {e}", t.name)))?,
+                .map_err(|e| Error::internal(format!("template {}: worker_labels: {e}", t.name)))?,
             None => BTreeMap::new(),
         };
         worker_labels.extend(req.worker_labels);
@@ -338,7 +338,7 @@ impl Service {
         let (service, task_caller) = (self.clone(), caller.clone());
         let outcome = tokio::spawn(async move { service.spawn_inner(&task_caller, req).await })
             .await
-            .unwrap_or_else(|e| Err(Error::Internal(format!("spawn task failed: {e}"))));
+            .unwrap_or_else(|e| Err(Error::internal(format!("spawn task failed: {e}"))));
         let target = outcome.as_ref().map(|s| s.id.clone()).unwrap_or_default();
         self.audit(
             caller,
@@ -426,7 +426,7 @@ impl Service {
             state: SandboxState::Creating.as_str().into(),
             state_reason: None,
             metadata: serde_json::to_value(&plan.metadata)
-                .map_err(|e| Error::Internal(e.to_string()))?,
+                .map_err(|e| Error::internal(e.to_string()))?,
             created_at: now,
             updated_at: now,
             expires_at,
@@ -470,7 +470,7 @@ impl Service {
                 return self
                     .earlier_spawn(&plan)
                     .await?
-                    .ok_or_else(|| Error::Internal("idempotent spawn vanished".into()));
+                    .ok_or_else(|| Error::internal("idempotent spawn vanished"));
             }
             other => other?,
         };
@@ -718,7 +718,7 @@ impl Service {
         let (service, task_caller, task_id) = (self.clone(), caller.clone(), id.to_string());
         tokio::spawn(async move { service.destroy_sandbox_now(&task_caller, &task_id).await })
             .await
-            .unwrap_or_else(|e| Err(Error::Internal(format!("destroy task failed: {e}"))))
+            .unwrap_or_else(|e| Err(Error::internal(format!("destroy task failed: {e}"))))
     }
 
     async fn destroy_sandbox_now(&self, caller: &Caller, id: &str) -> Result<()> {

@@ -67,7 +67,7 @@ impl Service {
         Ok(Template {
             metadata: crate::store::json_to_map(&m.metadata)?,
             worker_labels: serde_json::from_str(&m.worker_labels)
-                .map_err(|e| Error::Internal(format!("template {}: worker_labels: {e}", m.name)))?,
+                .map_err(|e| Error::internal(format!("template {}: worker_labels: {e}", m.name)))?,
             name: m.name,
             image: m.image,
             memory_mb: u32::try_from(m.memory_mb).unwrap_or_default(),
@@ -187,9 +187,9 @@ impl Service {
             disk_mb: disk_mb.map(|d| d as i32),
             ttl_ms: ttl.as_millis() as i64,
             metadata: serde_json::to_value(&input.metadata)
-                .map_err(|e| Error::Internal(e.to_string()))?,
+                .map_err(|e| Error::internal(e.to_string()))?,
             worker_labels: serde_json::to_string(&input.worker_labels)
-                .map_err(|e| Error::Internal(e.to_string()))?,
+                .map_err(|e| Error::internal(e.to_string()))?,
             created_at: now,
             updated_at: now,
         })

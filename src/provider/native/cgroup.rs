@@ -329,7 +329,7 @@ impl SandboxCgroup {
     pub(crate) fn create(&self, limits: &Limits) -> Result<(), String> {
         let made = self.try_create(limits);
         if made.is_err() {
-            let _ = self.remove();
+            crate::provider::best_effort("removing a half-made cgroup", self.remove());
         }
         made
     }
@@ -542,7 +542,10 @@ fn kill_tasks(dir: &Path) {
     };
     for pid in text.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
         if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            crate::provider::best_effort_quiet(
+                "killing a process of a cgroup",
+                rustix::process::kill_process(pid, rustix::process::Signal::KILL),
+            );
         }
     }
 }

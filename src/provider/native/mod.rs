@@ -696,12 +696,12 @@ where
         code = &mut wait => code.map(ExecExit::Exited),
         () = tokio::time::sleep(timeout) => {
             kill();
-            let _ = wait.await;
+            crate::provider::best_effort_quiet("reaping a timed-out command", wait.await);
             Ok(ExecExit::TimedOut)
         }
         () = cancel.cancelled() => {
             kill();
-            let _ = wait.await;
+            crate::provider::best_effort_quiet("reaping a cancelled command", wait.await);
             Err(ProviderError::Runtime("the sandbox was destroyed while the command ran".into()))
         }
     };
@@ -898,7 +898,10 @@ struct TermOnDrop(Option<Arc<OwnedFd>>);
 impl Drop for TermOnDrop {
     fn drop(&mut self) {
         if let Some(pidfd) = &self.0 {
-            let _ = rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM);
+            crate::provider::best_effort_quiet(
+                "signalling a command",
+                rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM),
+            );
         }
     }
 }
@@ -1150,8 +1153,14 @@ impl Provider for NativeProvider {
         {
             use tokio::io::AsyncWriteExt;
             // A helper that died early shows in its status below.
-            let _ = control.write_all(&encoded).await;
-            let _ = control.shutdown().await;
+            crate::provider::best_effort_quiet(
+                "sending the exec helper its command",
+                control.write_all(&encoded).await,
+            );
+            crate::provider::best_effort_quiet(
+                "closing the exec helper's control socket",
+                control.shutdown().await,
+            );
         }
         let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(ProviderError::Runtime(
@@ -1195,7 +1204,10 @@ impl Provider for NativeProvider {
             // cannot name a recycled pid), so this is a no-op: background
             // processes stay, under the sandbox's init.
             if let Some(pidfd) = &pidfd {
-                let _ = rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM);
+                crate::provider::best_effort_quiet(
+                    "signalling a command",
+                    rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM),
+                );
             }
         };
         let cancel = self.dirs.cancel_token(runtime_id);
