@@ -132,3 +132,72 @@ mod tests {
         }
     }
 }
+
+/// How a command run stands: `running` until it ends, then how it ended.
+/// The store keeps the text ([`ExecStatus::as_str`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecStatus {
+    Running,
+    /// It exited (any exit code).
+    Completed,
+    /// It ran past its timeout and was killed.
+    Timeout,
+    /// It could not run (the runtime refused it).
+    Failed,
+    /// Its worker, replica or runtime went away while it ran.
+    Interrupted,
+}
+
+impl ExecStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecStatus::Running => "running",
+            ExecStatus::Completed => "completed",
+            ExecStatus::Timeout => "timeout",
+            ExecStatus::Failed => "failed",
+            ExecStatus::Interrupted => "interrupted",
+        }
+    }
+
+    /// The status a stored text names; an unknown one (written by a newer
+    /// version) reads as `failed`, never as still running.
+    pub fn from_stored(text: &str) -> ExecStatus {
+        match text {
+            "running" => ExecStatus::Running,
+            "completed" => ExecStatus::Completed,
+            "timeout" => ExecStatus::Timeout,
+            "interrupted" => ExecStatus::Interrupted,
+            _ => ExecStatus::Failed,
+        }
+    }
+}
+
+impl std::fmt::Display for ExecStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod exec_status_tests {
+    use super::ExecStatus;
+
+    #[test]
+    fn stored_names_round_trip() {
+        for s in [
+            ExecStatus::Running,
+            ExecStatus::Completed,
+            ExecStatus::Timeout,
+            ExecStatus::Failed,
+            ExecStatus::Interrupted,
+        ] {
+            assert_eq!(ExecStatus::from_stored(s.as_str()), s);
+            assert_eq!(
+                serde_json::to_value(s).ok(),
+                Some(serde_json::json!(s.as_str()))
+            );
+        }
+        assert_eq!(ExecStatus::from_stored("???"), ExecStatus::Failed);
+    }
+}

@@ -12,13 +12,29 @@ use crate::auth::Caller;
 use crate::duration;
 use crate::store::LiveCounts;
 
+/// Why a spawn is refused (`""` when it is not), in the words StacyVM's
+/// SDKs know.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub enum AdmissionReason {
+    #[serde(rename = "")]
+    Allowed,
+    #[serde(rename = "max_ttl")]
+    MaxTtl,
+    #[serde(rename = "worker_unavailable")]
+    WorkerUnavailable,
+    #[serde(rename = "max_sandboxes")]
+    MaxSandboxes,
+    #[serde(rename = "max_sandboxes_per_owner")]
+    MaxSandboxesPerOwner,
+}
+
 /// The admission answer; field names are the ones StacyVM SDKs read, and
 /// nothing else is serialized (SDK 0.1.1 refuses unknown keys).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AdmissionDecision {
     pub allowed: bool,
     pub queueable: bool,
-    pub reason: String,
+    pub reason: AdmissionReason,
     pub active_sandboxes: u64,
     pub max_sandboxes: u64,
     pub active_owner_sandboxes: u64,
@@ -51,25 +67,27 @@ impl AdmissionDecision {
         if self.allowed {
             return Ok(());
         }
-        match self.reason.as_str() {
-            "max_ttl" => Err(Error::BadRequest(format!(
+        match self.reason {
+            AdmissionReason::MaxTtl => Err(Error::BadRequest(format!(
                 "ttl exceeds the maximum of {}",
                 self.max_ttl
             ))),
-            "worker_unavailable" => Err(Error::Unavailable(
+            AdmissionReason::WorkerUnavailable => Err(Error::Unavailable(
                 "no worker can run this sandbox right now".into(),
             )),
-            "max_sandboxes" => Err(Error::ResourceLimit {
+            AdmissionReason::MaxSandboxes => Err(Error::ResourceLimit {
                 message: "the server runs its maximum number of sandboxes; try again later".into(),
                 retry_after_secs: 5,
             }),
-            _ => Err(Error::ResourceLimit {
-                message: format!(
-                    "owner has reached its maximum of {} sandboxes",
-                    self.max_owner_sandboxes
-                ),
-                retry_after_secs: 5,
-            }),
+            AdmissionReason::MaxSandboxesPerOwner | AdmissionReason::Allowed => {
+                Err(Error::ResourceLimit {
+                    message: format!(
+                        "owner has reached its maximum of {} sandboxes",
+                        self.max_owner_sandboxes
+                    ),
+                    retry_after_secs: 5,
+                })
+            }
         }
     }
 }
@@ -155,26 +173,26 @@ impl Service {
         let mut decision = AdmissionDecision {
             allowed: true,
             queueable: false,
-            reason: String::new(),
+            reason: AdmissionReason::Allowed,
             active_sandboxes: counts.all,
             max_sandboxes: limits.max_sandboxes,
             active_owner_sandboxes: counts.owner,
             max_owner_sandboxes: limits.max_owner_sandboxes,
             max_ttl: duration::format(limits.max_ttl),
         };
-        let refuse = |d: &mut AdmissionDecision, reason: &str, queueable: bool| {
+        let refuse = |d: &mut AdmissionDecision, reason: AdmissionReason, queueable: bool| {
             d.allowed = false;
             d.queueable = queueable;
-            d.reason = reason.to_string();
+            d.reason = reason;
         };
         if plan.ttl > limits.max_ttl {
-            refuse(&mut decision, "max_ttl", false);
+            refuse(&mut decision, AdmissionReason::MaxTtl, false);
         } else if placed == Placed::No && self.scheduler().choose(&plan.ask()).is_err() {
-            refuse(&mut decision, "worker_unavailable", false);
+            refuse(&mut decision, AdmissionReason::WorkerUnavailable, false);
         } else if limits.max_sandboxes > 0 && counts.all >= limits.max_sandboxes {
-            refuse(&mut decision, "max_sandboxes", true);
+            refuse(&mut decision, AdmissionReason::MaxSandboxes, true);
         } else if limits.max_owner_sandboxes > 0 && counts.owner >= limits.max_owner_sandboxes {
-            refuse(&mut decision, "max_sandboxes_per_owner", true);
+            refuse(&mut decision, AdmissionReason::MaxSandboxesPerOwner, true);
         }
         decision
     }

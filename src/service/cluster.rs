@@ -565,7 +565,12 @@ impl Service {
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             // It just ended there: the record has the result now.
             return match self.store().get_execution(&execution.id).await? {
-                Some(record) if record.status != "running" => Ok(self.replay(record, from_seq)),
+                Some(record)
+                    if crate::lifecycle::ExecStatus::from_stored(&record.status)
+                        != crate::lifecycle::ExecStatus::Running =>
+                {
+                    Ok(self.replay(record, from_seq))
+                }
                 _ => Err(not_here()),
             };
         }

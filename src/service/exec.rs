@@ -11,6 +11,7 @@ use super::{Error, Result, Service};
 use crate::auth::Caller;
 use crate::duration;
 use crate::events::Event;
+use crate::lifecycle::ExecStatus;
 use crate::provider::{ExecExit, ExecSpec, OutputChunk, StreamKind};
 use crate::store::ExecutionFinish;
 
@@ -247,7 +248,7 @@ impl Service {
                 owner_id: model.owner_id.clone(),
                 tenant_id: model.tenant_id.clone(),
                 argv: serde_json::json!(argv),
-                status: "running".into(),
+                status: ExecStatus::Running.as_str().into(),
                 exit_code: None,
                 duration_ms: None,
                 stdout_tail: String::new(),
@@ -351,17 +352,17 @@ impl Service {
             };
             let [stdout_tail, stderr_tail] = tails;
             let (status, exit_code, error) = match &exit {
-                Ok(ExecExit::Exited(code)) => ("completed", Some(*code), None),
+                Ok(ExecExit::Exited(code)) => (ExecStatus::Completed, Some(*code), None),
                 Ok(ExecExit::TimedOut) => (
-                    "timeout",
+                    ExecStatus::Timeout,
                     None,
                     Some(format!("timed out after {}", duration::format(timeout))),
                 ),
                 // A worker lost mid-command (or its daemon gone) interrupts it.
                 Err(e) if interrupted || matches!(e, Error::Unavailable(_)) => {
-                    ("interrupted", None, Some(e.to_string()))
+                    (ExecStatus::Interrupted, None, Some(e.to_string()))
                 }
-                Err(e) => ("failed", None, Some(e.to_string())),
+                Err(e) => (ExecStatus::Failed, None, Some(e.to_string())),
             };
             let finish = ExecutionFinish {
                 status,
@@ -379,14 +380,14 @@ impl Service {
                 sandbox_id: model.id.clone(),
                 owner_id: model.owner_id.clone(),
                 tenant_id: model.tenant_id.clone(),
-                status: status.into(),
+                status: status.as_str().into(),
                 exit_code,
                 at: Utc::now(),
             });
             log.finish(OutputEnd {
                 exit_code,
                 duration,
-                timed_out: status == "timeout",
+                timed_out: status == ExecStatus::Timeout,
                 error: match &exit {
                     Err(e) => Some(e.to_string()),
                     Ok(_) => None,

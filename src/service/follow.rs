@@ -12,6 +12,7 @@ use super::output::{OutputEnd, OutputFollower, OutputLog};
 use super::{Error, ExecRequest, Result, Service};
 use crate::auth::Caller;
 use crate::events::Event;
+use crate::lifecycle::ExecStatus;
 
 /// What an event subscriber receives.
 #[derive(Debug, Clone)]
@@ -46,7 +47,7 @@ impl Service {
                 )));
             }
         };
-        if record.status == "running" {
+        if ExecStatus::from_stored(&record.status) == ExecStatus::Running {
             if record.replica_id != self.replica_id() {
                 // Running on another replica: follow it there.
                 return self.follow_on_replica(&record, from_seq).await;
@@ -82,7 +83,7 @@ impl Service {
         log.finish(OutputEnd {
             exit_code: execution.exit_code,
             duration: execution.duration.unwrap_or_default(),
-            timed_out: execution.status == "timeout",
+            timed_out: execution.status == ExecStatus::Timeout,
             error: execution.error.clone(),
         });
         log.follow(from_seq)

@@ -46,8 +46,7 @@ pub struct Execution {
     pub owner_id: String,
     pub tenant_id: String,
     pub argv: Vec<String>,
-    /// running, completed, timeout, failed or interrupted.
-    pub status: String,
+    pub status: crate::lifecycle::ExecStatus,
     pub exit_code: Option<i32>,
     pub duration: Option<Duration>,
     pub stdout_tail: String,
@@ -69,7 +68,7 @@ impl From<entity::execution::Model> for Execution {
             sandbox_id: m.sandbox_id,
             owner_id: m.owner_id,
             tenant_id: m.tenant_id,
-            status: m.status,
+            status: crate::lifecycle::ExecStatus::from_stored(&m.status),
             exit_code: m.exit_code,
             stdout_tail: m.stdout_tail,
             stderr_tail: m.stderr_tail,

@@ -28,7 +28,7 @@ mod system;
 mod templates;
 mod workers;
 
-pub use admission::AdmissionDecision;
+pub use admission::{AdmissionDecision, AdmissionReason};
 pub use audit::{AuditAction, AuditOutcome};
 pub use error::{Error, ErrorCode, Result};
 pub use exec::{CollectedExec, ExecOutput, ExecRequest, ExecResult, RunningExec};

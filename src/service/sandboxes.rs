@@ -376,7 +376,7 @@ impl Service {
     /// Admits, places and makes a planned sandbox.
     async fn spawn_planned(&self, plan: SpawnPlan) -> Result<Sandbox> {
         let decision = self.admission_for_plan(&plan, Placed::No).await?;
-        if decision.reason == "worker_unavailable" {
+        if decision.reason == super::admission::AdmissionReason::WorkerUnavailable {
             // The scheduler says precisely why (unknown provider, unhealthy, ...).
             self.scheduler().choose(&plan.ask())?;
         }

@@ -11,8 +11,8 @@ use super::{Store, StoreResult};
 /// How an execution ended, written once when it does.
 #[derive(Debug, Clone)]
 pub struct ExecutionFinish {
-    /// completed, timeout, failed or interrupted.
-    pub status: &'static str,
+    /// How it ended (never `running`).
+    pub status: crate::lifecycle::ExecStatus,
     pub exit_code: Option<i32>,
     pub duration_ms: i64,
     pub stdout_tail: String,
@@ -54,10 +54,13 @@ impl Store {
     ) -> StoreResult<u64> {
         use sea_orm::sea_query::Expr;
         let result = Entity::update_many()
-            .col_expr(Column::Status, Expr::value("interrupted"))
+            .col_expr(
+                Column::Status,
+                Expr::value(crate::lifecycle::ExecStatus::Interrupted.as_str()),
+            )
             .col_expr(Column::Error, Expr::value(Some(reason.to_string())))
             .col_expr(Column::FinishedAt, Expr::value(Some(Utc::now())))
-            .filter(Column::Status.eq("running"))
+            .filter(Column::Status.eq(crate::lifecycle::ExecStatus::Running.as_str()))
             .filter(Column::ReplicaId.eq(replica_id))
             .exec(self.conn())
             .await?;

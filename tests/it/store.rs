@@ -409,7 +409,7 @@ async fn executions_record(store: &Store) {
         .finish_execution(
             "ex-1",
             ExecutionFinish {
-                status: "completed",
+                status: stacyvm::lifecycle::ExecStatus::Completed,
                 exit_code: Some(3),
                 duration_ms: 12,
                 stdout_tail: "hi\n".into(),

@@ -192,7 +192,7 @@ impl Execution {
     }
     /// running, completed, timeout, failed or interrupted.
     async fn status(&self) -> &str {
-        &self.0.status
+        self.0.status.as_str()
     }
     async fn exit_code(&self) -> Option<i32> {
         self.0.exit_code
