@@ -67,7 +67,10 @@ impl ContentEncoding {
     }
 }
 
-/// Makes `path` absolute and resolves `.` and `..` lexically, never above `/`.
+/// Resolves `.` and `..` in an absolute path lexically, never above `/`.
+/// A relative path is refused: the providers have no common working
+/// directory to resolve it against, and guessing `/` wrote files where
+/// nobody looked.
 pub(crate) fn normalize_path(path: &str) -> Result<String> {
     if path.is_empty() {
         return Err(Error::BadRequest("path is required".into()));
@@ -75,7 +78,35 @@ pub(crate) fn normalize_path(path: &str) -> Result<String> {
     if path.len() > MAX_PATH_BYTES || path.contains('\0') {
         return Err(Error::BadRequest("invalid path".into()));
     }
+    if !path.starts_with('/') {
+        return Err(Error::BadRequest(format!(
+            "path must be absolute (start with /), got {path:?}"
+        )));
+    }
     Ok(crate::provider::resolve_lexically(path))
+}
+
+/// Kernel file systems in a sandbox: readable, but nothing written there is
+/// a file (docker's archive API even answered success for `/proc/x` and
+/// kept nothing).
+const KERNEL_DIRS: [&str; 3] = ["/proc", "/sys", "/dev"];
+
+/// [`normalize_path`] for a change: never `/` itself, never in a kernel
+/// file system.
+pub(crate) fn writable_path(path: &str, what: &str) -> Result<String> {
+    let path = normalize_path(path)?;
+    if path == "/" {
+        return Err(Error::BadRequest(format!("cannot {what} /")));
+    }
+    if let Some(dir) = KERNEL_DIRS
+        .iter()
+        .find(|d| path == **d || path.starts_with(&format!("{d}/")))
+    {
+        return Err(Error::BadRequest(format!(
+            "cannot {what} {path}: {dir} is the kernel's, not a file system of the sandbox"
+        )));
+    }
+    Ok(path)
 }
 
 /// Parses permission bits written in octal ("644", "0755", "0o600").
@@ -109,10 +140,7 @@ impl Service {
     pub async fn write_file(&self, caller: &Caller, id: &str, write: FileWrite) -> Result<()> {
         let outcome = async {
             self.require_write(caller)?;
-            let path = normalize_path(&write.path)?;
-            if path == "/" {
-                return Err(Error::BadRequest("cannot write to /".into()));
-            }
+            let path = writable_path(&write.path, "write")?;
             let mode = match write.mode.as_deref() {
                 None | Some("") => 0o644,
                 Some(m) => parse_mode(m)?,
@@ -163,11 +191,8 @@ impl Service {
     pub async fn move_file(&self, caller: &Caller, id: &str, from: &str, to: &str) -> Result<()> {
         let outcome = async {
             self.require_write(caller)?;
-            let from = normalize_path(from)?;
-            let to = normalize_path(to)?;
-            if from == "/" || to == "/" {
-                return Err(Error::BadRequest("cannot move /".into()));
-            }
+            let from = writable_path(from, "move")?;
+            let to = writable_path(to, "move to")?;
             let (worker, runtime) = self.file_target(caller, id).await?;
             Ok(worker.move_file(&runtime, &from, &to).await?)
         }
@@ -192,7 +217,7 @@ impl Service {
     ) -> Result<()> {
         let outcome = async {
             self.require_write(caller)?;
-            let path = normalize_path(path)?;
+            let path = writable_path(path, "chmod")?;
             let mode = parse_mode(mode)?;
             let (worker, runtime) = self.file_target(caller, id).await?;
             Ok(worker.chmod_file(&runtime, &path, mode).await?)
@@ -218,10 +243,7 @@ impl Service {
     ) -> Result<()> {
         let outcome = async {
             self.require_write(caller)?;
-            let path = normalize_path(path)?;
-            if path == "/" {
-                return Err(Error::BadRequest("cannot delete /".into()));
-            }
+            let path = writable_path(path, "delete")?;
             let (worker, runtime) = self.file_target(caller, id).await?;
             Ok(worker.delete_file(&runtime, &path, recursive).await?)
         }
@@ -263,12 +285,33 @@ mod tests {
     #[test]
     fn paths_never_climb_above_root() {
         let n = |p: &str| normalize_path(p).unwrap_or_default();
-        assert_eq!(n("../../etc/passwd"), "/etc/passwd");
+        assert_eq!(n("/../../etc/passwd"), "/etc/passwd");
         assert_eq!(n("/tmp/../../x"), "/x");
-        assert_eq!(n("a/./b//c/"), "/a/b/c");
+        assert_eq!(n("/a/./b//c/"), "/a/b/c");
         assert_eq!(n("/.."), "/");
         assert!(normalize_path("").is_err());
-        assert!(normalize_path("a\0b").is_err());
+        assert!(normalize_path("/a\0b").is_err());
+        for relative in ["a.txt", "./a", "../etc/passwd", "tmp/x"] {
+            let e = normalize_path(relative).expect_err(relative);
+            assert!(e.to_string().contains("absolute"), "{e}");
+        }
+    }
+
+    #[test]
+    fn changes_stay_out_of_root_and_kernel_file_systems() {
+        for bad in [
+            "/",
+            "/proc/x",
+            "/proc",
+            "/sys/kernel/x",
+            "/dev/null",
+            "/tmp/../proc/1",
+        ] {
+            assert!(writable_path(bad, "write").is_err(), "{bad}");
+        }
+        for ok in ["/tmp/x", "/procfile", "/devices/x", "/workspace/sys"] {
+            assert_eq!(writable_path(ok, "write").ok().as_deref(), Some(ok));
+        }
     }
 
     #[test]

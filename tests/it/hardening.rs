@@ -859,3 +859,43 @@ async fn an_exec_says_how_it_ended_and_whether_output_was_cut() {
     server.delete(&format!("/sandboxes/{id}")).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_paths_are_absolute_and_kernel_file_systems_are_not_written() {
+    let server = if crate::support::docker_enabled() {
+        TestServer::start(|c| c.providers.default = "docker".into()).await
+    } else {
+        crate::support::native_server(|_| {}).await
+    };
+    let (status, body) = server
+        .post(
+            "/sandboxes",
+            json!({ "image": crate::support::docker_image() }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let files = format!("/sandboxes/{id}/files");
+    for (path, why) in [
+        ("a.txt", "absolute"),
+        ("tmp/a.txt", "absolute"),
+        ("/proc/x", "kernel"),
+        ("/sys/x", "kernel"),
+        ("/tmp/../dev/x", "kernel"),
+    ] {
+        let (status, body) = server
+            .post(&files, json!({"path": path, "content": "x"}))
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| m.contains(why)),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) = server.get(&format!("{files}?path=etc/passwd")).await;
+    assert_eq!(status, 400, "{body}");
+    // Nothing landed at / either.
+    assert!(!server.shell(&id, "ls /").await.contains("a.txt"));
+    server.delete(&format!("/sandboxes/{id}")).await;
+    server.stop().await;
+}
