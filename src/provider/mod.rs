@@ -107,6 +107,28 @@ pub struct RuntimeHandle {
 }
 
 /// A command to run. The service has already turned shell/argv modes into a
+/// The one rule for what a command may carry, checked by the service on
+/// every request and again by a provider whose helper protocol depends on
+/// it (the native provider's NUL-separated one): a non-empty argv, no NUL
+/// byte anywhere, environment names non-empty and without `=`.
+pub fn check_command(
+    argv: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+) -> Result<(), String> {
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err("command is required".into());
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err("command and args may not contain NUL bytes".into());
+    }
+    for (key, value) in env {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(format!("invalid environment variable name {key:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// plain argv, so providers never parse shell syntax.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecSpec {

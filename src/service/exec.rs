@@ -133,12 +133,7 @@ fn build_argv(req: &ExecRequest) -> Result<Vec<String>> {
     if req.command.is_empty() {
         return Err(Error::BadRequest("command is required".into()));
     }
-    if req.command.contains('\0') || req.args.iter().any(|a| a.contains('\0')) {
-        return Err(Error::BadRequest(
-            "command and args may not contain NUL bytes".into(),
-        ));
-    }
-    match req.mode.as_deref().unwrap_or("") {
+    let argv = match req.mode.as_deref().unwrap_or("") {
         "" | "shell" => {
             let mut script = req.command.clone();
             if !req.args.is_empty() {
@@ -155,18 +150,9 @@ fn build_argv(req: &ExecRequest) -> Result<Vec<String>> {
         other => Err(Error::BadRequest(format!(
             "invalid exec mode {other:?}: use \"shell\" or \"argv\""
         ))),
-    }
-}
-
-fn validate_env(env: &BTreeMap<String, String>) -> Result<()> {
-    for (key, value) in env {
-        if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
-            return Err(Error::BadRequest(format!(
-                "invalid environment variable name {key:?}"
-            )));
-        }
-    }
-    Ok(())
+    }?;
+    crate::provider::check_command(&argv, &req.env).map_err(Error::BadRequest)?;
+    Ok(argv)
 }
 
 impl Service {
@@ -214,7 +200,6 @@ impl Service {
         let in_flight = self.inner.shutdown.execs.token();
         self.refuse_if_draining()?;
         let argv = build_argv(&req)?;
-        validate_env(&req.env)?;
         if let Some(dir) = &req.workdir
             && !dir.is_empty()
             && !dir.starts_with('/')

@@ -458,19 +458,12 @@ impl SandboxDirs {
         spec: &ExecSpec,
         sink: &OutputSink,
     ) -> ProviderResult<Result<(String, BTreeMap<String, String>), ExecExit>> {
+        // The helper protocol separates strings with NUL bytes.
+        crate::provider::check_command(&spec.argv, &spec.env)
+            .map_err(ProviderError::InvalidRequest)?;
         let Some(argv0) = spec.argv.first() else {
             return Err(ProviderError::InvalidRequest("empty argv".into()));
         };
-        if spec.argv.iter().any(|a| a.contains('\0'))
-            || spec
-                .env
-                .iter()
-                .any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
-        {
-            return Err(ProviderError::InvalidRequest(
-                "argv and env may not contain NUL bytes or empty / '=' names".into(),
-            ));
-        }
         let mut env = BTreeMap::new();
         env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
         env.extend(spec.env.clone());
