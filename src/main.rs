@@ -35,6 +35,7 @@ enum Command {
         /// Address to bind (loopback unless you say otherwise).
         #[arg(long)]
         host: Option<String>,
+        /// Port to listen on (default 7423).
         #[arg(long)]
         port: Option<u16>,
         /// Default provider: auto, docker, native or proot.
@@ -105,6 +106,7 @@ enum Command {
 enum KeyCommand {
     /// Create a key for an owner and print it (once).
     Create {
+        /// The owner the key acts as (1 to 128 characters).
         #[arg(long)]
         owner: String,
         /// admin, operator, viewer or owner.
@@ -113,6 +115,7 @@ enum KeyCommand {
         /// Shorthand for --role admin.
         #[arg(long)]
         admin: bool,
+        /// The owner's tenant (default: the default tenant).
         #[arg(long)]
         tenant: Option<String>,
         /// Lifetime as a Go duration, e.g. 720h; default: no expiry.
@@ -125,7 +128,10 @@ enum KeyCommand {
     /// List keys (by prefix; never the keys themselves).
     List,
     /// Revoke a key by id or prefix.
-    Revoke { id_or_prefix: String },
+    Revoke {
+        /// The key's id or its printed prefix (svm_...).
+        id_or_prefix: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -133,11 +139,18 @@ enum WorkersCommand {
     /// List workers with their state and sandboxes.
     List,
     /// No new sandboxes on the worker; its sandboxes run on.
-    Cordon { id: String },
+    Cordon {
+        /// The worker's id.
+        id: String,
+    },
     /// Let the worker take new sandboxes again.
-    Uncordon { id: String },
+    Uncordon {
+        /// The worker's id.
+        id: String,
+    },
     /// Cordon the worker until its sandboxes are gone.
     Drain {
+        /// The worker's id.
         id: String,
         /// Return only once the worker has no sandbox left.
         #[arg(long)]
@@ -150,12 +163,21 @@ enum WorkersCommand {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Import a root filesystem tarball (as `docker export` writes it).
-    Import { name: String, tarball: PathBuf },
+    /// Import a root filesystem tarball (as `docker export` writes it; plain
+    /// or gzip-compressed).
+    Import {
+        /// The image name sandboxes ask for, e.g. alpine:3.19.
+        name: String,
+        /// The tarball: .tar or .tar.gz.
+        tarball: PathBuf,
+    },
     /// List imported images.
     List,
     /// Remove an image.
-    Rm { name: String },
+    Rm {
+        /// The image name.
+        name: String,
+    },
 }
 
 /// `KEY=VALUE` (see `stacyvm::worker::labels`).
