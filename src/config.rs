@@ -218,6 +218,9 @@ pub struct ServerConfig {
     pub max_websockets_per_credential: usize,
     /// Most GraphQL WebSockets open at once.
     pub max_websockets: usize,
+    /// Most requests one credential may have in flight at once (a streamed
+    /// answer counts until it ends); 0: no limit.
+    pub max_requests_per_credential: usize,
     /// Requests refused for their credentials, per source address: past
     /// this rate they are answered 429 and no longer audited.
     pub refused_rate_limit: crate::service::RateLimitConfig,
@@ -488,6 +491,7 @@ impl Default for ServerConfig {
             websocket_init_timeout: secs(10),
             max_websockets_per_credential: 100,
             max_websockets: 2048,
+            max_requests_per_credential: 256,
             refused_rate_limit: crate::service::RateLimitConfig {
                 enabled: true,
                 requests_per_minute: 60,

@@ -95,8 +95,19 @@ pub async fn authenticate(
                 add_headers(&mut response, decision.headers());
                 return response;
             }
+            let held = match service.hold_request(&caller) {
+                Ok(held) => held,
+                Err(e) => return ApiError(e).into_response(),
+            };
             req.extensions_mut().insert(caller);
             let mut response = next.run(req).await;
+            // The place is given back when the body has been sent (or
+            // dropped): a stream holds it while it runs.
+            let response_body = std::mem::take(response.body_mut());
+            *response.body_mut() = axum::body::Body::new(Holding {
+                body: response_body,
+                _held: held,
+            });
             if let Some(decision) = decision {
                 add_headers(&mut response, decision.headers());
             }
@@ -110,6 +121,32 @@ pub async fn authenticate(
             next.run(req).await
         }
         Err(e) => ApiError(e).into_response(),
+    }
+}
+
+/// A response body that keeps its request's in-flight place until it ends.
+struct Holding {
+    body: axum::body::Body,
+    _held: crate::service::InFlightGuard,
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
     }
 }
 

@@ -42,7 +42,7 @@ pub use policy::{
     Scope, SpawnBounds, Subject, check_policy,
 };
 pub use quotas::{QuotaInput, QuotaPolicy, QuotaUsage};
-pub use rate_limit::{RateDecision, RateLimitConfig, RateLimiter};
+pub use rate_limit::{InFlightGuard, InFlightLimiter, RateDecision, RateLimitConfig, RateLimiter};
 pub use reconcile::ReconcileReport;
 pub use sandboxes::{Sandbox, SpawnRequest};
 pub use shutdown::DrainReport;
@@ -80,6 +80,8 @@ struct Inner {
     rate_limiter: RateLimiter,
     /// Refused requests per source address.
     refused_limiter: RateLimiter,
+    /// Requests in flight per credential.
+    in_flight: InFlightLimiter,
     /// Spawns waiting for capacity under `spawn_overflow: queue`.
     spawn_queue: spawn_queue::SpawnQueue,
     /// Serialises "count live sandboxes, then insert one" so that concurrent
@@ -108,6 +110,7 @@ impl Service {
             inner: Arc::new(Inner {
                 rate_limiter: RateLimiter::new(config.rate_limit.clone()),
                 refused_limiter: RateLimiter::new(config.server.refused_rate_limit.clone()),
+                in_flight: InFlightLimiter::new(config.server.max_requests_per_credential),
                 spawn_queue: spawn_queue::SpawnQueue::new(
                     config.defaults.spawn_queue_size,
                     config.defaults.spawn_queue_timeout.0,
@@ -187,6 +190,21 @@ impl Service {
                 .await;
         }
         result
+    }
+
+    /// A place for one more request in flight of this caller's credential
+    /// (`server.max_requests_per_credential`; a stream holds it until it
+    /// ends), or 429.
+    pub fn hold_request(&self, caller: &Caller) -> Result<InFlightGuard> {
+        let key = caller.credential.as_deref().unwrap_or("open");
+        self.inner.in_flight.try_hold(key).ok_or_else(|| Error::ResourceLimit {
+            message: format!(
+                "this credential has {} requests in flight (server.max_requests_per_credential); \
+                 wait for some to finish",
+                self.config().server.max_requests_per_credential
+            ),
+            retry_after_secs: 1,
+        })
     }
 
     /// The rate-limit decision for this caller's credential, when limits

@@ -527,3 +527,88 @@ mod tests {
         assert_eq!(allowed, 100);
     }
 }
+
+/// How many requests each key has in flight (a streamed answer counts until
+/// its body ends), bounded per key. The table holds only keys with a
+/// request in flight.
+#[derive(Debug)]
+pub struct InFlightLimiter {
+    max: usize,
+    held: std::sync::Arc<Mutex<HashMap<Box<str>, usize>>>,
+}
+
+/// One request's place; given back when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    key: Box<str>,
+    held: std::sync::Arc<Mutex<HashMap<Box<str>, usize>>>,
+}
+
+impl InFlightLimiter {
+    /// `max` requests per key at once; 0: no limit.
+    pub fn new(max: usize) -> InFlightLimiter {
+        InFlightLimiter {
+            max,
+            held: Default::default(),
+        }
+    }
+
+    /// A place for one more request of `key`, unless it holds `max`.
+    pub fn try_hold(&self, key: &str) -> Option<InFlightGuard> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = held.entry(key.into()).or_insert(0);
+        if self.max > 0 && *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(InFlightGuard {
+            key: key.into(),
+            held: self.held.clone(),
+        })
+    }
+
+    /// Keys with a request in flight (for tests).
+    pub fn keys(&self) -> usize {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::InFlightLimiter;
+
+    #[test]
+    fn requests_in_flight_are_bounded_per_key_and_forgotten() {
+        let limiter = InFlightLimiter::new(2);
+        let a1 = limiter.try_hold("a");
+        let a2 = limiter.try_hold("a");
+        assert!(a1.is_some() && a2.is_some());
+        assert!(limiter.try_hold("a").is_none());
+        assert!(
+            limiter.try_hold("b").is_some(),
+            "another key is not limited"
+        );
+        drop(a1);
+        assert!(limiter.try_hold("a").is_some());
+        drop(a2);
+        assert_eq!(limiter.keys(), 0, "idle keys leave the table");
+        let unlimited = InFlightLimiter::new(0);
+        let held: Vec<_> = (0..1000).filter_map(|_| unlimited.try_hold("a")).collect();
+        assert_eq!(held.len(), 1000);
+    }
+}

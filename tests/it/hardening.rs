@@ -899,3 +899,58 @@ async fn file_paths_are_absolute_and_kernel_file_systems_are_not_written() {
     server.delete(&format!("/sandboxes/{id}")).await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_may_hold_only_so_many_requests_in_flight() {
+    let server = crate::support::native_server(|c| {
+        c.auth.api_key = "in-flight-key".into();
+        c.server.max_requests_per_credential = 2;
+    })
+    .await;
+    let with_key = |rb: reqwest::RequestBuilder| rb.header("x-api-key", "in-flight-key");
+    let resp = with_key(server.http.post(server.url("/sandboxes")))
+        .json(&json!({ "image": crate::support::docker_image() }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let body: Value = resp.json().await.unwrap_or_default();
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    assert!(!id.is_empty(), "{body}");
+    let exec = server.url(&format!("/sandboxes/{id}/exec"));
+    // Two streams in flight: their bodies are open until the commands end.
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let resp = with_key(server.http.post(&exec))
+            .json(&json!({"command": "echo started; sleep 3", "mode": "shell", "stream": true}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status().as_u16(), 200);
+        streams.push(resp);
+    }
+    let third = with_key(server.http.get(server.url("/sandboxes")))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(third.status().as_u16(), 429);
+    let body: Value = third.json().await.unwrap_or_default();
+    assert_eq!(body["code"], "RESOURCE_LIMIT", "{body}");
+    // Another caller is not limited by this credential's requests.
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+    // Once the streams end, their places are back.
+    for stream in streams {
+        let text = stream.text().await.unwrap_or_default();
+        assert!(text.contains("started"), "{text}");
+    }
+    let again = with_key(server.http.get(server.url("/sandboxes")))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.status().as_u16(), 200);
+    with_key(server.http.delete(server.url(&format!("/sandboxes/{id}"))))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.stop().await;
+}
