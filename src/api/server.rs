@@ -28,6 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+/// How long StacyVM's own HTTP clients (replica to replica, control plane
+/// to worker) keep an idle pooled connection: well below the 20 s default
+/// of `server.header_read_timeout` after which a server closes it.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The bounds of [`serve`].
 #[derive(Debug, Clone, Copy)]
 pub struct ServerLimits {

@@ -41,9 +41,10 @@ pub enum ImageStoreError {
     /// The name is empty, too long, or could escape the store.
     #[error("invalid image name {0:?}: use letters, digits and . _ - : / (no empty or .. parts)")]
     InvalidName(String),
-    /// The name is reserved for a built-in image (`host`).
+    /// The name breaks the image reference grammar (`image_ref`).
     #[error("{0}")]
     InvalidReference(String),
+    /// The name is reserved for a built-in image (`host`).
     #[error("image name {0:?} is reserved")]
     Reserved(String),
     /// No image with that name has been imported.

@@ -106,7 +106,6 @@ pub struct RuntimeHandle {
     pub runtime_id: String,
 }
 
-/// A command to run. The service has already turned shell/argv modes into a
 /// The one rule for what a command may carry, checked by the service on
 /// every request and again by a provider whose helper protocol depends on
 /// it (the native provider's NUL-separated one): a non-empty argv, no NUL
@@ -122,13 +121,17 @@ pub fn check_command(
         return Err("command and args may not contain NUL bytes".into());
     }
     for (key, value) in env {
-        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+        if key.is_empty() || key.contains(['=', '\0']) {
             return Err(format!("invalid environment variable name {key:?}"));
+        }
+        if value.contains('\0') {
+            return Err(format!("environment variable {key:?} holds a NUL byte"));
         }
     }
     Ok(())
 }
 
+/// A command to run. The service has already turned shell/argv modes into a
 /// plain argv, so providers never parse shell syntax.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExecSpec {

@@ -182,9 +182,15 @@ fn valid_user_id(user: &str) -> Result<()> {
 
 /// The one rule for owner and tenant names, wherever they come from (a
 /// stored key, `X-User-ID`, a JWT's `sub` and `tenant`): 1 to 128
-/// characters, none of them a control character.
+/// characters, none of them a control character, and not a name the
+/// server's own audit events use (`system`, `unauthenticated:...`): an
+/// owner of that name would read them.
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 128 && !name.chars().any(char::is_control)
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.chars().any(char::is_control)
+        && name != "system"
+        && !name.starts_with("unauthenticated:")
 }
 
 impl Identity {
@@ -283,7 +289,13 @@ impl Identity {
                 ));
             }
             Caller {
-                credential: Some(format!("jwt:{}", token.subject)),
+                // The tenant is part of who it is: two tenants' `alice`
+                // have their own budgets (rate, in-flight, WebSockets).
+                credential: Some(format!(
+                    "jwt:{}:{}",
+                    token.tenant.as_deref().unwrap_or(DEFAULT_TENANT),
+                    token.subject
+                )),
                 owner_id: token.subject,
                 tenant_id: token.tenant.unwrap_or_else(|| DEFAULT_TENANT.into()),
                 role,

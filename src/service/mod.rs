@@ -97,6 +97,21 @@ struct Inner {
     started_at: Instant,
 }
 
+/// The key refused requests are counted under: the IPv4 address, or the
+/// /64 network of an IPv6 one (one host commonly holds a whole /64).
+fn refusal_key(peer: std::net::IpAddr) -> String {
+    match peer {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
 impl Service {
     pub fn new(
         store: Store,
@@ -171,7 +186,7 @@ impl Service {
             // they are answered 429 and not recorded, so that an
             // anonymous client cannot fill the disk.
             if let Some(peer) = peer {
-                let decision = self.inner.refused_limiter.check(&peer.to_string());
+                let decision = self.inner.refused_limiter.check(&refusal_key(peer));
                 if !decision.allowed {
                     return Err(Error::ResourceLimit {
                         message: "too many refused requests from this address; slow down".into(),
@@ -186,8 +201,14 @@ impl Service {
                 request_id,
                 ..Caller::system()
             };
-            self.audit(&unknown, AuditAction::AuthDenied, "", Err(e))
-                .await;
+            // A request that presented nothing (a browser on a public page,
+            // a probe) is refused, not audited: only presented credentials
+            // are worth a record, and an anonymous flood cannot fill the
+            // trail.
+            if presented != "none" {
+                self.audit(&unknown, AuditAction::AuthDenied, "", Err(e))
+                    .await;
+            }
         }
         result
     }

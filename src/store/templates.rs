@@ -42,12 +42,24 @@ impl Store {
         .await?)
     }
 
-    /// Templates by name, in one query; the caller keeps those of the
-    /// (tenant, owner) pairs it wants.
-    pub async fn templates_by_names(&self, names: &[String]) -> StoreResult<Vec<template::Model>> {
+    /// Templates by (tenant, owner, name) keys, in one query; it may also
+    /// return other combinations of those tenants, owners and names, which
+    /// the caller drops.
+    pub async fn templates_by_keys(
+        &self,
+        keys: &[(String, String, String)],
+    ) -> StoreResult<Vec<template::Model>> {
         use sea_orm::{ColumnTrait, QueryFilter};
+        let set = |pick: fn(&(String, String, String)) -> &str| {
+            let mut v: Vec<&str> = keys.iter().map(pick).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
         Ok(Entity::find()
-            .filter(Column::Name.is_in(names.iter().map(String::as_str)))
+            .filter(Column::TenantId.is_in(set(|k| &k.0)))
+            .filter(Column::OwnerId.is_in(set(|k| &k.1)))
+            .filter(Column::Name.is_in(set(|k| &k.2)))
             .all(self.conn())
             .await?)
     }

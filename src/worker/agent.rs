@@ -213,6 +213,8 @@ pub async fn heartbeat_loop(
 ) {
     let client = reqwest::Client::builder()
         .timeout(HEARTBEAT_TIMEOUT)
+        // Below the server's idle keep-alive close (server.header_read_timeout).
+        .pool_idle_timeout(crate::api::server::CLIENT_IDLE_TIMEOUT)
         .build()
         .unwrap_or_default();
     let url = format!(

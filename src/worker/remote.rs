@@ -80,6 +80,9 @@ impl RemoteWorker {
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            // Below the server's idle keep-alive close (server.header_read_timeout):
+            // a pooled connection is never reused just as the peer closes it.
+            .pool_idle_timeout(crate::api::server::CLIENT_IDLE_TIMEOUT)
             .build()
             .unwrap_or_default();
         RemoteWorker {

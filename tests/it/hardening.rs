@@ -116,6 +116,25 @@ async fn graphql_fragment_fan_out_is_refused_and_introspection_works() {
         );
     }
     assert_eq!(health.map(|(s, _)| s).ok(), Some(200));
+    // Arguments cost too (validation compares them pairwise), and a body
+    // past 256 KiB is refused before it is parsed.
+    let args = "x: 1 ".repeat(1500);
+    let pairwise = post_query(
+        &server,
+        &format!("{{ a: __typename({args}) a: __typename({args}) }}"),
+    )
+    .await;
+    assert_eq!(code(&pairwise), "BAD_REQUEST", "{pairwise}");
+    let big = server
+        .http
+        .post(graphql_url(&server))
+        .json(&json!({ "query": format!("{{ __typename }} #{}", "x".repeat(300 * 1024)) }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(big.status().as_u16(), 413);
+    let body: Value = big.json().await.unwrap_or_default();
+    assert_eq!(code(&body), "BAD_REQUEST", "{body}");
     // The standard introspection query loads the whole schema.
     let schema = post_query(&server, INTROSPECTION).await;
     assert!(schema.get("errors").is_none(), "{schema}");
@@ -160,6 +179,7 @@ async fn refused_requests_cannot_fill_the_audit_table() {
     let first = server
         .http
         .get(server.url("/sandboxes"))
+        .header("x-api-key", "a-wrong-key")
         .header("x-request-id", "-cmd-1")
         .send()
         .await
@@ -178,6 +198,7 @@ async fn refused_requests_cannot_fill_the_audit_table() {
         let resp = server
             .http
             .get(server.url("/sandboxes"))
+            .header("x-api-key", "a-wrong-key")
             .header("x-request-id", &huge)
             .send()
             .await
@@ -252,10 +273,29 @@ async fn audit_events_are_pruned_by_count_and_age() {
         c.audit.prune_interval = stacyvm::duration::GoDuration(Duration::from_millis(200));
     })
     .await;
-    for _ in 0..10 {
+    let store = server.app_service.store().clone();
+    // Requests that present nothing are refused without a record ...
+    for _ in 0..5 {
         server.get("/sandboxes").await;
     }
-    let store = server.app_service.store().clone();
+    let none = store
+        .list_audit(&stacyvm::store::AuditFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_default();
+    assert!(none.is_empty(), "{none:?}");
+    // ... wrong keys are recorded, and pruned to the newest three.
+    for _ in 0..10 {
+        server
+            .http
+            .get(server.url("/sandboxes"))
+            .header("x-api-key", "not-the-key")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     let all = |store: stacyvm::store::Store| async move {
         store
             .list_audit(&stacyvm::store::AuditFilter {

@@ -14,16 +14,16 @@
 //! standard introspection query of graphql-js and GraphiQL nests `ofType`
 //! nine levels deep, deeper than any data query needs.
 //!
-//! Every query and mutation also runs under a deadline
-//! ([`OPERATION_DEADLINE`]); subscriptions are long-lived by design and are
-//! bounded by their connection instead.
+//! Every query also runs under a deadline ([`OPERATION_DEADLINE`]);
+//! mutations run until their own timeouts (an exec's, a spawn's), and
+//! subscriptions are long-lived by design and bounded by their connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextPrepareRequest, NextRequest,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextPrepareRequest,
 };
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::{Pos, Request, Response, ServerError, ServerResult};
@@ -39,12 +39,12 @@ pub const MAX_INTROSPECTION_DEPTH: usize = 20;
 /// Deepest nesting the parser accepts (selection sets and fields both
 /// count), which bounds its recursion.
 pub const MAX_PARSE_NESTING: usize = 64;
-/// Most fields (`__typename` included) a document may select once every
-/// fragment spread is expanded.
+/// Most fields (`__typename` included), arguments, directives and
+/// variables a document may hold once every fragment spread is expanded.
 pub const MAX_SELECTIONS: u64 = 2_000;
 /// Most fragment definitions in one document.
 pub const MAX_FRAGMENTS: usize = 100;
-/// How long one query or mutation may run.
+/// How long one query may run.
 pub const OPERATION_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The size of a selection set once expanded.
@@ -72,7 +72,7 @@ pub enum LimitError {
     #[error("the query defines {0} fragments; at most {MAX_FRAGMENTS} are allowed")]
     TooManyFragments(usize),
     #[error(
-        "the query selects {0} fields once its fragments are expanded; at most {MAX_SELECTIONS} are allowed"
+        "the query selects {0} fields, arguments and directives once its fragments are expanded; at most {MAX_SELECTIONS} are allowed"
     )]
     TooManySelections(u64),
     #[error("the query is nested {0} levels deep; at most {MAX_DEPTH} are allowed")]
@@ -110,8 +110,11 @@ impl<'a> Walk<'a> {
                     let introspection =
                         in_introspection || (name.starts_with("__") && name != "__typename");
                     let child = self.set(&field.node.selection_set.node, introspection)?;
+                    // Arguments and directives cost too: validation compares
+                    // them pairwise between fields of one response name.
+                    let cost = 1 + field.node.arguments.len() + field.node.directives.len();
                     let mut own = Shape {
-                        selections: child.selections.saturating_add(1),
+                        selections: child.selections.saturating_add(cost as u64),
                         ..Shape::default()
                     };
                     if introspection {
@@ -126,9 +129,15 @@ impl<'a> Walk<'a> {
                     shape.merge(own);
                 }
                 Selection::InlineFragment(inline) => {
+                    shape.selections = shape
+                        .selections
+                        .saturating_add(inline.node.directives.len() as u64);
                     shape.merge(self.set(&inline.node.selection_set.node, in_introspection)?);
                 }
                 Selection::FragmentSpread(spread) => {
+                    shape.selections = shape
+                        .selections
+                        .saturating_add(spread.node.directives.len() as u64);
                     let name = spread.node.fragment_name.node.as_str();
                     shape.merge(self.fragment(name, in_introspection)?);
                 }
@@ -170,6 +179,8 @@ pub fn check(doc: &ExecutableDocument) -> Result<(), LimitError> {
     };
     let mut total = Shape::default();
     for (_, operation) in doc.operations.iter() {
+        let own = operation.node.variable_definitions.len() + operation.node.directives.len();
+        total.selections = total.selections.saturating_add(own as u64);
         total.merge(walk.set(&operation.node.selection_set.node, false)?);
         if total.selections > MAX_SELECTIONS {
             return Err(LimitError::TooManySelections(total.selections));
@@ -203,24 +214,39 @@ fn refusal(e: Error) -> ServerError {
 }
 
 /// The extension: shape check before async-graphql's own, deadline
-/// around each query and mutation.
+/// around each query.
 pub struct QueryLimits;
 
 impl ExtensionFactory for QueryLimits {
     fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(QueryLimitsExtension)
+        Arc::new(QueryLimitsExtension::default())
     }
 }
 
-struct QueryLimitsExtension;
+/// One per request.
+#[derive(Default)]
+struct QueryLimitsExtension {
+    /// Whether the document holds only queries: mutations are not cut off
+    /// by the deadline (an exec or a spawn would go on while its client
+    /// was told it failed); they are bounded by their own timeouts.
+    only_queries: std::sync::atomic::AtomicBool,
+}
 
 #[async_trait::async_trait]
 impl Extension for QueryLimitsExtension {
-    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
-        match tokio::time::timeout(OPERATION_DEADLINE, next.run(ctx)).await {
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        if !self.only_queries.load(std::sync::atomic::Ordering::Relaxed) {
+            return next.run(ctx, operation_name).await;
+        }
+        match tokio::time::timeout(OPERATION_DEADLINE, next.run(ctx, operation_name)).await {
             Ok(response) => response,
             Err(_) => Response::from_errors(vec![refusal(Error::Timeout(format!(
-                "the operation did not finish within {} s",
+                "the query did not finish within {} s",
                 OPERATION_DEADLINE.as_secs()
             )))]),
         }
@@ -235,7 +261,14 @@ impl Extension for QueryLimitsExtension {
         mut request: Request,
         next: NextPrepareRequest<'_>,
     ) -> ServerResult<Request> {
-        check(request.parsed_query()?).map_err(|e| refusal(Error::BadRequest(e.to_string())))?;
+        let doc = request.parsed_query()?;
+        check(doc).map_err(|e| refusal(Error::BadRequest(e.to_string())))?;
+        let only_queries = doc
+            .operations
+            .iter()
+            .all(|(_, op)| op.node.ty == async_graphql::parser::types::OperationType::Query);
+        self.only_queries
+            .store(only_queries, std::sync::atomic::Ordering::Relaxed);
         next.run(ctx, request).await
     }
 }
@@ -287,6 +320,18 @@ mod tests {
         }
         q.push_str(&format!("fragment S{n} on Query {{ __typename }}\n"));
         assert!(matches!(shape(&q), Err(LimitError::TooManySelections(_))));
+    }
+
+    #[test]
+    fn arguments_and_directives_count() {
+        let args = "x: 1 ".repeat(MAX_SELECTIONS as usize);
+        let q = format!("{{ a: __typename({args}) a: __typename({args}) }}");
+        assert!(matches!(shape(&q), Err(LimitError::TooManySelections(_))));
+        let dirs = "@skip(if: false) ".repeat(MAX_SELECTIONS as usize + 1);
+        assert!(matches!(
+            shape(&format!("{{ __typename {dirs} }}")),
+            Err(LimitError::TooManySelections(_))
+        ));
     }
 
     #[test]

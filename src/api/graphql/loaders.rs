@@ -100,11 +100,14 @@ impl Loader<TemplateNamed> for StoreLoader {
         keys: &[TemplateNamed],
     ) -> Result<HashMap<TemplateNamed, Self::Value>, Self::Error> {
         let wanted: std::collections::HashSet<&TemplateNamed> = keys.iter().collect();
-        let names: Vec<String> = keys.iter().map(|k| k.2.clone()).collect();
+        let wanted_keys: Vec<(String, String, String)> = keys
+            .iter()
+            .map(|k| (k.0.clone(), k.1.clone(), k.2.clone()))
+            .collect();
         let rows = self
             .service
             .store()
-            .templates_by_names(&names)
+            .templates_by_keys(&wanted_keys)
             .await
             .map_err(fail)?;
         Ok(rows

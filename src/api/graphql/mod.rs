@@ -35,6 +35,9 @@ pub use subscription::SubscriptionRoot;
 /// The StacyVM schema.
 pub type StacySchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
+/// Largest `POST /graphql` body.
+pub const MAX_GRAPHQL_BODY: usize = 256 * 1024;
+
 /// Largest query complexity accepted (a field costs 1).
 pub const MAX_COMPLEXITY: usize = 2000;
 
@@ -44,8 +47,8 @@ pub fn build_schema(service: Service) -> StacySchema {
     let builder = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(service)
         .extension(ErrorCodes)
-        // Added last so that it runs first: nothing expands a document
-        // before its shape is checked.
+        // Its `prepare_request` parses and checks the document before
+        // async-graphql's own checks walk it.
         .extension(limits::QueryLimits)
         // A backstop; data depth is bounded tighter by `limits`.
         .limit_depth(limits::MAX_INTROSPECTION_DEPTH)
@@ -105,6 +108,8 @@ pub fn router(service: Service) -> Router {
     };
     Router::new()
         .route("/graphql", post(execute).get(execute_get))
+        // A document is small; its cost is bounded by `limits` too.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_GRAPHQL_BODY))
         .route("/graphql/ws", get(ws::upgrade))
         .with_state(state)
 }
@@ -154,12 +159,17 @@ async fn execute_get(
         Err(_) => true,
     };
     if !only_queries {
-        return refuse(
+        let mut response = refuse(
             axum::http::StatusCode::METHOD_NOT_ALLOWED,
             crate::service::Error::BadRequest(
                 "GET runs queries only; send mutations and subscriptions with POST".into(),
             ),
         );
+        response.headers_mut().insert(
+            axum::http::header::ALLOW,
+            axum::http::HeaderValue::from_static("POST"),
+        );
+        return response;
     }
     request.data = request_data(&state.service, caller);
     async_graphql_axum::GraphQLResponse::from(state.schema.execute(request).await).into_response()
@@ -168,9 +178,21 @@ async fn execute_get(
 async fn execute(
     State(state): State<GraphqlState>,
     caller: Caller,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let error = errors::gql_error(crate::service::Error::BadRequest(format!(
+                "the request body was refused: {rejection} (at most {MAX_GRAPHQL_BODY} bytes)"
+            )));
+            let response = async_graphql::Response::from_errors(vec![
+                error.into_server_error(async_graphql::Pos::default()),
+            ]);
+            return (rejection.status(), axum::Json(response)).into_response();
+        }
+    };
     // Parsed here rather than by the stock extractor so that a malformed
     // body is a GraphQL error with a code, not a plain-text 400.
     let mut request: async_graphql::Request = match serde_json::from_slice(&body) {
