@@ -73,6 +73,9 @@ pub struct Caller {
     pub credential: Option<String>,
     /// Correlates audit events and logs with the HTTP request.
     pub request_id: String,
+    /// When `owner_id` was named by `X-User-ID` (pool mode): the owner of
+    /// the key that named it.
+    pub delegated_by: Option<String>,
 }
 
 /// The owner recorded when an anonymous caller names none.
@@ -90,6 +93,7 @@ impl Caller {
             open: true,
             credential: None,
             request_id: request_id.into(),
+            delegated_by: None,
         }
     }
 
@@ -102,6 +106,7 @@ impl Caller {
             open: false,
             credential: Some("system".into()),
             request_id: String::new(),
+            delegated_by: None,
         }
     }
 
@@ -171,6 +176,7 @@ mod tests {
             open: false,
             credential: None,
             request_id: String::new(),
+            delegated_by: None,
         }
     }
 

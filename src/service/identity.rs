@@ -301,6 +301,7 @@ impl Identity {
                 role,
                 open: false,
                 request_id: creds.request_id.clone(),
+                delegated_by: None,
             }
         } else if self.auth_required().await? {
             return Err(Error::Unauthorized(
@@ -319,7 +320,9 @@ impl Identity {
                     "this key may not act for another user (X-User-ID)".into(),
                 ));
             }
-            caller.owner_id = user;
+            if user != caller.owner_id {
+                caller.delegated_by = Some(std::mem::replace(&mut caller.owner_id, user));
+            }
         }
         Ok(caller)
     }
@@ -346,6 +349,7 @@ impl Identity {
                 open: false,
                 credential: Some("static-admin".into()),
                 request_id: request_id.to_string(),
+                delegated_by: None,
             });
         }
         if !admin_header && static_match(&self.config.api_key) {
@@ -356,6 +360,7 @@ impl Identity {
                 open: false,
                 credential: Some("static".into()),
                 request_id: request_id.to_string(),
+                delegated_by: None,
             });
         }
         let invalid = || Error::Unauthorized("invalid API key".into());
@@ -378,6 +383,7 @@ impl Identity {
             open: false,
             credential: Some(credential),
             request_id: request_id.to_string(),
+            delegated_by: None,
         })
     }
 

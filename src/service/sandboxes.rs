@@ -152,10 +152,22 @@ impl Service {
     pub(super) async fn plan_spawn(&self, caller: &Caller, req: SpawnRequest) -> Result<SpawnPlan> {
         let defaults = &self.config().defaults;
         let owner_id = caller.effective_owner(req.owner_id.as_deref());
-        // The template is the sandbox owner's (its record names it by name).
+        // The template is the sandbox owner's; failing that, the one of
+        // whoever acts for it (a pool's key naming its user with
+        // X-User-ID, an operator spawning for an owner).
         let template = match req.template.as_deref() {
             Some(name) if !name.is_empty() => {
-                Some(self.get_template_model(caller, &owner_id, name).await?)
+                let fallback = caller
+                    .delegated_by
+                    .clone()
+                    .or_else(|| (caller.owner_id != owner_id).then(|| caller.owner_id.clone()));
+                match self.get_template_model(caller, &owner_id, name).await {
+                    Err(Error::NotFound(_)) if fallback.is_some() => {
+                        let acting = fallback.unwrap_or_default();
+                        Some(self.template_of_acting(caller, &acting, name).await?)
+                    }
+                    other => Some(other?),
+                }
             }
             _ => None,
         };

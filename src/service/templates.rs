@@ -124,6 +124,20 @@ impl Service {
         }
     }
 
+    /// A template of the owner acting for a spawn's owner (the key behind
+    /// `X-User-ID`, an operator): visible to it by construction.
+    pub(super) async fn template_of_acting(
+        &self,
+        caller: &Caller,
+        acting: &str,
+        name: &str,
+    ) -> Result<entity::template::Model> {
+        self.store()
+            .get_template((&caller.tenant_id, acting), name)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("template {name:?} not found")))
+    }
+
     /// Validates an input into a record for `owner` (of the caller's
     /// tenant): its TTL maximum and size bounds apply, the policy of the
     /// caller's role and tenant.
@@ -302,9 +316,7 @@ impl Service {
         provider: Option<String>,
         ttl: Option<String>,
     ) -> Result<Sandbox> {
-        // Resolve first so an unknown template is 404, not a spawn error.
-        self.get_template_model(caller, &caller.owner_id, name)
-            .await?;
+        // An unknown template is 404 from the spawn's plan.
         self.spawn(
             caller,
             SpawnRequest {

@@ -1045,6 +1045,51 @@ async fn template_names_are_per_owner_on_both_surfaces() {
         shown["data"]["sandbox"]["template"]["memoryMb"], 384,
         "{shown}"
     );
+    // A pool's key naming its user (X-User-ID) spawns from the pool's
+    // templates when the user has none of that name.
+    let (pool, _) = server
+        .app_service
+        .identity()
+        .create_key(NewApiKey {
+            owner_id: "pool".into(),
+            tenant_id: None,
+            role: Role::Owner,
+            expires_in: None,
+            allow_user_header: true,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (s, body, _) = call(
+        &server,
+        Method::POST,
+        "/templates",
+        &h(&pool),
+        Some(json!({"name": "pooled", "image": image, "memory_mb": 192})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let (s, pooled, _) = call(
+        &server,
+        Method::POST,
+        "/sandboxes",
+        &[("x-api-key", pool.as_str()), ("x-user-id", "end-user-1")],
+        Some(json!({"template": "pooled"})),
+    )
+    .await;
+    assert_eq!(
+        (s, pooled["owner_id"].as_str(), pooled["memory_mb"].as_u64()),
+        (201, Some("end-user-1"), Some(192)),
+        "{pooled}"
+    );
+    let pooled_id = pooled["id"].as_str().unwrap_or_default().to_string();
+    call(
+        &server,
+        Method::DELETE,
+        &format!("/sandboxes/{pooled_id}"),
+        &[("x-api-key", pool.as_str()), ("x-user-id", "end-user-1")],
+        None,
+    )
+    .await;
     // Deleting is per owner too.
     let (s, _, _) = call(&server, Method::DELETE, "/templates/py", &hb, None).await;
     assert_eq!(s, 200);
