@@ -590,14 +590,7 @@ async fn an_exec_the_runtime_cannot_run_now_is_a_conflict_not_a_500() {
         return;
     }
     let server = TestServer::start(|c| c.providers.default = "docker".into()).await;
-    let (status, body) = server
-        .post(
-            "/sandboxes",
-            json!({ "image": crate::support::docker_image() }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let id = spawn(&server).await;
     let docker = |args: &[&str]| {
         let out = std::process::Command::new("docker")
             .args(args)
@@ -697,14 +690,7 @@ async fn an_expiry_whose_destroy_fails_is_audited_as_a_failure() {
 async fn files_are_binary_safe_over_rest_and_graphql() {
     use base64::Engine;
     let server = crate::support::native_server(|_| {}).await;
-    let (status, body) = server
-        .post(
-            "/sandboxes",
-            json!({ "image": crate::support::docker_image() }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let id = spawn(&server).await;
     // Every byte value, and invalid UTF-8 sequences among them.
     let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 256) as u8).collect();
     let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
@@ -831,14 +817,7 @@ fn encode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exec_says_how_it_ended_and_whether_output_was_cut() {
     let server = crate::support::native_server(|c| c.defaults.max_exec_output_bytes = 1000).await;
-    let (status, body) = server
-        .post(
-            "/sandboxes",
-            json!({ "image": crate::support::docker_image() }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let id = spawn(&server).await;
     let exec = format!("/sandboxes/{id}/exec");
     // Cut output says so, on REST and GraphQL.
     let (status, body) = server
@@ -907,14 +886,7 @@ async fn file_paths_are_absolute_and_kernel_file_systems_are_not_written() {
     } else {
         crate::support::native_server(|_| {}).await
     };
-    let (status, body) = server
-        .post(
-            "/sandboxes",
-            json!({ "image": crate::support::docker_image() }),
-        )
-        .await;
-    assert_eq!(status, 201, "{body}");
-    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let id = spawn(&server).await;
     let files = format!("/sandboxes/{id}/files");
     for (path, why) in [
         ("a.txt", "absolute"),
@@ -993,4 +965,16 @@ async fn a_credential_may_hold_only_so_many_requests_in_flight() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     server.stop().await;
+}
+
+/// Spawns a sandbox of the test image on the server's default provider.
+async fn spawn(server: &TestServer) -> String {
+    let (status, body) = server
+        .post(
+            "/sandboxes",
+            json!({ "image": crate::support::docker_image() }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["id"].as_str().unwrap_or_default().to_string()
 }
