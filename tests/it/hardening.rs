@@ -549,11 +549,7 @@ async fn connections_are_capped_in_total() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_names_docker_refuses_are_client_errors_everywhere() {
-    let server = if crate::support::docker_enabled() {
-        TestServer::start(|c| c.providers.default = "docker".into()).await
-    } else {
-        crate::support::native_server(|_| {}).await
-    };
+    let server = default_provider_server().await;
     for (image, why) in [
         ("UPPER:latest", "lowercase"),
         (":", "missing"),
@@ -881,11 +877,7 @@ async fn an_exec_says_how_it_ended_and_whether_output_was_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_paths_are_absolute_and_kernel_file_systems_are_not_written() {
-    let server = if crate::support::docker_enabled() {
-        TestServer::start(|c| c.providers.default = "docker".into()).await
-    } else {
-        crate::support::native_server(|_| {}).await
-    };
+    let server = default_provider_server().await;
     let id = spawn(&server).await;
     let files = format!("/sandboxes/{id}/files");
     for (path, why) in [
@@ -977,4 +969,105 @@ async fn spawn(server: &TestServer) -> String {
         .await;
     assert_eq!(status, 201, "{body}");
     body["id"].as_str().unwrap_or_default().to_string()
+}
+
+/// A server on docker when the docker tests run, else on native.
+async fn default_provider_server() -> TestServer {
+    if crate::support::docker_enabled() {
+        TestServer::start(|c| c.providers.default = "docker".into()).await
+    } else {
+        crate::support::native_server(|_| {}).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_read_surfaces_refuse_strangers() {
+    let server = crate::support::native_server(|_| {}).await;
+    let alice = crate::support::key(&server, "alice", stacyvm::auth::Role::Owner).await;
+    let bob = crate::support::key(&server, "bob", stacyvm::auth::Role::Owner).await;
+    let resp = server
+        .http
+        .post(server.url("/sandboxes"))
+        .header("x-api-key", &alice)
+        .json(&json!({ "image": crate::support::docker_image() }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let body: Value = resp.json().await.unwrap_or_default();
+    let id = body["id"].as_str().unwrap_or_default().to_string();
+    let write = server
+        .http
+        .post(server.url(&format!("/sandboxes/{id}/files")))
+        .header("x-api-key", &alice)
+        .json(&json!({"path": "/tmp/secret", "content": "alice's"}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(write.status().as_u16(), 200);
+    let read =
+        format!("{{ readFile(sandboxId: \"{id}\", path: \"/tmp/secret\", encoding: BASE64) }}");
+    let url = format!("{}?query={}", graphql_url(&server), encode(&read));
+    // Anonymous GET /graphql with a query is refused, not run.
+    let anonymous = server
+        .http
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(anonymous.status().as_u16(), 401);
+    // Another owner's readFile is NOT_FOUND over GET and POST alike.
+    let as_bob: Value = server
+        .http
+        .get(&url)
+        .header("x-api-key", &bob)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(code(&as_bob), "NOT_FOUND", "{as_bob}");
+    assert!(!as_bob.to_string().contains("YWxpY2Un"), "{as_bob}");
+    let as_bob: Value = server
+        .http
+        .post(graphql_url(&server))
+        .header("x-api-key", &bob)
+        .json(&json!({ "query": read }))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(code(&as_bob), "NOT_FOUND", "{as_bob}");
+    // The owner reads it.
+    let as_alice: Value = server
+        .http
+        .get(&url)
+        .header("x-api-key", &alice)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    assert_eq!(as_alice["data"]["readFile"], "YWxpY2Uncw==", "{as_alice}");
+    // A trailer asked for by another owner streams nothing of alice's.
+    let stream = server
+        .http
+        .post(server.url(&format!("/sandboxes/{id}/exec?trailer=true")))
+        .header("x-api-key", &bob)
+        .json(&json!({"command": "cat /tmp/secret", "mode": "shell", "stream": true}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stream.status().as_u16(), 404);
+    server
+        .http
+        .delete(server.url(&format!("/sandboxes/{id}")))
+        .header("x-api-key", &alice)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    server.stop().await;
 }

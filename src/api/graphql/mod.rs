@@ -101,10 +101,11 @@ impl axum::extract::FromRef<GraphqlState> for Service {
 
 /// The GraphQL routes: `POST /graphql` and `GET /graphql/ws`.
 pub fn router(service: Service) -> Router {
+    let per_credential = service.config().server.max_websockets_per_credential;
     let state = GraphqlState {
         schema: build_schema(service.clone()),
         service,
-        sockets: Default::default(),
+        sockets: std::sync::Arc::new(ws::OpenSockets::new(per_credential)),
     };
     Router::new()
         .route("/graphql", post(execute).get(execute_get))
@@ -112,6 +113,15 @@ pub fn router(service: Service) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_GRAPHQL_BODY))
         .route("/graphql/ws", get(ws::upgrade))
         .with_state(state)
+}
+
+/// A request refused before it reaches the schema, answered as GraphQL
+/// errors with a code.
+fn refusal(status: axum::http::StatusCode, e: crate::service::Error) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let error = errors::gql_error(e).into_server_error(async_graphql::Pos::default());
+    let response = async_graphql::Response::from_errors(vec![error]);
+    (status, axum::Json(response)).into_response()
 }
 
 /// `GET /graphql`: with a `query` parameter, runs it (GraphQL over HTTP:
@@ -129,14 +139,6 @@ async fn execute_get(
     if !wants_query {
         return crate::api::playground::page().await;
     }
-    let refuse = |status: axum::http::StatusCode, e: crate::service::Error| {
-        let error = errors::gql_error(e).into_server_error(async_graphql::Pos::default());
-        (
-            status,
-            axum::Json(async_graphql::Response::from_errors(vec![error])),
-        )
-            .into_response()
-    };
     let caller = match caller {
         Ok(caller) => caller,
         Err(e) => return e.into_response(),
@@ -144,7 +146,7 @@ async fn execute_get(
     let mut request = match async_graphql::http::parse_query_string(&raw) {
         Ok(request) => request,
         Err(e) => {
-            return refuse(
+            return refusal(
                 axum::http::StatusCode::BAD_REQUEST,
                 crate::service::Error::BadRequest(format!("invalid GraphQL request: {e}")),
             );
@@ -159,7 +161,7 @@ async fn execute_get(
         Err(_) => true,
     };
     if !only_queries {
-        let mut response = refuse(
+        let mut response = refusal(
             axum::http::StatusCode::METHOD_NOT_ALLOWED,
             crate::service::Error::BadRequest(
                 "GET runs queries only; send mutations and subscriptions with POST".into(),
@@ -184,13 +186,12 @@ async fn execute(
     let body = match body {
         Ok(body) => body,
         Err(rejection) => {
-            let error = errors::gql_error(crate::service::Error::BadRequest(format!(
-                "the request body was refused: {rejection} (at most {MAX_GRAPHQL_BODY} bytes)"
-            )));
-            let response = async_graphql::Response::from_errors(vec![
-                error.into_server_error(async_graphql::Pos::default()),
-            ]);
-            return (rejection.status(), axum::Json(response)).into_response();
+            return refusal(
+                rejection.status(),
+                crate::service::Error::BadRequest(format!(
+                    "the request body was refused: {rejection} (at most {MAX_GRAPHQL_BODY} bytes)"
+                )),
+            );
         }
     };
     // Parsed here rather than by the stock extractor so that a malformed
@@ -198,13 +199,10 @@ async fn execute(
     let mut request: async_graphql::Request = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
-            let error = errors::gql_error(crate::service::Error::BadRequest(format!(
-                "invalid GraphQL request body: {e}"
-            )));
-            let response = async_graphql::Response::from_errors(vec![
-                error.into_server_error(async_graphql::Pos::default()),
-            ]);
-            return (axum::http::StatusCode::BAD_REQUEST, axum::Json(response)).into_response();
+            return refusal(
+                axum::http::StatusCode::BAD_REQUEST,
+                crate::service::Error::BadRequest(format!("invalid GraphQL request body: {e}")),
+            );
         }
     };
     request.data = request_data(&state.service, caller);

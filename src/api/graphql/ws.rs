@@ -1,7 +1,6 @@
 //! The GraphQL WebSocket endpoint: both subprotocols, a message size
 //! limit, and server pings so idle subscriptions survive proxies.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,35 +46,29 @@ fn payload_credentials(
     any.then_some(creds)
 }
 
-/// The GraphQL WebSockets open on this server: in total and per
-/// credential (entries leave the table when their count reaches zero, so it
-/// never holds more than the open sockets).
-#[derive(Default)]
+/// The GraphQL WebSockets open on this server: in total, and per
+/// credential (the service's per-key counter, with its own cap).
 pub(super) struct OpenSockets {
-    counts: Mutex<Counts>,
-}
-
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    per_credential: HashMap<String, usize>,
+    total: std::sync::atomic::AtomicUsize,
+    per_credential: crate::service::InFlightLimiter,
 }
 
 impl OpenSockets {
-    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub(super) fn new(per_credential: usize) -> OpenSockets {
+        OpenSockets {
+            total: Default::default(),
+            per_credential: crate::service::InFlightLimiter::new(per_credential),
+        }
     }
 
     /// A place for one more socket, unless `max` are open.
     fn open(self: &Arc<Self>, max: usize) -> Option<SocketSlot> {
-        let mut counts = self.counts();
-        if counts.total >= max {
-            return None;
-        }
-        counts.total += 1;
-        Some(SocketSlot {
+        let taken = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        taken.ok().map(|_| SocketSlot {
             sockets: self.clone(),
             credential: None,
         })
@@ -85,37 +78,20 @@ impl OpenSockets {
 /// One open socket's place; given back when dropped.
 struct SocketSlot {
     sockets: Arc<OpenSockets>,
-    credential: Option<String>,
+    credential: Option<crate::service::InFlightGuard>,
 }
 
 impl SocketSlot {
-    /// Counts the socket against `credential`, unless it holds `max`
-    /// already (`max` 0: no limit).
-    fn claim(&mut self, credential: String, max: usize) -> bool {
-        let mut counts = self.sockets.counts();
-        let held = counts.per_credential.entry(credential.clone()).or_insert(0);
-        if max > 0 && *held >= max {
-            return false;
-        }
-        *held += 1;
-        drop(counts);
-        self.credential = Some(credential);
-        true
+    /// Counts the socket against `credential`, unless it holds its cap.
+    fn claim(&mut self, credential: &str) -> bool {
+        self.credential = self.sockets.per_credential.try_hold(credential);
+        self.credential.is_some()
     }
 }
 
 impl Drop for SocketSlot {
     fn drop(&mut self) {
-        let mut counts = self.sockets.counts();
-        counts.total -= 1;
-        if let Some(credential) = self.credential.take()
-            && let Some(held) = counts.per_credential.get_mut(&credential)
-        {
-            *held -= 1;
-            if *held == 0 {
-                counts.per_credential.remove(&credential);
-            }
-        }
+        self.sockets.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -231,7 +207,7 @@ pub async fn upgrade(
                     let claimed = slot
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .claim(credential, per_credential);
+                        .claim(&credential);
                     if !claimed {
                         return Err(errors::gql_error(crate::service::Error::ResourceLimit {
                             message: format!(
