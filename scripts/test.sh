@@ -23,6 +23,7 @@
 #                                    ha: the same with two replicas on one
 #                                    PostgreSQL behind nginx, round robin)
 #   STACYVM_TEST_SKIP_BROWSER=1      skip the playground browser test
+#   STACYVM_TEST_SKIP_BENCH=1        skip the short `stacyvm bench --quick`
 #   STACYVM_SDK_PG_PROVIDERS="native proot"   SDK passes whose server uses
 #                                    PostgreSQL (--database-url) instead of SQLite
 #   PYTEST_ADDOPTS                   passed through to pytest (e.g. "-k exec -x")
@@ -109,6 +110,9 @@ summary() {
 section "cargo build"
 rc=0
 cargo build --workspace --all-targets || rc=$?
+# The in-sandbox agent, static, beside the binaries (docker's direct exec
+# path; the docker suites fail if it is missing).
+[ "$rc" -ne 0 ] || bash "$ROOT/scripts/build-agent.sh" || rc=$?
 record "cargo build" "$rc"
 if [ "$rc" -ne 0 ]; then
     summary
@@ -391,6 +395,17 @@ if [ "${STACYVM_TEST_SKIP_BROWSER:-0}" != 1 ]; then
     rc=0
     run_browser || rc=$?
     record "playground browser test" "$rc"
+fi
+
+# The benchmark, short: figures printed, nothing asserted (a debug build on
+# a shared CI machine measures the machine as much as StacyVM). The
+# README's table comes from `cargo build --release` and a full run.
+if [ "${STACYVM_TEST_SKIP_BENCH:-0}" != 1 ]; then
+    section "stacyvm bench --quick"
+    rc=0
+    "$BIN" bench --quick --image "$STACYVM_TEST_IMAGE" --rootfs "$STACYVM_TEST_ROOTFS" \
+        --json "$TARGET_DIR/bench.json" || rc=$?
+    record "stacyvm bench --quick" "$rc"
 fi
 
 summary

@@ -247,6 +247,15 @@ pub struct DockerConfig {
     pub network: String,
     /// How a sandbox's `disk_mb` is enforced.
     pub disk_limit: DockerDiskLimit,
+    /// Run commands through the in-sandbox agent (`stacyvm-agent` as the
+    /// container's PID 1, reached over a Unix socket) instead of the
+    /// Engine API's three exec calls. Needs a local daemon and a server
+    /// that may read the containers' `/proc/<pid>/root` (root); without
+    /// them, or with `false`, exec uses the Engine API.
+    pub direct_exec: bool,
+    /// The static `stacyvm-agent` binary; empty means beside the running
+    /// `stacyvm` executable.
+    pub agent_binary: PathBuf,
 }
 
 /// How the docker provider caps a sandbox's disk (`providers.docker.disk_limit`).
@@ -519,6 +528,8 @@ impl Default for DockerConfig {
             pids_limit: 512,
             network: "none".into(),
             disk_limit: DockerDiskLimit::Auto,
+            direct_exec: true,
+            agent_binary: PathBuf::new(),
         }
     }
 }

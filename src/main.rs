@@ -90,6 +90,22 @@ enum Command {
     Migrate,
     /// Print the GraphQL schema (SDL), as committed in schema.graphql.
     Schema,
+    /// Measure StacyVM beside the raw runtime (Docker Engine API, fork+exec)
+    /// in one run; prints a Markdown table.
+    Bench {
+        /// Fewer iterations: figures in seconds, not conclusions.
+        #[arg(long)]
+        quick: bool,
+        /// The docker image sandboxes and raw containers use.
+        #[arg(long, default_value = "busybox:latest")]
+        image: String,
+        /// A rootfs tarball for the native provider (skipped without one).
+        #[arg(long)]
+        rootfs: Option<PathBuf>,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Manage API keys (only hashes are stored; a key is printed once).
     Keys {
         #[command(subcommand)]
@@ -299,6 +315,20 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
         }
         Command::Worker { .. } => app::run_worker(config, shutdown_signal()).await?,
         Command::Schema => print!("{}", stacyvm::api::graphql::sdl()),
+        Command::Bench {
+            quick,
+            image,
+            rootfs,
+            json,
+        } => {
+            stacyvm::cli::bench::run(stacyvm::cli::bench::BenchOptions {
+                quick,
+                image,
+                rootfs,
+                json,
+            })
+            .await?;
+        }
         Command::Workers {
             server,
             admin_key,

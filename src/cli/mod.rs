@@ -1,6 +1,7 @@
 //! Operator commands that talk to a running control plane over its REST
 //! API (the server's rules stay in the server): `stacyvm workers ...`.
 
+pub mod bench;
 pub mod workers;
 
 use std::time::Duration;

@@ -11,9 +11,18 @@
 //! size of a tmpfs at `/tmp` (see [`crate::config::DockerDiskLimit`]). The
 //! archive API does not see into a container's tmpfs mounts, so files under
 //! a tmpfs `/tmp` are read and written by commands inside the container.
+//!
+//! Commands take the direct path where it can work: the container's PID 1
+//! is the in-sandbox agent ([`super::agent`]), and an exec is one
+//! connection to its socket instead of the Engine API's create, start and
+//! inspect calls. Containers made without it (the option off, a remote
+//! daemon, a server that is not root, a container from before) run
+//! commands through the Engine API, as does any exec whose agent cannot be
+//! reached before the command was sent.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
@@ -23,7 +32,7 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -50,6 +59,9 @@ pub const INSTANCE_LABEL: &str = "io.stacyvm.instance";
 /// Label recording how a container's disk is capped: `size` (the storage
 /// driver's quota on the writable layer) or `tmpfs` (a tmpfs at `/tmp`).
 pub const DISK_LABEL: &str = "io.stacyvm.disk";
+
+/// Label set on containers whose PID 1 is the in-sandbox agent.
+pub const AGENT_LABEL: &str = "io.stacyvm.agent";
 
 /// Where the tmpfs goes when the storage driver cannot cap the writable layer.
 const TMPFS_DIR: &str = "/tmp";
@@ -100,6 +112,44 @@ pub struct DockerProvider {
     /// Set once the daemon refused the `size` storage option: with
     /// `disk_limit: auto`, later spawns go straight to a tmpfs `/tmp`.
     size_refused: AtomicBool,
+    /// The agent binary new containers run as PID 1, or why commands go
+    /// through the Engine API.
+    agent: Result<PathBuf, String>,
+    /// Set once the daemon refused to mount the agent (it sees another
+    /// filesystem than this server): later spawns go without it.
+    agent_refused: AtomicBool,
+    /// PID 1 of each container seen by exec: `Some` for agent containers,
+    /// `None` for those that take the Engine API. Entries leave on destroy
+    /// and when the agent cannot be reached.
+    endpoints: Mutex<HashMap<String, Option<Endpoint>>>,
+}
+
+/// Where a container's agent runs: its PID 1 on this host, with the
+/// process's start time so that a recycled pid is never taken for it.
+#[derive(Debug, Clone, Copy)]
+struct Endpoint {
+    pid: i32,
+    start: u64,
+}
+
+/// Whether exec can take the direct path with this configuration, and the
+/// agent binary it would use.
+fn direct_exec_plan(config: &DockerConfig) -> Result<PathBuf, String> {
+    if !config.direct_exec {
+        return Err("providers.docker.direct_exec is off".into());
+    }
+    let host = if config.host.is_empty() {
+        std::env::var("DOCKER_HOST").unwrap_or_default()
+    } else {
+        config.host.clone()
+    };
+    if !host.is_empty() && !host.starts_with("unix://") {
+        return Err(format!("the daemon is not local ({host})"));
+    }
+    if !rustix::process::geteuid().is_root() {
+        return Err("the server does not run as root, so it cannot reach into containers".into());
+    }
+    super::agent::find_binary(&config.agent_binary)
 }
 
 #[derive(Debug, Default)]
@@ -134,9 +184,28 @@ impl DockerProvider {
             events: Mutex::new(HashMap::new()),
             availability: Mutex::new(Availability::default()),
             size_refused: AtomicBool::new(false),
+            agent: direct_exec_plan(config),
+            agent_refused: AtomicBool::new(false),
+            endpoints: Mutex::new(HashMap::new()),
         };
+        match &provider.agent {
+            Ok(binary) => tracing::info!(
+                agent = %binary.display(),
+                "docker exec path: direct, through the in-sandbox agent"
+            ),
+            Err(why) => tracing::info!("docker exec path: the Engine API ({why})"),
+        }
         provider.negotiate().await;
         Ok(provider)
+    }
+
+    /// The agent binary new sandboxes run for the direct exec path, or why
+    /// their commands go through the Engine API.
+    pub fn exec_path(&self) -> Result<&Path, &str> {
+        if self.agent_refused.load(Ordering::Relaxed) {
+            return Err("the daemon cannot mount the agent binary");
+        }
+        self.agent.as_deref().map_err(String::as_str)
     }
 
     fn open(config: &DockerConfig) -> Result<Docker, DockerError> {
@@ -298,6 +367,66 @@ impl DockerProvider {
         spec: &ExecSpec,
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
+        if let Some(endpoint) = self.endpoint(runtime_id).await {
+            match super::agent::connect(endpoint.pid, endpoint.start).await {
+                Ok(stream) => return super::agent::exec(stream, spec, sink).await,
+                Err(why) => {
+                    // Nothing was sent: the Engine API runs it instead, and
+                    // the next exec looks the container up again (a
+                    // daemon restart gives it a new PID 1).
+                    tracing::debug!(container = %runtime_id, %why, "direct exec unavailable");
+                    self.forget_endpoint(runtime_id);
+                }
+            }
+        }
+        self.run_engine_exec(runtime_id, spec, sink).await
+    }
+
+    /// The agent endpoint of a container, looked up once (one inspect)
+    /// and remembered; `None` for a container without the agent.
+    async fn endpoint(&self, runtime_id: &str) -> Option<Endpoint> {
+        if let Some(known) = self.endpoints.lock().ok()?.get(runtime_id) {
+            return *known;
+        }
+        self.agent.as_ref().ok()?;
+        let info = self
+            .client()
+            .ok()?
+            .inspect_container(runtime_id, None)
+            .await
+            .ok()?;
+        let has_agent = info
+            .config
+            .as_ref()
+            .and_then(|c| c.labels.as_ref())
+            .is_some_and(|labels| labels.contains_key(AGENT_LABEL));
+        let state = info.state.as_ref()?;
+        if state.running != Some(true) {
+            // Not cached: the Engine API says what is wrong, and a
+            // restarted container is looked up afresh.
+            return None;
+        }
+        let endpoint = if has_agent { endpoint_of(state) } else { None };
+        if let Ok(mut endpoints) = self.endpoints.lock() {
+            endpoints.insert(runtime_id.to_string(), endpoint);
+        }
+        endpoint
+    }
+
+    fn forget_endpoint(&self, runtime_id: &str) {
+        if let Ok(mut endpoints) = self.endpoints.lock() {
+            endpoints.remove(runtime_id);
+        }
+    }
+
+    /// Runs one exec through the Engine API: create, start (attached),
+    /// inspect for the exit code.
+    async fn run_engine_exec(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
         let docker = self.client()?;
         let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let options = CreateExecOptions {
@@ -395,9 +524,14 @@ impl DockerProvider {
     }
 
     /// The container for a sandbox, its disk capped as `disk` says.
-    fn container_body(&self, spec: &SpawnSpec, disk: DiskCap) -> ContainerCreateBody {
+    fn container_body(
+        &self,
+        spec: &SpawnSpec,
+        disk: DiskCap,
+        agent: Option<&Path>,
+    ) -> ContainerCreateBody {
         let memory = i64::from(spec.memory_mb) * 1024 * 1024;
-        let (storage_opt, tmpfs) = match disk {
+        let (storage_opt, mut tmpfs) = match disk {
             DiskCap::Size => (
                 Some(HashMap::from([(
                     "size".to_string(),
@@ -413,7 +547,42 @@ impl DockerProvider {
                 )])),
             ),
         };
+        let mut labels = HashMap::from([
+            (SANDBOX_LABEL.to_string(), spec.sandbox_id.clone()),
+            (INSTANCE_LABEL.to_string(), self.instance.clone()),
+            (DISK_LABEL.to_string(), disk.label().to_string()),
+            ("io.stacyvm.managed".to_string(), "true".to_string()),
+        ]);
+        // Keep the container alive regardless of the image's own command;
+        // work happens through exec. SIGTERM ends the sandbox at once (a
+        // daemon shutdown or `docker stop` does not wait 10 s), as `kill 1`
+        // from inside does, like any init with a handler: the agent does
+        // so, and so does the shell loop where there is no agent.
+        let mut entrypoint: Vec<String> = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "trap 'exit 143' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
+        ];
+        let mut mounts = None;
+        if let Some(binary) = agent {
+            entrypoint = vec![super::agent::AGENT_PATH.into()];
+            mounts = Some(vec![Mount {
+                target: Some(super::agent::AGENT_PATH.into()),
+                source: Some(binary.display().to_string()),
+                typ: Some(MountType::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            }]);
+            // The agent's socket: a few KiB of tmpfs, so this mount is no
+            // way around the sandbox's disk cap.
+            tmpfs.get_or_insert_with(HashMap::new).insert(
+                super::agent::RUN_DIR.to_string(),
+                "rw,nosuid,nodev,noexec,mode=1777,size=64k".to_string(),
+            );
+            labels.insert(AGENT_LABEL.to_string(), "1".to_string());
+        }
         let host_config = HostConfig {
+            mounts,
             memory: Some(memory),
             memory_swap: Some(memory),
             nano_cpus: Some(i64::from(spec.vcpus) * 1_000_000_000),
@@ -429,32 +598,18 @@ impl DockerProvider {
             network_mode: Some(self.config.network.clone()),
             storage_opt,
             tmpfs,
-            // No docker-init: with /bin/sh as PID 1 a missing shell fails the
-            // start itself instead of leaving a container that dies a moment
-            // later. The shell's wait loop reaps orphaned exec children.
+            // No docker-init: PID 1 (the agent, or /bin/sh, whose absence
+            // then fails the start itself instead of leaving a container
+            // that dies a moment later) reaps orphaned exec children.
             ..Default::default()
         };
         ContainerCreateBody {
             image: Some(spec.image.clone()),
-            // Keep the container alive regardless of the image's own command;
-            // work happens through exec.
-            // SIGTERM ends the sandbox at once (a daemon shutdown or `docker
-            // stop` does not wait 10 s for a shell that ignores it), as
-            // `kill 1` from inside does, like any init with a handler.
-            entrypoint: Some(vec![
-                "/bin/sh".into(),
-                "-c".into(),
-                "trap 'exit 143' TERM INT; while :; do sleep 3600 & wait $!; done".into(),
-            ]),
+            entrypoint: Some(entrypoint),
             cmd: Some(vec![]),
             working_dir: Some("/".into()),
             hostname: Some(spec.sandbox_id.clone()),
-            labels: Some(HashMap::from([
-                (SANDBOX_LABEL.to_string(), spec.sandbox_id.clone()),
-                (INSTANCE_LABEL.to_string(), self.instance.clone()),
-                (DISK_LABEL.to_string(), disk.label().to_string()),
-                ("io.stacyvm.managed".to_string(), "true".to_string()),
-            ])),
+            labels: Some(labels),
             host_config: Some(host_config),
             ..Default::default()
         }
@@ -776,6 +931,24 @@ fn helper_script(script: &str, args: &[&str]) -> Vec<String> {
 
 /// The daemon's refusal of the `size` storage option (overlay2 not on XFS
 /// with `pquota`, or a driver without quotas).
+/// Whether the daemon refused a bind mount's source (it runs in another
+/// mount namespace than this server, or on another host).
+fn is_mount_refusal(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { message, .. }
+        if message.contains("bind source path") || message.contains("invalid mount config"))
+}
+
+/// The agent endpoint of a running container's state: its PID 1 as this
+/// host sees it.
+fn endpoint_of(state: &bollard::models::ContainerState) -> Option<Endpoint> {
+    let pid = state
+        .pid
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| *p > 0)?;
+    let start = super::native::init::start_time(pid)?;
+    Some(Endpoint { pid, start })
+}
+
 fn is_size_refusal(e: &DockerError) -> bool {
     matches!(e, DockerError::DockerResponseServerError { message, .. }
         if message.contains("storage-opt") || message.contains("storage opt"))
@@ -1111,13 +1284,26 @@ impl Provider for DockerProvider {
             DockerDiskLimit::Auto if self.size_refused.load(Ordering::Relaxed) => DiskCap::Tmpfs,
             DockerDiskLimit::Auto | DockerDiskLimit::Size => DiskCap::Size,
         };
+        let mut agent = match &self.agent {
+            Ok(binary) if !self.agent_refused.load(Ordering::Relaxed) => Some(binary.as_path()),
+            _ => None,
+        };
         let created = loop {
             let options = CreateContainerOptionsBuilder::default().name(&name).build();
             match docker
-                .create_container(Some(options), self.container_body(spec, disk))
+                .create_container(Some(options), self.container_body(spec, disk, agent))
                 .await
             {
                 Ok(created) => break created,
+                Err(e) if agent.is_some() && is_mount_refusal(&e) => {
+                    self.agent_refused.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        daemon = %short(&e),
+                        "the Docker daemon cannot mount the agent binary (it sees another \
+                         filesystem than this server): docker exec goes through the Engine API"
+                    );
+                    agent = None;
+                }
                 Err(e)
                     if disk == DiskCap::Size
                         && self.config.disk_limit == DockerDiskLimit::Auto
@@ -1156,19 +1342,32 @@ impl Provider for DockerProvider {
             }
             // Almost always the image's fault (no /bin/sh, wrong platform).
             return Err(ProviderError::InvalidRequest(format!(
-                "the sandbox container failed to start (StacyVM needs /bin/sh in the image): {}",
+                "the sandbox container failed to start{}: {}",
+                if agent.is_some() {
+                    ""
+                } else {
+                    " (StacyVM needs /bin/sh in the image)"
+                },
                 short(&e)
             )));
         }
         // "Started" is not "running": make sure PID 1 is alive before we
         // report the sandbox as running.
-        let running = docker
+        let state = docker
             .inspect_container(&created.id, None)
             .await
             .ok()
-            .and_then(|c| c.state)
-            .and_then(|state| state.running)
-            .unwrap_or(false);
+            .and_then(|c| c.state);
+        let running = state.as_ref().and_then(|s| s.running).unwrap_or(false);
+        if running {
+            let endpoint = agent.and(state.as_ref()).and_then(endpoint_of);
+            if let Some(endpoint) = endpoint {
+                super::agent::wait_listening(endpoint.pid, endpoint.start).await;
+            }
+            if let Ok(mut endpoints) = self.endpoints.lock() {
+                endpoints.insert(created.id.clone(), endpoint);
+            }
+        }
         if !running {
             if let Err(cleanup) = self.destroy(&created.id).await {
                 tracing::warn!(container = %created.id, error = %cleanup, "cleanup of a dead container failed");
@@ -1191,6 +1390,7 @@ impl Provider for DockerProvider {
         if let Ok(mut events) = self.events.lock() {
             events.remove(runtime_id);
         }
+        self.forget_endpoint(runtime_id);
         match self
             .client()?
             .remove_container(runtime_id, Some(options))

@@ -6,6 +6,7 @@
 //! `service/`; this module only states the contract and hosts one file per
 //! implementation.
 
+pub mod agent;
 pub mod docker;
 pub mod hostfs;
 pub mod image_store;

@@ -208,10 +208,12 @@ impl Service {
                 "workdir must be an absolute path, got {dir:?}"
             )));
         }
-        let (model, worker, runtime) = self.sandbox_runtime(caller, id).await?;
-        let max = self
-            .max_exec_timeout_for(&model.tenant_id, &model.owner_id)
-            .await?;
+        let model = self.usable_sandbox(caller, id).await?;
+        // Two independent reads at once: on the path of every command.
+        let ((worker, runtime), max) = tokio::try_join!(
+            self.runtime_of(&model),
+            self.max_exec_timeout_for(&model.tenant_id, &model.owner_id)
+        )?;
         let timeout = match req.timeout.as_deref() {
             None | Some("") => self.config().defaults.exec_timeout.0.min(max),
             Some(text) => {

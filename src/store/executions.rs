@@ -3,7 +3,7 @@
 use chrono::Utc;
 use entity::execution::{self, Column, Entity};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, Set,
+    ActiveModelTrait, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder,
 };
 
 use super::{Store, StoreResult};
@@ -29,18 +29,19 @@ impl Store {
 
     /// Records how a command ended.
     pub async fn finish_execution(&self, id: &str, finish: ExecutionFinish) -> StoreResult<()> {
-        let Some(model) = Entity::find_by_id(id.to_string()).one(self.conn()).await? else {
-            return Ok(());
-        };
-        let mut active = model.into_active_model();
-        active.status = Set(finish.status.to_string());
-        active.exit_code = Set(finish.exit_code);
-        active.duration_ms = Set(Some(finish.duration_ms));
-        active.stdout_tail = Set(finish.stdout_tail);
-        active.stderr_tail = Set(finish.stderr_tail);
-        active.error = Set(finish.error);
-        active.finished_at = Set(Some(Utc::now()));
-        active.update(self.conn()).await?;
+        // One statement: the exec path's last store call before the answer.
+        use sea_orm::sea_query::Expr;
+        Entity::update_many()
+            .col_expr(Column::Status, Expr::value(finish.status.to_string()))
+            .col_expr(Column::ExitCode, Expr::value(finish.exit_code))
+            .col_expr(Column::DurationMs, Expr::value(Some(finish.duration_ms)))
+            .col_expr(Column::StdoutTail, Expr::value(finish.stdout_tail))
+            .col_expr(Column::StderrTail, Expr::value(finish.stderr_tail))
+            .col_expr(Column::Error, Expr::value(finish.error))
+            .col_expr(Column::FinishedAt, Expr::value(Some(Utc::now())))
+            .filter(Column::Id.eq(id))
+            .exec(self.conn())
+            .await?;
         Ok(())
     }
 

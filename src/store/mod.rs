@@ -86,8 +86,16 @@ impl Store {
             .map_err(|e| StoreError::Connect(e.to_string()))?;
         let queries = Arc::new(AtomicU64::new(0));
         let counter = queries.clone();
-        db.set_metric_callback(move |_| {
+        db.set_metric_callback(move |info| {
             counter.fetch_add(1, Ordering::Relaxed);
+            // `RUST_LOG=stacyvm::sql=trace` shows every statement with its
+            // time (what a request costs in queries).
+            tracing::trace!(
+                target: "stacyvm::sql",
+                elapsed_us = info.elapsed.as_micros() as u64,
+                failed = info.failed,
+                sql = %info.statement.sql,
+            );
         });
         Ok(Store {
             db,

@@ -1296,7 +1296,7 @@ async fn a_docker_command_cut_off_at_shutdown_does_not_live_on() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        top().contains("sleep 3600"),
+        top().contains(stacyvm::provider::agent::AGENT_PATH),
         "the sandbox itself must stay:\n{}",
         top()
     );

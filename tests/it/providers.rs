@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use stacyvm::provider::docker::DockerProvider;
 use stacyvm::provider::image_store::ImageStore;
 use stacyvm::provider::native::NativeProvider;
 use stacyvm::provider::proot::ProotProvider;
@@ -92,20 +93,33 @@ pub async fn proot_fixture() -> Fixture {
     }
 }
 
-/// The Docker provider against the local daemon, when docker tests are on.
-pub async fn docker_fixture() -> Option<Fixture> {
+/// The Docker provider against the local daemon, when docker tests are
+/// on; `direct` says whether exec takes the in-sandbox agent's path (its
+/// binary is built by scripts/build-agent.sh) or the Engine API's.
+pub async fn docker_provider(direct: bool) -> Option<Arc<DockerProvider>> {
     if !crate::support::docker_enabled() {
         return None;
     }
-    let config = stacyvm::config::DockerConfig::default();
-    let provider = stacyvm::provider::docker::DockerProvider::connect(
-        &config,
-        &format!("in-test-{}", crate::support::uuid_hex()),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("docker: {e}"));
+    let config = stacyvm::config::DockerConfig {
+        direct_exec: direct,
+        ..Default::default()
+    };
+    let provider =
+        DockerProvider::connect(&config, &format!("in-test-{}", crate::support::uuid_hex()))
+            .await
+            .unwrap_or_else(|e| panic!("docker: {e}"));
+    if direct {
+        // Never a silent pass on the Engine API path.
+        if let Err(why) = provider.exec_path() {
+            panic!("the direct exec path is off: {why}");
+        }
+    }
+    Some(Arc::new(provider))
+}
+
+pub async fn docker_fixture(direct: bool) -> Option<Fixture> {
     Some(Fixture {
-        provider: Arc::new(provider),
+        provider: docker_provider(direct).await?,
         image: crate::support::docker_image(),
         sandboxes_dir: None,
         reports_signal_deaths: true,
@@ -149,7 +163,8 @@ macro_rules! conformance_tests {
 
 conformance_tests!(native, Some(native_fixture().await));
 conformance_tests!(proot, Some(proot_fixture().await));
-conformance_tests!(docker, docker_fixture().await);
+conformance_tests!(docker, docker_fixture(true).await);
+conformance_tests!(docker_engine_api, docker_fixture(false).await);
 
 /// What one exec produced.
 struct Run {
@@ -1052,4 +1067,207 @@ async fn native_without_its_helper_binary_is_unhealthy() {
         }
         other => panic!("expected Unavailable, got {other:?}"),
     }
+}
+
+/// What a command sees of itself, which must not depend on the exec path:
+/// environment, identity, working directory, capabilities, the
+/// no-new-privileges flag, seccomp, cgroups and limits.
+const SELF_PORTRAIT: &str = "env | sort; id; pwd; \
+    grep -E '^(Cap|NoNewPrivs|Seccomp)' /proc/self/status; cat /proc/self/cgroup; ulimit -a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_direct_exec_matches_the_engine_api() {
+    let (Some(direct), Some(engine)) = (docker_provider(true).await, docker_provider(false).await)
+    else {
+        return;
+    };
+    let direct: Arc<dyn Provider> = direct;
+    let engine: Arc<dyn Provider> = engine;
+    let fx = Fixture {
+        provider: direct.clone(),
+        image: crate::support::docker_image(),
+        sandboxes_dir: None,
+        reports_signal_deaths: true,
+        _data: None,
+    };
+    let (id, runtime) = spawn_with_id(&fx).await;
+    let mut probes = vec![spec(&["sh", "-c", SELF_PORTRAIT])];
+    let mut with_env = spec(&["sh", "-c", SELF_PORTRAIT]);
+    with_env.env = BTreeMap::from([
+        ("PATH".to_string(), "/bin:/usr/bin".to_string()),
+        ("HOME".to_string(), "/tmp".to_string()),
+        ("STACYVM_PROBE".to_string(), "a b=c".to_string()),
+    ]);
+    with_env.workdir = Some("/tmp".into());
+    probes.push(with_env);
+    probes.push(spec(&["no-such-program"]));
+    probes.push(spec(&["/etc/passwd"]));
+    probes.push(spec(&["sh", "-c", "exit 7"]));
+    probes.push(spec(&["sh", "-c", "kill -TERM $$"]));
+    for probe in probes {
+        let a = try_run(&direct, &runtime, probe.clone()).await;
+        let b = try_run(&engine, &runtime, probe.clone()).await;
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.exit, b.exit, "{:?}", probe.argv);
+                assert_eq!(a.stdout, b.stdout, "{:?}", probe.argv);
+                // The runtime's own words for a program that cannot run
+                // differ ("permission denied" from runc, the agent's
+                // errno text); both say why on stderr.
+                if a.exit == ExecExit::Exited(126) {
+                    assert!(!a.stderr.is_empty() && !b.stderr.is_empty());
+                } else {
+                    assert_eq!(a.stderr, b.stderr, "{:?}", probe.argv);
+                }
+            }
+            (a, b) => panic!(
+                "{:?}: direct {:?} vs engine {:?}",
+                probe.argv,
+                a.map(|r| r.exit),
+                b.map(|r| r.exit)
+            ),
+        }
+    }
+    // A missing workdir is the same client error on both.
+    let mut missing = spec(&["pwd"]);
+    missing.workdir = Some("/no/such/dir".into());
+    for p in [&direct, &engine] {
+        match try_run(p, &runtime, missing.clone()).await {
+            Err(ProviderError::InvalidRequest(m)) => assert!(m.contains("/no/such/dir"), "{m}"),
+            other => panic!("missing workdir: {:?}", other.map(|r| r.exit)),
+        }
+    }
+    // The direct path really was taken: PID 1 is the agent.
+    let r = run(&direct, &runtime, spec(&["cat", "/proc/1/cmdline"])).await;
+    assert_eq!(
+        r.stdout.trim_end_matches('\0'),
+        stacyvm::provider::agent::AGENT_PATH
+    );
+    direct.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_agent_socket_cannot_be_redirected_to_the_host() {
+    let Some(provider) = docker_provider(true).await else {
+        return;
+    };
+    let p: Arc<dyn Provider> = provider;
+    let fx = Fixture {
+        provider: p.clone(),
+        image: crate::support::docker_image(),
+        sandboxes_dir: None,
+        reports_signal_deaths: true,
+        _data: None,
+    };
+    // A host socket the sandbox would like the server to talk to (the
+    // Docker daemon's, in a real attack).
+    let dir = tempfile::tempdir().unwrap();
+    let trap_path = dir.path().join("trap.sock");
+    let trap = std::os::unix::net::UnixListener::bind(&trap_path).unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_text = trap_path.display().to_string();
+    let relative = format!("../../../../../../../..{trap_text}");
+    for target in [trap_text.as_str(), relative.as_str()] {
+        let (id, runtime) = spawn_with_id(&fx).await;
+        // The sandbox's root swaps the agent's socket for a link.
+        let plant =
+            format!("rm -f /.stacyvm/run/agent.sock && ln -s {target} /.stacyvm/run/agent.sock");
+        let r = run(&p, &runtime, spec(&["sh", "-c", &plant])).await;
+        assert_eq!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+        // Later commands still run (through the Engine API) ...
+        let r = run(&p, &runtime, spec(&["echo", "still here"])).await;
+        assert_eq!(r.stdout, "still here\n");
+        // ... and the host socket was never connected to.
+        match trap.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the server followed the sandbox's link: {other:?}"),
+        }
+        p.destroy(&id).await.expect("destroy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_agent_mounts_are_sealed() {
+    let Some(provider) = docker_provider(true).await else {
+        return;
+    };
+    let p: Arc<dyn Provider> = provider;
+    let fx = Fixture {
+        provider: p.clone(),
+        image: crate::support::docker_image(),
+        sandboxes_dir: None,
+        reports_signal_deaths: true,
+        _data: None,
+    };
+    let (id, runtime) = spawn_with_id(&fx).await;
+    // The agent binary is read-only, even to the sandbox's root.
+    let r = run(
+        &p,
+        &runtime,
+        spec(&["sh", "-c", "echo x > /.stacyvm/agent"]),
+    )
+    .await;
+    assert_ne!(r.exit, ExecExit::Exited(0));
+    // The socket directory is a tiny tmpfs: no way around the disk cap.
+    let r = run(
+        &p,
+        &runtime,
+        spec(&[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/.stacyvm/run/fill bs=1k count=1024",
+        ]),
+    )
+    .await;
+    assert_ne!(r.exit, ExecExit::Exited(0), "{}", r.stderr);
+    assert!(r.stderr.contains("space"), "{}", r.stderr);
+    // Only the sandbox's root may connect.
+    let r = run(
+        &p,
+        &runtime,
+        spec(&["stat", "-c", "%a %u", "/.stacyvm/run/agent.sock"]),
+    )
+    .await;
+    assert_eq!(r.stdout, "600 0\n");
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_direct_exec_ends_when_the_caller_leaves() {
+    let Some(provider) = docker_provider(true).await else {
+        return;
+    };
+    let p: Arc<dyn Provider> = provider;
+    let fx = Fixture {
+        provider: p.clone(),
+        image: crate::support::docker_image(),
+        sandboxes_dir: None,
+        reports_signal_deaths: true,
+        _data: None,
+    };
+    let (id, runtime) = spawn_with_id(&fx).await;
+    let marker = format!("{}", 3000 + rand_u16() % 5000);
+    let script = format!("setsid sleep {marker} & sleep {marker}");
+    let (tx, _rx) = mpsc::channel(16);
+    let (p2, runtime2) = (p.clone(), runtime.clone());
+    let exec =
+        tokio::spawn(async move { p2.exec(&runtime2, &spec(&["sh", "-c", &script]), tx).await });
+    let pattern = format!("sleep {marker}");
+    assert!(
+        eventually(Duration::from_secs(5), || host_processes_with(&pattern)
+            .len()
+            == 2)
+        .await,
+        "the command never started: {:?}",
+        host_processes_with(&pattern)
+    );
+    exec.abort();
+    assert!(
+        eventually(Duration::from_secs(5), || host_processes_with(&pattern)
+            .is_empty())
+        .await,
+        "left running after the caller left: {:?}",
+        host_processes_with(&pattern)
+    );
+    p.destroy(&id).await.expect("destroy");
 }

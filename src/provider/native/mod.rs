@@ -35,7 +35,7 @@ mod confine;
 mod disk;
 mod exec;
 mod ids;
-mod init;
+pub(crate) mod init;
 
 #[doc(hidden)]
 pub use exec::exec_main;

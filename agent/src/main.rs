@@ -1,0 +1,608 @@
+//! `stacyvm-agent`: PID 1 of a docker sandbox.
+//!
+//! It listens on a Unix socket in the sandbox (`/.stacyvm/run/agent.sock`,
+//! mode 0600) and runs each command sent there as a child of its own, so a
+//! command has exactly the sandbox's namespaces, cgroup, capabilities,
+//! seccomp filter and no-new-privileges flag: the agent gives nothing the
+//! sandbox's root does not already have. The server reaches the socket
+//! through the container's root (`/proc/<pid>/root`), with symlinks
+//! refused.
+//!
+//! As PID 1 it reaps every orphan, and SIGTERM, SIGINT or SIGHUP end the
+//! sandbox (exit 128 + signal), as the shell loop it replaces did.
+//!
+//! A command runs in its own process group with stdin from `/dev/null`,
+//! stdout and stderr on pipes the agent forwards as frames. Killing a
+//! command (the client's `Kill`, or the client going away before the end)
+//! SIGKILLs its process group and every descendant. After a normal exit
+//! nothing is killed: background processes live on, and output they write
+//! to the inherited pipes is forwarded for [`DRAIN_GRACE`] more.
+//!
+//! The agent is built static (`-C target-feature=+crt-static`): images
+//! need no libc of their own.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use stacyvm_agent::{CHUNK, Exec, Failure, Frame, RUN_DIR, SOCKET_NAME, VERSION};
+
+/// How long output may keep flowing after the command ended (a background
+/// process holding the pipe) before the agent stops reading.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long a client has to send its command after connecting.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Commands running at once; one more connection is refused.
+const MAX_COMMANDS: usize = 512;
+
+/// The OOM badness bias of commands: above PID 1's 0, so that the
+/// sandbox's OOM killer picks a command before the agent.
+const COMMAND_OOM_SCORE_ADJ: &[u8] = b"500";
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Exit statuses of this agent's commands, filled in by the reaper.
+#[derive(Default)]
+struct Children {
+    /// A registered child: `None` while it runs, its code once reaped.
+    status: Mutex<HashMap<i32, Option<i32>>>,
+    changed: Condvar,
+}
+
+impl Children {
+    fn wait(&self, pid: i32) -> i32 {
+        let mut table = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(Some(code)) = table.get(&pid) {
+                let code = *code;
+                table.remove(&pid);
+                return code;
+            }
+            table = self.changed.wait(table).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn exited(&self, pid: i32) -> bool {
+        let table = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(table.get(&pid), Some(Some(_)))
+    }
+}
+
+fn main() {
+    let socket = std::env::args_os()
+        .nth(1)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(RUN_DIR).join(SOCKET_NAME));
+    // Every thread inherits this mask: the signal thread collects them all
+    // with sigwait, none is lost to a thread that happens to run.
+    let signals = block_signals();
+    let children = Arc::new(Children::default());
+    {
+        let children = children.clone();
+        spawn_thread(move || signal_loop(signals, &children));
+    }
+    if let Some(dir) = socket.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::remove_file(&socket);
+    // Only the sandbox's root (and the host) may connect.
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(&socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = match listener {
+        Ok(listener) => listener,
+        Err(e) => {
+            // Keep the sandbox alive (exec falls back to the Engine API);
+            // say why where `docker logs` shows it.
+            eprintln!("stacyvm-agent: cannot listen on {}: {e}", socket.display());
+            loop {
+                std::thread::park();
+            }
+        }
+    };
+    let running = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        if running.fetch_add(1, Ordering::AcqRel) >= MAX_COMMANDS {
+            running.fetch_sub(1, Ordering::AcqRel);
+            let _ = Frame::Failed {
+                why: Failure::Other,
+                message: format!("the sandbox runs {MAX_COMMANDS} commands already"),
+            }
+            .write_to(&mut conn);
+            continue;
+        }
+        let children = children.clone();
+        let slot = running.clone();
+        let started = spawn_thread(move || {
+            serve(conn, &children);
+            slot.fetch_sub(1, Ordering::AcqRel);
+        });
+        if !started {
+            running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn spawn_thread(f: impl FnOnce() + Send + 'static) -> bool {
+    std::thread::Builder::new()
+        .stack_size(128 << 10)
+        .spawn(f)
+        .is_ok()
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc calls on a locally owned, initialised set, before
+    // any other thread exists.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Reaps every child (the agent's commands and the orphans the kernel
+/// hands PID 1) and ends the sandbox on SIGTERM, SIGINT or SIGHUP.
+fn signal_loop(set: libc::sigset_t, children: &Children) {
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is initialised, `sig` a valid out pointer.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            continue;
+        }
+        if sig != libc::SIGCHLD {
+            std::process::exit(128 + sig);
+        }
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid out pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid <= 0 {
+                break;
+            }
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                continue;
+            };
+            let mut table = children.status.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(slot) = table.get_mut(&pid) {
+                *slot = Some(code);
+                children.changed.notify_all();
+            }
+        }
+    }
+}
+
+/// Everything the child needs, prepared before the fork (only
+/// async-signal-safe calls happen between fork and exec).
+struct Prepared {
+    /// Candidate paths of the program, in `PATH` order.
+    programs: Vec<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    workdir: CString,
+}
+
+fn prepare(exec: Exec) -> Result<Prepared, String> {
+    let cstr =
+        |bytes: Vec<u8>| CString::new(bytes).map_err(|_| "a NUL byte in the command".to_string());
+    let program = exec
+        .argv
+        .first()
+        .cloned()
+        .filter(|p| !p.is_empty())
+        .ok_or("no command")?;
+    // The sandbox's environment with the request's entries laid over it.
+    let mut env: Vec<(Vec<u8>, Vec<u8>)> = std::env::vars_os()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        .collect();
+    for entry in exec.env {
+        let at = entry
+            .iter()
+            .position(|b| *b == b'=')
+            .ok_or("an environment entry without =")?;
+        let (key, value) = (entry[..at].to_vec(), entry[at + 1..].to_vec());
+        match env.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => env.push((key, value)),
+        }
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == b"PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| DEFAULT_PATH.as_bytes().to_vec());
+    let programs = if program.contains(&b'/') {
+        vec![cstr(program)?]
+    } else {
+        path.split(|b| *b == b':')
+            .map(|dir| {
+                let dir = if dir.is_empty() { b".".as_slice() } else { dir };
+                let mut full = dir.to_vec();
+                full.push(b'/');
+                full.extend_from_slice(&program);
+                cstr(full)
+            })
+            .collect::<Result<_, _>>()?
+    };
+    Ok(Prepared {
+        programs,
+        argv: exec.argv.into_iter().map(cstr).collect::<Result<_, _>>()?,
+        envp: env
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.push(b'=');
+                k.extend_from_slice(&v);
+                cstr(k)
+            })
+            .collect::<Result<_, _>>()?,
+        workdir: cstr(exec.workdir.unwrap_or_else(|| b"/".to_vec()))?,
+    })
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 with a valid two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Null-terminated pointer arrays into `strings` (which must outlive them).
+fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// Runs in the forked child: only async-signal-safe calls. A failure is
+/// reported as `[stage, errno (4 bytes)]` on `report`, which is
+/// close-on-exec: a successful exec closes it empty.
+///
+/// # Safety
+/// Must be called in a freshly forked child, with `argv` and `envp`
+/// pointing into `p`.
+unsafe fn child(
+    p: &Prepared,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    out: RawFd,
+    err: RawFd,
+    report: RawFd,
+) -> ! {
+    // SAFETY: each call is async-signal-safe and gets valid pointers.
+    unsafe {
+        let fail = |stage: u8, errno: i32| -> ! {
+            let mut msg = [stage, 0, 0, 0, 0];
+            msg[1..].copy_from_slice(&errno.to_be_bytes());
+            libc::write(report, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        };
+        let errno = || *libc::__errno_location();
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // Own process group: a kill reaches the command and what it
+        // started, and nothing else in the sandbox.
+        libc::setpgid(0, 0);
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        if null >= 0 {
+            libc::dup2(null, 0);
+        } else {
+            libc::close(0);
+        }
+        if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
+            fail(b'p', errno());
+        }
+        let oom = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+        if oom >= 0 {
+            libc::write(
+                oom,
+                COMMAND_OOM_SCORE_ADJ.as_ptr().cast(),
+                COMMAND_OOM_SCORE_ADJ.len(),
+            );
+            libc::close(oom);
+        }
+        if libc::chdir(p.workdir.as_ptr()) != 0 {
+            fail(b'w', errno());
+        }
+        // execvp's rule: try each candidate, remember a permission error,
+        // stop at any error other than "not here".
+        let mut denied = false;
+        for program in &p.programs {
+            libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            match errno() {
+                libc::ENOENT | libc::ENOTDIR => {}
+                libc::EACCES => denied = true,
+                other => fail(b'e', other),
+            }
+        }
+        fail(b'e', if denied { libc::EACCES } else { libc::ENOENT })
+    }
+}
+
+/// Serves one connection: one command.
+fn serve(mut conn: UnixStream, children: &Children) {
+    if (Frame::Hello { version: VERSION })
+        .write_to(&mut conn)
+        .is_err()
+    {
+        return;
+    }
+    let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+    let exec = match Frame::read_from(&mut conn) {
+        Ok(Some(Frame::Exec(exec))) => exec,
+        // A client that leaves or sends nonsense gets nothing.
+        _ => return,
+    };
+    let _ = conn.set_read_timeout(None);
+    let failed = |conn: &mut UnixStream, why: Failure, message: String| {
+        let _ = Frame::Failed { why, message }.write_to(conn);
+    };
+    let prepared = match prepare(exec) {
+        Ok(p) => p,
+        Err(message) => return failed(&mut conn, Failure::Other, message),
+    };
+    let argv = pointers(&prepared.argv);
+    let envp = pointers(&prepared.envp);
+    let pipes = (|| Ok::<_, io::Error>((pipe()?, pipe()?, pipe()?)))();
+    let ((out_r, out_w), (err_r, err_w), (rep_r, rep_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => return failed(&mut conn, Failure::Other, format!("pipes: {e}")),
+    };
+    let (pid, pidfd) = {
+        // Registered under the lock the reaper takes to record a status:
+        // an instant exit is never missed.
+        let mut table = children.status.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the child only makes async-signal-safe calls (see
+        // `child`) on data prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: this is the freshly forked child.
+            unsafe {
+                child(
+                    &prepared,
+                    &argv,
+                    &envp,
+                    out_w.as_raw_fd(),
+                    err_w.as_raw_fd(),
+                    rep_w.as_raw_fd(),
+                )
+            }
+        }
+        let mut pidfd = None;
+        if pid > 0 {
+            table.insert(pid, None);
+            // The reaper reaps without the lock: a child already gone has
+            // no pidfd, and its status is in the table once this unlocks.
+            pidfd = pidfd_open(pid);
+        }
+        (pid, pidfd)
+    };
+    drop((out_w, err_w, rep_w));
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        return failed(&mut conn, Failure::Other, format!("fork: {e}"));
+    }
+    let mut report = Vec::new();
+    let _ = std::fs::File::from(rep_r).read_to_end(&mut report);
+    if report.len() == 5 {
+        let code = children.wait(pid);
+        let errno = i32::from_be_bytes([report[1], report[2], report[3], report[4]]);
+        let error = io::Error::from_raw_os_error(errno);
+        let program = String::from_utf8_lossy(prepared.argv[0].as_bytes()).into_owned();
+        let (why, message) = match (report[0], errno) {
+            (b'w', _) => (
+                Failure::Workdir,
+                format!(
+                    "working directory {:?} does not exist in the sandbox",
+                    String::from_utf8_lossy(prepared.workdir.as_bytes())
+                ),
+            ),
+            (b'e', libc::ENOENT | libc::ENOTDIR) => (Failure::NotFound, program),
+            (b'e', libc::EACCES | libc::ENOEXEC | libc::EISDIR) => {
+                (Failure::NotExecutable, format!("{program}: {error}"))
+            }
+            _ => (
+                Failure::Other,
+                format!("cannot start {program}: {error} (exit {code})"),
+            ),
+        };
+        return failed(&mut conn, why, message);
+    }
+    let gone = forward(&mut conn, pid, pidfd, out_r, err_r, children);
+    let code = children.wait(pid);
+    if !gone {
+        let _ = Frame::Exit(code).write_to(&mut conn);
+    }
+}
+
+/// Forwards the command's output until both pipes ended and the command
+/// exited (or [`DRAIN_GRACE`] after the exit, when a background process
+/// holds a pipe); handles `Kill` and the client going away. Returns
+/// whether the client is gone.
+fn forward(
+    conn: &mut UnixStream,
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+    out: OwnedFd,
+    err: OwnedFd,
+    children: &Children,
+) -> bool {
+    let mut files = [
+        Some(std::fs::File::from(out)),
+        Some(std::fs::File::from(err)),
+    ];
+    let mut buf = vec![0u8; CHUNK];
+    // Without a pidfd the exit is only learnt from the reaper's table.
+    let mut pidfd = pidfd;
+    let mut exited_at: Option<Instant> = None;
+    let mut client_open = true;
+    let mut killed = false;
+    loop {
+        if exited_at.is_none() && (pidfd.is_none() && children.exited(pid)) {
+            exited_at = Some(Instant::now());
+        }
+        let wait_ms = match exited_at {
+            Some(_) if files.iter().all(Option::is_none) => return !client_open,
+            Some(at) => {
+                let left = DRAIN_GRACE.saturating_sub(at.elapsed());
+                if left.is_zero() {
+                    return !client_open;
+                }
+                left.as_millis().clamp(1, 100) as i32
+            }
+            None if pidfd.is_some() => -1,
+            None => 10,
+        };
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(4);
+        let watch = |fds: &mut Vec<libc::pollfd>, fd: RawFd| {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+        };
+        for f in files.iter().flatten() {
+            watch(&mut fds, f.as_raw_fd());
+        }
+        if client_open {
+            watch(&mut fds, conn.as_raw_fd());
+        }
+        if let Some(fd) = &pidfd {
+            watch(&mut fds, fd.as_raw_fd());
+        }
+        // SAFETY: `fds` is a valid array of pollfd for its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        if n < 0 {
+            continue;
+        }
+        let ready = |fd: RawFd| fds.iter().any(|p| p.fd == fd && p.revents != 0);
+        if pidfd.as_ref().is_some_and(|fd| ready(fd.as_raw_fd())) {
+            pidfd = None;
+            exited_at = Some(Instant::now());
+        }
+        if client_open && ready(conn.as_raw_fd()) {
+            match Frame::read_from(conn) {
+                Ok(Some(Frame::Kill)) => {}
+                // Anything else, or the client leaving: the command must
+                // not run on unseen.
+                _ => client_open = false,
+            }
+            // After a normal exit nothing is killed: background processes
+            // stay.
+            if !killed && exited_at.is_none() {
+                kill_tree(pid);
+                killed = true;
+            }
+        }
+        for (slot, stdout) in files.iter_mut().zip([true, false]) {
+            let Some(file) = slot else { continue };
+            if !ready(file.as_raw_fd()) {
+                continue;
+            }
+            match file.read(&mut buf) {
+                Ok(0) | Err(_) => *slot = None,
+                Ok(n) if client_open => {
+                    let data = buf[..n].to_vec();
+                    let frame = if stdout {
+                        Frame::Stdout(data)
+                    } else {
+                        Frame::Stderr(data)
+                    };
+                    if frame.write_to(conn).is_err() {
+                        client_open = false;
+                        if !killed && exited_at.is_none() {
+                            kill_tree(pid);
+                            killed = true;
+                        }
+                    }
+                }
+                // Nobody listens: keep reading so the command never blocks.
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid`, `None` where the kernel has none or the child is
+/// already reaped.
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative result is a new fd owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// SIGKILLs the command's process group and every descendant of it that
+/// left the group (`setsid`, its own `setpgid`). The tree is read before
+/// anything is killed: a killed parent's children are handed to PID 1 at
+/// once and would no longer look like descendants.
+fn kill_tree(pid: i32) {
+    let doomed = descendants(pid);
+    // SAFETY: kill with a negative pid signals that process group.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    for victim in doomed {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(victim, libc::SIGKILL) };
+    }
+}
+
+/// `pid` and every process below it, from `/proc`.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // The fields after the command name, which may hold spaces.
+            let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
+                continue;
+            };
+            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+                parents.push((child, ppid));
+            }
+        }
+    }
+    let mut doomed = vec![pid];
+    let mut i = 0;
+    while i < doomed.len() {
+        let parent = doomed[i];
+        for (child, ppid) in &parents {
+            if *ppid == parent && !doomed.contains(child) {
+                doomed.push(*child);
+            }
+        }
+        i += 1;
+    }
+    doomed
+}

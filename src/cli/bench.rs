@@ -1,0 +1,844 @@
+//! `stacyvm bench`: StacyVM measured beside the raw runtime, in one run.
+//!
+//! The benchmark starts real `stacyvm serve` processes (this executable)
+//! on loopback with throw-away data directories, talks to them over REST
+//! as a user would, and runs the same work straight against the runtime
+//! (the Docker Engine API through bollard, a plain fork+exec on the host)
+//! side by side. It prints a Markdown table and, with `--json`, writes the
+//! figures as JSON. Nothing is asserted: the table says which target each
+//! figure is held against.
+//!
+//! Docker parts run when the daemon answers, native parts when a rootfs
+//! tarball is given (`--rootfs`) and the host can run native sandboxes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::CliError;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Fewer iterations (CI): figures, not conclusions.
+    pub quick: bool,
+    /// The docker image sandboxes and raw containers use.
+    pub image: String,
+    /// A rootfs tarball for the native provider; `None` skips native.
+    pub rootfs: Option<PathBuf>,
+    /// Where to write the JSON figures.
+    pub json: Option<PathBuf>,
+}
+
+/// Latency figures of one series, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub n: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Latency {
+    fn of(mut samples: Vec<Duration>) -> Latency {
+        samples.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let at = |q: f64| {
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(i).copied().map(ms).unwrap_or(f64::NAN)
+        };
+        let mean = if samples.is_empty() {
+            f64::NAN
+        } else {
+            samples.iter().copied().map(ms).sum::<f64>() / samples.len() as f64
+        };
+        Latency {
+            n: samples.len(),
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            mean_ms: mean,
+        }
+    }
+}
+
+/// One line of the table: StacyVM's figure, the raw runtime's, the target.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub what: String,
+    pub stacyvm: String,
+    pub raw: String,
+    pub ratio: Option<f64>,
+    pub target: String,
+    /// `None` where the row has no target to meet.
+    pub met: Option<bool>,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub rows: Vec<Row>,
+    pub figures: BTreeMap<String, Value>,
+    pub skipped: Vec<String>,
+}
+
+impl Report {
+    fn row(
+        &mut self,
+        what: &str,
+        stacyvm: String,
+        raw: String,
+        ratio: Option<f64>,
+        target: &str,
+        met: Option<bool>,
+    ) {
+        self.rows.push(Row {
+            what: what.into(),
+            stacyvm,
+            raw,
+            ratio,
+            target: target.into(),
+            met,
+        });
+    }
+
+    /// The table, in Markdown.
+    pub fn markdown(&self) -> String {
+        let mut out = format!("Machine: {}\n\n", self.machine);
+        out.push_str("| measure | StacyVM | raw runtime | ratio | target | met |\n");
+        out.push_str("|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                r.what,
+                r.stacyvm,
+                r.raw,
+                r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+                r.target,
+                match r.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "",
+                }
+            ));
+        }
+        for s in &self.skipped {
+            out.push_str(&format!("\nskipped: {s}\n"));
+        }
+        out
+    }
+}
+
+fn ms(latency: &Latency) -> String {
+    format!("p50 {:.2} ms, p99 {:.2} ms", latency.p50_ms, latency.p99_ms)
+}
+
+/// A `stacyvm serve` child process on a free loopback port.
+struct Server {
+    child: tokio::process::Child,
+    url: String,
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl Server {
+    async fn start(name: &str, config: &str, setup: &[Vec<String>]) -> Result<Server, CliError> {
+        let exe = std::env::current_exe().map_err(|e| CliError::Other(e.to_string()))?;
+        let dir = std::env::temp_dir().join(format!("stacyvm-bench-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| CliError::Other(e.to_string()))?;
+        let config_path = dir.join("config.yaml");
+        std::fs::write(&config_path, config).map_err(|e| CliError::Other(e.to_string()))?;
+        for args in setup {
+            let status = tokio::process::Command::new(&exe)
+                .arg("--data-dir")
+                .arg(&dir)
+                .arg("--config")
+                .arg(&config_path)
+                .args(args)
+                .stdout(Stdio::null())
+                .status()
+                .await
+                .map_err(|e| CliError::Other(e.to_string()))?;
+            if !status.success() {
+                return Err(CliError::Other(format!(
+                    "stacyvm {args:?} failed: {status}"
+                )));
+            }
+        }
+        let port = free_port()?;
+        let child = tokio::process::Command::new(&exe)
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .arg("--port")
+            .arg(port.to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.join("server.log"))
+                    .map_err(|e| CliError::Other(e.to_string()))?,
+            )
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| CliError::Other(format!("starting stacyvm serve: {e}")))?;
+        let server = Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .timeout(Duration::from_secs(120))
+                .build()
+                .map_err(|e| CliError::Other(e.to_string()))?,
+        };
+        for _ in 0..200 {
+            if server
+                .http
+                .get(format!("{}/api/v1/health", server.url))
+                .send()
+                .await
+                .is_ok()
+            {
+                return Ok(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(CliError::Other(format!(
+            "stacyvm serve did not come up; see {}",
+            server.dir.join("server.log").display()
+        )))
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<Value, CliError> {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| CliError::Other(format!("POST {path}: {e}")))?;
+        let status = resp.status();
+        let value: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            return Err(CliError::Refused {
+                status: status.as_u16(),
+                message: value.to_string(),
+            });
+        }
+        Ok(value)
+    }
+
+    async fn spawn(&self, body: &Value) -> Result<String, CliError> {
+        let created = self.post("/sandboxes", body).await?;
+        created["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| CliError::Other(format!("spawn answered {created}")))
+    }
+
+    async fn destroy(&self, id: &str) {
+        if let Err(e) = self
+            .http
+            .delete(format!("{}/api/v1/sandboxes/{id}", self.url))
+            .send()
+            .await
+        {
+            tracing::warn!(%id, error = %e, "bench: destroying a sandbox failed");
+        }
+    }
+
+    async fn exec_latency(&self, id: &str, n: usize) -> Result<Latency, CliError> {
+        let body = json!({"command": "true", "mode": "argv"});
+        let path = format!("/sandboxes/{id}/exec");
+        // Warm the connection and the sandbox.
+        self.post(&path, &body).await?;
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let answer = self.post(&path, &body).await?;
+            samples.push(t.elapsed());
+            if answer["exit_code"] != 0 {
+                return Err(CliError::Other(format!("exec answered {answer}")));
+            }
+        }
+        Ok(Latency::of(samples))
+    }
+
+    /// The server's peak resident set so far, in KiB.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.pid() {
+            // SIGTERM: the server destroys its sandboxes on the way out.
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("bench: the server did not stop in 30 s; killing it");
+            crate::provider::best_effort_quiet("killing the bench server", self.child.kill().await);
+        }
+        crate::provider::best_effort_quiet(
+            "removing the bench data directory",
+            std::fs::remove_dir_all(&self.dir),
+        );
+    }
+}
+
+fn free_port() -> Result<u16, CliError> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| CliError::Other(e.to_string()))?;
+    Ok(listener
+        .local_addr()
+        .map_err(|e| CliError::Other(e.to_string()))?
+        .port())
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib as f64 / (1024.0 * 1024.0))
+        .unwrap_or(0.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let build = if cfg!(debug_assertions) {
+        "debug build: figures are not representative"
+    } else {
+        "release build"
+    };
+    format!(
+        "{cores} cores ({cpu}), {mem_gib:.0} GiB, Linux {}; stacyvm {} ({build})",
+        kernel.trim(),
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Raw Engine API work on the same daemon: the baseline.
+struct RawDocker {
+    docker: Docker,
+    image: String,
+}
+
+impl RawDocker {
+    async fn create_start(&self) -> Result<String, CliError> {
+        let name = format!("stacyvm-bench-raw-{}", uuid::Uuid::new_v4().as_simple());
+        let body = ContainerCreateBody {
+            image: Some(self.image.clone()),
+            entrypoint: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "trap 'exit 143' TERM; while :; do sleep 3600 & wait $!; done".into(),
+            ]),
+            labels: Some(std::collections::HashMap::from([(
+                "io.stacyvm.bench".to_string(),
+                "raw".to_string(),
+            )])),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|e| CliError::Other(format!("raw create: {e}")))?;
+        self.docker
+            .start_container(&created.id, None)
+            .await
+            .map_err(|e| CliError::Other(format!("raw start: {e}")))?;
+        Ok(created.id)
+    }
+
+    async fn remove(&self, id: &str) {
+        let options = RemoveContainerOptionsBuilder::default().force(true).build();
+        if let Err(e) = self.docker.remove_container(id, Some(options)).await {
+            tracing::warn!(container = %id, error = %e, "bench: removing a raw container failed");
+        }
+    }
+
+    async fn exec(&self, id: &str) -> Result<(), CliError> {
+        let options = CreateExecOptions {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            cmd: Some(vec!["true".to_string()]),
+            ..Default::default()
+        };
+        let err = |e: bollard::errors::Error| CliError::Other(format!("raw exec: {e}"));
+        let created = self.docker.create_exec(id, options).await.map_err(err)?;
+        if let StartExecResults::Attached { mut output, .. } = self
+            .docker
+            .start_exec(&created.id, None)
+            .await
+            .map_err(err)?
+        {
+            while output.next().await.is_some() {}
+        }
+        self.docker.inspect_exec(&created.id).await.map_err(err)?;
+        Ok(())
+    }
+}
+
+/// Runs `f` `n` times at once; the wall time of the whole batch.
+async fn parallel<F, Fut, T>(n: usize, f: F) -> (Duration, Vec<Result<T, CliError>>)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CliError>>,
+{
+    let t = Instant::now();
+    let results = futures::future::join_all((0..n).map(|_| f())).await;
+    (t.elapsed(), results)
+}
+
+/// Requests per second of `GET url` and the p99 latency in ms, measured
+/// by `wrk` (Debian's package) where it is installed: a load generator in
+/// C on its own threads, not sharing this process's runtime. The figure
+/// says which tool measured it.
+async fn load(
+    http: &reqwest::Client,
+    url: String,
+    connections: usize,
+    duration: Duration,
+) -> (f64, f64, &'static str) {
+    let wrk = tokio::process::Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{}s", duration.as_secs().max(1)),
+            "--latency",
+            &url,
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .await;
+    if let Ok(out) = wrk
+        && out.status.success()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(parsed) = parse_wrk(&text) {
+            return (parsed.0, parsed.1, "wrk");
+        }
+        tracing::warn!("bench: cannot read wrk's output:\n{text}");
+    }
+    let (rate, latency) = throughput(http, url, connections, duration).await;
+    (rate, latency.p99_ms, "built-in client")
+}
+
+/// Requests/s and the 99th percentile (ms) from `wrk --latency` output.
+fn parse_wrk(text: &str) -> Option<(f64, f64)> {
+    let rate = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))?
+        .trim();
+    let ms = if let Some(v) = p99.strip_suffix("us") {
+        v.parse::<f64>().ok()? / 1000.0
+    } else if let Some(v) = p99.strip_suffix("ms") {
+        v.parse().ok()?
+    } else if let Some(v) = p99.strip_suffix('s') {
+        v.parse::<f64>().ok()? * 1000.0
+    } else {
+        return None;
+    };
+    Some((rate, ms))
+}
+
+/// Requests per second of `GET path` from `connections` clients for
+/// `duration`, with the latency of each request.
+async fn throughput(
+    http: &reqwest::Client,
+    url: String,
+    connections: usize,
+    duration: Duration,
+) -> (f64, Latency) {
+    let url = Arc::new(url);
+    let end = Instant::now() + duration;
+    let tasks = (0..connections).map(|_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let mut samples = Vec::new();
+            while Instant::now() < end {
+                let t = Instant::now();
+                if let Ok(resp) = http.get(url.as_str()).send().await
+                    && resp.status().is_success()
+                    && resp.bytes().await.is_ok()
+                {
+                    samples.push(t.elapsed());
+                }
+            }
+            samples
+        }
+    });
+    let t = Instant::now();
+    let samples: Vec<Duration> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let rate = samples.len() as f64 / t.elapsed().as_secs_f64();
+    (rate, Latency::of(samples))
+}
+
+/// The raw floor of a command on this host: fork+exec of `true`.
+async fn raw_fork_exec(n: usize) -> Latency {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        if tokio::process::Command::new("true").status().await.is_ok() {
+            samples.push(t.elapsed());
+        }
+    }
+    Latency::of(samples)
+}
+
+/// Runs the benchmark and prints the table.
+pub async fn run(options: BenchOptions) -> Result<Report, CliError> {
+    let mut report = Report {
+        machine: machine(),
+        ..Default::default()
+    };
+    let n_exec = if options.quick { 50 } else { 500 };
+    let n_spawn = if options.quick { 5 } else { 20 };
+    let n_parallel = 20;
+    let load_time = Duration::from_secs(if options.quick { 2 } else { 5 });
+
+    let docker = match Docker::connect_with_local_defaults() {
+        Ok(d) => match d.ping().await {
+            Ok(_) => Some(d),
+            Err(e) => {
+                report
+                    .skipped
+                    .push(format!("docker: the daemon does not answer ({e})"));
+                None
+            }
+        },
+        Err(e) => {
+            report.skipped.push(format!("docker: {e}"));
+            None
+        }
+    };
+
+    if let Some(docker) = docker {
+        docker_part(
+            &mut report,
+            docker,
+            &options,
+            n_exec,
+            n_spawn,
+            n_parallel,
+            load_time,
+        )
+        .await?;
+    }
+    match &options.rootfs {
+        Some(rootfs) => native_part(&mut report, rootfs, n_exec).await?,
+        None => report.skipped.push("native: no --rootfs given".into()),
+    }
+    let markdown = report.markdown();
+    println!("{markdown}");
+    if let Some(path) = &options.json {
+        let text =
+            serde_json::to_string_pretty(&report).map_err(|e| CliError::Other(e.to_string()))?;
+        std::fs::write(path, text)
+            .map_err(|e| CliError::Other(format!("{}: {e}", path.display())))?;
+    }
+    Ok(report)
+}
+
+async fn docker_part(
+    report: &mut Report,
+    docker: Docker,
+    options: &BenchOptions,
+    n_exec: usize,
+    n_spawn: usize,
+    n_parallel: usize,
+    load_time: Duration,
+) -> Result<(), CliError> {
+    let raw = RawDocker {
+        docker,
+        image: options.image.clone(),
+    };
+    let spawn_body = json!({"image": options.image, "provider": "docker"});
+    let direct = Server::start("docker", "providers:\n  default: docker\n", &[]).await?;
+    let engine = Server::start(
+        "docker-engine",
+        "providers:\n  default: docker\n  docker:\n    direct_exec: false\n",
+        &[],
+    )
+    .await?;
+
+    // Exec: the direct path, the Engine API path, the raw Engine API.
+    let sandbox = direct.spawn(&spawn_body).await?;
+    let via_direct = direct.exec_latency(&sandbox, n_exec).await?;
+    let engine_sandbox = engine.spawn(&spawn_body).await?;
+    let via_engine = engine
+        .exec_latency(&engine_sandbox, n_exec.min(100))
+        .await?;
+    let container = raw.create_start().await?;
+    let mut samples = Vec::new();
+    raw.exec(&container).await?;
+    for _ in 0..n_exec.min(100) {
+        let t = Instant::now();
+        raw.exec(&container).await?;
+        samples.push(t.elapsed());
+    }
+    let raw_exec = Latency::of(samples);
+    let floor = raw_fork_exec(n_exec).await;
+    report.row(
+        "exec round trip, docker (REST, direct path)",
+        ms(&via_direct),
+        format!("{} (Engine API exec)", ms(&raw_exec)),
+        Some(via_direct.p50_ms / raw_exec.p50_ms),
+        "p50 <= 5 ms, p99 <= 3x p50",
+        Some(via_direct.p50_ms <= 5.0 && via_direct.p99_ms <= 3.0 * via_direct.p50_ms),
+    );
+    report.row(
+        "exec round trip, docker (REST, Engine API path)",
+        ms(&via_engine),
+        ms(&raw_exec),
+        Some(via_engine.p50_ms / raw_exec.p50_ms),
+        "fallback: about the raw cost",
+        None,
+    );
+    report.row(
+        "fork+exec of `true` on the host (the floor)",
+        String::new(),
+        ms(&floor),
+        None,
+        "",
+        None,
+    );
+    report
+        .figures
+        .insert("exec_docker_direct".into(), json!(via_direct));
+    report
+        .figures
+        .insert("exec_docker_engine".into(), json!(via_engine));
+    report
+        .figures
+        .insert("exec_docker_raw".into(), json!(raw_exec));
+    report.figures.insert("exec_host_fork".into(), json!(floor));
+
+    // Throughput: GET /health against GET /sandboxes/{id}, same run.
+    let connections = 16;
+    let (health_rate, health_p99, tool) = load(
+        &direct.http,
+        format!("{}/api/v1/health", direct.url),
+        connections,
+        load_time,
+    )
+    .await;
+    let (get_rate, get_p99, _) = load(
+        &direct.http,
+        format!("{}/api/v1/sandboxes/{sandbox}", direct.url),
+        connections,
+        load_time,
+    )
+    .await;
+    report.row(
+        &format!("GET /sandboxes/{{id}} vs GET /health ({tool}, {connections} connections)"),
+        format!("{get_rate:.0}/s, p99 {get_p99:.2} ms"),
+        format!("{health_rate:.0}/s (health), p99 {health_p99:.2} ms"),
+        Some(get_rate / health_rate),
+        ">= 0.5x",
+        Some(get_rate >= 0.5 * health_rate),
+    );
+    report
+        .figures
+        .insert("get_sandbox_rps".into(), json!(get_rate));
+    report
+        .figures
+        .insert("health_rps".into(), json!(health_rate));
+
+    // Spawn: one at a time, then many at once.
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for _ in 0..n_spawn {
+        let t = Instant::now();
+        let id = direct.spawn(&spawn_body).await?;
+        ours.push(t.elapsed());
+        direct.destroy(&id).await;
+        let t = Instant::now();
+        let id = raw.create_start().await?;
+        theirs.push(t.elapsed());
+        raw.remove(&id).await;
+    }
+    let (ours, theirs) = (Latency::of(ours), Latency::of(theirs));
+    report.row(
+        "spawn, one at a time (docker)",
+        ms(&ours),
+        format!("{} (create+start)", ms(&theirs)),
+        Some(ours.p50_ms / theirs.p50_ms),
+        "",
+        None,
+    );
+    let (our_wall, spawned) = parallel(n_parallel, || direct.spawn(&spawn_body)).await;
+    let (raw_wall, created) = parallel(n_parallel, || raw.create_start()).await;
+    let failures = spawned.iter().filter(|r| r.is_err()).count()
+        + created.iter().filter(|r| r.is_err()).count();
+    for id in spawned.into_iter().flatten() {
+        direct.destroy(&id).await;
+    }
+    for id in created.into_iter().flatten() {
+        raw.remove(&id).await;
+    }
+    let ratio = our_wall.as_secs_f64() / raw_wall.as_secs_f64();
+    report.row(
+        &format!("{n_parallel} spawns at once, wall time (docker)"),
+        format!("{:.0} ms", our_wall.as_secs_f64() * 1000.0),
+        format!("{:.0} ms", raw_wall.as_secs_f64() * 1000.0),
+        Some(ratio),
+        "<= 1.1x",
+        Some(ratio <= 1.1 && failures == 0),
+    );
+    if failures > 0 {
+        report
+            .skipped
+            .push(format!("{failures} of the parallel spawns failed"));
+    }
+    report.figures.insert("spawn_docker".into(), json!(ours));
+    report
+        .figures
+        .insert("spawn_docker_raw".into(), json!(theirs));
+    report
+        .figures
+        .insert("parallel_spawn_ratio".into(), json!(ratio));
+
+    if let Some(kib) = direct.peak_rss_kib() {
+        report.row(
+            "server peak RSS (docker run)",
+            format!("{:.1} MiB", kib as f64 / 1024.0),
+            String::new(),
+            None,
+            "",
+            None,
+        );
+        report
+            .figures
+            .insert("server_peak_rss_kib".into(), json!(kib));
+    }
+    direct.destroy(&sandbox).await;
+    engine.destroy(&engine_sandbox).await;
+    raw.remove(&container).await;
+    direct.stop().await;
+    engine.stop().await;
+    Ok(())
+}
+
+async fn native_part(report: &mut Report, rootfs: &Path, n_exec: usize) -> Result<(), CliError> {
+    let image = "bench:rootfs";
+    let server = Server::start(
+        "native",
+        "providers:\n  default: native\n",
+        &[vec![
+            "image".into(),
+            "import".into(),
+            image.into(),
+            rootfs.display().to_string(),
+        ]],
+    )
+    .await?;
+    let sandbox = match server
+        .spawn(&json!({"image": image, "provider": "native"}))
+        .await
+    {
+        Ok(id) => id,
+        Err(e) => {
+            report.skipped.push(format!("native: cannot spawn ({e})"));
+            server.stop().await;
+            return Ok(());
+        }
+    };
+    let latency = server.exec_latency(&sandbox, n_exec).await?;
+    let floor = raw_fork_exec(n_exec).await;
+    report.row(
+        "exec round trip, native (REST)",
+        ms(&latency),
+        format!("{} (fork+exec on the host)", ms(&floor)),
+        Some(latency.p50_ms / floor.p50_ms),
+        "p50 <= 3 ms, p99 <= 3x p50",
+        Some(latency.p50_ms <= 3.0 && latency.p99_ms <= 3.0 * latency.p50_ms),
+    );
+    report.figures.insert("exec_native".into(), json!(latency));
+    server.destroy(&sandbox).await;
+    server.stop().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_is_read() {
+        let text = "Running 2s test @ http://127.0.0.1:1/api/v1/health
+  2 threads and 16 connections
+  Latency Distribution
+     50%  150.00us
+     75%  200.00us
+     90%  300.00us
+     99%    1.50ms
+  100000 requests in 2.00s, 10.00MB read
+Requests/sec:  50000.00
+Transfer/sec:      5.00MB
+";
+        assert_eq!(parse_wrk(text), Some((50000.0, 1.5)));
+        let slow = text.replace("1.50ms", "2.10s");
+        assert_eq!(parse_wrk(&slow), Some((50000.0, 2100.0)));
+        assert_eq!(parse_wrk("garbage"), None);
+    }
+
+    #[test]
+    fn percentiles_of_a_series() {
+        let samples = (1..=100).map(Duration::from_millis).collect();
+        let l = Latency::of(samples);
+        assert_eq!((l.n, l.p50_ms.round(), l.p99_ms.round()), (100, 51.0, 99.0));
+        assert!(Latency::of(Vec::new()).p50_ms.is_nan());
+    }
+}

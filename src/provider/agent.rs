@@ -1,0 +1,349 @@
+//! The client side of the in-sandbox agent (`agent/`, the `stacyvm-agent`
+//! binary): the direct exec path of the docker provider.
+//!
+//! A docker sandbox spawned with the agent runs it as PID 1, with the
+//! binary bind-mounted read-only at [`AGENT_PATH`] and its socket on a
+//! small tmpfs at [`RUN_DIR`]. The server reaches the socket through the
+//! container's root, `/proc/<pid>/root`, opened with `openat2` so that no
+//! symlink the sandbox plants there is followed (a link to the host's
+//! Docker socket would otherwise be connected to), and connects through
+//! the opened handle (`/proc/self/fd/N`).
+//!
+//! An exec is one connection: one `Exec` frame out, output frames back,
+//! one `Exit` or `Failed` at the end. Dropping the future closes the
+//! connection, and the agent kills the command's process tree: that is
+//! cancellation. The timeout sends `Kill` and waits for the exit.
+//!
+//! What the sandbox's processes can do here is what they could do anyway:
+//! its root may connect to the socket (it runs its commands as that root),
+//! or replace it with a listener of its own that answers later execs with
+//! made-up output, which fools nobody but the sandbox's owner about the
+//! sandbox's own commands. Every frame from the agent is bounded
+//! ([`MAX_FRAME`]) and parsed as untrusted input.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use stacyvm_agent::{AGENT_PATH, RUN_DIR, SOCKET_NAME};
+use stacyvm_agent::{Exec, Failure, Frame, MAX_FRAME, VERSION};
+
+use super::{ExecExit, ExecSpec, OutputChunk, OutputSink, ProviderError, StreamKind};
+
+/// How long a killed command has to report its exit before the exec ends
+/// without it.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// The binary's name, looked up beside the `stacyvm` executable.
+pub const BINARY_NAME: &str = "stacyvm-agent";
+
+/// Why the direct path could not be taken for one exec; the caller falls
+/// back to the Engine API. Nothing was sent to the sandbox yet.
+#[derive(Debug, thiserror::Error)]
+#[error("the sandbox's agent is unreachable: {0}")]
+pub struct Unreachable(String);
+
+/// Finds the agent binary: `configured` if set, else `stacyvm-agent`
+/// beside the running executable (or one directory up, for test binaries
+/// under `target/*/deps`). It must be a static ELF executable: images
+/// need carry no libc for it.
+pub fn find_binary(configured: &Path) -> Result<PathBuf, String> {
+    let candidates: Vec<PathBuf> = if !configured.as_os_str().is_empty() {
+        vec![configured.to_path_buf()]
+    } else {
+        let exe = std::env::current_exe().map_err(|e| format!("the running executable: {e}"))?;
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|dir| dir.join(BINARY_NAME))
+            .collect()
+    };
+    let Some(found) = candidates.iter().find(|p| p.is_file()) else {
+        return Err(format!(
+            "no agent binary at {} (build it with scripts/build-agent.sh, or set \
+             providers.docker.agent_binary)",
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ));
+    };
+    let bytes = std::fs::read(found).map_err(|e| format!("{}: {e}", found.display()))?;
+    match elf_kind(&bytes) {
+        Some(ElfKind::Static) => Ok(found.clone()),
+        Some(ElfKind::Dynamic) => Err(format!(
+            "{} is dynamically linked: sandboxes without a libc could not run it \
+             (build it with -C target-feature=+crt-static)",
+            found.display()
+        )),
+        None => Err(format!(
+            "{} is not an x86-64 ELF executable",
+            found.display()
+        )),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum ElfKind {
+    Static,
+    Dynamic,
+}
+
+/// Whether `bytes` is a 64-bit little-endian ELF executable, and whether
+/// it asks for a dynamic loader (a `PT_INTERP` program header).
+fn elf_kind(bytes: &[u8]) -> Option<ElfKind> {
+    let u16_at = |at: usize| Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |at: usize| Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+    // Magic, 64-bit class, little endian, x86-64.
+    if bytes.get(..6)? != b"\x7fELF\x02\x01" || u16_at(18)? != 62 {
+        return None;
+    }
+    let phoff = usize::try_from(u64_at(32)?).ok()?;
+    let phentsize = usize::from(u16_at(54)?);
+    let phnum = usize::from(u16_at(56)?);
+    const PT_INTERP: u32 = 3;
+    for i in 0..phnum {
+        if u32_at(phoff.checked_add(i.checked_mul(phentsize)?)?)? == PT_INTERP {
+            return Some(ElfKind::Dynamic);
+        }
+    }
+    Some(ElfKind::Static)
+}
+
+/// Connects to the agent of the container whose PID 1 is `pid` (started
+/// at `start`, in clock ticks since boot, so a recycled pid is refused).
+pub async fn connect(pid: i32, start: u64) -> Result<tokio::net::UnixStream, Unreachable> {
+    let socket = open_socket(pid, start).map_err(Unreachable)?;
+    // The opened handle names the socket; connecting through it resolves
+    // nothing the sandbox controls.
+    let path = format!("/proc/self/fd/{}", socket.as_raw_fd());
+    let stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|e| Unreachable(e.to_string()))?;
+    drop(socket);
+    Ok(stream)
+}
+
+/// Waits (up to half a second) until the agent of a just-started
+/// container listens, so that the first exec takes the direct path. An
+/// agent that never does leaves exec to the Engine API.
+pub async fn wait_listening(pid: i32, start: u64) {
+    for _ in 0..250 {
+        if open_socket(pid, start).is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tracing::warn!(
+        pid,
+        "the sandbox's agent did not come up: its commands go through the Engine API"
+    );
+}
+
+fn open_socket(pid: i32, start: u64) -> Result<OwnedFd, String> {
+    if !super::native::init::is_same_process(pid, start) {
+        return Err(format!("process {pid} is not the sandbox's PID 1"));
+    }
+    let root = rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("the sandbox's root: {e}"))?;
+    let relative = format!("{}/{SOCKET_NAME}", RUN_DIR.trim_start_matches('/'));
+    let socket = rustix::fs::openat2(
+        &root,
+        relative.as_str(),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| format!("{RUN_DIR}/{SOCKET_NAME}: {e}"))?;
+    let stat = rustix::fs::fstat(&socket).map_err(|e| format!("{SOCKET_NAME}: {e}"))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket {
+        return Err(format!("{RUN_DIR}/{SOCKET_NAME} is not a socket"));
+    }
+    // The handles were opened after the first check: check again that
+    // they belong to the sandbox, not to a process that took its pid.
+    if !super::native::init::is_same_process(pid, start) {
+        return Err(format!("process {pid} is not the sandbox's PID 1"));
+    }
+    Ok(socket)
+}
+
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<Option<Frame>> {
+    let mut header = [0u8; 5];
+    match reader.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let (kind, len) = Frame::header(header)?;
+    debug_assert!(len <= MAX_FRAME);
+    let mut payload = vec![0u8; len];
+    reader.read_exact(&mut payload).await?;
+    Frame::decode(kind, payload).map(Some)
+}
+
+/// Runs `spec` through a connected agent, streaming into `sink`.
+pub async fn exec(
+    stream: tokio::net::UnixStream,
+    spec: &ExecSpec,
+    sink: OutputSink,
+) -> Result<ExecExit, ProviderError> {
+    let lost = |e: std::io::Error| ProviderError::Runtime(format!("the sandbox's agent: {e}"));
+    let (reader, mut writer) = stream.into_split();
+    let request = Frame::Exec(Exec {
+        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}").into_bytes())
+            .collect(),
+        workdir: spec.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
+    });
+    writer.write_all(&request.encode()).await.map_err(lost)?;
+    // The frame stream keeps a partly read frame across select! rounds.
+    let frames = futures::stream::unfold(reader, |mut reader| async move {
+        match read_frame(&mut reader).await {
+            Ok(Some(frame)) => Some((Ok(frame), reader)),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), reader)),
+        }
+    });
+    tokio::pin!(frames);
+    match frames.next().await {
+        Some(Ok(Frame::Hello { version: VERSION })) => {}
+        Some(Ok(Frame::Hello { version })) => {
+            return Err(ProviderError::Runtime(format!(
+                "the sandbox's agent speaks protocol {version}, this server {VERSION}"
+            )));
+        }
+        Some(Ok(other)) => {
+            return Err(ProviderError::Runtime(format!(
+                "the sandbox's agent sent {other:?} before its hello"
+            )));
+        }
+        Some(Err(e)) => return Err(lost(e)),
+        None => return Err(ProviderError::Runtime("the sandbox's agent hung up".into())),
+    }
+    let deadline = tokio::time::sleep(spec.timeout);
+    tokio::pin!(deadline);
+    let mut timed_out = false;
+    let mut listening = true;
+    loop {
+        let frame = tokio::select! {
+            frame = frames.next() => frame,
+            () = &mut deadline => {
+                if timed_out {
+                    return Ok(ExecExit::TimedOut);
+                }
+                timed_out = true;
+                writer.write_all(&Frame::Kill.encode()).await.map_err(lost)?;
+                deadline.as_mut().reset(tokio::time::Instant::now() + KILL_GRACE);
+                continue;
+            }
+        };
+        let (stream, data) = match frame {
+            Some(Ok(Frame::Stdout(data))) => (StreamKind::Stdout, data),
+            Some(Ok(Frame::Stderr(data))) => (StreamKind::Stderr, data),
+            Some(Ok(Frame::Exit(_))) if timed_out => return Ok(ExecExit::TimedOut),
+            Some(Ok(Frame::Exit(code))) => return Ok(ExecExit::Exited(code)),
+            Some(Ok(Frame::Failed { why, message })) => {
+                return failed(why, message, &spec.argv, &sink, listening).await;
+            }
+            Some(Ok(other)) => {
+                return Err(ProviderError::Runtime(format!(
+                    "the sandbox's agent sent {other:?} during a command"
+                )));
+            }
+            Some(Err(e)) => return Err(lost(e)),
+            None if timed_out => return Ok(ExecExit::TimedOut),
+            None => {
+                return Err(ProviderError::Runtime(
+                    "the sandbox's agent went away before the command ended (the sandbox \
+                     stopped?)"
+                        .into(),
+                ));
+            }
+        };
+        if listening && !data.is_empty() {
+            let chunk = OutputChunk {
+                stream,
+                data: Bytes::from(data),
+            };
+            // Nobody listens any more: keep draining so the command is
+            // not blocked.
+            listening = sink.send(chunk).await.is_ok();
+        }
+    }
+}
+
+/// A command that could not start, reported as the Engine API path
+/// reports it: a missing program is exit 127 with the shell's words on
+/// stderr, one that cannot run is 126, a missing workdir a client error.
+async fn failed(
+    why: Failure,
+    message: String,
+    argv: &[String],
+    sink: &OutputSink,
+    listening: bool,
+) -> Result<ExecExit, ProviderError> {
+    let (text, code) = match why {
+        Failure::Workdir => return Err(ProviderError::InvalidRequest(message)),
+        Failure::Other => {
+            return Err(ProviderError::Runtime(format!(
+                "the sandbox's agent: {message}"
+            )));
+        }
+        Failure::NotFound => (
+            format!(
+                "{}: command not found\n",
+                argv.first().map(String::as_str).unwrap_or_default()
+            ),
+            127,
+        ),
+        Failure::NotExecutable => (format!("{message}\n"), 126),
+    };
+    if listening {
+        // A departed listener is fine here.
+        let _departed = sink
+            .send(OutputChunk {
+                stream: StreamKind::Stderr,
+                data: Bytes::from(text),
+            })
+            .await;
+    }
+    Ok(ExecExit::Exited(code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        // The running test binary is dynamically linked.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(elf_kind(&me), Some(ElfKind::Dynamic));
+        // A minimal ELF header with no program headers asks for no loader.
+        let mut header = vec![0u8; 64];
+        header[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        header[18] = 62;
+        assert_eq!(elf_kind(&header), Some(ElfKind::Static));
+        // Program headers claimed beyond the file are refused, not read.
+        header[56] = 5;
+        header[32] = 200;
+        assert_eq!(elf_kind(&header), None);
+        assert_eq!(elf_kind(b"#!/bin/sh\n"), None);
+    }
+}
