@@ -194,7 +194,11 @@ async fn build_providers(
         .map_err(|e| StartError::Provider(e.to_string()))?;
     let mut native = NativeProvider::new(images.clone(), sandboxes.join("native"))
         .with_ids(&config.providers.native.ids)
-        .with_pids_limit(config.providers.native.pids_limit);
+        .with_pids_limit(config.providers.native.pids_limit)
+        .with_agent(
+            config.providers.native.direct_exec,
+            &config.providers.native.agent_binary,
+        );
     if !config.providers.native.helper_binary.as_os_str().is_empty() {
         native = native.with_helper_binary(config.providers.native.helper_binary.clone());
     }

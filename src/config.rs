@@ -289,6 +289,13 @@ pub struct NativeConfig {
     /// Whether callers other than admins may spawn the `host` image (the
     /// host's root, read-only). Off by default.
     pub allow_host_image: bool,
+    /// Run commands through the in-sandbox agent (`stacyvm-agent` as the
+    /// sandbox's PID 1) instead of starting the exec helper per command.
+    /// The `host` image always uses the helper.
+    pub direct_exec: bool,
+    /// The static `stacyvm-agent` binary; empty means beside the running
+    /// `stacyvm` executable.
+    pub agent_binary: PathBuf,
 }
 
 impl Default for NativeConfig {
@@ -298,6 +305,8 @@ impl Default for NativeConfig {
             ids: NativeIdsConfig::default(),
             pids_limit: crate::provider::native::DEFAULT_PIDS_LIMIT,
             allow_host_image: false,
+            direct_exec: true,
+            agent_binary: PathBuf::new(),
         }
     }
 }

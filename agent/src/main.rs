@@ -77,18 +77,35 @@ impl Children {
 }
 
 fn main() {
+    // Whatever PID 1 inherited beyond stdio (a supervisor's descriptors)
+    // must not reach the commands.
+    // SAFETY: close_range only marks this process's descriptors.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
     let socket = std::env::args_os()
         .nth(1)
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| std::path::Path::new(RUN_DIR).join(SOCKET_NAME));
-    // Every thread inherits this mask: the signal thread collects them all
-    // with sigwait, none is lost to a thread that happens to run.
+    // Every thread inherits this mask: the main loop collects them all
+    // from a signalfd, none is lost to a thread that happens to run.
     let signals = block_signals();
     let children = Arc::new(Children::default());
-    {
-        let children = children.clone();
-        spawn_thread(move || signal_loop(signals, &children));
+    // Signals arrive on a descriptor the main loop polls beside the
+    // socket: an idle agent is one task (it counts against `pids.max`).
+    // SAFETY: signalfd with a valid, initialised set.
+    let sigfd = unsafe { libc::signalfd(-1, &signals, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
+    if sigfd < 0 {
+        eprintln!("stacyvm-agent: signalfd: {}", io::Error::last_os_error());
+        std::process::exit(1);
     }
+    // SAFETY: a new descriptor owned by nobody else.
+    let sigfd = unsafe { OwnedFd::from_raw_fd(sigfd) };
     if let Some(dir) = socket.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -110,9 +127,54 @@ fn main() {
             }
         }
     };
+    // Handlers (that never run: the signals stay blocked and go to the
+    // signalfd) so that the kernel delivers signals sent from inside
+    // the sandbox to its PID 1; installed once the socket listens, so a
+    // caught SIGTERM also tells a supervisor that the agent is ready.
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a valid, zeroed sigaction with a handler that does
+        // nothing.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
     let running = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
+    if let Err(e) = listener.set_nonblocking(true) {
+        eprintln!("stacyvm-agent: {e}");
+    }
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sigfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: a valid array of two pollfd.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if fds[1].revents != 0 {
+            handle_signals(&sigfd, &children);
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        let Ok((mut conn, _)) = listener.accept() else {
+            continue;
+        };
+        // The connection blocks; the listener does not.
+        if conn.set_nonblocking(false).is_err() {
+            continue;
+        }
         if running.fetch_add(1, Ordering::AcqRel) >= MAX_COMMANDS {
             running.fetch_sub(1, Ordering::AcqRel);
             let _ = Frame::Failed {
@@ -133,6 +195,8 @@ fn main() {
         }
     }
 }
+
+extern "C" fn ignore(_: libc::c_int) {}
 
 fn spawn_thread(f: impl FnOnce() + Send + 'static) -> bool {
     std::thread::Builder::new()
@@ -155,37 +219,43 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
-/// Reaps every child (the agent's commands and the orphans the kernel
-/// hands PID 1) and ends the sandbox on SIGTERM, SIGINT or SIGHUP.
-fn signal_loop(set: libc::sigset_t, children: &Children) {
+/// Drains the signal descriptor: reaps every child (the agent's commands
+/// and the orphans the kernel hands PID 1) and ends the sandbox on
+/// SIGTERM, SIGINT or SIGHUP.
+fn handle_signals(sigfd: &OwnedFd, children: &Children) {
     loop {
-        let mut sig = 0;
-        // SAFETY: `set` is initialised, `sig` a valid out pointer.
-        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-            continue;
+        // SAFETY: an all-zero signalfd_siginfo is valid.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: reading into a buffer of exactly that size.
+        let n = unsafe { libc::read(sigfd.as_raw_fd(), (&raw mut info).cast(), size) };
+        if n != size as isize {
+            break;
         }
+        let sig = info.ssi_signo as i32;
         if sig != libc::SIGCHLD {
             std::process::exit(128 + sig);
         }
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid with a valid out pointer.
-            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-            if pid <= 0 {
-                break;
-            }
-            let code = if libc::WIFEXITED(status) {
-                libc::WEXITSTATUS(status)
-            } else if libc::WIFSIGNALED(status) {
-                128 + libc::WTERMSIG(status)
-            } else {
-                continue;
-            };
-            let mut table = children.status.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = table.get_mut(&pid) {
-                *slot = Some(code);
-                children.changed.notify_all();
-            }
+    }
+    // SIGCHLDs coalesce: reap whatever ended.
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            break;
+        }
+        let code = if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else if libc::WIFSIGNALED(status) {
+            128 + libc::WTERMSIG(status)
+        } else {
+            continue;
+        };
+        let mut table = children.status.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = table.get_mut(&pid) {
+            *slot = Some(code);
+            children.changed.notify_all();
         }
     }
 }
@@ -306,7 +376,8 @@ unsafe fn child(
         // Own process group: a kill reaches the command and what it
         // started, and nothing else in the sandbox.
         libc::setpgid(0, 0);
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+        // Close-on-exec: only its copy on 0 reaches the command.
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
         if null >= 0 {
             libc::dup2(null, 0);
         } else {
@@ -315,7 +386,10 @@ unsafe fn child(
         if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
             fail(b'p', errno());
         }
-        let oom = libc::open(c"/proc/self/oom_score_adj".as_ptr(), libc::O_WRONLY);
+        let oom = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
         if oom >= 0 {
             libc::write(
                 oom,

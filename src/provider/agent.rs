@@ -151,6 +151,12 @@ fn open_socket(pid: i32, start: u64) -> Result<OwnedFd, String> {
     if !super::native::init::is_same_process(pid, start) {
         return Err(format!("process {pid} is not the sandbox's PID 1"));
     }
+    // A frozen agent (`docker pause`) would accept the connection and
+    // answer after the thaw, or never: the other path says what the
+    // runtime thinks of a paused sandbox.
+    if frozen(pid) {
+        return Err("the sandbox is frozen".into());
+    }
     let root = rustix::fs::open(
         format!("/proc/{pid}/root"),
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -176,6 +182,40 @@ fn open_socket(pid: i32, start: u64) -> Result<OwnedFd, String> {
         return Err(format!("process {pid} is not the sandbox's PID 1"));
     }
     Ok(socket)
+}
+
+/// Whether `pid`'s cgroup is frozen (the cgroup v1 freezer's
+/// `freezer.state`, or cgroup v2's `frozen` event), as `docker pause`
+/// leaves a container.
+fn frozen(pid: i32) -> bool {
+    let Ok(cgroups) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    for line in cgroups.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "freezer") {
+            let state =
+                std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{path}/freezer.state"))
+                    .unwrap_or_default();
+            if state.starts_with("FROZEN") || state.starts_with("FREEZING") {
+                return true;
+            }
+        } else if controllers.is_empty() {
+            for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                let events = std::fs::read_to_string(format!("{root}{path}/cgroup.events"))
+                    .unwrap_or_default();
+                if events.lines().any(|l| l.trim() == "frozen 1") {
+                    return true;
+                }
+            }
+        }
+    }
+    false
 }
 
 async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
@@ -221,7 +261,15 @@ pub async fn exec(
         }
     });
     tokio::pin!(frames);
-    match frames.next().await {
+    // The command's timeout covers the whole exchange, the hello too: an
+    // agent that stops answering (frozen, wedged) ends the exec in time.
+    let deadline = tokio::time::sleep(spec.timeout);
+    tokio::pin!(deadline);
+    let hello = tokio::select! {
+        hello = frames.next() => hello,
+        () = &mut deadline => return Ok(ExecExit::TimedOut),
+    };
+    match hello {
         Some(Ok(Frame::Hello { version: VERSION })) => {}
         Some(Ok(Frame::Hello { version })) => {
             return Err(ProviderError::Runtime(format!(
@@ -236,8 +284,6 @@ pub async fn exec(
         Some(Err(e)) => return Err(lost(e)),
         None => return Err(ProviderError::Runtime("the sandbox's agent hung up".into())),
     }
-    let deadline = tokio::time::sleep(spec.timeout);
-    tokio::pin!(deadline);
     let mut timed_out = false;
     let mut listening = true;
     loop {
@@ -329,6 +375,90 @@ async fn failed(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::mpsc;
+
+    fn spec(timeout: Duration) -> ExecSpec {
+        ExecSpec {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            workdir: None,
+            timeout,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_never_answers_ends_at_the_timeout() {
+        // Connected, but silent (frozen, wedged): not even a hello.
+        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (tx, _rx) = mpsc::channel(4);
+        let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
+        assert!(matches!(result, Ok(ExecExit::TimedOut)), "{result:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_agent_that_ignores_kill_is_left_after_the_grace() {
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        theirs
+            .write_all(&Frame::Hello { version: VERSION }.encode())
+            .await
+            .unwrap();
+        let (tx, _rx) = mpsc::channel(4);
+        let started = tokio::time::Instant::now();
+        let result = exec(ours, &spec(Duration::from_secs(3)), tx).await;
+        assert!(matches!(result, Ok(ExecExit::TimedOut)), "{result:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(3) + KILL_GRACE);
+        // It was asked to kill, after the command.
+        let mut sent = Vec::new();
+        drop(result);
+        let _ =
+            tokio::time::timeout(Duration::from_millis(10), theirs.read_to_end(&mut sent)).await;
+        assert!(sent.ends_with(&Frame::Kill.encode()), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hostile_agent_is_refused_not_obeyed() {
+        // A frame claiming more than MAX_FRAME: refused before allocating.
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut bytes = Frame::Hello { version: VERSION }.encode();
+        bytes.push(11);
+        bytes.extend_from_slice(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        theirs.write_all(&bytes).await.unwrap();
+        let (tx, _rx) = mpsc::channel(4);
+        let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
+        assert!(
+            matches!(result, Err(ProviderError::Runtime(_))),
+            "{result:?}"
+        );
+        // Output before the hello, or another protocol version.
+        for first in [
+            Frame::Stdout(b"x".to_vec()),
+            Frame::Hello {
+                version: VERSION + 1,
+            },
+        ] {
+            let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+            theirs.write_all(&first.encode()).await.unwrap();
+            let (tx, _rx) = mpsc::channel(4);
+            let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
+            assert!(
+                matches!(result, Err(ProviderError::Runtime(_))),
+                "{result:?}"
+            );
+        }
+        // A stream that ends without an exit is an error, not exit 0.
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        theirs
+            .write_all(&Frame::Hello { version: VERSION }.encode())
+            .await
+            .unwrap();
+        drop(theirs);
+        let (tx, _rx) = mpsc::channel(4);
+        let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
+        assert!(
+            matches!(result, Err(ProviderError::Runtime(_))),
+            "{result:?}"
+        );
+    }
 
     #[test]
     fn static_and_dynamic_executables_are_told_apart() {

@@ -1276,7 +1276,9 @@ impl Provider for DockerProvider {
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
-        self.ensure_image(&spec.image).await?;
+        // The service asked `image_available` just before: the image is
+        // looked up (and pulled) again only if the create says it is gone.
+        let mut pulled = false;
         let docker = self.client()?;
         let name = Self::container_name(&spec.sandbox_id);
         let mut disk = match self.config.disk_limit {
@@ -1295,6 +1297,10 @@ impl Provider for DockerProvider {
                 .await
             {
                 Ok(created) => break created,
+                Err(e) if !pulled && is_not_found(&e) => {
+                    self.ensure_image(&spec.image).await?;
+                    pulled = true;
+                }
                 Err(e) if agent.is_some() && is_mount_refusal(&e) => {
                     self.agent_refused.store(true, Ordering::Relaxed);
                     tracing::warn!(

@@ -96,7 +96,7 @@ impl Provider for ProotProvider {
         if spec.image == HOST_IMAGE {
             return Err(image_not_found(HOST_IMAGE));
         }
-        self.dirs.create(spec, false, None, false).await?;
+        self.dirs.create(spec, false, None, false, None).await?;
         Ok(RuntimeHandle {
             runtime_id: spec.sandbox_id.clone(),
         })

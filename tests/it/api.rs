@@ -153,7 +153,8 @@ async fn spawn_that_fails_to_start_ends_in_error_then_is_cleaned_up() {
     if !docker_enabled() {
         return;
     }
-    // An image with no /bin/sh: the container is created but cannot start.
+    // An image with no /bin/sh: on the Engine API path (no agent as PID 1)
+    // the container is created but cannot start.
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(dir.path().join("hello.txt"), "hi").unwrap_or_else(|e| panic!("{e}"));
     let tar = dir.path().join("empty.tar");
@@ -180,7 +181,11 @@ async fn spawn_that_fails_to_start_ends_in_error_then_is_cleaned_up() {
         .unwrap_or(false);
     assert!(ok, "docker import failed");
 
-    let server = TestServer::start(|c| c.providers.default = "docker".into()).await;
+    let server = TestServer::start(|c| {
+        c.providers.default = "docker".into();
+        c.providers.docker.direct_exec = false;
+    })
+    .await;
     let mut events = server.app_service.events().subscribe();
     let (status, body) = server
         .post("/sandboxes", json!({"image": "stacyvm-test:no-shell"}))

@@ -676,10 +676,9 @@ async fn an_open_server_refuses_to_listen_beyond_loopback() {
         Err(stacyvm::app::StartError::OpenBeyondLoopback(_))
     ));
     config.auth.api_key = "a-static-key-for-this-test".into();
-    assert!(
-        stacyvm::app::App::start(config).await.is_ok(),
-        "with auth it starts"
-    );
+    if let Err(e) = stacyvm::app::App::start(config).await {
+        panic!("with auth it starts: {e}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -725,6 +725,8 @@ async fn an_oom_killed_init_is_reported_as_oom() {
     // 125 MiB is 32000 pages: the kernel's badness bonus for
     // oom_score_adj=1000 (adj * pages / 1000, integer division) then
     // outweighs any process in the sandbox, so the init is the victim.
+    // The command first gives up the 500 the agent starts commands with
+    // (back to 0 needs no privilege), or it would be the victim itself.
     let (id, mut ws) =
         docker_sandbox_with_events(&server, json!({"image": docker_image(), "memory_mb": 125}))
             .await;
@@ -732,7 +734,7 @@ async fn an_oom_killed_init_is_reported_as_oom() {
         .post(
             &format!("/sandboxes/{id}/exec"),
             json!({
-                "command": "echo 1000 > /proc/1/oom_score_adj; awk 'BEGIN{s=\"x\"; while(1) s=s s}'",
+                "command": "echo 0 > /proc/self/oom_score_adj; echo 1000 > /proc/1/oom_score_adj; awk 'BEGIN{s=\"x\"; while(1) s=s s}'",
                 "mode": "shell",
                 "timeout": "60s"
             }),

@@ -279,7 +279,7 @@ async fn an_init_killed_by_the_oom_killer_is_the_sandbox_cause() {
         c.lifecycle.reconcile_interval = stacyvm::duration::GoDuration(Duration::from_millis(300));
     })
     .await;
-    let id = spawn(&server, 64, 1).await;
+    let id = spawn(&server, 63, 1).await;
     let record_file = server
         .data_dir
         .path()
@@ -289,10 +289,12 @@ async fn an_init_killed_by_the_oom_killer_is_the_sandbox_cause() {
     let record: Value =
         serde_json::from_slice(&std::fs::read(&record_file).expect("init.pid")).expect("json");
     let pid = record["pid"].as_i64().expect("pid");
-    // 64 MiB is 16384 pages: oom_score_adj 1000 adds that many to PID 1's
-    // badness, more than any process inside can hold once the command
-    // drops its own bias (commands start at 500, so that normally they,
-    // not PID 1, are the OOM killer's choice).
+    // 63 MiB is 16128 pages: oom_score_adj 1000 adds 1000 * (16128 /
+    // 1000, integer division) = 16000 to PID 1's badness, and with its
+    // own few hundred pages that is more than any process inside can hold
+    // once the command drops its own bias (commands start at 500, so that
+    // normally they, not PID 1, are the OOM killer's choice). At 64 MiB
+    // (16384 pages, the same 16000) a small PID 1 such as the agent loses.
     std::fs::write(format!("/proc/{pid}/oom_score_adj"), "1000").expect("oom_score_adj");
     let (status, body) = exec(
         &server,
@@ -326,7 +328,7 @@ async fn an_init_killed_by_the_oom_killer_is_the_sandbox_cause() {
     };
     assert!(
         reason.contains(
-            "its init was killed by the kernel OOM killer (the memory limit of 64 MiB was reached)"
+            "its init was killed by the kernel OOM killer (the memory limit of 63 MiB was reached)"
         ),
         "{reason}"
     );

@@ -64,15 +64,32 @@ fn data_dir_with_image() -> (tempfile::TempDir, ImageStore) {
 
 /// A native provider using the real `stacyvm` binary for its helpers (the
 /// test binary cannot serve as one).
+/// Commands go through the in-sandbox agent (built by
+/// scripts/build-agent.sh; its absence fails the tests).
 fn native_provider(store: ImageStore, dir: PathBuf) -> NativeProvider {
-    NativeProvider::new(store, dir).with_helper_binary(env!("CARGO_BIN_EXE_stacyvm").into())
+    native_provider_with(store, dir, true)
+}
+
+/// `direct`: commands through the agent, else through the exec helper.
+fn native_provider_with(store: ImageStore, dir: PathBuf, direct: bool) -> NativeProvider {
+    let provider = NativeProvider::new(store, dir)
+        .with_helper_binary(env!("CARGO_BIN_EXE_stacyvm").into())
+        .with_agent(direct, Path::new(""));
+    if direct && let Err(why) = provider.exec_path() {
+        panic!("the direct exec path is off: {why}");
+    }
+    provider
 }
 
 pub async fn native_fixture() -> Fixture {
+    native_fixture_with(true).await
+}
+
+pub async fn native_fixture_with(direct: bool) -> Fixture {
     let (data, store) = data_dir_with_image();
     let dir = data.path().join("sandboxes/native");
     Fixture {
-        provider: Arc::new(native_provider(store, dir.clone())),
+        provider: Arc::new(native_provider_with(store, dir.clone(), direct)),
         image: TEST_IMAGE.into(),
         sandboxes_dir: Some(dir),
         reports_signal_deaths: true,
@@ -162,6 +179,7 @@ macro_rules! conformance_tests {
 }
 
 conformance_tests!(native, Some(native_fixture().await));
+conformance_tests!(native_exec_helper, Some(native_fixture_with(false).await));
 conformance_tests!(proot, Some(proot_fixture().await));
 conformance_tests!(docker, docker_fixture(true).await);
 conformance_tests!(docker_engine_api, docker_fixture(false).await);
@@ -1073,7 +1091,8 @@ async fn native_without_its_helper_binary_is_unhealthy() {
 /// environment, identity, working directory, capabilities, the
 /// no-new-privileges flag, seccomp, cgroups and limits.
 const SELF_PORTRAIT: &str = "env | sort; id; pwd; \
-    grep -E '^(Cap|NoNewPrivs|Seccomp)' /proc/self/status; cat /proc/self/cgroup; ulimit -a";
+    grep -E '^(Cap|NoNewPrivs|Seccomp)' /proc/self/status; cat /proc/self/cgroup; ulimit -a; \
+    ls /proc/self/fd";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_direct_exec_matches_the_engine_api() {
@@ -1270,4 +1289,59 @@ async fn docker_direct_exec_ends_when_the_caller_leaves() {
         host_processes_with(&pattern)
     );
     p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_agent_exec_matches_the_exec_helper() {
+    let (data, store) = data_dir_with_image();
+    let dir = data.path().join("sandboxes/native");
+    let direct: Arc<dyn Provider> =
+        Arc::new(native_provider_with(store.clone(), dir.clone(), true));
+    // The same sandboxes, commands through the helper.
+    let helper: Arc<dyn Provider> = Arc::new(native_provider_with(store, dir.clone(), false));
+    let fx = Fixture {
+        provider: direct.clone(),
+        image: TEST_IMAGE.into(),
+        sandboxes_dir: Some(dir),
+        reports_signal_deaths: true,
+        _data: None,
+    };
+    let (id, runtime) = spawn_with_id(&fx).await;
+    let portrait = format!("{SELF_PORTRAIT}; cat /proc/self/oom_score_adj");
+    let mut probes = vec![spec(&["sh", "-c", &portrait])];
+    let mut with_env = spec(&["sh", "-c", &portrait]);
+    with_env.env = BTreeMap::from([
+        ("PATH".to_string(), "/bin".to_string()),
+        ("STACYVM_PROBE".to_string(), "a b=c".to_string()),
+    ]);
+    with_env.workdir = Some("/tmp".into());
+    probes.push(with_env);
+    probes.push(spec(&["sh", "-c", "exit 7"]));
+    probes.push(spec(&["sh", "-c", "kill -TERM $$"]));
+    for probe in probes {
+        let a = run(&direct, &runtime, probe.clone()).await;
+        let b = run(&helper, &runtime, probe.clone()).await;
+        assert_eq!(a.exit, b.exit, "{:?}", probe.argv);
+        // No descriptor of PID 1 or of a helper reaches the command.
+        assert_eq!(a.stdout, b.stdout, "{:?}", probe.argv);
+        assert_eq!(a.stderr, b.stderr, "{:?}", probe.argv);
+    }
+    // A missing program and workdir fail the same way on both.
+    for p in [&direct, &helper] {
+        let r = run(p, &runtime, spec(&["no-such-program"])).await;
+        assert_eq!(r.exit, ExecExit::Exited(127));
+        let mut missing = spec(&["pwd"]);
+        missing.workdir = Some("/no/such/dir".into());
+        assert!(matches!(
+            try_run(p, &runtime, missing).await,
+            Err(ProviderError::InvalidRequest(_))
+        ));
+    }
+    // The direct path really was taken: PID 1 is the agent.
+    let r = run(&direct, &runtime, spec(&["cat", "/proc/1/cmdline"])).await;
+    assert_eq!(
+        r.stdout.trim_end_matches('\0'),
+        stacyvm::provider::agent::AGENT_PATH
+    );
+    direct.destroy(&id).await.expect("destroy");
 }

@@ -535,11 +535,12 @@ fn start_container(
             .map_err(|e| format!("taking the sandbox's host ids: {e}"))?;
     }
     let host_image = meta.image == HOST_IMAGE;
+    let agent = meta.agent.is_some() && !host_image;
     // SAFETY: the closure runs in hakoniwa's forked child (PID 1 of the
     // sandbox), forked from this single-threaded keeper: it may allocate.
     // It confines itself, then installs signal handlers and reaps
-    // children.
-    let mut cmd = unsafe { container.command_from_closure(move || init_main(host_image)) };
+    // children (or becomes the agent, which does).
+    let mut cmd = unsafe { container.command_from_closure(move || init_main(host_image, agent)) };
     // The keeper's stdin and stdout are /dev/null by now; stderr is the log.
     cmd.stdin(hakoniwa::Stdio::inherit())
         .stdout(hakoniwa::Stdio::inherit())
@@ -828,6 +829,20 @@ fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Conta
         }
     } else {
         c.rootdir(dir.join("rootfs")).runctl(Runctl::RootdirRW);
+        if let Some(agent) = &meta.agent {
+            use crate::provider::agent::{AGENT_PATH, RUN_DIR};
+            use hakoniwa::MountOptions;
+            c.bindmount_ro(&agent.to_string_lossy(), AGENT_PATH);
+            // The agent's socket: a few KiB of tmpfs, so this mount is no
+            // way around the sandbox's disk cap.
+            c.mount(
+                "tmpfs",
+                RUN_DIR,
+                "tmpfs",
+                MountOptions::NOSUID | MountOptions::NODEV | MountOptions::NOEXEC,
+                Some("size=64k,mode=1777".to_string()),
+            );
+        }
     }
     c.procfsmount("/proc").devfsmount("/dev").hostname(id);
     // No /sys at all: stricter than Docker's read-only sysfs, and
@@ -857,10 +872,15 @@ pub(crate) fn close_inherited_fds(on_exec: bool) {
 extern "C" fn ignore_signal(_: libc::c_int) {}
 
 /// PID 1 of a sandbox: become the sandbox's root, harden the mounts every
-/// command shares, give up privileges for good (see `confine`), then run
-/// [`init_loop`]. A failure ends PID 1 before it is ready, which fails the
-/// spawn; the reason goes to the keeper's log.
-fn init_main(host_image: bool) -> i32 {
+/// command shares, give up privileges for good (see `confine`), then
+/// become the in-sandbox agent (with `agent`) or run [`init_loop`]. A
+/// failure ends PID 1 before it is ready, which fails the spawn; the
+/// reason goes to the keeper's log.
+///
+/// The agent inherits all of it: commands it forks are as confined as
+/// those the exec helper starts (same namespaces, cgroup, id, limits,
+/// capabilities, no-new-privileges, seccomp filter).
+fn init_main(host_image: bool, agent: bool) -> i32 {
     let confined = super::confine::become_sandbox_root()
         .and_then(|()| super::confine::harden_mounts(host_image))
         .and_then(|()| super::confine::restrict());
@@ -868,7 +888,44 @@ fn init_main(host_image: bool) -> i32 {
         eprintln!("sandbox init: {e}");
         return 125;
     }
+    if agent {
+        exec_agent();
+        // Still here: the agent could not start (its mount is missing).
+        // The init loop keeps the sandbox; commands take the exec helper.
+    }
     init_loop()
+}
+
+/// Replaces PID 1 with the agent, with an empty environment (every
+/// command gets its own) and stderr on /dev/null. Returns only if the
+/// exec failed.
+fn exec_agent() {
+    use crate::provider::agent::AGENT_PATH;
+    let Ok(path) = std::ffi::CString::new(AGENT_PATH) else {
+        return;
+    };
+    // SAFETY: plain libc calls on NUL-terminated strings and
+    // NULL-terminated arrays that outlive them.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        let saved = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
+        if null >= 0 {
+            libc::dup2(null, 2);
+            libc::close(null);
+        }
+        let argv = [path.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null::<libc::c_char>()];
+        libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        let errno = *libc::__errno_location();
+        if saved >= 0 {
+            libc::dup2(saved, 2);
+            libc::close(saved);
+        }
+        eprintln!(
+            "sandbox init: cannot start the agent: {}",
+            std::io::Error::from_raw_os_error(errno)
+        );
+    }
 }
 
 /// PID 1 of a sandbox: reap every child (orphans are re-parented here)

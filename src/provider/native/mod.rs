@@ -118,6 +118,12 @@ pub(crate) struct SandboxMeta {
     /// get the default.
     #[serde(default = "default_pids_limit")]
     pub pids_limit: u64,
+    /// The host path of the agent binary the sandbox's init runs as PID 1
+    /// (mounted read-only at [`crate::provider::agent::AGENT_PATH`]);
+    /// `None`: PID 1 is the init loop and commands go through the exec
+    /// helper.
+    #[serde(default)]
+    pub agent: Option<PathBuf>,
 }
 
 impl SandboxMeta {
@@ -195,6 +201,7 @@ impl SandboxDirs {
         allow_host: bool,
         ids: Option<ids::IdRange>,
         cap_disk: bool,
+        agent: Option<&Path>,
     ) -> ProviderResult<SandboxMeta> {
         let dest = self.sandbox_dir(&spec.sandbox_id)?;
         let image_rootfs = if allow_host && spec.image == HOST_IMAGE {
@@ -213,6 +220,10 @@ impl SandboxDirs {
             ids,
             disk_mb: cap_disk.then_some(spec.disk_mb),
             pids_limit: self.pids_limit,
+            // The host's own root has no room for the agent's mounts.
+            agent: agent
+                .filter(|_| image_rootfs.is_some())
+                .map(Path::to_path_buf),
         };
         let parent = self.dir.clone();
         let meta_json = serde_json::to_vec(&meta)
@@ -746,6 +757,9 @@ pub struct NativeProvider {
     ids: Option<ids::IdAllocator>,
     /// Whether sandboxes get their own capped filesystem, or why not.
     disk: Result<(), String>,
+    /// The agent binary new sandboxes run as PID 1, or why commands go
+    /// through the exec helper.
+    agent: Result<PathBuf, String>,
 }
 
 impl NativeProvider {
@@ -764,7 +778,33 @@ impl NativeProvider {
             disk: disk::available().inspect_err(|why| {
                 tracing::warn!(%why, "native sandboxes' disks are not capped");
             }),
+            agent: crate::provider::agent::find_binary(Path::new("")),
         }
+    }
+
+    /// Whether commands go through the in-sandbox agent
+    /// (`providers.native.direct_exec`), and which binary
+    /// (`providers.native.agent_binary`; empty: beside this executable).
+    pub fn with_agent(mut self, direct: bool, binary: &Path) -> Self {
+        self.agent = if direct {
+            crate::provider::agent::find_binary(binary)
+        } else {
+            Err("providers.native.direct_exec is off".into())
+        };
+        match &self.agent {
+            Ok(path) => tracing::info!(
+                agent = %path.display(),
+                "native exec path: direct, through the in-sandbox agent"
+            ),
+            Err(why) => tracing::info!("native exec path: the exec helper ({why})"),
+        }
+        self
+    }
+
+    /// The agent binary new sandboxes run, or why commands go through the
+    /// exec helper.
+    pub fn exec_path(&self) -> Result<&Path, &str> {
+        self.agent.as_deref().map_err(String::as_str)
     }
 
     fn id_allocator(config: &crate::config::NativeIdsConfig) -> Option<ids::IdAllocator> {
@@ -899,6 +939,162 @@ impl Drop for TermOnDrop {
     }
 }
 
+impl NativeProvider {
+    /// Runs a command through the exec helper (`stacyvm __native-exec`);
+    /// `Ok(Err(exit))` when the program was not found (said on stderr).
+    async fn exec_via_helper(
+        &self,
+        runtime_id: &str,
+        meta: &SandboxMeta,
+        record: &init::InitRecord,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> ProviderResult<Result<ExecExit, ExecExit>> {
+        let helper = self.helper()?.to_path_buf();
+        let (program, env) = match self.dirs.prepare(runtime_id, meta, spec, &sink).await? {
+            Ok(ready) => ready,
+            Err(exit) => {
+                self.dirs.log(
+                    runtime_id,
+                    format!("exec {:?}: command not found", spec.argv),
+                );
+                return Ok(Err(exit));
+            }
+        };
+        // The control socket, given to the helper as stdin: it carries the
+        // command's environment in, and a failure to enter the sandbox out.
+        // The environment must not be the helper's own: the helper starts
+        // on the host as the server's user, where LD_PRELOAD and friends
+        // from a request would be honoured by the dynamic loader.
+        let (control, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
+        let mut cmd = tokio::process::Command::new(&helper);
+        cmd.arg("__native-exec")
+            .arg(std::process::id().to_string())
+            .arg(record.pid.to_string())
+            .arg(record.start.to_string())
+            .arg(spec.workdir.as_deref().unwrap_or("/"))
+            .arg("--")
+            .arg(&program)
+            .args(spec.argv.iter().skip(1))
+            .env_clear()
+            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let spawned = cmd.spawn();
+        // Our copy of the helper's end must go, or reading ours would never
+        // see EOF.
+        drop(cmd);
+        let mut child = spawned.map_err(|e| {
+            ProviderError::Unavailable(format!("cannot run {}: {e}", helper.display()))
+        })?;
+        let mut control = control
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(control))
+            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
+        let mut encoded = Vec::new();
+        for (key, value) in &env {
+            // prepare() refused NUL bytes in names and values.
+            encoded.extend_from_slice(key.as_bytes());
+            encoded.push(b'=');
+            encoded.extend_from_slice(value.as_bytes());
+            encoded.push(0);
+        }
+        {
+            use tokio::io::AsyncWriteExt;
+            // A helper that died early shows in its status below.
+            crate::provider::best_effort_quiet(
+                "sending the exec helper its command",
+                control.write_all(&encoded).await,
+            );
+            crate::provider::best_effort_quiet(
+                "closing the exec helper's control socket",
+                control.shutdown().await,
+            );
+        }
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(ProviderError::Runtime(
+                "the exec helper has no output pipes".into(),
+            ));
+        };
+        // Not reaped until waited on below, so the pid still names it.
+        let pidfd = child
+            .id()
+            .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+            .and_then(|pid| {
+                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+            })
+            .map(Arc::new);
+        let guard = TermOnDrop(pidfd.clone());
+        let wait = async move {
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| ProviderError::Runtime(format!("waiting for the exec helper: {e}")))?;
+            let mut why = String::new();
+            let _ = tokio::time::timeout(Duration::from_secs(1), control.read_to_string(&mut why))
+                .await;
+            if !why.is_empty() {
+                return Err(ProviderError::Runtime(why));
+            }
+            use std::os::unix::process::ExitStatusExt;
+            match (status.code(), status.signal()) {
+                (Some(code), _) => Ok(code),
+                (None, Some(signal)) => Err(ProviderError::Runtime(format!(
+                    "the exec helper was killed by signal {signal}"
+                ))),
+                (None, None) => Err(ProviderError::Runtime(format!(
+                    "the exec helper ended oddly: {status}"
+                ))),
+            }
+        };
+        let kill = move || {
+            // SIGTERM makes the helper SIGKILL the command's process group.
+            // After a normal exit the helper is gone (reaped, and the pidfd
+            // cannot name a recycled pid), so this is a no-op: background
+            // processes stay, under the sandbox's init.
+            if let Some(pidfd) = &pidfd {
+                crate::provider::best_effort_quiet(
+                    "signalling a command",
+                    rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM),
+                );
+            }
+        };
+        let cancel = self.dirs.cancel_token(runtime_id);
+        let result = drive(stdout, stderr, sink, spec.timeout, cancel, wait, kill).await;
+        drop(guard);
+        result.map(Ok)
+    }
+
+    /// Runs a command through the sandbox's agent (PID 1). The command's
+    /// environment is the exec helper's: the default `PATH` and the
+    /// request's variables over nothing inherited.
+    async fn exec_via_agent(
+        &self,
+        runtime_id: &str,
+        stream: tokio::net::UnixStream,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        crate::provider::check_command(&spec.argv, &spec.env)
+            .map_err(ProviderError::InvalidRequest)?;
+        let mut env = BTreeMap::new();
+        env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
+        env.extend(spec.env.clone());
+        let spec = ExecSpec {
+            env,
+            ..spec.clone()
+        };
+        let cancel = self.dirs.cancel_token(runtime_id);
+        tokio::select! {
+            result = crate::provider::agent::exec(stream, &spec, sink) => result,
+            () = cancel.cancelled() => Err(ProviderError::Runtime(
+                "the sandbox was destroyed while the command ran".into(),
+            )),
+        }
+    }
+}
+
 #[async_trait]
 impl Provider for NativeProvider {
     fn name(&self) -> &'static str {
@@ -965,7 +1161,12 @@ impl Provider for NativeProvider {
             }
             return Err(ProviderError::Unavailable(why));
         }
-        if let Err(e) = self.dirs.create(spec, true, ids, self.disk.is_ok()).await {
+        let agent = self.agent.as_deref().ok();
+        if let Err(e) = self
+            .dirs
+            .create(spec, true, ids, self.disk.is_ok(), agent)
+            .await
+        {
             if let (Some(allocator), Some(ids)) = (&self.ids, ids) {
                 allocator.release(ids);
             }
@@ -1091,122 +1292,29 @@ impl Provider for NativeProvider {
             )));
         }
         let record = self.running_init(runtime_id)?;
-        let helper = self.helper()?.to_path_buf();
-        let (program, env) = match self.dirs.prepare(runtime_id, &meta, spec, &sink).await? {
-            Ok(ready) => ready,
-            Err(exit) => {
-                self.dirs.log(
-                    runtime_id,
-                    format!("exec {:?}: command not found", spec.argv),
-                );
-                return Ok(exit);
-            }
-        };
         let cgroup = self.cgroup(runtime_id);
         let oom_before = cgroup.as_ref().and_then(|c| c.oom_kills());
-        // The control socket, given to the helper as stdin: it carries the
-        // command's environment in, and a failure to enter the sandbox out.
-        // The environment must not be the helper's own: the helper starts
-        // on the host as the server's user, where LD_PRELOAD and friends
-        // from a request would be honoured by the dynamic loader.
-        let (control, theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
-        let mut cmd = tokio::process::Command::new(&helper);
-        cmd.arg("__native-exec")
-            .arg(std::process::id().to_string())
-            .arg(record.pid.to_string())
-            .arg(record.start.to_string())
-            .arg(spec.workdir.as_deref().unwrap_or("/"))
-            .arg("--")
-            .arg(&program)
-            .args(spec.argv.iter().skip(1))
-            .env_clear()
-            .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let spawned = cmd.spawn();
-        // Our copy of the helper's end must go, or reading ours would never
-        // see EOF.
-        drop(cmd);
-        let mut child = spawned.map_err(|e| {
-            ProviderError::Unavailable(format!("cannot run {}: {e}", helper.display()))
-        })?;
-        let mut control = control
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(control))
-            .map_err(|e| ProviderError::Runtime(format!("control socket: {e}")))?;
-        let mut encoded = Vec::new();
-        for (key, value) in &env {
-            // prepare() refused NUL bytes in names and values.
-            encoded.extend_from_slice(key.as_bytes());
-            encoded.push(b'=');
-            encoded.extend_from_slice(value.as_bytes());
-            encoded.push(0);
-        }
-        {
-            use tokio::io::AsyncWriteExt;
-            // A helper that died early shows in its status below.
-            crate::provider::best_effort_quiet(
-                "sending the exec helper its command",
-                control.write_all(&encoded).await,
-            );
-            crate::provider::best_effort_quiet(
-                "closing the exec helper's control socket",
-                control.shutdown().await,
-            );
-        }
-        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-            return Err(ProviderError::Runtime(
-                "the exec helper has no output pipes".into(),
-            ));
-        };
-        // Not reaped until waited on below, so the pid still names it.
-        let pidfd = child
-            .id()
-            .and_then(|id| rustix::process::Pid::from_raw(id as i32))
-            .and_then(|pid| {
-                rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
-            })
-            .map(Arc::new);
-        let guard = TermOnDrop(pidfd.clone());
-        let wait = async move {
-            let status = child
-                .wait()
-                .await
-                .map_err(|e| ProviderError::Runtime(format!("waiting for the exec helper: {e}")))?;
-            let mut why = String::new();
-            let _ = tokio::time::timeout(Duration::from_secs(1), control.read_to_string(&mut why))
-                .await;
-            if !why.is_empty() {
-                return Err(ProviderError::Runtime(why));
-            }
-            use std::os::unix::process::ExitStatusExt;
-            match (status.code(), status.signal()) {
-                (Some(code), _) => Ok(code),
-                (None, Some(signal)) => Err(ProviderError::Runtime(format!(
-                    "the exec helper was killed by signal {signal}"
-                ))),
-                (None, None) => Err(ProviderError::Runtime(format!(
-                    "the exec helper ended oddly: {status}"
-                ))),
-            }
-        };
-        let kill = move || {
-            // SIGTERM makes the helper SIGKILL the command's process group.
-            // After a normal exit the helper is gone (reaped, and the pidfd
-            // cannot name a recycled pid), so this is a no-op: background
-            // processes stay, under the sandbox's init.
-            if let Some(pidfd) = &pidfd {
-                crate::provider::best_effort_quiet(
-                    "signalling a command",
-                    rustix::process::pidfd_send_signal(&**pidfd, rustix::process::Signal::TERM),
-                );
-            }
-        };
-        let cancel = self.dirs.cancel_token(runtime_id);
         let marker_sink = sink.clone();
-        let result = drive(stdout, stderr, sink, spec.timeout, cancel, wait, kill).await;
-        drop(guard);
+        let mut direct = None;
+        if meta.agent.is_some() && self.agent.is_ok() {
+            match crate::provider::agent::connect(record.pid, record.start).await {
+                Ok(stream) => direct = Some(stream),
+                // Nothing was sent: the exec helper runs it instead.
+                Err(why) => tracing::debug!(sandbox = %runtime_id, %why, "direct exec unavailable"),
+            }
+        }
+        let result = match direct {
+            Some(stream) => self.exec_via_agent(runtime_id, stream, spec, sink).await,
+            None => match self
+                .exec_via_helper(runtime_id, &meta, &record, spec, sink)
+                .await
+            {
+                Ok(Ok(exit)) => Ok(exit),
+                // Not found before anything ran: already said on stderr.
+                Ok(Err(exit)) => return Ok(exit),
+                Err(e) => Err(e),
+            },
+        };
         let outcome = super::describe_exit(&result);
         self.dirs
             .log(runtime_id, format!("exec {:?}: {outcome}", spec.argv));
