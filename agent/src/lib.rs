@@ -26,6 +26,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// The largest output chunk the agent sends in one frame.
 pub const CHUNK: usize = 64 << 10;
 
+/// The longest failure message either side accepts.
+pub const MAX_MESSAGE: usize = 4096;
+
 /// Where the sandbox's agent binary is mounted, read-only.
 pub const AGENT_PATH: &str = "/.stacyvm/agent";
 
@@ -142,8 +145,12 @@ impl Frame {
             Frame::Stderr(data) => (STDERR, data.clone()),
             Frame::Exit(code) => (EXIT, code.to_be_bytes().to_vec()),
             Frame::Failed { why, message } => {
+                let mut cut = message.len().min(MAX_MESSAGE);
+                while !message.is_char_boundary(cut) {
+                    cut -= 1;
+                }
                 let mut p = vec![why.code()];
-                p.extend_from_slice(message.as_bytes());
+                p.extend_from_slice(&message.as_bytes()[..cut]);
                 (FAILED, p)
             }
         };
@@ -155,13 +162,34 @@ impl Frame {
     }
 
     /// Parses a header: the kind and the payload length, refused past
-    /// [`MAX_FRAME`].
+    /// what that kind may carry (before anything is allocated for it).
     pub fn header(bytes: [u8; 5]) -> io::Result<(u8, usize)> {
         let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-        if len > MAX_FRAME {
-            return Err(bad("frame too large"));
+        let limit = match bytes[0] {
+            EXEC => MAX_FRAME,
+            KILL => 0,
+            HELLO | EXIT => 4,
+            STDOUT | STDERR => CHUNK,
+            FAILED => 1 + MAX_MESSAGE,
+            _ => return Err(bad("unknown frame kind")),
+        };
+        if len > limit {
+            return Err(bad("frame too large for its kind"));
         }
         Ok((bytes[0], len))
+    }
+
+    /// The frame's kind in words (for messages: never its payload).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::Exec(_) => "exec",
+            Frame::Kill => "kill",
+            Frame::Stdout(_) => "stdout",
+            Frame::Stderr(_) => "stderr",
+            Frame::Exit(_) => "exit",
+            Frame::Failed { .. } => "failed",
+        }
     }
 
     /// Builds a frame from its kind and payload.
@@ -263,10 +291,28 @@ mod tests {
 
     #[test]
     fn malformed_frames_are_refused() {
-        // Too large.
-        let mut big = vec![STDOUT];
-        big.extend_from_slice(&((MAX_FRAME as u32) + 1).to_be_bytes());
-        assert!(Frame::read_from(&mut big.as_slice()).is_err());
+        // Too large for the kind: refused from the header alone.
+        for (kind, limit) in [
+            (EXEC, MAX_FRAME),
+            (STDOUT, CHUNK),
+            (STDERR, CHUNK),
+            (HELLO, 4),
+            (EXIT, 4),
+            (KILL, 0),
+            (FAILED, 1 + MAX_MESSAGE),
+        ] {
+            let mut header = [kind, 0, 0, 0, 0];
+            header[1..].copy_from_slice(&(limit as u32).to_be_bytes());
+            assert!(Frame::header(header).is_ok());
+            header[1..].copy_from_slice(&(limit as u32 + 1).to_be_bytes());
+            assert!(Frame::header(header).is_err());
+        }
+        // A long failure message is cut to what the other side takes.
+        let long = Frame::Failed {
+            why: Failure::Other,
+            message: "é".repeat(MAX_MESSAGE),
+        };
+        assert!(Frame::read_from(&mut long.encode().as_slice()).is_ok());
         // A field claiming more bytes than the payload holds.
         let mut p = vec![ARG];
         p.extend_from_slice(&100u32.to_be_bytes());

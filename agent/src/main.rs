@@ -116,17 +116,12 @@ fn main() {
     let listener = UnixListener::bind(&socket);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    let listener = match listener {
-        Ok(listener) => listener,
-        Err(e) => {
-            // Keep the sandbox alive (exec falls back to the Engine API);
-            // say why where `docker logs` shows it.
-            eprintln!("stacyvm-agent: cannot listen on {}: {e}", socket.display());
-            loop {
-                std::thread::park();
-            }
-        }
-    };
+    // Without a socket the agent still does PID 1's work (reaping,
+    // ending on SIGTERM) and commands take the other path; it says why
+    // where `docker logs` shows it.
+    let listener = listener
+        .inspect_err(|e| eprintln!("stacyvm-agent: cannot listen on {}: {e}", socket.display()))
+        .ok();
     // Handlers (that never run: the signals stay blocked and go to the
     // signalfd) so that the kernel delivers signals sent from inside
     // the sandbox to its PID 1; installed once the socket listens, so a
@@ -142,34 +137,41 @@ fn main() {
         }
     }
     let running = Arc::new(AtomicUsize::new(0));
-    if let Err(e) = listener.set_nonblocking(true) {
+    if let Some(Err(e)) = listener.as_ref().map(|l| l.set_nonblocking(true)) {
         eprintln!("stacyvm-agent: {e}");
     }
     loop {
         let mut fds = [
             libc::pollfd {
-                fd: listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
                 fd: sigfd.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: listener.as_ref().map_or(-1, |l| l.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: a valid array of two pollfd.
+        // SAFETY: a valid array of two pollfd (a negative fd is ignored).
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
             continue;
         }
-        if fds[1].revents != 0 {
+        if fds[0].revents != 0 {
             handle_signals(&sigfd, &children);
         }
-        if fds[0].revents == 0 {
+        let Some(listener) = listener.as_ref().filter(|_| fds[1].revents != 0) else {
             continue;
-        }
-        let Ok((mut conn, _)) = listener.accept() else {
-            continue;
+        };
+        let mut conn = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => {
+                // Out of descriptors or memory: back off rather than spin
+                // on a listener that stays readable.
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
         };
         // The connection blocks; the listener does not.
         if conn.set_nonblocking(false).is_err() {
@@ -237,7 +239,10 @@ fn handle_signals(sigfd: &OwnedFd, children: &Children) {
             std::process::exit(128 + sig);
         }
     }
-    // SIGCHLDs coalesce: reap whatever ended.
+    // SIGCHLDs coalesce: reap whatever ended. Under the table's lock, which
+    // a fork and its pidfd_open also hold: a child is never reaped before
+    // its pidfd names it.
+    let mut table = children.status.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid out pointer.
@@ -252,7 +257,6 @@ fn handle_signals(sigfd: &OwnedFd, children: &Children) {
         } else {
             continue;
         };
-        let mut table = children.status.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = table.get_mut(&pid) {
             *slot = Some(code);
             children.changed.notify_all();
@@ -370,6 +374,13 @@ unsafe fn child(
             libc::_exit(127)
         };
         let errno = || *libc::__errno_location();
+        // Default dispositions (Rust's runtime ignores SIGPIPE, and an
+        // ignored signal stays ignored across exec) and an empty mask.
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
@@ -468,8 +479,8 @@ fn serve(mut conn: UnixStream, children: &Children) {
         let mut pidfd = None;
         if pid > 0 {
             table.insert(pid, None);
-            // The reaper reaps without the lock: a child already gone has
-            // no pidfd, and its status is in the table once this unlocks.
+            // The reaper holds this lock while it reaps: the child cannot
+            // be reaped (and its pid reused) before its pidfd is open.
             pidfd = pidfd_open(pid);
         }
         (pid, pidfd)

@@ -147,16 +147,25 @@ fn ms(latency: &Latency) -> String {
 struct Server {
     child: tokio::process::Child,
     url: String,
-    dir: PathBuf,
+    /// A private directory (mkdtemp, 0700), removed when dropped.
+    dir: tempfile::TempDir,
     http: reqwest::Client,
 }
 
 impl Server {
     async fn start(name: &str, config: &str, setup: &[Vec<String>]) -> Result<Server, CliError> {
         let exe = std::env::current_exe().map_err(|e| CliError::Other(e.to_string()))?;
-        let dir = std::env::temp_dir().join(format!("stacyvm-bench-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| CliError::Other(e.to_string()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("stacyvm-bench-{name}-"))
+            .tempdir()
+            .map_err(|e| CliError::Other(format!("a temporary directory: {e}")))?;
+        let dir = tmp.path().to_path_buf();
         let config_path = dir.join("config.yaml");
+        // Never an open server, even on loopback for a minute; and the
+        // sandboxes go with it.
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        let config =
+            format!("{config}auth:\n  api_key: {key}\nlifecycle:\n  destroy_on_shutdown: true\n");
         std::fs::write(&config_path, config).map_err(|e| CliError::Other(e.to_string()))?;
         for args in setup {
             let status = tokio::process::Command::new(&exe)
@@ -193,11 +202,18 @@ impl Server {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| CliError::Other(format!("starting stacyvm serve: {e}")))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            "X-API-Key",
+            key.parse()
+                .map_err(|_| CliError::Other("the bench key".into()))?,
+        );
         let server = Server {
             child,
             url: format!("http://127.0.0.1:{port}"),
-            dir,
+            dir: tmp,
             http: reqwest::Client::builder()
+                .default_headers(headers)
                 .pool_max_idle_per_host(64)
                 .timeout(Duration::from_secs(120))
                 .build()
@@ -217,7 +233,7 @@ impl Server {
         }
         Err(CliError::Other(format!(
             "stacyvm serve did not come up; see {}",
-            server.dir.join("server.log").display()
+            server.dir.path().join("server.log").display()
         )))
     }
 
@@ -263,21 +279,16 @@ impl Server {
         }
     }
 
-    async fn exec_latency(&self, id: &str, n: usize) -> Result<Latency, CliError> {
+    /// One exec of `true` (argv mode) through REST: its round trip.
+    async fn exec_once(&self, id: &str) -> Result<Duration, CliError> {
         let body = json!({"command": "true", "mode": "argv"});
-        let path = format!("/sandboxes/{id}/exec");
-        // Warm the connection and the sandbox.
-        self.post(&path, &body).await?;
-        let mut samples = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            let answer = self.post(&path, &body).await?;
-            samples.push(t.elapsed());
-            if answer["exit_code"] != 0 {
-                return Err(CliError::Other(format!("exec answered {answer}")));
-            }
+        let t = Instant::now();
+        let answer = self.post(&format!("/sandboxes/{id}/exec"), &body).await?;
+        let took = t.elapsed();
+        if answer["exit_code"] != 0 {
+            return Err(CliError::Other(format!("exec answered {answer}")));
         }
-        Ok(Latency::of(samples))
+        Ok(took)
     }
 
     /// The server's peak resident set so far, in KiB.
@@ -302,10 +313,7 @@ impl Server {
             tracing::warn!("bench: the server did not stop in 30 s; killing it");
             crate::provider::best_effort_quiet("killing the bench server", self.child.kill().await);
         }
-        crate::provider::best_effort_quiet(
-            "removing the bench data directory",
-            std::fs::remove_dir_all(&self.dir),
-        );
+        // The data directory goes with `self.dir`.
     }
 }
 
@@ -389,6 +397,27 @@ impl RawDocker {
             .await
             .map_err(|e| CliError::Other(format!("raw start: {e}")))?;
         Ok(created.id)
+    }
+
+    /// Removes every raw container a bench run made (this one's, and any
+    /// an interrupted run left).
+    async fn remove_all(&self) {
+        let filters = std::collections::HashMap::from([(
+            "label".to_string(),
+            vec!["io.stacyvm.bench=raw".to_string()],
+        )]);
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        match self.docker.list_containers(Some(options)).await {
+            Ok(list) => {
+                for id in list.into_iter().filter_map(|c| c.id) {
+                    self.remove(&id).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "bench: listing raw containers failed"),
+        }
     }
 
     async fn remove(&self, id: &str) {
@@ -525,16 +554,14 @@ async fn throughput(
     (rate, Latency::of(samples))
 }
 
-/// The raw floor of a command on this host: fork+exec of `true`.
-async fn raw_fork_exec(n: usize) -> Latency {
-    let mut samples = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        if tokio::process::Command::new("true").status().await.is_ok() {
-            samples.push(t.elapsed());
-        }
-    }
-    Latency::of(samples)
+/// The raw floor of a command on this host: one fork+exec of `true`.
+async fn fork_once() -> Result<Duration, CliError> {
+    let t = Instant::now();
+    tokio::process::Command::new("true")
+        .status()
+        .await
+        .map_err(|e| CliError::Other(format!("true: {e}")))?;
+    Ok(t.elapsed())
 }
 
 /// Runs the benchmark and prints the table.
@@ -606,32 +633,77 @@ async fn docker_part(
     };
     let spawn_body = json!({"image": options.image, "provider": "docker"});
     let direct = Server::start("docker", "providers:\n  default: docker\n", &[]).await?;
-    let engine = Server::start(
+    let engine = match Server::start(
         "docker-engine",
         "providers:\n  default: docker\n  docker:\n    direct_exec: false\n",
         &[],
     )
-    .await?;
+    .await
+    {
+        Ok(engine) => engine,
+        Err(e) => {
+            direct.stop().await;
+            return Err(e);
+        }
+    };
+    // Whatever fails half-way, the servers stop (destroying their
+    // sandboxes) and the raw containers go.
+    let outcome = docker_measure(
+        report,
+        &raw,
+        &direct,
+        &engine,
+        &spawn_body,
+        (n_exec, n_spawn, n_parallel, load_time),
+    )
+    .await;
+    direct.stop().await;
+    engine.stop().await;
+    raw.remove_all().await;
+    outcome
+}
 
-    // Exec: the direct path, the Engine API path, the raw Engine API.
-    let sandbox = direct.spawn(&spawn_body).await?;
-    let via_direct = direct.exec_latency(&sandbox, n_exec).await?;
-    let engine_sandbox = engine.spawn(&spawn_body).await?;
-    let via_engine = engine
-        .exec_latency(&engine_sandbox, n_exec.min(100))
-        .await?;
+async fn docker_measure(
+    report: &mut Report,
+    raw: &RawDocker,
+    direct: &Server,
+    engine: &Server,
+    spawn_body: &Value,
+    (n_exec, n_spawn, n_parallel, load_time): (usize, usize, usize, Duration),
+) -> Result<(), CliError> {
+    let direct_row = match direct_exec_available() {
+        Ok(()) => "exec round trip, docker (REST, direct path)".to_string(),
+        Err(why) => format!("exec round trip, docker (REST; NOT the direct path: {why})"),
+    };
+    // Exec: the direct path, the Engine API path, the raw Engine API and
+    // a host fork+exec, sample by sample in turn, so that a machine whose
+    // speed drifts (a shared VM) slows every series alike.
+    let sandbox = direct.spawn(spawn_body).await?;
+    let engine_sandbox = engine.spawn(spawn_body).await?;
     let container = raw.create_start().await?;
-    let mut samples = Vec::new();
+    // Warm connections and sandboxes.
+    direct.exec_once(&sandbox).await?;
+    engine.exec_once(&engine_sandbox).await?;
     raw.exec(&container).await?;
-    for _ in 0..n_exec.min(100) {
-        let t = Instant::now();
-        raw.exec(&container).await?;
-        samples.push(t.elapsed());
+    let (mut ours, mut fallback, mut theirs, mut forks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n_exec {
+        ours.push(direct.exec_once(&sandbox).await?);
+        forks.push(fork_once().await?);
+        // The slow paths, fewer times.
+        if i < n_exec.min(100) {
+            fallback.push(engine.exec_once(&engine_sandbox).await?);
+            let t = Instant::now();
+            raw.exec(&container).await?;
+            theirs.push(t.elapsed());
+        }
     }
-    let raw_exec = Latency::of(samples);
-    let floor = raw_fork_exec(n_exec).await;
+    let via_direct = Latency::of(ours);
+    let via_engine = Latency::of(fallback);
+    let raw_exec = Latency::of(theirs);
+    let floor = Latency::of(forks);
     report.row(
-        "exec round trip, docker (REST, direct path)",
+        &direct_row,
         ms(&via_direct),
         format!("{} (Engine API exec)", ms(&raw_exec)),
         Some(via_direct.p50_ms / raw_exec.p50_ms),
@@ -701,7 +773,7 @@ async fn docker_part(
     let mut theirs = Vec::new();
     for _ in 0..n_spawn {
         let t = Instant::now();
-        let id = direct.spawn(&spawn_body).await?;
+        let id = direct.spawn(spawn_body).await?;
         ours.push(t.elapsed());
         direct.destroy(&id).await;
         let t = Instant::now();
@@ -718,7 +790,7 @@ async fn docker_part(
         "",
         None,
     );
-    let (our_wall, spawned) = parallel(n_parallel, || direct.spawn(&spawn_body)).await;
+    let (our_wall, spawned) = parallel(n_parallel, || direct.spawn(spawn_body)).await;
     let (raw_wall, created) = parallel(n_parallel, || raw.create_start()).await;
     let failures = spawned.iter().filter(|r| r.is_err()).count()
         + created.iter().filter(|r| r.is_err()).count();
@@ -766,9 +838,16 @@ async fn docker_part(
     direct.destroy(&sandbox).await;
     engine.destroy(&engine_sandbox).await;
     raw.remove(&container).await;
-    direct.stop().await;
-    engine.stop().await;
     Ok(())
+}
+
+/// Whether servers started by this run take the direct exec path: root,
+/// and the agent binary beside this executable.
+fn direct_exec_available() -> Result<(), String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("not root".into());
+    }
+    crate::provider::agent::find_binary(Path::new("")).map(drop)
 }
 
 async fn native_part(report: &mut Report, rootfs: &Path, n_exec: usize) -> Result<(), CliError> {
@@ -795,10 +874,26 @@ async fn native_part(report: &mut Report, rootfs: &Path, n_exec: usize) -> Resul
             return Ok(());
         }
     };
-    let latency = server.exec_latency(&sandbox, n_exec).await?;
-    let floor = raw_fork_exec(n_exec).await;
+    // Whatever fails half-way, the server stops (destroying its sandbox).
+    let measured = async {
+        server.exec_once(&sandbox).await?;
+        let (mut ours, mut forks) = (Vec::new(), Vec::new());
+        for _ in 0..n_exec {
+            ours.push(server.exec_once(&sandbox).await?);
+            forks.push(fork_once().await?);
+        }
+        Ok::<_, CliError>((Latency::of(ours), Latency::of(forks)))
+    }
+    .await;
+    server.destroy(&sandbox).await;
+    server.stop().await;
+    let (latency, floor) = measured?;
+    let what = match direct_exec_available() {
+        Ok(()) => "exec round trip, native (REST, through the agent)".to_string(),
+        Err(why) => format!("exec round trip, native (REST; NOT the direct path: {why})"),
+    };
     report.row(
-        "exec round trip, native (REST)",
+        &what,
         ms(&latency),
         format!("{} (fork+exec on the host)", ms(&floor)),
         Some(latency.p50_ms / floor.p50_ms),
@@ -806,8 +901,6 @@ async fn native_part(report: &mut Report, rootfs: &Path, n_exec: usize) -> Resul
         Some(latency.p50_ms <= 3.0 && latency.p99_ms <= 3.0 * latency.p50_ms),
     );
     report.figures.insert("exec_native".into(), json!(latency));
-    server.destroy(&sandbox).await;
-    server.stop().await;
     Ok(())
 }
 

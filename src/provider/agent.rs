@@ -33,7 +33,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub use stacyvm_agent::{AGENT_PATH, RUN_DIR, SOCKET_NAME};
 use stacyvm_agent::{Exec, Failure, Frame, MAX_FRAME, VERSION};
 
-use super::{ExecExit, ExecSpec, OutputChunk, OutputSink, ProviderError, StreamKind};
+use super::{
+    ExecExit, ExecSpec, OutputChunk, OutputSink, ProviderError, ProviderResult, StreamKind,
+};
 
 /// How long a killed command has to report its exit before the exec ends
 /// without it.
@@ -76,7 +78,11 @@ pub fn find_binary(configured: &Path) -> Result<PathBuf, String> {
     };
     let bytes = std::fs::read(found).map_err(|e| format!("{}: {e}", found.display()))?;
     match elf_kind(&bytes) {
-        Some(ElfKind::Static) => Ok(found.clone()),
+        // Absolute and without links: it is a mount source in another
+        // process's view (the daemon's, the sandbox keeper's).
+        Some(ElfKind::Static) => {
+            std::fs::canonicalize(found).map_err(|e| format!("{}: {e}", found.display()))
+        }
         Some(ElfKind::Dynamic) => Err(format!(
             "{} is dynamically linked: sandboxes without a libc could not run it \
              (build it with -C target-feature=+crt-static)",
@@ -117,18 +123,44 @@ fn elf_kind(bytes: &[u8]) -> Option<ElfKind> {
     Some(ElfKind::Static)
 }
 
-/// Connects to the agent of the container whose PID 1 is `pid` (started
-/// at `start`, in clock ticks since boot, so a recycled pid is refused).
-pub async fn connect(pid: i32, start: u64) -> Result<tokio::net::UnixStream, Unreachable> {
+/// How long a connected agent has to say hello before the other path is
+/// taken (nothing was sent yet).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to the agent of the sandbox whose PID 1 is `pid` (started at
+/// `start`, in clock ticks since boot, so a recycled pid is refused) and
+/// reads its hello: an agent that is busy (it refuses past its command
+/// bound), speaks another version or does not answer is unreachable,
+/// before anything was sent.
+async fn connect(pid: i32, start: u64) -> Result<tokio::net::UnixStream, Unreachable> {
     let socket = open_socket(pid, start).map_err(Unreachable)?;
     // The opened handle names the socket; connecting through it resolves
     // nothing the sandbox controls.
     let path = format!("/proc/self/fd/{}", socket.as_raw_fd());
-    let stream = tokio::net::UnixStream::connect(&path)
+    let mut stream = tokio::net::UnixStream::connect(&path)
         .await
         .map_err(|e| Unreachable(e.to_string()))?;
     drop(socket);
+    hello(&mut stream).await?;
     Ok(stream)
+}
+
+/// Reads the agent's hello.
+async fn hello(stream: &mut tokio::net::UnixStream) -> Result<(), Unreachable> {
+    match tokio::time::timeout(HELLO_TIMEOUT, read_frame(stream)).await {
+        Ok(Ok(Some(Frame::Hello { version: VERSION }))) => Ok(()),
+        Ok(Ok(Some(Frame::Hello { version }))) => Err(Unreachable(format!(
+            "it speaks protocol {version}, this server {VERSION}"
+        ))),
+        Ok(Ok(Some(Frame::Failed { message, .. }))) => Err(Unreachable(message)),
+        Ok(Ok(Some(other))) => Err(Unreachable(format!(
+            "it sent {} instead of a hello",
+            other.kind_name()
+        ))),
+        Ok(Ok(None)) => Err(Unreachable("it hung up".into())),
+        Ok(Err(e)) => Err(Unreachable(e.to_string())),
+        Err(_) => Err(Unreachable("it did not say hello in time".into())),
+    }
 }
 
 /// Waits (up to half a second) until the agent of a just-started
@@ -227,21 +259,22 @@ async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
+    // Bounded per kind (an output frame at most CHUNK) before allocating.
     let (kind, len) = Frame::header(header)?;
-    debug_assert!(len <= MAX_FRAME);
     let mut payload = vec![0u8; len];
     reader.read_exact(&mut payload).await?;
     Frame::decode(kind, payload).map(Some)
 }
 
-/// Runs `spec` through a connected agent, streaming into `sink`.
+/// Runs `spec` in the sandbox whose PID 1 (the agent) is `pid`, streaming
+/// into `sink`. `Err` means nothing was sent (no agent to reach, or a
+/// command too large for it): the caller takes its other path.
 pub async fn exec(
-    stream: tokio::net::UnixStream,
+    pid: i32,
+    start: u64,
     spec: &ExecSpec,
     sink: OutputSink,
-) -> Result<ExecExit, ProviderError> {
-    let lost = |e: std::io::Error| ProviderError::Runtime(format!("the sandbox's agent: {e}"));
-    let (reader, mut writer) = stream.into_split();
+) -> Result<ProviderResult<ExecExit>, Unreachable> {
     let request = Frame::Exec(Exec {
         argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: spec
@@ -250,8 +283,35 @@ pub async fn exec(
             .map(|(k, v)| format!("{k}={v}").into_bytes())
             .collect(),
         workdir: spec.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
-    });
-    writer.write_all(&request.encode()).await.map_err(lost)?;
+    })
+    .encode();
+    if request.len() > 5 + MAX_FRAME {
+        return Err(Unreachable(format!(
+            "the command is larger than the agent takes ({} MiB)",
+            MAX_FRAME >> 20
+        )));
+    }
+    let stream = connect(pid, start).await?;
+    Ok(run(stream, &request, spec, sink).await)
+}
+
+/// Sends `request` on a connection past its hello and follows the command
+/// to its end. The timeout covers everything: writing the request, a
+/// caller that reads the output slowly, the agent's answers.
+async fn run(
+    stream: tokio::net::UnixStream,
+    request: &[u8],
+    spec: &ExecSpec,
+    sink: OutputSink,
+) -> ProviderResult<ExecExit> {
+    let lost = |e: std::io::Error| ProviderError::Runtime(format!("the sandbox's agent: {e}"));
+    let (reader, mut writer) = stream.into_split();
+    let deadline = tokio::time::sleep(spec.timeout);
+    tokio::pin!(deadline);
+    tokio::select! {
+        written = writer.write_all(request) => written.map_err(lost)?,
+        () = &mut deadline => return Ok(ExecExit::TimedOut),
+    }
     // The frame stream keeps a partly read frame across select! rounds.
     let frames = futures::stream::unfold(reader, |mut reader| async move {
         match read_frame(&mut reader).await {
@@ -261,29 +321,6 @@ pub async fn exec(
         }
     });
     tokio::pin!(frames);
-    // The command's timeout covers the whole exchange, the hello too: an
-    // agent that stops answering (frozen, wedged) ends the exec in time.
-    let deadline = tokio::time::sleep(spec.timeout);
-    tokio::pin!(deadline);
-    let hello = tokio::select! {
-        hello = frames.next() => hello,
-        () = &mut deadline => return Ok(ExecExit::TimedOut),
-    };
-    match hello {
-        Some(Ok(Frame::Hello { version: VERSION })) => {}
-        Some(Ok(Frame::Hello { version })) => {
-            return Err(ProviderError::Runtime(format!(
-                "the sandbox's agent speaks protocol {version}, this server {VERSION}"
-            )));
-        }
-        Some(Ok(other)) => {
-            return Err(ProviderError::Runtime(format!(
-                "the sandbox's agent sent {other:?} before its hello"
-            )));
-        }
-        Some(Err(e)) => return Err(lost(e)),
-        None => return Err(ProviderError::Runtime("the sandbox's agent hung up".into())),
-    }
     let mut timed_out = false;
     let mut listening = true;
     loop {
@@ -294,7 +331,7 @@ pub async fn exec(
                     return Ok(ExecExit::TimedOut);
                 }
                 timed_out = true;
-                writer.write_all(&Frame::Kill.encode()).await.map_err(lost)?;
+                kill(&mut writer).await;
                 deadline.as_mut().reset(tokio::time::Instant::now() + KILL_GRACE);
                 continue;
             }
@@ -309,7 +346,8 @@ pub async fn exec(
             }
             Some(Ok(other)) => {
                 return Err(ProviderError::Runtime(format!(
-                    "the sandbox's agent sent {other:?} during a command"
+                    "the sandbox's agent sent {} during a command",
+                    other.kind_name()
                 )));
             }
             Some(Err(e)) => return Err(lost(e)),
@@ -327,10 +365,36 @@ pub async fn exec(
                 stream,
                 data: Bytes::from(data),
             };
-            // Nobody listens any more: keep draining so the command is
-            // not blocked.
-            listening = sink.send(chunk).await.is_ok();
+            // A caller reading slowly holds this send, never the timeout.
+            tokio::select! {
+                // Nobody listens any more: keep draining so the command
+                // is not blocked.
+                sent = sink.send(chunk) => listening = sent.is_ok(),
+                () = &mut deadline => {
+                    if timed_out {
+                        return Ok(ExecExit::TimedOut);
+                    }
+                    timed_out = true;
+                    kill(&mut writer).await;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + KILL_GRACE);
+                    // The caller is too slow to take more: what is left is
+                    // drained, not delivered.
+                    listening = false;
+                }
+            }
         }
+    }
+}
+
+/// Asks the agent to kill the command (best effort: an agent that does not
+/// read leaves the exec to end at its grace).
+async fn kill(writer: &mut tokio::net::unix::OwnedWriteHalf) {
+    match tokio::time::timeout(KILL_GRACE, writer.write_all(&Frame::Kill.encode())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "cannot ask the sandbox's agent to kill a command")
+        }
+        Err(_) => tracing::debug!("the sandbox's agent takes no kill request"),
     }
 }
 
@@ -386,74 +450,115 @@ mod tests {
         }
     }
 
+    async fn pair_after_hello() -> (tokio::net::UnixStream, tokio::net::UnixStream) {
+        let (mut ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        theirs
+            .write_all(&Frame::Hello { version: VERSION }.encode())
+            .await
+            .unwrap();
+        hello(&mut ours).await.expect("hello");
+        (ours, theirs)
+    }
+
+    fn request() -> Vec<u8> {
+        Frame::Exec(Exec::default()).encode()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn an_agent_that_never_answers_ends_at_the_timeout() {
-        // Connected, but silent (frozen, wedged): not even a hello.
-        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
-        let (tx, _rx) = mpsc::channel(4);
-        let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
-        assert!(matches!(result, Ok(ExecExit::TimedOut)), "{result:?}");
+    async fn an_agent_that_says_no_hello_is_unreachable() {
+        // Connected, but silent (frozen, wedged), another version, busy,
+        // or gone: all before anything was sent, so the caller may fall
+        // back.
+        let (mut ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        assert!(hello(&mut ours).await.is_err());
+        for first in [
+            Frame::Hello {
+                version: VERSION + 1,
+            },
+            Frame::Stdout(b"x".to_vec()),
+            Frame::Failed {
+                why: Failure::Other,
+                message: "busy".into(),
+            },
+        ] {
+            let (mut ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+            theirs.write_all(&first.encode()).await.unwrap();
+            assert!(hello(&mut ours).await.is_err(), "{first:?}");
+        }
+        let (mut ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        drop(theirs);
+        assert!(hello(&mut ours).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_agent_that_ignores_kill_is_left_after_the_grace() {
-        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
-        theirs
-            .write_all(&Frame::Hello { version: VERSION }.encode())
-            .await
-            .unwrap();
+        let (ours, mut theirs) = pair_after_hello().await;
         let (tx, _rx) = mpsc::channel(4);
         let started = tokio::time::Instant::now();
-        let result = exec(ours, &spec(Duration::from_secs(3)), tx).await;
+        let result = run(ours, &request(), &spec(Duration::from_secs(3)), tx).await;
         assert!(matches!(result, Ok(ExecExit::TimedOut)), "{result:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(3) + KILL_GRACE);
         // It was asked to kill, after the command.
         let mut sent = Vec::new();
-        drop(result);
-        let _ =
-            tokio::time::timeout(Duration::from_millis(10), theirs.read_to_end(&mut sent)).await;
-        assert!(sent.ends_with(&Frame::Kill.encode()), "{sent:?}");
+        theirs.read_to_end(&mut sent).await.unwrap();
+        assert_eq!(sent, [request(), Frame::Kill.encode()].concat());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_stops_reading_does_not_stop_the_timeout() {
+        let (ours, mut theirs) = pair_after_hello().await;
+        // A channel of one that nobody reads: the second chunk waits.
+        let (tx, _rx) = mpsc::channel(1);
+        let feed = tokio::spawn(async move {
+            for _ in 0..3 {
+                theirs
+                    .write_all(&Frame::Stdout(b"x".to_vec()).encode())
+                    .await
+                    .unwrap();
+            }
+            // Answers the kill with an exit, as the agent does.
+            let mut buf = vec![0u8; request().len() + 5];
+            theirs.read_exact(&mut buf).await.unwrap();
+            theirs.write_all(&Frame::Exit(137).encode()).await.unwrap();
+            theirs
+        });
+        let started = tokio::time::Instant::now();
+        let result = run(ours, &request(), &spec(Duration::from_secs(3)), tx).await;
+        assert!(matches!(result, Ok(ExecExit::TimedOut)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(3) + KILL_GRACE);
+        drop(feed.await.unwrap());
     }
 
     #[tokio::test]
     async fn a_hostile_agent_is_refused_not_obeyed() {
-        // A frame claiming more than MAX_FRAME: refused before allocating.
-        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
-        let mut bytes = Frame::Hello { version: VERSION }.encode();
-        bytes.push(11);
-        bytes.extend_from_slice(&(MAX_FRAME as u32 + 1).to_be_bytes());
+        // An output frame larger than CHUNK: refused before allocating.
+        let (ours, mut theirs) = pair_after_hello().await;
+        let mut bytes = vec![11];
+        bytes.extend_from_slice(&(stacyvm_agent::CHUNK as u32 + 1).to_be_bytes());
         theirs.write_all(&bytes).await.unwrap();
         let (tx, _rx) = mpsc::channel(4);
-        let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
+        let result = run(ours, &request(), &spec(Duration::from_secs(30)), tx).await;
         assert!(
             matches!(result, Err(ProviderError::Runtime(_))),
             "{result:?}"
         );
-        // Output before the hello, or another protocol version.
-        for first in [
-            Frame::Stdout(b"x".to_vec()),
-            Frame::Hello {
-                version: VERSION + 1,
-            },
-        ] {
-            let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
-            theirs.write_all(&first.encode()).await.unwrap();
-            let (tx, _rx) = mpsc::channel(4);
-            let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
-            assert!(
-                matches!(result, Err(ProviderError::Runtime(_))),
-                "{result:?}"
-            );
-        }
-        // A stream that ends without an exit is an error, not exit 0.
-        let (ours, mut theirs) = tokio::net::UnixStream::pair().unwrap();
+        // A hello in the middle of a command is refused, and named by
+        // its kind only.
+        let (ours, mut theirs) = pair_after_hello().await;
         theirs
             .write_all(&Frame::Hello { version: VERSION }.encode())
             .await
             .unwrap();
+        let (tx, _rx) = mpsc::channel(4);
+        match run(ours, &request(), &spec(Duration::from_secs(30)), tx).await {
+            Err(ProviderError::Runtime(m)) => assert!(m.contains("sent hello"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A stream that ends without an exit is an error, not exit 0.
+        let (ours, theirs) = pair_after_hello().await;
         drop(theirs);
         let (tx, _rx) = mpsc::channel(4);
-        let result = exec(ours, &spec(Duration::from_secs(30)), tx).await;
+        let result = run(ours, &request(), &spec(Duration::from_secs(30)), tx).await;
         assert!(
             matches!(result, Err(ProviderError::Runtime(_))),
             "{result:?}"

@@ -368,8 +368,8 @@ impl DockerProvider {
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
         if let Some(endpoint) = self.endpoint(runtime_id).await {
-            match super::agent::connect(endpoint.pid, endpoint.start).await {
-                Ok(stream) => return super::agent::exec(stream, spec, sink).await,
+            match super::agent::exec(endpoint.pid, endpoint.start, spec, sink.clone()).await {
+                Ok(result) => return result,
                 Err(why) => {
                     // Nothing was sent: the Engine API runs it instead, and
                     // the next exec looks the container up again (a
@@ -406,7 +406,11 @@ impl DockerProvider {
             // restarted container is looked up afresh.
             return None;
         }
-        let endpoint = if has_agent { endpoint_of(state) } else { None };
+        let endpoint = if has_agent {
+            endpoint_of(info.id.as_deref().unwrap_or_default(), state)
+        } else {
+            None
+        };
         if let Ok(mut endpoints) = self.endpoints.lock() {
             endpoints.insert(runtime_id.to_string(), endpoint);
         }
@@ -939,14 +943,17 @@ fn is_mount_refusal(e: &DockerError) -> bool {
 }
 
 /// The agent endpoint of a running container's state: its PID 1 as this
-/// host sees it.
-fn endpoint_of(state: &bollard::models::ContainerState) -> Option<Endpoint> {
+/// host sees it, checked to be in the container's cgroup (the pid may have
+/// ended and been reused since the daemon answered).
+fn endpoint_of(container: &str, state: &bollard::models::ContainerState) -> Option<Endpoint> {
     let pid = state
         .pid
         .and_then(|p| i32::try_from(p).ok())
         .filter(|p| *p > 0)?;
     let start = super::native::init::start_time(pid)?;
-    Some(Endpoint { pid, start })
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let ours = !container.is_empty() && cgroups.contains(container);
+    (ours && super::native::init::is_same_process(pid, start)).then_some(Endpoint { pid, start })
 }
 
 fn is_size_refusal(e: &DockerError) -> bool {
@@ -1366,7 +1373,9 @@ impl Provider for DockerProvider {
             .and_then(|c| c.state);
         let running = state.as_ref().and_then(|s| s.running).unwrap_or(false);
         if running {
-            let endpoint = agent.and(state.as_ref()).and_then(endpoint_of);
+            let endpoint = agent
+                .and(state.as_ref())
+                .and_then(|s| endpoint_of(&created.id, s));
             if let Some(endpoint) = endpoint {
                 super::agent::wait_listening(endpoint.pid, endpoint.start).await;
             }

@@ -511,7 +511,7 @@ fn start_container(
                 .to_string(),
         );
     }
-    let container = container(dir, &id, &meta)?;
+    let (container, agent) = container(dir, &id, &meta)?;
     // The cgroup is made while the keeper is still host root: a cgroup's
     // directory and limit files belong to their creator's fsuid, and the
     // sandbox's own host id must not own its limits.
@@ -535,7 +535,6 @@ fn start_container(
             .map_err(|e| format!("taking the sandbox's host ids: {e}"))?;
     }
     let host_image = meta.image == HOST_IMAGE;
-    let agent = meta.agent.is_some() && !host_image;
     // SAFETY: the closure runs in hakoniwa's forked child (PID 1 of the
     // sandbox), forked from this single-threaded keeper: it may allocate.
     // It confines itself, then installs signal handlers and reaps
@@ -792,9 +791,15 @@ fn classify(status: &hakoniwa::ExitStatus) -> InitExit {
 /// The sandbox's namespaces over its tree: user (container root is the
 /// uid running StacyVM), mount (the rootfs, or the host image layout),
 /// fresh /proc and /dev, pid, net (no network), ipc, uts.
-fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Container, String> {
+/// The sandbox's container, and whether the agent is mounted in it.
+fn container(
+    dir: &Path,
+    id: &str,
+    meta: &SandboxMeta,
+) -> Result<(hakoniwa::Container, bool), String> {
     use hakoniwa::{Container, Namespace, Rlimit, Runctl};
     let mut c = Container::empty();
+    let mut mounted_agent = false;
     // A user namespace even when StacyVM runs as root: root inside is
     // then root only over the sandbox's own namespaces, so it cannot
     // load modules, mknod host devices or touch host networking.
@@ -829,7 +834,17 @@ fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Conta
         }
     } else {
         c.rootdir(dir.join("rootfs")).runctl(Runctl::RootdirRW);
-        if let Some(agent) = &meta.agent {
+        let agent = meta.agent.as_ref().filter(|_| {
+            agent_mountpoints(&dir.join("rootfs"))
+                .inspect_err(|why| {
+                    eprintln!(
+                        "keeper: no agent in this sandbox ({why}); commands take the exec helper"
+                    )
+                })
+                .is_ok()
+        });
+        mounted_agent = agent.is_some();
+        if let Some(agent) = agent {
             use crate::provider::agent::{AGENT_PATH, RUN_DIR};
             use hakoniwa::MountOptions;
             c.bindmount_ro(&agent.to_string_lossy(), AGENT_PATH);
@@ -850,7 +865,46 @@ fn container(dir: &Path, id: &str, meta: &SandboxMeta) -> Result<hakoniwa::Conta
     // Memory, process and CPU limits are the sandbox cgroup's
     // (`place_in_cgroup`); RLIMIT_NPROC only matters unprivileged.
     c.setrlimit(Rlimit::Nproc, NPROC_LIMIT, NPROC_LIMIT);
-    Ok(c)
+    Ok((c, mounted_agent))
+}
+
+/// Checks the agent's mount points in the sandbox's tree before hakoniwa
+/// makes them by path, following links, before the pivot: `/.stacyvm` and
+/// `/.stacyvm/run` must be missing or plain directories, `/.stacyvm/agent`
+/// missing or a regular file. The tree is the sandbox's (an image, or what
+/// its processes left before a restart; none of them runs now): a link
+/// there would have the keeper create files outside it, a FIFO planted as
+/// `agent` would block it.
+fn agent_mountpoints(rootfs: &Path) -> Result<(), String> {
+    use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
+    let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let root = rustix::fs::open(
+        rootfs,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("{}: {e}", rootfs.display()))?;
+    for (path, kind) in [
+        (".stacyvm", FileType::Directory),
+        (".stacyvm/run", FileType::Directory),
+        (".stacyvm/agent", FileType::RegularFile),
+    ] {
+        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        match rustix::fs::openat2(&root, path, flags, Mode::empty(), how) {
+            Ok(fd) => {
+                let stat = rustix::fs::fstat(&fd).map_err(|e| format!("{path}: {e}"))?;
+                if FileType::from_raw_mode(stat.st_mode) != kind {
+                    return Err(format!("/{path} is not a plain {kind:?}"));
+                }
+            }
+            // Missing: hakoniwa makes it inside the tree. A missing
+            // `/.stacyvm` has no children to check.
+            Err(rustix::io::Errno::NOENT) if path == ".stacyvm" => break,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(format!("/{path}: {e}")),
+        }
+    }
+    Ok(())
 }
 
 /// Closes (or, with `on_exec`, marks close-on-exec) every descriptor

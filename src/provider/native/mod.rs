@@ -1066,18 +1066,20 @@ impl NativeProvider {
         result.map(Ok)
     }
 
-    /// Runs a command through the sandbox's agent (PID 1). The command's
-    /// environment is the exec helper's: the default `PATH` and the
-    /// request's variables over nothing inherited.
+    /// Runs a command through the sandbox's agent (PID 1); `Err` when it
+    /// cannot be reached (nothing was sent). The command's environment is
+    /// the exec helper's: the default `PATH` and the request's variables
+    /// over nothing inherited.
     async fn exec_via_agent(
         &self,
         runtime_id: &str,
-        stream: tokio::net::UnixStream,
+        record: &init::InitRecord,
         spec: &ExecSpec,
         sink: OutputSink,
-    ) -> ProviderResult<ExecExit> {
-        crate::provider::check_command(&spec.argv, &spec.env)
-            .map_err(ProviderError::InvalidRequest)?;
+    ) -> Result<ProviderResult<ExecExit>, crate::provider::agent::Unreachable> {
+        if let Err(e) = crate::provider::check_command(&spec.argv, &spec.env) {
+            return Ok(Err(ProviderError::InvalidRequest(e)));
+        }
         let mut env = BTreeMap::new();
         env.insert("PATH".to_string(), DEFAULT_PATH.to_string());
         env.extend(spec.env.clone());
@@ -1087,10 +1089,10 @@ impl NativeProvider {
         };
         let cancel = self.dirs.cancel_token(runtime_id);
         tokio::select! {
-            result = crate::provider::agent::exec(stream, &spec, sink) => result,
-            () = cancel.cancelled() => Err(ProviderError::Runtime(
+            result = crate::provider::agent::exec(record.pid, record.start, &spec, sink) => result,
+            () = cancel.cancelled() => Ok(Err(ProviderError::Runtime(
                 "the sandbox was destroyed while the command ran".into(),
-            )),
+            ))),
         }
     }
 }
@@ -1297,14 +1299,17 @@ impl Provider for NativeProvider {
         let marker_sink = sink.clone();
         let mut direct = None;
         if meta.agent.is_some() && self.agent.is_ok() {
-            match crate::provider::agent::connect(record.pid, record.start).await {
-                Ok(stream) => direct = Some(stream),
+            match self
+                .exec_via_agent(runtime_id, &record, spec, sink.clone())
+                .await
+            {
+                Ok(result) => direct = Some(result),
                 // Nothing was sent: the exec helper runs it instead.
                 Err(why) => tracing::debug!(sandbox = %runtime_id, %why, "direct exec unavailable"),
             }
         }
         let result = match direct {
-            Some(stream) => self.exec_via_agent(runtime_id, stream, spec, sink).await,
+            Some(result) => result,
             None => match self
                 .exec_via_helper(runtime_id, &meta, &record, spec, sink)
                 .await
