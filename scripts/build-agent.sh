@@ -12,7 +12,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 TRIPLE=x86_64-unknown-linux-gnu
 RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
-    cargo build --manifest-path "$ROOT/Cargo.toml" -p stacyvm-agent --release --target "$TRIPLE" --quiet
+    cargo build --manifest-path "$ROOT/Cargo.toml" -p stacyvm-agent --features bin --release \
+    --target "$TRIPLE" --quiet
 for profile in debug release; do
     mkdir -p "$TARGET_DIR/$profile"
     install -m 0755 "$TARGET_DIR/$TRIPLE/release/stacyvm-agent" "$TARGET_DIR/$profile/stacyvm-agent"

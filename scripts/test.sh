@@ -128,7 +128,8 @@ fi
 
 section "cargo fmt --check && cargo clippy"
 rc=0
-cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings || rc=$?
+cargo fmt --all -- --check \
+    && cargo clippy --workspace --all-targets --features stacyvm-agent/bin -- -D warnings || rc=$?
 record "fmt + clippy" "$rc"
 
 # wait_health URL LOG: wait for GET URL/api/v1/health while the server lives.
