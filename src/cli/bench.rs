@@ -149,6 +149,8 @@ struct Server {
     url: String,
     /// A private directory (mkdtemp, 0700), removed when dropped.
     dir: tempfile::TempDir,
+    /// The server's API key (sent by every client of the run).
+    key: String,
     http: reqwest::Client,
 }
 
@@ -212,6 +214,7 @@ impl Server {
             child,
             url: format!("http://127.0.0.1:{port}"),
             dir: tmp,
+            key: key.clone(),
             http: reqwest::Client::builder()
                 .default_headers(headers)
                 .pool_max_idle_per_host(64)
@@ -465,17 +468,19 @@ where
 /// C on its own threads, not sharing this process's runtime. The figure
 /// says which tool measured it.
 async fn load(
-    http: &reqwest::Client,
+    server: &Server,
     url: String,
     connections: usize,
     duration: Duration,
-) -> (f64, f64, &'static str) {
+) -> Result<(f64, f64, &'static str), CliError> {
     let wrk = tokio::process::Command::new("wrk")
         .args([
             "-t2",
             &format!("-c{connections}"),
             &format!("-d{}s", duration.as_secs().max(1)),
             "--latency",
+            "-H",
+            &format!("X-API-Key: {}", server.key),
             &url,
         ])
         .stderr(Stdio::null())
@@ -485,13 +490,20 @@ async fn load(
         && out.status.success()
     {
         let text = String::from_utf8_lossy(&out.stdout);
+        // A refused request (401, 429) is cheap: a rate of those is no
+        // figure.
+        if text.contains("Non-2xx or 3xx responses") {
+            return Err(CliError::Other(format!(
+                "wrk got answers other than 2xx from {url}:\n{text}"
+            )));
+        }
         if let Some(parsed) = parse_wrk(&text) {
-            return (parsed.0, parsed.1, "wrk");
+            return Ok((parsed.0, parsed.1, "wrk"));
         }
         tracing::warn!("bench: cannot read wrk's output:\n{text}");
     }
-    let (rate, latency) = throughput(http, url, connections, duration).await;
-    (rate, latency.p99_ms, "built-in client")
+    let (rate, latency) = throughput(&server.http, url, connections, duration).await?;
+    Ok((rate, latency.p99_ms, "built-in client"))
 }
 
 /// Requests/s and the 99th percentile (ms) from `wrk --latency` output.
@@ -525,33 +537,41 @@ async fn throughput(
     url: String,
     connections: usize,
     duration: Duration,
-) -> (f64, Latency) {
+) -> Result<(f64, Latency), CliError> {
     let url = Arc::new(url);
     let end = Instant::now() + duration;
     let tasks = (0..connections).map(|_| {
         let (http, url) = (http.clone(), url.clone());
         async move {
-            let mut samples = Vec::new();
+            let (mut samples, mut failures) = (Vec::new(), 0usize);
             while Instant::now() < end {
                 let t = Instant::now();
-                if let Ok(resp) = http.get(url.as_str()).send().await
-                    && resp.status().is_success()
-                    && resp.bytes().await.is_ok()
-                {
+                let ok = match http.get(url.as_str()).send().await {
+                    Ok(resp) => resp.status().is_success() && resp.bytes().await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
                     samples.push(t.elapsed());
+                } else {
+                    failures += 1;
                 }
             }
-            samples
+            (samples, failures)
         }
     });
     let t = Instant::now();
-    let samples: Vec<Duration> = futures::future::join_all(tasks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+    let (mut samples, mut failures) = (Vec::new(), 0);
+    for (s, f) in futures::future::join_all(tasks).await {
+        samples.extend(s);
+        failures += f;
+    }
+    if failures > 0 {
+        return Err(CliError::Other(format!(
+            "{failures} requests to {url} failed during the load"
+        )));
+    }
     let rate = samples.len() as f64 / t.elapsed().as_secs_f64();
-    (rate, Latency::of(samples))
+    Ok((rate, Latency::of(samples)))
 }
 
 /// The raw floor of a command on this host: one fork+exec of `true`.
@@ -740,19 +760,19 @@ async fn docker_measure(
     // Throughput: GET /health against GET /sandboxes/{id}, same run.
     let connections = 16;
     let (health_rate, health_p99, tool) = load(
-        &direct.http,
+        direct,
         format!("{}/api/v1/health", direct.url),
         connections,
         load_time,
     )
-    .await;
+    .await?;
     let (get_rate, get_p99, _) = load(
-        &direct.http,
+        direct,
         format!("{}/api/v1/sandboxes/{sandbox}", direct.url),
         connections,
         load_time,
     )
-    .await;
+    .await?;
     report.row(
         &format!("GET /sandboxes/{{id}} vs GET /health ({tool}, {connections} connections)"),
         format!("{get_rate:.0}/s, p99 {get_p99:.2} ms"),
