@@ -259,6 +259,47 @@ impl Frame {
     }
 }
 
+/// `root` and every process below it, found through `/proc` (the parent
+/// of each process is in its `stat`). Read all at once before anything is
+/// killed: a killed parent's children are handed to PID 1 and would no
+/// longer look like descendants.
+pub fn process_tree(root: i32) -> Vec<i32> {
+    let mut children: std::collections::HashMap<i32, Vec<i32>> = Default::default();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // The command name is in parentheses and may hold spaces.
+            let Some((_, after)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+    }
+    let mut stack = vec![root];
+    let mut all = Vec::new();
+    while let Some(pid) = stack.pop() {
+        if all.contains(&pid) {
+            continue;
+        }
+        all.push(pid);
+        if let Some(kids) = children.get(&pid) {
+            stack.extend(kids);
+        }
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

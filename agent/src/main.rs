@@ -645,49 +645,11 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
 /// anything is killed: a killed parent's children are handed to PID 1 at
 /// once and would no longer look like descendants.
 fn kill_tree(pid: i32) {
-    let doomed = descendants(pid);
+    let doomed = stacyvm_agent::process_tree(pid);
     // SAFETY: kill with a negative pid signals that process group.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
     for victim in doomed {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(victim, libc::SIGKILL) };
     }
-}
-
-/// `pid` and every process below it, from `/proc`.
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut parents: Vec<(i32, i32)> = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Some(child) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
-                continue;
-            };
-            // The fields after the command name, which may hold spaces.
-            let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
-                continue;
-            };
-            if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
-                parents.push((child, ppid));
-            }
-        }
-    }
-    let mut doomed = vec![pid];
-    let mut i = 0;
-    while i < doomed.len() {
-        let parent = doomed[i];
-        for (child, ppid) in &parents {
-            if *ppid == parent && !doomed.contains(child) {
-                doomed.push(*child);
-            }
-        }
-        i += 1;
-    }
-    doomed
 }

@@ -327,12 +327,9 @@ async fn run(
         let frame = tokio::select! {
             frame = frames.next() => frame,
             () = &mut deadline => {
-                if timed_out {
+                if deadline_passed(&mut timed_out, &mut writer, deadline.as_mut()).await {
                     return Ok(ExecExit::TimedOut);
                 }
-                timed_out = true;
-                kill(&mut writer).await;
-                deadline.as_mut().reset(tokio::time::Instant::now() + KILL_GRACE);
                 continue;
             }
         };
@@ -371,12 +368,9 @@ async fn run(
                 // is not blocked.
                 sent = sink.send(chunk) => listening = sent.is_ok(),
                 () = &mut deadline => {
-                    if timed_out {
+                    if deadline_passed(&mut timed_out, &mut writer, deadline.as_mut()).await {
                         return Ok(ExecExit::TimedOut);
                     }
-                    timed_out = true;
-                    kill(&mut writer).await;
-                    deadline.as_mut().reset(tokio::time::Instant::now() + KILL_GRACE);
                     // The caller is too slow to take more: what is left is
                     // drained, not delivered.
                     listening = false;
@@ -384,6 +378,23 @@ async fn run(
             }
         }
     }
+}
+
+/// The deadline passed. The first time, the agent is asked to kill the
+/// command, which gets [`KILL_GRACE`] to report its end; the second time
+/// the exec is over (`true`).
+async fn deadline_passed(
+    timed_out: &mut bool,
+    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    deadline: std::pin::Pin<&mut tokio::time::Sleep>,
+) -> bool {
+    if *timed_out {
+        return true;
+    }
+    *timed_out = true;
+    kill(writer).await;
+    deadline.reset(tokio::time::Instant::now() + KILL_GRACE);
+    false
 }
 
 /// Asks the agent to kill the command (best effort: an agent that does not

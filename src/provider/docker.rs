@@ -1162,36 +1162,7 @@ const STAT_FORMAT: &str = "%s|%a|%F|%Y|%n";
 /// on exec timeout: Docker has no API to kill an exec, and killing only the
 /// top process would leave children holding the output pipes open.
 fn kill_process_tree(root: i32) {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    if let Ok(entries) = std::fs::read_dir("/proc") {
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                continue;
-            };
-            // The command name is in parentheses and may contain spaces.
-            let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-                continue;
-            };
-            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-                children.entry(ppid).or_default().push(pid);
-            }
-        }
-    }
-    let mut stack = vec![root];
-    let mut all = Vec::new();
-    while let Some(pid) = stack.pop() {
-        all.push(pid);
-        if let Some(kids) = children.get(&pid) {
-            stack.extend(kids);
-        }
-    }
+    let all = stacyvm_agent::process_tree(root);
     for pid in all {
         if let Some(pid) = rustix::process::Pid::from_raw(pid) {
             // Best effort: the process may already have exited.

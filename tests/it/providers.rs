@@ -1189,17 +1189,10 @@ async fn docker_direct_exec_matches_the_engine_api() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_agent_socket_cannot_be_redirected_to_the_host() {
-    let Some(provider) = docker_provider(true).await else {
+    let Some(fx) = docker_fixture(true).await else {
         return;
     };
-    let p: Arc<dyn Provider> = provider;
-    let fx = Fixture {
-        provider: p.clone(),
-        image: crate::support::docker_image(),
-        sandboxes_dir: None,
-        reports_signal_deaths: true,
-        _data: None,
-    };
+    let p = fx.provider.clone();
     // A host socket the sandbox would like the server to talk to (the
     // Docker daemon's, in a real attack).
     let dir = tempfile::tempdir().unwrap();
@@ -1229,17 +1222,10 @@ async fn docker_agent_socket_cannot_be_redirected_to_the_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_agent_mounts_are_sealed() {
-    let Some(provider) = docker_provider(true).await else {
+    let Some(fx) = docker_fixture(true).await else {
         return;
     };
-    let p: Arc<dyn Provider> = provider;
-    let fx = Fixture {
-        provider: p.clone(),
-        image: crate::support::docker_image(),
-        sandboxes_dir: None,
-        reports_signal_deaths: true,
-        _data: None,
-    };
+    let p = fx.provider.clone();
     let (id, runtime) = spawn_with_id(&fx).await;
     // The agent binary is read-only, even to the sandbox's root.
     let r = run(
@@ -1275,17 +1261,10 @@ async fn docker_agent_mounts_are_sealed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_direct_exec_ends_when_the_caller_leaves() {
-    let Some(provider) = docker_provider(true).await else {
+    let Some(fx) = docker_fixture(true).await else {
         return;
     };
-    let p: Arc<dyn Provider> = provider;
-    let fx = Fixture {
-        provider: p.clone(),
-        image: crate::support::docker_image(),
-        sandboxes_dir: None,
-        reports_signal_deaths: true,
-        _data: None,
-    };
+    let p = fx.provider.clone();
     let (id, runtime) = spawn_with_id(&fx).await;
     let marker = format!("{}", 3000 + rand_u16() % 5000);
     let script = format!("setsid sleep {marker} & sleep {marker}");
