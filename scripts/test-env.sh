@@ -57,6 +57,8 @@ _stacyvm_env_packages() {
     # The rootfs needs the *static* busybox.
     _stacyvm_pkg_installed busybox-static || missing+=(busybox-static)
     command -v proot >/dev/null 2>&1 || missing+=(proot)
+    # `stacyvm bench` loads the API with wrk (a built-in client otherwise).
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
     # Native sandboxes' capped disks: mkfs.ext4, and mount for loop mounts.
     [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || missing+=(e2fsprogs)
     command -v mount >/dev/null 2>&1 || missing+=(mount)
