@@ -259,6 +259,29 @@ impl Frame {
     }
 }
 
+/// Gives the calling process default signal dispositions and an empty
+/// signal mask, as a command expects to start: an ignored signal stays
+/// ignored across exec (Rust's runtime ignores SIGPIPE; a shell's
+/// background job ignores SIGINT and SIGQUIT).
+///
+/// # Safety
+/// Meant for a forked child before exec: it only makes async-signal-safe
+/// calls, but it changes the whole process's signal handling.
+pub unsafe fn reset_signals() {
+    // SAFETY: signal and sigprocmask on a locally initialised set are
+    // async-signal-safe and take valid arguments.
+    unsafe {
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    }
+}
+
 /// `root` and every process below it, found through `/proc` (the parent
 /// of each process is in its `stat`). Read all at once before anything is
 /// killed: a killed parent's children are handed to PID 1 and would no

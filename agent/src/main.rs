@@ -374,16 +374,7 @@ unsafe fn child(
             libc::_exit(127)
         };
         let errno = || *libc::__errno_location();
-        // Default dispositions (Rust's runtime ignores SIGPIPE, and an
-        // ignored signal stays ignored across exec) and an empty mask.
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        stacyvm_agent::reset_signals();
         // Own process group: a kill reaches the command and what it
         // started, and nothing else in the sandbox.
         libc::setpgid(0, 0);

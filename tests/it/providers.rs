@@ -1413,3 +1413,78 @@ async fn native_agent_mount_points_never_follow_the_trees_links() {
     assert_eq!(dir_entries(outside.path()), Vec::<String>::new());
     p.destroy(&id).await.expect("destroy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_agent_survives_malformed_and_oversized_requests() {
+    use stacyvm_agent::{Exec, Frame, MAX_FRAME};
+    use std::io::{Read, Write};
+    let Some(fx) = docker_fixture(true).await else {
+        return;
+    };
+    let p = fx.provider.clone();
+    let (id, runtime) = spawn_with_id(&fx).await;
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Pid}}", &runtime])
+        .output()
+        .expect("docker inspect");
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // What anything in the sandbox can reach: the agent's socket.
+    let socket = format!("/proc/{pid}/root/.stacyvm/run/agent.sock");
+    let connect = || {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let hello = Frame::read_from(&mut s).expect("hello").expect("hello");
+        assert!(matches!(hello, Frame::Hello { .. }), "{hello:?}");
+        s
+    };
+    // What the agent answers before it hangs up.
+    let answer = |mut s: std::os::unix::net::UnixStream, bytes: &[u8]| {
+        s.write_all(bytes).expect("write");
+        let mut rest = Vec::new();
+        // EOF (or a reset) ends it; the agent must never hang.
+        let _ = s.read_to_end(&mut rest);
+        Frame::read_from(&mut rest.as_slice()).ok().flatten()
+    };
+    // An exec frame claiming more than the agent takes: dropped unread.
+    let mut oversized = vec![1u8];
+    oversized.extend_from_slice(&(MAX_FRAME as u32 + 1).to_be_bytes());
+    assert_eq!(answer(connect(), &oversized), None);
+    // Not the protocol at all.
+    assert_eq!(
+        answer(connect(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        None
+    );
+    // An exec frame with a field the protocol does not know.
+    assert_eq!(answer(connect(), &[1, 0, 0, 0, 5, b'z', 0, 0, 0, 0]), None);
+    // Commands the agent cannot run: said, not crashed on.
+    for exec in [
+        Exec::default(),
+        Exec {
+            argv: vec![b"echo\0x".to_vec()],
+            ..Default::default()
+        },
+        Exec {
+            argv: vec![b"echo".to_vec()],
+            env: vec![b"NO_EQUALS_SIGN".to_vec()],
+            ..Default::default()
+        },
+    ] {
+        let failed = answer(connect(), &Frame::Exec(exec.clone()).encode());
+        assert!(
+            matches!(failed, Some(Frame::Failed { .. })),
+            "{exec:?}: {failed:?}"
+        );
+    }
+    // Clients that connect and say nothing do not block others.
+    let idle: Vec<_> = (0..8).map(|_| connect()).collect();
+    let r = run(&p, &runtime, spec(&["echo", "ok"])).await;
+    assert_eq!(r.stdout, "ok\n");
+    drop(idle);
+    // PID 1 is still the agent, and still serves.
+    let r = run(&p, &runtime, spec(&["cat", "/proc/1/cmdline"])).await;
+    assert_eq!(
+        r.stdout.trim_end_matches('\0'),
+        stacyvm::provider::agent::AGENT_PATH
+    );
+    p.destroy(&id).await.expect("destroy");
+}

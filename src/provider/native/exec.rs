@@ -302,22 +302,8 @@ fn enter(request: &Request) -> Result<(), String> {
 /// limits, no privilege gain through setuid binaries (as hakoniwa does for
 /// PID 1).
 fn child_setup() -> io::Result<()> {
-    // SAFETY: signal and sigprocmask on a locally initialised set are
-    // async-signal-safe.
-    unsafe {
-        // Default dispositions: an ignored signal stays ignored across
-        // exec, and the server may have been started with some ignored
-        // (a shell's `cmd &` ignores SIGINT and SIGQUIT), which the
-        // command must not inherit.
-        for sig in 1..32 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-        }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-    }
+    // SAFETY: this is the forked child, before exec.
+    unsafe { stacyvm_agent::reset_signals() };
     let limit = |n: u64| rustix::process::Rlimit {
         current: Some(n),
         maximum: Some(n),
