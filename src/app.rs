@@ -481,6 +481,7 @@ impl App {
                 config.lifecycle.reconcile_interval.0,
                 shutdown.child_token(),
             )),
+            tokio::spawn(service.clone().run_pools(shutdown.child_token())),
         ];
         let last_shutdown = CancellationToken::new();
         // Often enough that workers heard by other replicas look fresh here
@@ -593,12 +594,19 @@ impl App {
             }
         };
         self.shutdown.cancel();
+        // Nobody refills the pools once the leader stops: it drains them all.
+        let led = service.is_leader();
         // Background work stopped here: hand leadership over at once.
         service.step_down();
         for task in self.tasks {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "background task ended abnormally");
             }
+        }
+        match service.drain_pools(led).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(destroyed = n, "warm pools drained"),
+            Err(e) => tracing::warn!(error = %e, "draining the warm pools failed"),
         }
         self.last_shutdown.cancel();
         for task in self.last_tasks {

@@ -44,6 +44,38 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// How long audit events are kept.
     pub audit: AuditConfig,
+    /// Warm pools: sandboxes spawned ahead and handed out on spawn.
+    pub pool: PoolConfig,
+}
+
+/// `pool`: warm pools. A pool keeps sandboxes of one recipe running,
+/// owned by the server, and a spawn asking for exactly that recipe claims
+/// one instead of waiting for a runtime. `size` is the pool of spawns that
+/// name no template (the `defaults`); a template's own `pool_size` is its
+/// pool. Warm sandboxes count against nobody until claimed; `max_warm`
+/// bounds them all together.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Warm sandboxes for spawns without a template (0: none).
+    pub size: u32,
+    /// The most warm sandboxes over all pools (0: pools are off).
+    pub max_warm: u32,
+    /// A warm sandbox unclaimed this long is replaced by a fresh one.
+    pub max_age: GoDuration,
+    /// How often the pools are topped up (also right after each claim).
+    pub refill_interval: GoDuration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: 0,
+            max_warm: 16,
+            max_age: secs(3600),
+            refill_interval: secs(1),
+        }
+    }
 }
 
 /// `audit`: the audit trail's retention. The leader prunes it every
@@ -492,6 +524,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             cluster: ClusterConfig::default(),
             audit: AuditConfig::default(),
+            pool: PoolConfig::default(),
         }
     }
 }
@@ -683,6 +716,17 @@ impl Config {
     /// Cross-field checks that serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let d = &self.defaults;
+        if self.pool.size > self.pool.max_warm {
+            return Err(ConfigError::Invalid(format!(
+                "pool.size ({}) must be at most pool.max_warm ({})",
+                self.pool.size, self.pool.max_warm
+            )));
+        }
+        if self.pool.max_age.0.is_zero() || self.pool.refill_interval.0.is_zero() {
+            return Err(ConfigError::Invalid(
+                "pool.max_age and pool.refill_interval must be positive".into(),
+            ));
+        }
         if d.ttl.0.is_zero() || d.ttl > d.max_ttl {
             return Err(ConfigError::Invalid(format!(
                 "defaults.ttl must be positive and at most defaults.max_ttl ({})",

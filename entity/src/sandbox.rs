@@ -32,6 +32,10 @@ pub struct Model {
     /// The control-plane replica driving its current step (creating,
     /// destroying); another replica finishes what a dead one left.
     pub replica_id: String,
+    /// Set while the sandbox waits in a warm pool (owned by `system`,
+    /// counted against nobody, listed to nobody); cleared by the spawn
+    /// that claims it.
+    pub pool_key: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -24,6 +24,8 @@ pub struct Model {
     /// JSON object of string to string: labels a worker must carry to get
     /// this template's sandboxes.
     pub worker_labels: String,
+    /// How many sandboxes of this template to keep warm (0: none).
+    pub pool_size: i32,
     pub created_at: DateTimeUtc,
     pub updated_at: DateTimeUtc,
 }

@@ -12,6 +12,7 @@ mod m20261202_000004_leases;
 mod m20261202_000005_template_worker_labels;
 mod m20261202_000006_replicas;
 mod m20261202_000007_template_owner_names;
+mod m20261203_000008_warm_pools;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000005_template_worker_labels::Migration),
             Box::new(m20261202_000006_replicas::Migration),
             Box::new(m20261202_000007_template_owner_names::Migration),
+            Box::new(m20261203_000008_warm_pools::Migration),
         ]
     }
 }

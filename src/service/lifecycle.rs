@@ -69,6 +69,11 @@ impl Service {
         state: SandboxState,
         reason: Option<String>,
     ) {
+        // A warm sandbox is nobody's until claimed: its first events are
+        // the claim's, as for a fresh spawn.
+        if sandbox.pool_key.is_some() {
+            return;
+        }
         self.events().publish(Event::SandboxState {
             sandbox_id: sandbox.id.clone(),
             owner_id: sandbox.owner_id.clone(),
@@ -101,7 +106,9 @@ impl Service {
         outcome
     }
 
-    async fn destroy_record_unaudited(
+    /// [`Service::destroy_record`] without the audit event: for sandboxes
+    /// no caller ever had (warm ones the pool lets go).
+    pub(super) async fn destroy_record_unaudited(
         &self,
         model: entity::sandbox::Model,
         reason: Option<String>,

@@ -18,6 +18,7 @@ mod lifecycle;
 mod listing;
 pub mod output;
 mod policy;
+mod pool;
 mod quotas;
 mod rate_limit;
 mod reconcile;
@@ -41,6 +42,7 @@ pub use policy::{
     ALLOW_HOST_IMAGE_KEY, Bound, BoundSource, HostCapacity, Openings, PolicyRefusal, SandboxAsk,
     Scope, SpawnBounds, Subject, check_policy,
 };
+pub use pool::{PoolReport, PoolStatus, PoolView};
 pub use quotas::{QuotaInput, QuotaPolicy, QuotaUsage};
 pub use rate_limit::{InFlightGuard, InFlightLimiter, RateDecision, RateLimitConfig, RateLimiter};
 pub use reconcile::ReconcileReport;
@@ -92,6 +94,8 @@ struct Inner {
     replica: cluster::Replica,
     /// What the reconciler remembers between passes.
     reconcile: reconcile::ReconcileMemory,
+    /// Warm pools' counters and backoff.
+    pool: pool::PoolState,
     /// Shutdown phases and the running commands they wait for.
     shutdown: shutdown::ShutdownState,
     started_at: Instant,
@@ -138,6 +142,7 @@ impl Service {
                 events,
                 outputs: OutputHub::default(),
                 admission: Mutex::new(()),
+                pool: pool::PoolState::default(),
                 replica,
                 reconcile: Default::default(),
                 shutdown: Default::default(),

@@ -255,6 +255,8 @@ impl Service {
                 owner_id: None,
                 states: Some(SandboxState::LIVE.to_vec()),
                 worker_id: Some(worker.id().to_string()),
+                // Warm sandboxes are runtimes like any other.
+                with_pooled: true,
             })
             .await?;
         live.extend(records.iter().map(|r| r.id.clone()));

@@ -79,6 +79,33 @@ pub(super) struct SpawnPlan {
     pub metadata: BTreeMap<String, String>,
     pub idempotency_key: Option<String>,
     pub worker_labels: BTreeMap<String, String>,
+    /// The warm pool that may serve it (its template's, or the defaults').
+    pub pool: Option<super::pool::PoolOf>,
+}
+
+/// What makes two sandboxes interchangeable before anyone used them: the
+/// runtime they run on and their size. A spawn's request (falling back on
+/// its template, then the server's defaults) resolves into one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(super) struct Recipe {
+    pub image: String,
+    /// `None`: the default provider.
+    pub provider: Option<String>,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    pub disk_mb: u32,
+    pub worker_labels: BTreeMap<String, String>,
+}
+
+/// The parts of a spawn request that choose the recipe.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RecipeAsk {
+    pub image: Option<String>,
+    pub provider: Option<String>,
+    pub memory_mb: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub disk_mb: Option<u32>,
+    pub worker_labels: BTreeMap<String, String>,
 }
 
 impl SpawnPlan {
@@ -150,7 +177,6 @@ impl Service {
 
     /// Applies defaults (and the template, if named) and validates.
     pub(super) async fn plan_spawn(&self, caller: &Caller, req: SpawnRequest) -> Result<SpawnPlan> {
-        let defaults = &self.config().defaults;
         let owner_id = caller.effective_owner(req.owner_id.as_deref());
         // The template is the sandbox owner's; failing that, the one of
         // whoever acts for it (a pool's key naming its user with
@@ -171,47 +197,24 @@ impl Service {
             }
             _ => None,
         };
-        let image = req
-            .image
-            .filter(|i| !i.trim().is_empty())
-            .or_else(|| template.as_ref().map(|t| t.image.clone()))
-            .unwrap_or_else(|| defaults.image.clone());
-        crate::image_ref::check(&image).map_err(|e| Error::BadRequest(e.to_string()))?;
-        let provider = req.provider.filter(|p| !p.is_empty()).or_else(|| {
-            template
-                .as_ref()
-                .map(|t| t.provider.clone())
-                .filter(|p| !p.is_empty())
-        });
-        let memory_mb = req
-            .memory_mb
-            .filter(|m| *m > 0)
-            .or_else(|| {
-                template
-                    .as_ref()
-                    .and_then(|t| u32::try_from(t.memory_mb).ok())
-            })
-            .unwrap_or(defaults.memory_mb);
-        if memory_mb < MIN_MEMORY_MB {
-            return Err(Error::BadRequest(format!(
-                "memory_mb must be at least {MIN_MEMORY_MB}, got {memory_mb}"
-            )));
-        }
-        let vcpus = req
-            .vcpus
-            .filter(|v| *v > 0)
-            .or_else(|| template.as_ref().and_then(|t| u32::try_from(t.vcpus).ok()))
-            .unwrap_or(defaults.vcpus);
-        let disk_mb = req
-            .disk_mb
-            .filter(|d| *d > 0)
-            .or_else(|| {
-                template
-                    .as_ref()
-                    .and_then(|t| t.disk_mb)
-                    .and_then(|d| u32::try_from(d).ok())
-            })
-            .unwrap_or(defaults.disk_mb);
+        let Recipe {
+            image,
+            provider,
+            memory_mb,
+            vcpus,
+            disk_mb,
+            worker_labels: mut labels,
+        } = self.recipe(
+            template.as_ref(),
+            RecipeAsk {
+                image: req.image,
+                provider: req.provider,
+                memory_mb: req.memory_mb,
+                vcpus: req.vcpus,
+                disk_mb: req.disk_mb,
+                worker_labels: BTreeMap::new(),
+            },
+        )?;
         let ttl = match (req.ttl.as_deref(), &template) {
             (Some(t), _) if !t.is_empty() => self.parse_ttl(Some(t))?,
             (_, Some(t)) => Duration::from_millis(u64::try_from(t.ttl_ms).unwrap_or(0))
@@ -248,14 +251,10 @@ impl Service {
                 )));
             }
         };
-        let mut worker_labels = match &template {
-            Some(t) => serde_json::from_str(&t.worker_labels)
-                .map_err(|e| Error::internal(format!("template {}: worker_labels: {e}", t.name)))?,
-            None => BTreeMap::new(),
-        };
-        worker_labels.extend(req.worker_labels);
-        crate::worker::labels::check_all(&worker_labels)
+        labels.extend(req.worker_labels);
+        crate::worker::labels::check_all(&labels)
             .map_err(|e| Error::BadRequest(format!("worker_labels: {e}")))?;
+        let worker_labels = labels;
         self.check_sandbox_rules(
             caller,
             (&caller.tenant_id, &owner_id),
@@ -270,6 +269,7 @@ impl Service {
             },
         )
         .await?;
+        let pool = super::pool::PoolOf::for_spawn(self.config(), template.as_ref());
         Ok(SpawnPlan {
             image,
             provider,
@@ -282,6 +282,66 @@ impl Service {
             owner_id,
             metadata,
             idempotency_key,
+            worker_labels,
+            pool,
+        })
+    }
+
+    /// Resolves what a spawn asks for into a recipe: each field from the
+    /// request, else the template, else `defaults`; validated.
+    pub(super) fn recipe(
+        &self,
+        template: Option<&entity::template::Model>,
+        ask: RecipeAsk,
+    ) -> Result<Recipe> {
+        let defaults = &self.config().defaults;
+        let image = ask
+            .image
+            .filter(|i| !i.trim().is_empty())
+            .or_else(|| template.map(|t| t.image.clone()))
+            .unwrap_or_else(|| defaults.image.clone());
+        crate::image_ref::check(&image).map_err(|e| Error::BadRequest(e.to_string()))?;
+        let provider = ask.provider.filter(|p| !p.is_empty()).or_else(|| {
+            template
+                .map(|t| t.provider.clone())
+                .filter(|p| !p.is_empty())
+        });
+        let memory_mb = ask
+            .memory_mb
+            .filter(|m| *m > 0)
+            .or_else(|| template.and_then(|t| u32::try_from(t.memory_mb).ok()))
+            .unwrap_or(defaults.memory_mb);
+        if memory_mb < MIN_MEMORY_MB {
+            return Err(Error::BadRequest(format!(
+                "memory_mb must be at least {MIN_MEMORY_MB}, got {memory_mb}"
+            )));
+        }
+        let vcpus = ask
+            .vcpus
+            .filter(|v| *v > 0)
+            .or_else(|| template.and_then(|t| u32::try_from(t.vcpus).ok()))
+            .unwrap_or(defaults.vcpus);
+        let disk_mb = ask
+            .disk_mb
+            .filter(|d| *d > 0)
+            .or_else(|| {
+                template
+                    .and_then(|t| t.disk_mb)
+                    .and_then(|d| u32::try_from(d).ok())
+            })
+            .unwrap_or(defaults.disk_mb);
+        let mut worker_labels: BTreeMap<String, String> = match template {
+            Some(t) => serde_json::from_str(&t.worker_labels)
+                .map_err(|e| Error::internal(format!("template {}: worker_labels: {e}", t.name)))?,
+            None => BTreeMap::new(),
+        };
+        worker_labels.extend(ask.worker_labels);
+        Ok(Recipe {
+            image,
+            provider,
+            memory_mb,
+            vcpus,
+            disk_mb,
             worker_labels,
         })
     }
@@ -385,8 +445,21 @@ impl Service {
         }
     }
 
-    /// Admits, places and makes a planned sandbox.
+    /// Admits, places and makes a planned sandbox (or hands out a warm
+    /// one of the plan's pool).
     async fn spawn_planned(&self, plan: SpawnPlan) -> Result<Sandbox> {
+        match self.claim_warm(&plan).await {
+            Ok(Some(claimed)) => return Ok(claimed),
+            Ok(None) => {}
+            // A concurrent retry with the same key claimed or inserted first.
+            Err(Error::Conflict(_)) if plan.idempotency_key.is_some() => {
+                return self
+                    .earlier_spawn(&plan)
+                    .await?
+                    .ok_or_else(|| Error::internal("idempotent spawn vanished"));
+            }
+            Err(e) => return Err(e),
+        }
         let decision = self.admission_for_plan(&plan, Placed::No).await?;
         if decision.reason == super::admission::AdmissionReason::WorkerUnavailable {
             // The scheduler says precisely why (unknown provider, unhealthy, ...).
@@ -445,6 +518,7 @@ impl Service {
             destroyed_at: None,
             idempotency_key: plan.idempotency_key.clone(),
             replica_id: self.store().replica().to_string(),
+            pool_key: None,
         };
         // Re-check quotas and insert under one lock so that concurrent
         // spawns cannot both take the last slot.
@@ -486,19 +560,31 @@ impl Service {
             }
             other => other?,
         };
-        let id = record.id.clone();
-        self.publish_state(&record, SandboxState::Creating, None);
-
         let spec = SpawnSpec {
-            sandbox_id: id.clone(),
+            sandbox_id: record.id.clone(),
             image: plan.image,
             memory_mb: plan.memory_mb,
             vcpus: plan.vcpus,
             disk_mb: plan.disk_mb,
         };
+        self.start_runtime(&record, &placement, &spec).await
+    }
+
+    /// Makes the runtime of a `creating` record on its placement and
+    /// moves the record to `running`; a failed spawn leaves it in `error`
+    /// with the reason, and a record destroyed meanwhile takes its
+    /// runtime with it.
+    pub(super) async fn start_runtime(
+        &self,
+        record: &entity::sandbox::Model,
+        placement: &crate::scheduler::Placement,
+        spec: &SpawnSpec,
+    ) -> Result<Sandbox> {
+        let id = record.id.clone();
+        self.publish_state(record, SandboxState::Creating, None);
         match placement
             .worker
-            .spawn(&placement.provider, &spec, FIRST_GENERATION)
+            .spawn(&placement.provider, spec, FIRST_GENERATION)
             .await
         {
             Ok(handle) => {
@@ -600,6 +686,9 @@ impl Service {
             return Err(Error::sandbox_not_found(id));
         }
         match self.store().get_sandbox(id).await? {
+            // A warm sandbox is nobody's, not even an admin's: whatever
+            // touched it would reach the owner who claims it.
+            Some(m) if m.pool_key.is_some() => Err(Error::sandbox_not_found(id)),
             Some(m) if caller.can_access(&m.tenant_id, &m.owner_id) => {
                 if m.state != SandboxState::Destroyed.as_str() {
                     return Ok(m);

@@ -148,6 +148,8 @@ impl Service {
                             SandboxState::Error,
                         ]),
                         worker_id: Some(worker.id().to_string()),
+                        // Warm ones go with their pools (`drain_pools`).
+                        with_pooled: false,
                     })
                     .await?,
             );

@@ -27,6 +27,8 @@ pub struct Template {
     /// Labels a worker must carry to get this template's sandboxes.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub worker_labels: BTreeMap<String, String>,
+    /// How many sandboxes of this template are kept warm.
+    pub pool_size: u32,
     pub owner_id: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -44,6 +46,10 @@ pub struct TemplateInput {
     pub provider: Option<String>,
     pub metadata: BTreeMap<String, String>,
     pub worker_labels: BTreeMap<String, String>,
+    /// Warm sandboxes to keep; `None` keeps what a replaced template had
+    /// (0 for a new one). Above 0 needs an operator or admin: a pool is
+    /// capacity the server spends ahead of demand.
+    pub pool_size: Option<u32>,
 }
 
 fn validate_name(name: &str) -> Result<()> {
@@ -78,6 +84,7 @@ impl Service {
                 .unwrap_or(self.config().defaults.disk_mb),
             ttl: duration::format(Duration::from_millis(u64::try_from(m.ttl_ms).unwrap_or(0))),
             provider: m.provider,
+            pool_size: u32::try_from(m.pool_size).unwrap_or_default(),
             owner_id: m.owner_id,
             created_at: m.created_at,
             updated_at: m.updated_at,
@@ -146,8 +153,25 @@ impl Service {
         caller: &Caller,
         owner: &str,
         input: TemplateInput,
+        existing: Option<&entity::template::Model>,
     ) -> Result<entity::template::Model> {
         validate_name(&input.name)?;
+        let pool_size = match input.pool_size {
+            Some(size) => size,
+            None => existing.map_or(0, |t| u32::try_from(t.pool_size).unwrap_or(0)),
+        };
+        let max_warm = self.config().pool.max_warm;
+        if pool_size > max_warm {
+            return Err(Error::BadRequest(format!(
+                "pool_size {pool_size} exceeds the server's pool.max_warm ({max_warm})"
+            )));
+        }
+        let unchanged = existing.is_some_and(|t| i64::from(t.pool_size) == i64::from(pool_size));
+        if pool_size > 0 && !unchanged && !caller.may_act_for_others() {
+            return Err(Error::Forbidden(
+                "a warm pool (pool_size) needs an operator or admin key".into(),
+            ));
+        }
         if input.image.trim().is_empty() {
             return Err(Error::BadRequest("image is required".into()));
         }
@@ -204,6 +228,7 @@ impl Service {
                 .map_err(|e| Error::internal(e.to_string()))?,
             worker_labels: serde_json::to_string(&input.worker_labels)
                 .map_err(|e| Error::internal(e.to_string()))?,
+            pool_size: pool_size as i32,
             created_at: now,
             updated_at: now,
         })
@@ -214,7 +239,9 @@ impl Service {
         let name = input.name.clone();
         let outcome = async {
             self.require_write(caller)?;
-            let model = self.template_model(caller, &caller.owner_id, input).await?;
+            let model = self
+                .template_model(caller, &caller.owner_id, input, None)
+                .await?;
             let saved = self
                 .store()
                 .insert_template(model)
@@ -252,7 +279,7 @@ impl Service {
                 .await?;
             input.name = name.to_string();
             let mut model = self
-                .template_model(caller, &existing.owner_id, input)
+                .template_model(caller, &existing.owner_id, input, Some(&existing))
                 .await?;
             model.created_at = existing.created_at;
             let saved = self.store().update_template(model).await?;

@@ -22,6 +22,9 @@ pub struct SandboxFilter {
     pub states: Option<Vec<SandboxState>>,
     /// Only sandboxes placed on this worker.
     pub worker_id: Option<String>,
+    /// Also sandboxes waiting in a warm pool (internal sweeps only: no
+    /// caller ever lists them).
+    pub with_pooled: bool,
 }
 
 /// A position in a listing ordered by (created_at, id): the last row seen.
@@ -49,6 +52,18 @@ fn names(states: &[SandboxState]) -> Vec<&'static str> {
     states.iter().map(|s| s.as_str()).collect()
 }
 
+/// What a spawn that claims a warm sandbox writes on it.
+#[derive(Debug, Clone)]
+pub struct PoolClaim {
+    pub tenant_id: String,
+    pub owner_id: String,
+    pub template: Option<String>,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub idempotency_key: Option<String>,
+}
+
 /// Sandboxes holding capacity, counted inside an admission.
 #[derive(Debug, Clone, Copy)]
 pub struct LiveCounts {
@@ -67,7 +82,10 @@ async fn count_live_on<C: sea_orm::ConnectionTrait>(
     conn: &C,
     owner: Option<(&str, &str)>,
 ) -> StoreResult<u64> {
-    let mut query = Entity::find().filter(Column::State.is_in(names(&SandboxState::LIVE)));
+    // A warm sandbox counts against nobody until a spawn claims it.
+    let mut query = Entity::find()
+        .filter(Column::State.is_in(names(&SandboxState::LIVE)))
+        .filter(Column::PoolKey.is_null());
     if let Some((tenant, owner)) = owner {
         query = query
             .filter(Column::TenantId.eq(tenant))
@@ -90,9 +108,109 @@ impl Store {
         lease_until: DateTime<Utc>,
         decide: impl FnOnce(LiveCounts) -> Result<(), E>,
     ) -> StoreResult<Result<sandbox::Model, E>> {
-        use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
         let owner = (model.tenant_id.clone(), model.owner_id.clone());
-        let owner = Some((owner.0.as_str(), owner.1.as_str()));
+        let (txn, counts) = self.begin_admission((&owner.0, &owner.1)).await?;
+        if let Err(refused) = decide(counts) {
+            txn.rollback().await?;
+            return Ok(Err(refused));
+        }
+        let inserted = insert_with_lease(&txn, model, lease_until).await?;
+        txn.commit().await?;
+        Ok(Ok(inserted))
+    }
+
+    /// Admits a spawn as [`Store::admit_sandbox`] does, but hands it a
+    /// sandbox waiting in pool `pool_key` instead of inserting one: the
+    /// oldest `running` one is given the claim's owner, TTL, metadata and
+    /// key in one conditional UPDATE (a sandbox the reconciler or the
+    /// filler moved in between is skipped). `Ok(None)`: admitted, but the
+    /// pool is empty.
+    pub async fn claim_pooled<E>(
+        &self,
+        pool_key: &str,
+        claim: &PoolClaim,
+        decide: impl FnOnce(LiveCounts) -> Result<(), E>,
+    ) -> StoreResult<Result<Option<sandbox::Model>, E>> {
+        use sea_orm::QuerySelect;
+        let (txn, counts) = self
+            .begin_admission((&claim.tenant_id, &claim.owner_id))
+            .await?;
+        if let Err(refused) = decide(counts) {
+            txn.rollback().await?;
+            return Ok(Err(refused));
+        }
+        let candidates = Entity::find()
+            .select_only()
+            .column(Column::Id)
+            .filter(Column::PoolKey.eq(pool_key))
+            .filter(Column::State.eq(SandboxState::Running.as_str()))
+            .order_by_asc(Column::CreatedAt)
+            .limit(4)
+            .into_tuple::<String>();
+        // SQLite: read outside the transaction, as the counts are (a
+        // read that turns into a write there fails instead of waiting);
+        // every UPDATE below is conditional anyway.
+        let candidates = if self.is_shared() {
+            candidates.all(&txn).await?
+        } else {
+            candidates.all(self.conn()).await?
+        };
+        for id in candidates {
+            let claimed = Entity::update_many()
+                .col_expr(Column::TenantId, Expr::value(claim.tenant_id.as_str()))
+                .col_expr(Column::OwnerId, Expr::value(claim.owner_id.as_str()))
+                .col_expr(Column::Template, Expr::value(claim.template.clone()))
+                .col_expr(Column::Metadata, Expr::value(claim.metadata.clone()))
+                .col_expr(Column::CreatedAt, Expr::value(claim.created_at))
+                .col_expr(Column::UpdatedAt, Expr::value(claim.created_at))
+                .col_expr(Column::ExpiresAt, Expr::value(claim.expires_at))
+                .col_expr(
+                    Column::IdempotencyKey,
+                    Expr::value(claim.idempotency_key.clone()),
+                )
+                .col_expr(Column::ReplicaId, Expr::value(self.replica()))
+                .col_expr(Column::PoolKey, Expr::value(Option::<String>::None))
+                .filter(Column::Id.eq(id.as_str()))
+                .filter(Column::PoolKey.eq(pool_key))
+                .filter(Column::State.eq(SandboxState::Running.as_str()))
+                .exec(&txn)
+                .await;
+            match claimed {
+                Ok(done) if done.rows_affected == 1 => {
+                    let model = Entity::find_by_id(id).one(&txn).await?;
+                    txn.commit().await?;
+                    return Ok(Ok(model));
+                }
+                Ok(_) => continue,
+                Err(e) if is_unique_violation(&e) => {
+                    txn.rollback().await?;
+                    return Err(already_used_key());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        txn.rollback().await?;
+        Ok(Ok(None))
+    }
+
+    /// Sandboxes waiting in warm pools (any state but destroyed), oldest first.
+    pub async fn pooled_sandboxes(&self) -> StoreResult<Vec<sandbox::Model>> {
+        Ok(Entity::find()
+            .filter(Column::PoolKey.is_not_null())
+            .filter(Column::State.ne(SandboxState::Destroyed.as_str()))
+            .order_by_asc(Column::CreatedAt)
+            .all(self.conn())
+            .await?)
+    }
+
+    /// Opens an admission: a transaction (under the installation-wide
+    /// advisory lock on PostgreSQL) and the live counts, all and `owner`'s.
+    async fn begin_admission(
+        &self,
+        owner: (&str, &str),
+    ) -> StoreResult<(sea_orm::DatabaseTransaction, LiveCounts)> {
+        use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+        let owner = Some(owner);
         let txn = self.conn().begin().await?;
         let counts = if self.is_shared() {
             // Never wait forever on a holder that went silent mid-admission.
@@ -114,13 +232,7 @@ impl Store {
                 owner: count_live_on(self.conn(), owner).await?,
             }
         };
-        if let Err(refused) = decide(counts) {
-            txn.rollback().await?;
-            return Ok(Err(refused));
-        }
-        let inserted = insert_with_lease(&txn, model, lease_until).await?;
-        txn.commit().await?;
-        Ok(Ok(inserted))
+        Ok((txn, counts))
     }
 
     /// Inserts a new sandbox record with its lease (generation 1, held by
@@ -162,6 +274,9 @@ impl Store {
     /// Sandboxes matching `filter`, oldest first.
     pub async fn list_sandboxes(&self, filter: &SandboxFilter) -> StoreResult<Vec<sandbox::Model>> {
         let mut query = Entity::find();
+        if !filter.with_pooled {
+            query = query.filter(Column::PoolKey.is_null());
+        }
         query = match &filter.states {
             Some(states) => query.filter(Column::State.is_in(names(states))),
             None => query.filter(Column::State.ne(SandboxState::Destroyed.as_str())),
@@ -185,7 +300,7 @@ impl Store {
     /// One page of sandboxes matching `q`, ordered by (created_at, id).
     pub async fn page_sandboxes(&self, q: &SandboxQuery) -> StoreResult<Vec<sandbox::Model>> {
         use sea_orm::QuerySelect;
-        let mut query = Entity::find();
+        let mut query = Entity::find().filter(Column::PoolKey.is_null());
         query = match &q.states {
             Some(states) => query.filter(Column::State.is_in(names(states))),
             None => query.filter(Column::State.ne(SandboxState::Destroyed.as_str())),
@@ -324,9 +439,11 @@ impl Store {
         Ok(Some(active.update(self.conn()).await?))
     }
 
-    /// Usable sandboxes whose TTL has passed at `now`.
+    /// Usable sandboxes whose TTL has passed at `now` (warm ones age out
+    /// of their pool instead).
     pub async fn expired_sandboxes(&self, now: DateTime<Utc>) -> StoreResult<Vec<sandbox::Model>> {
         Ok(Entity::find()
+            .filter(Column::PoolKey.is_null())
             .filter(Column::State.is_in(names(&SandboxState::USABLE)))
             .filter(Column::ExpiresAt.lte(now))
             .order_by_asc(Column::ExpiresAt)
@@ -341,7 +458,6 @@ async fn insert_with_lease(
     model: sandbox::Model,
     lease_until: DateTime<Utc>,
 ) -> StoreResult<sandbox::Model> {
-    use sea_orm::SqlErr;
     let lease = entity::lease::Model {
         sandbox_id: model.id.clone(),
         worker_id: model.worker_id.clone(),
@@ -352,13 +468,20 @@ async fn insert_with_lease(
     };
     let inserted = match model.into_active_model().insert(txn).await {
         Ok(inserted) => inserted,
-        Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-            return Err(super::StoreError::AlreadyExists(
-                "a sandbox with this idempotency key".into(),
-            ));
-        }
+        Err(e) if is_unique_violation(&e) => return Err(already_used_key()),
         Err(e) => return Err(e.into()),
     };
     lease.into_active_model().insert(txn).await?;
     Ok(inserted)
+}
+
+fn is_unique_violation(e: &sea_orm::DbErr) -> bool {
+    use sea_orm::SqlErr;
+    matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
+}
+
+/// The one unique index on sandboxes besides the id: an owner's
+/// idempotency key.
+fn already_used_key() -> super::StoreError {
+    super::StoreError::AlreadyExists("a sandbox with this idempotency key".into())
 }

@@ -64,6 +64,17 @@ impl Store {
             .await?)
     }
 
+    /// Templates that keep a warm pool (of every tenant), oldest first.
+    pub async fn pooled_templates(&self) -> StoreResult<Vec<template::Model>> {
+        use sea_orm::{ColumnTrait, QueryFilter};
+        Ok(Entity::find()
+            .filter(Column::PoolSize.gt(0))
+            .order_by_asc(Column::CreatedAt)
+            .order_by_asc(Column::Name)
+            .all(self.conn())
+            .await?)
+    }
+
     /// One tenant's templates, by name.
     pub async fn list_templates(&self, tenant_id: &str) -> StoreResult<Vec<template::Model>> {
         use sea_orm::{ColumnTrait, QueryFilter};

@@ -6,6 +6,7 @@ mod graphql;
 mod ha;
 mod hardening;
 mod isolation;
+mod pool;
 mod private_dockerd;
 mod providers;
 mod store;

@@ -33,6 +33,7 @@ fn sandbox(id: &str, owner: &str, state: SandboxState) -> entity::sandbox::Model
         destroyed_at: None,
         idempotency_key: None,
         replica_id: String::new(),
+        pool_key: None,
     }
 }
 
@@ -50,6 +51,7 @@ fn template(name: &str) -> entity::template::Model {
         ttl_ms: 60_000,
         metadata: serde_json::json!({}),
         worker_labels: "{}".into(),
+        pool_size: 0,
         created_at: now,
         updated_at: now,
     }
@@ -740,6 +742,140 @@ async fn leases_fence_and_idempotency_keys(store: &Store) {
     assert_eq!(found.id, first.id);
 }
 
+/// Warm sandboxes: counted against nobody, listed to nobody, and each
+/// claimed once, under the admission's decision.
+async fn warm_pools_claim_each_sandbox_once(store: &Store) {
+    let tag = crate::support::uuid_hex();
+    let key = format!("pk-{tag}");
+    let lease_until = Utc::now() + Duration::minutes(5);
+    let live_before = store.count_live_sandboxes(None).await.expect("count");
+    let mut warm = Vec::new();
+    for (i, (state, pool)) in [
+        (SandboxState::Running, key.clone()),
+        (SandboxState::Running, key.clone()),
+        (SandboxState::Running, key.clone()),
+        (SandboxState::Creating, key.clone()),
+        (SandboxState::Running, format!("other-{tag}")),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut m = sandbox(&format!("sb-w{i}{}", &tag[..6]), "system", state);
+        m.tenant_id = "system".into();
+        m.pool_key = Some(pool);
+        m.created_at += Duration::milliseconds(i as i64);
+        warm.push(
+            store
+                .insert_sandbox(m, lease_until)
+                .await
+                .expect("insert")
+                .id,
+        );
+    }
+    assert_eq!(
+        store.count_live_sandboxes(None).await.expect("count"),
+        live_before,
+        "warm sandboxes count against nobody"
+    );
+    let listed = store
+        .list_sandboxes(&SandboxFilter::default())
+        .await
+        .expect("list");
+    assert!(listed.iter().all(|m| m.pool_key.is_none()));
+    let claim = |owner: &str, idem: Option<&str>| stacyvm::store::PoolClaim {
+        tenant_id: "default".into(),
+        owner_id: owner.into(),
+        template: Some("py".into()),
+        metadata: serde_json::json!({"team": "blue"}),
+        created_at: Utc::now(),
+        expires_at: Utc::now() + Duration::minutes(7),
+        idempotency_key: idem.map(str::to_string),
+    };
+    // A refusal leaves the pool untouched.
+    let refused = store
+        .claim_pooled(&key, &claim("carol", None), |_| Err("over quota"))
+        .await
+        .expect("claim");
+    assert_eq!(refused.map(|m| m.map(|m| m.id)), Err("over quota"));
+    // Four claims for three running ones: each gets its own, one gets none
+    // (at once where the store takes concurrent writers).
+    let c = claim("carol", None);
+    let one = || store.claim_pooled(&key, &c, |_| Ok::<(), ()>(()));
+    let outcomes = if store.is_shared() {
+        let (a, b, c2, d) = tokio::join!(one(), one(), one(), one());
+        vec![a, b, c2, d]
+    } else {
+        vec![one().await, one().await, one().await, one().await]
+    };
+    let mut got: Vec<String> = Vec::new();
+    let mut empty = 0;
+    for outcome in outcomes {
+        match outcome.expect("claim").expect("admitted") {
+            Some(m) => {
+                assert_eq!(
+                    (m.owner_id.as_str(), m.tenant_id.as_str()),
+                    ("carol", "default")
+                );
+                assert_eq!(m.pool_key, None);
+                assert_eq!(m.template.as_deref(), Some("py"));
+                assert_eq!(m.metadata, serde_json::json!({"team": "blue"}));
+                assert_eq!(m.state, "running");
+                got.push(m.id);
+            }
+            None => empty += 1,
+        }
+    }
+    got.sort();
+    let mut running = warm[..3].to_vec();
+    running.sort();
+    assert_eq!((got, empty), (running, 1), "each running one claimed once");
+    assert_eq!(
+        store
+            .count_live_sandboxes(Some(("default", "carol")))
+            .await
+            .expect("count"),
+        3,
+        "claimed ones count against their owner"
+    );
+    // The creating one and the other pool's are left.
+    let left: Vec<String> = store
+        .pooled_sandboxes()
+        .await
+        .expect("pooled")
+        .into_iter()
+        .filter(|m| warm.contains(&m.id))
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(left, warm[3..].to_vec());
+    // An owner's idempotency key stays unique through a claim.
+    let other = format!("other-{tag}");
+    let mut keyed = sandbox(&format!("sb-k{}", &tag[..7]), "dave", SandboxState::Running);
+    keyed.idempotency_key = Some(format!("retry-{tag}"));
+    store
+        .insert_sandbox(keyed, lease_until)
+        .await
+        .expect("insert");
+    let dup = store
+        .claim_pooled(
+            &other,
+            &claim("dave", Some(&format!("retry-{tag}"))),
+            |_| Ok::<(), ()>(()),
+        )
+        .await;
+    assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
+    let still: Vec<String> = store
+        .pooled_sandboxes()
+        .await
+        .expect("pooled")
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert!(
+        still.contains(&warm[4]),
+        "a failed claim keeps the sandbox warm"
+    );
+}
+
 /// Runs every case on one store, in order (they use distinct ids).
 async fn suite(store: Store) {
     migrations_are_idempotent(&store).await;
@@ -751,6 +887,7 @@ async fn suite(store: Store) {
     audit_is_newest_first_and_filtered(&store).await;
     workers_and_quotas(&store).await;
     leases_fence_and_idempotency_keys(&store).await;
+    warm_pools_claim_each_sandbox_once(&store).await;
 }
 
 #[tokio::test]

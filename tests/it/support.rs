@@ -365,6 +365,7 @@ pub async fn insert_record(
                 destroyed_at: None,
                 idempotency_key: None,
                 replica_id: String::new(),
+                pool_key: None,
             },
             now + chrono::Duration::minutes(5),
         )

@@ -118,6 +118,9 @@ pub struct TemplateInput {
     pub metadata: Option<Json<BTreeMap<String, String>>>,
     /// Labels a worker must carry to get this template's sandboxes.
     pub worker_labels: Option<Json<BTreeMap<String, String>>>,
+    /// Sandboxes to keep warm (operators and admins; at most the server's
+    /// `pool.max_warm`). Omitted: a replaced template keeps its own.
+    pub pool_size: Option<u32>,
 }
 
 /// Quota overrides for one owner; a missing field clears that override.
@@ -329,6 +332,7 @@ impl MutationRoot {
             provider: input.provider,
             metadata: input.metadata.map(|m| m.0).unwrap_or_default(),
             worker_labels: input.worker_labels.map(|m| m.0).unwrap_or_default(),
+            pool_size: input.pool_size,
         };
         Ok(Template(service.save_template(caller, input).await.gql()?))
     }

@@ -189,6 +189,12 @@ impl QueryRoot {
         encoding.service().encode(&bytes).gql()
     }
 
+    /// Warm pools: their targets, what is warm now, hits and misses.
+    async fn pool(&self, cx: &Context<'_>) -> async_graphql::Result<super::types::PoolStatus> {
+        let (service, caller) = ctx(cx)?;
+        Ok(service.pool_status(caller).await.gql()?.into())
+    }
+
     async fn template(&self, cx: &Context<'_>, name: String) -> async_graphql::Result<Template> {
         let (service, caller) = ctx(cx)?;
         Ok(Template(service.get_template(caller, &name).await.gql()?))

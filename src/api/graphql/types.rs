@@ -372,6 +372,10 @@ impl Template {
     async fn worker_labels(&self) -> Json<BTreeMap<String, String>> {
         Json(self.0.worker_labels.clone())
     }
+    /// How many sandboxes of this template are kept warm.
+    async fn pool_size(&self) -> u32 {
+        self.0.pool_size
+    }
     async fn owner_id(&self) -> &str {
         &self.0.owner_id
     }
@@ -559,6 +563,73 @@ impl From<service::QuotaUsage> for QuotaUsage {
             max_ttl: u.max_ttl,
             max_exec_timeout: u.max_exec_timeout,
             quota_configured: u.quota_configured,
+        }
+    }
+}
+
+/// Warm pools the caller may see: sandboxes spawned ahead and handed out
+/// on spawn.
+#[derive(SimpleObject)]
+pub struct PoolStatus {
+    /// Whether any pool is kept.
+    pub enabled: bool,
+    /// The most warm sandboxes over all pools.
+    pub max_warm: u32,
+    pub warm: u32,
+    pub creating: u32,
+    pub hits: u64,
+    pub misses: u64,
+    pub pools: Vec<Pool>,
+}
+
+/// One warm pool.
+#[derive(SimpleObject)]
+pub struct Pool {
+    /// The template; null for the pool of spawns without one.
+    pub template: Option<String>,
+    pub owner_id: Option<String>,
+    pub provider: String,
+    pub image: String,
+    pub memory_mb: u32,
+    pub vcpus: u32,
+    /// How many it keeps warm.
+    pub target: u32,
+    /// Running and unclaimed now.
+    pub warm: u32,
+    /// Being spawned now.
+    pub creating: u32,
+    /// Spawns it served (on this replica, since it started).
+    pub hits: u64,
+    /// Spawns of its recipe that found it empty.
+    pub misses: u64,
+}
+
+impl From<service::PoolStatus> for PoolStatus {
+    fn from(s: service::PoolStatus) -> Self {
+        PoolStatus {
+            enabled: s.enabled,
+            max_warm: s.max_warm,
+            warm: s.warm,
+            creating: s.creating,
+            hits: s.hits,
+            misses: s.misses,
+            pools: s
+                .pools
+                .into_iter()
+                .map(|p| Pool {
+                    template: p.template,
+                    owner_id: p.owner_id,
+                    provider: p.provider,
+                    image: p.image,
+                    memory_mb: p.memory_mb,
+                    vcpus: p.vcpus,
+                    target: p.target,
+                    warm: p.warm,
+                    creating: p.creating,
+                    hits: p.hits,
+                    misses: p.misses,
+                })
+                .collect(),
         }
     }
 }

@@ -75,9 +75,22 @@ async fn worker_heartbeat(
     Ok(Json(json!({ "status": "ok" })))
 }
 
-/// Pool mode (many users sharing warm VMs) does not exist in this server.
-async fn pool_status() -> Json<Value> {
-    Json(json!({ "enabled": false }))
+/// Warm pools. `vms` and `max_vms` are the original server's names for
+/// what is warm now and the cap; pool mode (users sharing one sandbox)
+/// does not exist here.
+async fn pool_status(
+    State(service): State<Service>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let status = service.pool_status(&caller).await?;
+    let mut answer = serde_json::to_value(&status).map_err(|e| {
+        ApiError::from(crate::service::Error::internal(format!("pool status: {e}")))
+    })?;
+    if let Some(object) = answer.as_object_mut() {
+        object.insert("vms".into(), json!(status.warm));
+        object.insert("max_vms".into(), json!(status.max_warm));
+    }
+    Ok(Json(answer))
 }
 
 #[derive(Debug, Deserialize)]

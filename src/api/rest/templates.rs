@@ -35,6 +35,7 @@ struct TemplateBody {
     provider: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
     worker_labels: Option<BTreeMap<String, String>>,
+    pool_size: Option<u32>,
 }
 
 impl From<TemplateBody> for TemplateInput {
@@ -49,6 +50,7 @@ impl From<TemplateBody> for TemplateInput {
             provider: b.provider,
             metadata: b.metadata.unwrap_or_default(),
             worker_labels: b.worker_labels.unwrap_or_default(),
+            pool_size: b.pool_size,
         }
     }
 }
