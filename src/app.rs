@@ -202,7 +202,7 @@ async fn build_providers(
     if !config.providers.native.helper_binary.as_os_str().is_empty() {
         native = native.with_helper_binary(config.providers.native.helper_binary.clone());
     }
-    let all: Vec<Arc<dyn Provider>> = vec![
+    let mut all: Vec<Arc<dyn Provider>> = vec![
         Arc::new(docker),
         Arc::new(native),
         Arc::new(ProotProvider::new(
@@ -211,6 +211,11 @@ async fn build_providers(
             config.providers.proot.binary.clone(),
         )),
     ];
+    if config.providers.memory.enabled {
+        all.push(Arc::new(crate::provider::memory::MemoryProvider::new(
+            config.providers.memory.max_sandboxes,
+        )));
+    }
     if let Some(unknown) = only
         .iter()
         .find(|name| !all.iter().any(|p| p.name() == name.as_str()))

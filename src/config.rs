@@ -266,6 +266,29 @@ pub struct ProvidersConfig {
     pub docker: DockerConfig,
     pub native: NativeConfig,
     pub proot: ProotConfig,
+    /// Records without runtimes, for benchmarks of the control plane.
+    pub memory: MemoryConfig,
+}
+
+/// `providers.memory`: a provider whose sandboxes are entries in a map and
+/// run nothing (exec and files answer "not supported"): the control plane
+/// measured alone (`stacyvm bench --scale`). Off unless enabled, never
+/// the default, and spawned on only when asked for by name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    pub enabled: bool,
+    /// The most such sandboxes at once.
+    pub max_sandboxes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            enabled: false,
+            max_sandboxes: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -559,6 +582,7 @@ impl Default for ProvidersConfig {
             docker: DockerConfig::default(),
             native: NativeConfig::default(),
             proot: ProotConfig::default(),
+            memory: MemoryConfig::default(),
         }
     }
 }

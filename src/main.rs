@@ -105,6 +105,14 @@ enum Command {
         /// Also write the figures as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Live records for the control-plane scale part (memory provider;
+        /// default 10000, 1000 with --quick; 0 skips it).
+        #[arg(long)]
+        scale: Option<usize>,
+        /// Idle GraphQL subscriptions held at once in the scale part
+        /// (default 1000, 200 with --quick).
+        #[arg(long)]
+        subscriptions: Option<usize>,
     },
     /// Manage API keys (only hashes are stored; a key is printed once).
     Keys {
@@ -320,12 +328,16 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
             image,
             rootfs,
             json,
+            scale,
+            subscriptions,
         } => {
             stacyvm::cli::bench::run(stacyvm::cli::bench::BenchOptions {
                 quick,
                 image,
                 rootfs,
                 json,
+                scale: scale.unwrap_or(if quick { 1000 } else { 10_000 }),
+                subscriptions: subscriptions.unwrap_or(if quick { 200 } else { 1000 }),
             })
             .await?;
         }

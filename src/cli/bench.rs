@@ -27,6 +27,8 @@ use serde_json::{Value, json};
 
 use super::CliError;
 
+mod scale;
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -38,6 +40,10 @@ pub struct BenchOptions {
     pub rootfs: Option<PathBuf>,
     /// Where to write the JSON figures.
     pub json: Option<PathBuf>,
+    /// Live records for the control-plane scale part (0 skips it).
+    pub scale: usize,
+    /// Idle GraphQL subscriptions held at once in the scale part.
+    pub subscriptions: usize,
 }
 
 /// Latency figures of one series, in milliseconds.
@@ -53,6 +59,18 @@ impl Latency {
     /// The exec targets: p50 at most `p50_ms`, p99 at most 3x p50.
     fn meets(&self, p50_ms: f64) -> bool {
         self.p50_ms <= p50_ms && self.p99_ms <= 3.0 * self.p50_ms
+    }
+
+    /// Figures of samples already in milliseconds; `None` without any.
+    fn of_ms(samples: Vec<f64>) -> Option<Latency> {
+        (!samples.is_empty()).then(|| {
+            Latency::of(
+                samples
+                    .into_iter()
+                    .map(|m| Duration::from_secs_f64(m.max(0.0) / 1000.0))
+                    .collect(),
+            )
+        })
     }
 
     fn of(mut samples: Vec<Duration>) -> Latency {
@@ -161,6 +179,21 @@ struct Server {
 
 impl Server {
     async fn start(name: &str, config: &str, setup: &[Vec<String>]) -> Result<Server, CliError> {
+        Self::start_with(name, config, setup, "warn").await
+    }
+
+    /// A server without setup steps, logging at `rust_log` into its
+    /// `server.log`.
+    async fn start_logging(name: &str, config: &str, rust_log: &str) -> Result<Server, CliError> {
+        Self::start_with(name, config, &[], rust_log).await
+    }
+
+    async fn start_with(
+        name: &str,
+        config: &str,
+        setup: &[Vec<String>],
+        rust_log: &str,
+    ) -> Result<Server, CliError> {
         let exe = std::env::current_exe().map_err(|e| CliError::Other(e.to_string()))?;
         let tmp = tempfile::Builder::new()
             .prefix(&format!("stacyvm-bench-{name}-"))
@@ -200,7 +233,7 @@ impl Server {
             .arg("serve")
             .arg("--port")
             .arg(port.to_string())
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(
                 std::fs::File::create(dir.join("server.log"))
@@ -316,11 +349,61 @@ impl Server {
 
     /// The server's peak resident set so far, in KiB.
     fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    /// The server's resident set now, in KiB.
+    fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// The times (ms) of the reconcile passes the server logged over at
+    /// least `records` records (its log at debug for the reconciler).
+    fn reconcile_passes(&self, records: usize) -> Vec<f64> {
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        let field = |line: &str, name: &str| -> Option<u64> {
+            let rest = line.split(&format!("{name}=")).nth(1)?;
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        };
+        log.lines()
+            .filter(|l| l.contains("reconcile pass"))
+            .filter_map(|l| Some((field(l, "records")?, field(l, "took_us")?)))
+            .filter(|(n, _)| *n as usize >= records)
+            .map(|(_, us)| us as f64 / 1000.0)
+            .collect()
+    }
+
+    /// A GraphQL query over HTTP; an answer with errors is an error.
+    async fn post_graphql(&self, query: &str, variables: Value) -> Result<Value, CliError> {
+        let resp = self
+            .http
+            .post(format!("{}/graphql", self.url))
+            .json(&json!({"query": query, "variables": variables}))
+            .send()
+            .await
+            .map_err(|e| CliError::Other(format!("POST /graphql: {e}")))?;
+        let value = answer(resp).await?;
+        if value.get("errors").is_some() {
+            return Err(CliError::Other(format!("GraphQL answered {value}")));
+        }
+        Ok(value)
+    }
+
+    /// Kills the server at once (SIGKILL): for a run whose sandboxes hold
+    /// nothing outside the data directory.
+    async fn kill(mut self) {
+        crate::provider::best_effort_quiet("killing the bench server", self.child.kill().await);
     }
 
     async fn stop(mut self) {
@@ -660,6 +743,9 @@ pub async fn run(options: BenchOptions) -> Result<Report, CliError> {
         Some(rootfs) => native_part(&mut report, rootfs, n_exec).await?,
         None => report.skipped.push("native: no --rootfs given".into()),
     }
+    if options.scale > 0 {
+        scale::scale_part(&mut report, options.scale, options.subscriptions, load_time).await?;
+    }
     let markdown = report.markdown();
     println!("{markdown}");
     if let Some(path) = &options.json {
@@ -961,6 +1047,93 @@ fn direct_exec_available() -> Result<(), String> {
     crate::provider::agent::find_binary(Path::new("")).map(drop)
 }
 
+/// Spawns `n` idle native sandboxes and counts what they hold on the host:
+/// the server's resident growth, and the proportional set size of every
+/// process kept for them (their `__native-init` keepers and what runs
+/// inside). Returns (n, server bytes, process bytes, processes per sandbox).
+async fn idle_native_memory(
+    server: &Server,
+    image: &str,
+    n: usize,
+) -> Result<(usize, f64, f64, usize), CliError> {
+    let before = server.rss_kib().unwrap_or(0);
+    let mut ids = Vec::new();
+    let spawned = async {
+        for _ in 0..n {
+            ids.push(
+                server
+                    .spawn(&json!({"image": image, "provider": "native"}))
+                    .await?,
+            );
+        }
+        Ok::<_, CliError>(())
+    }
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = server.rss_kib().unwrap_or(0);
+    let mut pss_kib = 0;
+    let mut processes = 0;
+    for root in keeper_roots(&ids) {
+        for pid in stacyvm_agent::process_tree(root) {
+            processes += 1;
+            pss_kib += std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("Pss:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+        }
+    }
+    for id in &ids {
+        server.destroy(id).await;
+    }
+    spawned?;
+    if processes == 0 {
+        return Err(CliError::Other(
+            "no process of the sandboxes was found".into(),
+        ));
+    }
+    Ok((
+        n,
+        after.saturating_sub(before) as f64 * 1024.0,
+        pss_kib as f64 * 1024.0,
+        processes / n,
+    ))
+}
+
+/// The outermost `__native-init` process of each sandbox in `ids`: the
+/// one whose parent is not itself a keeper of the sandbox.
+fn keeper_roots(ids: &[String]) -> Vec<i32> {
+    let sandbox_of = |pid: i32| -> Option<String> {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let at = args.iter().position(|a| *a == b"__native-init")?;
+        let id = String::from_utf8_lossy(args.get(at + 1)?).into_owned();
+        ids.contains(&id).then_some(id)
+    };
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            sandbox_of(*pid).is_some() && parent(*pid).is_none_or(|p| sandbox_of(p).is_none())
+        })
+        .collect()
+}
+
 async fn native_part(report: &mut Report, rootfs: &Path, n_exec: usize) -> Result<(), CliError> {
     let image = "bench:rootfs";
     let server = Server::start(
@@ -996,9 +1169,34 @@ async fn native_part(report: &mut Report, rootfs: &Path, n_exec: usize) -> Resul
         Ok::<_, CliError>((Latency::of(ours), Latency::of(forks)))
     }
     .await;
+    let idle = idle_native_memory(&server, image, if n_exec > 100 { 50 } else { 10 }).await;
     server.destroy(&sandbox).await;
     server.stop().await;
     let (latency, floor) = measured?;
+    match idle {
+        Ok((n, server_bytes, processes_bytes, processes)) => {
+            let whole = (server_bytes + processes_bytes) / n as f64;
+            report.row(
+                &format!(
+                    "host memory per idle native sandbox ({n} sandboxes: server share + PSS of its {processes} processes)"
+                ),
+                format!(
+                    "{:.0} KB ({:.0} KB server, {:.0} KB processes)",
+                    whole / 1000.0,
+                    server_bytes / n as f64 / 1000.0,
+                    processes_bytes / n as f64 / 1000.0
+                ),
+                String::new(),
+                None,
+                "<= 256 KB",
+                Some(whole <= 256_000.0),
+            );
+            report
+                .figures
+                .insert("native_idle_bytes_per_sandbox".into(), json!(whole));
+        }
+        Err(e) => report.skipped.push(format!("native idle memory: {e}")),
+    }
     let what = match direct_exec_available() {
         Ok(()) => "exec round trip, native (REST, through the agent)".to_string(),
         Err(why) => format!("exec round trip, native (REST; NOT the direct path: {why})"),

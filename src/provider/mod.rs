@@ -10,6 +10,7 @@ pub mod agent;
 pub mod docker;
 pub mod hostfs;
 pub mod image_store;
+pub mod memory;
 pub mod native;
 pub mod proot;
 

@@ -190,10 +190,18 @@ impl Service {
     /// One worker's pass, with its report logged and what the reconciler
     /// remembers of that worker's sandboxes brought up to date.
     async fn reconcile_one(&self, worker: &dyn Worker, startup: bool) -> Result<ReconcileReport> {
+        let started = std::time::Instant::now();
         let mut report = ReconcileReport::default();
         let mut live = std::collections::HashSet::new();
         self.reconcile_worker(worker, startup, &mut report, &mut live)
             .await?;
+        // `stacyvm bench --scale` reads this line.
+        tracing::debug!(
+            worker = worker.id(),
+            records = live.len(),
+            took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "reconcile pass"
+        );
         // Forget sandboxes of this worker that are no longer live.
         self.inner.reconcile.with(|m| {
             let before = m

@@ -75,14 +75,19 @@ async fn worker_heartbeat(
     Ok(Json(json!({ "status": "ok" })))
 }
 
-/// Warm pools. `vms` and `max_vms` are the original server's names for
-/// what is warm now and the cap; pool mode (users sharing one sandbox)
-/// does not exist here.
+/// Warm pools: `{"enabled": false}` when the caller sees none (as the
+/// original server answers), else the pools with `vms` and `max_vms`, the
+/// original's names for what is warm now and the cap. Pool mode (users
+/// sharing one sandbox) does not exist here.
 async fn pool_status(
     State(service): State<Service>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     let status = service.pool_status(&caller).await?;
+    // The original server's answer when there is no pool.
+    if !status.enabled {
+        return Ok(Json(json!({ "enabled": false })));
+    }
     let mut answer = serde_json::to_value(&status).map_err(|e| {
         ApiError::from(crate::service::Error::internal(format!("pool status: {e}")))
     })?;
