@@ -57,6 +57,40 @@ stop_server() {
     fi
 }
 
+# In-process test servers end with their test, without a shutdown: the
+# native sandboxes they leave (as a crashed server would, for the next
+# start to adopt) go after the tests rather than weigh on later stages.
+# Only those of this run's data dirs under $1: a keeper's stderr is its
+# sandbox's log there; its children (hakoniwa's supervisor, PID 1) go
+# with it, then the disks mounted under $1.
+sweep_native_leftovers() {
+    local tmp="$1" pid child pids=""
+    for pid in $(pgrep -f "__native-init" || true); do
+        case "$(readlink "/proc/$pid/fd/2" 2>/dev/null)" in
+            "$tmp"/*)
+                pids="$pids $pid"
+                for child in $(pgrep -P "$pid" || true); do
+                    pids="$pids $child $(pgrep -P "$child" | tr '\n' ' ')"
+                done
+                ;;
+        esac
+    done
+    if [ -n "${pids// /}" ]; then
+        echo "removing $(echo $pids | wc -w) processes of native sandboxes left by in-process tests"
+        kill -9 $pids 2>/dev/null || true
+    fi
+    awk -v p="$tmp/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r |
+        xargs -r umount -l || true
+    rm -rf "$tmp" 2>/dev/null || true
+    # Containers of the provider tests (instance `in-test-...`) that
+    # ended before their cleanup.
+    if command -v docker >/dev/null 2>&1; then
+        docker ps -a --filter label=io.stacyvm.managed=true \
+            --format '{{.ID}} {{.Label "io.stacyvm.instance"}}' 2>/dev/null |
+            awk '$2 ~ /^in-test-/ {print $1}' | xargs -r docker rm -f >/dev/null 2>&1 || true
+    fi
+}
+
 on_exit() {
     local rc=$?
     stop_server
@@ -122,19 +156,14 @@ fi
 if [ "${STACYVM_TEST_SKIP_CARGO_TEST:-0}" != 1 ]; then
     section "cargo test --workspace"
     rc=0
-    cargo test --workspace || rc=$?
+    # The in-process test servers' data dirs go under a directory of this
+    # run only, so that what they leave can be told from anything else's.
+    TEST_TMP=$(mktemp -d /tmp/t.XXXX)
+    # Searchable, as /tmp is: native sandboxes run as unprivileged ids.
+    chmod 711 "$TEST_TMP"
+    TMPDIR="$TEST_TMP" cargo test --workspace || rc=$?
     record "cargo test --workspace" "$rc"
-    # In-process test servers end with their test, without a shutdown:
-    # the native sandboxes they leave (as a crashed server would, for the
-    # next start to adopt) go now rather than weigh on the later stages.
-    left=$(pgrep -f "^$TARGET_DIR/debug/stacyvm __native-init" || true)
-    if [ -n "$left" ]; then
-        echo "removing $(echo "$left" | wc -l) native sandbox processes left by in-process tests"
-        kill -9 $left 2>/dev/null || true
-    fi
-    # ... and their disks, mounted under the tests' temporary data dirs.
-    awk '$2 ~ "^/tmp/[.]tmp[^/]*/sandboxes/native/sb-[^/]*/(rootfs|hostfs)$" {print $2}' /proc/mounts |
-        xargs -r umount -l || true
+    sweep_native_leftovers "$TEST_TMP"
 fi
 
 section "cargo fmt --check && cargo clippy"

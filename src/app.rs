@@ -599,8 +599,13 @@ impl App {
             }
         };
         self.shutdown.cancel();
-        // Nobody refills the pools once the leader stops: it drains them all.
-        let led = service.is_leader();
+        // The last replica standing drains every pool (nobody would claim
+        // or refill them); otherwise the next leader keeps them.
+        let last = service.is_leader()
+            && !service.other_replicas_alive().await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot tell whether other replicas are alive");
+                false
+            });
         // Background work stopped here: hand leadership over at once.
         service.step_down();
         for task in self.tasks {
@@ -608,7 +613,7 @@ impl App {
                 tracing::warn!(error = %e, "background task ended abnormally");
             }
         }
-        match service.drain_pools(led).await {
+        match service.drain_pools(last).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(destroyed = n, "warm pools drained"),
             Err(e) => tracing::warn!(error = %e, "draining the warm pools failed"),

@@ -95,6 +95,10 @@ impl Service {
         reason: Option<String>,
         audit: DestroyAudit<'_>,
     ) -> Result<()> {
+        // A warm sandbox was nobody's: nothing of it enters the trail.
+        if model.pool_key.is_some() {
+            return self.destroy_record_unaudited(model, reason).await;
+        }
         let id = model.id.clone();
         let outcome = self.destroy_record_unaudited(model, reason.clone()).await;
         let (verdict, detail) = match &outcome {
@@ -124,6 +128,18 @@ impl Service {
                 model.state
             )));
         }
+        self.remove_runtime(model, reason).await
+    }
+
+    /// The rest of a destroy once the record is `destroying`: the runtime
+    /// goes, then the record is `destroyed` (or `error` with the reason,
+    /// for the reconciler to retry).
+    pub(super) async fn remove_runtime(
+        &self,
+        model: entity::sandbox::Model,
+        reason: Option<String>,
+    ) -> Result<()> {
+        let id = model.id.clone();
         // Without a recorded handle the worker removes whatever exists
         // under the sandbox id (the spawn failed, or the server died
         // mid-spawn).

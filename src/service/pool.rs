@@ -45,6 +45,9 @@ const POOL_OWNER: &str = "system";
 const FILL_PARALLEL: usize = 4;
 /// The longest wait before a pool whose spawns fail is tried again.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Pools whose hits and misses are counted at once (recipes asked of a
+/// pool vary: each is a key until a pass forgets the ones not kept).
+const MAX_COUNTED: usize = 256;
 
 /// Which pool may serve a spawn.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -130,6 +133,9 @@ pub(super) struct PoolState {
 impl PoolState {
     fn count(&self, key: &str, hit: bool) {
         let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if counters.len() >= MAX_COUNTED && !counters.contains_key(key) {
+            return;
+        }
         let c = counters.entry(key.to_string()).or_default();
         if hit {
             c.hits += 1;
@@ -229,6 +235,11 @@ impl Service {
         let Some(of) = &plan.pool else {
             return Ok(None);
         };
+        // Spawns waiting for capacity keep their turn: a claim would take
+        // the slot freed for the first of them.
+        if self.inner.spawn_queue.waiting() > 0 {
+            return Ok(None);
+        }
         let recipe = Recipe {
             image: plan.image.clone(),
             provider: plan.provider.clone(),
@@ -251,11 +262,22 @@ impl Service {
                     .map_err(|_| super::Error::BadRequest("ttl too large".into()))?,
             idempotency_key: plan.idempotency_key.clone(),
         };
+        // Where a fresh spawn could be placed: fresh, schedulable workers.
+        let workers: Vec<String> = self
+            .scheduler()
+            .workers()
+            .iter()
+            .filter(|w| {
+                self.scheduler().is_fresh(w.as_ref())
+                    && self.scheduler().admin_state(w.id()).schedulable()
+            })
+            .map(|w| w.id().to_string())
+            .collect();
         let limits = self.limits_for(plan).await?;
         let claimed = {
             let _guard = self.inner.admission.lock().await;
             self.store()
-                .claim_pooled(&key, &claim, |counts| {
+                .claim_pooled(&key, &claim, &workers, |counts| {
                     let decision = self.decide(plan, Placed::Yes, &limits, counts);
                     if decision.allowed { Ok(()) } else { Err(()) }
                 })
@@ -347,6 +369,8 @@ impl Service {
                 .schedulable();
             let keep = match state {
                 Some(SandboxState::Creating) => true,
+                // The reconciler retries failed destroys, with backoff.
+                Some(SandboxState::Error) => continue,
                 Some(SandboxState::Running) => {
                     schedulable && record.expires_at > now && target.is_some_and(|t| counted < t)
                 }
@@ -414,6 +438,17 @@ impl Service {
             labels: &w.recipe.worker_labels,
         };
         let placement = self.scheduler().place(&ask)?;
+        // As a fresh spawn: docker pulls it here if it can.
+        if !placement
+            .worker
+            .image_available(&placement.provider, &w.recipe.image)
+            .await?
+        {
+            return Err(super::Error::BadRequest(format!(
+                "image {:?} is not available on provider {}",
+                w.recipe.image, placement.provider
+            )));
+        }
         let now = Utc::now();
         let record = entity::sandbox::Model {
             id: crate::ids::sandbox(),
@@ -456,16 +491,27 @@ impl Service {
     }
 
     /// Destroys warm sandboxes (unaudited: no caller ever had them), at
-    /// most `FILL_PARALLEL` at once. Returns how many went.
+    /// most `FILL_PARALLEL` at once, each only if no claim took it first.
+    /// Returns how many went.
     async fn let_go(&self, records: Vec<entity::sandbox::Model>) -> usize {
         futures::stream::iter(records)
             .map(|record| async move {
                 let id = record.id.clone();
-                match self.destroy_record_unaudited(record, None).await {
+                let key = record.pool_key.clone().unwrap_or_default();
+                let retired = match self.store().retire_pooled(&id, &key).await {
+                    Ok(Some(retired)) => retired,
+                    // Claimed (or moved) meanwhile: not the pool's any more.
+                    Ok(None) => return false,
+                    Err(e) => {
+                        tracing::warn!(sandbox = %id, error = %e, "retiring a warm sandbox failed");
+                        return false;
+                    }
+                };
+                match self.remove_runtime(retired, None).await {
                     Ok(()) => true,
                     Err(e) => {
-                        // Best effort: the record stays in `error`, and the
-                        // next pass (or the reconciler) tries again.
+                        // Best effort: the record is in `error` now, and the
+                        // reconciler retries its destroy with backoff.
                         tracing::warn!(sandbox = %id, error = %e, "warm sandbox destroy failed");
                         false
                     }
@@ -477,9 +523,9 @@ impl Service {
             .await
     }
 
-    /// Destroys the warm sandboxes at shutdown: all of them when this
-    /// replica led (nobody else refills them), else those of workers in
-    /// this process. Returns how many went.
+    /// Destroys the warm sandboxes at shutdown: all of them with `all` (the
+    /// last replica standing: nobody else would claim or refill them),
+    /// else those of workers in this process. Returns how many went.
     pub async fn drain_pools(&self, all: bool) -> Result<usize> {
         let here: Vec<String> = self
             .scheduler()
@@ -574,6 +620,14 @@ impl Service {
                 () = self.inner.pool.refill.notified() => {}
             }
             if !self.is_leader() {
+                // Followers count claims too: forget the pools not kept.
+                match self.wanted_pools().await {
+                    Ok(wanted) => {
+                        let keys: Vec<&str> = wanted.iter().map(|w| w.key.as_str()).collect();
+                        self.inner.pool.retain(&keys);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "reading the pools failed"),
+                }
                 continue;
             }
             match self.refill_pools().await {

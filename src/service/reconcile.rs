@@ -284,10 +284,9 @@ impl Service {
                 "leases expired and released"
             );
         }
-        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
         let leases: HashMap<String, entity::lease::Model> = self
             .store()
-            .leases_by_ids(&ids)
+            .leases_of_live_on(worker.id())
             .await?
             .into_iter()
             .map(|l| (l.sandbox_id.clone(), l))
@@ -472,7 +471,8 @@ impl Service {
                         }
                     }
                     report.running += 1;
-                    if startup {
+                    // A warm sandbox's trail starts with its claim.
+                    if startup && record.pool_key.is_none() {
                         self.audit_system(super::AuditAction::SandboxAdopt, &record.id, None)
                             .await;
                     }
@@ -716,7 +716,9 @@ impl Service {
                     .reconcile
                     .observe(&record.id, |o| o.retry_at = None);
             }
-            self.audit_system(action, &record.id, Some(reason)).await;
+            if record.pool_key.is_none() {
+                self.audit_system(action, &record.id, Some(reason)).await;
+            }
         }
         Ok(changed)
     }

@@ -157,10 +157,23 @@ impl Store {
 }
 
 impl Store {
-    /// The leases of these sandboxes, in one query.
-    pub async fn leases_by_ids(&self, ids: &[String]) -> StoreResult<Vec<lease::Model>> {
+    /// The leases of every live sandbox recorded on `worker_id`, in one
+    /// query whatever their number (no list of ids to bind).
+    pub async fn leases_of_live_on(&self, worker_id: &str) -> StoreResult<Vec<lease::Model>> {
+        use entity::sandbox;
+        use sea_orm::sea_query::Query;
+        let live: Vec<&str> = crate::lifecycle::SandboxState::LIVE
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        let ids = Query::select()
+            .column(sandbox::Column::Id)
+            .from(sandbox::Entity)
+            .and_where(sandbox::Column::WorkerId.eq(worker_id))
+            .and_where(sandbox::Column::State.is_in(live))
+            .to_owned();
         Ok(Entity::find()
-            .filter(Column::SandboxId.is_in(ids.iter().map(String::as_str)))
+            .filter(Column::SandboxId.in_subquery(ids))
             .all(self.conn())
             .await?)
     }

@@ -121,17 +121,36 @@ impl Store {
 
     /// Admits a spawn as [`Store::admit_sandbox`] does, but hands it a
     /// sandbox waiting in pool `pool_key` instead of inserting one: the
-    /// oldest `running` one is given the claim's owner, TTL, metadata and
-    /// key in one conditional UPDATE (a sandbox the reconciler or the
-    /// filler moved in between is skipped). `Ok(None)`: admitted, but the
-    /// pool is empty.
+    /// oldest `running` one, not past its age, on one of `workers`, is
+    /// given the claim's owner, TTL, metadata and key in one conditional
+    /// UPDATE (a sandbox the reconciler or the filler moved in between is
+    /// skipped). `Ok(None)`: the pool has none (then no admission was
+    /// opened), or each was taken meanwhile.
     pub async fn claim_pooled<E>(
         &self,
         pool_key: &str,
         claim: &PoolClaim,
+        workers: &[String],
         decide: impl FnOnce(LiveCounts) -> Result<(), E>,
     ) -> StoreResult<Result<Option<sandbox::Model>, E>> {
         use sea_orm::QuerySelect;
+        // Read before the admission: an empty pool costs one plain read,
+        // never the installation-wide lock. The UPDATE is conditional.
+        let candidates: Vec<String> = Entity::find()
+            .select_only()
+            .column(Column::Id)
+            .filter(Column::PoolKey.eq(pool_key))
+            .filter(Column::State.eq(SandboxState::Running.as_str()))
+            .filter(Column::ExpiresAt.gt(claim.created_at))
+            .filter(Column::WorkerId.is_in(workers.iter().map(String::as_str)))
+            .order_by_asc(Column::CreatedAt)
+            .limit(4)
+            .into_tuple()
+            .all(self.conn())
+            .await?;
+        if candidates.is_empty() {
+            return Ok(Ok(None));
+        }
         let (txn, counts) = self
             .begin_admission((&claim.tenant_id, &claim.owner_id))
             .await?;
@@ -139,22 +158,6 @@ impl Store {
             txn.rollback().await?;
             return Ok(Err(refused));
         }
-        let candidates = Entity::find()
-            .select_only()
-            .column(Column::Id)
-            .filter(Column::PoolKey.eq(pool_key))
-            .filter(Column::State.eq(SandboxState::Running.as_str()))
-            .order_by_asc(Column::CreatedAt)
-            .limit(4)
-            .into_tuple::<String>();
-        // SQLite: read outside the transaction, as the counts are (a
-        // read that turns into a write there fails instead of waiting);
-        // every UPDATE below is conditional anyway.
-        let candidates = if self.is_shared() {
-            candidates.all(&txn).await?
-        } else {
-            candidates.all(self.conn()).await?
-        };
         for id in candidates {
             let claimed = Entity::update_many()
                 .col_expr(Column::TenantId, Expr::value(claim.tenant_id.as_str()))
@@ -170,6 +173,8 @@ impl Store {
                 )
                 .col_expr(Column::ReplicaId, Expr::value(self.replica()))
                 .col_expr(Column::PoolKey, Expr::value(Option::<String>::None))
+                // What the pool's life left (a recovered health check).
+                .col_expr(Column::StateReason, Expr::value(Option::<String>::None))
                 .filter(Column::Id.eq(id.as_str()))
                 .filter(Column::PoolKey.eq(pool_key))
                 .filter(Column::State.eq(SandboxState::Running.as_str()))
@@ -191,6 +196,36 @@ impl Store {
         }
         txn.rollback().await?;
         Ok(Ok(None))
+    }
+
+    /// Moves a warm sandbox of pool `pool_key` to `destroying`, unless a
+    /// claim took it first (then `None`): the pool never destroys what
+    /// became a caller's.
+    pub async fn retire_pooled(
+        &self,
+        id: &str,
+        pool_key: &str,
+    ) -> StoreResult<Option<sandbox::Model>> {
+        let from: Vec<&str> = SandboxState::predecessors(SandboxState::Destroying)
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        let done = Entity::update_many()
+            .col_expr(
+                Column::State,
+                Expr::value(SandboxState::Destroying.as_str()),
+            )
+            .col_expr(Column::UpdatedAt, Expr::value(Utc::now()))
+            .col_expr(Column::ReplicaId, Expr::value(self.replica()))
+            .filter(Column::Id.eq(id))
+            .filter(Column::PoolKey.eq(pool_key))
+            .filter(Column::State.is_in(from))
+            .exec(self.conn())
+            .await?;
+        if done.rows_affected == 0 {
+            return Ok(None);
+        }
+        self.get_sandbox(id).await
     }
 
     /// Sandboxes waiting in warm pools (any state but destroyed), oldest first.

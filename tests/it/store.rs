@@ -791,16 +791,28 @@ async fn warm_pools_claim_each_sandbox_once(store: &Store) {
         expires_at: Utc::now() + Duration::minutes(7),
         idempotency_key: idem.map(str::to_string),
     };
+    let workers = vec!["wk-test".to_string()];
+    // Only where a fresh spawn could go: none on another worker.
+    let elsewhere = store
+        .claim_pooled(
+            &key,
+            &claim("carol", None),
+            &["wk-other".to_string()],
+            |_| Ok::<(), ()>(()),
+        )
+        .await
+        .expect("claim");
+    assert_eq!(elsewhere.map(|m| m.map(|m| m.id)), Ok(None));
     // A refusal leaves the pool untouched.
     let refused = store
-        .claim_pooled(&key, &claim("carol", None), |_| Err("over quota"))
+        .claim_pooled(&key, &claim("carol", None), &workers, |_| Err("over quota"))
         .await
         .expect("claim");
     assert_eq!(refused.map(|m| m.map(|m| m.id)), Err("over quota"));
     // Four claims for three running ones: each gets its own, one gets none
     // (at once where the store takes concurrent writers).
     let c = claim("carol", None);
-    let one = || store.claim_pooled(&key, &c, |_| Ok::<(), ()>(()));
+    let one = || store.claim_pooled(&key, &c, &workers, |_| Ok::<(), ()>(()));
     let outcomes = if store.is_shared() {
         let (a, b, c2, d) = tokio::join!(one(), one(), one(), one());
         vec![a, b, c2, d]
@@ -859,6 +871,7 @@ async fn warm_pools_claim_each_sandbox_once(store: &Store) {
         .claim_pooled(
             &other,
             &claim("dave", Some(&format!("retry-{tag}"))),
+            &workers,
             |_| Ok::<(), ()>(()),
         )
         .await;
@@ -874,6 +887,38 @@ async fn warm_pools_claim_each_sandbox_once(store: &Store) {
         still.contains(&warm[4]),
         "a failed claim keeps the sandbox warm"
     );
+    // The pool retires only what is still its own: a claimed one is not.
+    assert!(
+        store
+            .retire_pooled(&warm[0], &key)
+            .await
+            .expect("retire")
+            .is_none()
+    );
+    let retired = store
+        .retire_pooled(&warm[4], &other)
+        .await
+        .expect("retire")
+        .expect("still warm");
+    assert_eq!(retired.state, "destroying");
+    // Past its age, a warm sandbox is never handed out.
+    let mut aged = sandbox(
+        &format!("sb-a{}", &tag[..7]),
+        "system",
+        SandboxState::Running,
+    );
+    aged.tenant_id = "system".into();
+    aged.pool_key = Some(other.clone());
+    aged.expires_at = Utc::now() - Duration::seconds(1);
+    store
+        .insert_sandbox(aged, lease_until)
+        .await
+        .expect("insert");
+    let none = store
+        .claim_pooled(&other, &claim("erin", None), &workers, |_| Ok::<(), ()>(()))
+        .await
+        .expect("claim");
+    assert_eq!(none.map(|m| m.map(|m| m.id)), Ok(None));
 }
 
 /// Runs every case on one store, in order (they use distinct ids).

@@ -112,6 +112,12 @@ enum Ending {
     InitTimeout,
 }
 
+/// What a WebSocket reads from its TCP stream at once.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// The most a WebSocket buffers for a client that does not read (writes
+/// past it fail and the session ends).
+const WS_MAX_WRITE_BUFFER: usize = 1024 * 1024;
+
 pub async fn upgrade(
     State(state): State<GraphqlState>,
     caller: Option<axum::Extension<Caller>>,
@@ -142,6 +148,13 @@ pub async fn upgrade(
     upgrade
         .protocols(ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(MAX_WS_MESSAGE_BYTES)
+        // tungstenite reserves 128 KiB each way by default: most of what
+        // an idle subscription held. Messages in are small (a 64 KiB cap);
+        // what goes out is written as it comes, and a client that stops
+        // reading holds at most `WS_MAX_WRITE_BUFFER` here.
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             // Shutdown waits for this session's goodbye.
             let _open = state.service.stream_guard();
