@@ -33,6 +33,20 @@ impl Service {
         Ok(())
     }
 
+    /// Renews the leases of a worker in this process (alive while this
+    /// runs): only those with less than half their period left, so that a
+    /// reconcile pass rewrites them once per half period, not each pass.
+    pub(super) async fn renew_leases_in_process(&self, worker_id: &str) -> Result<()> {
+        let half = self.config().lifecycle.worker_lost_after.0 / 2;
+        let until = self.lease_until();
+        let stale_before =
+            until - chrono::Duration::from_std(half).unwrap_or(chrono::TimeDelta::zero());
+        self.store()
+            .renew_leases_before(worker_id, until, stale_before)
+            .await?;
+        Ok(())
+    }
+
     /// The runtime of a sandbox for destroying it: at its lease's
     /// generation while its worker holds it, else at the generation of a
     /// lease reclaimed just now, which fences off whoever held it before.

@@ -29,7 +29,7 @@ use super::{Result, Service};
 use crate::auth::Caller;
 use crate::lifecycle::SandboxState;
 use crate::provider::{InventoryItem, RuntimeStatus};
-use crate::store::SandboxFilter;
+use crate::store::ReconcileRow;
 use crate::worker::{RuntimeRef, Worker};
 
 /// First wait before retrying a failed destroy; doubles up to [`MAX_BACKOFF`].
@@ -49,7 +49,6 @@ const MAX_RELEASES_PER_PASS: u64 = 1000;
 struct ProviderPass<'a> {
     worker: &'a dyn Worker,
     provider: &'a str,
-    leases: &'a HashMap<String, entity::lease::Model>,
     startup: bool,
 }
 
@@ -256,22 +255,9 @@ impl Service {
         report: &mut ReconcileReport,
         live: &mut std::collections::HashSet<String>,
     ) -> Result<()> {
-        let records = self
-            .store()
-            .list_sandboxes(&SandboxFilter {
-                tenant_id: None,
-                owner_id: None,
-                states: Some(SandboxState::LIVE.to_vec()),
-                worker_id: Some(worker.id().to_string()),
-                // Warm sandboxes are runtimes like any other.
-                with_pooled: true,
-            })
-            .await?;
-        live.extend(records.iter().map(|r| r.id.clone()));
-        self.scheduler().set_load(worker.id(), records.len());
         // A worker in this process is alive while this runs.
         if worker.in_process() {
-            self.renew_leases(worker.id()).await?;
+            self.renew_leases_in_process(worker.id()).await?;
         }
         let expired = self
             .store()
@@ -284,21 +270,19 @@ impl Service {
                 "leases expired and released"
             );
         }
-        let leases: HashMap<String, entity::lease::Model> = self
-            .store()
-            .leases_of_live_on(worker.id())
-            .await?
-            .into_iter()
-            .map(|l| (l.sandbox_id.clone(), l))
-            .collect();
+        // Every live record with its lease, in one read (warm sandboxes
+        // are runtimes like any other), after the releases above.
+        let records = self.store().reconcile_rows(worker.id()).await?;
+        live.extend(records.iter().map(|r| r.id.clone()));
+        self.scheduler().set_load(worker.id(), records.len());
         // A lease that was let go (expired while the worker was silent)
         // means the sandbox is lost, even if its worker answers again.
         let lost: std::collections::HashSet<&str> = records
             .iter()
             .filter(|r| {
-                leases
-                    .get(&r.id)
-                    .is_some_and(|l| l.released_at.is_some() || l.worker_id != r.worker_id)
+                r.lease_generation.is_some()
+                    && (r.lease_released_at.is_some()
+                        || r.lease_worker_id.as_deref() != Some(worker.id()))
             })
             .map(|r| r.id.as_str())
             .collect();
@@ -382,7 +366,6 @@ impl Service {
                     let pass = ProviderPass {
                         worker,
                         provider: &provider.name,
-                        leases: &leases,
                         startup,
                     };
                     self.reconcile_provider(&pass, mine, items, report).await?;
@@ -434,14 +417,13 @@ impl Service {
     async fn reconcile_provider(
         &self,
         pass: &ProviderPass<'_>,
-        records: Vec<entity::sandbox::Model>,
+        records: Vec<ReconcileRow>,
         inventory: Vec<InventoryItem>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
         let ProviderPass {
             worker,
             provider,
-            leases,
             startup,
         } = *pass;
         let mut by_sandbox: HashMap<String, InventoryItem> = inventory
@@ -454,7 +436,10 @@ impl Service {
             let state = record.state.parse::<SandboxState>().ok();
             match state {
                 Some(SandboxState::Running | SandboxState::Unhealthy) => {
-                    let lease = lease_generation(leases.get(&record.id));
+                    let lease = record
+                        .lease_generation
+                        .and_then(|g| u64::try_from(g).ok())
+                        .unwrap_or(0);
                     let verdict = self.observe(worker, provider, &record, item, lease).await;
                     match verdict {
                         Verdict::Nothing => {}
@@ -478,19 +463,23 @@ impl Service {
                     }
                 }
                 Some(SandboxState::Error) => {
-                    let destroyed = self.retry_destroy(record).await?;
+                    let destroyed = self.retry_destroy(&record).await?;
                     report.destroyed += usize::from(destroyed);
                 }
                 Some(SandboxState::Expired)
                     if startup || now - record.updated_at > EXPIRED_STUCK_AFTER =>
                 {
-                    let reason = record.state_reason.clone();
-                    let id = record.id.clone();
+                    // Acting: the whole record, as it is now.
+                    let Some(full) = self.store().get_sandbox(&record.id).await? else {
+                        continue;
+                    };
+                    let reason = full.state_reason.clone();
+                    let id = full.id.clone();
                     let audit = super::lifecycle::DestroyAudit {
                         caller: &Caller::system(),
                         action: super::AuditAction::SandboxExpire,
                     };
-                    match self.destroy_record(record, reason, audit).await {
+                    match self.destroy_record(full, reason, audit).await {
                         Ok(()) => report.destroyed += 1,
                         Err(e) => {
                             tracing::warn!(sandbox = %id, error = %e, "destroy of an expired sandbox failed")
@@ -588,7 +577,7 @@ impl Service {
         &self,
         worker: &dyn Worker,
         provider: &str,
-        record: &entity::sandbox::Model,
+        record: &ReconcileRow,
         item: Option<InventoryItem>,
         lease: u64,
     ) -> Verdict {
@@ -657,7 +646,7 @@ impl Service {
 
     /// Counts an observation that could not be made; after
     /// `unhealthy_after` in a row the verdict is `unhealthy` with `why`.
-    fn failed_observation(&self, record: &entity::sandbox::Model, why: String) -> Verdict {
+    fn failed_observation(&self, record: &ReconcileRow, why: String) -> Verdict {
         let obs = self.inner.reconcile.observe(&record.id, |o| {
             o.failures += 1;
             o.successes = 0;
@@ -671,7 +660,7 @@ impl Service {
 
     /// Applies a verdict with a conditional transition from the states it
     /// was made in. Returns whether the record changed.
-    async fn apply(&self, record: &entity::sandbox::Model, verdict: Verdict) -> Result<bool> {
+    async fn apply(&self, record: &ReconcileRow, verdict: Verdict) -> Result<bool> {
         use SandboxState::{Error, Running, Unhealthy};
         let (from, to, reason, action): (&[SandboxState], _, _, _) = match verdict {
             Verdict::Nothing => return Ok(false),
@@ -725,7 +714,7 @@ impl Service {
 
     /// Destroys a sandbox in `error` when its backoff allows. Returns
     /// whether it is now destroyed.
-    async fn retry_destroy(&self, record: entity::sandbox::Model) -> Result<bool> {
+    async fn retry_destroy(&self, record: &ReconcileRow) -> Result<bool> {
         let memory = &self.inner.reconcile;
         let now = Instant::now();
         let due = memory.with(|m| {
@@ -738,12 +727,16 @@ impl Service {
             return Ok(false);
         }
         let id = record.id.clone();
-        let reason = record.state_reason.clone();
+        // Acting: the whole record, as it is now.
+        let Some(full) = self.store().get_sandbox(&id).await? else {
+            return Ok(false);
+        };
+        let reason = full.state_reason.clone();
         let audit = super::lifecycle::DestroyAudit {
             caller: &Caller::system(),
             action: super::AuditAction::SandboxDestroy,
         };
-        match self.destroy_record(record, reason, audit).await {
+        match self.destroy_record(full, reason, audit).await {
             Ok(()) => {
                 memory.forget(&id);
                 Ok(true)
@@ -775,7 +768,7 @@ impl Service {
     }
 }
 
-fn is_usable(record: &entity::sandbox::Model) -> bool {
+fn is_usable(record: &ReconcileRow) -> bool {
     SandboxState::USABLE
         .iter()
         .any(|s| s.as_str() == record.state)

@@ -41,6 +41,24 @@ impl Store {
         Ok(renewed.rows_affected)
     }
 
+    /// Pushes `worker_id`'s unreleased leases that expire before
+    /// `stale_before` to `until` (those renewed lately stay as they are).
+    pub async fn renew_leases_before(
+        &self,
+        worker_id: &str,
+        until: DateTime<Utc>,
+        stale_before: DateTime<Utc>,
+    ) -> StoreResult<u64> {
+        let renewed = Entity::update_many()
+            .col_expr(Column::ExpiresAt, Expr::value(until))
+            .filter(Column::WorkerId.eq(worker_id))
+            .filter(Column::ReleasedAt.is_null())
+            .filter(Column::ExpiresAt.lt(stale_before))
+            .exec(self.conn())
+            .await?;
+        Ok(renewed.rows_affected)
+    }
+
     /// Pushes every unreleased lease to at least `until`: a control plane
     /// that was down heard no heartbeats, which says nothing about the
     /// workers, so each gets a full period to be heard from again.
@@ -153,28 +171,5 @@ impl Store {
             .ok_or_else(|| super::StoreError::Corrupt(format!("lease of {sandbox_id} vanished")))?;
         txn.commit().await?;
         Ok(lease)
-    }
-}
-
-impl Store {
-    /// The leases of every live sandbox recorded on `worker_id`, in one
-    /// query whatever their number (no list of ids to bind).
-    pub async fn leases_of_live_on(&self, worker_id: &str) -> StoreResult<Vec<lease::Model>> {
-        use entity::sandbox;
-        use sea_orm::sea_query::Query;
-        let live: Vec<&str> = crate::lifecycle::SandboxState::LIVE
-            .iter()
-            .map(|s| s.as_str())
-            .collect();
-        let ids = Query::select()
-            .column(sandbox::Column::Id)
-            .from(sandbox::Entity)
-            .and_where(sandbox::Column::WorkerId.eq(worker_id))
-            .and_where(sandbox::Column::State.is_in(live))
-            .to_owned();
-        Ok(Entity::find()
-            .filter(Column::SandboxId.in_subquery(ids))
-            .all(self.conn())
-            .await?)
     }
 }

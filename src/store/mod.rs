@@ -19,7 +19,7 @@ mod workers;
 pub use audit::{AuditFilter, NewAuditEvent};
 pub use executions::ExecutionFinish;
 pub use owners::{OwnerQuota, OwnerScope, QuotaSummary, overrides_quota};
-pub use sandboxes::{LiveCounts, PageCursor, PoolClaim, SandboxFilter, SandboxQuery};
+pub use sandboxes::{LiveCounts, PageCursor, PoolClaim, ReconcileRow, SandboxFilter, SandboxQuery};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -52,6 +52,25 @@ fn names(states: &[SandboxState]) -> Vec<&'static str> {
     states.iter().map(|s| s.as_str()).collect()
 }
 
+/// What the reconciler reads of one live record (and its lease), without
+/// the columns it never looks at: a pass reads every live record of a
+/// worker, so each column decoded costs as many times.
+#[derive(Debug, Clone, sea_orm::FromQueryResult)]
+pub struct ReconcileRow {
+    pub id: String,
+    pub state: String,
+    pub state_reason: Option<String>,
+    pub provider: String,
+    pub runtime_id: Option<String>,
+    pub updated_at: DateTime<Utc>,
+    pub pool_key: Option<String>,
+    /// The lease's generation; `None` without a lease (a record from
+    /// before leases).
+    pub lease_generation: Option<i64>,
+    pub lease_worker_id: Option<String>,
+    pub lease_released_at: Option<DateTime<Utc>>,
+}
+
 /// What a spawn that claims a warm sandbox writes on it.
 #[derive(Debug, Clone)]
 pub struct PoolClaim {
@@ -198,6 +217,51 @@ impl Store {
         Ok(Ok(None))
     }
 
+    /// Every live record on `worker_id` with its lease, in one query,
+    /// oldest first: what a reconcile pass compares with the inventories.
+    pub async fn reconcile_rows(&self, worker_id: &str) -> StoreResult<Vec<ReconcileRow>> {
+        use entity::lease;
+        use sea_orm::FromQueryResult;
+        use sea_orm::sea_query::{Alias, ExprTrait, Query};
+        let s = |c: Column| (Entity, c);
+        let l = |c: lease::Column| (lease::Entity, c);
+        let query = Query::select()
+            .columns([
+                s(Column::Id),
+                s(Column::State),
+                s(Column::StateReason),
+                s(Column::Provider),
+                s(Column::RuntimeId),
+                s(Column::UpdatedAt),
+                s(Column::PoolKey),
+            ])
+            .expr_as(
+                Expr::col(l(lease::Column::Generation)),
+                Alias::new("lease_generation"),
+            )
+            .expr_as(
+                Expr::col(l(lease::Column::WorkerId)),
+                Alias::new("lease_worker_id"),
+            )
+            .expr_as(
+                Expr::col(l(lease::Column::ReleasedAt)),
+                Alias::new("lease_released_at"),
+            )
+            .from(Entity)
+            .left_join(
+                lease::Entity,
+                Expr::col(l(lease::Column::SandboxId)).equals(s(Column::Id)),
+            )
+            .and_where(Expr::col(s(Column::WorkerId)).eq(worker_id))
+            .and_where(Expr::col(s(Column::State)).is_in(names(&SandboxState::LIVE)))
+            .order_by(s(Column::CreatedAt), sea_orm::Order::Asc)
+            .to_owned();
+        let statement = self.conn().get_database_backend().build(&query);
+        Ok(ReconcileRow::find_by_statement(statement)
+            .all(self.conn())
+            .await?)
+    }
+
     /// Moves a warm sandbox of pool `pool_key` to `destroying`, unless a
     /// claim took it first (then `None`): the pool never destroys what
     /// became a caller's.
@@ -230,12 +294,15 @@ impl Store {
 
     /// Sandboxes waiting in warm pools (any state but destroyed), oldest first.
     pub async fn pooled_sandboxes(&self) -> StoreResult<Vec<sandbox::Model>> {
-        Ok(Entity::find()
+        // Sorted here: an ORDER BY could make SQLite walk the creation
+        // index over every record instead of the pool index over a few.
+        let mut pooled = Entity::find()
             .filter(Column::PoolKey.is_not_null())
             .filter(Column::State.ne(SandboxState::Destroyed.as_str()))
-            .order_by_asc(Column::CreatedAt)
             .all(self.conn())
-            .await?)
+            .await?;
+        pooled.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(pooled)
     }
 
     /// Opens an admission: a transaction (under the installation-wide
