@@ -13,6 +13,7 @@ mod m20261202_000005_template_worker_labels;
 mod m20261202_000006_replicas;
 mod m20261202_000007_template_owner_names;
 mod m20261203_000008_warm_pools;
+mod m20261203_000009_lease_expiry_index;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000006_replicas::Migration),
             Box::new(m20261202_000007_template_owner_names::Migration),
             Box::new(m20261203_000008_warm_pools::Migration),
+            Box::new(m20261203_000009_lease_expiry_index::Migration),
         ]
     }
 }

@@ -126,9 +126,17 @@ impl ReconcileMemory {
 
     fn observe(&self, id: &str, update: impl FnOnce(&mut Observation)) -> Observation {
         self.with(|m| {
-            let obs = m.sandboxes.entry(id.to_string()).or_default();
-            update(obs);
-            obs.clone()
+            // A key is allocated once per sandbox, not once per pass.
+            if !m.sandboxes.contains_key(id) {
+                m.sandboxes.insert(id.to_string(), Observation::default());
+            }
+            match m.sandboxes.get_mut(id) {
+                Some(obs) => {
+                    update(obs);
+                    obs.clone()
+                }
+                None => Observation::default(),
+            }
         })
     }
 
@@ -203,12 +211,18 @@ impl Service {
         );
         // Forget sandboxes of this worker that are no longer live.
         self.inner.reconcile.with(|m| {
-            let before = m
-                .live_by_worker
-                .insert(worker.id().to_string(), live.clone())
+            let MemoryInner {
+                sandboxes,
+                live_by_worker,
+                ..
+            } = m;
+            let before = live_by_worker
+                .insert(worker.id().to_string(), live)
                 .unwrap_or_default();
-            for gone in before.difference(&live) {
-                m.sandboxes.remove(gone);
+            if let Some(now) = live_by_worker.get(worker.id()) {
+                for gone in before.difference(now) {
+                    sandboxes.remove(gone);
+                }
             }
         });
         if !startup
@@ -277,14 +291,14 @@ impl Service {
         self.scheduler().set_load(worker.id(), records.len());
         // A lease that was let go (expired while the worker was silent)
         // means the sandbox is lost, even if its worker answers again.
-        let lost: std::collections::HashSet<&str> = records
+        let lost: std::collections::HashSet<String> = records
             .iter()
             .filter(|r| {
                 r.lease_generation.is_some()
                     && (r.lease_released_at.is_some()
                         || r.lease_worker_id.as_deref() != Some(worker.id()))
             })
-            .map(|r| r.id.as_str())
+            .map(|r| r.id.clone())
             .collect();
         let state = self.worker_state(worker);
         if self
@@ -340,14 +354,18 @@ impl Service {
                 report.failed += 1;
             }
         }
+        // Each record goes to its provider's pass (moved, not copied).
+        let mut by_provider: HashMap<String, Vec<ReconcileRow>> = HashMap::new();
+        for record in records {
+            if !(is_usable(&record) && lost.contains(record.id.as_str())) {
+                by_provider
+                    .entry(record.provider.clone())
+                    .or_default()
+                    .push(record);
+            }
+        }
         for provider in worker.snapshot().providers {
-            let mine: Vec<_> = records
-                .iter()
-                .filter(|r| {
-                    r.provider == provider.name && !(is_usable(r) && lost.contains(r.id.as_str()))
-                })
-                .cloned()
-                .collect();
+            let mine = by_provider.remove(&provider.name).unwrap_or_default();
             // Records are read before the inventory: a runtime created after
             // the inventory was taken belongs to a record we did not read.
             let unhealthy = provider

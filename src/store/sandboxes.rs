@@ -55,7 +55,7 @@ fn names(states: &[SandboxState]) -> Vec<&'static str> {
 /// What the reconciler reads of one live record (and its lease), without
 /// the columns it never looks at: a pass reads every live record of a
 /// worker, so each column decoded costs as many times.
-#[derive(Debug, Clone, sea_orm::FromQueryResult)]
+#[derive(Debug, Clone)]
 pub struct ReconcileRow {
     pub id: String,
     pub state: String,
@@ -221,7 +221,7 @@ impl Store {
     /// oldest first: what a reconcile pass compares with the inventories.
     pub async fn reconcile_rows(&self, worker_id: &str) -> StoreResult<Vec<ReconcileRow>> {
         use entity::lease;
-        use sea_orm::FromQueryResult;
+        use sea_orm::ConnectionTrait;
         use sea_orm::sea_query::{Alias, ExprTrait, Query};
         let s = |c: Column| (Entity, c);
         let l = |c: lease::Column| (lease::Entity, c);
@@ -256,10 +256,28 @@ impl Store {
             .and_where(Expr::col(s(Column::State)).is_in(names(&SandboxState::LIVE)))
             .order_by(s(Column::CreatedAt), sea_orm::Order::Asc)
             .to_owned();
-        let statement = self.conn().get_database_backend().build(&query);
-        Ok(ReconcileRow::find_by_statement(statement)
-            .all(self.conn())
-            .await?)
+        // Decoded by position, in the order selected above: by name, each
+        // column of each row would be looked up.
+        self.conn()
+            .query_all(&query)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(ReconcileRow {
+                    id: row.try_get_by_index(0)?,
+                    state: row.try_get_by_index(1)?,
+                    state_reason: row.try_get_by_index(2)?,
+                    provider: row.try_get_by_index(3)?,
+                    runtime_id: row.try_get_by_index(4)?,
+                    updated_at: row.try_get_by_index(5)?,
+                    pool_key: row.try_get_by_index(6)?,
+                    lease_generation: row.try_get_by_index(7)?,
+                    lease_worker_id: row.try_get_by_index(8)?,
+                    lease_released_at: row.try_get_by_index(9)?,
+                })
+            })
+            .collect::<Result<_, sea_orm::DbErr>>()
+            .map_err(Into::into)
     }
 
     /// Moves a warm sandbox of pool `pool_key` to `destroying`, unless a
