@@ -62,38 +62,53 @@ stop_server() {
 # start to adopt) go after the tests rather than weigh on later stages.
 # Only those of this run's data dirs under $1: a keeper's stderr is its
 # sandbox's log there; its children (hakoniwa's supervisor, PID 1) go
-# with it, then the disks mounted under $1.
+# with it, then the disks mounted under $1; then the provider tests'
+# containers (instance `in-test-...`) that did not exist before the run
+# ($2: their ids then). Best effort throughout: it never fails the run.
 sweep_native_leftovers() {
-    local tmp="$1" pid child pids=""
+    local tmp="$1" before="${2:-}" pid child grandchildren pids=""
     for pid in $(pgrep -f "__native-init" || true); do
-        case "$(readlink "/proc/$pid/fd/2" 2>/dev/null)" in
+        case "$(readlink "/proc/$pid/fd/2" 2>/dev/null || true)" in
             "$tmp"/*)
                 pids="$pids $pid"
                 for child in $(pgrep -P "$pid" || true); do
-                    pids="$pids $child $(pgrep -P "$child" | tr '\n' ' ')"
+                    grandchildren=$(pgrep -P "$child" || true)
+                    pids="$pids $child $grandchildren"
                 done
                 ;;
         esac
     done
-    if [ -n "${pids// /}" ]; then
+    if [ -n "${pids//[[:space:]]/}" ]; then
         echo "removing $(echo $pids | wc -w) processes of native sandboxes left by in-process tests"
         kill -9 $pids 2>/dev/null || true
     fi
-    awk -v p="$tmp/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r |
-        xargs -r umount -l || true
-    rm -rf "$tmp" 2>/dev/null || true
-    # Containers of the provider tests (instance `in-test-...`) that
-    # ended before their cleanup.
-    if command -v docker >/dev/null 2>&1; then
-        docker ps -a --filter label=io.stacyvm.managed=true \
-            --format '{{.ID}} {{.Label "io.stacyvm.instance"}}' 2>/dev/null |
-            awk '$2 ~ /^in-test-/ {print $1}' | xargs -r docker rm -f >/dev/null 2>&1 || true
-    fi
+    { awk -v p="$tmp/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r |
+        xargs -r umount -l; } 2>/dev/null || true
+    rm -rf --one-file-system "$tmp" 2>/dev/null || true
+    local id
+    for id in $(in_test_containers); do
+        case " $before " in
+            *" $id "*) ;;
+            *) docker rm -f "$id" >/dev/null 2>&1 || true ;;
+        esac
+    done
+}
+
+# Ids of the provider tests' containers (instance `in-test-...`).
+in_test_containers() {
+    command -v docker >/dev/null 2>&1 || return 0
+    { docker ps -a --filter label=io.stacyvm.managed=true \
+        --format '{{.ID}} {{.Label "io.stacyvm.instance"}}' 2>/dev/null |
+        awk '$2 ~ /^in-test-/ {print $1}'; } || true
 }
 
 on_exit() {
     local rc=$?
     stop_server
+    # Interrupted during cargo test: its leftovers go too.
+    if [ -n "${TEST_TMP:-}" ]; then
+        sweep_native_leftovers "$TEST_TMP" "${CONTAINERS_BEFORE:-}" || true
+    fi
     if declare -F stacyvm_test_env_cleanup >/dev/null; then
         stacyvm_test_env_cleanup
     fi
@@ -161,9 +176,11 @@ if [ "${STACYVM_TEST_SKIP_CARGO_TEST:-0}" != 1 ]; then
     TEST_TMP=$(mktemp -d /tmp/t.XXXX)
     # Searchable, as /tmp is: native sandboxes run as unprivileged ids.
     chmod 711 "$TEST_TMP"
+    CONTAINERS_BEFORE=$(in_test_containers | tr '\n' ' ')
     TMPDIR="$TEST_TMP" cargo test --workspace || rc=$?
     record "cargo test --workspace" "$rc"
-    sweep_native_leftovers "$TEST_TMP"
+    sweep_native_leftovers "$TEST_TMP" "$CONTAINERS_BEFORE" || true
+    TEST_TMP=""
 fi
 
 section "cargo fmt --check && cargo clippy"

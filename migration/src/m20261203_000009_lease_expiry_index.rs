@@ -1,5 +1,6 @@
-//! Leases by holder and expiry: renewing (and expiring) a worker's leases
-//! touches only those near their end, without reading all of them.
+//! Leases by holder, release and expiry: renewing (and expiring) a
+//! worker's unreleased leases touches only those near their end, without
+//! reading all of them or the released ones of its history.
 
 use sea_orm_migration::prelude::*;
 
@@ -10,6 +11,7 @@ pub struct Migration;
 enum Leases {
     Table,
     WorkerId,
+    ReleasedAt,
     ExpiresAt,
 }
 
@@ -23,6 +25,7 @@ impl MigrationTrait for Migration {
                 .name(NAME)
                 .table(Leases::Table)
                 .col(Leases::WorkerId)
+                .col(Leases::ReleasedAt)
                 .col(Leases::ExpiresAt)
                 .to_owned(),
         )

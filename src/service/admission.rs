@@ -204,3 +204,11 @@ pub(super) struct Limits {
     max_sandboxes: u64,
     max_owner_sandboxes: u64,
 }
+
+impl Limits {
+    /// Whether a cap counts every owner's sandboxes (then any spawn takes
+    /// a slot that a queued spawn of anyone may be waiting for).
+    pub(super) fn shared_cap(&self) -> bool {
+        self.max_sandboxes > 0
+    }
+}

@@ -235,11 +235,6 @@ impl Service {
         let Some(of) = &plan.pool else {
             return Ok(None);
         };
-        // Spawns waiting for capacity keep their turn: a claim would take
-        // the slot freed for the first of them.
-        if self.inner.spawn_queue.waiting() > 0 {
-            return Ok(None);
-        }
         let recipe = Recipe {
             image: plan.image.clone(),
             provider: plan.provider.clone(),
@@ -273,11 +268,22 @@ impl Service {
             })
             .map(|w| w.id().to_string())
             .collect();
+        let candidates = self.store().pool_candidates(&key, &workers).await?;
+        if candidates.is_empty() {
+            self.inner.pool.count(&key, false);
+            self.inner.pool.refill.notify_one();
+            return Ok(None);
+        }
         let limits = self.limits_for(plan).await?;
+        // Spawns waiting for a slot under a cap every owner shares keep
+        // their turn: a claim would take the slot freed for the first.
+        if limits.shared_cap() && self.inner.spawn_queue.waiting() > 0 {
+            return Ok(None);
+        }
         let claimed = {
             let _guard = self.inner.admission.lock().await;
             self.store()
-                .claim_pooled(&key, &claim, &workers, |counts| {
+                .claim_pooled(&key, candidates, &claim, |counts| {
                     let decision = self.decide(plan, Placed::Yes, &limits, counts);
                     if decision.allowed { Ok(()) } else { Err(()) }
                 })

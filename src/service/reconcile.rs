@@ -706,11 +706,11 @@ impl Service {
         if !from.iter().any(|s| s.as_str() == record.state) {
             return Ok(false);
         }
-        let changed = self
+        let moved = self
             .transition_from(&record.id, from, to, Some(reason.clone()))
-            .await?
-            .is_some();
-        if changed {
+            .await?;
+        let changed = moved.is_some();
+        if let Some(moved) = moved {
             tracing::warn!(sandbox = %record.id, state = %to, %reason, "sandbox state observed");
             if to != Running {
                 // A new condition starts its own count.
@@ -723,7 +723,9 @@ impl Service {
                     .reconcile
                     .observe(&record.id, |o| o.retry_at = None);
             }
-            if record.pool_key.is_none() {
+            // As the record is now: a claim may have made it a caller's
+            // since the pass read it.
+            if moved.pool_key.is_none() {
                 self.audit_system(action, &record.id, Some(reason)).await;
             }
         }

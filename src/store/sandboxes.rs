@@ -138,35 +138,42 @@ impl Store {
         Ok(Ok(inserted))
     }
 
-    /// Admits a spawn as [`Store::admit_sandbox`] does, but hands it a
-    /// sandbox waiting in pool `pool_key` instead of inserting one: the
-    /// oldest `running` one, not past its age, on one of `workers`, is
-    /// given the claim's owner, TTL, metadata and key in one conditional
-    /// UPDATE (a sandbox the reconciler or the filler moved in between is
-    /// skipped). `Ok(None)`: the pool has none (then no admission was
-    /// opened), or each was taken meanwhile.
-    pub async fn claim_pooled<E>(
+    /// Up to four sandboxes of pool `pool_key` a claim may take now:
+    /// running, not past their age, on one of `workers`, oldest first. A
+    /// plain read, before any admission (an empty pool costs nothing
+    /// more); the claim's UPDATE re-checks each.
+    pub async fn pool_candidates(
         &self,
         pool_key: &str,
-        claim: &PoolClaim,
         workers: &[String],
-        decide: impl FnOnce(LiveCounts) -> Result<(), E>,
-    ) -> StoreResult<Result<Option<sandbox::Model>, E>> {
+    ) -> StoreResult<Vec<String>> {
         use sea_orm::QuerySelect;
-        // Read before the admission: an empty pool costs one plain read,
-        // never the installation-wide lock. The UPDATE is conditional.
-        let candidates: Vec<String> = Entity::find()
+        Ok(Entity::find()
             .select_only()
             .column(Column::Id)
             .filter(Column::PoolKey.eq(pool_key))
             .filter(Column::State.eq(SandboxState::Running.as_str()))
-            .filter(Column::ExpiresAt.gt(claim.created_at))
+            .filter(Column::ExpiresAt.gt(Utc::now()))
             .filter(Column::WorkerId.is_in(workers.iter().map(String::as_str)))
             .order_by_asc(Column::CreatedAt)
             .limit(4)
             .into_tuple()
             .all(self.conn())
-            .await?;
+            .await?)
+    }
+
+    /// Admits a spawn as [`Store::admit_sandbox`] does, but hands it one of
+    /// `candidates` (from [`Store::pool_candidates`]) instead of inserting
+    /// a record: the first still `running`, in pool `pool_key` and within
+    /// its age is given the claim's owner, TTL, metadata and key in one
+    /// conditional UPDATE. `Ok(None)`: each was taken or moved meanwhile.
+    pub async fn claim_pooled<E>(
+        &self,
+        pool_key: &str,
+        candidates: Vec<String>,
+        claim: &PoolClaim,
+        decide: impl FnOnce(LiveCounts) -> Result<(), E>,
+    ) -> StoreResult<Result<Option<sandbox::Model>, E>> {
         if candidates.is_empty() {
             return Ok(Ok(None));
         }
@@ -197,6 +204,7 @@ impl Store {
                 .filter(Column::Id.eq(id.as_str()))
                 .filter(Column::PoolKey.eq(pool_key))
                 .filter(Column::State.eq(SandboxState::Running.as_str()))
+                .filter(Column::ExpiresAt.gt(Utc::now()))
                 .exec(&txn)
                 .await;
             match claimed {

@@ -742,6 +742,18 @@ async fn leases_fence_and_idempotency_keys(store: &Store) {
     assert_eq!(found.id, first.id);
 }
 
+/// A claim as the service makes it: the candidates, then the admission.
+async fn claim_from_pool<E>(
+    store: &Store,
+    key: &str,
+    claim: &stacyvm::store::PoolClaim,
+    workers: &[String],
+    decide: impl FnOnce(stacyvm::store::LiveCounts) -> Result<(), E>,
+) -> Result<Result<Option<entity::sandbox::Model>, E>, StoreError> {
+    let candidates = store.pool_candidates(key, workers).await?;
+    store.claim_pooled(key, candidates, claim, decide).await
+}
+
 /// Warm sandboxes: counted against nobody, listed to nobody, and each
 /// claimed once, under the admission's decision.
 async fn warm_pools_claim_each_sandbox_once(store: &Store) {
@@ -793,26 +805,27 @@ async fn warm_pools_claim_each_sandbox_once(store: &Store) {
     };
     let workers = vec!["wk-test".to_string()];
     // Only where a fresh spawn could go: none on another worker.
-    let elsewhere = store
-        .claim_pooled(
-            &key,
-            &claim("carol", None),
-            &["wk-other".to_string()],
-            |_| Ok::<(), ()>(()),
-        )
-        .await
-        .expect("claim");
+    let elsewhere = claim_from_pool(
+        store,
+        &key,
+        &claim("carol", None),
+        &["wk-other".to_string()],
+        |_| Ok::<(), ()>(()),
+    )
+    .await
+    .expect("claim");
     assert_eq!(elsewhere.map(|m| m.map(|m| m.id)), Ok(None));
     // A refusal leaves the pool untouched.
-    let refused = store
-        .claim_pooled(&key, &claim("carol", None), &workers, |_| Err("over quota"))
-        .await
-        .expect("claim");
+    let refused = claim_from_pool(store, &key, &claim("carol", None), &workers, |_| {
+        Err("over quota")
+    })
+    .await
+    .expect("claim");
     assert_eq!(refused.map(|m| m.map(|m| m.id)), Err("over quota"));
     // Four claims for three running ones: each gets its own, one gets none
     // (at once where the store takes concurrent writers).
     let c = claim("carol", None);
-    let one = || store.claim_pooled(&key, &c, &workers, |_| Ok::<(), ()>(()));
+    let one = || claim_from_pool(store, &key, &c, &workers, |_| Ok::<(), ()>(()));
     let outcomes = if store.is_shared() {
         let (a, b, c2, d) = tokio::join!(one(), one(), one(), one());
         vec![a, b, c2, d]
@@ -867,14 +880,14 @@ async fn warm_pools_claim_each_sandbox_once(store: &Store) {
         .insert_sandbox(keyed, lease_until)
         .await
         .expect("insert");
-    let dup = store
-        .claim_pooled(
-            &other,
-            &claim("dave", Some(&format!("retry-{tag}"))),
-            &workers,
-            |_| Ok::<(), ()>(()),
-        )
-        .await;
+    let dup = claim_from_pool(
+        store,
+        &other,
+        &claim("dave", Some(&format!("retry-{tag}"))),
+        &workers,
+        |_| Ok::<(), ()>(()),
+    )
+    .await;
     assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
     let still: Vec<String> = store
         .pooled_sandboxes()
@@ -914,10 +927,11 @@ async fn warm_pools_claim_each_sandbox_once(store: &Store) {
         .insert_sandbox(aged, lease_until)
         .await
         .expect("insert");
-    let none = store
-        .claim_pooled(&other, &claim("erin", None), &workers, |_| Ok::<(), ()>(()))
-        .await
-        .expect("claim");
+    let none = claim_from_pool(store, &other, &claim("erin", None), &workers, |_| {
+        Ok::<(), ()>(())
+    })
+    .await
+    .expect("claim");
     assert_eq!(none.map(|m| m.map(|m| m.id)), Ok(None));
 }
 
