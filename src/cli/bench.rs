@@ -959,30 +959,7 @@ async fn docker_measure(
 
     parallel_execs(report, raw, direct, spawn_body, &via_direct).await?;
 
-    // Throughput: GET /health against GET /sandboxes/{id}, same run.
-    let connections = 16;
-    let (health_rate, health_p99, tool) = load(
-        direct,
-        format!("{}/api/v1/health", direct.url),
-        connections,
-        load_time,
-    )
-    .await?;
-    let (get_rate, get_p99, _) = load(
-        direct,
-        format!("{}/api/v1/sandboxes/{sandbox}", direct.url),
-        connections,
-        load_time,
-    )
-    .await?;
-    report.row(
-        &format!("GET /sandboxes/{{id}} vs GET /health ({tool}, {connections} connections)"),
-        format!("{get_rate:.0}/s, p99 {get_p99:.2} ms"),
-        format!("{health_rate:.0}/s (health), p99 {health_p99:.2} ms"),
-        Some(get_rate / health_rate),
-        ">= 0.5x",
-        Some(get_rate >= 0.5 * health_rate),
-    );
+    let (get_rate, health_rate) = get_vs_health(report, direct, &sandbox, "", load_time).await?;
     report
         .figures
         .insert("get_sandbox_rps".into(), json!(get_rate));
@@ -1061,6 +1038,44 @@ async fn docker_measure(
     engine.destroy(&engine_sandbox).await;
     raw.remove(&container).await;
     Ok(())
+}
+
+/// Throughput of `GET /sandboxes/{id}` against `GET /health` under the
+/// same load in the same run, as a row (`context` after the measure's
+/// name). Returns both rates.
+async fn get_vs_health(
+    report: &mut Report,
+    server: &Server,
+    sandbox: &str,
+    context: &str,
+    load_time: Duration,
+) -> Result<(f64, f64), CliError> {
+    let connections = 16;
+    let (health_rate, health_p99, tool) = load(
+        server,
+        format!("{}/api/v1/health", server.url),
+        connections,
+        load_time,
+    )
+    .await?;
+    let (get_rate, get_p99, _) = load(
+        server,
+        format!("{}/api/v1/sandboxes/{sandbox}", server.url),
+        connections,
+        load_time,
+    )
+    .await?;
+    report.row(
+        &format!(
+            "GET /sandboxes/{{id}} vs GET /health{context} ({tool}, {connections} connections)"
+        ),
+        format!("{get_rate:.0}/s, p99 {get_p99:.2} ms"),
+        format!("{health_rate:.0}/s (health), p99 {health_p99:.2} ms"),
+        Some(get_rate / health_rate),
+        ">= 0.5x",
+        Some(get_rate >= 0.5 * health_rate),
+    );
+    Ok((get_rate, health_rate))
 }
 
 /// Many execs in flight across many sandboxes: the throughput against one

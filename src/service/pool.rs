@@ -287,13 +287,8 @@ impl Service {
                     let decision = self.decide(plan, Placed::Yes, &limits, counts);
                     if decision.allowed { Ok(()) } else { Err(()) }
                 })
-                .await
-                .map_err(|e| match e {
-                    crate::store::StoreError::AlreadyExists(what) => {
-                        super::Error::Conflict(format!("{what} already exists"))
-                    }
-                    other => other.into(),
-                })?
+                // A reused idempotency key is a Conflict, as for an insert.
+                .await?
         };
         let Ok(claimed) = claimed else {
             return Ok(None);

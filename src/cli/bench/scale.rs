@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use super::{CliError, Latency, Report, Server, load, ms};
+use super::{CliError, Latency, Report, Server, get_vs_health, ms};
 
 /// Spawns in flight at once while filling the store.
 const FILL_PARALLEL: usize = 16;
@@ -124,32 +124,15 @@ async fn measure(
     }
 
     // One record among many, against the cheapest route, same run.
-    let connections = 16;
     let one = ids.get(ids.len() / 2).cloned().unwrap_or_default();
-    let (health_rate, health_p99, tool) = load(
+    let (get_rate, health_rate) = get_vs_health(
+        report,
         server,
-        format!("{}/api/v1/health", server.url),
-        connections,
+        &one,
+        &format!(" at {records} records"),
         load_time,
     )
     .await?;
-    let (get_rate, get_p99, _) = load(
-        server,
-        format!("{}/api/v1/sandboxes/{one}", server.url),
-        connections,
-        load_time,
-    )
-    .await?;
-    report.row(
-        &format!(
-            "GET /sandboxes/{{id}} vs GET /health at {records} records ({tool}, {connections} connections)"
-        ),
-        format!("{get_rate:.0}/s, p99 {get_p99:.2} ms"),
-        format!("{health_rate:.0}/s (health), p99 {health_p99:.2} ms"),
-        Some(get_rate / health_rate),
-        ">= 0.5x",
-        Some(get_rate >= 0.5 * health_rate),
-    );
     report
         .figures
         .insert("scale_get_vs_health".into(), json!(get_rate / health_rate));
