@@ -314,6 +314,37 @@ async fn a_template_pool_follows_its_template() {
     let ops = key(&server, "ops", Role::Operator).await;
     let alice = key(&server, "alice", Role::Owner).await;
     let template = |pool_size: u32, memory_mb: u32| json!({"name": "py", "image": docker_image(), "memory_mb": memory_mb, "pool_size": pool_size});
+    // Anonymous callers see nothing of the pools; malformed sizes are 400s.
+    let (s, body, _) = call(&server, Method::GET, "/pool/status", &[], None).await;
+    assert_eq!(s, 401, "{body}");
+    for bad in [json!(-1), json!("three"), json!(1.5), json!(u64::MAX)] {
+        let (s, body, _) = call(
+            &server,
+            Method::POST,
+            "/templates",
+            &h(&ops),
+            Some(json!({"name": "bad", "image": docker_image(), "pool_size": bad})),
+        )
+        .await;
+        assert_eq!(
+            (s, body["code"].clone()),
+            (400, json!("BAD_REQUEST")),
+            "{bad}: {body}"
+        );
+    }
+    let gql_anon = call(
+        &server,
+        Method::POST,
+        "/graphql",
+        &[],
+        Some(json!({"query": "{ pool { warm } }"})),
+    )
+    .await;
+    assert!(
+        gql_anon.0 == 401 || gql_anon.1["errors"].is_array(),
+        "{:?}",
+        gql_anon.1
+    );
     // Keeping capacity warm is an operator's decision, within the cap.
     let (s, body, _) = call(
         &server,
