@@ -69,16 +69,9 @@ pub enum StartError {
 /// `serve` on the same database refuses to start. Other commands (`keys`,
 /// `migrate`) do not take it. `None` for other databases.
 fn lock_sqlite(url: &str) -> Result<Option<std::fs::File>, StartError> {
-    let Some(rest) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    else {
+    let Some(path) = crate::store::sqlite_file(url) else {
         return Ok(None);
     };
-    let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() || path.contains(":memory:") {
-        return Ok(None);
-    }
     lock_file(&format!("{path}.serve.lock"))
         .map_err(|holder| StartError::SqliteInUse {
             path: path.to_string(),

@@ -5,6 +5,7 @@
 //! files, one file per table.
 
 mod audit;
+mod direct;
 mod executions;
 mod keys;
 mod leases;
@@ -54,6 +55,10 @@ pub struct Store {
     /// The control-plane replica using this handle: written on every
     /// sandbox transition it makes (empty for tools such as `stacyvm keys`).
     replica: Arc<str>,
+    /// Reads of a SQLite file without sqlx's threads (see `direct`).
+    direct: Option<Arc<direct::Direct>>,
+    /// Statements the direct reader answered (a subset of `queries`).
+    direct_reads: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -101,6 +106,8 @@ impl Store {
             db,
             queries,
             replica: Arc::from(""),
+            direct: direct::Direct::for_url(url).map(Arc::new),
+            direct_reads: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -176,6 +183,78 @@ impl Store {
     fn conn(&self) -> &DatabaseConnection {
         &self.db
     }
+
+    /// This handle without the direct reader: every statement through
+    /// sea-orm and sqlx. For comparing the two paths.
+    pub fn without_direct_reads(mut self) -> Store {
+        self.direct = None;
+        self
+    }
+
+    /// Statements the direct SQLite reader answered so far.
+    pub fn direct_read_count(&self) -> u64 {
+        self.direct_reads.load(Ordering::Relaxed)
+    }
+
+    /// Counts and traces a statement run outside sea-orm, as the metric
+    /// callback does for the others.
+    fn note_direct(&self, stmt: &sea_orm::Statement, started: std::time::Instant, failed: bool) {
+        self.queries.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(
+            target: "stacyvm::sql",
+            elapsed_us = started.elapsed().as_micros() as u64,
+            failed,
+            direct = true,
+            sql = %stmt.sql,
+        );
+    }
+
+    /// Rows of `stmt` read directly from the SQLite file (`blocking`: on a
+    /// blocking thread, for reads of many rows), or `None` when there is
+    /// no direct reader or it could not answer; the caller then runs the
+    /// statement through sea-orm. Best effort: a failure is logged.
+    async fn read_direct<T: Send + 'static>(
+        &self,
+        stmt: sea_orm::Statement,
+        columns: &'static [&'static str],
+        blocking: bool,
+        decode: fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Option<Vec<T>> {
+        let direct = self.direct.as_ref()?;
+        let started = std::time::Instant::now();
+        let rows = if blocking {
+            direct
+                .rows_blocking(stmt.clone(), Some(columns), decode)
+                .await
+        } else {
+            direct.rows(&stmt, Some(columns), decode)
+        };
+        self.note_direct(&stmt, started, rows.is_err());
+        match rows {
+            Ok(rows) => {
+                self.direct_reads.fetch_add(1, Ordering::Relaxed);
+                Some(rows)
+            }
+            Err(e) => {
+                // A statement the reader cannot bind or decode is a defect
+                // (tests fail on it); a busy or damaged file is not.
+                debug_assert!(e.is_transient(), "direct read of {}: {e}", stmt.sql);
+                tracing::debug!(error = %e, sql = %stmt.sql, "direct read failed; reading through sqlx");
+                None
+            }
+        }
+    }
+}
+
+/// The file of a SQLite database URL (`sqlite://path?mode=rwc`); `None`
+/// for other databases and in-memory ones.
+pub fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    let memory = path.is_empty() || path.contains(":memory:") || rest.contains("mode=memory");
+    (!memory).then_some(path)
 }
 
 /// Rows strictly after `cursor` in (created_at, id) order.

@@ -52,10 +52,88 @@ fn names(states: &[SandboxState]) -> Vec<&'static str> {
     states.iter().map(|s| s.as_str()).collect()
 }
 
+/// The columns `Entity::find()` selects, in its order (`Column::iter()`):
+/// what [`decode_sandbox`] reads by position. The direct reader checks a
+/// statement returns exactly these before decoding any row.
+const SANDBOX_COLUMNS: &[&str] = &[
+    "id",
+    "owner_id",
+    "tenant_id",
+    "worker_id",
+    "provider",
+    "runtime_id",
+    "image",
+    "template",
+    "memory_mb",
+    "vcpus",
+    "state",
+    "state_reason",
+    "metadata",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "destroyed_at",
+    "idempotency_key",
+    "replica_id",
+    "pool_key",
+];
+
+/// A record read by the direct reader, by position in [`SANDBOX_COLUMNS`].
+fn decode_sandbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<sandbox::Model> {
+    Ok(sandbox::Model {
+        id: row.get(0)?,
+        owner_id: row.get(1)?,
+        tenant_id: row.get(2)?,
+        worker_id: row.get(3)?,
+        provider: row.get(4)?,
+        runtime_id: row.get(5)?,
+        image: row.get(6)?,
+        template: row.get(7)?,
+        memory_mb: row.get(8)?,
+        vcpus: row.get(9)?,
+        state: row.get(10)?,
+        state_reason: row.get(11)?,
+        metadata: row.get(12)?,
+        created_at: timestamp(row, 13)?,
+        updated_at: timestamp(row, 14)?,
+        expires_at: timestamp(row, 15)?,
+        destroyed_at: optional_timestamp(row, 16)?,
+        idempotency_key: row.get(17)?,
+        replica_id: row.get(18)?,
+        pool_key: row.get(19)?,
+    })
+}
+
+/// A timestamp column as sqlx stores it (RFC 3339 text), parsed by chrono's
+/// RFC 3339 parser: rusqlite's general one, which also takes other forms
+/// and is the fallback, cost a third of decoding a record.
+fn timestamp(row: &rusqlite::Row<'_>, idx: usize) -> rusqlite::Result<DateTime<Utc>> {
+    if let rusqlite::types::ValueRef::Text(text) = row.get_ref(idx)?
+        && let Ok(text) = std::str::from_utf8(text)
+        && let Ok(at) = DateTime::parse_from_rfc3339(text)
+    {
+        return Ok(at.with_timezone(&Utc));
+    }
+    row.get(idx)
+}
+
+fn optional_timestamp(
+    row: &rusqlite::Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    match row.get_ref(idx)? {
+        rusqlite::types::ValueRef::Null => Ok(None),
+        _ => timestamp(row, idx).map(Some),
+    }
+}
+
+/// Reads of more rows than this go to a blocking thread.
+const INLINE_ROWS: u64 = 256;
+
 /// What the reconciler reads of one live record (and its lease), without
 /// the columns it never looks at: a pass reads every live record of a
 /// worker, so each column decoded costs as many times.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ReconcileRow {
     pub id: String,
     pub state: String,
@@ -69,6 +147,35 @@ pub struct ReconcileRow {
     pub lease_generation: Option<i64>,
     pub lease_worker_id: Option<String>,
     pub lease_released_at: Option<DateTime<Utc>>,
+}
+
+/// The columns [`Store::reconcile_rows`] selects, in order.
+const RECONCILE_COLUMNS: &[&str] = &[
+    "id",
+    "state",
+    "state_reason",
+    "provider",
+    "runtime_id",
+    "updated_at",
+    "pool_key",
+    "lease_generation",
+    "lease_worker_id",
+    "lease_released_at",
+];
+
+fn decode_reconcile_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ReconcileRow> {
+    Ok(ReconcileRow {
+        id: row.get(0)?,
+        state: row.get(1)?,
+        state_reason: row.get(2)?,
+        provider: row.get(3)?,
+        runtime_id: row.get(4)?,
+        updated_at: timestamp(row, 5)?,
+        pool_key: row.get(6)?,
+        lease_generation: row.get(7)?,
+        lease_worker_id: row.get(8)?,
+        lease_released_at: optional_timestamp(row, 9)?,
+    })
 }
 
 /// What a spawn that claims a warm sandbox writes on it.
@@ -266,6 +373,15 @@ impl Store {
             .to_owned();
         // Decoded by position, in the order selected above: by name, each
         // column of each row would be looked up.
+        if self.direct.is_some() {
+            let stmt = sea_orm::DbBackend::Sqlite.build(&query);
+            if let Some(rows) = self
+                .read_direct(stmt, RECONCILE_COLUMNS, true, decode_reconcile_row)
+                .await
+            {
+                return Ok(rows);
+            }
+        }
         self.conn()
             .query_all(&query)
             .await?
@@ -396,7 +512,50 @@ impl Store {
 
     /// A sandbox by id, in any state.
     pub async fn get_sandbox(&self, id: &str) -> StoreResult<Option<sandbox::Model>> {
+        use sea_orm::{DbBackend, QueryTrait, Statement};
+        if self.direct.is_some() {
+            // The read on every request for a sandbox: its SQL is built by
+            // sea-orm once (building it cost as much as running it), and
+            // without a LIMIT (the id is the key): a bound LIMIT makes
+            // SQLite, built with STAT4, prepare the statement on every run.
+            static BY_ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+            let sql = BY_ID.get_or_init(|| {
+                Entity::find_by_id(String::new())
+                    .build(DbBackend::Sqlite)
+                    .sql
+            });
+            let stmt = Statement::from_sql_and_values(DbBackend::Sqlite, sql.as_str(), [id.into()]);
+            if let Some(rows) = self
+                .read_direct(stmt, SANDBOX_COLUMNS, false, decode_sandbox)
+                .await
+            {
+                return Ok(rows.into_iter().next());
+            }
+        }
         Ok(Entity::find_by_id(id.to_string()).one(self.conn()).await?)
+    }
+
+    /// The records `select` finds: read directly from a SQLite file where
+    /// there is a direct reader (on this thread when at most
+    /// [`INLINE_ROWS`] can come back, else on a blocking one), otherwise
+    /// (or when that read fails) through sea-orm.
+    async fn find_sandboxes(
+        &self,
+        select: sea_orm::Select<Entity>,
+        max_rows: u64,
+    ) -> StoreResult<Vec<sandbox::Model>> {
+        use sea_orm::{DbBackend, QueryTrait};
+        if self.direct.is_some() {
+            let stmt = select.build(DbBackend::Sqlite);
+            let blocking = max_rows > INLINE_ROWS;
+            if let Some(rows) = self
+                .read_direct(stmt, SANDBOX_COLUMNS, blocking, decode_sandbox)
+                .await
+            {
+                return Ok(rows);
+            }
+        }
+        Ok(select.all(self.conn()).await?)
     }
 
     /// Sandboxes matching `filter`, oldest first.
@@ -418,11 +577,10 @@ impl Store {
         if let Some(worker) = &filter.worker_id {
             query = query.filter(Column::WorkerId.eq(worker.as_str()));
         }
-        Ok(query
+        let query = query
             .order_by_asc(Column::CreatedAt)
-            .order_by_asc(Column::Id)
-            .all(self.conn())
-            .await?)
+            .order_by_asc(Column::Id);
+        self.find_sandboxes(query, u64::MAX).await
     }
 
     /// One page of sandboxes matching `q`, ordered by (created_at, id).
@@ -448,20 +606,17 @@ impl Store {
         if let Some(after) = &q.after {
             query = query.filter(super::after_cursor(Column::CreatedAt, Column::Id, after));
         }
-        Ok(query
+        let query = query
             .order_by_asc(Column::CreatedAt)
             .order_by_asc(Column::Id)
-            .limit(q.limit)
-            .all(self.conn())
-            .await?)
+            .limit(q.limit);
+        self.find_sandboxes(query, q.limit).await
     }
 
     /// Sandboxes by id, in one query.
     pub async fn sandboxes_by_ids(&self, ids: &[String]) -> StoreResult<Vec<sandbox::Model>> {
-        Ok(Entity::find()
-            .filter(Column::Id.is_in(ids.iter().map(String::as_str)))
-            .all(self.conn())
-            .await?)
+        let query = Entity::find().filter(Column::Id.is_in(ids.iter().map(String::as_str)));
+        self.find_sandboxes(query, ids.len() as u64).await
     }
 
     /// Number of sandboxes that hold capacity, for one owner (tenant, owner
@@ -612,4 +767,25 @@ fn is_unique_violation(e: &sea_orm::DbErr) -> bool {
 /// idempotency key.
 fn already_used_key() -> super::StoreError {
     super::StoreError::AlreadyExists("a sandbox with this idempotency key".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{IdenStatic, Iterable, QueryTrait};
+
+    use super::*;
+
+    /// The direct reader decodes by position: the list it checks against
+    /// must be what sea-orm selects for the entity.
+    #[test]
+    fn sandbox_columns_are_the_entitys_in_order() {
+        let columns: Vec<&str> = Column::iter().map(|c| c.as_str()).collect();
+        assert_eq!(columns, SANDBOX_COLUMNS);
+        let sql = Entity::find().build(sea_orm::DbBackend::Sqlite).sql;
+        let listed: Vec<String> = SANDBOX_COLUMNS
+            .iter()
+            .map(|c| format!("\"sandboxes\".\"{c}\""))
+            .collect();
+        assert!(sql.contains(&listed.join(", ")), "{sql}");
+    }
 }

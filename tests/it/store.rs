@@ -965,6 +965,131 @@ async fn store_suite_postgres() {
     suite(store).await;
 }
 
+/// Reads of a SQLite file that skip sqlx (the direct reader) return what
+/// sqlx returns, column for column, for every read that takes that path:
+/// a record with every column set to a value of its own, one with the
+/// optional ones empty, a destroyed one, a page after a cursor (which binds
+/// a timestamp), and the reconciler's rows joined with their leases.
+#[tokio::test]
+async fn direct_sqlite_reads_equal_reads_through_sqlx() {
+    use chrono::TimeZone;
+    use stacyvm::store::{PageCursor, SandboxQuery};
+    let (_dir, direct) = sqlite_store().await;
+    let sqlx = direct.clone().without_direct_reads();
+    let whole_second = Utc.with_ymd_and_hms(2026, 12, 3, 10, 0, 0).unwrap();
+    let full = entity::sandbox::Model {
+        runtime_id: Some("ctr-\u{e9}\"'; --".into()),
+        template: Some("py".into()),
+        state_reason: Some("pool".into()),
+        metadata: serde_json::json!({"nested": {"list": [1, 2.5, null, true]}, "\u{1f600}": "x"}),
+        created_at: whole_second,
+        updated_at: Utc::now(),
+        expires_at: Utc.timestamp_nanos(1_800_000_000_123_456_789),
+        idempotency_key: Some("key-1".into()),
+        replica_id: "replica-a".into(),
+        pool_key: Some("default/py".into()),
+        memory_mb: 4096,
+        vcpus: 3,
+        ..sandbox("sb-0000d001", "dora", SandboxState::Running)
+    };
+    let mut bare = sandbox("sb-0000d002", "dora", SandboxState::Creating);
+    bare.metadata = serde_json::json!({});
+    let mut gone = sandbox("sb-0000d003", "dora", SandboxState::Destroyed);
+    gone.destroyed_at = Some(Utc::now());
+    gone.state_reason = Some("ttl".into());
+    for model in [full, bare, gone] {
+        direct
+            .insert_sandbox(model, Utc::now() + Duration::minutes(5))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let before = direct.direct_read_count();
+    for id in ["sb-0000d001", "sb-0000d002", "sb-0000d003", "sb-missing"] {
+        let a = direct
+            .get_sandbox(id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = sqlx.get_sandbox(id).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a, b, "{id}");
+        assert_eq!(a.is_some(), id != "sb-missing");
+    }
+    let filter = SandboxFilter {
+        owner_id: Some("dora".into()),
+        states: Some(SandboxState::ALL.to_vec()),
+        with_pooled: true,
+        ..Default::default()
+    };
+    let a = direct
+        .list_sandboxes(&filter)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.len(), 3);
+    assert_eq!(
+        a,
+        sqlx.list_sandboxes(&filter)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    let ids = vec!["sb-0000d001".to_string(), "sb-0000d003".to_string()];
+    let a = direct
+        .sandboxes_by_ids(&ids)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(a.len(), 2);
+    assert_eq!(
+        a,
+        sqlx.sandboxes_by_ids(&ids)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    let page = SandboxQuery {
+        owner_id: Some("dora".into()),
+        states: Some(SandboxState::ALL.to_vec()),
+        after: Some(PageCursor {
+            created_at: whole_second,
+            id: "sb-0000d001".into(),
+        }),
+        limit: 10,
+        ..Default::default()
+    };
+    let a = direct
+        .page_sandboxes(&page)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        a.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+        ["sb-0000d002", "sb-0000d003"],
+        "the cursor's timestamp compares as the stored text does"
+    );
+    assert_eq!(
+        a,
+        sqlx.page_sandboxes(&page)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    let a = direct
+        .reconcile_rows("wk-test")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        a.iter()
+            .any(|r| r.id == "sb-0000d001" && r.lease_generation.is_some())
+    );
+    assert_eq!(
+        a,
+        sqlx.reconcile_rows("wk-test")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    );
+    // The two handles share the counter: eight reads each, and only the
+    // direct handle's took the direct path.
+    assert_eq!(
+        direct.direct_read_count() - before,
+        8,
+        "every read of the direct handle took the direct path, none of the other's"
+    );
+}
+
 /// A database made before tenants were part of an owner's identity keeps
 /// its data: owners, templates and executions land in the tenants they
 /// belong to.
