@@ -86,6 +86,21 @@ enum Command {
         #[command(subcommand)]
         command: WorkersCommand,
     },
+    /// Create, list, inspect, run commands in and remove sandboxes on a
+    /// running server.
+    Sandbox {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+    /// Copy, list and print files of a sandbox (`SANDBOX_ID:/path`).
+    Files {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: FilesCommand,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Print the GraphQL schema (SDL), as committed in schema.graphql.
@@ -156,6 +171,102 @@ enum KeyCommand {
         /// The key's id or its printed prefix (svm_...).
         id_or_prefix: String,
     },
+}
+
+/// Where the server is and who calls it.
+#[derive(clap::Args)]
+struct ApiArgs {
+    /// The server's URL.
+    #[arg(long, env = "STACYVM_SERVER", default_value = "http://127.0.0.1:7423")]
+    server: String,
+    /// An API key, sent as X-API-Key.
+    #[arg(long, env = "STACYVM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Print the API's JSON answers (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl ApiArgs {
+    fn target(&self) -> stacyvm::cli::Target {
+        stacyvm::cli::Target {
+            server: self.server.clone(),
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Create a sandbox and print its id (the whole sandbox with --json).
+    Create {
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+        /// Spawn from this template.
+        #[arg(long)]
+        template: Option<String>,
+        /// Time to live, as a Go duration (30m, 2h).
+        #[arg(long)]
+        ttl: Option<String>,
+        #[arg(long)]
+        memory_mb: Option<u32>,
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Metadata KEY=VALUE (repeat for more).
+        #[arg(long = "meta")]
+        metadata: Vec<String>,
+    },
+    /// List your sandboxes.
+    Ls,
+    /// Show one sandbox.
+    Get { id: String },
+    /// Run a command, its output live; exits with the command's exit code
+    /// (124 when it timed out).
+    Exec {
+        id: String,
+        /// Run the words through `sh -c` (pipes, globs, variables).
+        #[arg(long)]
+        shell: bool,
+        /// An environment variable KEY=VALUE (repeat for more).
+        #[arg(long)]
+        env: Vec<String>,
+        /// The working directory (absolute).
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Kill the command after this long (Go duration).
+        #[arg(long)]
+        timeout: Option<String>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Destroy sandboxes.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print a sandbox's logs.
+    Logs {
+        id: String,
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+    },
+    /// Set a sandbox to expire TTL from now.
+    Extend { id: String, ttl: String },
+}
+
+#[derive(Subcommand)]
+enum FilesCommand {
+    /// Copy LOCAL SANDBOX_ID:/path or SANDBOX_ID:/path LOCAL (`-`: stdin or
+    /// stdout); binary-safe.
+    Cp { from: String, to: String },
+    /// List a directory: SANDBOX_ID:/path.
+    Ls { path: String },
+    /// Print a file: SANDBOX_ID:/path.
+    Cat { path: String },
 }
 
 #[derive(Subcommand)]
@@ -302,8 +413,77 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>> {
+/// `stacyvm sandbox ...` and `stacyvm files ...`: the exit status.
+async fn client(command: Command) -> Result<u8, stacyvm::cli::CliError> {
+    use stacyvm::cli::client;
+    match command {
+        Command::Sandbox { api, command } => {
+            let (target, json) = (api.target(), api.json);
+            match command {
+                SandboxCommand::Create {
+                    image,
+                    provider,
+                    template,
+                    ttl,
+                    memory_mb,
+                    vcpus,
+                    metadata,
+                } => {
+                    let args = client::CreateArgs {
+                        image,
+                        provider,
+                        template,
+                        ttl,
+                        memory_mb,
+                        vcpus,
+                        metadata,
+                    };
+                    client::create(&target, args, json).await?;
+                }
+                SandboxCommand::Ls => client::list(&target, json).await?,
+                SandboxCommand::Get { id } => client::get(&target, &id, json).await?,
+                SandboxCommand::Exec {
+                    id,
+                    shell,
+                    env,
+                    workdir,
+                    timeout,
+                    argv,
+                } => {
+                    let args = client::ExecArgs {
+                        argv,
+                        shell,
+                        env,
+                        workdir,
+                        timeout,
+                    };
+                    return client::exec(&target, &id, args, json).await;
+                }
+                SandboxCommand::Rm { ids } => client::remove(&target, &ids).await?,
+                SandboxCommand::Logs { id, lines } => client::logs(&target, &id, lines).await?,
+                SandboxCommand::Extend { id, ttl } => {
+                    client::extend(&target, &id, &ttl, json).await?
+                }
+            }
+        }
+        Command::Files { api, command } => {
+            let (target, json) = (api.target(), api.json);
+            match command {
+                FilesCommand::Cp { from, to } => client::cp(&target, &from, &to).await?,
+                FilesCommand::Ls { path } => client::ls(&target, &path, json).await?,
+                FilesCommand::Cat { path } => client::cat(&target, &path).await?,
+            }
+        }
+        _ => return Err(stacyvm::cli::CliError::Other("not a client command".into())),
+    }
+    Ok(0)
+}
+
+async fn run(cli: Cli, config: Config) -> Result<u8, Box<dyn std::error::Error>> {
     match cli.command {
+        command @ (Command::Sandbox { .. } | Command::Files { .. }) => {
+            return Ok(client(command).await?);
+        }
         Command::Serve { .. } => {
             let listener = app::bind(&config).await?;
             let mut config = config;
@@ -347,7 +527,11 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
             command,
         } => {
             use stacyvm::cli::{Target, workers};
-            let target = Target { server, admin_key };
+            let target = Target {
+                server,
+                admin_key,
+                ..Default::default()
+            };
             match command {
                 WorkersCommand::List => workers::list(&target).await?,
                 WorkersCommand::Cordon { id } => {
@@ -449,7 +633,7 @@ async fn run(cli: Cli, config: Config) -> Result<(), Box<dyn std::error::Error>>
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Runs a hidden helper subcommand of the native provider, if that is
@@ -515,7 +699,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli, config)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         // Printed once, without log decoration.
         Err(e) => {
             eprintln!("stacyvm: {e}");

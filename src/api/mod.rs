@@ -4,6 +4,7 @@
 pub mod caller;
 pub mod graphql;
 pub mod internal;
+pub mod metrics;
 pub mod playground;
 pub mod rest;
 pub mod server;
@@ -51,10 +52,15 @@ pub fn router(service: Service) -> Router {
         .merge(graphql::router(service.clone()))
         .merge(playground::router())
         .merge(internal::router(service.clone()))
+        .merge(metrics::router(service.clone()))
         .fallback(rest::not_found)
         .layer(axum::middleware::from_fn_with_state(
             service.clone(),
             caller::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            service.clone(),
+            metrics::record,
         ))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))

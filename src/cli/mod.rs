@@ -1,7 +1,9 @@
-//! Operator commands that talk to a running control plane over its REST
-//! API (the server's rules stay in the server): `stacyvm workers ...`.
+//! Commands that talk to a running control plane over its REST API (the
+//! server's rules stay in the server): `stacyvm workers ...` for
+//! operators, `stacyvm sandbox ...` and `stacyvm files ...` for users.
 
 pub mod bench;
+pub mod client;
 pub mod workers;
 
 use std::time::Duration;
@@ -18,20 +20,64 @@ pub enum CliError {
 }
 
 /// Where the control plane is and how to authenticate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Target {
     /// Base URL, e.g. `http://127.0.0.1:7423`.
     pub server: String,
     /// Sent as `X-Admin-API-Key`.
     pub admin_key: Option<String>,
+    /// Sent as `X-API-Key`.
+    pub api_key: Option<String>,
 }
 
 impl Target {
-    fn client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
+    /// A request to `/api/v1{path}` with the credentials, answered within
+    /// `timeout`.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        let url = format!("{}/api/v1{path}", self.server.trim_end_matches('/'));
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
             .build()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        let mut req = client.request(method, url).timeout(timeout);
+        if let Some(key) = &self.admin_key {
+            req = req.header("X-Admin-API-Key", key);
+        }
+        if let Some(key) = &self.api_key {
+            req = req.header("X-API-Key", key);
+        }
+        req
+    }
+
+    fn unreachable(&self, source: reqwest::Error) -> CliError {
+        CliError::Unreachable {
+            url: self.server.clone(),
+            source,
+        }
+    }
+
+    /// The response when it is a success, else the API's `{code, message}`
+    /// as an error.
+    async fn check(resp: reqwest::Response) -> Result<reqwest::Response, CliError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+        let message = body
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("no message")
+            .to_string();
+        Err(CliError::Refused {
+            status: status.as_u16(),
+            message,
+        })
     }
 
     async fn send(
@@ -39,28 +85,45 @@ impl Target {
         method: reqwest::Method,
         path: &str,
     ) -> Result<serde_json::Value, CliError> {
-        let url = format!("{}/api/v1{path}", self.server.trim_end_matches('/'));
-        let mut req = Self::client().request(method, &url);
-        if let Some(key) = &self.admin_key {
-            req = req.header("X-Admin-API-Key", key);
+        self.send_json(method, path, None, Duration::from_secs(30))
+            .await
+    }
+
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, CliError> {
+        let mut req = self.request(method, path, timeout);
+        if let Some(body) = body {
+            req = req.json(&body);
         }
-        let resp = req.send().await.map_err(|source| CliError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-        let status = resp.status();
-        let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-        if !status.is_success() {
-            let message = body
-                .get("message")
-                .and_then(|m| m.as_str())
-                .unwrap_or("no message")
-                .to_string();
-            return Err(CliError::Refused {
-                status: status.as_u16(),
-                message,
-            });
-        }
-        Ok(body)
+        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+        let resp = Self::check(resp).await?;
+        Ok(resp.json().await.unwrap_or(serde_json::Value::Null))
+    }
+
+    /// A sandbox file's bytes.
+    async fn read_file(&self, id: &str, path: &str) -> Result<bytes::Bytes, CliError> {
+        let mut url =
+            reqwest::Url::parse("http://x/").map_err(|e| CliError::Other(e.to_string()))?;
+        url.query_pairs_mut().append_pair("path", path);
+        let query = url.query().unwrap_or_default().to_string();
+        let resp = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/sandboxes/{id}/files?{query}"),
+                Duration::from_secs(300),
+            )
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::check(resp)
+            .await?
+            .bytes()
+            .await
+            .map_err(|e| CliError::Other(format!("reading {path}: {e}")))
     }
 }

@@ -289,6 +289,7 @@ impl Service {
                         return None;
                     }
                     push_tail(&mut tails[stream as usize], &text);
+                    service.metrics().output(stream, bytes.len());
                     log.append(stream, text.clone(), bytes);
                     Some(ExecOutput { stream, data: text })
                 };
@@ -359,6 +360,9 @@ impl Service {
                 stderr_tail,
                 error,
             };
+            service
+                .metrics()
+                .executed(&model.provider, status, duration);
             if let Err(e) = service.store().finish_execution(&exec_id, finish).await {
                 tracing::error!(execution = %exec_id, error = %e, "cannot record execution result");
             }

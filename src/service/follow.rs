@@ -11,8 +11,40 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use super::output::{OutputEnd, OutputFollower, OutputLog};
 use super::{Error, ExecRequest, Result, Service};
 use crate::auth::Caller;
-use crate::events::Event;
+use crate::events::{Event, EventId, Journaled};
 use crate::lifecycle::ExecStatus;
+
+/// Whether `caller` may see `event`: audit events by the one audit read
+/// rule, the others when the caller may access their owner's resources.
+fn sees_event(caller: &Caller, event: &Event) -> bool {
+    match event {
+        Event::Audit(record) => {
+            super::audit::sees_audit_event(caller, &record.tenant_id, &record.actor)
+        }
+        event => {
+            let (tenant, owner) = event.owner();
+            caller.can_access(tenant, owner)
+        }
+    }
+}
+
+/// What a reader of events with ids receives.
+// Items are passed along one at a time, never stored: boxing the common
+// variant would only add an allocation per event and reader.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Streamed {
+    Event {
+        id: EventId,
+        event: Event,
+    },
+    /// Events are missing here: `missed` of them when known (this reader
+    /// fell behind), unknown when it resumed from an id whose events are
+    /// gone.
+    Gap {
+        missed: Option<u64>,
+    },
+}
 
 /// What an event subscriber receives.
 #[derive(Debug, Clone)]
@@ -112,19 +144,87 @@ impl Service {
         let events = BroadcastStream::new(self.events().subscribe());
         let events = futures::StreamExt::take_until(events, self.streams_closed());
         events.filter_map(move |item| match item {
-            // Audit events follow the one audit read rule.
-            Ok(Event::Audit(record))
-                if super::audit::sees_audit_event(&caller, &record.tenant_id, &record.actor) =>
-            {
-                Some(Followed::Event(Event::Audit(record)))
-            }
-            Ok(Event::Audit(_)) => None,
-            Ok(event) if caller.can_access(event.owner().0, event.owner().1) => {
-                Some(Followed::Event(event))
-            }
+            Ok(j) if sees_event(&caller, &j.event) => Some(Followed::Event(j.event)),
             Ok(_) => None,
             Err(BroadcastStreamRecvError::Lagged(n)) => Some(Followed::Lagged(n)),
         })
+    }
+
+    /// [`Service::follow_events`] with the id of each event, resuming after
+    /// `after` (a client's `Last-Event-ID`) from the bus's journal: what
+    /// the caller missed while away comes first, then what follows, with
+    /// nothing lost or repeated in between; where events are gone (the id
+    /// is older than the journal, or from another server run or replica),
+    /// a [`Streamed::Gap`] says so. Also a gap: events this reader fell
+    /// behind on. A malformed id is a BAD_REQUEST.
+    pub fn follow_events_from(
+        &self,
+        caller: &Caller,
+        after: Option<&str>,
+    ) -> Result<impl Stream<Item = Streamed> + Send + use<>> {
+        // Long-lived, like a WebSocket: each credential holds at most
+        // `server.max_websockets_per_credential` of them at once.
+        let key = caller
+            .credential
+            .clone()
+            .unwrap_or_else(|| format!("open:{}", caller.owner_id));
+        let slot = self
+            .inner
+            .event_streams
+            .try_hold(&key)
+            .ok_or_else(|| Error::ResourceLimit {
+                message: "this credential holds as many open event streams as it may \
+                          (server.max_websockets_per_credential)"
+                    .into(),
+                retry_after_secs: 1,
+            })?;
+        let open = self.stream_guard();
+        let bus = self.events().clone();
+        let (replay, live, gap) = match after.filter(|a| !a.is_empty()) {
+            Some(text) => {
+                let id = EventId::parse(text).ok_or_else(|| {
+                    Error::BadRequest(format!(
+                        "Last-Event-ID {:?} is not an id this server gave",
+                        text.chars().take(64).collect::<String>()
+                    ))
+                })?;
+                let resumed = bus.resume(&id);
+                (resumed.replay, resumed.live, resumed.gap)
+            }
+            None => (Vec::new(), bus.subscribe(), false),
+        };
+        let caller = caller.clone();
+        // Live events the replay already held are skipped.
+        let mut last = replay.last().map(|j| j.seq).unwrap_or(0);
+        let head = gap.then_some(Streamed::Gap { missed: None });
+        let visible = {
+            let caller = caller.clone();
+            move |j: Journaled| {
+                sees_event(&caller, &j.event).then(|| Streamed::Event {
+                    id: bus.id_of(j.seq),
+                    event: j.event,
+                })
+            }
+        };
+        let visible_live = visible.clone();
+        let replayed = replay.into_iter().filter_map(visible);
+        let live = BroadcastStream::new(live).filter_map(move |item| match item {
+            Ok(j) if j.seq <= last => None,
+            Ok(j) => {
+                last = j.seq;
+                visible_live(j)
+            }
+            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Streamed::Gap { missed: Some(n) }),
+        });
+        let all = tokio_stream::iter(head.into_iter().chain(replayed))
+            .chain(live)
+            .map(move |item| {
+                // The slot is given back when the stream ends, and the
+                // stream counts as open (metrics, shutdown) until then.
+                let _held = (&slot, &open);
+                item
+            });
+        Ok(futures::StreamExt::take_until(all, self.streams_closed()))
     }
 
     /// State changes of one sandbox (which must be visible to the caller:

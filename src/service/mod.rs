@@ -16,6 +16,7 @@ mod identity;
 mod leases;
 mod lifecycle;
 mod listing;
+mod metrics;
 pub mod output;
 mod policy;
 mod pool;
@@ -34,9 +35,10 @@ pub use audit::{AuditAction, AuditOutcome};
 pub use error::{Error, ErrorCode, Result};
 pub use exec::{CollectedExec, ExecOutput, ExecRequest, ExecResult, RunningExec};
 pub use files::{ContentEncoding, FileWrite};
-pub use follow::Followed;
+pub use follow::{Followed, Streamed};
 pub use identity::{ApiKeyInfo, Credentials, Identity, IdentityError, NewApiKey, load_pepper};
 pub use listing::{Execution, MAX_PAGE_SIZE, Page, SandboxListing, encode_cursor};
+pub use metrics::Metrics;
 pub use output::{OutputChunk, OutputEnd, OutputEvent, OutputFollower, OutputHub};
 pub use policy::{
     ALLOW_HOST_IMAGE_KEY, Bound, BoundSource, HostCapacity, Openings, PolicyRefusal, SandboxAsk,
@@ -84,6 +86,9 @@ struct Inner {
     refused_limiter: RateLimiter,
     /// Requests in flight per credential.
     in_flight: InFlightLimiter,
+    /// Open event streams (`/api/v1/events`) per credential.
+    event_streams: InFlightLimiter,
+    metrics: metrics::Metrics,
     /// Spawns waiting for capacity under `spawn_overflow: queue`.
     spawn_queue: spawn_queue::SpawnQueue,
     /// Serialises "count live sandboxes, then insert one" so that concurrent
@@ -130,6 +135,8 @@ impl Service {
                 rate_limiter: RateLimiter::new(config.rate_limit.clone()),
                 refused_limiter: RateLimiter::new(config.server.refused_rate_limit.clone()),
                 in_flight: InFlightLimiter::new(config.server.max_requests_per_credential),
+                event_streams: InFlightLimiter::new(config.server.max_websockets_per_credential),
+                metrics: metrics::Metrics::new(),
                 spawn_queue: spawn_queue::SpawnQueue::new(
                     config.defaults.spawn_queue_size,
                     config.defaults.spawn_queue_timeout.0,

@@ -408,9 +408,16 @@ impl Service {
         // between "record created" and "runtime started" would leave a
         // record that lies (and maybe a runtime nobody tracks).
         let (service, task_caller) = (self.clone(), caller.clone());
+        let started = std::time::Instant::now();
+        let asked = req.provider.clone().unwrap_or_default();
         let outcome = tokio::spawn(async move { service.spawn_inner(&task_caller, req).await })
             .await
             .unwrap_or_else(|e| Err(Error::internal(format!("spawn task failed: {e}"))));
+        let provider = outcome
+            .as_ref()
+            .map_or(asked.as_str(), |s| s.provider.as_str());
+        self.metrics()
+            .spawned(provider, &outcome, started.elapsed());
         let target = outcome.as_ref().map(|s| s.id.clone()).unwrap_or_default();
         self.audit(
             caller,
@@ -466,8 +473,8 @@ impl Service {
             self.scheduler().choose(&plan.ask())?;
         }
         let queueing = self.config().defaults.spawn_overflow == "queue";
-        if !(queueing && decision.queueable) {
-            decision.into_result()?;
+        if !(decision.allowed || queueing && decision.queueable) {
+            return Err(self.refuse(decision));
         }
         let placement = self.scheduler().place(&plan.ask())?;
         if !placement
@@ -546,7 +553,7 @@ impl Service {
         } else {
             match self.reserve(&plan, record).await {
                 Ok(Ok(record)) => Ok(record),
-                Ok(Err(refused)) => Err(refused.refusal()),
+                Ok(Err(refused)) => Err(self.refuse(refused)),
                 Err(e) => Err(e),
             }
         };
@@ -646,8 +653,14 @@ impl Service {
         match self.reserve(plan, record).await? {
             Ok(record) => Ok(Admission::Admitted(record)),
             Err(refused) if refused.queueable => Ok(Admission::StillFull),
-            Err(refused) => Err(refused.refusal()),
+            Err(refused) => Err(self.refuse(refused)),
         }
+    }
+
+    /// The error a refused spawn answers with, counted by its reason.
+    fn refuse(&self, decision: super::AdmissionDecision) -> Error {
+        self.metrics().refused(decision.reason);
+        decision.refusal()
     }
 
     /// Re-checks the caps and inserts the record with its lease as one
@@ -845,7 +858,13 @@ impl Service {
         };
         match checked {
             // The destroy audits its own outcome.
-            Ok(model) => self.destroy_record(model, None, audit).await,
+            Ok(model) => {
+                let (started, provider) = (std::time::Instant::now(), model.provider.clone());
+                let outcome = self.destroy_record(model, None, audit).await;
+                self.metrics()
+                    .destroyed(&provider, &outcome, started.elapsed());
+                outcome
+            }
             Err(e) => {
                 self.audit(caller, audit.action, id, Err(&e)).await;
                 Err(e)

@@ -558,6 +558,27 @@ impl Store {
         Ok(select.all(self.conn()).await?)
     }
 
+    /// How many sandboxes are in each (state, provider), destroyed ones
+    /// aside; warm-pool sandboxes included (they hold runtimes).
+    pub async fn sandbox_counts(&self) -> StoreResult<Vec<(String, String, u64)>> {
+        use sea_orm::QuerySelect;
+        let rows: Vec<(String, String, i64)> = Entity::find()
+            .select_only()
+            .column(Column::State)
+            .column(Column::Provider)
+            .column_as(Column::Id.count(), "count")
+            .filter(Column::State.is_in(names(&SandboxState::LIVE)))
+            .group_by(Column::State)
+            .group_by(Column::Provider)
+            .into_tuple()
+            .all(self.conn())
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, provider, n)| (state, provider, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+
     /// Sandboxes matching `filter`, oldest first.
     pub async fn list_sandboxes(&self, filter: &SandboxFilter) -> StoreResult<Vec<sandbox::Model>> {
         let mut query = Entity::find();

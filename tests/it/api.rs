@@ -196,7 +196,10 @@ async fn spawn_that_fails_to_start_ends_in_error_then_is_cleaned_up() {
     // then destroyed it; no container remains.
     let mut seen = Vec::new();
     let mut id = String::new();
-    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .map(|r| r.map(|j| j.event))
+    {
         if let stacyvm::events::Event::SandboxState {
             sandbox_id,
             state,

@@ -2,6 +2,7 @@ mod api;
 mod attacks;
 mod auth;
 mod chaos;
+mod ecosystem;
 mod graphql;
 mod ha;
 mod hardening;

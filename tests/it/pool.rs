@@ -150,7 +150,9 @@ async fn a_warm_sandbox_is_handed_out_as_a_fresh_one_and_the_pool_refills() {
     let ttl = (expires - created).num_seconds();
     assert!((419..=421).contains(&ttl), "ttl {ttl}s");
     let mut seen = Vec::new();
-    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(300), events.recv())
+        .await
+        .map(|r| r.map(|j| j.event))
     {
         if let Event::SandboxState {
             sandbox_id,

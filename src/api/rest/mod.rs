@@ -3,6 +3,7 @@
 
 mod admin;
 mod error;
+mod events;
 mod exec;
 mod extract;
 mod files;
@@ -29,6 +30,7 @@ pub fn router(service: Service) -> Router {
     Router::new()
         .merge(sandboxes::router())
         .merge(exec::router())
+        .merge(events::router())
         .merge(files::router())
         .merge(templates::router())
         .merge(system::router())

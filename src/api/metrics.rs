@@ -1,0 +1,53 @@
+//! `/metrics/prometheus` (the original's path) and `/metrics`: the
+//! service's metrics in Prometheus' text format; and the middleware that
+//! counts every HTTP answer by route template and status.
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::api::rest::ApiError;
+use crate::auth::Caller;
+use crate::service::Service;
+
+/// What prometheus-client writes: the OpenMetrics text format (which
+/// Prometheus asks for first), `# EOF` included.
+const TEXT_FORMAT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub fn router(service: Service) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/metrics/prometheus", get(scrape))
+        .route("/api/v1/metrics/prometheus", get(scrape))
+        .with_state(service)
+}
+
+async fn scrape(State(service): State<Service>, caller: Caller) -> Result<Response, ApiError> {
+    let text = service.prometheus_text(&caller).await?;
+    Ok(([(header::CONTENT_TYPE, TEXT_FORMAT)], text).into_response())
+}
+
+/// Counts the answer under its route's template (`/api/v1/sandboxes/{id}`),
+/// `unmatched` for paths no route takes (so that scanners cannot grow the
+/// label set).
+pub async fn record(State(service): State<Service>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().as_str().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let response = next.run(req).await;
+    service.metrics().http(
+        &method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}

@@ -1,0 +1,86 @@
+//! `GET /api/v1/events`: the event bus as server-sent events, the
+//! original's names (`sandbox.created`, `exec.completed`, ...), each with
+//! an `id:`; a client that sends `Last-Event-ID` (browsers' `EventSource`
+//! does on its own) resumes after it without a gap. Filtered by what the
+//! caller may see, by the same rule as the GraphQL subscriptions.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::get;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::ApiError;
+use super::extract::Query;
+use crate::auth::Caller;
+use crate::service::{Service, Streamed};
+
+/// A comment line this often keeps proxies from closing a quiet stream.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+pub fn router() -> Router<Service> {
+    Router::new().route("/events", get(events))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// The same as the `Last-Event-ID` header, for clients that cannot set
+    /// headers; the header wins when both are given.
+    last_event_id: Option<String>,
+}
+
+async fn events(
+    State(service): State<Service>,
+    caller: Caller,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<impl IntoResponse, ApiError> {
+    let header = match headers.get("last-event-id") {
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError(crate::service::Error::BadRequest(
+                "Last-Event-ID is not visible ASCII".into(),
+            ))
+        })?),
+        None => None,
+    };
+    let after = header.or(q.last_event_id.as_deref());
+    let stream = service.follow_events_from(&caller, after)?;
+    let events = Sse::new(stream.map(|item| Ok::<_, Infallible>(to_sse(item))))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE));
+    // Ids number one replica's events: behind a load balancer a client
+    // that resumes on another replica gets a gap, and this says why.
+    Ok((
+        [("x-stacyvm-replica", service.replica_id().to_string())],
+        events,
+    ))
+}
+
+fn to_sse(item: Streamed) -> SseEvent {
+    match item {
+        Streamed::Event { id, event } => {
+            let data = serde_json::to_string(&event).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "an event does not serialise");
+                "{}".into()
+            });
+            SseEvent::default()
+                .event(event.name())
+                .id(id.to_string())
+                .data(data)
+        }
+        Streamed::Gap { missed } => SseEvent::default().event("gap").data(
+            json!({
+                "missed": missed,
+                "message": "events were missed here; read current state again",
+            })
+            .to_string(),
+        ),
+    }
+}
