@@ -221,10 +221,10 @@ _stacyvm_env_image() {
 # Python venv with the reference SDK and pytest.
 _stacyvm_env_venv() {
     local venv="$STACYVM_TEST_STATE_DIR/venv" py="${STACYVM_TEST_PYTHON:-python3}"
-    local reqs="stacyvm==0.1.1 pytest==8.3.5 pytest-asyncio==0.25.3 prometheus-client==0.21.1"
+    local reqs="stacyvm==0.1.1 pytest==8.3.5 pytest-asyncio==0.25.3 prometheus-client==0.21.1 mcp==2.3.0"
     local stamp="$venv/.stacyvm-reqs"
     if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$reqs" ] \
-        && "$venv/bin/python" -c 'import stacyvm, pytest, pytest_asyncio, prometheus_client' >/dev/null 2>&1; then
+        && "$venv/bin/python" -c 'import stacyvm, pytest, pytest_asyncio, prometheus_client, mcp' >/dev/null 2>&1; then
         _stacyvm_env_log "venv: $venv up to date"
     else
         _stacyvm_env_log "venv: creating $venv ($reqs)"

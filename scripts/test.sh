@@ -326,6 +326,7 @@ http {
         listen 127.0.0.1:$port_lb;
         location / {
             proxy_pass http://replicas;
+            proxy_set_header Host \$http_host;
             proxy_http_version 1.1;
             proxy_buffering off;
             proxy_read_timeout 600s;
@@ -363,7 +364,7 @@ EOF
         echo "workers w1 and w2 registered"
     fi
 
-    STACYVM_URL="$url" STACYVM_TEST_PROVIDER="$provider" STACYVM_API_KEY="$api_key" \
+    STACYVM_BIN="$BIN" STACYVM_URL="$url" STACYVM_TEST_PROVIDER="$provider" STACYVM_API_KEY="$api_key" \
         "$PY" -m pytest "$ROOT/tests/sdk" -v -p no:cacheprovider --durations=10 || rc=$?
     if { [ "$pass" = remote ] || [ "$pass" = ha ]; } && [ "$rc" -eq 0 ]; then
         # The suite's sandboxes must have been spread over both workers.

@@ -137,7 +137,8 @@ pub async fn open_store(config: &Config) -> Result<Store, StartError> {
 /// The identity component: stored keys, static keys and JWT settings.
 pub async fn identity(config: &Config, store: &Store) -> Result<Identity, StartError> {
     let pepper = load_pepper(&config.auth, &config.data_dir, store).await?;
-    Ok(Identity::new(store.clone(), config.auth.clone(), pepper)?)
+    Ok(Identity::new(store.clone(), config.auth.clone(), pepper)?
+        .with_allowed_hosts(config.server.allowed_hosts.clone()))
 }
 
 /// Whether `host` only accepts connections from this machine.

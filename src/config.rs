@@ -256,6 +256,11 @@ pub struct ServerConfig {
     /// Requests refused for their credentials, per source address: past
     /// this rate they are answered 429 and no longer audited.
     pub refused_rate_limit: crate::service::RateLimitConfig,
+    /// `Host` names (or `host:port`) this server answers besides
+    /// `localhost` and IP addresses, where it checks them (a guard against
+    /// DNS rebinding): `/mcp` always, the rest of the API in the open mode
+    /// (no credentials). The names clients and reverse proxies use.
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -571,6 +576,7 @@ impl Default for ServerConfig {
                 requests_per_minute: 60,
                 burst: 30,
             },
+            allowed_hosts: Vec::new(),
         }
     }
 }

@@ -101,6 +101,14 @@ enum Command {
         #[command(subcommand)]
         command: FilesCommand,
     },
+    /// An MCP server on stdin/stdout for agents: tools to create sandboxes,
+    /// run commands, use files and destroy sandboxes, each a REST call to
+    /// the server with your key. (The server also serves MCP over
+    /// streamable HTTP at /mcp.)
+    Mcp {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Print the GraphQL schema (SDL), as committed in schema.graphql.
@@ -457,7 +465,15 @@ async fn client(command: Command) -> Result<u8, stacyvm::cli::CliError> {
                         workdir,
                         timeout,
                     };
-                    return client::exec(&target, &id, args, json).await;
+                    // The command's exit code is the CLI's; StacyVM's own
+                    // failures exit 125, apart from any command's.
+                    return Ok(match client::exec(&target, &id, args, json).await {
+                        Ok(code) => code,
+                        Err(e) => {
+                            eprintln!("stacyvm: {e}");
+                            client::CLIENT_FAILED
+                        }
+                    });
                 }
                 SandboxCommand::Rm { ids } => client::remove(&target, &ids).await?,
                 SandboxCommand::Logs { id, lines } => client::logs(&target, &id, lines).await?,
@@ -484,6 +500,7 @@ async fn run(cli: Cli, config: Config) -> Result<u8, Box<dyn std::error::Error>>
         command @ (Command::Sandbox { .. } | Command::Files { .. }) => {
             return Ok(client(command).await?);
         }
+        Command::Mcp { api } => stacyvm::cli::mcp::serve_stdio(api.target()).await?,
         Command::Serve { .. } => {
             let listener = app::bind(&config).await?;
             let mut config = config;

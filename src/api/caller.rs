@@ -39,6 +39,7 @@ pub fn credentials(
         user_id: get("x-user-id"),
         request_id,
         peer,
+        host: get("host"),
     }
 }
 

@@ -37,14 +37,24 @@ async fn scrape(State(service): State<Service>, caller: Caller) -> Result<Respon
 /// label set).
 pub async fn record(State(service): State<Service>, req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = req.method().as_str().to_string();
+    // A fixed set: clients may send any token as a method.
+    let method = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let response = next.run(req).await;
     service.metrics().http(
-        &method,
+        method,
         &route,
         response.status().as_u16(),
         started.elapsed(),

@@ -4,6 +4,7 @@
 pub mod caller;
 pub mod graphql;
 pub mod internal;
+pub mod mcp;
 pub mod metrics;
 pub mod playground;
 pub mod rest;
@@ -53,6 +54,7 @@ pub fn router(service: Service) -> Router {
         .merge(playground::router())
         .merge(internal::router(service.clone()))
         .merge(metrics::router(service.clone()))
+        .merge(mcp::router(service.clone()))
         .fallback(rest::not_found)
         .layer(axum::middleware::from_fn_with_state(
             service.clone(),

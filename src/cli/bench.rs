@@ -444,6 +444,7 @@ async fn answer(resp: reqwest::Response) -> Result<Value, CliError> {
     if !status.is_success() {
         return Err(CliError::Refused {
             status: status.as_u16(),
+            code: value["code"].as_str().unwrap_or_default().to_string(),
             message: value.to_string(),
         });
     }

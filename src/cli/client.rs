@@ -41,6 +41,10 @@ pub struct ExecArgs {
 /// Exit status of an exec whose command timed out (as coreutils' timeout).
 pub const TIMED_OUT: u8 = 124;
 
+/// Exit status of an exec that failed on StacyVM's side, not the
+/// command's (as `docker run` answers 125): a refused call, a lost stream.
+pub const CLIENT_FAILED: u8 = 125;
+
 fn pairs(items: &[String], what: &str) -> Result<serde_json::Map<String, Value>, CliError> {
     items
         .iter()
@@ -90,6 +94,7 @@ pub async fn create(target: &Target, args: CreateArgs, json_out: bool) -> Result
         }
     };
     put("image", args.image.map(Value::String));
+    put("template", args.template.map(Value::String));
     put("provider", args.provider.map(Value::String));
     put("ttl", args.ttl.map(Value::String));
     put("memory_mb", args.memory_mb.map(Value::from));
@@ -103,14 +108,10 @@ pub async fn create(target: &Target, args: CreateArgs, json_out: bool) -> Result
     // Spawning may wait: an image pull, a queued spawn. Say so on a
     // terminal while it does.
     let progress = spinner("creating sandbox");
-    let path = match &args.template {
-        Some(name) => format!("/templates/{}/spawn", urlencode(name)),
-        None => "/sandboxes".to_string(),
-    };
     let answer = target
         .send_json(
             Method::POST,
-            &path,
+            "/sandboxes",
             Some(Value::Object(body)),
             Duration::from_secs(600),
         )
@@ -237,6 +238,9 @@ pub async fn exec(
             .send_json(Method::POST, &path, Some(body), wait)
             .await?;
         print_json(&answer);
+        if answer.get("timed_out").and_then(Value::as_bool) == Some(true) {
+            return Ok(TIMED_OUT);
+        }
         let code = answer.get("exit_code").and_then(Value::as_i64).unwrap_or(1);
         return Ok(exit_byte(code));
     }
@@ -284,8 +288,10 @@ pub async fn exec(
     if end.get("timed_out").and_then(Value::as_bool) == Some(true) {
         return Ok(TIMED_OUT);
     }
-    if let Some(error) = end.get("error").and_then(Value::as_str) {
-        return Err(CliError::Other(error.to_string()));
+    if end.get("error").and_then(Value::as_str).is_some() {
+        // The server said why as the stream's last stderr line, printed
+        // above: not again.
+        return Ok(CLIENT_FAILED);
     }
     Ok(exit_byte(
         end.get("exit_code").and_then(Value::as_i64).unwrap_or(1),
@@ -300,7 +306,8 @@ fn exit_byte(code: i64) -> u8 {
 /// `ID:PATH` → (id, path).
 fn remote(spec: &str) -> Option<(&str, &str)> {
     let (id, path) = spec.split_once(':')?;
-    (id.starts_with("sb-") && path.starts_with('/')).then_some((id, path))
+    let id_ok = id.starts_with("sb-") && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    (id_ok && path.starts_with('/')).then_some((id, path))
 }
 
 fn urlencode(text: &str) -> String {

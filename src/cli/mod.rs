@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod mcp;
 pub mod workers;
 
 use std::time::Duration;
@@ -14,7 +15,13 @@ pub enum CliError {
     #[error("cannot reach {url}: {source}")]
     Unreachable { url: String, source: reqwest::Error },
     #[error("{status}: {message}")]
-    Refused { status: u16, message: String },
+    Refused {
+        status: u16,
+        /// The API's error code (`NOT_FOUND`, ...); empty when the answer
+        /// had none (a proxy's page, say).
+        code: String,
+        message: String,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -40,10 +47,18 @@ impl Target {
         timeout: Duration,
     ) -> reqwest::RequestBuilder {
         let url = format!("{}/api/v1{path}", self.server.trim_end_matches('/'));
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .unwrap_or_default();
+        // One client per process: its connections are reused (`stacyvm
+        // mcp` makes a call per tool use).
+        static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+        let client = CLIENT.get_or_init(|| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "HTTP client without its connect timeout");
+                    reqwest::Client::new()
+                })
+        });
         let mut req = client.request(method, url).timeout(timeout);
         if let Some(key) = &self.admin_key {
             req = req.header("X-Admin-API-Key", key);
@@ -68,19 +83,22 @@ impl Target {
         if status.is_success() {
             return Ok(resp);
         }
-        let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-        let message = body
-            .get("message")
-            .and_then(|m| m.as_str())
-            .unwrap_or("no message")
-            .to_string();
+        let text = resp.text().await.unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let field = |k: &str| body.get(k).and_then(|m| m.as_str()).map(str::to_string);
+        // Not the API's error shape (a proxy's page): its first line.
+        let message = field("message").unwrap_or_else(|| {
+            let line = text.lines().next().unwrap_or("no message");
+            line.chars().take(200).collect()
+        });
         Err(CliError::Refused {
             status: status.as_u16(),
+            code: field("code").unwrap_or_default(),
             message,
         })
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -89,7 +107,7 @@ impl Target {
             .await
     }
 
-    async fn send_json(
+    pub(crate) async fn send_json(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -106,7 +124,7 @@ impl Target {
     }
 
     /// A sandbox file's bytes.
-    async fn read_file(&self, id: &str, path: &str) -> Result<bytes::Bytes, CliError> {
+    pub(crate) async fn read_file(&self, id: &str, path: &str) -> Result<bytes::Bytes, CliError> {
         let mut url =
             reqwest::Url::parse("http://x/").map_err(|e| CliError::Other(e.to_string()))?;
         url.query_pairs_mut().append_pair("path", path);

@@ -31,6 +31,36 @@ pub struct Credentials {
     /// The address the request came from, when the transport knows it:
     /// refused requests are rate limited per address.
     pub peer: Option<std::net::IpAddr>,
+    /// The request's `Host` header: the open mode answers only names that
+    /// cannot be a DNS-rebinding attacker's (see [`trusted_host`]).
+    pub host: Option<String>,
+}
+
+/// Whether a request naming `host` may be served without credentials:
+/// no `Host` at all (not a browser), an IP address, `localhost` (and
+/// `*.localhost`), or a name the operator lists in `server.allowed_hosts`.
+/// A web page that rebinds its own name to 127.0.0.1 sends its own name,
+/// and is refused.
+pub fn trusted_host(host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let host = host.trim().to_ascii_lowercase();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host.as_str(),
+        }
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name == "localhost"
+        || name.ends_with(".localhost")
+        || allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(name) || a.eq_ignore_ascii_case(&host))
 }
 
 /// A stored key as listed (never the key itself).
@@ -86,6 +116,9 @@ pub struct Identity {
     /// unauthenticated request asks the store, so a key made anywhere (the
     /// CLI, another replica) is enforced at once.
     closed: std::sync::atomic::AtomicBool,
+    /// `server.allowed_hosts`: names the open mode answers besides
+    /// localhost and IP addresses.
+    allowed_hosts: Vec<String>,
 }
 
 /// Why the identity component could not start.
@@ -212,7 +245,15 @@ impl Identity {
             config,
             jwt,
             closed: std::sync::atomic::AtomicBool::new(false),
+            allowed_hosts: Vec::new(),
         })
+    }
+
+    /// The `Host` names (besides localhost and IP addresses) the open mode
+    /// answers (`server.allowed_hosts`).
+    pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Identity {
+        self.allowed_hosts = hosts;
+        self
     }
 
     /// A secret derived from the pepper for `label` (HMAC): replicas that
@@ -306,6 +347,12 @@ impl Identity {
         } else if self.auth_required().await? {
             return Err(Error::Unauthorized(
                 "authentication required: send X-API-Key, X-Admin-API-Key or Authorization: Bearer"
+                    .into(),
+            ));
+        } else if !trusted_host(creds.host.as_deref(), &self.allowed_hosts) {
+            return Err(Error::Forbidden(
+                "this server runs without credentials and answers only requests for localhost or \
+                 an IP address (or a name in server.allowed_hosts): a guard against DNS rebinding"
                     .into(),
             ));
         } else {
@@ -460,6 +507,36 @@ impl Identity {
         match self.store.revoke_api_keys(id_or_prefix).await? {
             0 => Err(Error::NotFound(format!("no active key {id_or_prefix}"))),
             n => Ok(n),
+        }
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::trusted_host;
+
+    #[test]
+    fn trusted_hosts_are_ips_localhost_and_listed_names() {
+        let listed = vec!["box.internal".to_string()];
+        for ok in [
+            None,
+            Some("127.0.0.1:7423"),
+            Some("10.1.2.3"),
+            Some("[::1]:80"),
+            Some("LOCALHOST:1"),
+            Some("a.localhost"),
+            Some("box.internal:9"),
+        ] {
+            assert!(trusted_host(ok, &listed), "{ok:?}");
+        }
+        for bad in [
+            Some("evil.example"),
+            Some("localhost.evil.example"),
+            Some("box.internal.evil"),
+            Some("127.0.0.1.nip.io"),
+            Some(""),
+        ] {
+            assert!(!trusted_host(bad, &listed), "{bad:?}");
         }
     }
 }

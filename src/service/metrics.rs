@@ -44,7 +44,8 @@ struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HttpLabels {
-    method: String,
+    /// GET, POST, ... or `other`.
+    method: &'static str,
     /// The route's template (`/api/v1/sandboxes/{id}`), never the path
     /// itself: the label set stays as small as the API.
     route: String,
@@ -249,10 +250,10 @@ impl Metrics {
     }
 
     /// One HTTP answer: `route` is the matched route's template.
-    pub fn http(&self, method: &str, route: &str, status: u16, took: Duration) {
+    pub fn http(&self, method: &'static str, route: &str, status: u16, took: Duration) {
         self.http_requests
             .get_or_create(&HttpLabels {
-                method: method.to_string(),
+                method,
                 route: route.to_string(),
                 status,
             })

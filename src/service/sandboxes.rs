@@ -413,11 +413,17 @@ impl Service {
         let outcome = tokio::spawn(async move { service.spawn_inner(&task_caller, req).await })
             .await
             .unwrap_or_else(|e| Err(Error::internal(format!("spawn task failed: {e}"))));
-        let provider = outcome
-            .as_ref()
-            .map_or(asked.as_str(), |s| s.provider.as_str());
+        // A refused spawn is labelled with what it asked for only when a
+        // worker offers that provider: clients choose the text, and the
+        // label set must stay as small as the installation.
+        let provider = match &outcome {
+            Ok(s) => s.provider.clone(),
+            Err(_) if asked.is_empty() => "default".to_string(),
+            Err(_) if self.providers().iter().any(|p| p.name == asked) => asked,
+            Err(_) => "other".to_string(),
+        };
         self.metrics()
-            .spawned(provider, &outcome, started.elapsed());
+            .spawned(&provider, &outcome, started.elapsed());
         let target = outcome.as_ref().map(|s| s.id.clone()).unwrap_or_default();
         self.audit(
             caller,

@@ -61,13 +61,13 @@ impl Service {
         self.inner.shutdown.streams_closed.clone().cancelled_owned()
     }
 
-    /// Marks a long-lived stream as open until the guard is dropped; a
-    /// shutdown waits (briefly) for every guard after ending the streams.
     /// Long-lived streams open now (each holds a [`Service::stream_guard`]).
     pub(super) fn open_streams(&self) -> usize {
         self.inner.shutdown.streams.len()
     }
 
+    /// Marks a long-lived stream as open until the guard is dropped; a
+    /// shutdown waits (briefly) for every guard after ending the streams.
     pub fn stream_guard(&self) -> tokio_util::task::task_tracker::TaskTrackerToken {
         self.inner.shutdown.streams.token()
     }

@@ -25,6 +25,10 @@ use sea_orm::{Statement, Value};
 /// and closed after.
 const MAX_IDLE: usize = 8;
 
+/// Connections open at once, idle or in use: past it a read goes through
+/// sqlx (whose pool has its own bound) instead of opening another.
+const MAX_OPEN: usize = 16;
+
 /// How long a read waits on a locked database (WAL recovery, a checkpoint
 /// that truncates) before it gives up and goes through sqlx, which waits
 /// without holding a thread.
@@ -41,6 +45,8 @@ pub(super) enum DirectError {
     Columns(Vec<String>),
     #[error("a read in a blocking task failed: {0}")]
     Task(String),
+    #[error("{MAX_OPEN} direct connections are in use")]
+    Busy,
 }
 
 impl DirectError {
@@ -48,7 +54,10 @@ impl DirectError {
     /// busy or unreadable), as opposed to a statement this reader cannot
     /// run at all.
     pub(super) fn is_transient(&self) -> bool {
-        matches!(self, DirectError::Sqlite(_) | DirectError::Task(_))
+        matches!(
+            self,
+            DirectError::Sqlite(_) | DirectError::Task(_) | DirectError::Busy
+        )
     }
 }
 
@@ -57,6 +66,8 @@ impl DirectError {
 pub(super) struct Direct {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    /// Connections open, idle or in use (at most [`MAX_OPEN`]).
+    open: std::sync::atomic::AtomicUsize,
 }
 
 impl Direct {
@@ -67,6 +78,7 @@ impl Direct {
         Some(Direct {
             path: PathBuf::from(path),
             idle: Mutex::new(Vec::new()),
+            open: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -90,15 +102,36 @@ impl Direct {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, DirectError>,
     ) -> Result<T, DirectError> {
+        use std::sync::atomic::Ordering;
         let pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         let conn = match pooled {
             Some(conn) => conn,
-            None => Self::open(&self.path)?,
+            None => {
+                let taken = self
+                    .open
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < MAX_OPEN).then_some(n + 1)
+                    });
+                if taken.is_err() {
+                    return Err(DirectError::Busy);
+                }
+                match Self::open(&self.path) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        self.open.fetch_sub(1, Ordering::AcqRel);
+                        return Err(e);
+                    }
+                }
+            }
         };
         let out = f(&conn);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push(conn);
+        } else {
+            drop(idle);
+            drop(conn);
+            self.open.fetch_sub(1, Ordering::AcqRel);
         }
         out
     }
@@ -257,6 +290,28 @@ mod tests {
         assert!(matches!(write, Err(DirectError::Sqlite(_))), "{write:?}");
         let still = direct.rows(&stmt("SELECT a FROM t"), None, |r| r.get::<_, String>(0));
         assert_eq!(still.unwrap(), ["x"]);
+    }
+
+    #[test]
+    fn open_connections_are_bounded() {
+        let (_dir, direct) = reader_on_a_table();
+        // Each level holds a connection while the next asks for one.
+        fn hold(direct: &Direct, depth: usize) -> Result<usize, DirectError> {
+            direct.with_conn(|_| match hold(direct, depth + 1) {
+                Err(DirectError::Busy) => Ok(depth + 1),
+                other => other,
+            })
+        }
+        assert_eq!(
+            hold(&direct, 0).unwrap(),
+            MAX_OPEN,
+            "the next one was refused"
+        );
+        // All given back: reads work again, on the kept idle ones.
+        let rows = direct.rows(&stmt("SELECT a FROM t"), None, |r| r.get::<_, String>(0));
+        assert_eq!(rows.unwrap(), ["x"]);
+        let open = direct.open.load(std::sync::atomic::Ordering::Acquire);
+        assert_eq!(open, MAX_IDLE, "the rest were closed");
     }
 
     #[test]

@@ -335,6 +335,13 @@ async fn prometheus_metrics_count_what_happened_for_operators_only() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(got.status(), 200);
+    // Methods are a fixed set of labels too.
+    for n in 0..3 {
+        let method =
+            reqwest::Method::from_bytes(format!("PROBE{n}").as_bytes()).unwrap_or_default();
+        let probe = server.http.request(method, server.url("/sandboxes"));
+        probe.send().await.unwrap_or_else(|e| panic!("{e}"));
+    }
     for n in 0..3 {
         let probe = server.http.get(server.url(&format!("/no/such/path/{n}")));
         let status = probe.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
@@ -381,6 +388,11 @@ async fn prometheus_metrics_count_what_happened_for_operators_only() {
         "{text}"
     );
     assert!(!text.contains("/no/such/path"), "{text}");
+    assert!(!text.contains("PROBE"), "{text}");
+    assert!(
+        sample(&text, "stacyvm_http_requests_total", &[("method", "other")]) >= Some(3.0),
+        "{text}"
+    );
     assert_eq!(
         sample(&text, "stacyvm_workers", &[("status", "online")]),
         Some(1.0)
@@ -582,6 +594,16 @@ async fn the_cli_drives_sandboxes_and_files_and_exits_as_the_command_did() {
     assert!(out.is_empty());
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("stacyvm: 404: "), "{err}");
+    // StacyVM's own failure in an exec is 125, apart from the command's.
+    let (code, _, err) = cli(
+        &server,
+        &alice,
+        &["sandbox", "exec", "sb-00000000", "--", "true"],
+        b"",
+    )
+    .await;
+    assert_eq!(code, 125, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
     let (code, _, err) = cli(&server, "", &["sandbox", "ls"], b"").await;
     assert_eq!(code, 1);
     assert!(err.starts_with("stacyvm: 401: "), "{err}");

@@ -1071,3 +1071,86 @@ async fn new_read_surfaces_refuse_strangers() {
         .unwrap_or_else(|e| panic!("{e}"));
     server.stop().await;
 }
+
+/// DNS rebinding: a web page whose name resolves to 127.0.0.1 would reach
+/// an open server (no credentials) as same-origin. The open mode answers
+/// only requests for localhost, an IP address or a listed name; a server
+/// with credentials answers any name (the key is what counts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_server_refuses_a_rebound_host_name() {
+    let server = TestServer::start(|c| {
+        c.providers.memory.enabled = true;
+        c.server.allowed_hosts = vec!["sandboxes.internal".into()];
+    })
+    .await;
+    let port = server
+        .base
+        .split(':')
+        .nth(2)
+        .unwrap_or_default()
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let get = |host: String| {
+        let req = server
+            .http
+            .get(server.url("/sandboxes"))
+            .header("host", host);
+        async move {
+            let resp = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+            let status = resp.status().as_u16();
+            (
+                status,
+                resp.json::<serde_json::Value>().await.unwrap_or_default(),
+            )
+        }
+    };
+    for evil in [
+        "attacker.example",
+        "attacker.example:80",
+        &format!("rebind.attacker.example:{port}"),
+    ] {
+        let (status, body) = get(evil.to_string()).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (403, Some("FORBIDDEN")),
+            "{evil}: {body}"
+        );
+    }
+    // Nothing was done for them: a spawn with a rebound name is refused too.
+    let spawn = server
+        .http
+        .post(server.url("/sandboxes"))
+        .header("host", "attacker.example")
+        .json(&serde_json::json!({"provider": "memory", "image": "x"}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_eq!(spawn, 403);
+    for fine in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "[::1]:7423".to_string(),
+        "app.localhost".to_string(),
+        format!("sandboxes.internal:{port}"),
+    ] {
+        let (status, body) = get(fine.clone()).await;
+        assert_eq!(status, 200, "{fine}: {body}");
+        assert_eq!(body, serde_json::json!([]), "nothing was spawned: {body}");
+    }
+    // With credentials, the key decides, not the name.
+    let key = crate::support::key(&server, "alice", stacyvm::auth::Role::Owner).await;
+    let with_key = server
+        .http
+        .get(server.url("/sandboxes"))
+        .header("host", "api.example.com")
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_eq!(with_key, 200);
+    server.stop().await;
+}

@@ -42,6 +42,9 @@ struct ExecAnswer {
     execution_id: String,
     /// Output past `defaults.max_exec_output_bytes` (per stream) was cut.
     truncated: bool,
+    /// The command was killed at its timeout (`exit_code` is then the
+    /// kill's).
+    timed_out: bool,
 }
 
 /// `?trailer=true`: a streamed exec ends with one more line saying how the
@@ -100,6 +103,7 @@ async fn exec(
             duration: duration::format(collected.result.duration),
             execution_id: collected.result.execution_id,
             truncated: collected.truncated,
+            timed_out: collected.result.timed_out,
         })
         .into_response());
     }
