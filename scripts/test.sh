@@ -438,12 +438,13 @@ run_browser() {
         return 1
     fi
     echo "server up at $url (pid $SERVER_PID)"
-    STACYVM_URL="$url" node --test "$ROOT/tests/browser/playground.test.mjs" || rc=$?
+    STACYVM_URL="$url" node --test "$ROOT/tests/browser/playground.test.mjs" \
+        "$ROOT/tests/browser/dashboard.test.mjs" || rc=$?
     if [ "$rc" -ne 0 ]; then
         echo "--- server log (tail) ---"
         tail -n 80 "$log" || true
     else
-        echo "screenshot: $TARGET_DIR/playground.png"
+        echo "screenshots: $TARGET_DIR/playground.png $TARGET_DIR/dashboard.png"
     fi
     stop_server
     return "$rc"

@@ -16,7 +16,7 @@ use crate::service::{Credentials, Error, Service};
 fn is_public(path: &str) -> bool {
     matches!(
         path,
-        "/api/v1/health" | "/api/v1/live" | "/api/v1/ready" | "/playground"
+        "/api/v1/health" | "/api/v1/live" | "/api/v1/ready" | "/playground" | "/dashboard"
     ) || path.starts_with("/playground/assets/")
         || path == "/graphql"
 }

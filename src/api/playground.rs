@@ -78,6 +78,16 @@ const ASSETS: &[Asset] = &[
         content_type: CSS,
         body: include_bytes!("../../playground/assets/playground.css"),
     },
+    Asset {
+        name: "dashboard.js",
+        content_type: JS,
+        body: include_bytes!("../../playground/assets/dashboard.js"),
+    },
+    Asset {
+        name: "dashboard.css",
+        content_type: CSS,
+        body: include_bytes!("../../playground/assets/dashboard.css"),
+    },
 ];
 
 /// The page as committed; asset URLs carry the placeholder [`VERSION_MARK`].
@@ -93,6 +103,12 @@ const ASSET_CACHE: &str = "public, max-age=31536000, immutable";
 /// The page, with every asset URL versioned by a hash of all assets.
 static PAGE: LazyLock<String> =
     LazyLock::new(|| TEMPLATE.replace(VERSION_MARK, &format!("{:016x}", assets_hash())));
+
+/// The dashboard (`/dashboard`): sandboxes live, a terminal view of a
+/// command, files, workers and audit events, over the same API.
+const DASHBOARD_TEMPLATE: &str = include_str!("../../playground/dashboard.html");
+static DASHBOARD: LazyLock<String> =
+    LazyLock::new(|| DASHBOARD_TEMPLATE.replace(VERSION_MARK, &format!("{:016x}", assets_hash())));
 
 /// FNV-1a over every asset's name and bytes: changes whenever any asset does.
 fn assets_hash() -> u64 {
@@ -113,12 +129,23 @@ fn assets_hash() -> u64 {
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/playground", get(page))
+        .route("/dashboard", get(dashboard))
         .route("/playground/assets/{file}", get(asset))
 }
 
 /// The playground page (also usable as a handler on its own, e.g.
 /// `get(playground::page).post_service(graphql)`).
 pub async fn page() -> Response {
+    html(PAGE.as_str())
+}
+
+/// The dashboard page.
+pub async fn dashboard() -> Response {
+    html(DASHBOARD.as_str())
+}
+
+/// A page of ours with the headers every one carries.
+fn html(page: &'static str) -> Response {
     (
         [
             (
@@ -142,7 +169,7 @@ pub async fn page() -> Response {
                 HeaderValue::from_static("nosniff"),
             ),
         ],
-        PAGE.as_str(),
+        page,
     )
         .into_response()
 }
@@ -210,6 +237,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_dashboard_names_no_other_host() {
+        let (status, headers, body) = get("/dashboard").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(header(&headers, header::CONTENT_SECURITY_POLICY).contains("default-src 'self'"));
+        let html = String::from_utf8(body).unwrap();
+        assert!(html.contains("id=\"sandboxes\""), "{html}");
+        let lower = html.to_ascii_lowercase();
+        assert!(
+            !lower.contains("http://") && !lower.contains("https://"),
+            "{html}"
+        );
+        assert!(!html.contains(VERSION_MARK), "placeholder left in the page");
+    }
+
+    #[tokio::test]
     async fn the_page_names_no_other_host() {
         let (status, headers, body) = get("/playground").await;
         assert_eq!(status, StatusCode::OK);
@@ -239,13 +281,17 @@ mod tests {
 
     #[tokio::test]
     async fn every_referenced_asset_is_served_with_its_type_and_cache_headers() {
-        let (_, _, body) = get("/playground").await;
-        let html = String::from_utf8(body).unwrap();
-        let refs: Vec<String> = references(&html)
-            .into_iter()
-            .filter(|r| !r.starts_with("data:"))
-            .collect();
-        // The five vendored files plus ours.
+        let mut refs: Vec<String> = Vec::new();
+        for page in ["/playground", "/dashboard"] {
+            let (_, _, body) = get(page).await;
+            let html = String::from_utf8(body).unwrap();
+            for r in references(&html) {
+                if !r.starts_with("data:") && !refs.contains(&r) {
+                    refs.push(r);
+                }
+            }
+        }
+        // The five vendored files plus ours, each used by a page.
         assert_eq!(refs.len(), ASSETS.len(), "{refs:?}");
         let version = format!("?v={:016x}", assets_hash());
         for url in &refs {
