@@ -120,7 +120,19 @@ impl Target {
         }
         let resp = req.send().await.map_err(|e| self.unreachable(e))?;
         let resp = Self::check(resp).await?;
-        Ok(resp.json().await.unwrap_or(serde_json::Value::Null))
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| CliError::Other(format!("reading the server's answer: {e}")))?;
+        if text.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(&text).map_err(|e| {
+            CliError::Other(format!(
+                "the server's answer is not JSON ({e}): {}",
+                text.chars().take(120).collect::<String>()
+            ))
+        })
     }
 
     /// A sandbox file's bytes.

@@ -315,6 +315,23 @@ mod tests {
     }
 
     #[test]
+    fn percent_encoded_paths_are_the_files_sqlx_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("my data?.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (a TEXT); INSERT INTO t VALUES ('y');")
+            .unwrap();
+        let encoded = path
+            .to_string_lossy()
+            .replace(' ', "%20")
+            .replace('?', "%3F");
+        let direct = Direct::for_url(&format!("sqlite://{encoded}?mode=rwc")).unwrap();
+        let rows = direct.rows(&stmt("SELECT a FROM t"), None, |r| r.get::<_, String>(0));
+        assert_eq!(rows.unwrap(), ["y"]);
+    }
+
+    #[test]
     fn in_memory_databases_have_no_reader() {
         for url in [
             "sqlite::memory:",

@@ -246,15 +246,23 @@ impl Store {
     }
 }
 
-/// The file of a SQLite database URL (`sqlite://path?mode=rwc`); `None`
-/// for other databases and in-memory ones.
-pub fn sqlite_file(url: &str) -> Option<&str> {
+/// The file of a SQLite database URL (`sqlite://path?mode=rwc`),
+/// percent-decoded as sqlx decodes it (`my%20data.db` is `my data.db`);
+/// `None` for other databases, in-memory ones and paths that do not
+/// decode to UTF-8 (sqlx refuses those too).
+pub fn sqlite_file(url: &str) -> Option<String> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next().unwrap_or_default();
     let memory = path.is_empty() || path.contains(":memory:") || rest.contains("mode=memory");
-    (!memory).then_some(path)
+    if memory {
+        return None;
+    }
+    let decoded = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .ok()?;
+    Some(decoded.into_owned())
 }
 
 /// Rows strictly after `cursor` in (created_at, id) order.
