@@ -619,3 +619,150 @@ async fn the_cli_drives_sandboxes_and_files_and_exits_as_the_command_did() {
     assert!(code == 1 && err.contains("404"), "{err}");
     server.stop().await;
 }
+
+/// One JSON-RPC call to `/mcp` (stateless: no session needed), as any
+/// HTTP client can send it: (status, body).
+async fn mcp_call(
+    server: &TestServer,
+    key: Option<&str>,
+    host: Option<&str>,
+    body: String,
+) -> (u16, Value) {
+    let mut req = server
+        .http
+        .post(server.base.replace("/api/v1", "/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(body);
+    if let Some(key) = key {
+        req = req.header("x-api-key", key);
+    }
+    if let Some(host) = host {
+        req = req.header("host", host);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or_default())
+}
+
+fn tool(name: &str, arguments: Value) -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+           "params": {"name": name, "arguments": arguments}})
+    .to_string()
+}
+
+/// The MCP tools attacked: as another tenant's key, anonymously, with a
+/// rebinding Host, malformed and oversized input. Nothing of alice's is
+/// seen or touched, and every refusal is a 4xx or a tool error, never a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_tools_show_and_touch_only_the_callers_own() {
+    let server = TestServer::start(|c| {
+        c.providers.memory.enabled = true;
+        c.server.max_body_bytes = 64 * 1024;
+    })
+    .await;
+    let alice = key(&server, "alice", Role::Owner).await;
+    let bob = key(&server, "bob", Role::Owner).await;
+    let hers = spawn(&server, &alice).await;
+
+    let (s, listed) = mcp_call(&server, Some(&bob), None, tool("list_sandboxes", json!({}))).await;
+    assert_eq!(s, 200, "{listed}");
+    let text = listed["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!text.contains(&hers), "bob lists none of alice's: {text}");
+    for (name, args) in [
+        (
+            "run_command",
+            json!({"sandbox_id": hers, "command": "true"}),
+        ),
+        (
+            "read_file",
+            json!({"sandbox_id": hers, "path": "/etc/passwd"}),
+        ),
+        (
+            "write_file",
+            json!({"sandbox_id": hers, "path": "/tmp/x", "content": "x"}),
+        ),
+        ("list_files", json!({"sandbox_id": hers, "path": "/"})),
+        ("destroy_sandbox", json!({"sandbox_id": hers})),
+    ] {
+        let (s, v) = mcp_call(&server, Some(&bob), None, tool(name, args)).await;
+        assert_eq!(
+            (s, v["result"]["isError"].as_bool()),
+            (200, Some(true)),
+            "{name}: {v}"
+        );
+        let text = v["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.starts_with("NOT_FOUND"), "{name}: {text}");
+    }
+    // Hers, as she left it.
+    let (s, mine) = mcp_call(
+        &server,
+        Some(&alice),
+        None,
+        tool("list_sandboxes", json!({})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert!(
+        mine["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&hers)
+    );
+
+    // No key, a wrong key: refused before any tool runs.
+    let (s, v) = mcp_call(&server, None, None, tool("list_sandboxes", json!({}))).await;
+    assert_eq!((s, v["code"].as_str()), (401, Some("UNAUTHORIZED")), "{v}");
+    let (s, _) = mcp_call(
+        &server,
+        Some("svm_wrong"),
+        None,
+        tool("list_sandboxes", json!({})),
+    )
+    .await;
+    assert_eq!(s, 401);
+    // A rebinding name, even with a key.
+    let (s, _) = mcp_call(
+        &server,
+        Some(&alice),
+        Some("attacker.example"),
+        tool("list_sandboxes", json!({})),
+    )
+    .await;
+    assert_eq!(s, 403);
+    // Malformed and oversized input.
+    let (s, _) = mcp_call(&server, Some(&alice), None, "{not json".into()).await;
+    assert!((400..500).contains(&s), "{s}");
+    let (s, v) = mcp_call(
+        &server,
+        Some(&alice),
+        None,
+        tool("run_command", json!({"sandbox_id": 5})),
+    )
+    .await;
+    assert_eq!(
+        (s, v["result"]["isError"].as_bool()),
+        (200, Some(true)),
+        "{v}"
+    );
+    let big = "x".repeat(128 * 1024);
+    let (s, _) = mcp_call(
+        &server,
+        Some(&alice),
+        None,
+        tool(
+            "write_file",
+            json!({"sandbox_id": hers, "path": "/tmp/big", "content": big}),
+        ),
+    )
+    .await;
+    assert_eq!(s, 413, "a body over server.max_body_bytes");
+    let (s, v) = mcp_call(&server, Some(&alice), None, tool("no_such_tool", json!({}))).await;
+    assert!(s < 500, "{s} {v}");
+    server.stop().await;
+}
