@@ -12,7 +12,7 @@ use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use super::{CliError, Target};
+use super::{CliError, Target, files_path, sandbox_path};
 
 /// What `stacyvm sandbox create` asks for.
 #[derive(Debug, Default)]
@@ -55,13 +55,6 @@ fn pairs(items: &[String], what: &str) -> Result<serde_json::Map<String, Value>,
             ))),
         })
         .collect()
-}
-
-fn sandbox_path(id: &str) -> Result<String, CliError> {
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(CliError::Other(format!("not a sandbox id: {id:?}")));
-    }
-    Ok(format!("/sandboxes/{id}"))
 }
 
 fn print_json(value: &Value) {
@@ -306,19 +299,8 @@ fn exit_byte(code: i64) -> u8 {
 /// `ID:PATH` → (id, path).
 fn remote(spec: &str) -> Option<(&str, &str)> {
     let (id, path) = spec.split_once(':')?;
-    let id_ok = id.starts_with("sb-") && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    let id_ok = id.starts_with("sb-") && sandbox_path(id).is_ok();
     (id_ok && path.starts_with('/')).then_some((id, path))
-}
-
-fn urlencode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
 }
 
 pub async fn cat(target: &Target, spec: &str) -> Result<(), CliError> {
@@ -334,7 +316,7 @@ pub async fn cat(target: &Target, spec: &str) -> Result<(), CliError> {
 pub async fn ls(target: &Target, spec: &str, json_out: bool) -> Result<(), CliError> {
     let (id, path) = remote(spec)
         .ok_or_else(|| CliError::Other(format!("expected SANDBOX_ID:/path, got {spec:?}")))?;
-    let query = format!("{}/files/list?path={}", sandbox_path(id)?, urlencode(path));
+    let query = files_path(id, "/list", path)?;
     let entries = target.send(Method::GET, &query).await?;
     if json_out {
         print_json(&entries);
@@ -439,7 +421,11 @@ mod tests {
         assert_eq!(remote("./local:file"), None);
         assert_eq!(remote("sb-1:relative"), None);
         assert_eq!(remote("-"), None);
-        assert_eq!(urlencode("/a b/ü?"), "/a%20b/%C3%BC%3F");
+        assert_eq!(
+            files_path("sb-1", "/list", "/a b/ü?&x=1").unwrap(),
+            "/sandboxes/sb-1/files/list?path=%2Fa%20b%2F%C3%BC%3F%26x%3D1"
+        );
+        assert!(files_path("../admin", "", "/").is_err());
     }
 
     #[test]

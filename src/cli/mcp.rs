@@ -50,10 +50,7 @@ fn code_of(status: u16) -> &'static str {
 }
 
 fn sandbox(id: &str) -> Result<String, ToolError> {
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(format!("BAD_REQUEST: not a sandbox id: {id:?}"));
-    }
-    Ok(format!("/sandboxes/{id}"))
+    super::sandbox_path(id).map_err(|e| format!("BAD_REQUEST: {e}"))
 }
 
 const LONG: Duration = Duration::from_secs(24 * 3600);
@@ -162,14 +159,8 @@ impl Backend for Rest {
         id: &str,
         path: &str,
     ) -> Result<Value, ToolError> {
-        let mut url =
-            reqwest::Url::parse("http://x/").map_err(|e| format!("INTERNAL_ERROR: {e}"))?;
-        url.query_pairs_mut().append_pair("path", path);
-        let query = format!(
-            "{}/files/list?{}",
-            sandbox(id)?,
-            url.query().unwrap_or_default()
-        );
+        sandbox(id)?;
+        let query = super::files_path(id, "/list", path).map_err(tool_error)?;
         self.0.send(Method::GET, &query).await.map_err(tool_error)
     }
 

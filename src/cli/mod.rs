@@ -26,6 +26,21 @@ pub enum CliError {
     Other(String),
 }
 
+/// `/sandboxes/{id}`, for an id that can only name a sandbox (letters,
+/// digits, `-`): never another path of the API.
+pub(crate) fn sandbox_path(id: &str) -> Result<String, CliError> {
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(CliError::Other(format!("not a sandbox id: {id:?}")));
+    }
+    Ok(format!("/sandboxes/{id}"))
+}
+
+/// `/sandboxes/{id}/files{route}?path=...`, the path percent-encoded.
+pub(crate) fn files_path(id: &str, route: &str, path: &str) -> Result<String, CliError> {
+    let encoded = percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC);
+    Ok(format!("{}/files{route}?path={encoded}", sandbox_path(id)?))
+}
+
 /// Where the control plane is and how to authenticate.
 #[derive(Debug, Clone, Default)]
 pub struct Target {
@@ -137,14 +152,10 @@ impl Target {
 
     /// A sandbox file's bytes.
     pub(crate) async fn read_file(&self, id: &str, path: &str) -> Result<bytes::Bytes, CliError> {
-        let mut url =
-            reqwest::Url::parse("http://x/").map_err(|e| CliError::Other(e.to_string()))?;
-        url.query_pairs_mut().append_pair("path", path);
-        let query = url.query().unwrap_or_default().to_string();
         let resp = self
             .request(
                 reqwest::Method::GET,
-                &format!("/sandboxes/{id}/files?{query}"),
+                &files_path(id, "", path)?,
                 Duration::from_secs(300),
             )
             .send()

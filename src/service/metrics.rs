@@ -89,6 +89,10 @@ pub struct Metrics {
     destroy_seconds: Family<OutcomeLabels, Histogram, fn() -> Histogram>,
     exec_seconds: Family<ExecLabels, Histogram, fn() -> Histogram>,
     exec_output_bytes: Family<StreamLabels, Counter>,
+    /// The family's two counters, taken once: output is counted per chunk
+    /// on the exec path, without a lookup in the family each time.
+    stdout_bytes: Counter,
+    stderr_bytes: Counter,
     admission_refusals: Family<ReasonLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
     http_seconds: Family<RouteLabels, Histogram, fn() -> Histogram>,
@@ -115,6 +119,8 @@ impl Metrics {
             destroy_seconds: Family::new_with_constructor(latency),
             exec_seconds: Family::new_with_constructor(latency),
             exec_output_bytes: Family::default(),
+            stdout_bytes: Counter::default(),
+            stderr_bytes: Counter::default(),
             admission_refusals: Family::default(),
             http_requests: Family::default(),
             http_seconds: Family::new_with_constructor(latency),
@@ -191,7 +197,20 @@ impl Metrics {
             "Open long-lived streams: GraphQL WebSockets and event streams",
             m.streams_open.clone(),
         );
-        Metrics { registry, ..m }
+        let stdout_bytes = m
+            .exec_output_bytes
+            .get_or_create(&StreamLabels { stream: "stdout" })
+            .clone();
+        let stderr_bytes = m
+            .exec_output_bytes
+            .get_or_create(&StreamLabels { stream: "stderr" })
+            .clone();
+        Metrics {
+            registry,
+            stdout_bytes,
+            stderr_bytes,
+            ..m
+        }
     }
 
     pub(super) fn spawned<T>(&self, provider: &str, outcome: &Result<T>, took: Duration) {
@@ -227,13 +246,11 @@ impl Metrics {
     }
 
     pub(super) fn output(&self, stream: StreamKind, bytes: usize) {
-        let stream = match stream {
-            StreamKind::Stdout => "stdout",
-            StreamKind::Stderr => "stderr",
+        let counter = match stream {
+            StreamKind::Stdout => &self.stdout_bytes,
+            StreamKind::Stderr => &self.stderr_bytes,
         };
-        self.exec_output_bytes
-            .get_or_create(&StreamLabels { stream })
-            .inc_by(bytes as u64);
+        counter.inc_by(bytes as u64);
     }
 
     pub(super) fn refused(&self, reason: super::AdmissionReason) {
