@@ -19,6 +19,8 @@ const files = [
   ['graphiql', 'graphiql.min.js', 'graphiql.min.js'],
   ['graphiql', 'graphiql.min.css', 'graphiql.min.css'],
   ['graphql-ws', 'umd/graphql-ws.min.js', 'graphql-ws.min.js'],
+  ['swagger-ui-dist', 'swagger-ui-bundle.js', 'swagger-ui-bundle.js'],
+  ['swagger-ui-dist', 'swagger-ui.css', 'swagger-ui.css'],
 ];
 
 const pinned = JSON.parse(readFileSync(join(here, 'package.json'), 'utf8')).devDependencies;
@@ -31,6 +33,10 @@ for (const pkg of new Set(files.map(([p]) => p))) {
   }
   const licence = existsSync(join(modules, pkg, 'LICENSE')) ? 'LICENSE' : 'LICENSE.md';
   copyFileSync(join(modules, pkg, licence), join(here, 'licenses', `${pkg}.LICENSE`));
+  // Apache-2.0 packages carry a NOTICE that must travel with them.
+  if (existsSync(join(modules, pkg, 'NOTICE'))) {
+    copyFileSync(join(modules, pkg, 'NOTICE'), join(here, 'licenses', `${pkg}.NOTICE`));
+  }
   console.log(`${pkg}@${version}`);
 }
 // A trailing sourceMappingURL comment is dropped: the .map files are not

@@ -23,6 +23,7 @@
 #   STACYVM_TEST_POSTGRES_URL  postgres://stacyvm:stacyvm@127.0.0.1:PORT/stacyvm_test
 #   STACYVM_TEST_DOCKER=1      a Docker daemon answers
 #   STACYVM_TEST_VENV          python venv with stacyvm==0.1.1, pytest, pytest-asyncio
+#   STACYVM_TEST_SCHEMATHESIS  the schemathesis command (its own venv)
 #   STACYVM_TEST_TMPDIR        per-run scratch directory (removed by cleanup)
 #
 # Knobs (optional, set before sourcing):
@@ -218,13 +219,13 @@ _stacyvm_env_image() {
     export STACYVM_TEST_IMAGE="$image"
 }
 
-# Python venv with the reference SDK and pytest.
-_stacyvm_env_venv() {
-    local venv="$STACYVM_TEST_STATE_DIR/venv" py="${STACYVM_TEST_PYTHON:-python3}"
-    local reqs="stacyvm==0.1.1 pytest==8.3.5 pytest-asyncio==0.25.3 prometheus-client==0.21.1 mcp==2.3.0"
+# _stacyvm_env_pyvenv DIR "REQS" "IMPORTS": a Python venv under the state
+# dir with exactly REQS installed (kept while they and IMPORTS still hold).
+_stacyvm_env_pyvenv() {
+    local venv="$STACYVM_TEST_STATE_DIR/$1" reqs=$2 imports=$3 py="${STACYVM_TEST_PYTHON:-python3}"
     local stamp="$venv/.stacyvm-reqs"
     if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$reqs" ] \
-        && "$venv/bin/python" -c 'import stacyvm, pytest, pytest_asyncio, prometheus_client, mcp' >/dev/null 2>&1; then
+        && "$venv/bin/python" -c "import $imports" >/dev/null 2>&1; then
         _stacyvm_env_log "venv: $venv up to date"
     else
         _stacyvm_env_log "venv: creating $venv ($reqs)"
@@ -235,7 +236,17 @@ _stacyvm_env_venv() {
             || { _stacyvm_env_err "pip install failed"; return 1; }
         printf '%s' "$reqs" >"$stamp"
     fi
-    export STACYVM_TEST_VENV="$venv"
+}
+
+# Python venvs: the reference SDK with pytest, and schemathesis on its own
+# (it needs a newer pytest than the SDK suites pin).
+_stacyvm_env_venv() {
+    _stacyvm_env_pyvenv venv \
+        "stacyvm==0.1.1 pytest==8.3.5 pytest-asyncio==0.25.3 prometheus-client==0.21.1 mcp==2.3.0" \
+        "stacyvm, pytest, pytest_asyncio, prometheus_client, mcp" || return 1
+    export STACYVM_TEST_VENV="$STACYVM_TEST_STATE_DIR/venv"
+    _stacyvm_env_pyvenv schemathesis-venv "schemathesis==4.32.5" "schemathesis" || return 1
+    export STACYVM_TEST_SCHEMATHESIS="$STACYVM_TEST_STATE_DIR/schemathesis-venv/bin/schemathesis"
 }
 
 # ---------------------------------------------------------------------------
@@ -305,7 +316,7 @@ else
     envfile="$STACYVM_TEST_STATE_DIR/env.sh"
     {
         for v in STACYVM_TEST_ROOTFS STACYVM_TEST_IMAGE STACYVM_TEST_POSTGRES_URL \
-            STACYVM_TEST_DOCKER STACYVM_TEST_VENV STACYVM_TEST_TMPDIR; do
+            STACYVM_TEST_DOCKER STACYVM_TEST_VENV STACYVM_TEST_SCHEMATHESIS STACYVM_TEST_TMPDIR; do
             printf 'export %s=%q\n' "$v" "${!v}"
         done
     } >"$envfile"

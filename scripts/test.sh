@@ -17,6 +17,7 @@
 #
 # Environment knobs:
 #   STACYVM_TEST_SKIP_CARGO_TEST=1   skip `cargo test` (SDK suites only)
+#   STACYVM_TEST_SKIP_SCHEMATHESIS=1 skip schemathesis (STACYVM_SCHEMATHESIS_EXAMPLES: per operation, default 60)
 #   STACYVM_SDK_PROVIDERS="docker native remote ha"   which SDK passes to run
 #                                    (remote: `serve --no-local-worker` and two
 #                                    `stacyvm worker` processes, native provider;
@@ -402,6 +403,72 @@ for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote ha}; do
     record "SDK suite, provider $provider" "$rc"
 done
 
+# run_schemathesis: schemathesis (PyPI) against a live server (native
+# provider, authentication on, an admin key) reading the server's own
+# /api/v1/openapi.json: every operation but the endless SSE stream, with
+# generated, boundary and example inputs and the stateful phase following
+# the document's links (spawn, then exec and files on what it spawned).
+# Fails on any 5xx and on any answer the document does not describe
+# (status, content type, headers, body schema). Small caps keep the
+# sandboxes it spawns few and short-lived.
+run_schemathesis() {
+    local data port log url rc=0 api_key
+    data=$(mktemp -d "$STACYVM_TEST_TMPDIR/schemathesis.XXXXXX")
+    chmod o+x "$STACYVM_TEST_TMPDIR" "$data"
+    port=$(stacyvm_free_port)
+    log="$data/server.log"
+    url="http://127.0.0.1:$port"
+    "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" || return 1
+    api_key=$("$BIN" keys create --data-dir "$data/data" --owner schemathesis --admin) || return 1
+    printf 'defaults:\n  image: %s\n  max_sandboxes: 6\n  ttl: 10m\n  max_ttl: 30m\n  exec_timeout: 10s\n  max_exec_timeout: 20s\n' \
+        "$STACYVM_TEST_IMAGE" >"$data/config.yaml"
+    echo "starting: stacyvm serve --port $port (native, authentication on; log: $log)"
+    "$BIN" serve --host 127.0.0.1 --port "$port" --data-dir "$data/data" --provider native \
+        --config "$data/config.yaml" >"$log" 2>&1 &
+    SERVER_PID=$!
+    if ! wait_health "$url" "$log"; then
+        tail -n 50 "$log" || true
+        stop_server
+        return 1
+    fi
+    (cd "$data" && "$STACYVM_TEST_SCHEMATHESIS" run "$url/api/v1/openapi.json" \
+        -H "X-API-Key: $api_key" \
+        --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance \
+        --exclude-path /api/v1/events \
+        --max-examples "${STACYVM_SCHEMATHESIS_EXAMPLES:-60}" --request-timeout 30 \
+        --workers 2 --no-color --generation-database none \
+        --report junit --report-junit-path "$TARGET_DIR/schemathesis.xml") || rc=$?
+    # Native sandboxes outlive their server (they are adopted at the next
+    # start): what the generated spawns made goes before the server does.
+    "$PY" - "$url" "$api_key" <<'EOF' || rc=1
+import json, sys, urllib.request
+url, key = sys.argv[1] + "/api/v1/sandboxes", sys.argv[2]
+def call(method, u):
+    req = urllib.request.Request(u, method=method, headers={"X-API-Key": key})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)
+live = call("GET", url)
+for sandbox in live:
+    call("DELETE", f"{url}/{sandbox['id']}")
+left = call("GET", url)
+print(f"destroyed the {len(live)} sandboxes schemathesis left; {len(left)} remain")
+sys.exit(1 if left else 0)
+EOF
+    if [ "$rc" -ne 0 ]; then
+        echo "--- server log (tail) ---"
+        tail -n 80 "$log" || true
+    fi
+    stop_server
+    return "$rc"
+}
+
+if [ "${STACYVM_TEST_SKIP_SCHEMATHESIS:-0}" != 1 ]; then
+    section "schemathesis against /api/v1/openapi.json"
+    rc=0
+    run_schemathesis || rc=$?
+    record "schemathesis" "$rc"
+fi
+
 # browser_deps: node_modules for tests/browser (playwright-core), from the
 # lockfile; `npm ci` only when package-lock.json changed since the last one.
 browser_deps() {
@@ -439,12 +506,12 @@ run_browser() {
     fi
     echo "server up at $url (pid $SERVER_PID)"
     STACYVM_URL="$url" node --test "$ROOT/tests/browser/playground.test.mjs" \
-        "$ROOT/tests/browser/dashboard.test.mjs" || rc=$?
+        "$ROOT/tests/browser/dashboard.test.mjs" "$ROOT/tests/browser/docs.test.mjs" || rc=$?
     if [ "$rc" -ne 0 ]; then
         echo "--- server log (tail) ---"
         tail -n 80 "$log" || true
     else
-        echo "screenshots: $TARGET_DIR/playground.png $TARGET_DIR/dashboard.png"
+        echo "screenshots: $TARGET_DIR/playground.png $TARGET_DIR/dashboard.png $TARGET_DIR/docs.png"
     fi
     stop_server
     return "$rc"

@@ -46,7 +46,7 @@ pub enum Event {
 }
 
 /// An audit event as published on the bus.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub id: String,
     pub actor: String,

@@ -113,6 +113,9 @@ enum Command {
     Migrate,
     /// Print the GraphQL schema (SDL), as committed in schema.graphql.
     Schema,
+    /// Print the REST API's OpenAPI 3.1 document, as committed in
+    /// openapi.json (the server serves it at /api/v1/openapi.json).
+    Openapi,
     /// Measure StacyVM beside the raw runtime (Docker Engine API, fork+exec)
     /// in one run; prints a Markdown table.
     Bench {
@@ -520,6 +523,7 @@ async fn run(cli: Cli, config: Config) -> Result<u8, Box<dyn std::error::Error>>
         }
         Command::Worker { .. } => app::run_worker(config, shutdown_signal()).await?,
         Command::Schema => print!("{}", stacyvm::api::graphql::sdl()),
+        Command::Openapi => println!("{}", stacyvm::api::rest::openapi().to_pretty_json()?),
         Command::Bench {
             quick,
             image,

@@ -12,11 +12,18 @@ use crate::api::rest::ApiError;
 use crate::auth::Caller;
 use crate::service::{Credentials, Error, Service};
 
-/// Paths anyone may read: liveness probes and the playground's static page.
+/// Paths anyone may read: liveness probes, the static pages (playground,
+/// dashboard, API reference) and the OpenAPI document.
 fn is_public(path: &str) -> bool {
     matches!(
         path,
-        "/api/v1/health" | "/api/v1/live" | "/api/v1/ready" | "/playground" | "/dashboard"
+        "/api/v1/health"
+            | "/api/v1/live"
+            | "/api/v1/ready"
+            | "/playground"
+            | "/dashboard"
+            | crate::api::playground::DOCS_PATH
+            | crate::api::rest::OPENAPI_PATH
     ) || path.starts_with("/playground/assets/")
         || path == "/graphql"
 }

@@ -49,7 +49,7 @@ async fn bound_request_id(mut req: axum::extract::Request) -> axum::extract::Req
 /// The whole HTTP application.
 pub fn router(service: Service) -> Router {
     Router::new()
-        .nest("/api/v1", rest::router(service.clone()))
+        .merge(rest::router(service.clone()))
         .merge(graphql::router(service.clone()))
         .merge(playground::router())
         .merge(internal::router(service.clone()))

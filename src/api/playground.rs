@@ -88,6 +88,21 @@ const ASSETS: &[Asset] = &[
         content_type: CSS,
         body: include_bytes!("../../playground/assets/dashboard.css"),
     },
+    Asset {
+        name: "swagger-ui-bundle.js",
+        content_type: JS,
+        body: include_bytes!("../../playground/assets/swagger-ui-bundle.js"),
+    },
+    Asset {
+        name: "swagger-ui.css",
+        content_type: CSS,
+        body: include_bytes!("../../playground/assets/swagger-ui.css"),
+    },
+    Asset {
+        name: "docs.js",
+        content_type: JS,
+        body: include_bytes!("../../playground/assets/docs.js"),
+    },
 ];
 
 /// The page as committed; asset URLs carry the placeholder [`VERSION_MARK`].
@@ -110,6 +125,13 @@ const DASHBOARD_TEMPLATE: &str = include_str!("../../playground/dashboard.html")
 static DASHBOARD: LazyLock<String> =
     LazyLock::new(|| DASHBOARD_TEMPLATE.replace(VERSION_MARK, &format!("{:016x}", assets_hash())));
 
+/// The REST API's reference (`/api/v1/docs`): Swagger UI over the OpenAPI
+/// document.
+pub const DOCS_PATH: &str = "/api/v1/docs";
+const DOCS_TEMPLATE: &str = include_str!("../../playground/docs.html");
+static DOCS: LazyLock<String> =
+    LazyLock::new(|| DOCS_TEMPLATE.replace(VERSION_MARK, &format!("{:016x}", assets_hash())));
+
 /// FNV-1a over every asset's name and bytes: changes whenever any asset does.
 fn assets_hash() -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -130,6 +152,7 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/playground", get(page))
         .route("/dashboard", get(dashboard))
+        .route(DOCS_PATH, get(docs))
         .route("/playground/assets/{file}", get(asset))
 }
 
@@ -142,6 +165,11 @@ pub async fn page() -> Response {
 /// The dashboard page.
 pub async fn dashboard() -> Response {
     html(DASHBOARD.as_str())
+}
+
+/// The API reference page.
+pub async fn docs() -> Response {
+    html(DOCS.as_str())
 }
 
 /// A page of ours with the headers every one carries.
@@ -252,6 +280,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_api_reference_names_no_other_host() {
+        let (status, headers, body) = get(DOCS_PATH).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(header(&headers, header::CONTENT_SECURITY_POLICY).contains("default-src 'self'"));
+        let html = String::from_utf8(body).unwrap();
+        assert!(html.contains("id=\"swagger-ui\""), "{html}");
+        let lower = html.to_ascii_lowercase();
+        assert!(
+            !lower.contains("http://") && !lower.contains("https://"),
+            "{html}"
+        );
+        assert!(!html.contains(VERSION_MARK), "placeholder left in the page");
+        // Swagger UI would send the document to validator.swagger.io.
+        let (_, _, script) = get(&format!("{ASSETS_PREFIX}docs.js")).await;
+        let script = String::from_utf8(script).unwrap();
+        assert!(script.contains("validatorUrl: null"), "{script}");
+    }
+
+    #[tokio::test]
     async fn the_page_names_no_other_host() {
         let (status, headers, body) = get("/playground").await;
         assert_eq!(status, StatusCode::OK);
@@ -282,7 +329,7 @@ mod tests {
     #[tokio::test]
     async fn every_referenced_asset_is_served_with_its_type_and_cache_headers() {
         let mut refs: Vec<String> = Vec::new();
-        for page in ["/playground", "/dashboard"] {
+        for page in ["/playground", "/dashboard", DOCS_PATH] {
             let (_, _, body) = get(page).await;
             let html = String::from_utf8(body).unwrap();
             for r in references(&html) {

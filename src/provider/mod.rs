@@ -164,7 +164,7 @@ pub fn describe_exit(result: &ProviderResult<ExecExit>) -> String {
 }
 
 /// One directory entry or the answer to a stat.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FileEntry {
     /// Absolute path inside the sandbox.
     pub path: String,
@@ -178,7 +178,7 @@ pub struct FileEntry {
 }
 
 /// Resource usage of one runtime, when the provider can measure it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RuntimeStats {
     pub supported: bool,
     pub cpu_pct: f64,
@@ -217,7 +217,7 @@ pub struct InventoryItem {
 }
 
 /// Features a provider may or may not have; listed by `/providers`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Capability {
     Exec,

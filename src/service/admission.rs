@@ -28,9 +28,34 @@ pub enum AdmissionReason {
     MaxSandboxesPerOwner,
 }
 
+impl AdmissionReason {
+    pub const ALL: [AdmissionReason; 5] = [
+        AdmissionReason::Allowed,
+        AdmissionReason::MaxTtl,
+        AdmissionReason::WorkerUnavailable,
+        AdmissionReason::MaxSandboxes,
+        AdmissionReason::MaxSandboxesPerOwner,
+    ];
+}
+
+/// By hand: the derive drops the empty name `""` of `Allowed`; this lists
+/// every name exactly as serde writes it.
+impl utoipa::PartialSchema for AdmissionReason {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        let names = AdmissionReason::ALL.map(|r| serde_json::to_value(r).unwrap_or_default());
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .enum_values(Some(names))
+            .description(Some("Why a spawn is refused; `\"\"` when it is not."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for AdmissionReason {}
+
 /// The admission answer; field names are the ones StacyVM SDKs read, and
 /// nothing else is serialized (SDK 0.1.1 refuses unknown keys).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct AdmissionDecision {
     pub allowed: bool,
     pub queueable: bool,

@@ -88,7 +88,7 @@ impl Replica {
 }
 
 /// A replica as health answers and GraphQL list it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ReplicaStatus {
     pub id: String,
     pub endpoint: String,

@@ -6,8 +6,10 @@ use crate::provider::ProviderError;
 use crate::scheduler::ScheduleError;
 use crate::store::StoreError;
 
-/// The StacyVM error codes, as clients read them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The StacyVM error codes, as clients read them (serialized as
+/// [`ErrorCode::as_str`] says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     BadRequest,
     Unauthorized,
@@ -16,6 +18,7 @@ pub enum ErrorCode {
     Timeout,
     Conflict,
     ResourceLimit,
+    #[serde(rename = "INTERNAL_ERROR")]
     Internal,
     Unavailable,
 }
@@ -147,6 +150,33 @@ impl From<ProviderError> for Error {
                 tracing::error!(error = %e, %location, "provider error");
                 Error::Internal(e.to_string())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    /// The OpenAPI document lists the serialized names; clients read
+    /// `as_str`: they are one and the same.
+    #[test]
+    fn error_codes_serialize_as_clients_read_them() {
+        for code in [
+            ErrorCode::BadRequest,
+            ErrorCode::Unauthorized,
+            ErrorCode::Forbidden,
+            ErrorCode::NotFound,
+            ErrorCode::Timeout,
+            ErrorCode::Conflict,
+            ErrorCode::ResourceLimit,
+            ErrorCode::Internal,
+            ErrorCode::Unavailable,
+        ] {
+            assert_eq!(
+                serde_json::to_value(code).ok(),
+                Some(serde_json::Value::from(code.as_str()))
+            );
         }
     }
 }

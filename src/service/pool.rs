@@ -182,7 +182,7 @@ impl PoolState {
 }
 
 /// One pool as a caller sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PoolView {
     /// The template, or `None` for the defaults' pool.
     pub template: Option<String>,
@@ -206,7 +206,7 @@ pub struct PoolView {
 }
 
 /// The pools a caller may see, and their totals.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PoolStatus {
     /// Whether any pool is kept.
     pub enabled: bool,

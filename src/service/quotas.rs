@@ -14,7 +14,7 @@ use crate::duration;
 use crate::store::{OwnerQuota, overrides_quota};
 
 /// An owner's overrides as clients see them (0 / "" = not overridden).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct QuotaPolicy {
     pub owner_id: String,
     pub max_sandboxes: u64,
@@ -42,7 +42,7 @@ pub struct QuotaInput {
 }
 
 /// An owner's usage against its effective limits.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct QuotaUsage {
     pub owner_id: String,
     pub active_sandboxes: u64,

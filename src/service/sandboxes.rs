@@ -17,7 +17,7 @@ use crate::provider::SpawnSpec;
 use crate::store::SandboxFilter;
 
 /// A sandbox as clients see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Sandbox {
     pub id: String,
     pub state: SandboxState,

@@ -12,7 +12,7 @@ use crate::provider::{Capability, RuntimeStats};
 use crate::store::QuotaSummary;
 
 /// `/health`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct HealthReport {
     pub status: &'static str,
     pub version: &'static str,
@@ -25,7 +25,7 @@ pub struct HealthReport {
 }
 
 /// One provider and its last health check.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ProviderStatus {
     pub name: String,
     pub healthy: bool,
@@ -39,7 +39,7 @@ pub struct ProviderStatus {
 }
 
 /// One worker.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WorkerStatus {
     pub id: String,
     pub hostname: String,

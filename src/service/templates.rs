@@ -12,7 +12,7 @@ use crate::auth::Caller;
 use crate::duration;
 
 /// A template as clients see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Template {
     pub name: String,
     pub image: String,

@@ -28,7 +28,7 @@ pub fn overrides_quota(owner: &entity::owner::Model) -> bool {
 }
 
 /// How many owners have each kind of override; reveals no owner names.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct QuotaSummary {
     pub total: u64,
     pub with_max_sandboxes: u64,

@@ -766,3 +766,120 @@ async fn mcp_tools_show_and_touch_only_the_callers_own() {
     assert!(s < 500, "{s} {v}");
     server.stop().await;
 }
+
+#[test]
+fn openapi_json_is_in_sync() {
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json"))
+        .unwrap_or_else(|e| panic!("read openapi.json: {e}"));
+    let current = stacyvm::api::rest::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        committed.trim_end() == current,
+        "openapi.json is out of date: run `cargo run -- openapi > openapi.json`"
+    );
+}
+
+/// The OpenAPI document and its reference page are public (they are the
+/// API's shape), and every operation the document names is one the server
+/// routes: none answers the fallback's "no such route" or 405.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_is_public_and_every_operation_in_it_is_routed() {
+    let server = TestServer::start(|c| c.providers.memory.enabled = true).await;
+    let admin = key(&server, "root", Role::Admin).await;
+    let origin = server.base.trim_end_matches("/api/v1").to_string();
+
+    let resp = server
+        .http
+        .get(format!("{origin}/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200, "anonymous callers read the document");
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap_or_default(),
+        "application/json"
+    );
+    let served: Value = resp.json().await.unwrap_or_default();
+    let built = serde_json::to_value(stacyvm::api::rest::openapi()).unwrap_or_default();
+    assert_eq!(served, built);
+    assert_eq!(served["openapi"], "3.1.0");
+
+    let paths = served["paths"].as_object().cloned().unwrap_or_default();
+    let mut checked = 0;
+    for (path, item) in &paths {
+        let url = format!(
+            "{origin}{}",
+            path.replace("{id}", "sb-nothing")
+                .replace("{name}", "nothing")
+                .replace("{owner}", "nobody")
+                .replace("{action}", "cordon")
+        );
+        for method in ["get", "post", "put", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes())
+                .unwrap_or_else(|e| panic!("{e}"));
+            let resp = server
+                .http
+                .request(method.clone(), &url)
+                .header("x-admin-api-key", &admin)
+                .header("content-type", "application/json")
+                .body("{}")
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+            let status = resp.status().as_u16();
+            assert_ne!(status, 405, "{method} {path} is documented but not routed");
+            if path == "/api/v1/events" {
+                // An endless stream: its head is enough.
+                assert_eq!(status, 200);
+                checked += 1;
+                continue;
+            }
+            let body: Value = resp.json().await.unwrap_or_default();
+            assert!(
+                !(status == 404 && body["message"] == "no such route"),
+                "{method} {path} is documented but not routed"
+            );
+            assert!(status < 500, "{method} {path}: {status} {body}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 45, "{checked} operations");
+
+    // The reference page: the binary's own assets, and nothing else.
+    let resp = server
+        .http
+        .get(format!("{origin}/api/v1/docs"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), 200);
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    let page = resp.text().await.unwrap_or_default();
+    let assets: Vec<&str> = page
+        .split(['"', '\''])
+        .filter(|s| s.starts_with('/') && s.contains("/assets/"))
+        .collect();
+    assert_eq!(assets.len(), 3, "{page}");
+    assert!(
+        !page.contains("http:") && !page.contains("https:"),
+        "{page}"
+    );
+    for asset in assets {
+        let resp = server
+            .http
+            .get(format!("{origin}{asset}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), 200, "{asset}");
+    }
+    server.stop().await;
+}

@@ -1,12 +1,13 @@
 //! `/admin/...`: the audit trail (JSON or CSV), worker listing, and
 //! cordon, uncordon and drain of a worker.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::ApiError;
 use super::extract::Query;
@@ -16,23 +17,27 @@ use crate::service::{Error, Service, WorkerStatus};
 use crate::store::AuditFilter;
 use crate::worker::AdminState;
 
-pub fn router() -> Router<Service> {
-    Router::new()
-        .route("/admin/audit", get(audit))
-        .route("/admin/workers", get(workers))
-        .route("/admin/replicas", get(replicas))
-        .route("/admin/workers/{id}", get(worker))
-        .route("/admin/workers/{id}/{action}", post(set_admin_state))
+pub fn router() -> OpenApiRouter<Service> {
+    OpenApiRouter::new()
+        .routes(routes!(audit))
+        .routes(routes!(workers))
+        .routes(routes!(replicas))
+        .routes(routes!(worker))
+        .routes(routes!(set_admin_state))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AuditQuery {
+    /// Events per page (default 100).
     limit: Option<u64>,
     actor: Option<String>,
+    /// An audit action such as `sandbox.spawn`.
     action: Option<String>,
     target: Option<String>,
     /// Cursor from the previous page's `X-Next-Cursor` header.
     after: Option<String>,
+    /// `json` (the default) or `csv`.
     format: Option<String>,
 }
 
@@ -53,6 +58,12 @@ fn csv_field(value: &str) -> String {
     }
 }
 
+/// The audit trail the caller may see, newest first, a page at a time.
+#[utoipa::path(get, operation_id = "listAuditEvents", path = "/admin/audit", tag = "admin",
+    params(AuditQuery),
+    responses((status = 200, description = "A page of audit events",
+        headers(("x-next-cursor" = String, description = "The next page's `after`, when there is one")),
+        content((Vec<AuditRecord> = "application/json"), (String = "text/csv")))))]
 async fn audit(
     State(service): State<Service>,
     caller: Caller,
@@ -111,6 +122,9 @@ async fn audit(
     Ok(response)
 }
 
+/// Every worker with its admin state and live sandboxes (admins).
+#[utoipa::path(get, operation_id = "adminListWorkers", path = "/admin/workers", tag = "admin",
+    responses((status = 200, description = "Workers by id", body = Vec<WorkerStatus>)))]
 async fn workers(
     State(service): State<Service>,
     caller: Caller,
@@ -118,6 +132,9 @@ async fn workers(
     Ok(Json(service.admin_workers(&caller).await?))
 }
 
+/// The control-plane replicas sharing this store (admins).
+#[utoipa::path(get, operation_id = "listReplicas", path = "/admin/replicas", tag = "admin",
+    responses((status = 200, description = "Replicas", body = Vec<crate::service::cluster::ReplicaStatus>)))]
 async fn replicas(
     State(service): State<Service>,
     caller: Caller,
@@ -125,6 +142,10 @@ async fn replicas(
     Ok(Json(service.admin_replicas(&caller).await?))
 }
 
+/// One worker (admins).
+#[utoipa::path(get, operation_id = "adminGetWorker", path = "/admin/workers/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Worker id")),
+    responses((status = 200, description = "The worker", body = WorkerStatus)))]
 async fn worker(
     State(service): State<Service>,
     caller: Caller,
@@ -133,7 +154,11 @@ async fn worker(
     Ok(Json(service.admin_worker(&caller, &id).await?))
 }
 
-/// `POST /admin/workers/{id}/cordon|uncordon|drain`.
+/// Cordons (no new sandboxes), uncordons or drains a worker (admins).
+#[utoipa::path(post, operation_id = "setWorkerAdminState", path = "/admin/workers/{id}/{action}", tag = "admin",
+    params(("id" = String, Path, description = "Worker id"),
+        ("action" = String, Path, description = "`cordon`, `uncordon` or `drain`")),
+    responses((status = 200, description = "The worker with its new admin state", body = WorkerStatus)))]
 async fn set_admin_state(
     State(service): State<Service>,
     caller: Caller,

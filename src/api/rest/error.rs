@@ -17,10 +17,13 @@ impl From<Error> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    code: &'static str,
-    message: &'a str,
+/// Every error answer: `{"code","message"}` (the document's `default`
+/// response of each operation).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    /// Written for the caller; internal details never reach it.
+    pub message: String,
 }
 
 /// The HTTP status for each StacyVM error code.
@@ -47,14 +50,8 @@ impl IntoResponse for ApiError {
             Error::Internal(_) => "internal server error".to_string(),
             other => other.to_string(),
         };
-        let mut response = (
-            status_of(code),
-            axum::Json(Body {
-                code: code.as_str(),
-                message: &message,
-            }),
-        )
-            .into_response();
+        let mut response =
+            (status_of(code), axum::Json(ErrorBody { code, message })).into_response();
         if let Error::ResourceLimit {
             retry_after_secs, ..
         } = &self.0

@@ -7,15 +7,15 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::get;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::ApiError;
 use super::extract::Query;
@@ -25,11 +25,12 @@ use crate::service::{Service, Streamed};
 /// A comment line this often keeps proxies from closing a quiet stream.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-pub fn router() -> Router<Service> {
-    Router::new().route("/events", get(events))
+pub fn router() -> OpenApiRouter<Service> {
+    OpenApiRouter::new().routes(routes!(events))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
     /// The same as the `Last-Event-ID` header, for clients that cannot set
@@ -37,6 +38,15 @@ struct EventsQuery {
     last_event_id: Option<String>,
 }
 
+/// The events the caller may see as server-sent events, named as the
+/// original server names them (`sandbox.created`, `exec.completed`, ...),
+/// each with an `id:`; after a `gap` event, read the current state again.
+#[utoipa::path(get, operation_id = "streamEvents", path = "/events", tag = "events",
+    params(EventsQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id")),
+    responses((status = 200, description = "An endless event stream",
+        headers(("x-stacyvm-replica" = String, description = "The replica whose ids these are")),
+        content_type = "text/event-stream", body = String)))]
 async fn events(
     State(service): State<Service>,
     caller: Caller,

@@ -3,13 +3,14 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::ApiError;
 use super::extract::JsonBody;
@@ -17,23 +18,30 @@ use crate::auth::Caller;
 use crate::duration;
 use crate::service::{ExecRequest, Service};
 
-pub fn router() -> Router<Service> {
-    Router::new().route("/sandboxes/{id}/exec", post(exec))
+pub fn router() -> OpenApiRouter<Service> {
+    OpenApiRouter::new().routes(routes!(exec))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"command": "echo hello && ls /", "timeout": "30s"}))]
 struct ExecBody {
+    /// A shell command line (mode `shell`, the default) or the program
+    /// to run (mode `argv`, with `args`).
     command: String,
     args: Option<Vec<String>>,
+    /// `shell` or `argv`.
     mode: Option<String>,
     env: Option<BTreeMap<String, String>>,
     workdir: Option<String>,
+    /// A Go duration; the whole process tree is killed at its end.
     timeout: Option<String>,
+    /// Answer NDJSON lines as the output is produced.
     stream: Option<bool>,
 }
 
-#[derive(Serialize)]
+/// The answer of an exec that was not streamed.
+#[derive(Serialize, utoipa::ToSchema)]
 struct ExecAnswer {
     exit_code: i32,
     stdout: String,
@@ -49,26 +57,41 @@ struct ExecAnswer {
 
 /// `?trailer=true`: a streamed exec ends with one more line saying how the
 /// command ended. Off by default: SDK 0.1.1 reads every line as output.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ExecQuery {
+    /// With `stream`: end with a line saying how the command ended.
     trailer: Option<bool>,
 }
 
 /// The trailer line: `{"type":"end", ...}` (output lines have no `type`).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Trailer<'a> {
+    /// Always `end`.
     r#type: &'static str,
     execution_id: &'a str,
+    /// `null` when the command timed out or could not run.
     exit_code: Option<i32>,
     duration: Option<String>,
     timed_out: bool,
     error: Option<String>,
 }
 
-#[derive(Serialize)]
+/// One line of a streamed exec: a piece of output.
+#[derive(Serialize, utoipa::ToSchema)]
 struct StreamLine<'a> {
+    /// `stdout` or `stderr`.
     stream: &'a str,
     data: &'a str,
+}
+
+/// One NDJSON line of a streamed exec (`application/x-ndjson`).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)] // Only the document reads it.
+enum NdjsonLine<'a> {
+    Output(StreamLine<'a>),
+    End(Trailer<'a>),
 }
 
 fn ndjson_line(stream: &str, data: &str) -> Bytes {
@@ -77,6 +100,13 @@ fn ndjson_line(stream: &str, data: &str) -> Bytes {
     Bytes::from(line)
 }
 
+/// Runs a command in a sandbox: answered whole (JSON) or, with `stream`,
+/// as NDJSON lines flushed as the output is produced.
+#[utoipa::path(post, operation_id = "execCommand", path = "/sandboxes/{id}/exec", tag = "exec",
+    params(("id" = String, Path, description = "Sandbox id"), ExecQuery),
+    request_body(content = ExecBody),
+    responses((status = 200, description = "How the command ended, or its output as a stream",
+        content((ExecAnswer = "application/json"), (NdjsonLine = "application/x-ndjson")))))]
 async fn exec(
     State(service): State<Service>,
     caller: Caller,

@@ -1,31 +1,35 @@
 //! `/quotas`: per-owner overrides, usage, and the redacted summary.
 
+use axum::Json;
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::ApiError;
 use super::extract::JsonBody;
+use super::{ApiError, Status};
 use crate::auth::Caller;
 use crate::service::{QuotaInput, QuotaPolicy, QuotaUsage, Service};
 use crate::store::QuotaSummary;
 
-pub fn router() -> Router<Service> {
-    Router::new()
-        .route("/quotas", get(list))
-        .route("/admin/quotas", get(list))
-        .route("/quotas/summary", get(summary))
-        .route("/quotas/{owner}", get(get_one).put(put).delete(delete))
-        .route("/quotas/{owner}/usage", get(usage))
+pub fn router() -> OpenApiRouter<Service> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(admin_list))
+        .routes(routes!(summary))
+        .routes(routes!(get_one, put, delete))
+        .routes(routes!(usage))
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// An owner's overrides; a field left out clears that override.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"max_sandboxes": 5, "max_ttl": "2h"}))]
 struct QuotaBody {
     max_sandboxes: Option<u64>,
+    /// A Go duration.
     max_ttl: Option<String>,
+    /// A Go duration.
     max_exec_timeout: Option<String>,
     max_memory_mb: Option<u32>,
     max_vcpus: Option<u32>,
@@ -35,6 +39,9 @@ struct QuotaBody {
     owner_id: Option<String>,
 }
 
+/// Every owner's overrides (admins).
+#[utoipa::path(get, operation_id = "listQuotas", path = "/quotas", tag = "quotas",
+    responses((status = 200, description = "Overrides by owner", body = Vec<QuotaPolicy>)))]
 async fn list(
     State(service): State<Service>,
     caller: Caller,
@@ -42,6 +49,19 @@ async fn list(
     Ok(Json(service.list_quotas(&caller).await?))
 }
 
+/// The same as `GET /quotas`, where the original server has it.
+#[utoipa::path(get, operation_id = "adminListQuotas", path = "/admin/quotas", tag = "quotas",
+    responses((status = 200, description = "Overrides by owner", body = Vec<QuotaPolicy>)))]
+async fn admin_list(
+    state: State<Service>,
+    caller: Caller,
+) -> Result<Json<Vec<QuotaPolicy>>, ApiError> {
+    list(state, caller).await
+}
+
+/// How many owners have each kind of override (names no owner).
+#[utoipa::path(get, operation_id = "quotaSummary", path = "/quotas/summary", tag = "quotas",
+    responses((status = 200, description = "Counts of overrides", body = QuotaSummary)))]
 async fn summary(
     State(service): State<Service>,
     caller: Caller,
@@ -49,6 +69,10 @@ async fn summary(
     Ok(Json(service.quota_summary(&caller).await?))
 }
 
+/// One owner's overrides.
+#[utoipa::path(get, operation_id = "getQuota", path = "/quotas/{owner}", tag = "quotas",
+    params(("owner" = String, Path, description = "Owner id")),
+    responses((status = 200, description = "The overrides", body = QuotaPolicy)))]
 async fn get_one(
     State(service): State<Service>,
     caller: Caller,
@@ -57,6 +81,11 @@ async fn get_one(
     Ok(Json(service.get_quota(&caller, &owner).await?))
 }
 
+/// Sets one owner's overrides (admins).
+#[utoipa::path(put, operation_id = "setQuota", path = "/quotas/{owner}", tag = "quotas",
+    params(("owner" = String, Path, description = "Owner id")),
+    request_body(content = QuotaBody),
+    responses((status = 200, description = "The overrides as now stored", body = QuotaPolicy)))]
 async fn put(
     State(service): State<Service>,
     caller: Caller,
@@ -74,15 +103,23 @@ async fn put(
     Ok(Json(service.set_quota(&caller, &owner, input).await?))
 }
 
+/// Clears one owner's overrides (admins).
+#[utoipa::path(delete, operation_id = "deleteQuota", path = "/quotas/{owner}", tag = "quotas",
+    params(("owner" = String, Path, description = "Owner id")),
+    responses((status = 200, description = "`{\"status\":\"deleted\"}`", body = Status)))]
 async fn delete(
     State(service): State<Service>,
     caller: Caller,
     Path(owner): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Status>, ApiError> {
     service.delete_quota(&caller, &owner).await?;
-    Ok(Json(json!({ "status": "deleted" })))
+    Ok(Json(Status::new("deleted")))
 }
 
+/// One owner's usage against its effective limits.
+#[utoipa::path(get, operation_id = "quotaUsage", path = "/quotas/{owner}/usage", tag = "quotas",
+    params(("owner" = String, Path, description = "Owner id")),
+    responses((status = 200, description = "Usage and limits", body = QuotaUsage)))]
 async fn usage(
     State(service): State<Service>,
     caller: Caller,

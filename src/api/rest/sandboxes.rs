@@ -2,37 +2,45 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::ApiError;
 use super::extract::JsonBody;
+use super::{ApiError, Pruned, Status};
 use crate::auth::Caller;
 use crate::service::{AdmissionDecision, Error, Sandbox, Service, SpawnRequest};
 
-pub fn router() -> Router<Service> {
-    Router::new()
-        .route("/sandboxes", post(spawn).get(list).delete(prune))
-        .route("/sandboxes/admission", post(admission))
-        .route("/sandboxes/{id}", get(get_one).delete(destroy))
-        .route("/sandboxes/{id}/extend", post(extend))
+pub fn router() -> OpenApiRouter<Service> {
+    OpenApiRouter::new()
+        .routes(routes!(spawn, list, prune))
+        .routes(routes!(admission))
+        .routes(routes!(get_one, destroy))
+        .routes(routes!(extend))
 }
 
-/// The body of `POST /sandboxes` and `/sandboxes/admission`.
-#[derive(Debug, Default, Deserialize)]
+/// The body of `POST /sandboxes` and `/sandboxes/admission`; every field
+/// is optional (the template's, then the server's defaults apply).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"ttl": "10m", "metadata": {"purpose": "demo"}}))]
 pub struct SpawnBody {
+    /// Image reference; defaults to `defaults.image`.
     image: Option<String>,
+    /// Provider name (`docker`, `native`, ...); defaults to the server's.
     provider: Option<String>,
     memory_mb: Option<u32>,
     vcpus: Option<u32>,
+    /// Writable disk in MiB.
     disk_mb: Option<u32>,
+    /// Time to live as a Go duration (`90s`, `1h30m`).
     ttl: Option<String>,
+    /// A template whose settings this spawn starts from.
     template: Option<String>,
+    /// Whom the sandbox belongs to (admins, or the caller itself).
     owner_id: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
     /// Labels the worker must carry (an extension; the SDK never sends it).
@@ -60,6 +68,12 @@ impl From<SpawnBody> for SpawnRequest {
 /// The header a client retrying a spawn sends with the same value.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
+/// Spawns a sandbox. A retry with the same `Idempotency-Key` answers the
+/// sandbox the first request made.
+#[utoipa::path(post, operation_id = "spawnSandbox", path = "/sandboxes", tag = "sandboxes",
+    request_body(content = SpawnBody, description = "What to spawn; an empty body takes every default"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "A client's key for this spawn (printable ASCII)")),
+    responses((status = 201, description = "Spawned and running", body = Sandbox)))]
 async fn spawn(
     State(service): State<Service>,
     caller: Caller,
@@ -82,6 +96,10 @@ async fn spawn(
     Ok((StatusCode::CREATED, Json(sandbox)))
 }
 
+/// Whether a spawn with this body would be admitted now, and why not.
+#[utoipa::path(post, operation_id = "checkAdmission", path = "/sandboxes/admission", tag = "sandboxes",
+    request_body(content = SpawnBody),
+    responses((status = 200, description = "The admission decision", body = AdmissionDecision)))]
 async fn admission(
     State(service): State<Service>,
     caller: Caller,
@@ -90,6 +108,9 @@ async fn admission(
     Ok(Json(service.admission(&caller, body.into()).await?))
 }
 
+/// The sandboxes the caller may see.
+#[utoipa::path(get, operation_id = "listSandboxes", path = "/sandboxes", tag = "sandboxes",
+    responses((status = 200, description = "Live sandboxes, oldest first", body = Vec<Sandbox>)))]
 async fn list(
     State(service): State<Service>,
     caller: Caller,
@@ -97,11 +118,18 @@ async fn list(
     Ok(Json(service.list_sandboxes(&caller).await?))
 }
 
-async fn prune(State(service): State<Service>, caller: Caller) -> Result<Json<Value>, ApiError> {
+/// Destroys the caller's sandboxes whose TTL has passed.
+#[utoipa::path(delete, operation_id = "pruneSandboxes", path = "/sandboxes", tag = "sandboxes",
+    responses((status = 200, description = "How many were destroyed", body = Pruned)))]
+async fn prune(State(service): State<Service>, caller: Caller) -> Result<Json<Pruned>, ApiError> {
     let pruned = service.prune_expired(&caller).await?;
-    Ok(Json(json!({ "pruned": pruned })))
+    Ok(Json(Pruned { pruned }))
 }
 
+/// One sandbox.
+#[utoipa::path(get, operation_id = "getSandbox", path = "/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "The sandbox", body = Sandbox)))]
 async fn get_one(
     State(service): State<Service>,
     caller: Caller,
@@ -110,20 +138,33 @@ async fn get_one(
     Ok(Json(service.get_sandbox(&caller, &id).await?))
 }
 
+/// Destroys a sandbox: its runtime, processes and files.
+#[utoipa::path(delete, operation_id = "destroySandbox", path = "/sandboxes/{id}", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "`{\"status\":\"destroyed\"}`", body = Status)))]
 async fn destroy(
     State(service): State<Service>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Status>, ApiError> {
     service.destroy_sandbox(&caller, &id).await?;
-    Ok(Json(json!({ "status": "destroyed" })))
+    Ok(Json(Status::new("destroyed")))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"ttl": "30m"}))]
 struct ExtendBody {
+    /// Required: the time to live from now, as a Go duration.
     ttl: Option<String>,
 }
+
+/// Sets a running sandbox's expiry to now + `ttl` (at most the owner's
+/// maximum TTL).
+#[utoipa::path(post, operation_id = "extendSandbox", path = "/sandboxes/{id}/extend", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body(content = ExtendBody),
+    responses((status = 200, description = "The sandbox with its new expiry", body = Sandbox)))]
 
 async fn extend(
     State(service): State<Service>,

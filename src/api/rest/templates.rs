@@ -2,35 +2,39 @@
 
 use std::collections::BTreeMap;
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::ApiError;
 use super::extract::JsonBody;
+use super::{ApiError, Status};
 use crate::auth::Caller;
 use crate::service::{Sandbox, Service, Template, TemplateInput};
 
-pub fn router() -> Router<Service> {
-    Router::new()
-        .route("/templates", get(list).post(create))
-        .route("/templates/{name}", get(get_one).put(update).delete(delete))
-        .route("/templates/{name}/spawn", post(spawn))
+pub fn router() -> OpenApiRouter<Service> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(get_one, update, delete))
+        .routes(routes!(spawn))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"name": "small", "image": "alpine:latest", "memory_mb": 256, "ttl": "15m"}))]
 struct TemplateBody {
+    /// Required on create; on update it must be the path's name or absent.
     #[serde(default)]
     name: String,
+    /// Required.
     #[serde(default)]
     image: String,
     memory_mb: Option<u32>,
     vcpus: Option<u32>,
     disk_mb: Option<u32>,
+    /// A Go duration.
     ttl: Option<String>,
     provider: Option<String>,
     metadata: Option<BTreeMap<String, String>>,
@@ -55,6 +59,9 @@ impl From<TemplateBody> for TemplateInput {
     }
 }
 
+/// The templates the caller may see.
+#[utoipa::path(get, operation_id = "listTemplates", path = "/templates", tag = "templates",
+    responses((status = 200, description = "Templates by name", body = Vec<Template>)))]
 async fn list(
     State(service): State<Service>,
     caller: Caller,
@@ -62,6 +69,10 @@ async fn list(
     Ok(Json(service.list_templates(&caller).await?))
 }
 
+/// Creates a template.
+#[utoipa::path(post, operation_id = "createTemplate", path = "/templates", tag = "templates",
+    request_body(content = TemplateBody),
+    responses((status = 201, description = "Created", body = Template)))]
 async fn create(
     State(service): State<Service>,
     caller: Caller,
@@ -71,6 +82,10 @@ async fn create(
     Ok((StatusCode::CREATED, Json(template)))
 }
 
+/// One template.
+#[utoipa::path(get, operation_id = "getTemplate", path = "/templates/{name}", tag = "templates",
+    params(("name" = String, Path, description = "Template name")),
+    responses((status = 200, description = "The template", body = Template)))]
 async fn get_one(
     State(service): State<Service>,
     caller: Caller,
@@ -79,6 +94,11 @@ async fn get_one(
     Ok(Json(service.get_template(&caller, &name).await?))
 }
 
+/// Replaces a template.
+#[utoipa::path(put, operation_id = "updateTemplate", path = "/templates/{name}", tag = "templates",
+    params(("name" = String, Path, description = "Template name")),
+    request_body(content = TemplateBody),
+    responses((status = 200, description = "The template as now stored", body = Template)))]
 async fn update(
     State(service): State<Service>,
     caller: Caller,
@@ -90,21 +110,32 @@ async fn update(
     ))
 }
 
+/// Deletes a template.
+#[utoipa::path(delete, operation_id = "deleteTemplate", path = "/templates/{name}", tag = "templates",
+    params(("name" = String, Path, description = "Template name")),
+    responses((status = 200, description = "`{\"status\":\"deleted\"}`", body = Status)))]
 async fn delete(
     State(service): State<Service>,
     caller: Caller,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Status>, ApiError> {
     service.delete_template(&caller, &name).await?;
-    Ok(Json(json!({ "status": "deleted" })))
+    Ok(Json(Status::new("deleted")))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SpawnOverrides {
     provider: Option<String>,
+    /// A Go duration.
     ttl: Option<String>,
 }
+
+/// Spawns a sandbox from a template (from its warm pool when one is kept).
+#[utoipa::path(post, operation_id = "spawnFromTemplate", path = "/templates/{name}/spawn", tag = "templates",
+    params(("name" = String, Path, description = "Template name")),
+    request_body(content = SpawnOverrides),
+    responses((status = 201, description = "Spawned and running", body = Sandbox)))]
 
 async fn spawn(
     State(service): State<Service>,

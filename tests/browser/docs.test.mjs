@@ -1,0 +1,88 @@
+// The REST API reference (/api/v1/docs) in Debian's headless Chromium, as a
+// person sees it: Swagger UI renders every operation of the server's own
+// OpenAPI document with no failed request and nothing from another host
+// (its Content-Security-Policy would show as console errors), and "Try it
+// out" on GET /api/v1/health shows the server's real answer. A screenshot
+// is saved to target/docs.png.
+//
+//   STACYVM_URL=http://127.0.0.1:7423 node --test tests/browser/docs.test.mjs
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const BASE = process.env.STACYVM_URL?.replace(/\/+$/, '');
+const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+const SCREENSHOT = fileURLToPath(new URL('../../target/docs.png', import.meta.url));
+const LOCAL_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]']);
+
+let userDataDir;
+let context;
+let page;
+const problems = [];
+
+function isLocal(url) {
+  const u = new URL(url);
+  return u.protocol === 'data:' || u.protocol === 'blob:' || LOCAL_HOSTS.has(u.hostname);
+}
+
+before(async () => {
+  assert.ok(BASE, 'STACYVM_URL must be set');
+  userDataDir = await mkdtemp(join(tmpdir(), 'stacyvm-chromium-'));
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    viewport: { width: 1400, height: 1000 },
+  });
+  context.on('request', (r) => {
+    if (!isLocal(r.url())) problems.push(`request to another host: ${r.url()}`);
+  });
+  context.on('requestfailed', (r) => problems.push(`request failed: ${r.url()}: ${r.failure()?.errorText}`));
+  context.on('response', (r) => {
+    if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.request().method()} ${r.url()}`);
+  });
+  page = context.pages()[0] ?? (await context.newPage());
+  page.on('console', (msg) => { if (msg.type() === 'error') problems.push(`console error: ${msg.text()}`); });
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+});
+
+after(async () => {
+  await context?.close();
+  if (userDataDir) await rm(userDataDir, { recursive: true, force: true });
+});
+
+test('the API reference lists every operation and runs one against the server', { timeout: 60_000 }, async () => {
+  const doc = await (await fetch(`${BASE}/api/v1/openapi.json`)).json();
+  const operations = Object.values(doc.paths)
+    .flatMap((item) => ['get', 'put', 'post', 'delete'].filter((m) => item[m])).length;
+  assert.ok(operations >= 45, `${operations} operations in the document`);
+
+  await page.goto(`${BASE}/api/v1/docs`);
+  await page.locator('.info .title').filter({ hasText: 'StacyVM' }).waitFor({ timeout: 20_000 });
+  // Every tag's section is open by default: one block per operation.
+  await page.waitForFunction((n) => document.querySelectorAll('.opblock').length >= n, operations,
+    { timeout: 20_000 });
+  assert.equal(await page.locator('.opblock').count(), operations);
+
+  const health = page.locator('.opblock-get').filter({
+    has: page.locator('.opblock-summary-path', { hasText: /^\/api\/v1\/health$/ }),
+  });
+  await health.locator('.opblock-summary').click();
+  await health.locator('.try-out__btn').click();
+  await health.locator('button.execute').click();
+  const answer = health.locator('.live-responses-table td.response-col_description')
+    .filter({ hasText: '"leader"' });
+  await answer.waitFor({ timeout: 20_000 });
+  const text = await answer.innerText();
+  assert.match(text, /"status":\s*"ok"/, text);
+  assert.match(text, /"replica_id":\s*"rp-/, text);
+
+  await answer.scrollIntoViewIfNeeded();
+  await page.screenshot({ path: SCREENSHOT, fullPage: false });
+  assert.deepEqual(problems, []);
+});
