@@ -55,6 +55,7 @@ pub struct AuditRecord {
     pub target: String,
     pub outcome: String,
     pub request_id: String,
+    #[schema(required = true)]
     pub detail: Option<String>,
     pub created_at: DateTime<Utc>,
 }

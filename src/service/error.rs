@@ -24,6 +24,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code (keep in step with the enum: the OpenAPI document lists
+    /// the statuses of these).
+    pub const ALL: [ErrorCode; 9] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Timeout,
+        ErrorCode::Conflict,
+        ErrorCode::ResourceLimit,
+        ErrorCode::Internal,
+        ErrorCode::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadRequest => "BAD_REQUEST",
@@ -162,17 +176,7 @@ mod tests {
     /// `as_str`: they are one and the same.
     #[test]
     fn error_codes_serialize_as_clients_read_them() {
-        for code in [
-            ErrorCode::BadRequest,
-            ErrorCode::Unauthorized,
-            ErrorCode::Forbidden,
-            ErrorCode::NotFound,
-            ErrorCode::Timeout,
-            ErrorCode::Conflict,
-            ErrorCode::ResourceLimit,
-            ErrorCode::Internal,
-            ErrorCode::Unavailable,
-        ] {
+        for code in ErrorCode::ALL {
             assert_eq!(
                 serde_json::to_value(code).ok(),
                 Some(serde_json::Value::from(code.as_str()))

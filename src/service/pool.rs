@@ -185,6 +185,7 @@ impl PoolState {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PoolView {
     /// The template, or `None` for the defaults' pool.
+    #[schema(required = true)]
     pub template: Option<String>,
     /// The template's owner.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -269,6 +269,7 @@ impl Service {
         report: &mut ReconcileReport,
         live: &mut std::collections::HashSet<String>,
     ) -> Result<()> {
+        let started = Instant::now();
         // A worker in this process is alive while this runs.
         if worker.in_process() {
             self.renew_leases_in_process(worker.id()).await?;
@@ -286,7 +287,9 @@ impl Service {
         }
         // Every live record with its lease, in one read (warm sandboxes
         // are runtimes like any other), after the releases above.
+        let leases_done = started.elapsed();
         let records = self.store().reconcile_rows(worker.id()).await?;
+        let rows_done = started.elapsed();
         live.extend(records.iter().map(|r| r.id.clone()));
         self.scheduler().set_load(worker.id(), records.len());
         // A lease that was let go (expired while the worker was silent)
@@ -364,6 +367,7 @@ impl Service {
                     .push(record);
             }
         }
+        let mut inventory_took = Duration::ZERO;
         for provider in worker.snapshot().providers {
             let mine = by_provider.remove(&provider.name).unwrap_or_default();
             // Records are read before the inventory: a runtime created after
@@ -372,6 +376,7 @@ impl Service {
                 .health
                 .filter(|h| !h.healthy)
                 .map(|h| h.error.unwrap_or_else(|| "provider unhealthy".into()));
+            let asked = Instant::now();
             let inventory = match unhealthy {
                 Some(why) => Err(why),
                 None => worker
@@ -379,6 +384,7 @@ impl Service {
                     .await
                     .map_err(|e| e.to_string()),
             };
+            inventory_took += asked.elapsed();
             match inventory {
                 Ok(items) => {
                     let pass = ProviderPass {
@@ -408,6 +414,15 @@ impl Service {
                 }
             }
         }
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        tracing::debug!(
+            worker = worker.id(),
+            leases_us = us(leases_done),
+            rows_us = us(rows_done - leases_done),
+            inventory_us = us(inventory_took),
+            total_us = us(started.elapsed()),
+            "reconcile phases"
+        );
         Ok(())
     }
 

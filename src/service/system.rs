@@ -31,6 +31,7 @@ pub struct ProviderStatus {
     pub healthy: bool,
     pub default: bool,
     pub latency_ms: u64,
+    #[schema(required = true)]
     pub last_checked: Option<DateTime<Utc>>,
     pub error: String,
     pub capabilities: Vec<Capability>,
@@ -55,6 +56,7 @@ pub struct WorkerStatus {
     /// What the worker says it is (`--label`).
     pub labels: BTreeMap<String, String>,
     /// Its live sandboxes (a drain is done at 0); `None` where not counted.
+    #[schema(required = true)]
     pub sandboxes: Option<u64>,
 }
 

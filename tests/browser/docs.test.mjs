@@ -17,16 +17,16 @@ import { chromium } from 'playwright-core';
 const BASE = process.env.STACYVM_URL?.replace(/\/+$/, '');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = fileURLToPath(new URL('../../target/docs.png', import.meta.url));
-const LOCAL_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]']);
 
 let userDataDir;
 let context;
 let page;
 const problems = [];
 
-function isLocal(url) {
+// The server's own origin only: not another port on this host either.
+function isOwn(url) {
   const u = new URL(url);
-  return u.protocol === 'data:' || u.protocol === 'blob:' || LOCAL_HOSTS.has(u.hostname);
+  return u.protocol === 'data:' || u.protocol === 'blob:' || u.origin === new URL(BASE).origin;
 }
 
 before(async () => {
@@ -40,7 +40,7 @@ before(async () => {
     viewport: { width: 1400, height: 1000 },
   });
   context.on('request', (r) => {
-    if (!isLocal(r.url())) problems.push(`request to another host: ${r.url()}`);
+    if (!isOwn(r.url())) problems.push(`request to another origin: ${r.url()}`);
   });
   context.on('requestfailed', (r) => problems.push(`request failed: ${r.url()}: ${r.failure()?.errorText}`));
   context.on('response', (r) => {

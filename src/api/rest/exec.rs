@@ -71,9 +71,12 @@ struct Trailer<'a> {
     r#type: &'static str,
     execution_id: &'a str,
     /// `null` when the command timed out or could not run.
+    #[schema(required = true)]
     exit_code: Option<i32>,
+    #[schema(required = true)]
     duration: Option<String>,
     timed_out: bool,
+    #[schema(required = true)]
     error: Option<String>,
 }
 

@@ -84,7 +84,7 @@ async fn get_one(
 /// Sets one owner's overrides (admins).
 #[utoipa::path(put, operation_id = "setQuota", path = "/quotas/{owner}", tag = "quotas",
     params(("owner" = String, Path, description = "Owner id")),
-    request_body(content = QuotaBody),
+    request_body(content = Option<QuotaBody>),
     responses((status = 200, description = "The overrides as now stored", body = QuotaPolicy)))]
 async fn put(
     State(service): State<Service>,

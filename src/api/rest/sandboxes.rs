@@ -71,7 +71,7 @@ const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// Spawns a sandbox. A retry with the same `Idempotency-Key` answers the
 /// sandbox the first request made.
 #[utoipa::path(post, operation_id = "spawnSandbox", path = "/sandboxes", tag = "sandboxes",
-    request_body(content = SpawnBody, description = "What to spawn; an empty body takes every default"),
+    request_body(content = Option<SpawnBody>, description = "What to spawn; an empty body takes every default"),
     params(("Idempotency-Key" = Option<String>, Header, description = "A client's key for this spawn (printable ASCII)")),
     responses((status = 201, description = "Spawned and running", body = Sandbox)))]
 async fn spawn(
@@ -98,7 +98,7 @@ async fn spawn(
 
 /// Whether a spawn with this body would be admitted now, and why not.
 #[utoipa::path(post, operation_id = "checkAdmission", path = "/sandboxes/admission", tag = "sandboxes",
-    request_body(content = SpawnBody),
+    request_body(content = Option<SpawnBody>),
     responses((status = 200, description = "The admission decision", body = AdmissionDecision)))]
 async fn admission(
     State(service): State<Service>,
@@ -155,7 +155,8 @@ async fn destroy(
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"ttl": "30m"}))]
 struct ExtendBody {
-    /// Required: the time to live from now, as a Go duration.
+    /// The time to live from now, as a Go duration.
+    #[schema(required = true)]
     ttl: Option<String>,
 }
 

@@ -134,7 +134,7 @@ struct SpawnOverrides {
 /// Spawns a sandbox from a template (from its warm pool when one is kept).
 #[utoipa::path(post, operation_id = "spawnFromTemplate", path = "/templates/{name}/spawn", tag = "templates",
     params(("name" = String, Path, description = "Template name")),
-    request_body(content = SpawnOverrides),
+    request_body(content = Option<SpawnOverrides>),
     responses((status = 201, description = "Spawned and running", body = Sandbox)))]
 
 async fn spawn(
