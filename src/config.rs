@@ -504,6 +504,11 @@ pub struct LifecycleConfig {
     /// How often the reconciler compares records with runtimes (and so
     /// how quickly a sandbox killed from outside is reported).
     pub reconcile_interval: GoDuration,
+    /// How often a reconcile pass reads every live record of its worker;
+    /// the passes between read only the records that changed. Bounds how
+    /// long a change the incremental reads missed (a replica's clock far
+    /// behind) goes unseen.
+    pub reconcile_full_interval: GoDuration,
     /// How long a runtime without a live record is left alone before the
     /// reconciler destroys it (at start-up it is destroyed at once).
     pub orphan_grace: GoDuration,
@@ -646,6 +651,7 @@ impl Default for LifecycleConfig {
             health_interval: secs(5),
             heartbeat_interval: secs(10),
             reconcile_interval: secs(2),
+            reconcile_full_interval: secs(60),
             orphan_grace: secs(60),
             worker_stale_after: secs(30),
             worker_lost_after: secs(300),
@@ -856,6 +862,7 @@ impl Config {
             l.health_interval,
             l.heartbeat_interval,
             l.reconcile_interval,
+            l.reconcile_full_interval,
         ]
         .iter()
         .any(|d| d.0.is_zero())

@@ -14,6 +14,7 @@ mod m20261202_000006_replicas;
 mod m20261202_000007_template_owner_names;
 mod m20261203_000008_warm_pools;
 mod m20261203_000009_lease_expiry_index;
+mod m20261204_000010_reconcile_change_indexes;
 
 /// Every migration, in order.
 pub struct Migrator;
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000007_template_owner_names::Migration),
             Box::new(m20261203_000008_warm_pools::Migration),
             Box::new(m20261203_000009_lease_expiry_index::Migration),
+            Box::new(m20261204_000010_reconcile_change_indexes::Migration),
         ]
     }
 }

@@ -204,8 +204,20 @@ impl Server {
         // Never an open server, even on loopback for a minute; and the
         // sandboxes go with it.
         let key = uuid::Uuid::new_v4().simple().to_string();
-        let config =
-            format!("{config}auth:\n  api_key: {key}\nlifecycle:\n  destroy_on_shutdown: true\n");
+        // One `lifecycle:` mapping: YAML keeps only the last of two.
+        let at = if config.starts_with("lifecycle:\n") {
+            Some(0)
+        } else {
+            config.find("\nlifecycle:\n").map(|i| i + 1)
+        };
+        let config = match at.map(|i| config.split_at(i + "lifecycle:\n".len())) {
+            Some((before, after)) => {
+                format!("{before}  destroy_on_shutdown: true\n{after}auth:\n  api_key: {key}\n")
+            }
+            None => format!(
+                "{config}auth:\n  api_key: {key}\nlifecycle:\n  destroy_on_shutdown: true\n"
+            ),
+        };
         std::fs::write(&config_path, config).map_err(|e| CliError::Other(e.to_string()))?;
         for args in setup {
             let status = tokio::process::Command::new(&exe)
@@ -366,8 +378,9 @@ impl Server {
     }
 
     /// The times (ms) of the reconcile passes the server logged over at
-    /// least `records` records (its log at debug for the reconciler).
-    fn reconcile_passes(&self, records: usize) -> Vec<f64> {
+    /// least `records` records (its log at debug for the reconciler),
+    /// those that read every record (`full`) or the others.
+    fn reconcile_passes(&self, records: usize, full: bool) -> Vec<f64> {
         let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
         let field = |line: &str, name: &str| -> Option<u64> {
             let rest = line.split(&format!("{name}=")).nth(1)?;
@@ -378,6 +391,7 @@ impl Server {
         };
         log.lines()
             .filter(|l| l.contains("reconcile pass"))
+            .filter(|l| l.contains(&format!("full={full}")))
             .filter_map(|l| Some((field(l, "records")?, field(l, "took_us")?)))
             .filter(|(n, _)| *n as usize >= records)
             .map(|(_, us)| us as f64 / 1000.0)

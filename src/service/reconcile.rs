@@ -16,12 +16,20 @@
 //!
 //! Every action is a persisted transition (hence a state event with the
 //! reason) and an audit event by `system`.
+//!
+//! A pass is incremental: it keeps each worker's live records from the
+//! last pass and reads only those that changed since (their `updated_at`,
+//! or their lease taken or let go), then compares them all with the
+//! inventories. Every `lifecycle.reconcile_full_interval` (and at start-up, after leases
+//! expired, while a worker is silent) it reads them all again. What it acts
+//! on it reads afresh first: a copy that is out of date delays a verdict by
+//! one pass, never makes a wrong one.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::sandboxes::{FINAL_GENERATION, lease_generation};
@@ -44,12 +52,32 @@ const EXPIRED_STUCK_AFTER: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 /// takes the rest), so a pass stays bounded.
 const MAX_RELEASES_PER_PASS: u64 = 1000;
 
+/// The most records whose lease alone changed that an incremental pass
+/// reads one by one; past it, the pass reads every record.
+const MAX_LEASE_ONLY_CHANGES: usize = 256;
+
+/// How far before the previous read an incremental read looks: covers
+/// other replicas' clocks and writes committed after they took their
+/// timestamp (a transition takes it before its connection; a pool claim
+/// may wait up to 15 s for PostgreSQL's admission lock). A change older
+/// than this when committed waits for the next full read.
+const CHANGE_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
+
+/// Where a pass's records came from: a full read just now (`fresh`), or
+/// the copy kept between passes, which is read again before acting on.
+#[derive(Clone, Copy)]
+struct Reading<'a> {
+    worker: &'a str,
+    fresh: bool,
+}
+
 /// What one provider's pass works with.
 #[derive(Clone, Copy)]
 struct ProviderPass<'a> {
     worker: &'a dyn Worker,
     provider: &'a str,
     startup: bool,
+    reading: Reading<'a>,
 }
 
 /// What one pass did, for logs and tests.
@@ -65,6 +93,11 @@ pub struct ReconcileReport {
     pub destroyed: usize,
     /// Runtimes without a live record that were destroyed.
     pub orphans_destroyed: usize,
+    /// Workers whose live records this pass read whole (the others' were
+    /// brought up to date with what changed).
+    pub full_reads: usize,
+    /// Live records compared with the inventories.
+    pub records: usize,
 }
 
 impl ReconcileReport {
@@ -74,6 +107,8 @@ impl ReconcileReport {
         self.health_changes += other.health_changes;
         self.destroyed += other.destroyed;
         self.orphans_destroyed += other.orphans_destroyed;
+        self.full_reads += other.full_reads;
+        self.records += other.records;
     }
 }
 
@@ -86,13 +121,70 @@ pub(super) struct ReconcileMemory {
 
 #[derive(Debug, Default)]
 struct MemoryInner {
+    /// Observations of live sandboxes, forgotten when a sandbox leaves
+    /// its worker's copy of the live records.
     sandboxes: HashMap<String, Observation>,
-    /// The live sandboxes each worker's last pass saw, so that a pass can
-    /// forget those of its worker that are gone.
-    live_by_worker: HashMap<String, std::collections::HashSet<String>>,
     /// (provider, runtime id) -> when it was first seen without a live
     /// record.
     orphans: HashMap<(String, String), Instant>,
+    /// Each worker's live records as the passes read them.
+    rows: HashMap<String, WorkerRows>,
+}
+
+/// One worker's live records, kept between passes.
+#[derive(Debug, Default)]
+struct WorkerRows {
+    rows: HashMap<String, Arc<ReconcileRow>>,
+    /// When the last read (full or incremental) began.
+    read_at: Option<DateTime<Utc>>,
+    /// When the last full read was made.
+    full_at: Option<Instant>,
+}
+
+impl MemoryInner {
+    /// Takes a record as read now into its worker's copy: kept while live,
+    /// dropped (and its observations forgotten) otherwise.
+    fn take_row(&mut self, worker: &str, row: ReconcileRow) {
+        if is_live_state(&row.state) {
+            let kept = self.rows.entry(worker.to_string()).or_default();
+            kept.rows.insert(row.id.clone(), Arc::new(row));
+        } else {
+            self.drop_row(worker, &row.id);
+        }
+    }
+
+    /// Drops a record from its worker's copy: no longer live there.
+    fn drop_row(&mut self, worker: &str, id: &str) {
+        if let Some(kept) = self.rows.get_mut(worker) {
+            kept.rows.remove(id);
+        }
+        self.sandboxes.remove(id);
+    }
+
+    /// Everything kept of a worker this replica no longer reconciles.
+    fn forget_worker(&mut self, worker: &str) {
+        if let Some(kept) = self.rows.remove(worker) {
+            for id in kept.rows.keys() {
+                self.sandboxes.remove(id);
+            }
+        }
+    }
+
+    /// A worker's copy replaced by a full read; what left it is forgotten.
+    fn replace_rows(&mut self, worker: &str, rows: &[Arc<ReconcileRow>], began: DateTime<Utc>) {
+        let kept = self.rows.entry(worker.to_string()).or_default();
+        let before = std::mem::replace(
+            &mut kept.rows,
+            rows.iter().map(|r| (r.id.clone(), Arc::clone(r))).collect(),
+        );
+        kept.read_at = Some(began);
+        kept.full_at = Some(Instant::now());
+        for id in before.keys() {
+            if !kept.rows.contains_key(id) {
+                self.sandboxes.remove(id);
+            }
+        }
+    }
 }
 
 /// Consecutive observations of one sandbox.
@@ -165,6 +257,9 @@ impl Service {
                         // Remote workers are reconciled by the leader; a
                         // worker in this process only from here.
                         if !worker.in_process() && !self.is_leader() {
+                            // Another replica reconciles it now: what this
+                            // one kept of it goes.
+                            self.inner.reconcile.with(|m| m.forget_worker(worker.id()));
                             continue;
                         }
                         if passes.contains_key(worker.id()) {
@@ -199,32 +294,15 @@ impl Service {
     async fn reconcile_one(&self, worker: &dyn Worker, startup: bool) -> Result<ReconcileReport> {
         let started = std::time::Instant::now();
         let mut report = ReconcileReport::default();
-        let mut live = std::collections::HashSet::new();
-        self.reconcile_worker(worker, startup, &mut report, &mut live)
-            .await?;
+        self.reconcile_worker(worker, startup, &mut report).await?;
         // `stacyvm bench --scale` reads this line.
         tracing::debug!(
             worker = worker.id(),
-            records = live.len(),
+            records = report.records,
+            full = report.full_reads > 0,
             took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
             "reconcile pass"
         );
-        // Forget sandboxes of this worker that are no longer live.
-        self.inner.reconcile.with(|m| {
-            let MemoryInner {
-                sandboxes,
-                live_by_worker,
-                ..
-            } = m;
-            let before = live_by_worker
-                .insert(worker.id().to_string(), live)
-                .unwrap_or_default();
-            if let Some(now) = live_by_worker.get(worker.id()) {
-                for gone in before.difference(now) {
-                    sandboxes.remove(gone);
-                }
-            }
-        });
         if !startup
             && report.failed + report.health_changes + report.destroyed + report.orphans_destroyed
                 > 0
@@ -267,7 +345,6 @@ impl Service {
         worker: &dyn Worker,
         startup: bool,
         report: &mut ReconcileReport,
-        live: &mut std::collections::HashSet<String>,
     ) -> Result<()> {
         let started = Instant::now();
         // A worker in this process is alive while this runs.
@@ -285,12 +362,20 @@ impl Service {
                 "leases expired and released"
             );
         }
-        // Every live record with its lease, in one read (warm sandboxes
-        // are runtimes like any other), after the releases above.
+        // Every live record with its lease (warm sandboxes are runtimes
+        // like any other), after the releases above: read whole when
+        // anything is in doubt, else what changed since the last pass.
         let leases_done = started.elapsed();
-        let records = self.store().reconcile_rows(worker.id()).await?;
+        let silent_since = self.silent_since(worker);
+        let full = startup || !expired.is_empty() || silent_since.is_some();
+        let (records, fresh) = self.worker_rows(worker.id(), full).await?;
+        let reading = Reading {
+            worker: worker.id(),
+            fresh,
+        };
+        report.full_reads += usize::from(fresh);
         let rows_done = started.elapsed();
-        live.extend(records.iter().map(|r| r.id.clone()));
+        report.records += records.len();
         self.scheduler().set_load(worker.id(), records.len());
         // A lease that was let go (expired while the worker was silent)
         // means the sandbox is lost, even if its worker answers again.
@@ -315,7 +400,6 @@ impl Service {
                 "worker state changed"
             );
         }
-        let silent_since = self.silent_since(worker);
         if let Some(since) = silent_since {
             // Nothing on it can be observed or destroyed: say so, and once
             // its leases expired, that its sandboxes are lost.
@@ -333,7 +417,7 @@ impl Service {
                     Verdict::Unhealthy(why.clone())
                 };
                 let failed = matches!(verdict, Verdict::Failed(_));
-                if self.apply(record, verdict).await? {
+                if self.apply(reading, record, verdict).await? {
                     if failed {
                         report.failed += 1;
                     } else {
@@ -353,18 +437,22 @@ impl Service {
                 "lost: the lease of worker {} expired while it was unreachable",
                 worker.id()
             );
-            if self.apply(record, Verdict::Failed(why)).await? {
+            if self.apply(reading, record, Verdict::Failed(why)).await? {
                 report.failed += 1;
             }
         }
-        // Each record goes to its provider's pass (moved, not copied).
-        let mut by_provider: HashMap<String, Vec<ReconcileRow>> = HashMap::new();
+        // Each record goes to its provider's pass.
+        let mut by_provider: HashMap<String, Vec<Arc<ReconcileRow>>> = HashMap::new();
         for record in records {
-            if !(is_usable(&record) && lost.contains(record.id.as_str())) {
-                by_provider
-                    .entry(record.provider.clone())
-                    .or_default()
-                    .push(record);
+            if is_usable(&record) && lost.contains(record.id.as_str()) {
+                continue;
+            }
+            // The provider's name is copied once per provider, not per record.
+            match by_provider.get_mut(&record.provider) {
+                Some(mine) => mine.push(record),
+                None => {
+                    by_provider.insert(record.provider.clone(), vec![record]);
+                }
             }
         }
         let mut inventory_took = Duration::ZERO;
@@ -391,6 +479,7 @@ impl Service {
                         worker,
                         provider: &provider.name,
                         startup,
+                        reading,
                     };
                     self.reconcile_provider(&pass, mine, items, report).await?;
                 }
@@ -407,7 +496,7 @@ impl Service {
                     };
                     for record in mine.iter().filter(|r| is_usable(r)) {
                         let verdict = self.failed_observation(record, why.clone());
-                        if self.apply(record, verdict).await? {
+                        if self.apply(reading, record, verdict).await? {
                             report.health_changes += 1;
                         }
                     }
@@ -450,7 +539,7 @@ impl Service {
     async fn reconcile_provider(
         &self,
         pass: &ProviderPass<'_>,
-        records: Vec<ReconcileRow>,
+        records: Vec<Arc<ReconcileRow>>,
         inventory: Vec<InventoryItem>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
@@ -458,6 +547,7 @@ impl Service {
             worker,
             provider,
             startup,
+            reading,
         } = *pass;
         let mut by_sandbox: HashMap<String, InventoryItem> = inventory
             .into_iter()
@@ -477,13 +567,13 @@ impl Service {
                     match verdict {
                         Verdict::Nothing => {}
                         Verdict::Failed(_) => {
-                            if self.apply(&record, verdict).await? {
+                            if self.apply(reading, &record, verdict).await? {
                                 report.failed += 1;
                             }
                             continue;
                         }
                         Verdict::Unhealthy(_) | Verdict::Recovered => {
-                            if self.apply(&record, verdict).await? {
+                            if self.apply(reading, &record, verdict).await? {
                                 report.health_changes += 1;
                             }
                         }
@@ -496,12 +586,15 @@ impl Service {
                     }
                 }
                 Some(SandboxState::Error) => {
-                    let destroyed = self.retry_destroy(&record).await?;
+                    let destroyed = self.retry_destroy(reading, &record).await?;
                     report.destroyed += usize::from(destroyed);
                 }
                 Some(SandboxState::Expired)
                     if startup || now - record.updated_at > EXPIRED_STUCK_AFTER =>
                 {
+                    if !self.still_as_read(reading, &record).await? {
+                        continue;
+                    }
                     // Acting: the whole record, as it is now.
                     let Some(full) = self.store().get_sandbox(&record.id).await? else {
                         continue;
@@ -649,6 +742,16 @@ impl Service {
             },
         };
         match status {
+            // Running and seen running, the common case: only a count of
+            // failed probes to clear (no entry is made for it).
+            RuntimeStatus::Running if record.state == SandboxState::Running.as_str() => {
+                memory.with(|m| {
+                    if let Some(o) = m.sandboxes.get_mut(&record.id) {
+                        o.failures = 0;
+                    }
+                });
+                Verdict::Nothing
+            }
             RuntimeStatus::Running => {
                 let obs = memory.observe(&record.id, |o| {
                     o.successes += 1;
@@ -693,7 +796,12 @@ impl Service {
 
     /// Applies a verdict with a conditional transition from the states it
     /// was made in. Returns whether the record changed.
-    async fn apply(&self, record: &ReconcileRow, verdict: Verdict) -> Result<bool> {
+    async fn apply(
+        &self,
+        reading: Reading<'_>,
+        record: &ReconcileRow,
+        verdict: Verdict,
+    ) -> Result<bool> {
         use SandboxState::{Error, Running, Unhealthy};
         let (from, to, reason, action): (&[SandboxState], _, _, _) = match verdict {
             Verdict::Nothing => return Ok(false),
@@ -719,6 +827,9 @@ impl Service {
         // Already past it as far as we saw (e.g. unhealthy and still
         // unobservable): no write needed; the store re-checks anyway.
         if !from.iter().any(|s| s.as_str() == record.state) {
+            return Ok(false);
+        }
+        if !self.still_as_read(reading, record).await? {
             return Ok(false);
         }
         let moved = self
@@ -749,7 +860,7 @@ impl Service {
 
     /// Destroys a sandbox in `error` when its backoff allows. Returns
     /// whether it is now destroyed.
-    async fn retry_destroy(&self, record: &ReconcileRow) -> Result<bool> {
+    async fn retry_destroy(&self, reading: Reading<'_>, record: &ReconcileRow) -> Result<bool> {
         let memory = &self.inner.reconcile;
         let now = Instant::now();
         let due = memory.with(|m| {
@@ -758,7 +869,7 @@ impl Service {
                 .and_then(|o| o.retry_at)
                 .is_none_or(|(at, _)| now >= at)
         });
-        if !due {
+        if !due || !self.still_as_read(reading, record).await? {
             return Ok(false);
         }
         let id = record.id.clone();
@@ -790,6 +901,100 @@ impl Service {
         }
     }
 
+    /// A worker's live records: all of them read now when `full` (or the
+    /// last full read is `lifecycle.reconcile_full_interval` old, or there
+    /// is none), else
+    /// the copy kept from the last pass brought up to date with what
+    /// changed since. Returns them and whether they were all read now.
+    async fn worker_rows(
+        &self,
+        worker: &str,
+        full: bool,
+    ) -> Result<(Vec<Arc<ReconcileRow>>, bool)> {
+        let memory = &self.inner.reconcile;
+        let every = self.config().lifecycle.reconcile_full_interval.0;
+        let since = memory.with(|m| {
+            let kept = m.rows.get(worker)?;
+            let recent = kept.full_at.is_some_and(|at| at.elapsed() < every);
+            kept.read_at.filter(|_| recent && !full)
+        });
+        let began = Utc::now();
+        if let Some(since) = since {
+            let since = since - CHANGE_SKEW;
+            let changed = self.store().reconcile_rows_changed(worker, since).await?;
+            // Leases taken or let go without a change of their record (most
+            // lease changes come with one): read one by one, while few.
+            let mut lease_only = self.store().leases_changed(worker, since).await?;
+            let seen: std::collections::HashSet<&str> =
+                changed.iter().map(|r| r.id.as_str()).collect();
+            lease_only.retain(|id| !seen.contains(id.as_str()));
+            drop(seen);
+            if lease_only.len() <= MAX_LEASE_ONLY_CHANGES {
+                let mut reread = Vec::with_capacity(lease_only.len());
+                for id in lease_only {
+                    reread.push((self.store().reconcile_row(worker, &id).await?, id));
+                }
+                let rows = memory.with(|m| {
+                    for row in changed {
+                        m.take_row(worker, row);
+                    }
+                    for (row, id) in reread {
+                        match row {
+                            Some(row) => m.take_row(worker, row),
+                            // On another worker now.
+                            None => m.drop_row(worker, &id),
+                        }
+                    }
+                    let kept = m.rows.entry(worker.to_string()).or_default();
+                    kept.read_at = Some(began);
+                    kept.rows.values().cloned().collect()
+                });
+                return Ok((rows, false));
+            }
+        }
+        let rows: Vec<Arc<ReconcileRow>> = self
+            .store()
+            .reconcile_rows(worker)
+            .await?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        memory.with(|m| m.replace_rows(worker, &rows, began));
+        Ok((rows, true))
+    }
+
+    /// Whether `record`, from the copy kept between passes, is still as the
+    /// store has it in everything a verdict rests on (always, for a full
+    /// read made this pass). If not, the copy takes the record as it is
+    /// and the next pass judges it.
+    async fn still_as_read(&self, reading: Reading<'_>, record: &ReconcileRow) -> Result<bool> {
+        if reading.fresh {
+            return Ok(true);
+        }
+        let now = self
+            .store()
+            .reconcile_row(reading.worker, &record.id)
+            .await?;
+        let same = now.as_ref().is_some_and(|n| {
+            n.state == record.state
+                && n.provider == record.provider
+                && n.runtime_id == record.runtime_id
+                && n.pool_key == record.pool_key
+                && n.lease_generation == record.lease_generation
+                && n.lease_worker_id == record.lease_worker_id
+                && n.lease_released_at.is_some() == record.lease_released_at.is_some()
+        });
+        if !same {
+            tracing::debug!(sandbox = %record.id, "changed since the pass read it; judged next pass");
+            self.inner.reconcile.with(|m| match now {
+                Some(row) => m.take_row(reading.worker, row),
+                // Gone from this worker.
+                None => m.drop_row(reading.worker, &record.id),
+            });
+        }
+        Ok(same)
+    }
+
     /// An audit event by the server itself.
     async fn audit_system(&self, action: super::AuditAction, target: &str, detail: Option<String>) {
         self.audit_with_detail(
@@ -809,8 +1014,11 @@ fn is_usable(record: &ReconcileRow) -> bool {
         .any(|s| s.as_str() == record.state)
 }
 
+/// Whether a state (as stored) is one a live record is in.
+fn is_live_state(state: &str) -> bool {
+    SandboxState::LIVE.iter().any(|s| s.as_str() == state)
+}
+
 fn is_live(record: &entity::sandbox::Model) -> bool {
-    SandboxState::LIVE
-        .iter()
-        .any(|s| s.as_str() == record.state)
+    is_live_state(&record.state)
 }

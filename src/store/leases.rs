@@ -72,6 +72,30 @@ impl Store {
         Ok(extended.rows_affected)
     }
 
+    /// The sandboxes whose lease held by `worker_id` was taken or let go at
+    /// or after `since` (by the indexes on holder and acquisition, holder
+    /// and release): the lease changes an incremental reconcile pass reads
+    /// beside the records that changed.
+    pub async fn leases_changed(
+        &self,
+        worker_id: &str,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<String>> {
+        use sea_orm::sea_query::Condition;
+        Ok(Entity::find()
+            .select_only()
+            .column(Column::SandboxId)
+            .filter(Column::WorkerId.eq(worker_id))
+            .filter(
+                Condition::any()
+                    .add(Column::AcquiredAt.gte(since))
+                    .add(Column::ReleasedAt.gte(since)),
+            )
+            .into_tuple()
+            .all(self.conn())
+            .await?)
+    }
+
     /// Releases the leases of `worker_id` that expired before `now` and
     /// returns them (at most `limit`, oldest expiry first). One statement,
     /// `UPDATE ... WHERE sandbox_id IN (SELECT ... FOR UPDATE SKIP LOCKED)

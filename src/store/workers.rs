@@ -82,6 +82,13 @@ impl Store {
         let txn = self.conn().begin().await?;
         let moved = entity::sandbox::Entity::update_many()
             .col_expr(entity::sandbox::Column::WorkerId, Expr::value(to))
+            // A change like any other: the new worker's incremental
+            // reconcile passes see the records arrive (the old worker's
+            // copy lets them go at its next full read or when it acts).
+            .col_expr(
+                entity::sandbox::Column::UpdatedAt,
+                Expr::value(chrono::Utc::now()),
+            )
             .filter(entity::sandbox::Column::WorkerId.eq(from))
             .exec(&txn)
             .await?;

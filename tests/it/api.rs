@@ -649,3 +649,58 @@ async fn operations_are_routed_by_the_sandboxs_worker() {
     let (status, body) = server.delete(&format!("/sandboxes/{id}")).await;
     assert!(status < 300, "{body}");
 }
+
+/// Reconcile passes between full reads start from the records the last
+/// pass kept and read only what changed: a sandbox spawned since is judged,
+/// one destroyed since is dropped, and a lease let go behind the
+/// reconciler's back (the record itself untouched) makes its sandbox lost
+/// at the very next pass. None of these passes read every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_reconcile_passes_see_what_changed_since_the_last_read() {
+    let server = TestServer::start(|c| {
+        c.providers.memory.enabled = true;
+        // Only the passes this test runs.
+        c.lifecycle.reconcile_interval = stacyvm::duration::GoDuration(Duration::from_secs(3600));
+    })
+    .await;
+    let service = &server.app_service;
+    let pass = || async {
+        service
+            .reconcile(false)
+            .await
+            .unwrap_or_else(|e| panic!("reconcile: {e}"))
+    };
+    let memory = || json!({"provider": "memory"});
+    let a = spawn_ok(&server, memory()).await;
+    let b = spawn_ok(&server, memory()).await;
+    let report = pass().await;
+    assert_eq!((report.running, report.full_reads), (2, 0), "{report:?}");
+
+    let c = spawn_ok(&server, memory()).await;
+    let report = pass().await;
+    assert_eq!((report.running, report.full_reads), (3, 0), "{report:?}");
+
+    let (status, body) = server.delete(&format!("/sandboxes/{a}")).await;
+    assert!(status < 300, "{body}");
+    let report = pass().await;
+    assert_eq!((report.running, report.full_reads), (2, 0), "{report:?}");
+
+    // b's lease let go as an expiry would, without touching its record.
+    service
+        .store()
+        .release_lease(&b, chrono::Utc::now())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report = pass().await;
+    assert_eq!((report.failed, report.full_reads), (1, 0), "{report:?}");
+    let (_, body) = server.get(&format!("/sandboxes/{b}")).await;
+    assert!(
+        body["state_reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("lost")),
+        "{body}"
+    );
+    let (_, body) = server.get(&format!("/sandboxes/{c}")).await;
+    assert_eq!(body["state"], "running", "{body}");
+    server.stop().await;
+}

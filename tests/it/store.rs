@@ -697,6 +697,51 @@ async fn leases_fence_and_idempotency_keys(store: &Store) {
     generations.sort_unstable();
     assert_eq!(generations, [3, 4]);
 
+    // What an incremental reconcile pass reads: nothing when nothing
+    // changed; a lease taken again, its record untouched, is a lease change.
+    let mark = Utc::now();
+    let rows = |since| store.reconcile_rows_changed("wk-lease-2", since);
+    let leases = |since| store.leases_changed("wk-lease-2", since);
+    assert!(
+        rows(mark)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty()
+    );
+    assert!(
+        leases(mark)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty()
+    );
+    store
+        .reclaim_lease(&b.id, "wk-lease-2", later)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        rows(mark)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty()
+    );
+    assert_eq!(
+        leases(mark).await.unwrap_or_else(|e| panic!("{e}")),
+        [b.id.clone()]
+    );
+    let row = store
+        .reconcile_row("wk-lease-2", &b.id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(row.and_then(|r| r.lease_generation), Some(5));
+    assert!(
+        store
+            .reconcile_row("wk-lease-1", &b.id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none(),
+        "b is not on wk-lease-1"
+    );
+
     // Destroyed: the lease is let go with the record.
     store
         .transition_sandbox(&a.id, SandboxState::Destroying, None)
@@ -1081,11 +1126,52 @@ async fn direct_sqlite_reads_equal_reads_through_sqlx() {
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     );
-    // The two handles share the counter: eight reads each, and only the
+    // What changed since a moment, in any state (a destroyed record too:
+    // an incremental pass drops it), and nothing since a moment to come.
+    for (since, want) in [
+        (
+            whole_second,
+            vec!["sb-0000d001", "sb-0000d002", "sb-0000d003"],
+        ),
+        (Utc::now() + Duration::minutes(1), vec![]),
+    ] {
+        let a = direct
+            .reconcile_rows_changed("wk-test", since)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut ids: Vec<&str> = a.iter().map(|r| r.id.as_str()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, want, "changed since {since}");
+        assert_eq!(
+            a,
+            sqlx.reconcile_rows_changed("wk-test", since)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        );
+    }
+    // One record as the reconciler reads it before acting: only while it
+    // is on that worker.
+    for (worker, id, found) in [
+        ("wk-test", "sb-0000d003", true),
+        ("wk-other", "sb-0000d001", false),
+    ] {
+        let a = direct
+            .reconcile_row(worker, id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.is_some(), found, "{worker} {id}");
+        assert_eq!(
+            a,
+            sqlx.reconcile_row(worker, id)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        );
+    }
+    // The two handles share the counter: twelve reads each, and only the
     // direct handle's took the direct path.
     assert_eq!(
         direct.direct_read_count() - before,
-        8,
+        12,
         "every read of the direct handle took the direct path, none of the other's"
     );
 }
