@@ -19,15 +19,21 @@ use crate::service::Service;
 /// Prometheus asks for first), `# EOF` included.
 const TEXT_FORMAT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// `/metrics` and `/metrics/prometheus`; `/api/v1/metrics/prometheus` is
+/// the REST router's (it is in the OpenAPI document).
 pub fn router(service: Service) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
         .route("/metrics/prometheus", get(scrape))
-        .route("/api/v1/metrics/prometheus", get(scrape))
         .with_state(service)
 }
 
-async fn scrape(State(service): State<Service>, caller: Caller) -> Result<Response, ApiError> {
+/// The server's metrics in the OpenMetrics text format (admins and
+/// operators; also at `/metrics` and `/metrics/prometheus`).
+#[utoipa::path(get, operation_id = "prometheusMetrics", path = "/metrics/prometheus", tag = "system",
+    responses((status = 200, description = "Sandboxes by state, latencies, admission, workers, HTTP answers",
+        content_type = TEXT_FORMAT, body = String)))]
+pub async fn scrape(State(service): State<Service>, caller: Caller) -> Result<Response, ApiError> {
     let text = service.prometheus_text(&caller).await?;
     Ok(([(header::CONTENT_TYPE, TEXT_FORMAT)], text).into_response())
 }

@@ -30,6 +30,7 @@ pub fn router() -> OpenApiRouter<Service> {
         .routes(routes!(pool_status))
         .routes(routes!(logs))
         .routes(routes!(stats))
+        .routes(routes!(crate::api::metrics::scrape))
 }
 
 /// This replica's health; anyone may read it.
