@@ -9,58 +9,30 @@
 //   STACYVM_URL=http://127.0.0.1:7423 STACYVM_TEST_IMAGE=stacyvm-test:busybox \
 //     node --test tests/browser/dashboard.test.mjs
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { openBrowser } from './harness.mjs';
 
 const BASE = process.env.STACYVM_URL?.replace(/\/+$/, '');
 const IMAGE = process.env.STACYVM_TEST_IMAGE;
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = fileURLToPath(new URL('../../target/dashboard.png', import.meta.url));
-const LOCAL_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]']);
 
-let userDataDir;
-let context;
+let browser;
 let page;
-const problems = [];
+let problems;
 const sandboxes = new Set();
-
-function isLocal(url) {
-  const u = new URL(url);
-  return u.protocol === 'data:' || u.protocol === 'blob:' || LOCAL_HOSTS.has(u.hostname);
-}
 
 before(async () => {
   assert.ok(BASE && IMAGE, 'STACYVM_URL and STACYVM_TEST_IMAGE must be set');
-  userDataDir = await mkdtemp(join(tmpdir(), 'stacyvm-chromium-'));
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    viewport: { width: 1400, height: 900 },
-  });
-  context.on('request', (r) => {
-    if (!isLocal(r.url())) problems.push(`request to another host: ${r.url()}`);
-  });
-  context.on('requestfailed', (r) => problems.push(`request failed: ${r.url()}: ${r.failure()?.errorText}`));
-  context.on('response', (r) => {
-    if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.request().method()} ${r.url()}`);
-  });
-  page = context.pages()[0] ?? (await context.newPage());
-  page.on('console', (msg) => { if (msg.type() === 'error') problems.push(`console error: ${msg.text()}`); });
-  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  browser = await openBrowser(BASE);
+  ({ page, problems } = browser);
 });
 
 after(async () => {
   for (const id of sandboxes) {
     await fetch(`${BASE}/api/v1/sandboxes/${id}`, { method: 'DELETE' }).catch(() => {});
   }
-  await context?.close();
-  if (userDataDir) await rm(userDataDir, { recursive: true, force: true });
+  await browser?.close();
 });
 
 async function waitFor(pred, what, timeoutMs = 30_000) {

@@ -7,53 +7,25 @@
 //
 //   STACYVM_URL=http://127.0.0.1:7423 node --test tests/browser/docs.test.mjs
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { openBrowser } from './harness.mjs';
 
 const BASE = process.env.STACYVM_URL?.replace(/\/+$/, '');
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = fileURLToPath(new URL('../../target/docs.png', import.meta.url));
 
-let userDataDir;
-let context;
+let browser;
 let page;
-const problems = [];
-
-// The server's own origin only: not another port on this host either.
-function isOwn(url) {
-  const u = new URL(url);
-  return u.protocol === 'data:' || u.protocol === 'blob:' || u.origin === new URL(BASE).origin;
-}
+let problems;
 
 before(async () => {
   assert.ok(BASE, 'STACYVM_URL must be set');
-  userDataDir = await mkdtemp(join(tmpdir(), 'stacyvm-chromium-'));
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-    viewport: { width: 1400, height: 1000 },
-  });
-  context.on('request', (r) => {
-    if (!isOwn(r.url())) problems.push(`request to another origin: ${r.url()}`);
-  });
-  context.on('requestfailed', (r) => problems.push(`request failed: ${r.url()}: ${r.failure()?.errorText}`));
-  context.on('response', (r) => {
-    if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.request().method()} ${r.url()}`);
-  });
-  page = context.pages()[0] ?? (await context.newPage());
-  page.on('console', (msg) => { if (msg.type() === 'error') problems.push(`console error: ${msg.text()}`); });
-  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  browser = await openBrowser(BASE, { viewport: { width: 1400, height: 1000 } });
+  ({ page, problems } = browser);
 });
 
 after(async () => {
-  await context?.close();
-  if (userDataDir) await rm(userDataDir, { recursive: true, force: true });
+  await browser?.close();
 });
 
 test('the API reference lists every operation and runs one against the server', { timeout: 60_000 }, async () => {

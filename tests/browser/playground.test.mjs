@@ -19,82 +19,37 @@
 // Knobs: CHROMIUM (default /usr/bin/chromium).
 import assert from 'node:assert/strict';
 import { mkdirSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { openBrowser } from './harness.mjs';
 
 const BASE = process.env.STACYVM_URL?.replace(/\/+$/, '');
 const IMAGE = process.env.STACYVM_TEST_IMAGE;
-const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const SCREENSHOT = fileURLToPath(new URL('../../target/playground.png', import.meta.url));
 const LOCAL_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]']);
 
-let userDataDir;
-let context;
+let browser;
 let page;
 /** Every request the browser made ("METHOD URL"), and what went wrong. */
-const requests = [];
-const problems = [];
+let requests;
+let problems;
 /** Sandboxes to destroy at the end. */
 const sandboxes = new Set();
-
-function isLocal(url) {
-  const u = new URL(url);
-  if (u.protocol === 'data:' || u.protocol === 'blob:') return true;
-  return LOCAL_HOSTS.has(u.hostname);
-}
 
 before(async () => {
   assert.ok(BASE, 'STACYVM_URL must point at a running stacyvm server');
   assert.ok(IMAGE, 'STACYVM_TEST_IMAGE must name an image the server can run');
   assert.ok(LOCAL_HOSTS.has(new URL(BASE).hostname), `STACYVM_URL must be on this machine: ${BASE}`);
-  userDataDir = await mkdtemp(join(tmpdir(), 'stacyvm-chromium-'));
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      '--headless',
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-    viewport: { width: 1400, height: 900 },
-  });
-  context.on('request', (r) => {
-    requests.push(`${r.method()} ${r.url()}`);
-    if (!isLocal(r.url())) problems.push(`request to another host: ${r.method()} ${r.url()}`);
-  });
-  context.on('requestfailed', (r) => {
-    problems.push(`request failed: ${r.method()} ${r.url()}: ${r.failure()?.errorText}`);
-  });
-  context.on('response', (r) => {
-    if (r.status() >= 400) problems.push(`HTTP ${r.status()}: ${r.request().method()} ${r.url()}`);
-  });
-  page = context.pages()[0] ?? (await context.newPage());
-  page.on('websocket', (ws) => {
-    requests.push(`WS ${ws.url()}`);
-    if (!isLocal(ws.url())) problems.push(`websocket to another host: ${ws.url()}`);
-    ws.on('socketerror', (e) => problems.push(`websocket error on ${ws.url()}: ${e}`));
-  });
-  page.on('console', (msg) => {
-    if (msg.type() === 'error') problems.push(`console error: ${msg.text()}`);
-  });
-  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  browser = await openBrowser(BASE);
+  ({ page, requests, problems } = browser);
 });
 
 after(async () => {
   for (const id of sandboxes) {
     await fetch(`${BASE}/api/v1/sandboxes/${id}`, { method: 'DELETE' }).catch(() => {});
   }
-  await context?.close();
-  if (userDataDir) await rm(userDataDir, { recursive: true, force: true });
+  await browser?.close();
 });
 
 /** The result pane's text, as shown: its editor's rendered lines. */
