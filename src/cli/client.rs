@@ -80,24 +80,19 @@ fn table_line(s: &Value) -> String {
 }
 
 pub async fn create(target: &Target, args: CreateArgs, json_out: bool) -> Result<(), CliError> {
-    let mut body = serde_json::Map::new();
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            body.insert(k.to_string(), v);
-        }
+    let metadata = pairs(&args.metadata, "--meta")?
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+        .collect();
+    let body = super::SpawnBody {
+        image: args.image,
+        template: args.template,
+        provider: args.provider,
+        ttl: args.ttl,
+        memory_mb: args.memory_mb,
+        vcpus: args.vcpus,
+        metadata,
     };
-    put("image", args.image.map(Value::String));
-    put("template", args.template.map(Value::String));
-    put("provider", args.provider.map(Value::String));
-    put("ttl", args.ttl.map(Value::String));
-    put("memory_mb", args.memory_mb.map(Value::from));
-    put("vcpus", args.vcpus.map(Value::from));
-    if !args.metadata.is_empty() {
-        body.insert(
-            "metadata".into(),
-            Value::Object(pairs(&args.metadata, "--meta")?),
-        );
-    }
     // Spawning may wait: an image pull, a queued spawn. Say so on a
     // terminal while it does.
     let progress = spinner("creating sandbox");
@@ -105,7 +100,7 @@ pub async fn create(target: &Target, args: CreateArgs, json_out: bool) -> Result
         .send_json(
             Method::POST,
             "/sandboxes",
-            Some(Value::Object(body)),
+            Some(body.to_json()),
             Duration::from_secs(600),
         )
         .await;

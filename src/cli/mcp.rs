@@ -23,29 +23,15 @@ fn tool_error(e: CliError) -> ToolError {
             message,
         } => {
             let code = if code.is_empty() {
-                code_of(status)
+                crate::api::rest::code_of_status(status)
+                    .unwrap_or(crate::service::ErrorCode::Internal)
+                    .as_str()
             } else {
                 code.as_str()
             };
             format!("{code}: {message}")
         }
         other => format!("UNAVAILABLE: {other}"),
-    }
-}
-
-/// The API's error code for an HTTP status (the REST layer maps them one
-/// to one).
-fn code_of(status: u16) -> &'static str {
-    match status {
-        400 => "BAD_REQUEST",
-        401 => "UNAUTHORIZED",
-        403 => "FORBIDDEN",
-        404 => "NOT_FOUND",
-        408 => "TIMEOUT",
-        409 => "CONFLICT",
-        429 => "RESOURCE_LIMIT",
-        503 => "UNAVAILABLE",
-        _ => "INTERNAL_ERROR",
     }
 }
 
@@ -58,27 +44,19 @@ const LONG: Duration = Duration::from_secs(24 * 3600);
 #[async_trait::async_trait]
 impl Backend for Rest {
     async fn create(&self, _who: Option<&Caller>, args: CreateSandbox) -> Result<Value, ToolError> {
-        let mut body = json!({});
-        for (k, v) in [
-            ("image", args.image),
-            ("provider", args.provider),
-            ("ttl", args.ttl),
-        ] {
-            if let Some(v) = v {
-                body[k] = Value::String(v);
-            }
-        }
-        if let Some(meta) = args.metadata {
-            body["metadata"] = serde_json::to_value(meta).unwrap_or_default();
-        }
-        if let Some(template) = args.template {
-            body["template"] = Value::String(template);
-        }
+        let body = super::SpawnBody {
+            image: args.image,
+            template: args.template,
+            provider: args.provider,
+            ttl: args.ttl,
+            metadata: args.metadata.unwrap_or_default(),
+            ..Default::default()
+        };
         self.0
             .send_json(
                 Method::POST,
                 "/sandboxes",
-                Some(body),
+                Some(body.to_json()),
                 Duration::from_secs(600),
             )
             .await

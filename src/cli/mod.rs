@@ -41,6 +41,33 @@ pub(crate) fn files_path(id: &str, route: &str, path: &str) -> Result<String, Cl
     Ok(format!("{}/files{route}?path={encoded}", sandbox_path(id)?))
 }
 
+/// The body of `POST /sandboxes` as this API's own clients send it (the
+/// CLI's `sandbox create`, `stacyvm mcp`'s `create_sandbox`): only what
+/// was given, so the server's defaults apply to the rest.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct SpawnBody {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
+impl SpawnBody {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
 /// Where the control plane is and how to authenticate.
 #[derive(Debug, Clone, Default)]
 pub struct Target {
@@ -166,5 +193,26 @@ impl Target {
             .bytes()
             .await
             .map_err(|e| CliError::Other(format!("reading {path}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod spawn_body_tests {
+    use super::SpawnBody;
+
+    /// What was not given is not sent: the server's defaults apply.
+    #[test]
+    fn a_spawn_body_carries_only_what_was_given() {
+        assert_eq!(SpawnBody::default().to_json(), serde_json::json!({}));
+        let body = SpawnBody {
+            image: Some("alpine:latest".into()),
+            ttl: Some("10m".into()),
+            metadata: [("team".to_string(), "blue".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            body.to_json(),
+            serde_json::json!({"image": "alpine:latest", "ttl": "10m", "metadata": {"team": "blue"}})
+        );
     }
 }

@@ -38,12 +38,10 @@ pub enum Streamed {
         id: EventId,
         event: Event,
     },
-    /// Events are missing here: `missed` of them when known (this reader
-    /// fell behind), unknown when it resumed from an id whose events are
-    /// gone.
-    Gap {
-        missed: Option<u64>,
-    },
+    /// Events are missing here: this reader fell behind, or it resumed from
+    /// an id whose events are gone. How many is not said: the count would
+    /// be of every tenant's events, which is not the caller's to know.
+    Gap,
 }
 
 /// What an event subscriber receives.
@@ -196,7 +194,7 @@ impl Service {
         let caller = caller.clone();
         // Live events the replay already held are skipped.
         let mut last = replay.last().map(|j| j.seq).unwrap_or(0);
-        let head = gap.then_some(Streamed::Gap { missed: None });
+        let head = gap.then_some(Streamed::Gap);
         let visible = {
             let caller = caller.clone();
             move |j: Journaled| {
@@ -214,7 +212,10 @@ impl Service {
                 last = j.seq;
                 visible_live(j)
             }
-            Err(BroadcastStreamRecvError::Lagged(n)) => Some(Streamed::Gap { missed: Some(n) }),
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                tracing::debug!(missed = n, "an event stream fell behind");
+                Some(Streamed::Gap)
+            }
         });
         let all = tokio_stream::iter(head.into_iter().chain(replayed))
             .chain(live)

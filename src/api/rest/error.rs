@@ -41,6 +41,14 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     }
 }
 
+/// The error code an HTTP status stands for (the inverse of
+/// [`status_of`]), for this API's own clients (the CLI, `stacyvm mcp`).
+pub fn code_of_status(status: u16) -> Option<ErrorCode> {
+    ErrorCode::ALL
+        .into_iter()
+        .find(|code| status_of(*code).as_u16() == status)
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = self.0.code();
@@ -60,5 +68,22 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{code_of_status, status_of};
+    use crate::service::ErrorCode;
+
+    /// Each code has a status of its own, so a client can read the code
+    /// back from the status alone.
+    #[test]
+    fn statuses_map_back_to_their_codes() {
+        for code in ErrorCode::ALL {
+            assert_eq!(code_of_status(status_of(code).as_u16()), Some(code));
+        }
+        assert_eq!(code_of_status(200), None);
+        assert_eq!(code_of_status(418), None);
     }
 }

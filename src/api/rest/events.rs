@@ -85,12 +85,8 @@ fn to_sse(item: Streamed) -> SseEvent {
                 .id(id.to_string())
                 .data(data)
         }
-        Streamed::Gap { missed } => SseEvent::default().event("gap").data(
-            json!({
-                "missed": missed,
-                "message": "events were missed here; read current state again",
-            })
-            .to_string(),
+        Streamed::Gap => SseEvent::default().event("gap").data(
+            json!({ "message": "events were missed here; read current state again" }).to_string(),
         ),
     }
 }

@@ -26,7 +26,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::service::{Error, Service};
 
-pub use error::{ApiError, ErrorBody};
+pub use error::{ApiError, ErrorBody, code_of_status};
 
 /// Where `stacyvm worker` heartbeats; authenticated by the worker token
 /// in the handler, not by the API's caller middleware.
