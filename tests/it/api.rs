@@ -704,3 +704,84 @@ async fn incremental_reconcile_passes_see_what_changed_since_the_last_read() {
     assert_eq!(body["state"], "running", "{body}");
     server.stop().await;
 }
+
+/// The safety net under incremental passes: a record changed behind the
+/// reconciler's back in a way no incremental read sees (here: moved to
+/// another worker by hand in the database, its timestamps older than the
+/// reads look back) keeps its stale copy in the kept records; when that copy leads to a verdict (its runtime is gone from
+/// this worker), the pass reads the record again before acting, finds it
+/// is no longer this worker's, and leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_kept_record_is_read_again_before_any_verdict() {
+    use sea_orm::ConnectionTrait;
+    let server = TestServer::start(|c| {
+        c.providers.memory.enabled = true;
+        c.lifecycle.reconcile_interval = stacyvm::duration::GoDuration(Duration::from_secs(3600));
+    })
+    .await;
+    let service = &server.app_service;
+    let id = spawn_ok(&server, json!({"provider": "memory"})).await;
+    let report = service
+        .reconcile(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((report.running, report.full_reads), (1, 0), "{report:?}");
+
+    // Behind the reconciler's back: the record now names another worker,
+    // with timestamps from long ago, and the runtime is gone from this one.
+    let db = sea_orm::Database::connect(service.config().database_url())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let old = "2020-01-01T00:00:00+00:00";
+    for sql in [
+        format!(
+            "UPDATE sandboxes SET worker_id = 'wk-elsewhere', updated_at = '{old}' WHERE id = '{id}'"
+        ),
+        format!("UPDATE leases SET acquired_at = '{old}' WHERE sandbox_id = '{id}'"),
+    ] {
+        db.execute_unprepared(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let model = service
+        .store()
+        .get_sandbox(&id)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no record {id}"));
+    let lease = service
+        .store()
+        .lease(&id)
+        .await
+        .ok()
+        .flatten()
+        .map_or(0, |l| l.generation);
+    let worker = service.scheduler().in_process_workers()[0].clone();
+    worker
+        .destroy(&stacyvm::worker::RuntimeRef {
+            sandbox_id: id.clone(),
+            provider: "memory".into(),
+            runtime_id: model.runtime_id.clone(),
+            lease: u64::try_from(lease).unwrap_or(0),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // The kept copy says "running here, runtime missing": failed, were it
+    // believed. Read again, the record is not this worker's.
+    let report = service
+        .reconcile(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((report.failed, report.full_reads), (0, 0), "{report:?}");
+    let (_, body) = server.get(&format!("/sandboxes/{id}")).await;
+    assert_eq!(body["state"], "running", "{body}");
+    // And the copy let it go: the next pass compares nothing.
+    let report = service
+        .reconcile(false)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((report.records, report.failed), (0, 0), "{report:?}");
+    server.stop().await;
+}
