@@ -18,7 +18,7 @@
 # Environment knobs:
 #   STACYVM_TEST_SKIP_CARGO_TEST=1   skip `cargo test` (SDK suites only)
 #   STACYVM_TEST_SKIP_SCHEMATHESIS=1 skip schemathesis (STACYVM_SCHEMATHESIS_EXAMPLES: per operation, default 60)
-#   STACYVM_SDK_PROVIDERS="docker native remote ha"   which SDK passes to run
+#   STACYVM_SDK_PROVIDERS="docker native remote ha custom"   which SDK passes to run
 #                                    (remote: `serve --no-local-worker` and two
 #                                    `stacyvm worker` processes, native provider;
 #                                    ha: the same with two replicas on one
@@ -249,7 +249,36 @@ run_sdk() {
         printf 'auth:\n  worker_tokens:\n    w1: sdk-token-one\n    w2: sdk-token-two\n' >"$data/control-plane.yaml"
         serve+=(--no-local-worker --config "$data/control-plane.yaml")
     fi
-    if [ "$provider" != docker ] && [ "$pass" = "$provider" ]; then
+    # PROVIDER `custom`: every sandbox on a custom provider, over HTTP with
+    # a key, served by `stacyvm custom-provider --provider native` (the
+    # contract's reference server) in a process of its own.
+    if [ "$pass" = custom ]; then
+        local cp_port cp_key="sdk-custom-$$"
+        cp_port=$(stacyvm_free_port)
+        "$BIN" image import --data-dir "$data/cp" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" || return 1
+        STACYVM_CUSTOM_PROVIDER_KEY="$cp_key" "$BIN" --data-dir "$data/cp" custom-provider \
+            --provider native --listen "127.0.0.1:$cp_port" >"$data/custom-provider.log" 2>&1 &
+        WORKER_PIDS+=($!)
+        "$PY" - "http://127.0.0.1:$cp_port/health" "$cp_key" <<'EOF' || { tail -n 30 "$data/custom-provider.log"; return 1; }
+import sys, time, urllib.request
+url, key = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    try:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=2) as r:
+            if r.status == 200:
+                sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.2)
+sys.exit("the custom provider did not answer in 60s")
+EOF
+        printf 'providers:\n  custom:\n    custom:\n      url: http://127.0.0.1:%s\n      api_key: %s\n' \
+            "$cp_port" "$cp_key" >"$data/custom.yaml"
+        serve+=(--config "$data/custom.yaml")
+    fi
+    if [ "$provider" != docker ] && [ "$provider" != custom ] && [ "$pass" = "$provider" ]; then
         echo "importing $STACYVM_TEST_IMAGE from $STACYVM_TEST_ROOTFS into $data/data"
         if ! "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS"; then
             echo "image import failed"
@@ -396,7 +425,7 @@ EOF
     return "$rc"
 }
 
-for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote ha}; do
+for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote ha custom}; do
     section "Python SDK suite (stacyvm==0.1.1) -- provider $provider"
     rc=0
     run_sdk "$provider" || rc=$?

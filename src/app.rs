@@ -210,12 +210,18 @@ async fn build_providers(
             config.providers.memory.max_sandboxes,
         )));
     }
+    for (name, custom) in &config.providers.custom {
+        let provider =
+            crate::provider::custom::CustomProvider::new(name, &custom.url, &custom.api_key)
+                .map_err(|e| StartError::Provider(format!("providers.custom.{name}: {e}")))?;
+        all.push(Arc::new(provider));
+    }
     if let Some(unknown) = only
         .iter()
         .find(|name| !all.iter().any(|p| p.name() == name.as_str()))
     {
         return Err(StartError::Provider(format!(
-            "unknown provider {unknown:?}: this build has docker, native and proot"
+            "unknown provider {unknown:?}: this build has docker, native and proot, and the custom providers configured"
         )));
     }
     Ok(all
@@ -238,6 +244,35 @@ fn open_fence(config: &Config) -> Result<crate::worker::fence::Fence, StartError
     let dir = config.data_dir.join("leases");
     crate::worker::fence::Fence::open(dir.clone())
         .map_err(|source| StartError::DataDir { path: dir, source })
+}
+
+/// `stacyvm custom-provider`: one of this host's providers behind the
+/// custom provider contract on `listen` (the reference implementation of
+/// the contract; see `provider::custom`), until `signal`.
+pub async fn serve_custom_provider(
+    config: Config,
+    listen: &str,
+    provider: &str,
+    api_key: &str,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let instance = format!("custom-{}", crate::ids::request());
+    let provider = build_providers(&config, &instance, &[provider.to_string()])
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| StartError::Provider("no such provider".into()))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| StartError::Provider(format!("listen on {listen}: {e}")))?;
+    tracing::info!(provider = provider.name(), %listen, "serving the custom provider contract");
+    axum::serve(
+        listener,
+        crate::provider::custom::server::router(provider, api_key),
+    )
+    .with_graceful_shutdown(signal)
+    .await
+    .map_err(|e| StartError::Provider(e.to_string()))
 }
 
 /// `stacyvm worker`: this host's providers behind the worker RPC on

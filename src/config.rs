@@ -273,6 +273,18 @@ pub struct ProvidersConfig {
     pub proot: ProotConfig,
     /// Records without runtimes, for benchmarks of the control plane.
     pub memory: MemoryConfig,
+    /// Runtimes behind StacyVM's HTTP provider contract, by the name
+    /// sandboxes are spawned on (`providers.custom.<name>: {url, api_key}`).
+    pub custom: BTreeMap<String, CustomProviderConfig>,
+}
+
+/// `providers.custom.<name>`: where a custom provider answers and the key
+/// StacyVM sends it (`Authorization: Bearer`; empty: none).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CustomProviderConfig {
+    pub url: String,
+    pub api_key: String,
 }
 
 /// `providers.memory`: a provider whose sandboxes are entries in a map and
@@ -594,6 +606,7 @@ impl Default for ProvidersConfig {
             native: NativeConfig::default(),
             proot: ProotConfig::default(),
             memory: MemoryConfig::default(),
+            custom: BTreeMap::new(),
         }
     }
 }
@@ -856,6 +869,23 @@ impl Config {
                     .into(),
             ));
         }
+        for (name, custom) in &self.providers.custom {
+            let plain = !name.is_empty()
+                && name.len() <= 32
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
+                });
+            if !plain || ["auto", "docker", "native", "proot", "memory"].contains(&name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "providers.custom.{name}: a custom provider's name is 1 to 32 of a-z, 0-9, - and _, and not a built-in provider's"
+                )));
+            }
+            if custom.url.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "providers.custom.{name}.url is required"
+                )));
+            }
+        }
         let l = &self.lifecycle;
         if [
             l.reaper_interval,
@@ -883,9 +913,11 @@ impl Config {
                 "providers.native.ids needs start > 0, size >= 2, count >= 1 and start + size * count below 2^32".into(),
             ));
         }
-        if !["auto", "docker", "native", "proot"].contains(&self.providers.default.as_str()) {
+        if !["auto", "docker", "native", "proot"].contains(&self.providers.default.as_str())
+            && !self.providers.custom.contains_key(&self.providers.default)
+        {
             return Err(ConfigError::Invalid(format!(
-                "providers.default must be auto, docker, native or proot, not {:?}",
+                "providers.default must be auto, docker, native, proot or a custom provider's name, not {:?}",
                 self.providers.default
             )));
         }
@@ -914,6 +946,31 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Custom providers are named as sandboxes are spawned on them: plain
+    /// names that are no built-in's, each with a URL; one may be the default.
+    #[test]
+    fn custom_providers_need_a_plain_new_name_and_a_url() {
+        let with = |name: &str, url: &str, default: &str| {
+            let mut c = Config::default();
+            c.providers.custom.insert(
+                name.to_string(),
+                CustomProviderConfig {
+                    url: url.to_string(),
+                    api_key: String::new(),
+                },
+            );
+            c.providers.default = default.to_string();
+            c.validate()
+        };
+        assert!(with("gpu-pool", "http://10.0.0.7:7480", "auto").is_ok());
+        assert!(with("gpu-pool", "http://10.0.0.7:7480", "gpu-pool").is_ok());
+        assert!(with("gpu-pool", "http://10.0.0.7:7480", "elsewhere").is_err());
+        assert!(with("docker", "http://10.0.0.7:7480", "auto").is_err());
+        assert!(with("Bad Name", "http://10.0.0.7:7480", "auto").is_err());
+        assert!(with(&"x".repeat(33), "http://10.0.0.7:7480", "auto").is_err());
+        assert!(with("gpu-pool", "", "auto").is_err());
+    }
 
     #[test]
     fn env_names_map_to_sections() {

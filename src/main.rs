@@ -109,6 +109,19 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Serve one of this host's providers behind StacyVM's custom provider
+    /// contract (the reference implementation of `providers.custom`).
+    CustomProvider {
+        /// Where to listen, HOST:PORT (loopback unless you say otherwise).
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        listen: String,
+        /// The provider served: native, proot or docker.
+        #[arg(long)]
+        provider: String,
+        /// The key callers must send as `Authorization: Bearer`.
+        #[arg(long, env = "STACYVM_CUSTOM_PROVIDER_KEY", hide_env_values = true)]
+        api_key: String,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Print the GraphQL schema (SDL), as committed in schema.graphql.
@@ -522,6 +535,14 @@ async fn run(cli: Cli, config: Config) -> Result<u8, Box<dyn std::error::Error>>
             app.serve(listener, shutdown_signal()).await?;
         }
         Command::Worker { .. } => app::run_worker(config, shutdown_signal()).await?,
+        Command::CustomProvider {
+            listen,
+            provider,
+            api_key,
+        } => {
+            app::serve_custom_provider(config, &listen, &provider, &api_key, shutdown_signal())
+                .await?
+        }
         Command::Schema => print!("{}", stacyvm::api::graphql::sdl()),
         Command::Openapi => println!("{}", stacyvm::api::rest::openapi().to_pretty_json()?),
         Command::Bench {

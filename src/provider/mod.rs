@@ -7,6 +7,7 @@
 //! implementation.
 
 pub mod agent;
+pub mod custom;
 pub mod docker;
 pub mod hostfs;
 pub mod image_store;

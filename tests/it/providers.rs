@@ -40,6 +40,8 @@ pub struct Fixture {
     pub reports_signal_deaths: bool,
     /// Keeps the temporary data dir alive for the test's duration.
     pub _data: Option<tempfile::TempDir>,
+    /// A server process the provider talks to, killed with the fixture.
+    pub _process: Option<tokio::process::Child>,
 }
 
 fn rootfs_tarball() -> PathBuf {
@@ -94,6 +96,7 @@ pub async fn native_fixture_with(direct: bool) -> Fixture {
         sandboxes_dir: Some(dir),
         reports_signal_deaths: true,
         _data: Some(data),
+        _process: None,
     }
 }
 
@@ -107,6 +110,7 @@ pub async fn proot_fixture() -> Fixture {
         sandboxes_dir: Some(dir),
         reports_signal_deaths: false,
         _data: Some(data),
+        _process: None,
     }
 }
 
@@ -141,7 +145,54 @@ pub async fn docker_fixture(direct: bool) -> Option<Fixture> {
         sandboxes_dir: None,
         reports_signal_deaths: true,
         _data: None,
+        _process: None,
     })
+}
+
+/// The custom provider (the HTTP contract's client) against `stacyvm
+/// custom-provider --provider native` in a process of its own: the
+/// contract's reference server, with a key, on a loopback port.
+pub async fn custom_fixture() -> Fixture {
+    let (data, _store) = data_dir_with_image();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("addr").port()
+    };
+    let key = crate::support::uuid_hex();
+    let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["custom-provider", "--provider", "native", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("STACYVM_CUSTOM_PROVIDER_KEY", &key)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start stacyvm custom-provider");
+    let url = format!("http://127.0.0.1:{port}");
+    let provider = stacyvm::provider::custom::CustomProvider::new("custom-test", &url, &key)
+        .expect("custom provider");
+    let started = Instant::now();
+    while provider.health().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stacyvm custom-provider did not answer at {url}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Without the key, nothing.
+    let stranger = stacyvm::provider::custom::CustomProvider::new("stranger", &url, "wrong")
+        .expect("custom provider");
+    assert!(stranger.health().await.is_err(), "a wrong key was let in");
+    let dir = data.path().join("sandboxes/native");
+    Fixture {
+        provider: Arc::new(provider),
+        image: TEST_IMAGE.into(),
+        sandboxes_dir: Some(dir),
+        reports_signal_deaths: true,
+        _data: Some(data),
+        _process: Some(process),
+    }
 }
 
 /// Expand every conformance case into a `#[tokio::test]` for one provider.
@@ -183,6 +234,7 @@ conformance_tests!(native_exec_helper, Some(native_fixture_with(false).await));
 conformance_tests!(proot, Some(proot_fixture().await));
 conformance_tests!(docker, docker_fixture(true).await);
 conformance_tests!(docker_engine_api, docker_fixture(false).await);
+conformance_tests!(custom, Some(custom_fixture().await));
 
 /// What one exec produced.
 struct Run {
@@ -1125,6 +1177,7 @@ async fn docker_direct_exec_matches_the_engine_api() {
         sandboxes_dir: None,
         reports_signal_deaths: true,
         _data: None,
+        _process: None,
     };
     let (id, runtime) = spawn_with_id(&fx).await;
     let mut probes = vec![spec(&["sh", "-c", SELF_PORTRAIT])];
@@ -1306,6 +1359,7 @@ async fn native_agent_exec_matches_the_exec_helper() {
         sandboxes_dir: Some(dir),
         reports_signal_deaths: true,
         _data: None,
+        _process: None,
     };
     let (id, runtime) = spawn_with_id(&fx).await;
     let portrait = format!("{SELF_PORTRAIT}; cat /proc/self/oom_score_adj");
@@ -1401,6 +1455,7 @@ async fn native_agent_mount_points_never_follow_the_trees_links() {
         sandboxes_dir: Some(dir),
         reports_signal_deaths: true,
         _data: None,
+        _process: None,
     };
     let (id, runtime) = spawn_with_id(&fx).await;
     let r = run(&p, &runtime, spec(&["cat", "/proc/1/cmdline"])).await;
