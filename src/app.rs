@@ -256,6 +256,16 @@ pub async fn serve_custom_provider(
     api_key: &str,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let host = listen
+        .rsplit_once(':')
+        .map_or(listen, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if api_key.is_empty() && !is_loopback(host) {
+        return Err(StartError::Provider(format!(
+            "refusing to serve commands on {listen} without --api-key: anyone who reaches it could run them"
+        )));
+    }
     let instance = format!("custom-{}", crate::ids::request());
     let provider = build_providers(&config, &instance, &[provider.to_string()])
         .await?

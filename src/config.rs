@@ -280,11 +280,20 @@ pub struct ProvidersConfig {
 
 /// `providers.custom.<name>`: where a custom provider answers and the key
 /// StacyVM sends it (`Authorization: Bearer`; empty: none).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CustomProviderConfig {
     pub url: String,
     pub api_key: String,
+}
+
+impl std::fmt::Debug for CustomProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CustomProviderConfig")
+            .field("url", &self.url)
+            .field("api_key", &if self.api_key.is_empty() { "" } else { "***" })
+            .finish()
+    }
 }
 
 /// `providers.memory`: a provider whose sandboxes are entries in a map and

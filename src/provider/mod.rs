@@ -384,6 +384,30 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
+/// An HTTP answer's body, at most `limit` bytes (`who` names the peer in
+/// the error): a peer cannot make StacyVM buffer more than it expects.
+pub(crate) async fn read_capped(
+    resp: reqwest::Response,
+    limit: usize,
+    who: &str,
+) -> ProviderResult<Vec<u8>> {
+    use futures::StreamExt;
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(part) = stream.next().await {
+        let part =
+            part.map_err(|e| ProviderError::Unavailable(format!("{who} unreachable: {e}")))?;
+        if body.len() + part.len() > limit {
+            return Err(ProviderError::Runtime(format!(
+                "{who} sent an answer over {} MiB",
+                limit >> 20
+            )));
+        }
+        body.extend_from_slice(&part);
+    }
+    Ok(body)
+}
+
 /// Best-effort work (cleanup of what a failed step left, a goodbye to a
 /// peer): its failure never fails the caller, and is logged, at `warn`
 /// for cleanups that leave something behind.

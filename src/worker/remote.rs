@@ -253,20 +253,7 @@ impl RemoteWorker {
 
     /// A response body of at most `limit` bytes.
     async fn read_capped(&self, resp: reqwest::Response, limit: usize) -> WorkerResult<Vec<u8>> {
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(part) = stream.next().await {
-            let part = part.map_err(|e| self.unreachable(e))?;
-            if body.len() + part.len() > limit {
-                return Err(ProviderError::Runtime(format!(
-                    "worker {} sent an answer over {} MiB",
-                    self.id,
-                    limit >> 20
-                )));
-            }
-            body.extend_from_slice(&part);
-        }
-        Ok(body)
+        crate::provider::read_capped(resp, limit, &format!("worker {}", self.id)).await
     }
 
     /// Runs a command on the worker and streams its frames into `sink`.

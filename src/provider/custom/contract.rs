@@ -7,16 +7,20 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::provider::{Capability, RuntimeStats};
+use crate::provider::RuntimeStats;
+
+#[allow(unused_imports)] // Named in the docs.
+use crate::provider::Capability;
 
 /// `GET /health`: 2xx when usable; what the provider can do, optionally.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Health {
     #[serde(default)]
     pub status: String,
-    /// Missing: exec, streaming and files are assumed.
+    /// [`Capability`] names; missing: exec, streaming, files and logs
+    /// are assumed. Names a client does not know are skipped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capabilities: Option<Vec<Capability>>,
+    pub capabilities: Option<Vec<serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<String>,
 }
@@ -83,6 +87,9 @@ pub struct Exec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Frame {
+    /// The command could not go on after its output began:
+    /// `{"type":"error","message"}`, the last line.
+    Failed { r#type: String, message: String },
     Exit {
         /// Always `exit`.
         r#type: String,

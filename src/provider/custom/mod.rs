@@ -50,12 +50,18 @@ use serde::de::DeserializeOwned;
 use super::{
     Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputChunk, OutputSink, Provider,
     ProviderError, ProviderResult, RuntimeHandle, RuntimeStats, RuntimeStatus, SpawnSpec,
-    StreamKind,
+    StreamKind, read_capped,
 };
 use contract::codes;
 
-/// How long a call other than exec may take.
+/// How long a call other than exec and spawn may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a spawn may take (an image pull on the provider's side).
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(600);
+/// The largest JSON answer read (a file's bytes are capped apart).
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+/// The largest refusal body read.
+const MAX_REFUSAL_BYTES: usize = 64 << 10;
 /// How long past its timeout an exec's answer is waited for.
 const EXEC_GRACE: Duration = Duration::from_secs(30);
 /// The longest NDJSON line read from a streamed exec.
@@ -84,15 +90,25 @@ impl CustomProvider {
     /// the configuration). `url` is `http(s)://host[:port][/prefix]`.
     pub fn new(name: &str, url: &str, api_key: &str) -> Result<CustomProvider, String> {
         let parsed = reqwest::Url::parse(url).map_err(|e| format!("url {url:?}: {e}"))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            return Err(format!("url {url:?} must be http(s)://host[:port]"));
+        if parsed.scheme() == "https" {
+            return Err(format!(
+                "url {url:?}: https is not supported yet (this build has no TLS client); \
+                 reach the provider over a private network or a local TLS proxy"
+            ));
+        }
+        if parsed.scheme() != "http" || parsed.host_str().is_none() {
+            return Err(format!("url {url:?} must be http://host[:port]"));
         }
         if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty()
         {
             return Err(format!("url {url:?} may carry no user, query or fragment"));
         }
+        // No redirects: a provider cannot send a call (and its body) on to
+        // another address.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| e.to_string())?;
         Ok(CustomProvider {
@@ -131,36 +147,85 @@ impl CustomProvider {
             return Ok(resp);
         }
         let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let refusal: contract::Refusal = serde_json::from_str(&text).unwrap_or(contract::Refusal {
-            code: String::new(),
-            message: text.chars().take(300).collect(),
-        });
+        let refusal = self.refusal(resp).await;
         Err(self.refused(status, refusal, file))
     }
 
+    /// A refusal's `{"code","message"}`, or its text as the message.
+    async fn refusal(&self, resp: reqwest::Response) -> contract::Refusal {
+        let body = read_capped(resp, MAX_REFUSAL_BYTES, &self.who())
+            .await
+            .unwrap_or_default();
+        serde_json::from_slice(&body).unwrap_or_else(|_| contract::Refusal {
+            code: String::new(),
+            message: String::from_utf8_lossy(&body).chars().take(300).collect(),
+        })
+    }
+
+    fn who(&self) -> String {
+        format!("custom provider {}", self.name)
+    }
+
+    /// The one mapping from a refusal to a provider error. A sandbox is
+    /// gone only when the provider says so (410, or 404 `NOT_FOUND`): a 404
+    /// without a code (a wrong URL, a proxy) must never make the reconciler
+    /// fail sandboxes. On file calls it is a missing path, as the original
+    /// contract answers one.
     fn refused(&self, status: StatusCode, r: contract::Refusal, file: bool) -> ProviderError {
         let message = if r.message.is_empty() {
-            format!("custom provider {} answered {status}", self.name)
+            format!("{} answered {status}", self.who())
         } else {
             r.message
         };
-        match status.as_u16() {
-            400 => ProviderError::InvalidRequest(message),
-            404 if r.code == codes::FILE_NOT_FOUND || (file && r.code != codes::NOT_FOUND) => {
-                ProviderError::FileNotFound(message)
-            }
-            404 | 410 => ProviderError::RuntimeNotFound(message),
-            409 => ProviderError::Conflict(message),
-            429 | 503 => ProviderError::Unavailable(message),
+        match (status.as_u16(), r.code.as_str()) {
+            (400, _) => ProviderError::InvalidRequest(message),
+            (404, codes::FILE_NOT_FOUND) => ProviderError::FileNotFound(message),
+            (404, codes::NOT_FOUND) | (410, _) => ProviderError::RuntimeNotFound(message),
+            (404, "") if file => ProviderError::FileNotFound(message),
+            (404, _) => ProviderError::Runtime(format!(
+                "{} answered 404 without saying what is missing (is its url right?): {message}",
+                self.who()
+            )),
+            (409, _) => ProviderError::Conflict(message),
+            (429 | 503, _) => ProviderError::Unavailable(message),
             _ => ProviderError::Runtime(message),
         }
     }
 
+    /// Whether a refusal says the endpoint is not offered (an optional
+    /// part of the contract): 404 without a code, 405, 501.
+    fn not_offered(status: StatusCode, r: &contract::Refusal) -> bool {
+        matches!(status.as_u16(), 405 | 501)
+            || (status == StatusCode::NOT_FOUND && r.code.is_empty())
+    }
+
     async fn json<T: DeserializeOwned>(&self, resp: reqwest::Response) -> ProviderResult<T> {
-        resp.json().await.map_err(|e| {
-            ProviderError::Runtime(format!("custom provider {} answered badly: {e}", self.name))
-        })
+        let body = read_capped(resp, MAX_ANSWER_BYTES, &self.who()).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| ProviderError::Runtime(format!("{} answered badly: {e}", self.who())))
+    }
+
+    /// A GET of an optional part of the contract: `None` when not offered.
+    async fn get_optional<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> ProviderResult<Option<T>> {
+        let resp = self
+            .request(Method::GET, path)
+            .query(query)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            return self.json(resp).await.map(Some);
+        }
+        let status = resp.status();
+        let refusal = self.refusal(resp).await;
+        if Self::not_offered(status, &refusal) {
+            return Ok(None);
+        }
+        Err(self.refused(status, refusal, false))
     }
 
     async fn get<T: DeserializeOwned>(
@@ -212,22 +277,23 @@ impl Provider for CustomProvider {
 
     async fn health(&self) -> ProviderResult<()> {
         let health: contract::Health = self.get("/health", &[], false).await?;
-        if let Some(capabilities) = health.capabilities {
-            *self.capabilities.lock().unwrap_or_else(|e| e.into_inner()) = Some(capabilities);
+        if let Some(said) = health.capabilities {
+            // Names this version does not know are skipped, not an error.
+            let known = said
+                .into_iter()
+                .filter_map(|c| serde_json::from_value::<Capability>(c).ok())
+                .collect();
+            *self.capabilities.lock().unwrap_or_else(|e| e.into_inner()) = Some(known);
         }
         Ok(())
     }
 
     async fn image_available(&self, image: &str) -> ProviderResult<bool> {
-        match self
-            .get::<contract::ImageAvailable>("/images/available", &[("image", image)], false)
-            .await
-        {
-            Ok(answer) => Ok(answer.available),
-            // Not offered: the spawn will say.
-            Err(ProviderError::RuntimeNotFound(_)) => Ok(true),
-            Err(e) => Err(e),
-        }
+        // Not offered: the spawn will say.
+        Ok(self
+            .get_optional::<contract::ImageAvailable>("/images/available", &[("image", image)])
+            .await?
+            .is_none_or(|answer| answer.available))
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
@@ -240,33 +306,30 @@ impl Provider for CustomProvider {
         };
         let resp = self
             .request(Method::POST, "/spawn")
+            .timeout(SPAWN_TIMEOUT)
             .json(&body)
             .send()
-            .await;
-        let resp = resp.map_err(|e| self.unreachable(e))?;
-        if resp.status() == StatusCode::NOT_FOUND {
-            let refusal: contract::Refusal = resp.json().await.unwrap_or(contract::Refusal {
-                code: String::new(),
-                message: String::new(),
-            });
-            return Err(ProviderError::ImageNotFound {
-                image: spec.image.clone(),
-                reason: refusal.message,
-            });
-        }
+            .await
+            .map_err(|e| self.unreachable(e))?;
         if !resp.status().is_success() {
             let status = resp.status();
-            let refusal = resp.json().await.unwrap_or(contract::Refusal {
-                code: String::new(),
-                message: String::new(),
-            });
+            let refusal = self.refusal(resp).await;
+            // On a spawn, what can be missing is the image.
+            if status == StatusCode::NOT_FOUND
+                && matches!(refusal.code.as_str(), codes::IMAGE_NOT_FOUND | "")
+            {
+                return Err(ProviderError::ImageNotFound {
+                    image: spec.image.clone(),
+                    reason: refusal.message,
+                });
+            }
             return Err(self.refused(status, refusal, false));
         }
         let spawned: contract::Spawned = self.json(resp).await?;
         if spawned.id.is_empty() || spawned.id.len() > 256 {
             return Err(ProviderError::Runtime(format!(
-                "custom provider {} answered a spawn without a usable id",
-                self.name
+                "{} answered a spawn without a usable id",
+                self.who()
             )));
         }
         Ok(RuntimeHandle {
@@ -296,9 +359,9 @@ impl Provider for CustomProvider {
     async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
         let path = format!("/status/{}", Self::segment(runtime_id));
         match self.get::<contract::Status>(&path, &[], false).await {
-            Ok(s) if s.status == "running" => Ok(RuntimeStatus::Running),
-            Ok(s) => Ok(RuntimeStatus::Stopped {
-                cause: s.reason.unwrap_or(s.status),
+            Ok(s) => runtime_status(s.status, s.reason).ok_or_else(|| {
+                // Not a verdict: a failed observation (with hysteresis).
+                ProviderError::Runtime(format!("{} answered an unknown status", self.who()))
             }),
             Err(ProviderError::RuntimeNotFound(_)) => Ok(RuntimeStatus::Missing),
             Err(e) => Err(e),
@@ -306,29 +369,25 @@ impl Provider for CustomProvider {
     }
 
     async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>> {
-        let listed = match self
-            .get::<Vec<contract::Status>>("/sandboxes", &[], false)
-            .await
-        {
-            Ok(listed) => listed,
-            // Not offered: the reconciler asks each sandbox's status.
-            Err(ProviderError::RuntimeNotFound(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e),
+        // Not offered: the reconciler asks each sandbox's status.
+        let Some(listed) = self
+            .get_optional::<Vec<contract::Status>>("/sandboxes", &[])
+            .await?
+        else {
+            return Ok(Vec::new());
         };
         Ok(listed
             .into_iter()
             .filter(|s| !s.id.is_empty() && !s.sandbox_id.is_empty())
-            .map(|s| InventoryItem {
-                status: if s.status == "running" {
-                    RuntimeStatus::Running
-                } else {
-                    RuntimeStatus::Stopped {
-                        cause: s.reason.unwrap_or(s.status),
-                    }
-                },
-                sandbox_id: s.sandbox_id,
-                runtime_id: s.id,
-                created_at: s.created_at,
+            .filter_map(|s| {
+                // An entry whose status is not understood is left out: the
+                // reconciler then asks for it by id.
+                Some(InventoryItem {
+                    status: runtime_status(s.status, s.reason)?,
+                    sandbox_id: s.sandbox_id,
+                    runtime_id: s.id,
+                    created_at: s.created_at,
+                })
             })
             .collect())
     }
@@ -379,9 +438,10 @@ impl Provider for CustomProvider {
         let mut body = resp.bytes_stream();
         let mut buffer: Vec<u8> = Vec::new();
         loop {
-            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let line = &line[..line.len() - 1];
+            let mut start = 0;
+            while let Some(at) = buffer[start..].iter().position(|b| *b == b'\n') {
+                let line = &buffer[start..start + at];
+                start += at + 1;
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
@@ -393,11 +453,24 @@ impl Provider for CustomProvider {
                 })?;
                 match frame {
                     contract::Frame::Exit {
+                        r#type,
                         exit_code,
                         timed_out,
-                        ..
                     } => {
+                        if r#type != "exit" {
+                            return Err(ProviderError::Runtime(format!(
+                                "{} sent an exec frame of unknown type {:?}",
+                                self.who(),
+                                r#type.chars().take(40).collect::<String>()
+                            )));
+                        }
                         return exit_of(exit_code, timed_out, self.name);
+                    }
+                    contract::Frame::Failed { message, .. } => {
+                        return Err(ProviderError::Runtime(format!(
+                            "{}: the command failed: {message}",
+                            self.who()
+                        )));
                     }
                     contract::Frame::Output {
                         stream,
@@ -426,6 +499,7 @@ impl Provider for CustomProvider {
                     }
                 }
             }
+            buffer.drain(..start);
             if buffer.len() > MAX_FRAME_BYTES {
                 return Err(ProviderError::Runtime(format!(
                     "custom provider {} sent an exec line over {MAX_FRAME_BYTES} bytes",
@@ -551,12 +625,29 @@ impl Provider for CustomProvider {
     async fn logs(&self, runtime_id: &str, lines: usize) -> ProviderResult<Vec<String>> {
         let path = format!("/logs/{}", Self::segment(runtime_id));
         let lines = lines.to_string();
-        self.get(&path, &[("lines", lines.as_str())], false).await
+        // Not offered: no diagnostics.
+        Ok(self
+            .get_optional(&path, &[("lines", lines.as_str())])
+            .await?
+            .unwrap_or_default())
     }
 
     async fn stats(&self, runtime_id: &str) -> ProviderResult<RuntimeStats> {
         let path = format!("/stats/{}", Self::segment(runtime_id));
-        self.get(&path, &[], false).await
+        // Not offered: `supported: false`.
+        Ok(self.get_optional(&path, &[]).await?.unwrap_or_default())
+    }
+}
+
+/// A runtime's status as the contract names it; `None` for a name it does
+/// not have (never a verdict).
+fn runtime_status(status: String, reason: Option<String>) -> Option<RuntimeStatus> {
+    match status.as_str() {
+        "running" => Some(RuntimeStatus::Running),
+        "stopped" | "exited" | "dead" | "failed" => Some(RuntimeStatus::Stopped {
+            cause: reason.unwrap_or(status),
+        }),
+        _ => None,
     }
 }
 
@@ -592,6 +683,134 @@ mod tests {
             "not a url",
         ] {
             assert!(CustomProvider::new("p", bad, "").is_err(), "{bad}");
+        }
+    }
+}
+
+/// The client against small misbehaving servers (real HTTP on loopback):
+/// what a broken or hostile custom provider can and cannot make it do.
+#[cfg(test)]
+mod against_bad_servers {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+
+    use super::CustomProvider;
+    use crate::provider::{ExecSpec, Provider, ProviderError, RuntimeStatus};
+
+    async fn serve(router: Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        url
+    }
+
+    /// A 404 without a code is not "gone": a wrong URL must never fail
+    /// sandboxes. A coded one is; optional parts not offered read as none.
+    #[tokio::test]
+    async fn only_a_provider_that_says_so_makes_a_sandbox_gone() {
+        let bare = serve(Router::new()).await;
+        let p = CustomProvider::new("bare", &bare, "").unwrap();
+        assert!(matches!(
+            p.inspect("r1").await,
+            Err(ProviderError::Runtime(_))
+        ));
+        assert!(
+            p.destroy("r1").await.is_err(),
+            "a bare 404 is no proof it is gone"
+        );
+        assert!(p.inventory().await.unwrap().is_empty());
+        assert!(p.logs("r1", 10).await.unwrap().is_empty());
+        assert!(!p.stats("r1").await.unwrap().supported);
+        assert!(p.image_available("any").await.unwrap());
+
+        let coded = serve(Router::new().fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                r#"{"code":"NOT_FOUND","message":"no such sandbox"}"#,
+            )
+        }))
+        .await;
+        let p = CustomProvider::new("coded", &coded, "").unwrap();
+        assert!(matches!(p.inspect("r1").await, Ok(RuntimeStatus::Missing)));
+        assert!(p.destroy("r1").await.is_ok());
+        assert!(matches!(
+            p.logs("r1", 10).await,
+            Err(ProviderError::RuntimeNotFound(_))
+        ));
+
+        let odd = serve(
+            Router::new().route("/status/{id}", get(|| async { r#"{"status":"Starting"}"# })),
+        )
+        .await;
+        let p = CustomProvider::new("odd", &odd, "").unwrap();
+        assert!(matches!(
+            p.inspect("r1").await,
+            Err(ProviderError::Runtime(_))
+        ));
+    }
+
+    /// Redirects are not followed: a call and its body never go elsewhere.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&hits);
+        let elsewhere = serve(Router::new().fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { "{}" }
+        }))
+        .await;
+        let target = format!("{elsewhere}/health");
+        let redirecting = serve(Router::new().fallback(move || {
+            let target = target.clone();
+            async move { (StatusCode::TEMPORARY_REDIRECT, [("location", target)], "") }
+        }))
+        .await;
+        let p = CustomProvider::new("redirecting", &redirecting, "key").unwrap();
+        assert!(p.health().await.is_err());
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+    }
+
+    /// An exec stream ends with an exit or an error frame; anything else
+    /// is an error, never a made-up exit code. Answers are capped.
+    #[tokio::test]
+    async fn exec_streams_end_with_their_frame_and_answers_are_capped() {
+        let url = serve(
+            Router::new()
+                .route(
+                    "/exec",
+                    post(|| async {
+                        (
+                            [("content-type", "application/x-ndjson")],
+                            "{\"stream\":\"stdout\",\"data\":\"hi\\n\"}\n{\"type\":\"error\",\"message\":\"disk full\"}\n",
+                        )
+                    }),
+                )
+                .route("/files/list", get(|| async { "x".repeat(17 << 20) })),
+        )
+        .await;
+        let p = CustomProvider::new("failing", &url, "").unwrap();
+        let (sink, mut out) = tokio::sync::mpsc::channel(8);
+        let spec = ExecSpec {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            workdir: None,
+            timeout: std::time::Duration::from_secs(5),
+        };
+        match p.exec("r1", &spec, sink).await {
+            Err(ProviderError::Runtime(m)) => assert!(m.contains("disk full"), "{m}"),
+            other => panic!("expected the error frame's message, got {other:?}"),
+        }
+        assert_eq!(
+            out.recv().await.map(|c| c.data),
+            Some(bytes::Bytes::from("hi\n"))
+        );
+        match p.list_files("r1", "/").await {
+            Err(ProviderError::Runtime(m)) => assert!(m.contains("MiB"), "{m}"),
+            other => panic!("expected the cap, got {other:?}"),
         }
     }
 }

@@ -20,7 +20,12 @@ use base64::engine::general_purpose::STANDARD;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
+use tokio_util::task::AbortOnDropHandle;
+
 use super::contract::{self, codes};
+
+/// The longest command the reference server runs.
+const MAX_EXEC_MS: u64 = 24 * 3600 * 1000;
 use crate::provider::{ExecExit, ExecSpec, Provider, ProviderError, SpawnSpec};
 
 /// The provider served and the key callers must present (empty: none).
@@ -134,7 +139,13 @@ async fn health(State(s): State<Served>) -> Answer<Json<contract::Health>> {
     s.provider.health().await?;
     Ok(Json(contract::Health {
         status: "ok".into(),
-        capabilities: Some(s.provider.capabilities()),
+        capabilities: Some(
+            s.provider
+                .capabilities()
+                .into_iter()
+                .filter_map(|c| serde_json::to_value(c).ok())
+                .collect(),
+        ),
         isolation: Some(s.provider.isolation().to_string()),
     }))
 }
@@ -224,12 +235,17 @@ async fn exec(State(s): State<Served>, Json(b): Json<contract::Exec>) -> Answer<
         argv: b.argv,
         env: b.env,
         workdir: b.workdir,
-        timeout: Duration::from_millis(b.timeout_ms),
+        // A day at most, whatever the caller asks.
+        timeout: Duration::from_millis(b.timeout_ms.min(MAX_EXEC_MS)),
     };
     let (sink, mut output) = mpsc::channel(64);
     let provider = Arc::clone(&s.provider);
     let id = b.id;
-    let mut run = tokio::spawn(async move { provider.exec(&id, &spec, sink).await });
+    // Aborted when the answer is dropped (the caller went away): the
+    // command ends with it, as on every exec path.
+    let mut run = AbortOnDropHandle::new(tokio::spawn(async move {
+        provider.exec(&id, &spec, sink).await
+    }));
     // The first output or the end decides the answer's status: a refusal
     // (no such sandbox or workdir) is an error status, not a stream.
     let first = tokio::select! {
@@ -259,16 +275,10 @@ async fn exec(State(s): State<Served>, Json(b): Json<contract::Exec>) -> Answer<
             let run = run?;
             let line = match run.await {
                 Ok(Ok(exit)) => exit_line(exit),
-                // Past the first output a refusal can only end the stream:
-                // no exit frame, which the client reports.
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "custom provider exec failed mid-stream");
-                    return None;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "custom provider exec task failed");
-                    return None;
-                }
+                // Past the first output a refusal can only be the last
+                // line: an error frame.
+                Ok(Err(e)) => error_line(&e.to_string()),
+                Err(e) => error_line(&format!("the exec task failed: {e}")),
             };
             Some((Ok(Bytes::from(line)), (None, output, None)))
         },
@@ -302,6 +312,13 @@ fn frame_line(chunk: &crate::provider::OutputChunk) -> Vec<u8> {
         },
     };
     line_of(&frame)
+}
+
+fn error_line(message: &str) -> Vec<u8> {
+    line_of(&contract::Frame::Failed {
+        r#type: "error".into(),
+        message: message.to_string(),
+    })
 }
 
 fn exit_line(exit: ExecExit) -> Vec<u8> {
