@@ -266,12 +266,24 @@ pub async fn serve_custom_provider(
             "refusing to serve commands on {listen} without --api-key: anyone who reaches it could run them"
         )));
     }
-    let instance = format!("custom-{}", crate::ids::request());
+    // This data dir's installation, as a worker's: a restart keeps it, so
+    // the provider finds the runtimes it made before (docker's labels).
+    let instance = instance_id(&config.data_dir)?;
     let provider = build_providers(&config, &instance, &[provider.to_string()])
         .await?
         .into_iter()
         .next()
         .ok_or_else(|| StartError::Provider("no such provider".into()))?;
+    // What the previous process left (after a host reboot: native sandboxes
+    // to bring back) is fixed before anything is served.
+    match provider.recover_at_startup().await {
+        Ok(0) => {}
+        Ok(fixed) => tracing::info!(
+            fixed,
+            "recovered provider state left by the previous process"
+        ),
+        Err(e) => tracing::warn!(error = %e, "provider start-up recovery failed"),
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| StartError::Provider(format!("listen on {listen}: {e}")))?;

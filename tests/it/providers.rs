@@ -152,25 +152,28 @@ pub async fn docker_fixture(direct: bool) -> Option<Fixture> {
 /// The custom provider (the HTTP contract's client) against `stacyvm
 /// custom-provider --provider native` in a process of its own: the
 /// contract's reference server, with a key, on a loopback port.
-pub async fn custom_fixture() -> Fixture {
-    let (data, _store) = data_dir_with_image();
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        probe.local_addr().expect("addr").port()
-    };
-    let key = crate::support::uuid_hex();
+/// `stacyvm custom-provider --provider native` on `port` over `data`,
+/// answering once this returns.
+async fn start_reference_server(
+    data: &Path,
+    port: u16,
+    key: &str,
+) -> (
+    tokio::process::Child,
+    stacyvm::provider::custom::CustomProvider,
+) {
     let process = tokio::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(data)
         .args(["custom-provider", "--provider", "native", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
-        .env("STACYVM_CUSTOM_PROVIDER_KEY", &key)
+        .env("STACYVM_CUSTOM_PROVIDER_KEY", key)
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
         .expect("start stacyvm custom-provider");
     let url = format!("http://127.0.0.1:{port}");
-    let provider = stacyvm::provider::custom::CustomProvider::new("custom-test", &url, &key)
+    let provider = stacyvm::provider::custom::CustomProvider::new("custom-test", &url, key)
         .expect("custom provider");
     let started = Instant::now();
     while provider.health().await.is_err() {
@@ -180,6 +183,20 @@ pub async fn custom_fixture() -> Fixture {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (process, provider)
+}
+
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    probe.local_addr().expect("addr").port()
+}
+
+pub async fn custom_fixture() -> Fixture {
+    let (data, _store) = data_dir_with_image();
+    let port = free_port();
+    let key = crate::support::uuid_hex();
+    let (process, provider) = start_reference_server(data.path(), port, &key).await;
+    let url = format!("http://127.0.0.1:{port}");
     // Without the key, nothing.
     let stranger = stacyvm::provider::custom::CustomProvider::new("stranger", &url, "wrong")
         .expect("custom provider");
@@ -235,6 +252,44 @@ conformance_tests!(proot, Some(proot_fixture().await));
 conformance_tests!(docker, docker_fixture(true).await);
 conformance_tests!(docker_engine_api, docker_fixture(false).await);
 conformance_tests!(custom, Some(custom_fixture().await));
+
+/// The reference server restarted on its data dir (as after an upgrade)
+/// still holds the sandboxes it made: they are in its inventory under the
+/// same ids and run commands; nothing was lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_reference_server_keeps_its_sandboxes_across_a_restart() {
+    let (data, _store) = data_dir_with_image();
+    let port = free_port();
+    let key = crate::support::uuid_hex();
+    let (mut process, p) = start_reference_server(data.path(), port, &key).await;
+    let handle = p
+        .spawn(&SpawnSpec {
+            sandbox_id: "sb-c0ffee01".into(),
+            image: TEST_IMAGE.into(),
+            memory_mb: 128,
+            vcpus: 1,
+            disk_mb: 64,
+        })
+        .await
+        .expect("spawn");
+    process.kill().await.expect("kill the reference server");
+    let (_process, p) = start_reference_server(data.path(), port, &key).await;
+    let listed: Vec<_> = p
+        .inventory()
+        .await
+        .expect("inventory")
+        .into_iter()
+        .map(|i| (i.sandbox_id, i.runtime_id))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![("sb-c0ffee01".to_string(), handle.runtime_id.clone())]
+    );
+    let p: Arc<dyn Provider> = Arc::new(p);
+    let r = run(&p, &handle.runtime_id, spec(&["echo", "still here"])).await;
+    assert_eq!(r.stdout, "still here\n");
+    p.destroy(&handle.runtime_id).await.expect("destroy");
+}
 
 /// What one exec produced.
 struct Run {
