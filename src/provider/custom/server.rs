@@ -436,3 +436,100 @@ async fn logs(
 async fn stats(State(s): State<Served>, Path(id): Path<String>) -> Answer<Json<contract::Stats>> {
     Ok(Json(s.provider.stats(&id).await?))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use crate::provider::memory::MemoryProvider;
+
+    /// Every route of the reference server refuses a caller without the
+    /// key, or with another one, before it reads the body; with the key
+    /// the same calls reach the provider.
+    #[tokio::test]
+    async fn every_route_wants_the_key() {
+        let router = super::router(Arc::new(MemoryProvider::new(4)), "the-key");
+        let calls = [
+            ("GET", "/health", ""),
+            ("GET", "/images/available?image=x", ""),
+            (
+                "POST",
+                "/spawn",
+                r#"{"sandbox_id":"sb-1","image":"x","memory_mb":1,"vcpus":1,"disk_mb":1}"#,
+            ),
+            ("GET", "/status/r1", ""),
+            ("GET", "/sandboxes", ""),
+            ("DELETE", "/sandboxes/r1", ""),
+            (
+                "POST",
+                "/exec",
+                r#"{"id":"r1","argv":["id"],"timeout_ms":1000}"#,
+            ),
+            (
+                "POST",
+                "/files",
+                r#"{"id":"r1","path":"/x","content":"x","mode":"644"}"#,
+            ),
+            ("GET", "/files?id=r1&path=/etc/passwd", ""),
+            ("DELETE", "/files?id=r1&path=/x", ""),
+            ("GET", "/files/list?id=r1&path=/", ""),
+            ("GET", "/files/stat?id=r1&path=/", ""),
+            ("GET", "/files/glob?id=r1&pattern=/*", ""),
+            (
+                "POST",
+                "/files/move",
+                r#"{"id":"r1","old_path":"/a","new_path":"/b"}"#,
+            ),
+            (
+                "POST",
+                "/files/chmod",
+                r#"{"id":"r1","path":"/a","mode":"777"}"#,
+            ),
+            ("GET", "/logs/r1", ""),
+            ("GET", "/stats/r1", ""),
+        ];
+        for (method, path, body) in calls {
+            for key in [
+                None,
+                Some("Bearer not-the-key"),
+                Some("the-key"),
+                Some("Bearer the-key "),
+            ] {
+                let mut req = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .header("content-type", "application/json");
+                if let Some(key) = key {
+                    req = req.header("authorization", key);
+                }
+                let resp = router
+                    .clone()
+                    .oneshot(req.body(Body::from(body)).unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    resp.status(),
+                    StatusCode::UNAUTHORIZED,
+                    "{method} {path} with {key:?}"
+                );
+            }
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer the-key")
+                .body(Body::from(body))
+                .unwrap();
+            let resp = router.clone().oneshot(req).await.unwrap();
+            assert_ne!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with the key"
+            );
+        }
+    }
+}
