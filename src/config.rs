@@ -278,6 +278,10 @@ pub struct ProvidersConfig {
     pub custom: BTreeMap<String, CustomProviderConfig>,
 }
 
+/// The providers this build has, by the names sandboxes are spawned on
+/// (a custom provider may take none of them, nor `auto`).
+pub const BUILT_IN_PROVIDERS: [&str; 4] = ["docker", "native", "proot", "memory"];
+
 /// `providers.custom.<name>`: where a custom provider answers and the key
 /// StacyVM sends it (`Authorization: Bearer`; empty: none).
 #[derive(Clone, Default, Serialize, Deserialize)]
@@ -884,7 +888,7 @@ impl Config {
                 && name.bytes().all(|b| {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_'
                 });
-            if !plain || ["auto", "docker", "native", "proot", "memory"].contains(&name.as_str()) {
+            if !plain || name == "auto" || BUILT_IN_PROVIDERS.contains(&name.as_str()) {
                 return Err(ConfigError::Invalid(format!(
                     "providers.custom.{name}: a custom provider's name is 1 to 32 of a-z, 0-9, - and _, and not a built-in provider's"
                 )));
@@ -922,9 +926,12 @@ impl Config {
                 "providers.native.ids needs start > 0, size >= 2, count >= 1 and start + size * count below 2^32".into(),
             ));
         }
-        if !["auto", "docker", "native", "proot"].contains(&self.providers.default.as_str())
-            && !self.providers.custom.contains_key(&self.providers.default)
-        {
+        // `memory` is never the default: it runs nothing.
+        let default = self.providers.default.as_str();
+        let allowed = default == "auto"
+            || (BUILT_IN_PROVIDERS.contains(&default) && default != "memory")
+            || self.providers.custom.contains_key(default);
+        if !allowed {
             return Err(ConfigError::Invalid(format!(
                 "providers.default must be auto, docker, native, proot or a custom provider's name, not {:?}",
                 self.providers.default
@@ -979,6 +986,10 @@ mod tests {
         assert!(with("Bad Name", "http://10.0.0.7:7480", "auto").is_err());
         assert!(with(&"x".repeat(33), "http://10.0.0.7:7480", "auto").is_err());
         assert!(with("gpu-pool", "", "auto").is_err());
+        // The built-ins that can run a sandbox may be the default; `memory` not.
+        assert!(with("gpu-pool", "http://10.0.0.7:7480", "native").is_ok());
+        assert!(with("gpu-pool", "http://10.0.0.7:7480", "memory").is_err());
+        assert!(with("memory", "http://10.0.0.7:7480", "auto").is_err());
     }
 
     #[test]
