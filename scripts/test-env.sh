@@ -25,6 +25,8 @@
 #   STACYVM_TEST_VENV          python venv with stacyvm==0.1.1, pytest, pytest-asyncio
 #   STACYVM_TEST_SCHEMATHESIS  the schemathesis command (its own venv)
 #   STACYVM_TEST_TMPDIR        per-run scratch directory (removed by cleanup)
+#   STACYVM_TEST_KERNEL        a vmlinuz for microVM guests (Debian's cloud kernel,
+#                              unpacked with its modules under <state>/kernel)
 #
 # Knobs (optional, set before sourcing):
 #   STACYVM_TEST_POSTGRES_URL  if already set, no cluster is started and it is used as is
@@ -72,6 +74,17 @@ _stacyvm_env_packages() {
     command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
     # The HA pass of the SDK suite puts nginx in front of two replicas.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    # The qemu provider's microVMs (QEMU's microvm machine under TCG).
+    local qemu_flags=()
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+        missing+=(qemu-system-x86)
+        # A newer qemu-utils (from backports) breaks bookworm's
+        # qemu-system-common: take bookworm's alongside.
+        if _stacyvm_pkg_installed qemu-utils; then
+            missing+=(qemu-utils/bookworm)
+            qemu_flags+=(--allow-downgrades)
+        fi
+    fi
     # The playground browser test (tests/browser) drives Debian's Chromium.
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     _stacyvm_pkg_installed fonts-liberation || missing+=(fonts-liberation)
@@ -96,7 +109,7 @@ _stacyvm_env_packages() {
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq || rc=$?
     if [ "$rc" -eq 0 ]; then
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" || rc=$?
+        apt-get install -y -qq --no-install-recommends "${qemu_flags[@]}" "${missing[@]}" || rc=$?
     fi
     [ "$own_policy" -eq 1 ] && rm -f "$policy"
     if [ "$rc" -ne 0 ]; then
@@ -202,6 +215,33 @@ _stacyvm_env_rootfs() {
     _stacyvm_env_log "rootfs: $out"
 }
 
+# The microVM guest kernel: Debian's linux-image-cloud-amd64, unpacked (not
+# installed: the host's /boot stays as it is) into the state dir, its
+# modules in kernel/lib/modules/<release> beside kernel/boot.
+_stacyvm_env_kernel() {
+    local dir="$STACYVM_TEST_STATE_DIR/kernel" found
+    found=$(compgen -G "$dir/boot/vmlinuz-*" | sort | tail -n 1)
+    if [ -z "$found" ]; then
+        local stage="$STACYVM_TEST_TMPDIR/kernel" pkg
+        rm -rf "$stage" && mkdir -p "$stage" || return 1
+        pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+        if [ -z "$pkg" ]; then
+            apt-get update -qq || return 1
+            pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+        fi
+        [ -n "$pkg" ] || { _stacyvm_env_err "no linux-image-cloud-amd64 in apt"; return 1; }
+        _stacyvm_env_log "kernel: downloading $pkg"
+        (cd "$stage" && apt-get download -qq "$pkg" 2>/dev/null) || { _stacyvm_env_err "apt-get download $pkg failed"; return 1; }
+        rm -rf "$dir.tmp" && mkdir -p "$dir.tmp" || return 1
+        dpkg -x "$stage"/*.deb "$dir.tmp" || return 1
+        rm -rf "$dir" && mv "$dir.tmp" "$dir" && rm -rf "$stage" || return 1
+        found=$(compgen -G "$dir/boot/vmlinuz-*" | sort | tail -n 1)
+    fi
+    [ -n "$found" ] || { _stacyvm_env_err "no vmlinuz in $dir/boot"; return 1; }
+    export STACYVM_TEST_KERNEL="$found"
+    _stacyvm_env_log "kernel: $found"
+}
+
 # Import the rootfs as a docker image, unless the tag already holds this very tarball.
 _stacyvm_env_image() {
     local image=stacyvm-test:busybox sum have
@@ -294,6 +334,7 @@ stacyvm_test_env_setup() {
     _stacyvm_env_postgres || return 1
     _stacyvm_env_rootfs || return 1
     _stacyvm_env_image || return 1
+    _stacyvm_env_kernel || return 1
     _stacyvm_env_venv || return 1
     _stacyvm_env_log "ready"
 }
@@ -316,7 +357,8 @@ else
     envfile="$STACYVM_TEST_STATE_DIR/env.sh"
     {
         for v in STACYVM_TEST_ROOTFS STACYVM_TEST_IMAGE STACYVM_TEST_POSTGRES_URL \
-            STACYVM_TEST_DOCKER STACYVM_TEST_VENV STACYVM_TEST_SCHEMATHESIS STACYVM_TEST_TMPDIR; do
+            STACYVM_TEST_DOCKER STACYVM_TEST_VENV STACYVM_TEST_SCHEMATHESIS STACYVM_TEST_TMPDIR \
+            STACYVM_TEST_KERNEL; do
             printf 'export %s=%q\n' "$v" "${!v}"
         done
     } >"$envfile"

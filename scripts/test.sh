@@ -18,7 +18,7 @@
 # Environment knobs:
 #   STACYVM_TEST_SKIP_CARGO_TEST=1   skip `cargo test` (SDK suites only)
 #   STACYVM_TEST_SKIP_SCHEMATHESIS=1 skip schemathesis (STACYVM_SCHEMATHESIS_EXAMPLES: per operation, default 60)
-#   STACYVM_SDK_PROVIDERS="docker native remote ha custom"   which SDK passes to run
+#   STACYVM_SDK_PROVIDERS="docker native remote ha custom qemu"   which SDK passes to run
 #                                    (remote: `serve --no-local-worker` and two
 #                                    `stacyvm worker` processes, native provider;
 #                                    ha: the same with two replicas on one
@@ -79,8 +79,12 @@ sweep_native_leftovers() {
                 ;;
         esac
     done
+    # MicroVMs (daemonized QEMU) whose sockets are under $1.
+    for pid in $(pgrep -f "path=$tmp/" || true); do
+        pids="$pids $pid"
+    done
     if [ -n "${pids//[[:space:]]/}" ]; then
-        echo "removing $(echo $pids | wc -w) processes of native sandboxes left by in-process tests"
+        echo "removing $(echo $pids | wc -w) processes of native sandboxes and microVMs left by in-process tests"
         kill -9 $pids 2>/dev/null || true
     fi
     { awk -v p="$tmp/" 'index($2, p) == 1 {print $2}' /proc/mounts | sort -r |
@@ -278,6 +282,12 @@ EOF
             "$cp_port" "$cp_key" >"$data/custom.yaml"
         serve+=(--config "$data/custom.yaml")
     fi
+    # PROVIDER `qemu`: every sandbox a microVM (QEMU's microvm machine,
+    # TCG here) booting the test kernel (scripts/test-env.sh).
+    if [ "$pass" = qemu ]; then
+        printf 'providers:\n  qemu:\n    kernel: %s\n    boot_timeout: 180s\n' "$STACYVM_TEST_KERNEL" >"$data/qemu.yaml"
+        serve+=(--config "$data/qemu.yaml")
+    fi
     if [ "$provider" != docker ] && [ "$provider" != custom ] && [ "$pass" = "$provider" ]; then
         echo "importing $STACYVM_TEST_IMAGE from $STACYVM_TEST_ROOTFS into $data/data"
         if ! "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS"; then
@@ -425,7 +435,7 @@ EOF
     return "$rc"
 }
 
-for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote ha custom}; do
+for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote ha custom qemu}; do
     section "Python SDK suite (stacyvm==0.1.1) -- provider $provider"
     rc=0
     run_sdk "$provider" || rc=$?

@@ -200,9 +200,15 @@ async fn build_providers(
         Arc::new(docker),
         Arc::new(native),
         Arc::new(ProotProvider::new(
-            images,
+            images.clone(),
             sandboxes.join("proot"),
             config.providers.proot.binary.clone(),
+        )),
+        Arc::new(crate::provider::microvm::qemu::QemuProvider::new(
+            images,
+            sandboxes.join("qemu"),
+            config.data_dir.join("vm"),
+            config.providers.qemu.clone(),
         )),
     ];
     if config.providers.memory.enabled {
@@ -221,7 +227,7 @@ async fn build_providers(
         .find(|name| !all.iter().any(|p| p.name() == name.as_str()))
     {
         return Err(StartError::Provider(format!(
-            "unknown provider {unknown:?}: this build has docker, native and proot, and the custom providers configured"
+            "unknown provider {unknown:?}: this build has docker, native, proot and qemu, and the custom providers configured"
         )));
     }
     Ok(all

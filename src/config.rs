@@ -271,6 +271,8 @@ pub struct ProvidersConfig {
     pub docker: DockerConfig,
     pub native: NativeConfig,
     pub proot: ProotConfig,
+    /// MicroVM sandboxes under QEMU (`-M microvm`).
+    pub qemu: QemuConfig,
     /// Records without runtimes, for benchmarks of the control plane.
     pub memory: MemoryConfig,
     /// Runtimes behind StacyVM's HTTP provider contract, by the name
@@ -280,7 +282,50 @@ pub struct ProvidersConfig {
 
 /// The providers this build has, by the names sandboxes are spawned on
 /// (a custom provider may take none of them, nor `auto`).
-pub const BUILT_IN_PROVIDERS: [&str; 4] = ["docker", "native", "proot", "memory"];
+pub const BUILT_IN_PROVIDERS: [&str; 5] = ["docker", "native", "proot", "qemu", "memory"];
+
+/// How QEMU runs a guest's CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when `/dev/kvm` opens and this host is not itself a virtual
+    /// machine (nested guests are unreliable), else TCG.
+    Auto,
+    Kvm,
+    /// QEMU's emulator: slow, but runs anywhere.
+    Tcg,
+}
+
+/// The `qemu` provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    pub binary: PathBuf,
+    /// The guest kernel; empty: the newest `/boot/vmlinuz-*`.
+    pub kernel: PathBuf,
+    /// Its modules; empty: `lib/modules/<release>` beside the kernel's
+    /// `boot/`, else `/lib/modules/<release>`.
+    pub modules_dir: PathBuf,
+    pub accel: Accel,
+    /// How long a VM has to boot to its agent before the spawn fails.
+    pub boot_timeout: GoDuration,
+    /// The static `stacyvm-agent` binary (the guest's `/init`); empty
+    /// means beside the running `stacyvm` executable.
+    pub agent_binary: PathBuf,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            kernel: PathBuf::new(),
+            modules_dir: PathBuf::new(),
+            accel: Accel::Auto,
+            boot_timeout: GoDuration(std::time::Duration::from_secs(60)),
+            agent_binary: PathBuf::new(),
+        }
+    }
+}
 
 /// `providers.custom.<name>`: where a custom provider answers and the key
 /// StacyVM sends it (`Authorization: Bearer`; empty: none).
@@ -618,6 +663,7 @@ impl Default for ProvidersConfig {
             docker: DockerConfig::default(),
             native: NativeConfig::default(),
             proot: ProotConfig::default(),
+            qemu: QemuConfig::default(),
             memory: MemoryConfig::default(),
             custom: BTreeMap::new(),
         }
@@ -727,7 +773,7 @@ fn env_key(name: &str) -> Option<String> {
         .find(|s| lower.starts_with(&format!("{s}_")))?;
     let rest = &lower[section.len() + 1..];
     let nested: &[&str] = match *section {
-        "providers" => &["docker", "native", "proot"],
+        "providers" => &["docker", "native", "proot", "qemu"],
         "auth" => &["jwt"],
         _ => &[],
     };
@@ -852,10 +898,11 @@ impl Config {
             if let Some(bad) = lists
                 .into_iter()
                 .flatten()
-                .find(|p| !["docker", "native", "proot", "*"].contains(&p.as_str()))
+                .find(|p| !(p.as_str() == "*" || BUILT_IN_PROVIDERS.contains(&p.as_str())))
             {
                 return Err(ConfigError::Invalid(format!(
-                    "{path}.providers: unknown provider {bad:?} (docker, native or proot)"
+                    "{path}.providers: unknown provider {bad:?} ({})",
+                    BUILT_IN_PROVIDERS.join(", ")
                 )));
             }
         }
@@ -933,7 +980,7 @@ impl Config {
             || self.providers.custom.contains_key(default);
         if !allowed {
             return Err(ConfigError::Invalid(format!(
-                "providers.default must be auto, docker, native, proot or a custom provider's name, not {:?}",
+                "providers.default must be auto, docker, native, proot, qemu or a custom provider's name, not {:?}",
                 self.providers.default
             )));
         }

@@ -14,8 +14,29 @@
 //!
 //! Both sides treat the other's bytes as untrusted: a payload longer than
 //! [`MAX_FRAME`] or a field that does not parse ends the connection.
+//!
+//! # The multiplexed form (microVMs)
+//!
+//! A microVM's agent has one byte stream to its host (a virtio serial
+//! port, or one vsock connection), so every frame there is preceded by a
+//! request id (`u32` big-endian, [`write_tagged`], [`read_tagged`]) and
+//! several requests run at once. Id 0 is the session: the host opens it
+//! with [`Frame::Session`] (a fresh random number) and the agent answers
+//! [`Frame::Welcome`] with that number, after killing whatever the
+//! previous session left running (its caller is gone). Frames of an older
+//! session that were still in flight are told apart by that number, not
+//! by their ids. Requests use ids from 1:
+//!
+//! - [`Frame::Exec`] as above, then at most [`Frame::Kill`].
+//! - [`Frame::File`] with a [`FileOp`]: reads answer [`Frame::Data`]
+//!   chunks, listings [`Frame::Entry`] frames, globs [`Frame::Path`]
+//!   frames, and each ends with [`Frame::Done`] or [`Frame::Failed`]. A
+//!   write is followed by the content in `Data` frames and a `Done` from
+//!   the host; the agent answers `Done` or `Failed`.
 
 use std::io::{self, Read, Write};
+
+pub mod glob;
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -49,6 +70,11 @@ pub enum Failure {
     NotExecutable,
     /// Anything else (no pipes, no fork, a malformed request).
     Other,
+    /// A file operation's path does not exist.
+    NoSuchFile,
+    /// A file operation the filesystem refuses (a directory where a file
+    /// is wanted, a non-empty directory, a bad mode).
+    Invalid,
 }
 
 impl Failure {
@@ -58,6 +84,8 @@ impl Failure {
             Failure::NotFound => 2,
             Failure::NotExecutable => 3,
             Failure::Other => 4,
+            Failure::NoSuchFile => 5,
+            Failure::Invalid => 6,
         }
     }
 
@@ -66,6 +94,8 @@ impl Failure {
             1 => Failure::Workdir,
             2 => Failure::NotFound,
             3 => Failure::NotExecutable,
+            5 => Failure::NoSuchFile,
+            6 => Failure::Invalid,
             _ => Failure::Other,
         }
     }
@@ -80,6 +110,54 @@ pub struct Exec {
     pub env: Vec<Vec<u8>>,
     /// `None` is the sandbox's default (`/`).
     pub workdir: Option<Vec<u8>>,
+}
+
+/// A file operation on the agent's own filesystem (a microVM's). Paths
+/// are absolute and already normalised by the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileOp {
+    Read {
+        path: Vec<u8>,
+    },
+    /// The content follows in `Data` frames, ended by `Done`.
+    Write {
+        path: Vec<u8>,
+        mode: u32,
+    },
+    List {
+        path: Vec<u8>,
+    },
+    Stat {
+        path: Vec<u8>,
+    },
+    Move {
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+    Chmod {
+        path: Vec<u8>,
+        mode: u32,
+    },
+    Delete {
+        path: Vec<u8>,
+        recursive: bool,
+    },
+    Glob {
+        pattern: Vec<u8>,
+    },
+}
+
+/// One directory entry or stat answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entry {
+    pub path: Vec<u8>,
+    pub name: Vec<u8>,
+    pub size: u64,
+    /// The whole `st_mode` (type and permission bits).
+    pub mode: u32,
+    pub is_dir: bool,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
 }
 
 /// One message.
@@ -98,19 +176,192 @@ pub enum Frame {
         why: Failure,
         message: String,
     },
+    /// Host to agent, id 0: a new session begins.
+    Session(u64),
+    /// A file operation.
+    File(FileOp),
+    /// File content, either way.
+    Data(Vec<u8>),
+    /// The end of a write's content (host), or a file operation's success
+    /// (agent).
+    Done,
+    /// Agent to host, id 0: the answer to `Session`.
+    Welcome {
+        version: u32,
+        session: u64,
+    },
+    Entry(Entry),
+    /// One glob match.
+    Path(Vec<u8>),
 }
 
 const HELLO: u8 = 0;
 const EXEC: u8 = 1;
 const KILL: u8 = 2;
+const SESSION: u8 = 3;
+const FILE: u8 = 4;
+const DATA: u8 = 5;
+const DONE: u8 = 6;
 const STDOUT: u8 = 11;
 const STDERR: u8 = 12;
 const EXIT: u8 = 13;
 const FAILED: u8 = 14;
+const WELCOME: u8 = 15;
+const ENTRY: u8 = 16;
+const PATH: u8 = 17;
+
+/// The longest path either side accepts in a file frame.
+pub const MAX_PATH: usize = 4096;
 
 const ARG: u8 = b'a';
 const ENV: u8 = b'e';
 const WORKDIR: u8 = b'w';
+const OP: u8 = b'o';
+const P1: u8 = b'p';
+const P2: u8 = b'q';
+const MODE: u8 = b'm';
+const FLAG: u8 = b'r';
+const NAME: u8 = b'n';
+const SIZE: u8 = b's';
+const MTIME: u8 = b't';
+
+/// Splits a payload of `tag | u32 length | value` fields.
+fn fields(payload: &[u8]) -> io::Result<Vec<(u8, &[u8])>> {
+    let mut out = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        if rest.len() < 5 {
+            return Err(bad("truncated field"));
+        }
+        let tag = rest[0];
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let value = rest.get(5..5 + len).ok_or_else(|| bad("truncated field"))?;
+        rest = &rest[5 + len..];
+        out.push((tag, value));
+    }
+    Ok(out)
+}
+
+fn int<const N: usize>(value: &[u8]) -> io::Result<[u8; N]> {
+    value.try_into().map_err(|_| bad("bad integer field"))
+}
+
+impl FileOp {
+    fn code(&self) -> u8 {
+        match self {
+            FileOp::Read { .. } => 1,
+            FileOp::Write { .. } => 2,
+            FileOp::List { .. } => 3,
+            FileOp::Stat { .. } => 4,
+            FileOp::Move { .. } => 5,
+            FileOp::Chmod { .. } => 6,
+            FileOp::Delete { .. } => 7,
+            FileOp::Glob { .. } => 8,
+        }
+    }
+
+    fn encode(&self, p: &mut Vec<u8>) {
+        field(p, OP, &[self.code()]);
+        match self {
+            FileOp::Read { path }
+            | FileOp::List { path }
+            | FileOp::Stat { path }
+            | FileOp::Glob { pattern: path } => field(p, P1, path),
+            FileOp::Write { path, mode } | FileOp::Chmod { path, mode } => {
+                field(p, P1, path);
+                field(p, MODE, &mode.to_be_bytes());
+            }
+            FileOp::Move { from, to } => {
+                field(p, P1, from);
+                field(p, P2, to);
+            }
+            FileOp::Delete { path, recursive } => {
+                field(p, P1, path);
+                field(p, FLAG, &[u8::from(*recursive)]);
+            }
+        }
+    }
+
+    fn decode(payload: &[u8]) -> io::Result<FileOp> {
+        let (mut op, mut p1, mut p2, mut mode, mut flag) = (None, None, None, None, false);
+        for (tag, value) in fields(payload)? {
+            match tag {
+                OP => op = Some(int::<1>(value)?[0]),
+                P1 => p1 = Some(value.to_vec()),
+                P2 => p2 = Some(value.to_vec()),
+                MODE => mode = Some(u32::from_be_bytes(int(value)?)),
+                FLAG => flag = int::<1>(value)?[0] != 0,
+                _ => return Err(bad("unknown field")),
+            }
+        }
+        let path = p1.ok_or_else(|| bad("a file operation without a path"))?;
+        let mode = || mode.ok_or_else(|| bad("a file operation without a mode"));
+        Ok(match op {
+            Some(1) => FileOp::Read { path },
+            Some(2) => FileOp::Write {
+                path,
+                mode: mode()?,
+            },
+            Some(3) => FileOp::List { path },
+            Some(4) => FileOp::Stat { path },
+            Some(5) => FileOp::Move {
+                from: path,
+                to: p2.ok_or_else(|| bad("a move without a target"))?,
+            },
+            Some(6) => FileOp::Chmod {
+                path,
+                mode: mode()?,
+            },
+            Some(7) => FileOp::Delete {
+                path,
+                recursive: flag,
+            },
+            Some(8) => FileOp::Glob { pattern: path },
+            _ => return Err(bad("unknown file operation")),
+        })
+    }
+
+    /// The operation's name in words (for messages).
+    pub fn name(&self) -> &'static str {
+        match self {
+            FileOp::Read { .. } => "read",
+            FileOp::Write { .. } => "write",
+            FileOp::List { .. } => "list",
+            FileOp::Stat { .. } => "stat",
+            FileOp::Move { .. } => "move",
+            FileOp::Chmod { .. } => "chmod",
+            FileOp::Delete { .. } => "delete",
+            FileOp::Glob { .. } => "glob",
+        }
+    }
+}
+
+impl Entry {
+    fn encode(&self, p: &mut Vec<u8>) {
+        field(p, P1, &self.path);
+        field(p, NAME, &self.name);
+        field(p, SIZE, &self.size.to_be_bytes());
+        field(p, MODE, &self.mode.to_be_bytes());
+        field(p, FLAG, &[u8::from(self.is_dir)]);
+        field(p, MTIME, &self.mtime.to_be_bytes());
+    }
+
+    fn decode(payload: &[u8]) -> io::Result<Entry> {
+        let mut entry = Entry::default();
+        for (tag, value) in fields(payload)? {
+            match tag {
+                P1 => entry.path = value.to_vec(),
+                NAME => entry.name = value.to_vec(),
+                SIZE => entry.size = u64::from_be_bytes(int(value)?),
+                MODE => entry.mode = u32::from_be_bytes(int(value)?),
+                FLAG => entry.is_dir = int::<1>(value)?[0] != 0,
+                MTIME => entry.mtime = i64::from_be_bytes(int(value)?),
+                _ => return Err(bad("unknown field")),
+            }
+        }
+        Ok(entry)
+    }
+}
 
 fn field(out: &mut Vec<u8>, tag: u8, value: &[u8]) {
     out.push(tag);
@@ -153,6 +404,25 @@ impl Frame {
                 p.extend_from_slice(&message.as_bytes()[..cut]);
                 (FAILED, p)
             }
+            Frame::Session(n) => (SESSION, n.to_be_bytes().to_vec()),
+            Frame::File(op) => {
+                let mut p = Vec::new();
+                op.encode(&mut p);
+                (FILE, p)
+            }
+            Frame::Data(data) => (DATA, data.clone()),
+            Frame::Done => (DONE, Vec::new()),
+            Frame::Welcome { version, session } => {
+                let mut p = version.to_be_bytes().to_vec();
+                p.extend_from_slice(&session.to_be_bytes());
+                (WELCOME, p)
+            }
+            Frame::Entry(entry) => {
+                let mut p = Vec::new();
+                entry.encode(&mut p);
+                (ENTRY, p)
+            }
+            Frame::Path(path) => (PATH, path.clone()),
         };
         let mut out = Vec::with_capacity(5 + payload.len());
         out.push(kind);
@@ -166,11 +436,15 @@ impl Frame {
     pub fn header(bytes: [u8; 5]) -> io::Result<(u8, usize)> {
         let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
         let limit = match bytes[0] {
-            EXEC => MAX_FRAME,
-            KILL => 0,
+            EXEC | DATA => MAX_FRAME,
+            KILL | DONE => 0,
             HELLO | EXIT => 4,
+            SESSION => 8,
+            WELCOME => 12,
             STDOUT | STDERR => CHUNK,
             FAILED => 1 + MAX_MESSAGE,
+            FILE | ENTRY => 3 * MAX_PATH,
+            PATH => MAX_PATH,
             _ => return Err(bad("unknown frame kind")),
         };
         if len > limit {
@@ -189,32 +463,26 @@ impl Frame {
             Frame::Stderr(_) => "stderr",
             Frame::Exit(_) => "exit",
             Frame::Failed { .. } => "failed",
+            Frame::Session(_) => "session",
+            Frame::File(_) => "file",
+            Frame::Data(_) => "data",
+            Frame::Done => "done",
+            Frame::Welcome { .. } => "welcome",
+            Frame::Entry(_) => "entry",
+            Frame::Path(_) => "path",
         }
     }
 
     /// Builds a frame from its kind and payload.
     pub fn decode(kind: u8, payload: Vec<u8>) -> io::Result<Frame> {
-        let int = |p: &[u8]| -> io::Result<[u8; 4]> {
-            p.try_into().map_err(|_| bad("bad integer field"))
-        };
         Ok(match kind {
             HELLO => Frame::Hello {
                 version: u32::from_be_bytes(int(&payload)?),
             },
             EXEC => {
                 let mut exec = Exec::default();
-                let mut rest = payload.as_slice();
-                while !rest.is_empty() {
-                    if rest.len() < 5 {
-                        return Err(bad("truncated field"));
-                    }
-                    let tag = rest[0];
-                    let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-                    let value = rest
-                        .get(5..5 + len)
-                        .ok_or_else(|| bad("truncated field"))?
-                        .to_vec();
-                    rest = &rest[5 + len..];
+                for (tag, value) in fields(&payload)? {
+                    let value = value.to_vec();
                     match tag {
                         ARG => exec.argv.push(value),
                         ENV => exec.env.push(value),
@@ -235,6 +503,16 @@ impl Frame {
                     message: String::from_utf8_lossy(text).into_owned(),
                 }
             }
+            SESSION => Frame::Session(u64::from_be_bytes(int(&payload)?)),
+            FILE => Frame::File(FileOp::decode(&payload)?),
+            DATA => Frame::Data(payload),
+            DONE => Frame::Done,
+            WELCOME => Frame::Welcome {
+                version: u32::from_be_bytes(int(&payload[..4.min(payload.len())])?),
+                session: u64::from_be_bytes(int(payload.get(4..).unwrap_or_default())?),
+            },
+            ENTRY => Frame::Entry(Entry::decode(&payload)?),
+            PATH => Frame::Path(payload),
             _ => return Err(bad("unknown frame kind")),
         })
     }
@@ -256,6 +534,37 @@ impl Frame {
     /// Writes one frame.
     pub fn write_to(&self, writer: &mut impl Write) -> io::Result<()> {
         writer.write_all(&self.encode())
+    }
+
+    /// The frame's bytes in the multiplexed form: its request id first.
+    pub fn encode_tagged(&self, id: u32) -> Vec<u8> {
+        let mut out = id.to_be_bytes().to_vec();
+        out.extend_from_slice(&self.encode());
+        out
+    }
+}
+
+/// Writes one frame of the multiplexed form (one `write_all`: callers
+/// sharing a stream hold its lock around it).
+pub fn write_tagged(writer: &mut impl Write, id: u32, frame: &Frame) -> io::Result<()> {
+    writer.write_all(&frame.encode_tagged(id))
+}
+
+/// Reads one frame of the multiplexed form; `Ok(None)` at a clean end of
+/// stream.
+pub fn read_tagged(reader: &mut impl Read) -> io::Result<Option<(u32, Frame)>> {
+    let mut id = [0u8; 4];
+    match reader.read_exact(&mut id) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    match Frame::read_from(reader)? {
+        Some(frame) => Ok(Some((u32::from_be_bytes(id), frame))),
+        None => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "a request id without its frame",
+        )),
     }
 }
 
@@ -345,12 +654,75 @@ mod tests {
                 why: Failure::Workdir,
                 message: "no /nope".into(),
             },
+            Frame::Failed {
+                why: Failure::NoSuchFile,
+                message: "/x".into(),
+            },
+            Frame::Session(u64::MAX - 1),
+            Frame::Welcome {
+                version: VERSION,
+                session: 7,
+            },
+            Frame::Data(vec![0, 255, 10]),
+            Frame::Done,
+            Frame::Path(b"/a/\xff".to_vec()),
+            Frame::Entry(Entry {
+                path: b"/w/a".to_vec(),
+                name: b"a".to_vec(),
+                size: 1 << 40,
+                mode: 0o100640,
+                is_dir: false,
+                mtime: -5,
+            }),
         ];
-        for frame in frames {
+        let ops = [
+            FileOp::Read {
+                path: b"/r".to_vec(),
+            },
+            FileOp::Write {
+                path: b"/w".to_vec(),
+                mode: 0o600,
+            },
+            FileOp::List {
+                path: b"/".to_vec(),
+            },
+            FileOp::Stat {
+                path: b"/s".to_vec(),
+            },
+            FileOp::Move {
+                from: b"/a".to_vec(),
+                to: b"/b".to_vec(),
+            },
+            FileOp::Chmod {
+                path: b"/c".to_vec(),
+                mode: 0o7777,
+            },
+            FileOp::Delete {
+                path: b"/d".to_vec(),
+                recursive: true,
+            },
+            FileOp::Glob {
+                pattern: b"/**/*".to_vec(),
+            },
+        ];
+        let all = frames.into_iter().chain(ops.into_iter().map(Frame::File));
+        for (id, frame) in all.enumerate() {
             let bytes = frame.encode();
             let back = Frame::read_from(&mut bytes.as_slice()).unwrap().unwrap();
             assert_eq!(back, frame);
+            let tagged = frame.encode_tagged(id as u32);
+            let (back_id, back) = read_tagged(&mut tagged.as_slice()).unwrap().unwrap();
+            assert_eq!((back_id, back), (id as u32, frame));
         }
+        // An id without its frame is a cut-off stream, not a clean end.
+        assert!(read_tagged(&mut [0u8, 0, 0, 1].as_slice()).is_err());
+        assert!(read_tagged(&mut [].as_slice()).unwrap().is_none());
+        // A file operation missing what it needs.
+        let mut p = Vec::new();
+        field(&mut p, OP, &[2]);
+        field(&mut p, P1, b"/x");
+        assert!(Frame::decode(FILE, p).is_err(), "a write without a mode");
+        assert!(Frame::decode(FILE, Vec::new()).is_err());
     }
 
     #[test]

@@ -76,7 +76,14 @@ impl Children {
     }
 }
 
+mod files;
+mod vm;
+
 fn main() {
+    // The init of a microVM: the kernel runs the initramfs's `/init`.
+    if std::env::args_os().next().is_some_and(|a| a == "/init") {
+        vm::main();
+    }
     // Whatever PID 1 inherited beyond stdio (a supervisor's descriptors)
     // must not reach the commands.
     // SAFETY: close_range only marks this process's descriptors.
@@ -122,20 +129,9 @@ fn main() {
     let listener = listener
         .inspect_err(|e| eprintln!("stacyvm-agent: cannot listen on {}: {e}", socket.display()))
         .ok();
-    // Handlers (that never run: the signals stay blocked and go to the
-    // signalfd) so that the kernel delivers signals sent from inside
-    // the sandbox to its PID 1; installed once the socket listens, so a
-    // caught SIGTERM also tells a supervisor that the agent is ready.
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: a valid, zeroed sigaction with a handler that does
-        // nothing.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = ignore as *const () as libc::sighandler_t;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut());
-        }
-    }
+    // Installed once the socket listens, so a caught SIGTERM also tells a
+    // supervisor that the agent is ready.
+    install_stop_handlers();
     let running = Arc::new(AtomicUsize::new(0));
     if let Some(Err(e)) = listener.as_ref().map(|l| l.set_nonblocking(true)) {
         eprintln!("stacyvm-agent: {e}");
@@ -199,6 +195,22 @@ fn main() {
 }
 
 extern "C" fn ignore(_: libc::c_int) {}
+
+/// Handlers (that never run: the signals stay blocked and go to the
+/// signalfd) so that the kernel delivers signals sent from inside the
+/// sandbox to its PID 1.
+fn install_stop_handlers() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: a valid, zeroed sigaction with a handler that does
+        // nothing.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = ignore as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
 
 fn spawn_thread(f: impl FnOnce() + Send + 'static) -> bool {
     std::thread::Builder::new()
@@ -418,6 +430,39 @@ unsafe fn child(
     }
 }
 
+/// Where a command's frames go and where its caller's wishes come from:
+/// a connection of its own (docker), or one request of a microVM's
+/// multiplexed stream.
+trait Channel {
+    fn send(&mut self, frame: &Frame) -> io::Result<()>;
+    /// A descriptor that turns readable when the caller wants the command
+    /// killed or has gone away.
+    fn control_fd(&self) -> RawFd;
+    /// Reads what made [`Channel::control_fd`] readable: `true` for a
+    /// kill request (the caller still listens), `false` when the caller
+    /// is gone.
+    fn on_control(&mut self) -> bool;
+}
+
+/// One connection, one command.
+struct Connection(UnixStream);
+
+impl Channel for Connection {
+    fn send(&mut self, frame: &Frame) -> io::Result<()> {
+        frame.write_to(&mut self.0)
+    }
+
+    fn control_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    fn on_control(&mut self) -> bool {
+        // Anything but a kill, or the client leaving: the command must not
+        // run on unseen.
+        matches!(Frame::read_from(&mut self.0), Ok(Some(Frame::Kill)))
+    }
+}
+
 /// Serves one connection: one command.
 fn serve(mut conn: UnixStream, children: &Children) {
     if (Frame::Hello { version: VERSION })
@@ -433,19 +478,24 @@ fn serve(mut conn: UnixStream, children: &Children) {
         _ => return,
     };
     let _ = conn.set_read_timeout(None);
-    let failed = |conn: &mut UnixStream, why: Failure, message: String| {
-        let _ = Frame::Failed { why, message }.write_to(conn);
+    run_command(exec, children, &mut Connection(conn));
+}
+
+/// Runs one command to its end, reporting on `chan`.
+fn run_command(exec: Exec, children: &Children, chan: &mut dyn Channel) {
+    let failed = |chan: &mut dyn Channel, why: Failure, message: String| {
+        let _ = chan.send(&Frame::Failed { why, message });
     };
     let prepared = match prepare(exec) {
         Ok(p) => p,
-        Err(message) => return failed(&mut conn, Failure::Other, message),
+        Err(message) => return failed(chan, Failure::Other, message),
     };
     let argv = pointers(&prepared.argv);
     let envp = pointers(&prepared.envp);
     let pipes = (|| Ok::<_, io::Error>((pipe()?, pipe()?, pipe()?)))();
     let ((out_r, out_w), (err_r, err_w), (rep_r, rep_w)) = match pipes {
         Ok(p) => p,
-        Err(e) => return failed(&mut conn, Failure::Other, format!("pipes: {e}")),
+        Err(e) => return failed(chan, Failure::Other, format!("pipes: {e}")),
     };
     let (pid, pidfd) = {
         // Registered under the lock the reaper takes to record a status:
@@ -479,7 +529,7 @@ fn serve(mut conn: UnixStream, children: &Children) {
     drop((out_w, err_w, rep_w));
     if pid < 0 {
         let e = io::Error::last_os_error();
-        return failed(&mut conn, Failure::Other, format!("fork: {e}"));
+        return failed(chan, Failure::Other, format!("fork: {e}"));
     }
     let mut report = Vec::new();
     let _ = std::fs::File::from(rep_r).read_to_end(&mut report);
@@ -505,12 +555,12 @@ fn serve(mut conn: UnixStream, children: &Children) {
                 format!("cannot start {program}: {error} (exit {code})"),
             ),
         };
-        return failed(&mut conn, why, message);
+        return failed(chan, why, message);
     }
-    let gone = forward(&mut conn, pid, pidfd, out_r, err_r, children);
+    let gone = forward(chan, pid, pidfd, out_r, err_r, children);
     let code = children.wait(pid);
     if !gone {
-        let _ = Frame::Exit(code).write_to(&mut conn);
+        let _ = chan.send(&Frame::Exit(code));
     }
 }
 
@@ -519,7 +569,7 @@ fn serve(mut conn: UnixStream, children: &Children) {
 /// holds a pipe); handles `Kill` and the client going away. Returns
 /// whether the client is gone.
 fn forward(
-    conn: &mut UnixStream,
+    conn: &mut dyn Channel,
     pid: i32,
     pidfd: Option<OwnedFd>,
     out: OwnedFd,
@@ -564,7 +614,7 @@ fn forward(
             watch(&mut fds, f.as_raw_fd());
         }
         if client_open {
-            watch(&mut fds, conn.as_raw_fd());
+            watch(&mut fds, conn.control_fd());
         }
         if let Some(fd) = &pidfd {
             watch(&mut fds, fd.as_raw_fd());
@@ -579,13 +629,8 @@ fn forward(
             pidfd = None;
             exited_at = Some(Instant::now());
         }
-        if client_open && ready(conn.as_raw_fd()) {
-            match Frame::read_from(conn) {
-                Ok(Some(Frame::Kill)) => {}
-                // Anything else, or the client leaving: the command must
-                // not run on unseen.
-                _ => client_open = false,
-            }
+        if client_open && ready(conn.control_fd()) {
+            client_open = conn.on_control();
             // After a normal exit nothing is killed: background processes
             // stay.
             if !killed && exited_at.is_none() {
@@ -607,7 +652,7 @@ fn forward(
                     } else {
                         Frame::Stderr(data)
                     };
-                    if frame.write_to(conn).is_err() {
+                    if conn.send(&frame).is_err() {
                         client_open = false;
                         if !killed && exited_at.is_none() {
                             kill_tree(pid);

@@ -250,7 +250,7 @@ fn frozen(pid: i32) -> bool {
     false
 }
 
-async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+pub(crate) async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
 ) -> std::io::Result<Option<Frame>> {
     let mut header = [0u8; 5];
@@ -304,13 +304,10 @@ async fn run(
     spec: &ExecSpec,
     sink: OutputSink,
 ) -> ProviderResult<ExecExit> {
-    let lost = |e: std::io::Error| ProviderError::Runtime(format!("the sandbox's agent: {e}"));
     let (reader, mut writer) = stream.into_split();
-    let deadline = tokio::time::sleep(spec.timeout);
-    tokio::pin!(deadline);
-    tokio::select! {
-        written = writer.write_all(request) => written.map_err(lost)?,
-        () = &mut deadline => return Ok(ExecExit::TimedOut),
+    match tokio::time::timeout(spec.timeout, writer.write_all(request)).await {
+        Ok(written) => written.map_err(lost)?,
+        Err(_) => return Ok(ExecExit::TimedOut),
     }
     // The frame stream keeps a partly read frame across select! rounds.
     let frames = futures::stream::unfold(reader, |mut reader| async move {
@@ -320,6 +317,36 @@ async fn run(
             Err(e) => Some((Err(e), reader)),
         }
     });
+    let writer = tokio::sync::Mutex::new(writer);
+    let kill = || async {
+        let mut writer = writer.lock().await;
+        kill(&mut writer).await;
+    };
+    follow(frames, kill, spec, sink).await
+}
+
+fn lost(e: std::io::Error) -> ProviderError {
+    ProviderError::Runtime(format!("the sandbox's agent: {e}"))
+}
+
+/// Follows a command's frames to its end: output into `sink`, the exit,
+/// or a failure to start. At the timeout `kill` asks the agent to kill
+/// the command, which gets [`KILL_GRACE`] to report its end. The same for
+/// a connection of its own (docker) and a request of a microVM's
+/// multiplexed stream.
+pub(crate) async fn follow<F, K, Fut>(
+    frames: F,
+    kill: K,
+    spec: &ExecSpec,
+    sink: OutputSink,
+) -> ProviderResult<ExecExit>
+where
+    F: futures::Stream<Item = std::io::Result<Frame>>,
+    K: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let deadline = tokio::time::sleep(spec.timeout);
+    tokio::pin!(deadline);
     tokio::pin!(frames);
     let mut timed_out = false;
     let mut listening = true;
@@ -327,7 +354,7 @@ async fn run(
         let frame = tokio::select! {
             frame = frames.next() => frame,
             () = &mut deadline => {
-                if deadline_passed(&mut timed_out, &mut writer, deadline.as_mut()).await {
+                if deadline_passed(&mut timed_out, &kill, deadline.as_mut()).await {
                     return Ok(ExecExit::TimedOut);
                 }
                 continue;
@@ -368,7 +395,7 @@ async fn run(
                 // is not blocked.
                 sent = sink.send(chunk) => listening = sent.is_ok(),
                 () = &mut deadline => {
-                    if deadline_passed(&mut timed_out, &mut writer, deadline.as_mut()).await {
+                    if deadline_passed(&mut timed_out, &kill, deadline.as_mut()).await {
                         return Ok(ExecExit::TimedOut);
                     }
                     // The caller is too slow to take more: what is left is
@@ -383,16 +410,20 @@ async fn run(
 /// The deadline passed. The first time, the agent is asked to kill the
 /// command, which gets [`KILL_GRACE`] to report its end; the second time
 /// the exec is over (`true`).
-async fn deadline_passed(
+async fn deadline_passed<K, Fut>(
     timed_out: &mut bool,
-    writer: &mut tokio::net::unix::OwnedWriteHalf,
+    kill: &K,
     deadline: std::pin::Pin<&mut tokio::time::Sleep>,
-) -> bool {
+) -> bool
+where
+    K: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     if *timed_out {
         return true;
     }
     *timed_out = true;
-    kill(writer).await;
+    kill().await;
     deadline.reset(tokio::time::Instant::now() + KILL_GRACE);
     false
 }
@@ -421,7 +452,8 @@ async fn failed(
 ) -> Result<ExecExit, ProviderError> {
     let (text, code) = match why {
         Failure::Workdir => return Err(ProviderError::InvalidRequest(message)),
-        Failure::Other => {
+        // File refusals never answer a command.
+        Failure::Other | Failure::NoSuchFile | Failure::Invalid => {
             return Err(ProviderError::Runtime(format!(
                 "the sandbox's agent: {message}"
             )));

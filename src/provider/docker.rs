@@ -1615,18 +1615,18 @@ impl Provider for DockerProvider {
         };
         let script = format!(
             "[ -d \"$1\" ] || exit 0; find \"$1\" -mindepth 1 {depth} 2>/dev/null | head -n {}",
-            crate::provider::hostfs::GLOB_LIMIT * 10
+            stacyvm_agent::glob::MAX_RESULTS * 10
         );
         let out = self.run_script(runtime_id, &script, &[&base]).await?;
         let mut paths: Vec<String> = out
             .lines()
-            .filter(|p| crate::provider::hostfs::glob_path_matches(pattern, p))
+            .filter(|p| stacyvm_agent::glob::path_matches(pattern, p))
             .map(str::to_string)
             .collect();
-        if paths.len() > crate::provider::hostfs::GLOB_LIMIT {
+        if paths.len() > stacyvm_agent::glob::MAX_RESULTS {
             return Err(ProviderError::InvalidRequest(format!(
                 "glob matches more than {} paths; narrow the pattern",
-                crate::provider::hostfs::GLOB_LIMIT
+                stacyvm_agent::glob::MAX_RESULTS
             )));
         }
         paths.sort();

@@ -37,10 +37,6 @@ use super::{FileEntry, ProviderError, ProviderResult};
 /// before giving up (the kernel reports EAGAIN in that case).
 const RESOLVE_RETRIES: usize = 16;
 
-/// The most paths one glob may return; a bigger answer is refused rather
-/// than silently truncated.
-const MAX_GLOB_RESULTS: usize = 10_000;
-
 /// Prefix of the hidden name a write gives its new content just before
 /// renaming it over the target.
 const WRITE_TEMP_PREFIX: &str = ".stacyvm-write-";
@@ -408,11 +404,8 @@ impl HostFs {
             self.parse(pattern)?;
         }
         let root = self.open_root()?;
-        let mut out = Vec::new();
-        glob_walk(&root, &mut Vec::new(), &p.parts, &mut out)?;
-        out.sort();
-        out.dedup();
-        Ok(out)
+        stacyvm_agent::glob::glob(&mut FdTree(&root), &format!("/{}", p.parts.join("/")))
+            .map_err(|e| ProviderError::InvalidRequest(e.to_string()))
     }
 }
 
@@ -768,228 +761,40 @@ fn map_errno(e: Errno, shown: &str) -> ProviderError {
     }
 }
 
-fn has_glob_meta(part: &str) -> bool {
-    part.contains(['*', '?', '['])
-}
+/// A sandbox tree as the shared glob walks it, through the opened root
+/// (nothing resolves outside it).
+struct FdTree<'a>(&'a OwnedFd);
 
-/// Walk the tree matching one pattern component per directory level.
-/// `dir` is the (normalised) directory reached so far.
-fn glob_walk(
-    root: &OwnedFd,
-    dir: &mut Vec<String>,
-    pattern: &[String],
-    out: &mut Vec<String>,
-) -> ProviderResult<()> {
-    let Some((first, rest)) = pattern.split_first() else {
-        push_match(out, dir)?;
-        return Ok(());
-    };
-    if first == "**" {
-        // Zero directories...
-        glob_walk(root, dir, rest, out)?;
-        // ...or one more real (non-symlink) directory, keeping the `**`.
-        for (name, is_dir) in glob_children(root, dir) {
-            if is_dir {
-                dir.push(name);
-                glob_walk(root, dir, pattern, out)?;
-                dir.pop();
-            }
-        }
-        return Ok(());
-    }
-    if !has_glob_meta(first) {
-        // A literal component: no listing needed; it only has to exist.
-        dir.push(first.clone());
-        let exists = {
-            let (name, parent) = dir
-                .split_last()
-                .map(|(n, p)| (n.as_str(), p))
-                .unwrap_or(("", &[]));
-            resolve_dir(root, parent)
-                .and_then(|p| statat(&p, name, AtFlags::SYMLINK_NOFOLLOW))
-                .is_ok()
-        };
-        if exists {
-            glob_walk(root, dir, rest, out)?;
-        }
-        dir.pop();
-        return Ok(());
-    }
-    for (name, is_dir) in glob_children(root, dir) {
-        // As in the shell, wildcards do not match a leading dot.
-        if name.starts_with('.') && !first.starts_with('.') {
-            continue;
-        }
-        if !glob_match(first.as_bytes(), name.as_bytes()) {
-            continue;
-        }
-        if rest.is_empty() || is_dir {
-            dir.push(name);
-            glob_walk(root, dir, rest, out)?;
-            dir.pop();
-        }
-    }
-    Ok(())
-}
-
-fn push_match(out: &mut Vec<String>, dir: &[String]) -> ProviderResult<()> {
-    if out.len() >= MAX_GLOB_RESULTS {
-        return Err(ProviderError::InvalidRequest(format!(
-            "glob matches more than {MAX_GLOB_RESULTS} paths; narrow the pattern"
-        )));
-    }
-    out.push(format!("/{}", dir.join("/")));
-    Ok(())
-}
-
-/// Children of a directory with whether each is a real directory (symlinks
-/// to directories count as not-a-directory so wildcards never loop). An
-/// unreadable or vanished directory just has no children.
-fn glob_children(root: &OwnedFd, dir: &[String]) -> Vec<(String, bool)> {
-    let relative = if dir.is_empty() {
-        ".".to_string()
-    } else {
-        dir.join("/")
-    };
-    let Ok(fd) = resolve(root, &relative, OFlags::RDONLY | OFlags::DIRECTORY) else {
-        return Vec::new();
-    };
-    let Ok(names) = read_names(&fd) else {
-        return Vec::new();
-    };
-    names
-        .into_iter()
-        .map(|name| {
-            let is_dir = statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
-            (name, is_dir)
-        })
-        .collect()
-}
-
-/// Shell-style match of one path component: `*`, `?`, `[abc]`, `[a-z]`,
-/// `[!x]` / `[^x]`, and `\` to escape.
-fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
-    let (mut p, mut n) = (0, 0);
-    // Where to resume after the last `*`: (pattern index, name index).
-    let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
-        let step = match pattern.get(p) {
-            Some(b'*') => {
-                star = Some((p + 1, n));
-                p += 1;
-                continue;
-            }
-            Some(b'?') => Some(p + 1),
-            Some(b'[') => match match_class(&pattern[p..], name[n]) {
-                Some((true, len)) => Some(p + len),
-                Some((false, _)) => None,
-                // An unterminated `[` is a literal.
-                None => (name[n] == b'[').then_some(p + 1),
-            },
-            Some(b'\\') if p + 1 < pattern.len() => (pattern[p + 1] == name[n]).then_some(p + 2),
-            Some(&c) => (c == name[n]).then_some(p + 1),
-            None => None,
-        };
-        match step {
-            Some(next) => {
-                p = next;
-                n += 1;
-            }
-            None => match star {
-                // Let the last `*` swallow one more byte and retry.
-                Some((sp, sn)) => {
-                    star = Some((sp, sn + 1));
-                    p = sp;
-                    n = sn + 1;
-                }
-                None => return false,
-            },
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
-}
-
-/// Whether an absolute `path` matches an absolute glob `pattern`, component
-/// by component, with `**` matching any number of directories and
-/// wildcards not matching a leading dot (as in the shell). For providers
-/// that list candidates themselves (docker) and match here, so every
-/// provider agrees on glob semantics.
-pub(crate) fn glob_path_matches(pattern: &str, path: &str) -> bool {
-    fn parts(s: &str) -> Vec<&str> {
-        s.split('/').filter(|p| !p.is_empty()).collect()
-    }
-    fn walk(pattern: &[&str], path: &[&str]) -> bool {
-        match pattern.split_first() {
-            None => path.is_empty(),
-            Some((&"**", rest)) => {
-                walk(rest, path)
-                    || path
-                        .split_first()
-                        .is_some_and(|(first, tail)| !first.starts_with('.') && walk(pattern, tail))
-            }
-            Some((first, rest)) => path.split_first().is_some_and(|(name, tail)| {
-                let dot_ok = !name.starts_with('.') || first.starts_with('.');
-                dot_ok && glob_match(first.as_bytes(), name.as_bytes()) && walk(rest, tail)
-            }),
-        }
-    }
-    walk(&parts(pattern), &parts(path))
-}
-
-/// The most paths one glob may return.
-pub(crate) const GLOB_LIMIT: usize = MAX_GLOB_RESULTS;
-
-/// Match `c` against the class at the start of `pattern` (which begins with
-/// `[`). Returns whether it matched and the class length, or `None` if the
-/// class is not terminated.
-fn match_class(pattern: &[u8], c: u8) -> Option<(bool, usize)> {
-    let mut i = 1;
-    let negate = matches!(pattern.get(i), Some(b'!' | b'^'));
-    if negate {
-        i += 1;
-    }
-    let mut matched = false;
-    let mut first = true;
-    loop {
-        let &lo = pattern.get(i)?;
-        if lo == b']' && !first {
-            return Some((matched != negate, i + 1));
-        }
-        first = false;
-        if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&h| h != b']') {
-            let hi = pattern[i + 2];
-            matched |= lo <= c && c <= hi;
-            i += 3;
+impl stacyvm_agent::glob::Tree for FdTree<'_> {
+    fn children(&mut self, dir: &[String]) -> Vec<(String, bool)> {
+        let relative = if dir.is_empty() {
+            ".".to_string()
         } else {
-            matched |= lo == c;
-            i += 1;
-        }
+            dir.join("/")
+        };
+        let Ok(fd) = resolve(self.0, &relative, OFlags::RDONLY | OFlags::DIRECTORY) else {
+            return Vec::new();
+        };
+        let Ok(names) = read_names(&fd) else {
+            return Vec::new();
+        };
+        names
+            .into_iter()
+            .map(|name| {
+                let is_dir = statat(&fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory);
+                (name, is_dir)
+            })
+            .collect()
     }
-}
 
-#[cfg(test)]
-mod path_match_tests {
-    use super::glob_path_matches;
-
-    #[test]
-    fn matches_like_the_tree_walk() {
-        assert!(glob_path_matches("/workspace/**/*.txt", "/workspace/c.txt"));
-        assert!(glob_path_matches(
-            "/workspace/**/*.txt",
-            "/workspace/dir/b.txt"
-        ));
-        assert!(!glob_path_matches(
-            "/workspace/**/*.txt",
-            "/workspace/.hidden/b.txt"
-        ));
-        assert!(glob_path_matches(
-            "/workspace/*/b.*",
-            "/workspace/dir/b.txt"
-        ));
-        assert!(!glob_path_matches("/workspace/*/b.*", "/workspace/b.txt"));
-        assert!(glob_path_matches("/tmp/[a-c]?", "/tmp/b1"));
-        assert!(!glob_path_matches("/tmp/*", "/tmp/.x"));
+    fn exists(&mut self, path: &[String]) -> bool {
+        let Some((name, parent)) = path.split_last() else {
+            return true;
+        };
+        resolve_dir(self.0, parent)
+            .and_then(|p| statat(&p, name.as_str(), AtFlags::SYMLINK_NOFOLLOW))
+            .is_ok()
     }
 }
 
@@ -1586,18 +1391,5 @@ mod tests {
         let reads = reader.join().expect("reader");
         assert!(reads > 0);
         assert_eq!(leftover_temps(&f.root), Vec::<PathBuf>::new());
-    }
-
-    #[test]
-    fn component_matcher() {
-        assert!(glob_match(b"*", b"anything"));
-        assert!(glob_match(b"a*b*c", b"aXXbYYc"));
-        assert!(!glob_match(b"a*b*c", b"aXXbYY"));
-        assert!(glob_match(b"[a-c]x", b"bx"));
-        assert!(!glob_match(b"[^a-c]x", b"bx"));
-        assert!(glob_match(b"\\*", b"*"));
-        assert!(!glob_match(b"\\*", b"a"));
-        assert!(glob_match(b"[", b"["));
-        assert!(glob_match(b"[]]", b"]"));
     }
 }

@@ -12,6 +12,7 @@ pub mod docker;
 pub mod hostfs;
 pub mod image_store;
 pub mod memory;
+pub mod microvm;
 pub mod native;
 pub mod proot;
 
@@ -381,6 +382,58 @@ pub trait Provider: Send + Sync + 'static {
     /// Resource usage, or `supported: false`.
     async fn stats(&self, _runtime_id: &str) -> ProviderResult<RuntimeStats> {
         Ok(RuntimeStats::default())
+    }
+}
+
+/// Lines kept per runtime for `logs`.
+const LOG_CAPACITY: usize = 200;
+
+/// The lifecycle lines a provider keeps per runtime in memory (spawned,
+/// each exec and how it ended), stamped, at most [`LOG_CAPACITY`] each:
+/// what `logs` answers for runtimes that have no log of their own.
+#[derive(Debug, Default)]
+pub(crate) struct RuntimeLogs(
+    std::sync::Mutex<std::collections::HashMap<String, std::collections::VecDeque<String>>>,
+);
+
+impl RuntimeLogs {
+    fn lines(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, std::collections::VecDeque<String>>,
+    > {
+        // Plain inserts and removes: a panic elsewhere leaves it usable.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn log(&self, id: &str, line: String) {
+        let stamped = format!(
+            "{} {line}",
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        );
+        let mut logs = self.lines();
+        let log = logs.entry(id.to_string()).or_default();
+        if log.len() == LOG_CAPACITY {
+            log.pop_front();
+        }
+        log.push_back(stamped);
+    }
+
+    /// The last `lines` lines of `id`.
+    pub(crate) fn tail(&self, id: &str, lines: usize) -> Vec<String> {
+        let logs = self.lines();
+        let Some(log) = logs.get(id) else {
+            return Vec::new();
+        };
+        log.iter()
+            .skip(log.len().saturating_sub(lines))
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn forget(&self, id: &str) {
+        self.lines().remove(id);
     }
 }
 

@@ -212,6 +212,37 @@ pub async fn custom_fixture() -> Fixture {
     }
 }
 
+/// The qemu provider with the test kernel (`STACYVM_TEST_KERNEL`, a
+/// vmlinuz with its modules in `../lib/modules/<release>`, as unpacked
+/// from Debian's linux-image-cloud-amd64 by scripts/test-env.sh). Skipped
+/// without one, unless `STACYVM_TEST_STRICT=1` (scripts/test.sh) makes
+/// that a failure.
+pub async fn qemu_fixture() -> Option<Fixture> {
+    let kernel = PathBuf::from(crate::support::require_env("STACYVM_TEST_KERNEL")?);
+    let (data, store) = data_dir_with_image();
+    let config = stacyvm::config::QemuConfig {
+        kernel,
+        // Many VMs boot at once under TCG in the suite.
+        boot_timeout: stacyvm::duration::GoDuration(Duration::from_secs(180)),
+        ..Default::default()
+    };
+    let dir = data.path().join("sandboxes/qemu");
+    let provider = stacyvm::provider::microvm::qemu::QemuProvider::new(
+        store,
+        dir.clone(),
+        data.path().join("vm"),
+        config,
+    );
+    Some(Fixture {
+        provider: Arc::new(provider),
+        image: TEST_IMAGE.into(),
+        sandboxes_dir: Some(dir),
+        reports_signal_deaths: true,
+        _data: Some(data),
+        _process: None,
+    })
+}
+
 /// Expand every conformance case into a `#[tokio::test]` for one provider.
 macro_rules! conformance_tests {
     ($provider:ident, $fixture:expr) => {
@@ -252,6 +283,7 @@ conformance_tests!(proot, Some(proot_fixture().await));
 conformance_tests!(docker, docker_fixture(true).await);
 conformance_tests!(docker_engine_api, docker_fixture(false).await);
 conformance_tests!(custom, Some(custom_fixture().await));
+conformance_tests!(qemu, qemu_fixture().await);
 
 /// The reference server restarted on its data dir (as after an upgrade)
 /// still holds the sandboxes it made: they are in its inventory under the

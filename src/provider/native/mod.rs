@@ -44,7 +44,7 @@ pub use ids::newidmap_main;
 #[doc(hidden)]
 pub use init::keeper_main;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::future::Future;
 use std::io;
@@ -72,9 +72,6 @@ pub const HOST_IMAGE: &str = "host";
 
 /// PATH given to every command unless its env sets one.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// Lifecycle lines kept per sandbox for `logs`.
-const LOG_CAPACITY: usize = 200;
 
 /// How long output may keep flowing after the command ended (a leftover
 /// process holding the pipe) before the provider stops reading.
@@ -144,7 +141,7 @@ impl SandboxMeta {
 pub(crate) struct SandboxDirs {
     images: ImageStore,
     dir: PathBuf,
-    logs: Mutex<HashMap<String, VecDeque<String>>>,
+    logs: super::RuntimeLogs,
     /// Cancelled by destroy so that running execs are killed.
     live: Mutex<HashMap<String, CancellationToken>>,
     /// Whether each sandbox has a long-lived init (native) whose liveness
@@ -159,7 +156,7 @@ impl SandboxDirs {
         Self {
             images,
             dir,
-            logs: Mutex::default(),
+            logs: super::RuntimeLogs::default(),
             live: Mutex::default(),
             has_init: false,
             pids_limit: DEFAULT_PIDS_LIMIT,
@@ -335,7 +332,7 @@ impl SandboxDirs {
         .await
         .map_err(|e| ProviderError::Runtime(format!("destroying sandbox: {e}")))?
         .map_err(|e| ProviderError::Runtime(format!("destroying sandbox {id}: {e}")))?;
-        lock(&self.logs).remove(id);
+        self.logs.forget(id);
         Ok(())
     }
 
@@ -433,29 +430,12 @@ impl SandboxDirs {
     }
 
     pub(crate) fn log(&self, id: &str, line: String) {
-        let stamped = format!(
-            "{} {line}",
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-        );
-        let mut logs = lock(&self.logs);
-        let log = logs.entry(id.to_string()).or_default();
-        if log.len() == LOG_CAPACITY {
-            log.pop_front();
-        }
-        log.push_back(stamped);
+        self.logs.log(id, line);
     }
 
     pub(crate) fn tail(&self, id: &str, lines: usize) -> ProviderResult<Vec<String>> {
         self.meta(id)?;
-        let logs = lock(&self.logs);
-        let Some(log) = logs.get(id) else {
-            return Ok(Vec::new());
-        };
-        Ok(log
-            .iter()
-            .skip(log.len().saturating_sub(lines))
-            .cloned()
-            .collect())
+        Ok(self.logs.tail(id, lines))
     }
 
     /// Check argv, workdir and program before starting anything, so that

@@ -1,0 +1,435 @@
+//! What a microVM boots: a kernel, an initramfs and a root disk.
+//!
+//! - The kernel is a distribution's (`/boot/vmlinuz-<release>`, Debian's
+//!   `linux-image-cloud-amd64` for instance) with its modules under
+//!   `/lib/modules/<release>`. Such kernels build their virtio drivers as
+//!   modules, so the initramfs carries the ones the guest needs, with
+//!   their dependencies first (read from each module's own `depends=`;
+//!   the packages ship no `modules.dep`). Modules the kernel has built in
+//!   (`modules.builtin`) are left out.
+//! - The initramfs (newc cpio) holds the guest agent as `/init` and the
+//!   modules under `/stacyvm/modules` with their load `order`. It is
+//!   cached by the hash of what it holds.
+//! - The root disk is an ext4 image of an image from the local image
+//!   store (`mkfs.ext4 -d`), cached per image and import time; each
+//!   sandbox gets a sparse copy grown to its `disk_mb`.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::Digest;
+
+/// The modules a guest with a serial-port agent needs: the virtio MMIO
+/// transport (QEMU's and Firecracker's microVMs), the console (serial
+/// ports) and block devices.
+pub const SERIAL_MODULES: [&str; 3] = ["virtio_mmio", "virtio_console", "virtio_blk"];
+
+/// How long a filesystem tool may run.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Free space an image's cached disk gets beyond its content, before a
+/// sandbox's copy is grown to its `disk_mb`.
+const DISK_SLACK_MB: u64 = 64;
+
+/// A kernel and its modules.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    pub image: PathBuf,
+    pub modules: PathBuf,
+}
+
+/// Finds the kernel: `image` if set, else the newest `/boot/vmlinuz-*`;
+/// its modules in `modules` if set, else `/lib/modules/<release>`.
+pub fn find_kernel(image: &Path, modules: &Path) -> Result<Kernel, String> {
+    let image = if image.as_os_str().is_empty() {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/boot")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
+            .collect();
+        found.sort();
+        found.pop().ok_or(
+            "no kernel in /boot: install one (Debian: apt-get install linux-image-cloud-amd64) \
+             or set providers.qemu.kernel",
+        )?
+    } else {
+        image.to_path_buf()
+    };
+    if !image.is_file() {
+        return Err(format!("no kernel at {}", image.display()));
+    }
+    let modules = if modules.as_os_str().is_empty() {
+        let release = image
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+            .ok_or_else(|| {
+                format!(
+                    "{} is not named vmlinuz-<release>: set providers.qemu.modules_dir",
+                    image.display()
+                )
+            })?;
+        // Beside a kernel unpacked elsewhere (`<root>/boot/vmlinuz-R`),
+        // its `<root>/lib/modules/R`; else the system's.
+        let beside = image
+            .parent()
+            .and_then(Path::parent)
+            .map(|root| root.join("lib/modules").join(release));
+        match beside {
+            Some(dir) if dir.is_dir() => dir,
+            _ => Path::new("/lib/modules").join(release),
+        }
+    } else {
+        modules.to_path_buf()
+    };
+    if !modules.is_dir() {
+        return Err(format!(
+            "no kernel modules at {} (set providers.qemu.modules_dir)",
+            modules.display()
+        ));
+    }
+    Ok(Kernel { image, modules })
+}
+
+/// The module names of `dir` (a `/lib/modules/<release>`), with `-` read
+/// as `_` as the kernel does, mapped to their files.
+fn index_modules(dir: &Path) -> std::collections::HashMap<String, PathBuf> {
+    let mut index = std::collections::HashMap::new();
+    let mut stack = vec![dir.join("kernel")];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            } else if let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
+                index.insert(name.replace('-', "_"), path);
+            }
+        }
+    }
+    index
+}
+
+/// The `depends=` of a module file's `.modinfo`.
+fn depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(at) = ko
+        .windows(key.len() + 1)
+        .position(|w| w[0] == 0 && &w[1..] == key)
+    else {
+        return Vec::new();
+    };
+    let value = &ko[at + 1 + key.len()..];
+    let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
+    String::from_utf8_lossy(&value[..end])
+        .split(',')
+        .map(|d| d.trim().replace('-', "_"))
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
+/// The modules to load for `wanted`, dependencies first, leaving out the
+/// built-in ones.
+pub fn module_order(dir: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>, String> {
+    let index = index_modules(dir);
+    let builtin: HashSet<String> = std::fs::read_to_string(dir.join("modules.builtin"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            Path::new(l)
+                .file_stem()?
+                .to_str()
+                .map(|n| n.replace('-', "_"))
+        })
+        .collect();
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    fn visit(
+        name: &str,
+        index: &std::collections::HashMap<String, PathBuf>,
+        builtin: &HashSet<String>,
+        seen: &mut HashSet<String>,
+        order: &mut Vec<(String, PathBuf)>,
+        dir: &Path,
+    ) -> Result<(), String> {
+        if !seen.insert(name.to_string()) || builtin.contains(name) {
+            return Ok(());
+        }
+        let path = index.get(name).ok_or_else(|| {
+            format!(
+                "the kernel module {name} is neither in {} nor built in",
+                dir.display()
+            )
+        })?;
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for dep in depends(&bytes) {
+            visit(&dep, index, builtin, seen, order, dir)?;
+        }
+        order.push((name.to_string(), path.clone()));
+        Ok(())
+    }
+    for name in wanted {
+        visit(name, &index, &builtin, &mut seen, &mut order, dir)?;
+    }
+    Ok(order)
+}
+
+/// A newc cpio archive being written.
+struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.out.extend_from_slice(b"070701");
+        for f in fields {
+            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.out.len().is_multiple_of(4) {
+            self.out.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.out
+    }
+}
+
+/// Builds (or finds cached in `cache`) the initramfs for `kernel` with
+/// `agent` as `/init` and the `modules` it must load.
+pub fn initramfs(
+    kernel: &Kernel,
+    agent: &Path,
+    modules: &[&str],
+    cache: &Path,
+) -> Result<PathBuf, String> {
+    let order = module_order(&kernel.modules, modules)?;
+    let agent_bytes = std::fs::read(agent).map_err(|e| format!("{}: {e}", agent.display()))?;
+    let mut files = Vec::new();
+    let mut hash = sha2::Sha256::new();
+    hash.update(&agent_bytes);
+    for (name, path) in &order {
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        hash.update(name.as_bytes());
+        hash.update(&bytes);
+        files.push((name.clone(), bytes));
+    }
+    let digest = hash.finalize();
+    let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let path = cache.join(format!("initramfs-{key}.cpio"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let mut cpio = Cpio {
+        out: Vec::new(),
+        ino: 0,
+    };
+    cpio.entry("dev", 0o040755, (0, 0), &[]);
+    cpio.entry("dev/console", 0o020600, (5, 1), &[]);
+    cpio.entry("stacyvm", 0o040755, (0, 0), &[]);
+    cpio.entry("stacyvm/modules", 0o040755, (0, 0), &[]);
+    let mut list = String::new();
+    for (name, bytes) in &files {
+        cpio.entry(
+            &format!("stacyvm/modules/{name}.ko"),
+            0o100644,
+            (0, 0),
+            bytes,
+        );
+        list.push_str(name);
+        list.push('\n');
+    }
+    cpio.entry("stacyvm/modules/order", 0o100644, (0, 0), list.as_bytes());
+    cpio.entry("init", 0o100755, (0, 0), &agent_bytes);
+    write_atomically(&path, &cpio.finish())?;
+    Ok(path)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let dir = path.parent().expect("a file in a directory");
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    tmp.write_all(bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// A filesystem tool by name, on `PATH` or in the sbin directories a
+/// non-root `PATH` lacks.
+fn tool(name: &str) -> PathBuf {
+    for dir in std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+    {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    PathBuf::from(name)
+}
+
+async fn run_tool(name: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    let mut cmd = tokio::process::Command::new(tool(name));
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(TOOL_TIMEOUT, cmd.output())
+        .await
+        .map_err(|_| format!("{name} did not finish within {TOOL_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot run {name} (Debian: apt-get install e2fsprogs): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{name} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// The cached root disk of an image (`rootfs` imported at `imported_at`,
+/// `content_bytes` large), built on first use.
+pub async fn image_disk(
+    name: &str,
+    rootfs: &Path,
+    imported_at: chrono::DateTime<chrono::Utc>,
+    content_bytes: u64,
+    cache: &Path,
+) -> Result<PathBuf, String> {
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let path = cache.join(format!("{key}-{}.ext4", imported_at.timestamp_micros()));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    // Inodes and metadata take room beyond the files' bytes.
+    let size_mb = (content_bytes + content_bytes / 4).div_ceil(1 << 20) + DISK_SLACK_MB;
+    let tmp = cache.join(format!(".tmp-{}.ext4", uuid::Uuid::new_v4().as_simple()));
+    let built = run_tool(
+        "mkfs.ext4",
+        &[
+            "-q".as_ref(),
+            "-F".as_ref(),
+            "-L".as_ref(),
+            "stacyvm".as_ref(),
+            "-m".as_ref(),
+            "0".as_ref(),
+            "-d".as_ref(),
+            rootfs.as_os_str(),
+            tmp.as_os_str(),
+            format!("{size_mb}M").as_ref(),
+        ],
+    )
+    .await
+    .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display())));
+    if built.is_err() {
+        crate::provider::best_effort("removing a half-built VM disk", std::fs::remove_file(&tmp));
+    }
+    built.map(|()| path)
+}
+
+/// A sandbox's own disk: a sparse copy of `base` grown to `disk_mb` (never
+/// below what the image needs).
+pub async fn sandbox_disk(base: &Path, dest: &Path, disk_mb: u32) -> Result<(), String> {
+    let (from, to) = (base.to_path_buf(), dest.to_path_buf());
+    let want = u64::from(disk_mb) << 20;
+    let grown = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        sparse_copy(&from, &to)?;
+        let file = std::fs::OpenOptions::new().write(true).open(&to)?;
+        if want > file.metadata()?.len() {
+            file.set_len(want)?;
+            return Ok(true);
+        }
+        Ok(false)
+    })
+    .await
+    .map_err(|e| format!("copying the image's disk: {e}"))?
+    .map_err(|e| format!("copying the image's disk: {e}"))?;
+    if grown {
+        run_tool("resize2fs", &["-f".as_ref(), dest.as_os_str()]).await?;
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` keeping its holes (the data ranges only).
+fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::SeekFrom;
+    let src = std::fs::File::open(from)?;
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    let len = src.metadata()?.size();
+    dst.set_len(len)?;
+    let mut at = 0u64;
+    while at < len {
+        let data = match rustix::fs::seek(&src, SeekFrom::Data(at)) {
+            Ok(d) => d,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let hole = rustix::fs::seek(&src, SeekFrom::Hole(data))?.min(len);
+        let mut off_in = data;
+        let mut off_out = data;
+        while off_in < hole {
+            let left = (hole - off_in) as usize;
+            let n = rustix::fs::copy_file_range(
+                &src,
+                Some(&mut off_in),
+                &dst,
+                Some(&mut off_out),
+                left,
+            )?;
+            if n == 0 {
+                break;
+            }
+        }
+        at = hole;
+    }
+    Ok(())
+}

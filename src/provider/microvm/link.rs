@@ -1,0 +1,511 @@
+//! The host's end of a microVM agent's multiplexed stream.
+//!
+//! One [`AgentLink`] per VM: a session opened with a fresh random number
+//! (the agent kills what an earlier session left running), then requests
+//! with ids from 1, never reused on the link. A reader task hands each
+//! frame to the request it belongs to; frames of unknown ids (a request
+//! whose caller left) are dropped. When the stream ends every pending
+//! request ends with it, and the link is closed for good: the provider
+//! opens a new one (a new session) on the next call.
+//!
+//! Everything from the guest is untrusted: frames are bounded by kind,
+//! answers by size ([`MAX_ANSWER_BYTES`], [`MAX_ENTRIES`]), and every
+//! wait has a timeout.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::mpsc;
+
+use stacyvm_agent::{Entry, Failure, FileOp, Frame, VERSION};
+
+use crate::provider::{ExecExit, ExecSpec, FileEntry, OutputSink, ProviderError, ProviderResult};
+
+/// Frames buffered per request before the reader waits for its caller.
+const REQUEST_QUEUE: usize = 256;
+
+/// The most a file answer may hold (a read's content).
+pub const MAX_ANSWER_BYTES: usize = crate::provider::MAX_READ_BYTES;
+
+/// The most entries a listing may hold.
+pub const MAX_ENTRIES: usize = 100_000;
+
+/// How long a file operation may take, its content included.
+const FILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Content per `Data` frame of a write.
+const WRITE_CHUNK: usize = 512 << 10;
+
+type Pending = Mutex<HashMap<u32, mpsc::Sender<Frame>>>;
+
+/// Why a link could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot connect to the VM's agent socket: {0}")]
+    Connect(std::io::Error),
+    #[error("the VM's agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the VM's agent {0}")]
+    Protocol(String),
+}
+
+pub struct AgentLink {
+    /// Encoded frames for the writer task (the one writer of the stream).
+    writer: mpsc::Sender<Vec<u8>>,
+    pending: Arc<Pending>,
+    next: AtomicU32,
+    closed: Arc<AtomicBool>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for AgentLink {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Frames queued for the writer task.
+const WRITE_QUEUE: usize = 64;
+
+async fn read_tagged<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+) -> std::io::Result<Option<(u32, Frame)>> {
+    let mut id = [0u8; 4];
+    match reader.read_exact(&mut id).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    match crate::provider::agent::read_frame(reader).await? {
+        Some(frame) => Ok(Some((u32::from_be_bytes(id), frame))),
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "a request id without its frame",
+        )),
+    }
+}
+
+fn gone() -> ProviderError {
+    ProviderError::Unavailable("the VM's agent went away (the VM stopped?)".into())
+}
+
+impl AgentLink {
+    /// Connects to the agent's socket (the VMM's end of the serial port
+    /// or vsock) and opens a session, waiting up to `within` for the
+    /// agent to answer (a VM that is still booting answers when its
+    /// agent runs). `alive` is asked between attempts: a VM that died
+    /// ends the wait at once.
+    pub async fn open(
+        socket: &Path,
+        within: Duration,
+        alive: impl Fn() -> bool,
+    ) -> Result<AgentLink, LinkError> {
+        let deadline = tokio::time::Instant::now() + within;
+        let stream = loop {
+            match tokio::net::UnixStream::connect(socket).await {
+                Ok(stream) => break stream,
+                Err(e) if tokio::time::Instant::now() >= deadline || !alive() => {
+                    return Err(LinkError::Connect(e));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let (mut reader, mut writer) = stream.into_split();
+        let session = loop {
+            let n = rand_u64();
+            if n != 0 {
+                break n;
+            }
+        };
+        writer
+            .write_all(&Frame::Session(session).encode_tagged(0))
+            .await
+            .map_err(LinkError::Connect)?;
+        // Until the welcome: the agent may still boot, and frames of an
+        // older session may be in flight before it.
+        let welcome = async {
+            loop {
+                match read_tagged(&mut reader).await {
+                    Ok(Some((
+                        0,
+                        Frame::Welcome {
+                            version,
+                            session: s,
+                        },
+                    ))) if s == session => {
+                        return if version == VERSION {
+                            Ok(())
+                        } else {
+                            Err(LinkError::Protocol(format!(
+                                "speaks protocol {version}, this server {VERSION}"
+                            )))
+                        };
+                    }
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err(LinkError::Protocol("hung up".into())),
+                    Err(e) => return Err(LinkError::Protocol(e.to_string())),
+                }
+            }
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::select! {
+            result = tokio::time::timeout(left, welcome) => {
+                result.map_err(|_| LinkError::Timeout(within))??;
+            }
+            () = async {
+                while alive() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            } => return Err(LinkError::Protocol("is gone: the VM stopped".into())),
+        }
+        let pending: Arc<Pending> = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let reader = tokio::spawn(Self::dispatch(reader, pending.clone(), closed.clone()));
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+        let writing = tokio::spawn(Self::write(writer, rx, closed.clone()));
+        Ok(AgentLink {
+            writer: tx,
+            pending,
+            next: AtomicU32::new(1),
+            closed,
+            tasks: [reader, writing],
+        })
+    }
+
+    /// Writes the queued frames in order; a write that fails or stalls
+    /// past [`FILE_TIMEOUT`] closes the link.
+    async fn write(
+        mut writer: OwnedWriteHalf,
+        mut queue: mpsc::Receiver<Vec<u8>>,
+        closed: Arc<AtomicBool>,
+    ) {
+        while let Some(bytes) = queue.recv().await {
+            match tokio::time::timeout(FILE_TIMEOUT, writer.write_all(&bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot write to the VM's agent; closing its link");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("the VM's agent takes no requests; closing its link");
+                    break;
+                }
+            }
+        }
+        closed.store(true, Ordering::Release);
+    }
+
+    /// Hands every frame to its request until the stream ends.
+    async fn dispatch(
+        mut reader: tokio::net::unix::OwnedReadHalf,
+        pending: Arc<Pending>,
+        closed: Arc<AtomicBool>,
+    ) {
+        loop {
+            let (id, frame) = match read_tagged(&mut reader).await {
+                Ok(Some(tagged)) => tagged,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the VM's agent sent an unreadable frame; closing its link");
+                    break;
+                }
+            };
+            let sender = lock(&pending).get(&id).cloned();
+            if let Some(sender) = sender
+                && sender.send(frame).await.is_err()
+            {
+                lock(&pending).remove(&id);
+            }
+        }
+        closed.store(true, Ordering::Release);
+        // Ends every pending request.
+        lock(&pending).clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn register(&self) -> (u32, mpsc::Receiver<Frame>, Registration<'_>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        lock(&self.pending).insert(id, tx);
+        (id, rx, Registration { link: self, id })
+    }
+
+    async fn send(&self, id: u32, frame: &Frame) -> ProviderResult<()> {
+        if self.is_closed() {
+            return Err(gone());
+        }
+        match tokio::time::timeout(FILE_TIMEOUT, self.writer.send(frame.encode_tagged(id))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(gone()),
+            Err(_) => Err(ProviderError::Unavailable(
+                "the VM's agent takes no requests".into(),
+            )),
+        }
+    }
+
+    /// Runs a command, streaming into `sink`. Dropping the future kills
+    /// the command (its request is cancelled on the agent).
+    pub async fn exec(&self, spec: &ExecSpec, sink: OutputSink) -> ProviderResult<ExecExit> {
+        let request = Frame::Exec(stacyvm_agent::Exec {
+            argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            env: spec
+                .env
+                .iter()
+                .map(|(k, v)| format!("{k}={v}").into_bytes())
+                .collect(),
+            workdir: spec.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
+        });
+        if request.encode().len() > 5 + stacyvm_agent::MAX_FRAME {
+            return Err(ProviderError::InvalidRequest(format!(
+                "the command is larger than the agent takes ({} MiB)",
+                stacyvm_agent::MAX_FRAME >> 20
+            )));
+        }
+        let (id, rx, mut registration) = self.register();
+        self.send(id, &request).await?;
+        let frames = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (Ok(frame), rx))
+        });
+        let kill = || async move {
+            crate::provider::best_effort_quiet(
+                "asking the VM's agent to kill a command",
+                self.send(id, &Frame::Kill).await,
+            );
+        };
+        let result = crate::provider::agent::follow(frames, kill, spec, sink).await;
+        registration.finished();
+        match result {
+            Err(ProviderError::Runtime(_)) if self.is_closed() => Err(gone()),
+            other => other,
+        }
+    }
+
+    /// One file operation, its answer frames up to `Done`.
+    async fn file(&self, op: FileOp, content: Option<Bytes>) -> ProviderResult<Vec<Frame>> {
+        let shown = op.name();
+        let (id, mut rx, mut registration) = self.register();
+        let work = async {
+            self.send(id, &Frame::File(op)).await?;
+            if let Some(content) = content {
+                for chunk in content.chunks(WRITE_CHUNK) {
+                    self.send(id, &Frame::Data(chunk.to_vec())).await?;
+                }
+                self.send(id, &Frame::Done).await?;
+            }
+            let mut answer = Vec::new();
+            let (mut bytes, mut entries) = (0usize, 0usize);
+            loop {
+                match rx.recv().await {
+                    None => return Err(gone()),
+                    Some(Frame::Done) => return Ok(answer),
+                    Some(Frame::Failed { why, message }) => {
+                        return Err(match why {
+                            Failure::NoSuchFile => ProviderError::FileNotFound(message),
+                            Failure::Invalid => ProviderError::InvalidRequest(message),
+                            _ => ProviderError::Runtime(format!("the VM's agent: {message}")),
+                        });
+                    }
+                    Some(frame) => {
+                        match &frame {
+                            Frame::Data(d) => bytes += d.len(),
+                            Frame::Path(p) => bytes += p.len(),
+                            _ => entries += 1,
+                        }
+                        if bytes > MAX_ANSWER_BYTES || entries > MAX_ENTRIES {
+                            return Err(ProviderError::Runtime(format!(
+                                "the VM's answer to a {shown} is too large"
+                            )));
+                        }
+                        answer.push(frame);
+                    }
+                }
+            }
+        };
+        let result = tokio::time::timeout(FILE_TIMEOUT, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::Unavailable(format!(
+                    "the VM's agent did not finish a {shown} within {FILE_TIMEOUT:?}"
+                )))
+            });
+        registration.finished();
+        result
+    }
+
+    async fn done(&self, op: FileOp) -> ProviderResult<()> {
+        self.file(op, None).await.map(drop)
+    }
+
+    pub async fn write_file(&self, path: &str, content: Bytes, mode: u32) -> ProviderResult<()> {
+        let op = FileOp::Write {
+            path: path.as_bytes().to_vec(),
+            mode,
+        };
+        self.file(op, Some(content)).await.map(drop)
+    }
+
+    pub async fn read_file(&self, path: &str) -> ProviderResult<Bytes> {
+        let frames = self
+            .file(
+                FileOp::Read {
+                    path: path.as_bytes().to_vec(),
+                },
+                None,
+            )
+            .await?;
+        let mut content = Vec::new();
+        for frame in frames {
+            match frame {
+                Frame::Data(d) => content.extend_from_slice(&d),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(Bytes::from(content))
+    }
+
+    pub async fn list(&self, path: &str) -> ProviderResult<Vec<FileEntry>> {
+        let op = FileOp::List {
+            path: path.as_bytes().to_vec(),
+        };
+        self.file(op, None).await?.iter().map(entry).collect()
+    }
+
+    pub async fn stat(&self, path: &str) -> ProviderResult<FileEntry> {
+        let op = FileOp::Stat {
+            path: path.as_bytes().to_vec(),
+        };
+        let frames = self.file(op, None).await?;
+        match frames.as_slice() {
+            [one] => entry(one),
+            _ => Err(ProviderError::Runtime(
+                "the VM's agent answered a stat with other than one entry".into(),
+            )),
+        }
+    }
+
+    pub async fn rename(&self, from: &str, to: &str) -> ProviderResult<()> {
+        self.done(FileOp::Move {
+            from: from.as_bytes().to_vec(),
+            to: to.as_bytes().to_vec(),
+        })
+        .await
+    }
+
+    pub async fn chmod(&self, path: &str, mode: u32) -> ProviderResult<()> {
+        self.done(FileOp::Chmod {
+            path: path.as_bytes().to_vec(),
+            mode,
+        })
+        .await
+    }
+
+    pub async fn delete(&self, path: &str, recursive: bool) -> ProviderResult<()> {
+        self.done(FileOp::Delete {
+            path: path.as_bytes().to_vec(),
+            recursive,
+        })
+        .await
+    }
+
+    pub async fn glob(&self, pattern: &str) -> ProviderResult<Vec<String>> {
+        let op = FileOp::Glob {
+            pattern: pattern.as_bytes().to_vec(),
+        };
+        self.file(op, None)
+            .await?
+            .into_iter()
+            .map(|frame| match frame {
+                Frame::Path(p) => Ok(String::from_utf8_lossy(&p).into_owned()),
+                other => Err(unexpected(&other)),
+            })
+            .collect()
+    }
+}
+
+/// Unregisters a request when its caller is done with it, or left: an
+/// exec whose caller left before its end is killed on the agent.
+struct Registration<'a> {
+    link: &'a AgentLink,
+    id: u32,
+}
+
+impl Registration<'_> {
+    fn finished(&mut self) {
+        lock(&self.link.pending).remove(&self.id);
+        self.id = 0;
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if self.id == 0 {
+            return;
+        }
+        lock(&self.link.pending).remove(&self.id);
+        // The caller left mid-request: the agent must not run it on unseen.
+        // A drop cannot wait: a full queue hands the kill to a task.
+        let kill = Frame::Kill.encode_tagged(self.id);
+        if let Err(mpsc::error::TrySendError::Full(kill)) = self.link.writer.try_send(kill)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let writer = self.link.writer.clone();
+            runtime.spawn(async move {
+                crate::provider::best_effort_quiet(
+                    "asking the VM's agent to kill an abandoned command",
+                    writer.send(kill).await,
+                );
+            });
+        }
+    }
+}
+
+fn unexpected(frame: &Frame) -> ProviderError {
+    ProviderError::Runtime(format!(
+        "the VM's agent sent {} in a file answer",
+        frame.kind_name()
+    ))
+}
+
+fn entry(frame: &Frame) -> ProviderResult<FileEntry> {
+    let Frame::Entry(Entry {
+        path,
+        name,
+        size,
+        mode,
+        is_dir,
+        mtime,
+    }) = frame
+    else {
+        return Err(unexpected(frame));
+    };
+    Ok(FileEntry {
+        path: String::from_utf8_lossy(path).into_owned(),
+        name: String::from_utf8_lossy(name).into_owned(),
+        size: *size,
+        mode: format!("{:o}", mode & 0o7777),
+        is_dir: *is_dir,
+        mod_time: chrono::DateTime::from_timestamp(*mtime, 0)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn rand_u64() -> u64 {
+    let bytes = uuid::Uuid::new_v4().into_bytes();
+    u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
+}

@@ -1,0 +1,712 @@
+//! The `qemu` provider: each sandbox is a QEMU `microvm` guest with its
+//! own kernel, booted from the initramfs and root disk of [`super::assets`],
+//! its agent reached over a virtio serial port.
+//!
+//! A sandbox is a directory `<data>/sandboxes/qemu/<id>/` holding
+//! `sandbox.json`, its disk (`disk.ext4`), the sockets QEMU listens on
+//! (`agent.sock` for the agent's port, `qmp.sock` for QEMU's monitor) and
+//! `qemu.pid`. QEMU runs daemonized: a VM outlives the server, and a
+//! restarted server reaches it again through its socket (a new session).
+//! The VM has no network device; its console goes to a 64 KiB ring in
+//! QEMU, read through the monitor when a boot fails (a guest cannot fill
+//! the host's disk through it).
+//!
+//! CPU: KVM or TCG (`providers.qemu.accel`). Memory and vCPUs are the
+//! VM's; the disk is the sandbox's own ext4 image of `disk_mb`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use super::assets::{self, Kernel};
+use super::link::AgentLink;
+use crate::config::{Accel, QemuConfig};
+use crate::provider::image_store::ImageStore;
+use crate::provider::{
+    Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputSink, Provider, ProviderError,
+    ProviderResult, RuntimeHandle, RuntimeLogs, RuntimeStatus, SpawnSpec,
+};
+
+const META_FILE: &str = "sandbox.json";
+const DISK_FILE: &str = "disk.ext4";
+const AGENT_SOCKET: &str = "agent.sock";
+const QMP_SOCKET: &str = "qmp.sock";
+const PID_FILE: &str = "qemu.pid";
+
+/// The longest Unix socket path the kernel takes.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How long a running VM's agent has to answer a new session (after a
+/// server restart, or when its link broke).
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a health verdict is reused.
+const HEALTH_TTL: Duration = Duration::from_secs(30);
+
+/// Console lines a failed boot reports.
+const CONSOLE_LINES: usize = 15;
+
+/// What a sandbox was created with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Meta {
+    image: String,
+    memory_mb: u32,
+    vcpus: u32,
+    disk_mb: u32,
+    accel: Accel,
+    created_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// What booting needs, found once.
+struct Boot {
+    kernel: Kernel,
+    initramfs: PathBuf,
+    accel: Accel,
+    /// The host's TSC rate, which a TCG guest's TSC runs at: given to the
+    /// guest kernel (`tsc_early_khz`), whose own calibration against the
+    /// emulated PIT fails on a busy host and then hangs the boot.
+    tsc_khz: Option<u64>,
+}
+
+/// The host's TSC rate in kHz, measured against the monotonic clock.
+fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: rdtsc has no preconditions on x86-64.
+        let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+        let (t0, c0) = (Instant::now(), tsc());
+        std::thread::sleep(Duration::from_millis(50));
+        let (c1, elapsed) = (tsc(), t0.elapsed());
+        let khz = u128::from(c1.checked_sub(c0)?) * 1_000_000 / elapsed.as_micros().max(1) / 1000;
+        // To the MHz: the guest needs no more.
+        let khz = u64::try_from(khz).ok()?.div_ceil(1000) * 1000;
+        (khz > 0).then_some(khz)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+pub struct QemuProvider {
+    images: ImageStore,
+    dir: PathBuf,
+    cache: PathBuf,
+    config: QemuConfig,
+    boot: tokio::sync::OnceCell<Result<Arc<Boot>, String>>,
+    links: Mutex<std::collections::HashMap<String, Arc<AgentLink>>>,
+    /// Serialises opening links (a VM's port takes one host at a time).
+    connecting: tokio::sync::Mutex<()>,
+    logs: RuntimeLogs,
+    health: Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether this host runs guests under KVM well: `/dev/kvm` opens and the
+/// host is not itself a virtual machine.
+fn kvm_usable() -> bool {
+    let opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let nested = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
+    opens && !nested
+}
+
+impl QemuProvider {
+    /// `dir` holds the sandboxes, `cache` the built boot assets and disks.
+    pub fn new(images: ImageStore, dir: PathBuf, cache: PathBuf, config: QemuConfig) -> Self {
+        QemuProvider {
+            images,
+            dir,
+            cache,
+            config,
+            boot: tokio::sync::OnceCell::new(),
+            links: Mutex::default(),
+            connecting: tokio::sync::Mutex::new(()),
+            logs: RuntimeLogs::default(),
+            health: Mutex::new(None),
+        }
+    }
+
+    async fn boot(&self) -> ProviderResult<Arc<Boot>> {
+        let found = self
+            .boot
+            .get_or_init(|| async {
+                let kernel = assets::find_kernel(&self.config.kernel, &self.config.modules_dir)?;
+                let agent = crate::provider::agent::find_binary(&self.config.agent_binary)?;
+                let (kernel2, cache) = (kernel.clone(), self.cache.clone());
+                let initramfs = tokio::task::spawn_blocking(move || {
+                    assets::initramfs(&kernel2, &agent, &assets::SERIAL_MODULES, &cache)
+                })
+                .await
+                .map_err(|e| format!("building the initramfs: {e}"))??;
+                let accel = match self.config.accel {
+                    Accel::Auto if kvm_usable() => Accel::Kvm,
+                    Accel::Auto => Accel::Tcg,
+                    other => other,
+                };
+                let tsc_khz = match accel {
+                    Accel::Kvm => None,
+                    _ => tokio::task::spawn_blocking(host_tsc_khz)
+                        .await
+                        .map_err(|e| format!("measuring the TSC: {e}"))?,
+                };
+                Ok(Arc::new(Boot {
+                    kernel,
+                    initramfs,
+                    accel,
+                    tsc_khz,
+                }))
+            })
+            .await;
+        found.clone().map_err(ProviderError::Unavailable)
+    }
+
+    fn sandbox_dir(&self, id: &str) -> ProviderResult<PathBuf> {
+        let ok = !id.is_empty()
+            && id.len() <= 128
+            && !id.starts_with('.')
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            return Err(ProviderError::InvalidRequest(format!(
+                "invalid sandbox id {id:?}"
+            )));
+        }
+        Ok(self.dir.join(id))
+    }
+
+    fn meta(&self, id: &str) -> ProviderResult<Meta> {
+        let path = self.sandbox_dir(id)?.join(META_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ProviderError::RuntimeNotFound(id.to_string()),
+            _ => ProviderError::Runtime(format!("reading sandbox {id}: {e}")),
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ProviderError::Runtime(format!("sandbox {id} metadata is corrupt: {e}")))
+    }
+
+    /// The pid of the sandbox's QEMU if it still runs (the process named
+    /// in its pid file, with this sandbox's directory in its command line
+    /// and not a zombie: a recycled pid is not the VM).
+    fn vm_pid(dir: &Path) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(dir.join(PID_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let marker = dir.join(AGENT_SOCKET);
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(&*marker.to_string_lossy()));
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let state = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .next()?
+            .to_string();
+        (ours && state != "Z").then_some(pid)
+    }
+
+    /// Kills the sandbox's QEMU and waits (up to 5 s) for it to be gone.
+    async fn kill_vm(dir: &Path) {
+        let Some(pid) = Self::vm_pid(dir) else {
+            return;
+        };
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        for _ in 0..250 {
+            if Self::vm_pid(dir).is_none() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(pid, dir = %dir.display(), "a killed VM process is still there");
+    }
+
+    /// The console's last lines, read from QEMU's ring through its monitor.
+    async fn console_tail(dir: &Path) -> String {
+        let read = async {
+            let stream = tokio::net::UnixStream::connect(dir.join(QMP_SOCKET)).await?;
+            let (reader, mut writer) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(reader).lines();
+            lines.next_line().await?; // the greeting
+            writer
+                .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"ringbuf-read\",\"arguments\":{\"device\":\"console\",\"size\":65536,\"format\":\"utf8\"}}\n")
+                .await?;
+            let mut answers = 0;
+            while let Some(line) = lines.next_line().await? {
+                let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if value.get("return").is_some() || value.get("error").is_some() {
+                    answers += 1;
+                    if answers == 2 {
+                        return Ok::<_, std::io::Error>(
+                            value["return"].as_str().unwrap_or_default().to_string(),
+                        );
+                    }
+                }
+            }
+            Ok(String::new())
+        };
+        let text = tokio::time::timeout(Duration::from_secs(3), read)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(CONSOLE_LINES)..].join("\n")
+    }
+
+    /// The link to a running sandbox's agent, opened if needed.
+    async fn link(&self, id: &str) -> ProviderResult<Arc<AgentLink>> {
+        if let Some(link) = lock(&self.links).get(id).filter(|l| !l.is_closed()) {
+            return Ok(link.clone());
+        }
+        let dir = self.sandbox_dir(id)?;
+        self.meta(id)?;
+        let _one = self.connecting.lock().await;
+        if let Some(link) = lock(&self.links).get(id).filter(|l| !l.is_closed()) {
+            return Ok(link.clone());
+        }
+        if Self::vm_pid(&dir).is_none() {
+            return Err(ProviderError::Conflict(format!(
+                "sandbox {id}'s VM is not running"
+            )));
+        }
+        let alive = || Self::vm_pid(&dir).is_some();
+        let link = AgentLink::open(&dir.join(AGENT_SOCKET), RECONNECT_TIMEOUT, alive)
+            .await
+            .map_err(|e| ProviderError::Unavailable(format!("sandbox {id}: {e}")))?;
+        let link = Arc::new(link);
+        lock(&self.links).insert(id.to_string(), link.clone());
+        Ok(link)
+    }
+
+    fn qemu_args(&self, boot: &Boot, dir: &Path, spec: &SpawnSpec) -> Vec<std::ffi::OsString> {
+        let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let (accel, cpu) = match boot.accel {
+            Accel::Kvm => ("kvm", "host"),
+            _ => ("tcg,tb-size=64", "max"),
+        };
+        let hostname: String = spec.sandbox_id.chars().take(63).collect();
+        let mut cmdline = format!("console=ttyS0 quiet panic=-1 stacyvm.hostname={hostname}");
+        if let Some(khz) = boot.tsc_khz {
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        [
+            "-name".to_string(),
+            format!("stacyvm-{}", spec.sandbox_id),
+            "-machine".into(),
+            "microvm".into(),
+            "-accel".into(),
+            accel.into(),
+            "-cpu".into(),
+            cpu.into(),
+            "-m".into(),
+            spec.memory_mb.to_string(),
+            "-smp".into(),
+            spec.vcpus.max(1).to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            // QEMU's own seccomp filter: a guest that breaks into QEMU
+            // still cannot use obsolete system calls or change the
+            // host's scheduling and limits. (`spawn` and
+            // `elevateprivileges` stay allowed: `-daemonize` needs them.)
+            "-sandbox".into(),
+            "on,obsolete=deny,resourcecontrol=deny".into(),
+            "-kernel".into(),
+            boot.kernel.image.to_string_lossy().into_owned(),
+            "-initrd".into(),
+            boot.initramfs.to_string_lossy().into_owned(),
+            "-append".into(),
+            cmdline,
+            "-chardev".into(),
+            "ringbuf,id=console,size=65536".into(),
+            "-serial".into(),
+            "chardev:console".into(),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path(AGENT_SOCKET)
+            ),
+            "-device".into(),
+            format!("virtserialport,chardev=agent,name={}", "stacyvm.agent"),
+            "-drive".into(),
+            format!("id=root,file={},format=raw,if=none", path(DISK_FILE)),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path(QMP_SOCKET)),
+            "-daemonize".into(),
+            "-pidfile".into(),
+            path(PID_FILE),
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect()
+    }
+
+    /// Builds the sandbox's directory and boots its VM to its agent.
+    async fn start(&self, spec: &SpawnSpec, dir: &Path) -> ProviderResult<(Arc<AgentLink>, Accel)> {
+        let boot = self.boot().await?;
+        let info = self
+            .images
+            .info(&spec.image)
+            .ok_or_else(|| crate::provider::native::image_not_found(&spec.image))?;
+        let rootfs = self
+            .images
+            .rootfs(&spec.image)
+            .ok_or_else(|| crate::provider::native::image_not_found(&spec.image))?;
+        let base = assets::image_disk(
+            &spec.image,
+            &rootfs,
+            info.imported_at,
+            info.size_bytes,
+            &self.cache.join("disks"),
+        )
+        .await
+        .map_err(|e| ProviderError::Runtime(format!("building the VM's disk: {e}")))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", dir.display())))?;
+        let meta = Meta {
+            image: spec.image.clone(),
+            memory_mb: spec.memory_mb,
+            vcpus: spec.vcpus,
+            disk_mb: spec.disk_mb,
+            accel: boot.accel,
+            created_at: chrono::Utc::now(),
+        };
+        let meta = serde_json::to_vec(&meta).expect("metadata serialises");
+        std::fs::write(dir.join(META_FILE), meta)
+            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", dir.display())))?;
+        assets::sandbox_disk(&base, &dir.join(DISK_FILE), spec.disk_mb)
+            .await
+            .map_err(|e| ProviderError::Runtime(format!("the sandbox's disk: {e}")))?;
+        let mut cmd = tokio::process::Command::new(&self.config.binary);
+        cmd.args(self.qemu_args(&boot, dir, spec))
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        // The parent returns once the VM is set up; the VM runs on, detached.
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .map_err(|_| ProviderError::Runtime("QEMU did not start within 60s".into()))?
+            .map_err(|e| {
+                ProviderError::Unavailable(format!(
+                    "cannot run {} (Debian: apt-get install qemu-system-x86): {e}",
+                    self.config.binary.display()
+                ))
+            })?;
+        if !out.status.success() {
+            return Err(ProviderError::Runtime(format!(
+                "QEMU refused to start the VM: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let alive = || Self::vm_pid(dir).is_some();
+        let timeout = self.config.boot_timeout.0;
+        match AgentLink::open(&dir.join(AGENT_SOCKET), timeout, alive).await {
+            Ok(link) => Ok((Arc::new(link), boot.accel)),
+            Err(e) => {
+                let console = Self::console_tail(dir).await;
+                Err(ProviderError::Runtime(format!(
+                    "the VM did not boot to its agent ({e}); its console's last lines:\n{console}"
+                )))
+            }
+        }
+    }
+
+    /// Removes a sandbox's directory after its VM is gone.
+    async fn remove_dir(&self, dir: &Path) -> ProviderResult<()> {
+        Self::kill_vm(dir).await;
+        let trash = self
+            .dir
+            .join(format!(".trash-{}", uuid::Uuid::new_v4().as_simple()));
+        match std::fs::rename(dir, &trash) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ProviderError::Runtime(format!("{}: {e}", dir.display()))),
+        }
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&trash))
+            .await
+            .map_err(|e| ProviderError::Runtime(format!("removing a sandbox: {e}")))?
+            .map_err(|e| ProviderError::Runtime(format!("removing a sandbox: {e}")))
+    }
+
+    fn status(&self, id: &str) -> ProviderResult<RuntimeStatus> {
+        let dir = self.sandbox_dir(id)?;
+        match self.meta(id) {
+            Ok(_) if Self::vm_pid(&dir).is_some() => Ok(RuntimeStatus::Running),
+            Ok(_) => Ok(RuntimeStatus::Stopped {
+                cause: "its VM is no longer running (powered off, or its QEMU was killed)".into(),
+            }),
+            Err(ProviderError::RuntimeNotFound(_)) => Ok(RuntimeStatus::Missing),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn check_health(&self) -> Result<(), String> {
+        let out = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::process::Command::new(&self.config.binary)
+                .arg("--version")
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| "QEMU did not answer --version within 10s".to_string())?
+        .map_err(|e| {
+            format!(
+                "cannot run {} (Debian: apt-get install qemu-system-x86): {e}",
+                self.config.binary.display()
+            )
+        })?;
+        if !out.status.success() {
+            return Err(format!("{} --version failed", self.config.binary.display()));
+        }
+        self.boot().await.map(drop).map_err(|e| e.to_string())
+    }
+
+    fn resolve(path: &str) -> String {
+        crate::provider::resolve_lexically(path)
+    }
+}
+
+#[async_trait]
+impl Provider for QemuProvider {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn capabilities(&self) -> Vec<Capability> {
+        vec![
+            Capability::Exec,
+            Capability::ExecStream,
+            Capability::Files,
+            Capability::Logs,
+            Capability::MemoryLimit,
+            Capability::CpuLimit,
+            Capability::NetworkIsolation,
+        ]
+    }
+
+    fn isolation(&self) -> &'static str {
+        "a virtual machine (QEMU microvm) with its own kernel, memory and disk, and no network device"
+    }
+
+    async fn health(&self) -> ProviderResult<()> {
+        if let Some((at, verdict)) = lock(&self.health).as_ref()
+            && at.elapsed() < HEALTH_TTL
+        {
+            return verdict.clone().map_err(ProviderError::Unavailable);
+        }
+        let verdict = self.check_health().await;
+        *lock(&self.health) = Some((Instant::now(), verdict.clone()));
+        verdict.map_err(ProviderError::Unavailable)
+    }
+
+    async fn image_available(&self, image: &str) -> ProviderResult<bool> {
+        Ok(self.images.rootfs(image).is_some())
+    }
+
+    async fn spawn(&self, spec: &SpawnSpec) -> ProviderResult<RuntimeHandle> {
+        let dir = self.sandbox_dir(&spec.sandbox_id)?;
+        if self.images.rootfs(&spec.image).is_none() {
+            return Err(crate::provider::native::image_not_found(&spec.image));
+        }
+        if dir.join(AGENT_SOCKET).as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ProviderError::Unavailable(format!(
+                "{} is too long for a socket path: choose a shorter data_dir",
+                dir.join(AGENT_SOCKET).display()
+            )));
+        }
+        if dir.exists() {
+            return Err(ProviderError::InvalidRequest(format!(
+                "sandbox {} already exists",
+                spec.sandbox_id
+            )));
+        }
+        let started = Instant::now();
+        match self.start(spec, &dir).await {
+            Ok((link, accel)) => {
+                lock(&self.links).insert(spec.sandbox_id.clone(), link);
+                self.logs.log(
+                    &spec.sandbox_id,
+                    format!(
+                        "spawned from image {} ({accel:?}, booted in {} ms)",
+                        spec.image,
+                        started.elapsed().as_millis()
+                    ),
+                );
+                Ok(RuntimeHandle {
+                    runtime_id: spec.sandbox_id.clone(),
+                })
+            }
+            Err(e) => {
+                // Nothing stays behind: the VM, its sockets, its disk.
+                crate::provider::best_effort(
+                    "removing a VM that did not boot",
+                    self.remove_dir(&dir).await,
+                );
+                Err(e)
+            }
+        }
+    }
+
+    async fn destroy(&self, runtime_id: &str) -> ProviderResult<()> {
+        let dir = self.sandbox_dir(runtime_id)?;
+        lock(&self.links).remove(runtime_id);
+        self.remove_dir(&dir).await?;
+        self.logs.forget(runtime_id);
+        Ok(())
+    }
+
+    async fn inspect(&self, runtime_id: &str) -> ProviderResult<RuntimeStatus> {
+        self.status(runtime_id)
+    }
+
+    async fn inventory(&self) -> ProviderResult<Vec<InventoryItem>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(ProviderError::Runtime(format!("listing VMs: {e}"))),
+        };
+        let mut items = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let created_at = self.meta(&name).ok().map(|m| m.created_at);
+            let status = self
+                .status(&name)
+                .unwrap_or_else(|e| RuntimeStatus::Stopped {
+                    cause: e.to_string(),
+                });
+            if status == RuntimeStatus::Missing {
+                continue;
+            }
+            items.push(InventoryItem {
+                sandbox_id: name.clone(),
+                runtime_id: name,
+                created_at,
+                status,
+            });
+        }
+        Ok(items)
+    }
+
+    async fn recover_at_startup(&self) -> ProviderResult<usize> {
+        // Destroys that never finished.
+        let mut fixed = 0;
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".trash-") {
+                Self::kill_vm(&entry.path()).await;
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => fixed += 1,
+                    Err(e) => {
+                        tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a leftover VM directory")
+                    }
+                }
+            }
+        }
+        Ok(fixed)
+    }
+
+    async fn exec(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        let link = self.link(runtime_id).await?;
+        let result = link.exec(spec, sink).await;
+        self.logs.log(
+            runtime_id,
+            format!(
+                "exec {:?}: {}",
+                spec.argv,
+                crate::provider::describe_exit(&result)
+            ),
+        );
+        result
+    }
+
+    async fn write_file(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        content: Bytes,
+        mode: u32,
+    ) -> ProviderResult<()> {
+        let link = self.link(runtime_id).await?;
+        link.write_file(&Self::resolve(path), content, mode).await
+    }
+
+    async fn read_file(&self, runtime_id: &str, path: &str) -> ProviderResult<Bytes> {
+        let link = self.link(runtime_id).await?;
+        link.read_file(&Self::resolve(path)).await
+    }
+
+    async fn list_files(&self, runtime_id: &str, path: &str) -> ProviderResult<Vec<FileEntry>> {
+        let link = self.link(runtime_id).await?;
+        link.list(&Self::resolve(path)).await
+    }
+
+    async fn stat_file(&self, runtime_id: &str, path: &str) -> ProviderResult<FileEntry> {
+        let link = self.link(runtime_id).await?;
+        link.stat(&Self::resolve(path)).await
+    }
+
+    async fn move_file(&self, runtime_id: &str, from: &str, to: &str) -> ProviderResult<()> {
+        let link = self.link(runtime_id).await?;
+        link.rename(&Self::resolve(from), &Self::resolve(to)).await
+    }
+
+    async fn chmod_file(&self, runtime_id: &str, path: &str, mode: u32) -> ProviderResult<()> {
+        let link = self.link(runtime_id).await?;
+        link.chmod(&Self::resolve(path), mode).await
+    }
+
+    async fn delete_file(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> ProviderResult<()> {
+        let link = self.link(runtime_id).await?;
+        link.delete(&Self::resolve(path), recursive).await
+    }
+
+    async fn glob_files(&self, runtime_id: &str, pattern: &str) -> ProviderResult<Vec<String>> {
+        let link = self.link(runtime_id).await?;
+        link.glob(pattern).await
+    }
+
+    async fn logs(&self, runtime_id: &str, lines: usize) -> ProviderResult<Vec<String>> {
+        self.meta(runtime_id)?;
+        Ok(self.logs.tail(runtime_id, lines))
+    }
+}
