@@ -898,7 +898,11 @@ impl Config {
             if let Some(bad) = lists
                 .into_iter()
                 .flatten()
-                .find(|p| !(p.as_str() == "*" || BUILT_IN_PROVIDERS.contains(&p.as_str())))
+                // `memory` runs nothing: no policy offers it.
+                .find(|p| {
+                    let p = p.as_str();
+                    !(p == "*" || (BUILT_IN_PROVIDERS.contains(&p) && p != "memory"))
+                })
             {
                 return Err(ConfigError::Invalid(format!(
                     "{path}.providers: unknown provider {bad:?} ({})",

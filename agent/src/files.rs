@@ -14,6 +14,13 @@ use stacyvm_agent::{Entry, Failure, FileOp, Frame};
 /// Content of one `Data` frame of a read.
 const READ_CHUNK: usize = 256 << 10;
 
+/// The largest file a read sends (what the host takes at most).
+const MAX_READ: u64 = 256 << 20;
+
+/// The longest path an answer carries (the host's limit for a `Path`
+/// frame); longer ones are left out.
+const MAX_ANSWER_PATH: usize = 2 * stacyvm_agent::MAX_PATH;
+
 /// A refusal: what the host maps to not found, invalid request or a
 /// runtime error.
 pub struct Refusal(pub Failure, pub String);
@@ -79,29 +86,71 @@ fn entry(path: &Path, meta: &fs::Metadata) -> Entry {
 }
 
 /// Answers every operation but a write, sending what it finds through
-/// `send` (the caller adds `Done` or `Failed`).
-pub fn answer(op: FileOp, send: &mut dyn FnMut(Frame) -> io::Result<()>) -> Answer {
+/// `send` (the caller adds `Done` or `Failed`). `stop` turns true when the
+/// host cancelled the request or left: long answers end early then.
+pub fn answer(
+    op: FileOp,
+    send: &mut dyn FnMut(Frame) -> io::Result<()>,
+    stop: &dyn Fn() -> bool,
+) -> Answer {
     let gone = |_| Refusal(Failure::Other, "the host went away".into());
+    let cancelled = || Refusal(Failure::Other, "cancelled".into());
     match op {
         FileOp::Read { path } => {
             let path = path_of(&path)?;
-            let mut file = fs::File::open(&path).map_err(|e| refuse(e, &path))?;
+            // Non-blocking: opening a FIFO must not wait for a writer.
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(|e| refuse(e, &path))?;
             let meta = file.metadata().map_err(|e| refuse(e, &path))?;
             if meta.is_dir() {
                 return Err(refuse(io::Error::from_raw_os_error(libc::EISDIR), &path));
             }
+            if !meta.is_file() {
+                return Err(Refusal(
+                    Failure::Invalid,
+                    format!("{}: not a regular file", path.display()),
+                ));
+            }
+            if meta.len() > MAX_READ {
+                return Err(Refusal(
+                    Failure::Invalid,
+                    format!(
+                        "{}: larger than {} MiB, the most one read returns",
+                        path.display(),
+                        MAX_READ >> 20
+                    ),
+                ));
+            }
             let mut buf = vec![0u8; READ_CHUNK];
+            let mut sent = 0u64;
             loop {
+                if stop() {
+                    return Err(cancelled());
+                }
                 let n = file.read(&mut buf).map_err(|e| refuse(e, &path))?;
                 if n == 0 {
                     return Ok(());
+                }
+                sent += n as u64;
+                if sent > MAX_READ {
+                    return Err(Refusal(
+                        Failure::Invalid,
+                        format!(
+                            "{}: grew past {} MiB while read",
+                            path.display(),
+                            MAX_READ >> 20
+                        ),
+                    ));
                 }
                 send(Frame::Data(buf[..n].to_vec())).map_err(gone)?;
             }
         }
         FileOp::Stat { path } => {
             let path = path_of(&path)?;
-            let meta = fs::metadata(&path).map_err(|e| refuse(e, &path))?;
+            let meta = fs::symlink_metadata(&path).map_err(|e| refuse(e, &path))?;
             send(Frame::Entry(entry(&path, &meta))).map_err(gone)
         }
         FileOp::List { path } => {
@@ -112,7 +161,13 @@ pub fn answer(op: FileOp, send: &mut dyn FnMut(Frame) -> io::Result<()>) -> Answ
                 .collect();
             names.sort();
             for name in names {
+                if stop() {
+                    return Err(cancelled());
+                }
                 let child = path.join(&name);
+                if child.as_os_str().len() > MAX_ANSWER_PATH {
+                    continue;
+                }
                 // Gone since the listing: not part of the answer.
                 if let Ok(meta) = fs::symlink_metadata(&child) {
                     send(Frame::Entry(entry(&child, &meta))).map_err(gone)?;
@@ -128,6 +183,16 @@ pub fn answer(op: FileOp, send: &mut dyn FnMut(Frame) -> io::Result<()>) -> Answ
         FileOp::Chmod { path, mode } => {
             let path = path_of(&path)?;
             check_mode(mode)?;
+            // As elsewhere: a link's target is not changed through it.
+            if fs::symlink_metadata(&path)
+                .map_err(|e| refuse(e, &path))?
+                .is_symlink()
+            {
+                return Err(Refusal(
+                    Failure::Invalid,
+                    format!("{}: is a symbolic link", path.display()),
+                ));
+            }
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))
                 .map_err(|e| refuse(e, &path))
         }
@@ -157,9 +222,12 @@ pub fn answer(op: FileOp, send: &mut dyn FnMut(Frame) -> io::Result<()>) -> Answ
         FileOp::Glob { pattern } => {
             let pattern = String::from_utf8(pattern)
                 .map_err(|_| Refusal(Failure::Invalid, "a glob pattern must be UTF-8".into()))?;
-            let found = stacyvm_agent::glob::glob(&mut Tree, &pattern)
+            let found = stacyvm_agent::glob::glob(&mut Tree(stop), &pattern)
                 .map_err(|e| Refusal(Failure::Invalid, e.to_string()))?;
-            for path in found {
+            if stop() {
+                return Err(cancelled());
+            }
+            for path in found.into_iter().filter(|p| p.len() <= MAX_ANSWER_PATH) {
                 send(Frame::Path(path.into_bytes())).map_err(gone)?;
             }
             Ok(())
@@ -171,15 +239,19 @@ pub fn answer(op: FileOp, send: &mut dyn FnMut(Frame) -> io::Result<()>) -> Answ
     }
 }
 
-/// The VM's own tree, as the shared glob walks it.
-struct Tree;
+/// The VM's own tree, as the shared glob walks it; empty once the request
+/// is cancelled, which ends the walk.
+struct Tree<'a>(&'a dyn Fn() -> bool);
 
 fn joined(parts: &[String]) -> PathBuf {
     PathBuf::from(format!("/{}", parts.join("/")))
 }
 
-impl stacyvm_agent::glob::Tree for Tree {
+impl stacyvm_agent::glob::Tree for Tree<'_> {
     fn children(&mut self, dir: &[String]) -> Vec<(String, bool)> {
+        if (self.0)() {
+            return Vec::new();
+        }
         let Ok(entries) = fs::read_dir(joined(dir)) else {
             return Vec::new();
         };
@@ -220,8 +292,8 @@ impl Upload {
         if fs::metadata(&target).is_ok_and(|m| m.is_dir()) {
             return Err(refuse(io::Error::from_raw_os_error(libc::EISDIR), &target));
         }
-        let name = target.file_name().unwrap_or_default().to_string_lossy();
-        let temp = parent.join(format!(".stacyvm-write-{tag}-{name}"));
+        // Short, whatever the target's name: any legal name can be written.
+        let temp = parent.join(format!(".stacyvm-w-{tag:x}-{}", std::process::id()));
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)

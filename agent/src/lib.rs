@@ -443,8 +443,9 @@ impl Frame {
             WELCOME => 12,
             STDOUT | STDERR => CHUNK,
             FAILED => 1 + MAX_MESSAGE,
-            FILE | ENTRY => 3 * MAX_PATH,
-            PATH => MAX_PATH,
+            FILE => 3 * MAX_PATH,
+            ENTRY => 4 * MAX_PATH,
+            PATH => 2 * MAX_PATH,
             _ => return Err(bad("unknown frame kind")),
         };
         if len > limit {

@@ -17,10 +17,10 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Write as _};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,9 @@ const MAX_REQUESTS: usize = 512;
 
 /// Writes in flight at once (each holds an open file).
 const MAX_WRITES: usize = 64;
+
+/// Other file operations running at once (each on a thread).
+const MAX_FILE_OPS: usize = 64;
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -282,25 +285,138 @@ fn find_port() -> io::Result<PathBuf> {
     Ok(found.expect("set when ready"))
 }
 
-/// The port's writing side, shared by every request. Frames of a session
-/// that has ended are dropped, so a new session never reads an old
-/// request's frames under a reused id.
+/// How long a blocked write or a partly read frame waits before looking
+/// again whether its session still stands.
+const IO_POLL_MS: i32 = 100;
+
+/// How long the rest of a frame may take to arrive once it began.
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The bytes a `Session` frame starts with (id 0, kind, 8-byte payload).
+/// Out of step (after a hang-up or a frame that did not parse) the agent
+/// reads nothing but these until the host opens a new session.
+const SESSION_PREFIX: [u8; 9] = [0, 0, 0, 0, 3, 0, 0, 0, 8];
+
+fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> libc::c_short {
+    let mut p = [libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }];
+    // SAFETY: a valid array of one pollfd.
+    if unsafe { libc::poll(p.as_mut_ptr(), 1, timeout_ms) } <= 0 {
+        return 0;
+    }
+    p[0].revents
+}
+
+/// The port's writing side, shared by every request. The port is
+/// non-blocking: a write the host does not take (it went away) waits in
+/// steps of [`IO_POLL_MS`] and gives up as soon as its session ended, so no
+/// writer holds the lock for long and PID 1's loop never waits on an
+/// absent host. Frames of a session that has ended are dropped; a frame
+/// cut off that way is skipped by the host, which looks for its welcome
+/// byte by byte.
 struct Out {
-    port: Mutex<File>,
+    lock: Mutex<()>,
+    fd: RawFd,
     session: AtomicU64,
 }
 
 impl Out {
     fn send(&self, session: u64, id: u32, frame: &Frame) -> io::Result<()> {
-        let mut port = self.port.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let ended = || io::Error::new(io::ErrorKind::BrokenPipe, "the session ended");
         if self.session.load(Ordering::Acquire) != session {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the session ended",
-            ));
+            return Err(ended());
         }
-        stacyvm_agent::write_tagged(&mut *port, id, frame)?;
-        port.flush()
+        let bytes = frame.encode_tagged(id);
+        let mut at = 0;
+        while at < bytes.len() {
+            // SAFETY: writing from a live buffer of that length.
+            let n = unsafe { libc::write(self.fd, bytes[at..].as_ptr().cast(), bytes.len() - at) };
+            if n > 0 {
+                at += n as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => {
+                    poll_one(self.fd, libc::POLLOUT, IO_POLL_MS);
+                    if self.session.load(Ordering::Acquire) != session {
+                        return Err(ended());
+                    }
+                }
+                Some(libc::EINTR) => {}
+                _ => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The port's reading side: blocking reads over the non-blocking port,
+/// bounded per frame by [`FRAME_DEADLINE`]; a hang-up is an error.
+struct In {
+    fd: RawFd,
+    deadline: Option<Instant>,
+}
+
+impl io::Read for In {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: reading into a live buffer of that length.
+            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n > 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the host hung up",
+                ));
+            }
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => {
+                    let deadline = *self
+                        .deadline
+                        .get_or_insert_with(|| Instant::now() + FRAME_DEADLINE);
+                    if Instant::now() > deadline {
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "a frame stalled"));
+                    }
+                    if poll_one(self.fd, libc::POLLIN, IO_POLL_MS) & libc::POLLHUP != 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the host hung up",
+                        ));
+                    }
+                }
+                Some(libc::EINTR) => {}
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl In {
+    /// Reads up to and including a `Session` frame; its number.
+    fn find_session(&mut self) -> io::Result<u64> {
+        let mut window = [0u8; 9];
+        let mut byte = [0u8; 1];
+        loop {
+            io::Read::read_exact(self, &mut byte)?;
+            window.rotate_left(1);
+            window[8] = byte[0];
+            if window == SESSION_PREFIX {
+                let mut n = [0u8; 8];
+                io::Read::read_exact(self, &mut n)?;
+                let session = u64::from_be_bytes(n);
+                if session != 0 {
+                    return Ok(session);
+                }
+            }
+        }
     }
 }
 
@@ -331,31 +447,51 @@ impl crate::Channel for Request {
     }
 }
 
-/// What the main loop keeps per running request.
+/// What the main loop keeps per running request, by (session, id).
 #[derive(Default)]
 struct Running {
     /// The write ends of the running commands' control pipes.
     execs: Mutex<HashMap<(u64, u32), OwnedFd>>,
+    /// The cancel flags of the running file operations.
+    files: Mutex<HashMap<(u64, u32), Arc<AtomicBool>>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Running {
-    fn signal(&self, key: (u64, u32), byte: u8) {
-        let execs = self.execs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fd) = execs.get(&key) {
+    /// The host asks for request `key` to end.
+    fn kill(&self, key: (u64, u32)) {
+        if let Some(fd) = locked(&self.execs).get(&key) {
             // SAFETY: writing one byte from a local buffer.
-            unsafe { libc::write(fd.as_raw_fd(), [byte].as_ptr().cast(), 1) };
+            unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        }
+        if let Some(flag) = locked(&self.files).get(&key) {
+            flag.store(true, Ordering::Release);
         }
     }
 
-    /// Ends every command of `session`: their caller is gone.
+    /// Ends every request of `session`: their caller is gone.
     fn end_session(&self, session: u64) {
-        let mut execs = self.execs.lock().unwrap_or_else(|e| e.into_inner());
         // Closing the write ends reads as "gone" on the other side.
-        execs.retain(|(s, _), _| *s != session);
+        locked(&self.execs).retain(|(s, _), _| *s != session);
+        locked(&self.files).retain(|(s, _), flag| {
+            if *s == session {
+                flag.store(true, Ordering::Release);
+            }
+            *s != session
+        });
     }
+}
 
-    fn count(&self) -> usize {
-        self.execs.lock().unwrap_or_else(|e| e.into_inner()).len()
+fn refuse(out: &Out, session: u64, id: u32, message: String) {
+    let refusal = Frame::Failed {
+        why: Failure::Other,
+        message,
+    };
+    if let Err(e) = out.send(session, id, &refusal) {
+        eprintln!("stacyvm-agent: cannot answer request {id}: {e}");
     }
 }
 
@@ -370,18 +506,25 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
     // SAFETY: a new descriptor owned by nobody else.
     let sigfd = unsafe { OwnedFd::from_raw_fd(sigfd) };
     crate::install_stop_handlers();
+    let fd = port.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this function owns (`port` lives as
+    // long as the loop below, which never returns).
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
     let out = Arc::new(Out {
-        port: Mutex::new(port.try_clone().unwrap_or_else(|e| {
-            eprintln!("stacyvm-agent: {e}");
-            std::process::exit(1)
-        })),
+        lock: Mutex::new(()),
+        fd,
         session: AtomicU64::new(0),
     });
     let running = Arc::new(Running::default());
-    let mut reader = port;
+    let mut reader = In { fd, deadline: None };
+    // 0: out of step, waiting for a session.
     let mut session: u64 = 0;
     let mut writes: HashMap<u32, files::Upload> = HashMap::new();
     let mut connected = false;
+    let _keep = port;
     loop {
         let mut fds = [
             libc::pollfd {
@@ -390,15 +533,14 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
                 revents: 0,
             },
             libc::pollfd {
-                fd: reader.as_raw_fd(),
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
         // While the host is away the port reports a hang-up at once:
         // look again at a slow pace.
-        let watched = if connected { 2 } else { 1 };
-        let timeout = if connected { -1 } else { 20 };
+        let (watched, timeout) = if connected { (2, -1) } else { (1, 20) };
         // SAFETY: a valid array of pollfd for its length.
         if unsafe { libc::poll(fds.as_mut_ptr(), watched, timeout) } < 0 {
             continue;
@@ -407,104 +549,82 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
             crate::handle_signals(&sigfd, &children);
         }
         if !connected {
-            let mut probe = [libc::pollfd {
-                fd: reader.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: as above.
-            unsafe { libc::poll(probe.as_mut_ptr(), 1, 0) };
-            if probe[0].revents & libc::POLLHUP != 0 || probe[0].revents & libc::POLLIN == 0 {
+            let revents = poll_one(fd, libc::POLLIN, 0);
+            if revents & libc::POLLHUP != 0 || revents & libc::POLLIN == 0 {
                 continue;
             }
             connected = true;
         } else if fds[1].revents & libc::POLLHUP != 0 {
             // The host went away: what it started must not run on unseen.
             connected = false;
-            end(&out, &running, &mut writes, session);
+            end(&out, &running, &mut writes, &mut session);
             continue;
         } else if fds[1].revents == 0 {
+            continue;
+        }
+        reader.deadline = None;
+        if session == 0 {
+            match reader.find_session() {
+                Ok(next) => open_session(&out, next, &mut session),
+                Err(_) => connected = false,
+            }
             continue;
         }
         let (id, frame) = match stacyvm_agent::read_tagged(&mut reader) {
             Ok(Some(tagged)) => tagged,
             Ok(None) => {
                 connected = false;
-                end(&out, &running, &mut writes, session);
+                end(&out, &running, &mut writes, &mut session);
                 continue;
             }
             Err(e) => {
-                // A stream out of step cannot be resynchronised: wait for
-                // the host to open a new session.
-                eprintln!("stacyvm-agent: unreadable frame from the host: {e}");
-                end(&out, &running, &mut writes, session);
-                connected = false;
-                std::thread::sleep(Duration::from_millis(100));
+                // Out of step: nothing counts until a new session.
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    eprintln!("stacyvm-agent: unreadable frame from the host: {e}");
+                }
+                end(&out, &running, &mut writes, &mut session);
                 continue;
             }
         };
         match (id, frame) {
-            (0, Frame::Session(next)) => {
-                end(&out, &running, &mut writes, session);
-                session = next;
-                out.session.store(next, Ordering::Release);
-                let welcome = Frame::Welcome {
-                    version: VERSION,
-                    session,
-                };
-                if let Err(e) = out.send(session, 0, &welcome) {
-                    eprintln!("stacyvm-agent: cannot answer the host: {e}");
-                }
+            (0, Frame::Session(next)) if next != 0 => {
+                end(&out, &running, &mut writes, &mut session);
+                open_session(&out, next, &mut session);
             }
-            // Nothing before a session.
-            _ if session == 0 => {}
             (0, _) => {}
             (id, Frame::Exec(exec)) => {
-                if running.count() >= MAX_REQUESTS {
-                    let refusal = Frame::Failed {
-                        why: Failure::Other,
-                        message: format!("the sandbox runs {MAX_REQUESTS} commands already"),
-                    };
-                    let _ = out.send(session, id, &refusal);
+                if locked(&running.execs).len() >= MAX_REQUESTS {
+                    refuse(
+                        &out,
+                        session,
+                        id,
+                        format!("the sandbox runs {MAX_REQUESTS} commands already"),
+                    );
                     continue;
                 }
                 let Ok((control_r, control_w)) = crate::pipe() else {
-                    let refusal = Frame::Failed {
-                        why: Failure::Other,
-                        message: "no pipes".into(),
-                    };
-                    let _ = out.send(session, id, &refusal);
+                    refuse(&out, session, id, "no pipes".into());
                     continue;
                 };
-                running
-                    .execs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert((session, id), control_w);
-                let (children, done, out) = (children.clone(), running.clone(), out.clone());
+                locked(&running.execs).insert((session, id), control_w);
+                let (children, done, answering) = (children.clone(), running.clone(), out.clone());
                 let started = crate::spawn_thread(move || {
                     let mut request = Request {
-                        out,
+                        out: answering,
                         session,
                         id,
                         control: control_r,
                     };
                     crate::run_command(exec, &children, &mut request);
-                    done.execs
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&(session, id));
+                    locked(&done.execs).remove(&(session, id));
                 });
                 if !started {
-                    running
-                        .execs
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&(session, id));
+                    locked(&running.execs).remove(&(session, id));
+                    refuse(&out, session, id, "no threads".into());
                 }
             }
             (id, Frame::Kill) => {
-                running.signal((session, id), 1);
+                running.kill((session, id));
                 // A write whose caller left.
                 if let Some(write) = writes.remove(&id) {
                     write.abandon();
@@ -512,21 +632,24 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
             }
             (id, Frame::File(FileOp::Write { path, mode })) => {
                 if writes.len() >= MAX_WRITES {
-                    let refusal = Frame::Failed {
-                        why: Failure::Other,
-                        message: format!("{MAX_WRITES} writes are in flight already"),
-                    };
-                    let _ = out.send(session, id, &refusal);
+                    refuse(
+                        &out,
+                        session,
+                        id,
+                        format!("{MAX_WRITES} writes are in flight already"),
+                    );
                     continue;
                 }
-                match files::Upload::open(&path, mode, session ^ u64::from(id)) {
+                match files::Upload::open(&path, mode, u64::from(id)) {
                     Ok(write) => {
                         if let Some(old) = writes.insert(id, write) {
                             old.abandon();
                         }
                     }
                     Err(files::Refusal(why, message)) => {
-                        let _ = out.send(session, id, &Frame::Failed { why, message });
+                        if let Err(e) = out.send(session, id, &Frame::Failed { why, message }) {
+                            eprintln!("stacyvm-agent: cannot answer request {id}: {e}");
+                        }
                     }
                 }
             }
@@ -541,25 +664,40 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
                         Ok(()) => Frame::Done,
                         Err(files::Refusal(why, message)) => Frame::Failed { why, message },
                     };
-                    let _ = out.send(session, id, &answer);
+                    if let Err(e) = out.send(session, id, &answer) {
+                        eprintln!("stacyvm-agent: cannot answer request {id}: {e}");
+                    }
                 }
             }
             (id, Frame::File(op)) => {
-                let answering = out.clone();
+                if locked(&running.files).len() >= MAX_FILE_OPS {
+                    refuse(
+                        &out,
+                        session,
+                        id,
+                        format!("{MAX_FILE_OPS} file operations run already"),
+                    );
+                    continue;
+                }
+                let cancelled = Arc::new(AtomicBool::new(false));
+                locked(&running.files).insert((session, id), cancelled.clone());
+                let (answering, done) = (out.clone(), running.clone());
                 let started = crate::spawn_thread(move || {
                     let mut send = |frame: Frame| answering.send(session, id, &frame);
-                    let end = match files::answer(op, &mut send) {
+                    let stop = || cancelled.load(Ordering::Acquire);
+                    let end = match files::answer(op, &mut send, &stop) {
                         Ok(()) => Frame::Done,
                         Err(files::Refusal(why, message)) => Frame::Failed { why, message },
                     };
-                    let _ = send(end);
+                    // A cancelled request's caller has gone: nobody reads it.
+                    if !stop() {
+                        let _ = send(end);
+                    }
+                    locked(&done.files).remove(&(session, id));
                 });
                 if !started {
-                    let refusal = Frame::Failed {
-                        why: Failure::Other,
-                        message: "no threads".into(),
-                    };
-                    let _ = out.send(session, id, &refusal);
+                    locked(&running.files).remove(&(session, id));
+                    refuse(&out, session, id, "no threads".into());
                 }
             }
             // Anything else from the host is ignored.
@@ -568,15 +706,27 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
     }
 }
 
-/// Ends a session: its commands are killed, its writes dropped.
-fn end(out: &Out, running: &Running, writes: &mut HashMap<u32, files::Upload>, session: u64) {
-    {
-        // Nothing of the old session goes out once it ended.
-        let _port = out.port.lock().unwrap_or_else(|e| e.into_inner());
-        out.session.store(0, Ordering::Release);
+/// Begins session `next`: the host hears a welcome carrying its number.
+fn open_session(out: &Out, next: u64, session: &mut u64) {
+    *session = next;
+    out.session.store(next, Ordering::Release);
+    let welcome = Frame::Welcome {
+        version: VERSION,
+        session: next,
+    };
+    if let Err(e) = out.send(next, 0, &welcome) {
+        eprintln!("stacyvm-agent: cannot answer the host: {e}");
     }
-    running.end_session(session);
+}
+
+/// Ends a session: its commands are killed, its file operations cancelled,
+/// its writes dropped; the agent waits for a new one.
+fn end(out: &Out, running: &Running, writes: &mut HashMap<u32, files::Upload>, session: &mut u64) {
+    // Writers of the old session give up at their next step.
+    out.session.store(0, Ordering::Release);
+    running.end_session(*session);
     for (_, write) in writes.drain() {
         write.abandon();
     }
+    *session = 0;
 }

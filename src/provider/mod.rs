@@ -385,6 +385,23 @@ pub trait Provider: Send + Sync + 'static {
     }
 }
 
+/// Refuses a runtime id that is not a plain name, for providers that use
+/// it as a path component (a sandbox's directory).
+pub(crate) fn check_runtime_id(id: &str) -> ProviderResult<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok {
+        return Err(ProviderError::InvalidRequest(format!(
+            "invalid sandbox id {id:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Lines kept per runtime for `logs`.
 const LOG_CAPACITY: usize = 200;
 

@@ -1310,3 +1310,127 @@ async fn a_docker_command_cut_off_at_shutdown_does_not_live_on() {
     assert_eq!(executions[0].status, "interrupted", "{executions:?}");
     docker(&["rm", "-f", &format!("stacyvm-{id}")]);
 }
+
+// ---------------------------------------------------------------------------
+// MicroVMs (qemu): the cases that make sense for a VM
+// ---------------------------------------------------------------------------
+
+/// The settings of a server whose sandboxes are microVMs, or `None`
+/// without a test kernel (skipped, unless strict).
+fn qemu_env() -> Option<Vec<(&'static str, String)>> {
+    let kernel = crate::support::require_env("STACYVM_TEST_KERNEL")?;
+    Some(vec![
+        ("STACYVM_PROVIDERS_DEFAULT", "qemu".to_string()),
+        ("STACYVM_PROVIDERS_QEMU_KERNEL", kernel),
+        // VMs boot under TCG here, beside the rest of the suite.
+        ("STACYVM_PROVIDERS_QEMU_BOOT_TIMEOUT", "180s".to_string()),
+    ])
+}
+
+/// An in-process server whose sandboxes are microVMs.
+async fn qemu_server() -> Option<TestServer> {
+    let kernel = crate::support::require_env("STACYVM_TEST_KERNEL")?;
+    let server = TestServer::start(|c| {
+        c.providers.default = "qemu".into();
+        c.providers.qemu.kernel = kernel.into();
+        c.providers.qemu.boot_timeout = stacyvm::duration::GoDuration(Duration::from_secs(180));
+        c.lifecycle.reconcile_interval = stacyvm::duration::GoDuration(Duration::from_millis(300));
+    })
+    .await;
+    stacyvm::app::image_store(server.app_service.config())
+        .import(&docker_image(), &crate::support::rootfs_tarball())
+        .unwrap_or_else(|e| panic!("import: {e}"));
+    Some(server)
+}
+
+fn qemu_dir(data_dir: &Path, id: &str) -> std::path::PathBuf {
+    data_dir.join("sandboxes/qemu").join(id)
+}
+
+/// Waits until no host process mentions `id` (a VM's QEMU names its
+/// sandbox's directory).
+async fn until_no_process_mentions(id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !crate::providers::host_processes_with(id).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "processes left: {:?}",
+            crate::providers::host_processes_with(id)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_sandbox_and_its_processes_survive_kill_9_of_the_server() {
+    let Some(env) = qemu_env() else { return };
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    import_native_image(dir.path());
+    let mut server = ServerProcess::start(dir.path(), &env, None).await;
+    let id = server.spawn(json!({"image": docker_image()})).await;
+    server
+        .shell(
+            &id,
+            "sleep 300 >/dev/null 2>&1 & echo $! > /tmp/bg; echo kept > /workspace/f",
+        )
+        .await;
+    server.signal(rustix::process::Signal::KILL);
+    let exit = server.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(exit.signal(), Some(9));
+
+    // The VM ran on without its server; the next one reaches it again.
+    let server = ServerProcess::start(dir.path(), &env, None).await;
+    assert_eq!(
+        server
+            .shell(&id, "kill -0 $(cat /tmp/bg) && cat /workspace/f")
+            .await,
+        "kept\n"
+    );
+    let store = store_of(dir.path()).await;
+    assert_eq!(record(&store, &id).await.state, "running");
+    server.destroy(&id).await;
+    until_no_process_mentions(&id).await;
+    assert!(!qemu_dir(dir.path(), &id).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_vm_killed_behind_its_back_is_reported_and_cleaned_up() {
+    let Some(server) = qemu_server().await else {
+        return;
+    };
+    let (id, mut ws) = docker_sandbox_with_events(&server, json!({"image": docker_image()})).await;
+    let vm = qemu_dir(server.data_dir.path(), &id);
+    let pid: i32 = std::fs::read_to_string(vm.join("qemu.pid"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = rustix::process::Pid::from_raw(pid).unwrap_or_else(|| panic!("pid"));
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL)
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert_failed_with(&server, &mut ws, &id, "no longer running").await;
+    until_no_process_mentions(&id).await;
+    assert!(!vm.exists(), "its directory is left");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_vm_whose_agent_ends_is_reported_and_cleaned_up() {
+    let Some(server) = qemu_server().await else {
+        return;
+    };
+    let (id, mut ws) = docker_sandbox_with_events(&server, json!({"image": docker_image()})).await;
+    // PID 1 of the VM is its agent: SIGTERM ends it, and with it the VM.
+    let (status, body) = server
+        .post(
+            &format!("/sandboxes/{id}/exec"),
+            json!({"command": "kill 1; sleep 5", "mode": "shell"}),
+        )
+        .await;
+    eprintln!("exec that ended the agent: {status} {body}");
+    assert_failed_with(&server, &mut ws, &id, "no longer running").await;
+    until_no_process_mentions(&id).await;
+    assert!(!qemu_dir(server.data_dir.path(), &id).exists());
+    server.stop().await;
+}

@@ -912,6 +912,234 @@ mod cases {
     }
 }
 
+/// A qemu provider on a fresh data dir with `tweak` applied to the test
+/// configuration; `None` without a test kernel.
+fn qemu_provider_with(
+    tweak: impl FnOnce(&mut stacyvm::config::QemuConfig),
+) -> Option<(
+    stacyvm::provider::microvm::qemu::QemuProvider,
+    tempfile::TempDir,
+)> {
+    let kernel = PathBuf::from(crate::support::require_env("STACYVM_TEST_KERNEL")?);
+    let (data, store) = data_dir_with_image();
+    let mut config = stacyvm::config::QemuConfig {
+        kernel,
+        boot_timeout: stacyvm::duration::GoDuration(Duration::from_secs(180)),
+        ..Default::default()
+    };
+    tweak(&mut config);
+    let provider = stacyvm::provider::microvm::qemu::QemuProvider::new(
+        store,
+        data.path().join("sandboxes/qemu"),
+        data.path().join("vm"),
+        config,
+    );
+    Some((provider, data))
+}
+
+fn vm_spec(image: &str) -> SpawnSpec {
+    SpawnSpec {
+        sandbox_id: format!("t-{}", uuid::Uuid::new_v4().as_simple()),
+        image: image.into(),
+        memory_mb: 256,
+        vcpus: 1,
+        disk_mb: 512,
+    }
+}
+
+/// A VM that cannot boot fails its spawn with a clear reason (the
+/// console's last lines when it started at all) and leaves no process,
+/// socket or disk behind; a missing QEMU or kernel module is a clear
+/// health error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_boot_failures_are_clear_and_leave_nothing() {
+    // Too little time to boot: the console says how far it got.
+    let Some((p, data)) = qemu_provider_with(|c| {
+        c.boot_timeout = stacyvm::duration::GoDuration(Duration::from_millis(300));
+    }) else {
+        return;
+    };
+    let spec = vm_spec(TEST_IMAGE);
+    let err = p.spawn(&spec).await.expect_err("a boot in 300 ms");
+    let text = err.to_string();
+    assert!(text.contains("did not boot"), "{text}");
+    assert!(text.contains("console"), "{text}");
+    assert_eq!(
+        dir_entries(&data.path().join("sandboxes/qemu")),
+        Vec::<String>::new()
+    );
+    assert!(host_processes_with(&spec.sandbox_id).is_empty());
+    assert!(matches!(
+        p.exec(&spec.sandbox_id, &spec_of(&["true"]), mpsc::channel(1).0)
+            .await,
+        Err(ProviderError::RuntimeNotFound(_))
+    ));
+
+    // Not a kernel: QEMU refuses, and says so.
+    let real = PathBuf::from(std::env::var("STACYVM_TEST_KERNEL").expect("kernel"));
+    let release = real
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .expect("vmlinuz-<release>")
+        .to_string();
+    let test_modules = real
+        .parent()
+        .and_then(Path::parent)
+        .expect("<root>/boot")
+        .join("lib/modules")
+        .join(release);
+    let bogus = data.path().join("vmlinuz-bogus");
+    std::fs::write(&bogus, "not a kernel").expect("write");
+    let Some((p, data)) = qemu_provider_with(|c| {
+        c.kernel = bogus.clone();
+        c.modules_dir = test_modules.clone();
+    }) else {
+        return;
+    };
+    let spec = vm_spec(TEST_IMAGE);
+    let err = p
+        .spawn(&spec)
+        .await
+        .expect_err("a spawn with a bogus kernel");
+    assert!(err.to_string().contains("QEMU"), "{err}");
+    assert_eq!(
+        dir_entries(&data.path().join("sandboxes/qemu")),
+        Vec::<String>::new()
+    );
+    assert!(host_processes_with(&spec.sandbox_id).is_empty());
+
+    // No QEMU: unhealthy, with the package to install.
+    let (p, _data) = qemu_provider_with(|c| c.binary = "/nonexistent/qemu".into()).expect("kernel");
+    let err = p.health().await.expect_err("health without QEMU");
+    assert!(err.to_string().contains("qemu-system-x86"), "{err}");
+
+    // Modules missing: unhealthy, naming the module.
+    let empty = tempfile::tempdir().expect("tempdir");
+    let (p, _data) =
+        qemu_provider_with(|c| c.modules_dir = empty.path().to_path_buf()).expect("kernel");
+    let err = p.health().await.expect_err("health without modules");
+    assert!(err.to_string().contains("virtio"), "{err}");
+    let err = p
+        .spawn(&vm_spec(TEST_IMAGE))
+        .await
+        .expect_err("spawn without modules");
+    assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+}
+
+fn spec_of(argv: &[&str]) -> ExecSpec {
+    spec(argv)
+}
+
+/// From inside a VM: no network but its own loopback, no host process or
+/// file, no disk but its own, and the memory and CPUs it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_guest_sees_nothing_of_the_host() {
+    let Some((p, _data)) = qemu_provider_with(|_| {}) else {
+        return;
+    };
+    let p: Arc<dyn Provider> = Arc::new(p);
+    let mut two_cpus = vm_spec(TEST_IMAGE);
+    two_cpus.vcpus = 2;
+    let id = p.spawn(&two_cpus).await.expect("spawn").runtime_id;
+    // A server on the host's loopback that the guest must not reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port();
+    // A host process the guest must not see.
+    let marker = format!("{}.{}", 7000 + rand_u16() % 1000, rand_u16());
+    struct Reaped(std::process::Child);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _gone = self.0.kill();
+            let _reaped = self.0.wait();
+        }
+    }
+    let _host_sleep = Reaped(
+        std::process::Command::new("sleep")
+            .arg(&marker)
+            .spawn()
+            .expect("sleep"),
+    );
+    // A pattern that does not match its own command line.
+    let (first, rest) = marker.split_at(1);
+    let script = format!(
+        "ls /sys/class/net; echo --; ls /sys/block; echo --; cat /proc/1/cmdline; echo; echo --; \
+         nproc; grep MemTotal /proc/meminfo; echo --; \
+         ps -o args | grep -c '[{first}]{rest}'; echo --; \
+         (nc -w 2 127.0.0.1 {port} </dev/null && echo reached) 2>&1 | grep -c reached"
+    );
+    let r = run(&p, &id, spec(&["sh", "-c", &script])).await;
+    let parts: Vec<&str> = r.stdout.split("--\n").collect();
+    assert_eq!(parts[0], "lo\n", "network devices: {}", r.stdout);
+    assert_eq!(parts[1], "vda\n", "disks: {}", r.stdout);
+    assert_eq!(
+        parts[2].trim().trim_end_matches('\0'),
+        "/init",
+        "{}",
+        r.stdout
+    );
+    let mut limits = parts[3].lines();
+    assert_eq!(limits.next(), Some("2"), "{}", r.stdout);
+    let mem_kb: u64 = limits
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("MemTotal");
+    assert!(
+        mem_kb <= 256 * 1024 && mem_kb > 128 * 1024,
+        "MemTotal {mem_kb} kB"
+    );
+    // None of the host's processes (grep finds only itself).
+    assert_eq!(parts[4], "0\n", "a host process is visible: {}", r.stdout);
+    assert!(
+        parts[5].starts_with("0\n"),
+        "the host's loopback was reached: {}",
+        r.stdout
+    );
+    assert!(listener.accept().is_err(), "a connection reached the host");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// An image without a shell still boots (the agent is the VM's init);
+/// commands it lacks are 127 with the shell's words, as elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_image_without_a_shell_boots_and_says_what_is_missing() {
+    let Some((p, data)) = qemu_provider_with(|_| {}) else {
+        return;
+    };
+    let tree = data.path().join("bare");
+    std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
+    std::fs::write(tree.join("etc/motd"), "bare\n").expect("write");
+    let tarball = data.path().join("bare.tar");
+    let status = std::process::Command::new("tar")
+        .args(["-cf"])
+        .arg(&tarball)
+        .args(["-C"])
+        .arg(&tree)
+        .arg("etc")
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    ImageStore::new(data.path().join("images"))
+        .import("stacyvm-test:bare", &tarball)
+        .expect("import");
+    let p: Arc<dyn Provider> = Arc::new(p);
+    let id = p
+        .spawn(&vm_spec("stacyvm-test:bare"))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let r = run(&p, &id, spec(&["sh", "-c", "true"])).await;
+    assert_eq!(r.exit, ExecExit::Exited(127));
+    assert!(r.stderr.contains("sh: command not found"), "{}", r.stderr);
+    assert_eq!(
+        &p.read_file(&id, "/etc/motd").await.expect("read")[..],
+        b"bare\n"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
 /// A small random number without pulling in a RNG crate.
 fn rand_u16() -> u16 {
     let id = uuid::Uuid::new_v4();

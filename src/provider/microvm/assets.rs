@@ -347,8 +347,14 @@ pub async fn image_disk(
         return Ok(path);
     }
     std::fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
-    // Inodes and metadata take room beyond the files' bytes.
+    // Inodes and metadata take room beyond the files' bytes; an image of
+    // many small files needs inodes more than bytes.
     let size_mb = (content_bytes + content_bytes / 4).div_ceil(1 << 20) + DISK_SLACK_MB;
+    let tree = rootfs.to_path_buf();
+    let entries = tokio::task::spawn_blocking(move || count_entries(&tree))
+        .await
+        .map_err(|e| format!("counting the image's files: {e}"))?;
+    let inodes = entries * 2 + 16_384;
     let tmp = cache.join(format!(".tmp-{}.ext4", uuid::Uuid::new_v4().as_simple()));
     let built = run_tool(
         "mkfs.ext4",
@@ -359,6 +365,8 @@ pub async fn image_disk(
             "stacyvm".as_ref(),
             "-m".as_ref(),
             "0".as_ref(),
+            "-N".as_ref(),
+            inodes.to_string().as_ref(),
             "-d".as_ref(),
             rootfs.as_os_str(),
             tmp.as_os_str(),
@@ -371,6 +379,38 @@ pub async fn image_disk(
         crate::provider::best_effort("removing a half-built VM disk", std::fs::remove_file(&tmp));
     }
     built.map(|()| path)
+}
+
+/// Files, directories and links under `dir`.
+fn count_entries(dir: &Path) -> u64 {
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            count += 1;
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
+            }
+        }
+    }
+    count
+}
+
+/// Removes half-built disks (`.tmp-*`) a crash left in `cache`; how many.
+/// Only safe while nothing builds, i.e. at start-up.
+pub fn sweep_cache(cache: &Path) -> usize {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(cache).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a half-built VM disk")
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// A sandbox's own disk: a sparse copy of `base` grown to `disk_mb` (never

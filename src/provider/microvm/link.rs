@@ -9,12 +9,14 @@
 //! opens a new one (a new session) on the next call.
 //!
 //! Everything from the guest is untrusted: frames are bounded by kind,
-//! answers by size ([`MAX_ANSWER_BYTES`], [`MAX_ENTRIES`]), and every
-//! wait has a timeout.
+//! answers by size ([`MAX_ANSWER_BYTES`], [`MAX_ENTRIES`]), what waits for
+//! a slow caller by [`MAX_QUEUED_BYTES`] per request, and every wait has a
+//! timeout. The reader never waits for a caller: one slow consumer never
+//! holds up the other requests of its VM.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +29,9 @@ use stacyvm_agent::{Entry, Failure, FileOp, Frame, VERSION};
 
 use crate::provider::{ExecExit, ExecSpec, FileEntry, OutputSink, ProviderError, ProviderResult};
 
-/// Frames buffered per request before the reader waits for its caller.
-const REQUEST_QUEUE: usize = 256;
+/// What may wait for one request's caller; past it the request is killed
+/// and ends with an error (its caller did not keep up).
+pub const MAX_QUEUED_BYTES: usize = 16 << 20;
 
 /// The most a file answer may hold (a read's content).
 pub const MAX_ANSWER_BYTES: usize = crate::provider::MAX_READ_BYTES;
@@ -42,7 +45,37 @@ const FILE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Content per `Data` frame of a write.
 const WRITE_CHUNK: usize = 512 << 10;
 
-type Pending = Mutex<HashMap<u32, mpsc::Sender<Frame>>>;
+/// A request's queue as the reader fills it.
+struct Slot {
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: Arc<AtomicUsize>,
+}
+
+type Pending = Mutex<HashMap<u32, Slot>>;
+
+/// A request's queue as its caller empties it.
+struct Inbox {
+    rx: mpsc::UnboundedReceiver<Frame>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    async fn recv(&mut self) -> Option<Frame> {
+        let frame = self.rx.recv().await?;
+        self.queued.fetch_sub(frame_size(&frame), Ordering::AcqRel);
+        Some(frame)
+    }
+}
+
+/// The bytes a frame holds (its payload), for the queue bounds.
+fn frame_size(frame: &Frame) -> usize {
+    match frame {
+        Frame::Stdout(d) | Frame::Stderr(d) | Frame::Data(d) | Frame::Path(d) => d.len(),
+        Frame::Entry(e) => e.path.len() + e.name.len() + 32,
+        Frame::Failed { message, .. } => message.len(),
+        _ => 8,
+    }
+}
 
 /// Why a link could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +151,8 @@ impl AgentLink {
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        let (mut reader, mut writer) = stream.into_split();
+        let (reader, mut writer) = stream.into_split();
+        let mut reader = tokio::io::BufReader::new(reader);
         let session = loop {
             let n = rand_u64();
             if n != 0 {
@@ -129,29 +163,34 @@ impl AgentLink {
             .write_all(&Frame::Session(session).encode_tagged(0))
             .await
             .map_err(LinkError::Connect)?;
-        // Until the welcome: the agent may still boot, and frames of an
-        // older session may be in flight before it.
+        // Until the welcome: the agent may still boot, and what an older
+        // session left in flight (even a frame cut off when its host left)
+        // comes first. The welcome is found byte by byte: its bytes carry
+        // this session's random number.
         let welcome = async {
+            let mut window = [0u8; 21];
+            let mut byte = [0u8; 1];
             loop {
-                match read_tagged(&mut reader).await {
-                    Ok(Some((
-                        0,
-                        Frame::Welcome {
-                            version,
-                            session: s,
-                        },
-                    ))) if s == session => {
-                        return if version == VERSION {
-                            Ok(())
-                        } else {
-                            Err(LinkError::Protocol(format!(
-                                "speaks protocol {version}, this server {VERSION}"
-                            )))
-                        };
+                match reader.read_exact(&mut byte).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(LinkError::Protocol("hung up".into()));
                     }
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return Err(LinkError::Protocol("hung up".into())),
                     Err(e) => return Err(LinkError::Protocol(e.to_string())),
+                }
+                window.rotate_left(1);
+                window[20] = byte[0];
+                if window[..9] == [0, 0, 0, 0, 15, 0, 0, 0, 12]
+                    && window[13..] == session.to_be_bytes()
+                {
+                    let version = u32::from_be_bytes(window[9..13].try_into().expect("4 bytes"));
+                    return if version == VERSION {
+                        Ok(())
+                    } else {
+                        Err(LinkError::Protocol(format!(
+                            "speaks protocol {version}, this server {VERSION}"
+                        )))
+                    };
                 }
             }
         };
@@ -168,26 +207,43 @@ impl AgentLink {
         }
         let pending: Arc<Pending> = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
-        let reader = tokio::spawn(Self::dispatch(reader, pending.clone(), closed.clone()));
+        let ended = tokio_util::sync::CancellationToken::new();
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        let writing = tokio::spawn(Self::write(writer, rx, closed.clone()));
+        let reading = tokio::spawn(Self::dispatch(
+            reader,
+            pending.clone(),
+            closed.clone(),
+            ended.clone(),
+            tx.clone(),
+        ));
+        let writing = tokio::spawn(Self::write(writer, rx, closed.clone(), ended));
         Ok(AgentLink {
             writer: tx,
             pending,
             next: AtomicU32::new(1),
             closed,
-            tasks: [reader, writing],
+            tasks: [reading, writing],
         })
     }
 
     /// Writes the queued frames in order; a write that fails or stalls
-    /// past [`FILE_TIMEOUT`] closes the link.
+    /// past [`FILE_TIMEOUT`] closes the link, and so does the reader's end.
+    /// Either way the socket is shut: the VMM sees its host leave and
+    /// takes the next one.
     async fn write(
         mut writer: OwnedWriteHalf,
         mut queue: mpsc::Receiver<Vec<u8>>,
         closed: Arc<AtomicBool>,
+        ended: tokio_util::sync::CancellationToken,
     ) {
-        while let Some(bytes) = queue.recv().await {
+        loop {
+            let bytes = tokio::select! {
+                bytes = queue.recv() => match bytes {
+                    Some(bytes) => bytes,
+                    None => break,
+                },
+                () = ended.cancelled() => break,
+            };
             match tokio::time::timeout(FILE_TIMEOUT, writer.write_all(&bytes)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -201,16 +257,26 @@ impl AgentLink {
             }
         }
         closed.store(true, Ordering::Release);
+        ended.cancel();
+        crate::provider::best_effort_quiet("closing a VM agent's link", writer.shutdown().await);
     }
 
-    /// Hands every frame to its request until the stream ends.
+    /// Hands every frame to its request until the stream ends. It never
+    /// waits for a caller: a request whose caller lets more than
+    /// [`MAX_QUEUED_BYTES`] wait is killed and ends with an error.
     async fn dispatch(
-        mut reader: tokio::net::unix::OwnedReadHalf,
+        mut reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
         pending: Arc<Pending>,
         closed: Arc<AtomicBool>,
+        ended: tokio_util::sync::CancellationToken,
+        writer: mpsc::Sender<Vec<u8>>,
     ) {
         loop {
-            let (id, frame) = match read_tagged(&mut reader).await {
+            let next = tokio::select! {
+                next = read_tagged(&mut reader) => next,
+                () = ended.cancelled() => break,
+            };
+            let (id, frame) = match next {
                 Ok(Some(tagged)) => tagged,
                 Ok(None) => break,
                 Err(e) => {
@@ -218,14 +284,36 @@ impl AgentLink {
                     break;
                 }
             };
-            let sender = lock(&pending).get(&id).cloned();
-            if let Some(sender) = sender
-                && sender.send(frame).await.is_err()
-            {
-                lock(&pending).remove(&id);
+            let mut pending = lock(&pending);
+            let Some(slot) = pending.get(&id) else {
+                continue;
+            };
+            let size = frame_size(&frame);
+            if slot.queued.fetch_add(size, Ordering::AcqRel) + size > MAX_QUEUED_BYTES {
+                let slot = pending.remove(&id).expect("present");
+                drop(pending);
+                crate::provider::best_effort_quiet(
+                    "telling a slow caller its request was dropped",
+                    slot.tx.send(Frame::Failed {
+                        why: Failure::Other,
+                        message: format!(
+                            "the caller did not keep up: over {} MiB of its answer waited",
+                            MAX_QUEUED_BYTES >> 20
+                        ),
+                    }),
+                );
+                crate::provider::best_effort_quiet(
+                    "killing a request whose caller did not keep up",
+                    writer.try_send(Frame::Kill.encode_tagged(id)),
+                );
+                continue;
+            }
+            if slot.tx.send(frame).is_err() {
+                pending.remove(&id);
             }
         }
         closed.store(true, Ordering::Release);
+        ended.cancel();
         // Ends every pending request.
         lock(&pending).clear();
     }
@@ -234,11 +322,18 @@ impl AgentLink {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn register(&self) -> (u32, mpsc::Receiver<Frame>, Registration<'_>) {
+    fn register(&self) -> (u32, Inbox, Registration<'_>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        lock(&self.pending).insert(id, tx);
-        (id, rx, Registration { link: self, id })
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        lock(&self.pending).insert(
+            id,
+            Slot {
+                tx,
+                queued: queued.clone(),
+            },
+        );
+        (id, Inbox { rx, queued }, Registration { link: self, id })
     }
 
     async fn send(&self, id: u32, frame: &Frame) -> ProviderResult<()> {
@@ -291,60 +386,73 @@ impl AgentLink {
         }
     }
 
-    /// One file operation, its answer frames up to `Done`.
-    async fn file(&self, op: FileOp, content: Option<Bytes>) -> ProviderResult<Vec<Frame>> {
+    /// One file operation: each answer frame up to `Done` goes to `take`.
+    /// A request that ends otherwise (a timeout, a refused answer, its
+    /// caller leaving) is cancelled on the agent.
+    async fn file(
+        &self,
+        op: FileOp,
+        content: Option<Bytes>,
+        mut take: impl FnMut(Frame) -> ProviderResult<()>,
+    ) -> ProviderResult<()> {
         let shown = op.name();
         let (id, mut rx, mut registration) = self.register();
+        // Err((whether the agent ended the request itself, why)).
         let work = async {
-            self.send(id, &Frame::File(op)).await?;
+            let unanswered = |e| (false, e);
+            self.send(id, &Frame::File(op)).await.map_err(unanswered)?;
             if let Some(content) = content {
                 for chunk in content.chunks(WRITE_CHUNK) {
-                    self.send(id, &Frame::Data(chunk.to_vec())).await?;
+                    self.send(id, &Frame::Data(chunk.to_vec()))
+                        .await
+                        .map_err(unanswered)?;
                 }
-                self.send(id, &Frame::Done).await?;
+                self.send(id, &Frame::Done).await.map_err(unanswered)?;
             }
-            let mut answer = Vec::new();
-            let (mut bytes, mut entries) = (0usize, 0usize);
+            let (mut bytes, mut frames) = (0usize, 0usize);
             loop {
-                match rx.recv().await {
-                    None => return Err(gone()),
-                    Some(Frame::Done) => return Ok(answer),
-                    Some(Frame::Failed { why, message }) => {
-                        return Err(match why {
+                match rx.recv().await.ok_or_else(|| (false, gone()))? {
+                    Frame::Done => return Ok(()),
+                    Frame::Failed { why, message } => {
+                        let error = match why {
                             Failure::NoSuchFile => ProviderError::FileNotFound(message),
                             Failure::Invalid => ProviderError::InvalidRequest(message),
                             _ => ProviderError::Runtime(format!("the VM's agent: {message}")),
-                        });
+                        };
+                        return Err((true, error));
                     }
-                    Some(frame) => {
-                        match &frame {
-                            Frame::Data(d) => bytes += d.len(),
-                            Frame::Path(p) => bytes += p.len(),
-                            _ => entries += 1,
-                        }
-                        if bytes > MAX_ANSWER_BYTES || entries > MAX_ENTRIES {
-                            return Err(ProviderError::Runtime(format!(
+                    frame => {
+                        bytes += frame_size(&frame);
+                        frames += 1;
+                        if bytes > MAX_ANSWER_BYTES || frames > MAX_ENTRIES {
+                            return Err(unanswered(ProviderError::Runtime(format!(
                                 "the VM's answer to a {shown} is too large"
-                            )));
+                            ))));
                         }
-                        answer.push(frame);
+                        take(frame).map_err(unanswered)?;
                     }
                 }
             }
         };
-        let result = tokio::time::timeout(FILE_TIMEOUT, work)
-            .await
-            .unwrap_or_else(|_| {
-                Err(ProviderError::Unavailable(format!(
-                    "the VM's agent did not finish a {shown} within {FILE_TIMEOUT:?}"
-                )))
-            });
-        registration.finished();
-        result
+        match tokio::time::timeout(FILE_TIMEOUT, work).await {
+            Ok(Ok(())) => {
+                registration.finished();
+                Ok(())
+            }
+            Ok(Err((answered, e))) => {
+                if answered {
+                    registration.finished();
+                }
+                Err(e)
+            }
+            Err(_) => Err(ProviderError::Unavailable(format!(
+                "the VM's agent did not finish a {shown} within {FILE_TIMEOUT:?}"
+            ))),
+        }
     }
 
     async fn done(&self, op: FileOp) -> ProviderResult<()> {
-        self.file(op, None).await.map(drop)
+        self.file(op, None, |frame| Err(unexpected(&frame))).await
     }
 
     pub async fn write_file(&self, path: &str, content: Bytes, mode: u32) -> ProviderResult<()> {
@@ -352,25 +460,23 @@ impl AgentLink {
             path: path.as_bytes().to_vec(),
             mode,
         };
-        self.file(op, Some(content)).await.map(drop)
+        self.file(op, Some(content), |frame| Err(unexpected(&frame)))
+            .await
     }
 
     pub async fn read_file(&self, path: &str) -> ProviderResult<Bytes> {
-        let frames = self
-            .file(
-                FileOp::Read {
-                    path: path.as_bytes().to_vec(),
-                },
-                None,
-            )
-            .await?;
+        let op = FileOp::Read {
+            path: path.as_bytes().to_vec(),
+        };
         let mut content = Vec::new();
-        for frame in frames {
-            match frame {
-                Frame::Data(d) => content.extend_from_slice(&d),
-                other => return Err(unexpected(&other)),
+        self.file(op, None, |frame| match frame {
+            Frame::Data(d) => {
+                content.extend_from_slice(&d);
+                Ok(())
             }
-        }
+            other => Err(unexpected(&other)),
+        })
+        .await?;
         Ok(Bytes::from(content))
     }
 
@@ -378,20 +484,33 @@ impl AgentLink {
         let op = FileOp::List {
             path: path.as_bytes().to_vec(),
         };
-        self.file(op, None).await?.iter().map(entry).collect()
+        let mut entries = Vec::new();
+        self.file(op, None, |frame| {
+            entries.push(entry(&frame)?);
+            Ok(())
+        })
+        .await?;
+        Ok(entries)
     }
 
     pub async fn stat(&self, path: &str) -> ProviderResult<FileEntry> {
         let op = FileOp::Stat {
             path: path.as_bytes().to_vec(),
         };
-        let frames = self.file(op, None).await?;
-        match frames.as_slice() {
-            [one] => entry(one),
-            _ => Err(ProviderError::Runtime(
-                "the VM's agent answered a stat with other than one entry".into(),
+        let mut found = None;
+        self.file(op, None, |frame| match found {
+            None => {
+                found = Some(entry(&frame)?);
+                Ok(())
+            }
+            Some(_) => Err(ProviderError::Runtime(
+                "the VM's agent answered a stat with more than one entry".into(),
             )),
-        }
+        })
+        .await?;
+        found.ok_or_else(|| {
+            ProviderError::Runtime("the VM's agent answered a stat with no entry".into())
+        })
     }
 
     pub async fn rename(&self, from: &str, to: &str) -> ProviderResult<()> {
@@ -422,14 +541,16 @@ impl AgentLink {
         let op = FileOp::Glob {
             pattern: pattern.as_bytes().to_vec(),
         };
-        self.file(op, None)
-            .await?
-            .into_iter()
-            .map(|frame| match frame {
-                Frame::Path(p) => Ok(String::from_utf8_lossy(&p).into_owned()),
-                other => Err(unexpected(&other)),
-            })
-            .collect()
+        let mut found = Vec::new();
+        self.file(op, None, |frame| match frame {
+            Frame::Path(p) => {
+                found.push(String::from_utf8_lossy(&p).into_owned());
+                Ok(())
+            }
+            other => Err(unexpected(&other)),
+        })
+        .await?;
+        Ok(found)
     }
 }
 

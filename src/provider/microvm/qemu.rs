@@ -51,15 +51,69 @@ const HEALTH_TTL: Duration = Duration::from_secs(30);
 /// Console lines a failed boot reports.
 const CONSOLE_LINES: usize = 15;
 
-/// What a sandbox was created with.
+/// What a sandbox was created with, and its QEMU (pid and start time:
+/// a recycled pid is not the VM).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Meta {
+    sandbox_id: String,
     image: String,
     memory_mb: u32,
     vcpus: u32,
     disk_mb: u32,
     accel: Accel,
     created_at: chrono::DateTime<chrono::Utc>,
+    pid: i32,
+    pid_start: u64,
+}
+
+impl Meta {
+    fn alive(&self) -> bool {
+        crate::provider::native::init::is_same_process(self.pid, self.pid_start)
+    }
+}
+
+fn read_meta(dir: &Path) -> std::io::Result<Meta> {
+    let bytes = std::fs::read(dir.join(META_FILE))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("its metadata is corrupt: {e}"),
+        )
+    })
+}
+
+/// Kills the QEMU of a directory whose metadata was never written (a
+/// spawn interrupted before): the process its pid file names, if its
+/// command line holds this directory's socket path.
+async fn kill_by_pid_file(dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let socket = format!("path={},", dir.join(AGENT_SOCKET).display());
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            c.split(|b| *b == 0)
+                .any(|arg| String::from_utf8_lossy(arg).contains(&socket))
+        })
+        .unwrap_or(false);
+    let Some(start) = crate::provider::native::init::start_time(pid).filter(|_| ours) else {
+        return;
+    };
+    let meta_like = Meta {
+        sandbox_id: String::new(),
+        image: String::new(),
+        memory_mb: 0,
+        vcpus: 0,
+        disk_mb: 0,
+        accel: Accel::Tcg,
+        created_at: chrono::Utc::now(),
+        pid,
+        pid_start: start,
+    };
+    QemuProvider::kill_vm(&meta_like).await;
 }
 
 /// What booting needs, found once.
@@ -96,10 +150,13 @@ pub struct QemuProvider {
     dir: PathBuf,
     cache: PathBuf,
     config: QemuConfig,
-    boot: tokio::sync::OnceCell<Result<Arc<Boot>, String>>,
+    /// Found on first use; a failure is not kept (installing the kernel
+    /// needs no restart).
+    boot: tokio::sync::Mutex<Option<Arc<Boot>>>,
     links: Mutex<std::collections::HashMap<String, Arc<AgentLink>>>,
-    /// Serialises opening links (a VM's port takes one host at a time).
-    connecting: tokio::sync::Mutex<()>,
+    /// Serialises opening a VM's link (its port takes one host at a
+    /// time), per sandbox.
+    connecting: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     logs: RuntimeLogs,
     health: Mutex<Option<(Instant, Result<(), String>)>>,
 }
@@ -131,111 +188,79 @@ impl QemuProvider {
             dir,
             cache,
             config,
-            boot: tokio::sync::OnceCell::new(),
+            boot: tokio::sync::Mutex::new(None),
             links: Mutex::default(),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: Mutex::default(),
             logs: RuntimeLogs::default(),
             health: Mutex::new(None),
         }
     }
 
     async fn boot(&self) -> ProviderResult<Arc<Boot>> {
-        let found = self
-            .boot
-            .get_or_init(|| async {
-                let kernel = assets::find_kernel(&self.config.kernel, &self.config.modules_dir)?;
-                let agent = crate::provider::agent::find_binary(&self.config.agent_binary)?;
-                let (kernel2, cache) = (kernel.clone(), self.cache.clone());
-                let initramfs = tokio::task::spawn_blocking(move || {
-                    assets::initramfs(&kernel2, &agent, &assets::SERIAL_MODULES, &cache)
-                })
+        let mut found = self.boot.lock().await;
+        if let Some(boot) = found.as_ref() {
+            return Ok(boot.clone());
+        }
+        let kernel = assets::find_kernel(&self.config.kernel, &self.config.modules_dir)
+            .map_err(ProviderError::Unavailable)?;
+        let agent = crate::provider::agent::find_binary(&self.config.agent_binary)
+            .map_err(ProviderError::Unavailable)?;
+        let (kernel2, cache) = (kernel.clone(), self.cache.clone());
+        let initramfs = tokio::task::spawn_blocking(move || {
+            assets::initramfs(&kernel2, &agent, &assets::SERIAL_MODULES, &cache)
+        })
+        .await
+        .map_err(|e| ProviderError::Runtime(format!("building the initramfs: {e}")))?
+        .map_err(ProviderError::Unavailable)?;
+        let accel = match self.config.accel {
+            Accel::Auto if kvm_usable() => Accel::Kvm,
+            Accel::Auto => Accel::Tcg,
+            other => other,
+        };
+        let tsc_khz = match accel {
+            Accel::Kvm => None,
+            _ => tokio::task::spawn_blocking(host_tsc_khz)
                 .await
-                .map_err(|e| format!("building the initramfs: {e}"))??;
-                let accel = match self.config.accel {
-                    Accel::Auto if kvm_usable() => Accel::Kvm,
-                    Accel::Auto => Accel::Tcg,
-                    other => other,
-                };
-                let tsc_khz = match accel {
-                    Accel::Kvm => None,
-                    _ => tokio::task::spawn_blocking(host_tsc_khz)
-                        .await
-                        .map_err(|e| format!("measuring the TSC: {e}"))?,
-                };
-                Ok(Arc::new(Boot {
-                    kernel,
-                    initramfs,
-                    accel,
-                    tsc_khz,
-                }))
-            })
-            .await;
-        found.clone().map_err(ProviderError::Unavailable)
+                .map_err(|e| ProviderError::Runtime(format!("measuring the TSC: {e}")))?,
+        };
+        let boot = Arc::new(Boot {
+            kernel,
+            initramfs,
+            accel,
+            tsc_khz,
+        });
+        *found = Some(boot.clone());
+        Ok(boot)
     }
 
     fn sandbox_dir(&self, id: &str) -> ProviderResult<PathBuf> {
-        let ok = !id.is_empty()
-            && id.len() <= 128
-            && !id.starts_with('.')
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !ok {
-            return Err(ProviderError::InvalidRequest(format!(
-                "invalid sandbox id {id:?}"
-            )));
-        }
+        crate::provider::check_runtime_id(id)?;
         Ok(self.dir.join(id))
     }
 
     fn meta(&self, id: &str) -> ProviderResult<Meta> {
-        let path = self.sandbox_dir(id)?.join(META_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| match e.kind() {
+        read_meta(&self.sandbox_dir(id)?).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ProviderError::RuntimeNotFound(id.to_string()),
             _ => ProviderError::Runtime(format!("reading sandbox {id}: {e}")),
-        })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| ProviderError::Runtime(format!("sandbox {id} metadata is corrupt: {e}")))
+        })
     }
 
-    /// The pid of the sandbox's QEMU if it still runs (the process named
-    /// in its pid file, with this sandbox's directory in its command line
-    /// and not a zombie: a recycled pid is not the VM).
-    fn vm_pid(dir: &Path) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(dir.join(PID_FILE))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let marker = dir.join(AGENT_SOCKET);
-        let ours = cmdline
-            .split(|b| *b == 0)
-            .any(|arg| String::from_utf8_lossy(arg).contains(&*marker.to_string_lossy()));
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let state = stat
-            .rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .next()?
-            .to_string();
-        (ours && state != "Z").then_some(pid)
-    }
-
-    /// Kills the sandbox's QEMU and waits (up to 5 s) for it to be gone.
-    async fn kill_vm(dir: &Path) {
-        let Some(pid) = Self::vm_pid(dir) else {
-            return;
-        };
+    /// Kills a VM and waits (up to 5 s) for it to be gone; `false` if it
+    /// is still there.
+    async fn kill_vm(meta: &Meta) -> bool {
+        if !meta.alive() {
+            return true;
+        }
         // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        unsafe { libc::kill(meta.pid, libc::SIGKILL) };
         for _ in 0..250 {
-            if Self::vm_pid(dir).is_none() {
-                return;
+            if !meta.alive() {
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::warn!(pid, dir = %dir.display(), "a killed VM process is still there");
+        tracing::warn!(pid = meta.pid, "a killed VM process is still there");
+        false
     }
 
     /// The console's last lines, read from QEMU's ring through its monitor.
@@ -279,18 +304,21 @@ impl QemuProvider {
             return Ok(link.clone());
         }
         let dir = self.sandbox_dir(id)?;
-        self.meta(id)?;
-        let _one = self.connecting.lock().await;
+        let meta = self.meta(id)?;
+        let one = lock(&self.connecting)
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _one = one.lock().await;
         if let Some(link) = lock(&self.links).get(id).filter(|l| !l.is_closed()) {
             return Ok(link.clone());
         }
-        if Self::vm_pid(&dir).is_none() {
+        if !meta.alive() {
             return Err(ProviderError::Conflict(format!(
                 "sandbox {id}'s VM is not running"
             )));
         }
-        let alive = || Self::vm_pid(&dir).is_some();
-        let link = AgentLink::open(&dir.join(AGENT_SOCKET), RECONNECT_TIMEOUT, alive)
+        let link = AgentLink::open(&dir.join(AGENT_SOCKET), RECONNECT_TIMEOUT, || meta.alive())
             .await
             .map_err(|e| ProviderError::Unavailable(format!("sandbox {id}: {e}")))?;
         let link = Arc::new(link);
@@ -367,17 +395,17 @@ impl QemuProvider {
         .collect()
     }
 
-    /// Builds the sandbox's directory and boots its VM to its agent.
-    async fn start(&self, spec: &SpawnSpec, dir: &Path) -> ProviderResult<(Arc<AgentLink>, Accel)> {
+    /// Builds the sandbox in a hidden directory `tmp` and boots its VM to
+    /// its agent; the caller renames it into place.
+    async fn start(
+        &self,
+        spec: &SpawnSpec,
+        tmp: &Path,
+    ) -> ProviderResult<(Arc<AgentLink>, Accel, Meta)> {
         let boot = self.boot().await?;
-        let info = self
-            .images
-            .info(&spec.image)
-            .ok_or_else(|| crate::provider::native::image_not_found(&spec.image))?;
-        let rootfs = self
-            .images
-            .rootfs(&spec.image)
-            .ok_or_else(|| crate::provider::native::image_not_found(&spec.image))?;
+        let missing = || crate::provider::native::image_not_found(&spec.image);
+        let info = self.images.info(&spec.image).ok_or_else(missing)?;
+        let rootfs = self.images.rootfs(&spec.image).ok_or_else(missing)?;
         let base = assets::image_disk(
             &spec.image,
             &rootfs,
@@ -387,24 +415,13 @@ impl QemuProvider {
         )
         .await
         .map_err(|e| ProviderError::Runtime(format!("building the VM's disk: {e}")))?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", dir.display())))?;
-        let meta = Meta {
-            image: spec.image.clone(),
-            memory_mb: spec.memory_mb,
-            vcpus: spec.vcpus,
-            disk_mb: spec.disk_mb,
-            accel: boot.accel,
-            created_at: chrono::Utc::now(),
-        };
-        let meta = serde_json::to_vec(&meta).expect("metadata serialises");
-        std::fs::write(dir.join(META_FILE), meta)
-            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", dir.display())))?;
-        assets::sandbox_disk(&base, &dir.join(DISK_FILE), spec.disk_mb)
+        std::fs::create_dir(tmp)
+            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", tmp.display())))?;
+        assets::sandbox_disk(&base, &tmp.join(DISK_FILE), spec.disk_mb)
             .await
             .map_err(|e| ProviderError::Runtime(format!("the sandbox's disk: {e}")))?;
         let mut cmd = tokio::process::Command::new(&self.config.binary);
-        cmd.args(self.qemu_args(&boot, dir, spec))
+        cmd.args(self.qemu_args(&boot, tmp, spec))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         // The parent returns once the VM is set up; the VM runs on, detached.
@@ -423,12 +440,31 @@ impl QemuProvider {
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
-        let alive = || Self::vm_pid(dir).is_some();
+        let pid: i32 = std::fs::read_to_string(tmp.join(PID_FILE))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| ProviderError::Runtime("QEMU wrote no pid file".into()))?;
+        let pid_start = crate::provider::native::init::start_time(pid)
+            .ok_or_else(|| ProviderError::Runtime("the VM's QEMU ended at once".into()))?;
+        let meta = Meta {
+            sandbox_id: spec.sandbox_id.clone(),
+            image: spec.image.clone(),
+            memory_mb: spec.memory_mb,
+            vcpus: spec.vcpus,
+            disk_mb: spec.disk_mb,
+            accel: boot.accel,
+            created_at: chrono::Utc::now(),
+            pid,
+            pid_start,
+        };
+        let bytes = serde_json::to_vec(&meta).expect("metadata serialises");
+        std::fs::write(tmp.join(META_FILE), bytes)
+            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", tmp.display())))?;
         let timeout = self.config.boot_timeout.0;
-        match AgentLink::open(&dir.join(AGENT_SOCKET), timeout, alive).await {
-            Ok(link) => Ok((Arc::new(link), boot.accel)),
+        match AgentLink::open(&tmp.join(AGENT_SOCKET), timeout, || meta.alive()).await {
+            Ok(link) => Ok((Arc::new(link), boot.accel, meta)),
             Err(e) => {
-                let console = Self::console_tail(dir).await;
+                let console = Self::console_tail(tmp).await;
                 Err(ProviderError::Runtime(format!(
                     "the VM did not boot to its agent ({e}); its console's last lines:\n{console}"
                 )))
@@ -436,9 +472,27 @@ impl QemuProvider {
         }
     }
 
-    /// Removes a sandbox's directory after its VM is gone.
+    /// Kills a sandbox directory's VM and removes the directory (renamed
+    /// away first, so it is gone from the inventory at once). A VM that
+    /// will not die keeps its directory: nothing is lost track of.
     async fn remove_dir(&self, dir: &Path) -> ProviderResult<()> {
-        Self::kill_vm(dir).await;
+        match read_meta(dir) {
+            Ok(meta) => {
+                if !Self::kill_vm(&meta).await {
+                    return Err(ProviderError::Runtime(format!(
+                        "the VM of {} (pid {}) does not end",
+                        dir.display(),
+                        meta.pid
+                    )));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Never booted far enough to record its QEMU: one may
+                // still run from this directory.
+                kill_by_pid_file(dir).await;
+            }
+            Err(e) => return Err(ProviderError::Runtime(format!("{}: {e}", dir.display()))),
+        }
         let trash = self
             .dir
             .join(format!(".trash-{}", uuid::Uuid::new_v4().as_simple()));
@@ -454,9 +508,8 @@ impl QemuProvider {
     }
 
     fn status(&self, id: &str) -> ProviderResult<RuntimeStatus> {
-        let dir = self.sandbox_dir(id)?;
         match self.meta(id) {
-            Ok(_) if Self::vm_pid(&dir).is_some() => Ok(RuntimeStatus::Running),
+            Ok(meta) if meta.alive() => Ok(RuntimeStatus::Running),
             Ok(_) => Ok(RuntimeStatus::Stopped {
                 cause: "its VM is no longer running (powered off, or its QEMU was killed)".into(),
             }),
@@ -541,15 +594,49 @@ impl Provider for QemuProvider {
                 dir.join(AGENT_SOCKET).display()
             )));
         }
+        // QEMU's option syntax: a comma in a path would start another option.
+        if dir.to_string_lossy().contains(',') {
+            return Err(ProviderError::Unavailable(format!(
+                "{} holds a comma, which QEMU's options cannot carry: choose another data_dir",
+                self.dir.display()
+            )));
+        }
         if dir.exists() {
             return Err(ProviderError::InvalidRequest(format!(
                 "sandbox {} already exists",
                 spec.sandbox_id
             )));
         }
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", self.dir.display())))?;
+        // Built and booted under a hidden name (short: socket paths are
+        // bounded), then renamed into place: a half-made sandbox is never
+        // in the inventory.
+        let tmp = self.dir.join(format!(
+            ".tmp-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
         let started = Instant::now();
-        match self.start(spec, &dir).await {
-            Ok((link, accel)) => {
+        let booted = match self.start(spec, &tmp).await {
+            Ok(booted) => rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &tmp,
+                rustix::fs::CWD,
+                &dir,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map(|()| booted)
+            .map_err(|e| match e {
+                rustix::io::Errno::EXIST => ProviderError::InvalidRequest(format!(
+                    "sandbox {} already exists",
+                    spec.sandbox_id
+                )),
+                e => ProviderError::Runtime(format!("{}: {e}", dir.display())),
+            }),
+            Err(e) => Err(e),
+        };
+        match booted {
+            Ok((link, accel, _meta)) => {
                 lock(&self.links).insert(spec.sandbox_id.clone(), link);
                 self.logs.log(
                     &spec.sandbox_id,
@@ -567,7 +654,7 @@ impl Provider for QemuProvider {
                 // Nothing stays behind: the VM, its sockets, its disk.
                 crate::provider::best_effort(
                     "removing a VM that did not boot",
-                    self.remove_dir(&dir).await,
+                    self.remove_dir(&tmp).await,
                 );
                 Err(e)
             }
@@ -578,6 +665,7 @@ impl Provider for QemuProvider {
         let dir = self.sandbox_dir(runtime_id)?;
         lock(&self.links).remove(runtime_id);
         self.remove_dir(&dir).await?;
+        lock(&self.connecting).remove(runtime_id);
         self.logs.forget(runtime_id);
         Ok(())
     }
@@ -618,20 +706,28 @@ impl Provider for QemuProvider {
     }
 
     async fn recover_at_startup(&self) -> ProviderResult<usize> {
-        // Destroys that never finished.
+        // Spawns and destroys that never finished: their VMs and
+        // directories go (no spawn runs yet).
         let mut fixed = 0;
         for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".trash-") {
-                Self::kill_vm(&entry.path()).await;
-                match std::fs::remove_dir_all(entry.path()) {
-                    Ok(()) => fixed += 1,
-                    Err(e) => {
-                        tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a leftover VM directory")
-                    }
+            if !(name.starts_with(".trash-") || name.starts_with(".tmp-")) {
+                continue;
+            }
+            match read_meta(&entry.path()) {
+                Ok(meta) => {
+                    Self::kill_vm(&meta).await;
+                }
+                Err(_) => kill_by_pid_file(&entry.path()).await,
+            }
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => fixed += 1,
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a leftover VM directory")
                 }
             }
         }
+        fixed += assets::sweep_cache(&self.cache.join("disks"));
         Ok(fixed)
     }
 

@@ -177,17 +177,7 @@ impl SandboxDirs {
     /// The sandbox's directory, refusing ids that are not plain names (a
     /// runtime id is used as a path component).
     fn sandbox_dir(&self, id: &str) -> ProviderResult<PathBuf> {
-        let ok = !id.is_empty()
-            && id.len() <= 128
-            && !id.starts_with('.')
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !ok {
-            return Err(ProviderError::InvalidRequest(format!(
-                "invalid sandbox id {id:?}"
-            )));
-        }
+        super::check_runtime_id(id)?;
         Ok(self.dir.join(id))
     }
 
