@@ -442,6 +442,23 @@ for provider in ${STACYVM_SDK_PROVIDERS:-docker native remote ha custom qemu}; d
     record "SDK suite, provider $provider" "$rc"
 done
 
+# run_certify: `stacyvm certify` on this host's providers (docker, native,
+# proot, qemu with the test kernel), its table in the log; fails if a
+# required check fails.
+run_certify() {
+    local data
+    data=$(mktemp -d "$STACYVM_TEST_TMPDIR/certify.XXXXXX")
+    chmod o+x "$data"
+    "$BIN" image import --data-dir "$data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" >/dev/null || return 1
+    STACYVM_PROVIDERS_QEMU_KERNEL="$STACYVM_TEST_KERNEL" \
+        "$BIN" --data-dir "$data" certify --image "$STACYVM_TEST_IMAGE"
+}
+
+section "stacyvm certify (runtime certification of this host)"
+rc=0
+run_certify || rc=$?
+record "stacyvm certify" "$rc"
+
 # run_schemathesis: schemathesis (PyPI) against a live server (native
 # provider, authentication on, an admin key) reading the server's own
 # /api/v1/openapi.json: every operation but the endless SSE stream, with

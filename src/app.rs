@@ -175,6 +175,47 @@ pub fn instance_id(data_dir: &std::path::Path) -> Result<String, StartError> {
     }
 }
 
+/// `stacyvm certify`: this host's providers (or `only`), each taken
+/// through a sandbox's life (`provider::certify`); the results are kept in
+/// the data dir, where the workers of this data dir report them.
+pub async fn certify(
+    config: &Config,
+    only: Option<&str>,
+    image: Option<&str>,
+) -> Result<Vec<crate::provider::certify::Certification>, StartError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let instance = instance_id(&config.data_dir)?;
+    let only: Vec<String> = only.into_iter().map(str::to_string).collect();
+    let providers = build_providers(config, &instance, &only).await?;
+    let images: Vec<String> = match image {
+        Some(image) => vec![image.to_string()],
+        None => std::iter::once(config.defaults.image.clone())
+            .chain(
+                image_store(config)
+                    .list()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|i| i.name),
+            )
+            .collect(),
+    };
+    let mut results = Vec::new();
+    // `memory` runs nothing: there is nothing to certify.
+    for provider in providers.iter().filter(|p| p.name() != "memory") {
+        results.push(crate::provider::certify::certify(provider, &images).await);
+    }
+    crate::provider::certify::store(&config.data_dir, &results).map_err(|source| {
+        StartError::DataDir {
+            path: config.data_dir.join(crate::provider::certify::FILE),
+            source,
+        }
+    })?;
+    Ok(results)
+}
+
 /// Every provider this host can offer, or those named in `only`.
 async fn build_providers(
     config: &Config,
@@ -330,6 +371,7 @@ pub async fn run_worker(
     let providers = build_providers(&config, &instance, &w.providers).await?;
     let worker = Arc::new(
         LocalWorker::new(&instance, providers)
+            .with_certifications(&config.data_dir)
             .with_id(&w.id)
             .with_labels(w.labels.clone())
             .with_max_sandboxes(w.max_sandboxes)
@@ -458,8 +500,11 @@ impl App {
         }
         let (scheduler, local, default) = if config.worker.local {
             let providers = build_providers(&config, &instance, &[]).await?;
-            let worker =
-                Arc::new(LocalWorker::new(&instance, providers).with_fence(open_fence(&config)?));
+            let worker = Arc::new(
+                LocalWorker::new(&instance, providers)
+                    .with_certifications(&config.data_dir)
+                    .with_fence(open_fence(&config)?),
+            );
             let health = worker.check_health().await;
             crate::worker::record_health(&store, &health).await;
             log_health(&health);

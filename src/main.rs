@@ -129,6 +129,21 @@ enum Command {
     /// Print the REST API's OpenAPI 3.1 document, as committed in
     /// openapi.json (the server serves it at /api/v1/openapi.json).
     Openapi,
+    /// Runtime certification of this host: each provider (or one) taken
+    /// through a sandbox's life, one timed check per line; exits non-zero
+    /// if a required check fails. The result is kept in the data dir and
+    /// shown by /api/v1/providers.
+    Certify {
+        /// Only this provider.
+        #[arg(long)]
+        provider: Option<String>,
+        /// The image to spawn (default: defaults.image, else an imported one).
+        #[arg(long)]
+        image: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure StacyVM beside the raw runtime (Docker Engine API, fork+exec)
     /// in one run; prints a Markdown table.
     Bench {
@@ -562,6 +577,23 @@ async fn run(cli: Cli, config: Config) -> Result<u8, Box<dyn std::error::Error>>
                 subscriptions: subscriptions.unwrap_or(if quick { 200 } else { 1000 }),
             })
             .await?;
+        }
+        Command::Certify {
+            provider,
+            image,
+            json,
+        } => {
+            let results = app::certify(&config, provider.as_deref(), image.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", stacyvm::cli::certify::table(&results));
+            }
+            return Ok(if results.iter().all(|r| r.certified) {
+                0
+            } else {
+                1
+            });
         }
         Command::Workers {
             server,

@@ -3,6 +3,7 @@
 //! operators, `stacyvm sandbox ...` and `stacyvm files ...` for users.
 
 pub mod bench;
+pub mod certify;
 pub mod client;
 pub mod mcp;
 pub mod workers;

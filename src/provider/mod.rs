@@ -7,6 +7,7 @@
 //! implementation.
 
 pub mod agent;
+pub mod certify;
 pub mod custom;
 pub mod docker;
 pub mod hostfs;
@@ -382,6 +383,12 @@ pub trait Provider: Send + Sync + 'static {
     /// Resource usage, or `supported: false`.
     async fn stats(&self, _runtime_id: &str) -> ProviderResult<RuntimeStats> {
         Ok(RuntimeStats::default())
+    }
+
+    /// Checks of the host this provider needs beyond its health (KVM for
+    /// the microVMs), for `stacyvm certify`.
+    async fn host_checks(&self) -> Vec<certify::Check> {
+        Vec::new()
     }
 }
 

@@ -453,6 +453,7 @@ mod tests {
                     latency: Duration::ZERO,
                     checked_at: chrono::Utc::now(),
                 }),
+                certification: None,
             })
             .collect();
         Arc::new(Described {

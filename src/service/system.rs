@@ -37,6 +37,10 @@ pub struct ProviderStatus {
     pub capabilities: Vec<Capability>,
     /// What a sandbox of this provider is isolated by.
     pub isolation: String,
+    /// The last `stacyvm certify` of this provider on the host it runs on
+    /// (the best one where several workers offer it); none if never run.
+    #[schema(required = true)]
+    pub certification: Option<crate::provider::certify::CertificationSummary>,
 }
 
 /// One worker.
@@ -169,6 +173,7 @@ impl Service {
                     error: health.and_then(|h| h.error.clone()).unwrap_or_default(),
                     capabilities: p.capabilities.clone(),
                     isolation: p.isolation.clone(),
+                    certification: p.certification.clone(),
                 };
                 match by_name.get(&p.name) {
                     Some(known) if known.healthy || !status.healthy => {}

@@ -1,6 +1,7 @@
 //! The worker that runs inside the server process: the providers in
 //! process, their health cached between checks.
 
+use crate::provider::certify::CertificationSummary;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -44,6 +45,10 @@ pub struct LocalWorker {
     /// destroyed: a retried spawn waits for (or returns) the first one's
     /// runtime. Bounded by the live sandboxes.
     spawns: Mutex<HashMap<String, SpawnCell>>,
+    /// The data dir whose `certification.json` (`stacyvm certify`) is read
+    /// at each health check, and what it held.
+    certified_in: Option<std::path::PathBuf>,
+    certifications: RwLock<BTreeMap<String, CertificationSummary>>,
 }
 
 impl LocalWorker {
@@ -69,7 +74,16 @@ impl LocalWorker {
             max_sandboxes: 0,
             fence: Fence::in_memory(),
             spawns: Mutex::new(HashMap::new()),
+            certified_in: None,
+            certifications: RwLock::new(BTreeMap::new()),
         }
+    }
+
+    /// The same worker reporting the certifications `stacyvm certify`
+    /// keeps in `data_dir`.
+    pub fn with_certifications(mut self, data_dir: &std::path::Path) -> LocalWorker {
+        self.certified_in = Some(data_dir.to_path_buf());
+        self
     }
 
     /// The same worker describing itself with `labels`.
@@ -241,6 +255,11 @@ impl Worker for LocalWorker {
                     capabilities: p.capabilities(),
                     isolation: p.isolation().to_string(),
                     health: self.health_of(p.name()),
+                    certification: self
+                        .certifications
+                        .read()
+                        .ok()
+                        .and_then(|c| c.get(p.name()).cloned()),
                 })
                 .collect(),
             max_vcpus: self.max_vcpus,
@@ -285,6 +304,15 @@ impl Worker for LocalWorker {
         }
         if let Ok(mut cache) = self.health.write() {
             cache.extend(results.clone());
+        }
+        if let Some(dir) = &self.certified_in {
+            let found = crate::provider::certify::load(dir)
+                .iter()
+                .map(|(name, c)| (name.clone(), CertificationSummary::from(c)))
+                .collect();
+            if let Ok(mut certifications) = self.certifications.write() {
+                *certifications = found;
+            }
         }
         results
     }

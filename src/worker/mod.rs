@@ -135,6 +135,9 @@ pub struct ProviderInfo {
     pub isolation: String,
     /// `None` before the first check.
     pub health: Option<ProviderHealth>,
+    /// The last `stacyvm certify` of this provider on the worker's host.
+    #[serde(default)]
+    pub certification: Option<crate::provider::certify::CertificationSummary>,
 }
 
 /// What a worker offers now, for placement and for `/providers`.

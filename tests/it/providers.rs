@@ -1858,3 +1858,96 @@ async fn docker_agent_survives_malformed_and_oversized_requests() {
     );
     p.destroy(&id).await.expect("destroy");
 }
+
+/// `stacyvm certify` takes a provider through a sandbox's life, one timed
+/// check per line; the server on that data dir shows the verdict; a
+/// provider that cannot run is not certified and the command exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certify_reports_each_check_and_the_server_shows_it() {
+    let server = crate::support::native_server(|_| {}).await;
+    let data = server.data_dir.path().to_path_buf();
+    let certify = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"));
+        cmd.arg("--data-dir").arg(&data).arg("certify").args(args);
+        cmd
+    };
+    let image = crate::support::docker_image();
+    let out = certify(&["--provider", "native", "--json", "--image", &image])
+        .output()
+        .await
+        .expect("certify");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let native = &results[0];
+    assert_eq!(native["provider"], "native", "{native}");
+    assert_eq!(native["certified"], true, "{native}");
+    let status_of = |name: &str| {
+        native["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["check"] == name)
+            .map(|c| c["status"].as_str().unwrap_or_default().to_string())
+    };
+    for check in [
+        "health",
+        "image",
+        "spawn",
+        "exec",
+        "files",
+        "network_isolation",
+        "destroy",
+    ] {
+        assert_eq!(
+            status_of(check).as_deref(),
+            Some("pass"),
+            "{check}: {native}"
+        );
+    }
+    assert_eq!(status_of("snapshot_restore").as_deref(), Some("skip"));
+    // Nothing of the certification's sandbox is left.
+    assert_eq!(
+        dir_entries(&data.join("sandboxes/native"))
+            .into_iter()
+            .filter(|n| n.starts_with("cert-"))
+            .count(),
+        0
+    );
+
+    // The server reads it at its next health check.
+    let (status, _) = server.post("/providers/test", serde_json::json!({})).await;
+    assert_eq!(status, 200);
+    let (status, providers) = server.get("/providers").await;
+    assert_eq!(status, 200);
+    let shown = providers
+        .as_array()
+        .expect("providers")
+        .iter()
+        .find(|p| p["name"] == "native")
+        .expect("native")
+        .clone();
+    assert_eq!(shown["certification"]["certified"], true, "{shown}");
+    assert_eq!(shown["certification"]["failed"], serde_json::json!([]));
+
+    // A provider whose backend is missing: not certified, exit 1, and the
+    // table says which check failed.
+    let out = certify(&["--provider", "qemu"])
+        .env("STACYVM_PROVIDERS_QEMU_BINARY", "/nonexistent/qemu")
+        .output()
+        .await
+        .expect("certify");
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{table}");
+    assert!(table.contains("NOT certified (failed: health"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("qemu") && l.contains("health") && l.contains("FAIL")),
+        "{table}"
+    );
+}

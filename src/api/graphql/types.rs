@@ -311,6 +311,13 @@ pub struct Provider {
     pub capabilities: Vec<String>,
     /// What a sandbox of this provider is isolated by.
     pub isolation: String,
+    /// Whether the last `stacyvm certify` on its host passed; null if it
+    /// never ran.
+    pub certified: Option<bool>,
+    /// When that was.
+    pub certified_at: Option<DateTime<Utc>>,
+    /// The required checks that failed then (`spawn`, `network_isolation`, ...).
+    pub certification_failed: Vec<String>,
 }
 
 impl From<service::ProviderStatus> for Provider {
@@ -327,6 +334,13 @@ impl From<service::ProviderStatus> for Provider {
                 })
                 .collect(),
             error: (!p.error.is_empty()).then_some(p.error),
+            certified: p.certification.as_ref().map(|c| c.certified),
+            certified_at: p.certification.as_ref().map(|c| c.at),
+            certification_failed: p
+                .certification
+                .iter()
+                .flat_map(|c| c.failed.iter().map(|k| k.as_str().to_string()))
+                .collect(),
             isolation: p.isolation,
             name: p.name,
             healthy: p.healthy,

@@ -26,6 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use super::assets::{self, Kernel};
 use super::link::AgentLink;
 use crate::config::{Accel, QemuConfig};
+use crate::provider::certify::{Check, CheckKind};
 use crate::provider::image_store::ImageStore;
 use crate::provider::{
     Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputSink, Provider, ProviderError,
@@ -173,11 +174,15 @@ fn kvm_usable() -> bool {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    let nested = std::fs::read_to_string("/proc/cpuinfo")
+    opens && !host_is_a_vm()
+}
+
+/// Whether the CPU says a hypervisor runs this host.
+fn host_is_a_vm() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
-    opens && !nested
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"))
 }
 
 impl QemuProvider {
@@ -804,5 +809,41 @@ impl Provider for QemuProvider {
     async fn logs(&self, runtime_id: &str, lines: usize) -> ProviderResult<Vec<String>> {
         self.meta(runtime_id)?;
         Ok(self.logs.tail(runtime_id, lines))
+    }
+
+    async fn host_checks(&self) -> Vec<Check> {
+        let started = Instant::now();
+        let kvm = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            Err(e) => Err(format!("/dev/kvm does not open ({e}): guests run under TCG, emulated and slow")),
+            Ok(_) if host_is_a_vm() => Err(
+                "/dev/kvm opens, but this host is itself a virtual machine (nested guests are unreliable): `accel: auto` uses TCG".to_string(),
+            ),
+            Ok(_) => Ok("/dev/kvm opens on a host that is not itself a VM: guests run under KVM".to_string()),
+        };
+        // Not required: TCG runs guests anywhere, only slower.
+        let mut checks = vec![Check::new(CheckKind::Kvm, false, started.elapsed(), kvm)];
+        let started = Instant::now();
+        let boot = self.boot().await.map(|b| {
+            format!(
+                "kernel {}, modules {}, accel {:?}{}",
+                b.kernel.image.display(),
+                b.kernel.modules.display(),
+                b.accel,
+                b.tsc_khz
+                    .map(|k| format!(", guest TSC {k} kHz"))
+                    .unwrap_or_default()
+            )
+        });
+        checks.push(Check::new(
+            CheckKind::Kernel,
+            true,
+            started.elapsed(),
+            boot.map_err(|e| e.to_string()),
+        ));
+        checks
     }
 }
