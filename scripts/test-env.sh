@@ -25,6 +25,7 @@
 #   STACYVM_TEST_VENV          python venv with stacyvm==0.1.1, pytest, pytest-asyncio
 #   STACYVM_TEST_SCHEMATHESIS  the schemathesis command (its own venv)
 #   STACYVM_TEST_TMPDIR        per-run scratch directory (removed by cleanup)
+#   STACYVM_TEST_RUNSC=1       the Docker daemon runs containers under gVisor on request
 #   STACYVM_TEST_KERNEL        a vmlinuz for microVM guests (Debian's cloud kernel,
 #                              unpacked with its modules under <state>/kernel)
 #
@@ -60,6 +61,8 @@ _stacyvm_env_packages() {
     # The rootfs needs the *static* busybox.
     _stacyvm_pkg_installed busybox-static || missing+=(busybox-static)
     command -v proot >/dev/null 2>&1 || missing+=(proot)
+    # gVisor, for the docker provider's `runtime: runsc`.
+    command -v runsc >/dev/null 2>&1 || missing+=(runsc)
     # `stacyvm bench` loads the API with wrk (a built-in client otherwise).
     command -v wrk >/dev/null 2>&1 || missing+=(wrk)
     # Native sandboxes' capped disks: mkfs.ext4, and mount for loop mounts.
@@ -126,7 +129,16 @@ _stacyvm_env_docker() {
     fi
     local log="$STACYVM_TEST_TMPDIR/dockerd.log"
     _stacyvm_env_log "docker: starting dockerd (log: $log)"
-    dockerd >"$log" 2>&1 &
+    # gVisor registered as `runsc`, with its own network off: sandboxes
+    # have none (network: none), and this runsc refuses to set one up in
+    # the namespace Docker gives such containers.
+    local -a runtimes=()
+    if command -v runsc >/dev/null 2>&1; then
+        printf '{"runtimes": {"runsc": {"path": "%s", "runtimeArgs": ["--network=none"]}}}\n' \
+            "$(command -v runsc)" >"$STACYVM_TEST_TMPDIR/daemon.json"
+        runtimes=(--config-file "$STACYVM_TEST_TMPDIR/daemon.json")
+    fi
+    dockerd "${runtimes[@]}" >"$log" 2>&1 &
     _STACYVM_ENV_DOCKERD_PID=$!
     local i
     for i in $(seq 1 60); do
@@ -331,6 +343,10 @@ stacyvm_test_env_setup() {
     _stacyvm_env_packages || return 1
     _stacyvm_env_docker || return 1
     export STACYVM_TEST_DOCKER=1
+    # gVisor where the daemon has it registered (a dockerd started here does).
+    if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then
+        export STACYVM_TEST_RUNSC=1
+    fi
     _stacyvm_env_postgres || return 1
     _stacyvm_env_rootfs || return 1
     _stacyvm_env_image || return 1
@@ -358,8 +374,8 @@ else
     {
         for v in STACYVM_TEST_ROOTFS STACYVM_TEST_IMAGE STACYVM_TEST_POSTGRES_URL \
             STACYVM_TEST_DOCKER STACYVM_TEST_VENV STACYVM_TEST_SCHEMATHESIS STACYVM_TEST_TMPDIR \
-            STACYVM_TEST_KERNEL; do
-            printf 'export %s=%q\n' "$v" "${!v}"
+            STACYVM_TEST_KERNEL STACYVM_TEST_RUNSC; do
+            printf 'export %s=%q\n' "$v" "${!v-}"
         done
     } >"$envfile"
     cat "$envfile"

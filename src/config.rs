@@ -386,6 +386,11 @@ pub struct DockerConfig {
     /// The static `stacyvm-agent` binary; empty means beside the running
     /// `stacyvm` executable.
     pub agent_binary: PathBuf,
+    /// The OCI runtime containers run under (the daemon's name for it);
+    /// empty: the daemon's default (runc). `runsc` is gVisor: a kernel in
+    /// user space between the sandbox and the host's kernel (registered
+    /// with the daemon, e.g. `dockerd --add-runtime runsc=/usr/bin/runsc`).
+    pub runtime: String,
 }
 
 /// How the docker provider caps a sandbox's disk (`providers.docker.disk_limit`).
@@ -679,6 +684,7 @@ impl Default for DockerConfig {
             disk_limit: DockerDiskLimit::Auto,
             direct_exec: true,
             agent_binary: PathBuf::new(),
+            runtime: String::new(),
         }
     }
 }

@@ -132,11 +132,28 @@ struct Endpoint {
     start: u64,
 }
 
+impl DockerProvider {
+    /// Whether containers run on a kernel of their own (gVisor): their
+    /// processes are not the host's.
+    fn own_kernel(&self) -> bool {
+        !self.config.runtime.is_empty() && self.config.runtime != "runc"
+    }
+}
+
 /// Whether exec can take the direct path with this configuration, and the
 /// agent binary it would use.
 fn direct_exec_plan(config: &DockerConfig) -> Result<PathBuf, String> {
     if !config.direct_exec {
         return Err("providers.docker.direct_exec is off".into());
+    }
+    // The agent's socket is reached through the container's root as the
+    // host sees it (`/proc/<pid>/root`): a runtime with its own kernel
+    // (gVisor) keeps the container's processes and files out of that view.
+    if !config.runtime.is_empty() && config.runtime != "runc" {
+        return Err(format!(
+            "runtime {} keeps the container's processes out of the host's view",
+            config.runtime
+        ));
     }
     let host = if config.host.is_empty() {
         std::env::var("DOCKER_HOST").unwrap_or_default()
@@ -433,10 +450,23 @@ impl DockerProvider {
     ) -> ProviderResult<ExecExit> {
         let docker = self.client()?;
         let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // Under a runtime with its own kernel the exec's processes are not
+        // the host's: the command reports its pid inside first, so that a
+        // timeout can kill its tree from inside.
+        let own_kernel = self.own_kernel();
+        let cmd = if own_kernel {
+            let mut wrapped: Vec<String> = ["/bin/sh", "-c", PID_WRAPPER, "sh"]
+                .map(str::to_string)
+                .to_vec();
+            wrapped.extend(spec.argv.iter().cloned());
+            wrapped
+        } else {
+            spec.argv.clone()
+        };
         let options = CreateExecOptions {
             attach_stdout: Some(true),
             attach_stderr: Some(true),
-            cmd: Some(spec.argv.clone()),
+            cmd: Some(cmd),
             env: (!env.is_empty()).then_some(env),
             working_dir: spec.workdir.clone(),
             ..Default::default()
@@ -457,7 +487,10 @@ impl DockerProvider {
         let mut guard = KillExecOnDrop {
             docker: Some(docker.clone()),
             exec_id: created.id.clone(),
+            inside: None,
         };
+        // The pid line not yet read (own kernel), and what came before its end.
+        let mut pid_line: Option<Vec<u8>> = own_kernel.then(Vec::new);
         let deadline = tokio::time::sleep(spec.timeout);
         tokio::pin!(deadline);
         let mut listening = true;
@@ -479,14 +512,33 @@ impl DockerProvider {
                         start_failure = Some(chunk.data);
                         continue;
                     }
+                    let mut chunk = chunk;
+                    if chunk.stream == StreamKind::Stderr && let Some(line) = pid_line.as_mut() {
+                        line.extend_from_slice(&chunk.data);
+                        let Some(end) = line.iter().position(|b| *b == b'\n') else {
+                            continue;
+                        };
+                        let rest = line.split_off(end + 1);
+                        let pid = std::str::from_utf8(line)
+                            .ok()
+                            .and_then(|l| l.trim().strip_prefix(PID_MARKER))
+                            .and_then(|p| p.parse::<u32>().ok());
+                        guard.inside = pid.map(|pid| (runtime_id.to_string(), pid));
+                        pid_line = None;
+                        if rest.is_empty() {
+                            continue;
+                        }
+                        chunk.data = Bytes::from(rest);
+                    }
                     if listening && sink.send(chunk).await.is_err() {
                         // Nobody listens any more; keep draining so the command is not blocked.
                         listening = false;
                     }
                 }
                 () = &mut deadline => {
+                    let inside = guard.inside.take();
                     guard.disarm();
-                    kill_exec(&docker, &created.id).await;
+                    kill_exec(&docker, &created.id, inside).await;
                     return Ok(ExecExit::TimedOut);
                 }
             }
@@ -501,7 +553,10 @@ impl DockerProvider {
             return Ok(ExecExit::Exited(code));
         };
         let text = String::from_utf8_lossy(&failure);
-        if text.contains("chdir to cwd") {
+        // runc's words, and gVisor's.
+        if text.contains("chdir to cwd")
+            || text.contains("failed to find initial working directory")
+        {
             return Err(ProviderError::InvalidRequest(format!(
                 "working directory {:?} does not exist in the sandbox",
                 spec.workdir.as_deref().unwrap_or("/")
@@ -602,6 +657,7 @@ impl DockerProvider {
             network_mode: Some(self.config.network.clone()),
             storage_opt,
             tmpfs,
+            runtime: (!self.config.runtime.is_empty()).then(|| self.config.runtime.clone()),
             // No docker-init: PID 1 (the agent, or /bin/sh, whose absence
             // then fails the start itself instead of leaving a container
             // that dies a moment later) reaps orphaned exec children.
@@ -682,6 +738,7 @@ impl DockerProvider {
             let mut guard = KillExecOnDrop {
                 docker: Some(docker.clone()),
                 exec_id: created.id.clone(),
+                inside: None,
             };
             let feed = async {
                 if !input.is_empty() {
@@ -961,9 +1018,54 @@ fn is_size_refusal(e: &DockerError) -> bool {
         if message.contains("storage-opt") || message.contains("storage opt"))
 }
 
+/// The shell line an exec runs under a runtime with its own kernel: its
+/// pid inside, on stderr, then the command itself.
+const PID_WRAPPER: &str = "echo stacyvm-exec-pid:$$ >&2; exec \"$@\"";
+const PID_MARKER: &str = "stacyvm-exec-pid:";
+
+/// Kills the process `$1` and every descendant, found through `/proc`
+/// inside the sandbox (the tree is read before anything is killed).
+const KILL_TREE: &str = "all=$1; todo=$1; \
+    while [ -n \"$todo\" ]; do next=''; \
+      for s in /proc/[0-9]*/stat; do \
+        read -r pid comm state ppid rest < \"$s\" 2>/dev/null || continue; \
+        for p in $todo; do [ \"$ppid\" = \"$p\" ] && next=\"$next $pid\"; done; \
+      done; all=\"$all $next\"; todo=$next; \
+    done; kill -9 $all 2>/dev/null; true";
+
 /// Kills an exec's process tree (Docker has no API for it): its host pid
-/// from `inspect_exec`, then the tree through `/proc`.
-async fn kill_exec(docker: &Docker, exec_id: &str) {
+/// from `inspect_exec`, then the tree through `/proc`; under a runtime
+/// with its own kernel (`inside`: the container and the command's pid
+/// there), the tree is killed from inside by another exec.
+async fn kill_exec(docker: &Docker, exec_id: &str, inside: Option<(String, u32)>) {
+    if let Some((container, pid)) = inside {
+        let options = CreateExecOptions {
+            cmd: Some(
+                ["/bin/sh", "-c", KILL_TREE, "sh", &pid.to_string()]
+                    .map(str::to_string)
+                    .to_vec(),
+            ),
+            ..Default::default()
+        };
+        let killed = async {
+            let created = docker.create_exec(&container, options).await?;
+            docker
+                .start_exec(
+                    &created.id,
+                    Some(bollard::exec::StartExecOptions {
+                        detach: true,
+                        ..Default::default()
+                    }),
+                )
+                .await
+                .map(drop)
+        };
+        crate::provider::best_effort(
+            "killing a command's processes inside its sandbox",
+            killed.await,
+        );
+        return;
+    }
     match docker.inspect_exec(exec_id).await {
         Ok(info) if info.running == Some(true) => {
             if let Some(pid) = info
@@ -984,6 +1086,9 @@ async fn kill_exec(docker: &Docker, exec_id: &str) {
 struct KillExecOnDrop {
     docker: Option<Docker>,
     exec_id: String,
+    /// The container and the command's pid inside it, under a runtime with
+    /// its own kernel.
+    inside: Option<(String, u32)>,
 }
 
 impl KillExecOnDrop {
@@ -998,8 +1103,9 @@ impl Drop for KillExecOnDrop {
             return;
         };
         let exec_id = std::mem::take(&mut self.exec_id);
+        let inside = self.inside.take();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { kill_exec(&docker, &exec_id).await });
+            runtime.spawn(async move { kill_exec(&docker, &exec_id, inside).await });
         }
     }
 }
@@ -1180,6 +1286,9 @@ impl Provider for DockerProvider {
     }
 
     fn isolation(&self) -> &'static str {
+        if self.config.runtime == "runsc" {
+            return "a container under gVisor (runsc): the sandbox's system calls are served by a kernel in user space, not the host's; capabilities reduced, no-new-privileges, no network by default; memory, CPU and pids limits";
+        }
         "a container (Docker's namespaces, default seccomp profile and masked paths), capabilities reduced, no-new-privileges, no network by default; memory, CPU and pids limits; disk capped by the storage driver's size option where it has quotas, else only /tmp (a tmpfs)"
     }
 
