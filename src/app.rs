@@ -60,6 +60,12 @@ pub enum StartError {
          needs its own --data-dir"
     )]
     DataDirInUse { path: String, holder: String },
+    #[error(
+        "a server or another certification ({holder}) is using the data directory {path}: \
+         certify with the server stopped (its sandboxes and certify's would share id ranges \
+         and its reconciler would remove certify's sandbox), or with a --data-dir of its own"
+    )]
+    CertifyInUse { path: String, holder: String },
     #[error("cluster.advertise_url: {0}")]
     Advertise(String),
 }
@@ -187,6 +193,20 @@ pub async fn certify(
         path: config.data_dir.clone(),
         source,
     })?;
+    // Held while certifying: no server starts on this data dir meanwhile,
+    // and two certifications never race on its file.
+    let _lock =
+        lock_file(&config.data_dir.join("serve.lock").display().to_string()).map_err(|holder| {
+            StartError::CertifyInUse {
+                path: config.data_dir.display().to_string(),
+                holder,
+            }
+        })?;
+    if only == Some("memory") {
+        return Err(StartError::Provider(
+            "the memory provider runs nothing: there is nothing to certify".into(),
+        ));
+    }
     let instance = instance_id(&config.data_dir)?;
     let only: Vec<String> = only.into_iter().map(str::to_string).collect();
     let providers = build_providers(config, &instance, &only).await?;

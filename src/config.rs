@@ -388,8 +388,9 @@ pub struct DockerConfig {
     pub agent_binary: PathBuf,
     /// The OCI runtime containers run under (the daemon's name for it);
     /// empty: the daemon's default (runc). `runsc` is gVisor: a kernel in
-    /// user space between the sandbox and the host's kernel (registered
-    /// with the daemon, e.g. `dockerd --add-runtime runsc=/usr/bin/runsc`).
+    /// user space between the sandbox and the host's kernel, registered
+    /// with the daemon (`runtimes` in daemon.json, with `runtimeArgs:
+    /// ["--network=none"]` for sandboxes without network; see README).
     pub runtime: String,
 }
 

@@ -209,6 +209,7 @@ async fn run_sandbox_checks(
                 "none of {images:?} is available: import one (`stacyvm image import`) or pass --image"
             )),
         ));
+        skip_the_rest(checks, CheckKind::Spawn, "no image to spawn from");
         return;
     };
     checks.push(Check::new(
@@ -226,7 +227,7 @@ async fn run_sandbox_checks(
         disk_mb: 512,
     };
     let started = Instant::now();
-    let runtime = match provider.spawn(&spec).await {
+    let runtime = match within(SPAWN_TIMEOUT, "the spawn", provider.spawn(&spec)).await {
         Ok(handle) => {
             checks.push(Check::new(
                 CheckKind::Spawn,
@@ -248,6 +249,7 @@ async fn run_sandbox_checks(
                 "removing a failed certification spawn",
                 provider.destroy_by_sandbox_id(&sandbox_id).await,
             );
+            skip_the_rest(checks, CheckKind::Exec, "the spawn failed");
             return;
         }
     };
@@ -263,7 +265,13 @@ async fn run_sandbox_checks(
         });
     checks.push(Check::new(CheckKind::Exec, true, started.elapsed(), exec));
     let started = Instant::now();
-    let round_trip = files(provider, &runtime).await;
+    let round_trip = tokio::time::timeout(STEP_TIMEOUT, files(provider, &runtime))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the round trip did not finish within {STEP_TIMEOUT:?}"
+            ))
+        });
     checks.push(Check::new(
         CheckKind::Files,
         true,
@@ -288,13 +296,63 @@ async fn run_sandbox_checks(
         )),
     }
     let started = Instant::now();
-    let destroyed = destroy(provider, &runtime, &sandbox_id).await;
+    let destroyed = tokio::time::timeout(STEP_TIMEOUT, destroy(provider, &runtime, &sandbox_id))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the destroy did not finish within {STEP_TIMEOUT:?}"
+            ))
+        });
+    if destroyed.is_err() {
+        // Nothing of a certification may stay behind: one more try.
+        crate::provider::best_effort(
+            "removing the certification's sandbox",
+            provider.destroy_by_sandbox_id(&sandbox_id).await,
+        );
+    }
     checks.push(Check::new(
         CheckKind::Destroy,
         true,
         started.elapsed(),
         destroyed,
     ));
+}
+
+/// How long a spawn (a VM's boot) may take.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// How long any other step may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    step: impl std::future::Future<Output = super::ProviderResult<T>>,
+) -> super::ProviderResult<T> {
+    tokio::time::timeout(limit, step).await.unwrap_or_else(|_| {
+        Err(super::ProviderError::Unavailable(format!(
+            "{what} did not finish within {limit:?}"
+        )))
+    })
+}
+
+/// Skip rows for the required checks from `first` on.
+fn skip_the_rest(checks: &mut Vec<Check>, first: CheckKind, why: &str) {
+    for kind in [
+        CheckKind::Spawn,
+        CheckKind::Exec,
+        CheckKind::Files,
+        CheckKind::NetworkIsolation,
+        CheckKind::Destroy,
+    ]
+    .into_iter()
+    .skip_while(|k| *k != first)
+    {
+        checks.push(Check {
+            required: true,
+            ..Check::skip(kind, why)
+        });
+    }
 }
 
 async fn run(
@@ -354,41 +412,77 @@ async fn files(provider: &Arc<dyn Provider>, runtime: &str) -> Result<String, St
     ))
 }
 
+/// The host's own IPv4 addresses (loopback and every interface's: a
+/// sandbox on a bridge reaches the host on its bridge address).
+fn host_addresses() -> Vec<std::net::Ipv4Addr> {
+    let mut found = vec![std::net::Ipv4Addr::LOCALHOST];
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below; each entry is read
+    // only while the list lives.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return found;
+        }
+        let mut at = list;
+        while !at.is_null() {
+            let addr = (*at).ifa_addr;
+            if !addr.is_null() && i32::from((*addr).sa_family) == libc::AF_INET {
+                let v4 = &*(addr as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+                if !found.contains(&ip) {
+                    found.push(ip);
+                }
+            }
+            at = (*at).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    found
+}
+
 /// `None` when the image has no tool to try with.
 async fn network_isolation(
     provider: &Arc<dyn Provider>,
     runtime: &str,
 ) -> Option<Result<String, String>> {
-    let listener = match std::net::TcpListener::bind("127.0.0.1:0") {
+    // Every address of the host: loopback is the sandbox's own in a
+    // network namespace, but a bridge reaches the host's addresses.
+    let listener = match std::net::TcpListener::bind("0.0.0.0:0") {
         Ok(l) => l,
-        Err(e) => return Some(Err(format!("cannot listen on the host's loopback: {e}"))),
+        Err(e) => return Some(Err(format!("cannot listen on the host: {e}"))),
     };
     let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
     if let Err(e) = listener.set_nonblocking(true) {
         return Some(Err(e.to_string()));
     }
-    // One attempt, in the background (a connection that succeeds would
-    // wait on our silent server), given two seconds: nc where there is
-    // one, else wget.
+    let targets: Vec<String> = host_addresses().iter().map(|ip| ip.to_string()).collect();
+    // Attempts in the background (a connection that succeeds would wait
+    // on our silent server), given two seconds: nc where there is one,
+    // else wget.
     let script = format!(
-        "if command -v nc >/dev/null; then nc 127.0.0.1 {port} </dev/null >/dev/null 2>&1 & \
-         elif command -v wget >/dev/null; then wget -q -O /dev/null http://127.0.0.1:{port}/ >/dev/null 2>&1 & \
-         else echo none; exit 0; fi; sleep 2; kill $! 2>/dev/null; echo tried"
+        "if command -v nc >/dev/null; then try() {{ nc \"$1\" {port} </dev/null >/dev/null 2>&1 & }}; \
+         elif command -v wget >/dev/null; then try() {{ wget -q -O /dev/null \"http://$1:{port}/\" >/dev/null 2>&1 & }}; \
+         else echo none; exit 0; fi; \
+         for a in {}; do try \"$a\"; done; sleep 2; echo tried",
+        targets.join(" ")
     );
-
     let tried = match run(provider, runtime, &["sh", "-c", &script]).await {
-        Ok((_, out)) => out,
+        Ok((ExecExit::Exited(0), out)) => out,
+        Ok((exit, out)) => return Some(Err(format!("the attempt ended {exit:?}: {out:?}"))),
         Err(e) => return Some(Err(format!("the attempt did not run: {e}"))),
     };
-    if tried.trim() == "none" {
-        return None;
+    match tried.trim() {
+        "none" => return None,
+        "tried" => {}
+        other => return Some(Err(format!("the attempt said {other:?}"))),
     }
+    let shown = targets.join(", ");
     Some(match listener.accept() {
         Ok((_, from)) => Err(format!(
-            "a server on the host's 127.0.0.1:{port} was reached from inside (from {from})"
+            "a server on the host (port {port}) was reached from inside (from {from})"
         )),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(format!(
-            "a server on the host's 127.0.0.1:{port} was not reached"
+            "a server on the host's {shown} (port {port}) was not reached"
         )),
         Err(e) => Err(e.to_string()),
     })
@@ -414,7 +508,7 @@ async fn destroy(
     loop {
         let left = processes_naming(sandbox_id);
         if left.is_empty() {
-            return Ok("gone from the inventory, no host process left".into());
+            return Ok("gone from the inventory; no host process names the sandbox".into());
         }
         if Instant::now() > deadline {
             return Err(format!("host processes left: {}", left.join(", ")));
@@ -464,20 +558,34 @@ impl From<&Certification> for CertificationSummary {
 
 /// The certifications kept in `data_dir`, by provider.
 pub fn load(data_dir: &Path) -> BTreeMap<String, Certification> {
-    std::fs::read(data_dir.join(FILE))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default()
+    let path = data_dir.join(FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the certifications");
+            return BTreeMap::new();
+        }
+    };
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        tracing::warn!(path = %path.display(), error = %e, "the certifications file is corrupt; read as none");
+        BTreeMap::new()
+    })
 }
 
-/// Records `results` in `data_dir`, beside those of other providers.
+/// Records `results` in `data_dir`, beside those of other providers (the
+/// caller holds the data dir's lock), durably: written aside, synced,
+/// renamed over.
 pub fn store(data_dir: &Path, results: &[Certification]) -> std::io::Result<()> {
+    use std::io::Write;
     let mut all = load(data_dir);
     for result in results {
         all.insert(result.provider.clone(), result.clone());
     }
     let bytes = serde_json::to_vec_pretty(&all).map_err(std::io::Error::other)?;
-    let tmp = data_dir.join(format!(".{FILE}.{}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, data_dir.join(FILE))
+    let mut tmp = tempfile::NamedTempFile::new_in(data_dir)?;
+    tmp.write_all(&bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(data_dir.join(FILE)).map_err(|e| e.error)?;
+    std::fs::File::open(data_dir)?.sync_all()
 }

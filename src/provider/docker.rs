@@ -523,12 +523,25 @@ impl DockerProvider {
                             .ok()
                             .and_then(|l| l.trim().strip_prefix(PID_MARKER))
                             .and_then(|p| p.parse::<u32>().ok());
-                        guard.inside = pid.map(|pid| (runtime_id.to_string(), pid));
-                        pid_line = None;
-                        if rest.is_empty() {
-                            continue;
+                        match pid {
+                            Some(pid) => {
+                                guard.inside = Some((runtime_id.to_string(), pid));
+                                if rest.is_empty() {
+                                    pid_line = None;
+                                    continue;
+                                }
+                                chunk.data = Bytes::from(rest);
+                            }
+                            // Not the wrapper's line (a shell that printed
+                            // first): the command's own output, delivered.
+                            None => {
+                                tracing::warn!(runtime_id, "a command did not report its pid inside the sandbox: its timeout cannot kill its tree");
+                                let mut all = std::mem::take(line);
+                                all.extend_from_slice(&rest);
+                                chunk.data = Bytes::from(all);
+                            }
                         }
-                        chunk.data = Bytes::from(rest);
+                        pid_line = None;
                     }
                     if listening && sink.send(chunk).await.is_err() {
                         // Nobody listens any more; keep draining so the command is not blocked.
@@ -1028,8 +1041,8 @@ const PID_MARKER: &str = "stacyvm-exec-pid:";
 const KILL_TREE: &str = "all=$1; todo=$1; \
     while [ -n \"$todo\" ]; do next=''; \
       for s in /proc/[0-9]*/stat; do \
-        read -r pid comm state ppid rest < \"$s\" 2>/dev/null || continue; \
-        for p in $todo; do [ \"$ppid\" = \"$p\" ] && next=\"$next $pid\"; done; \
+        l=$(cat \"$s\" 2>/dev/null) || continue; set -- ${l##*\") \"}; \
+        d=${s#/proc/}; for p in $todo; do [ \"$2\" = \"$p\" ] && next=\"$next ${d%/stat}\"; done; \
       done; all=\"$all $next\"; todo=$next; \
     done; kill -9 $all 2>/dev/null; true";
 
@@ -1047,23 +1060,27 @@ async fn kill_exec(docker: &Docker, exec_id: &str, inside: Option<(String, u32)>
             ),
             ..Default::default()
         };
+        // Attached and waited for: the exec is over only once its tree is.
         let killed = async {
             let created = docker.create_exec(&container, options).await?;
-            docker
-                .start_exec(
-                    &created.id,
-                    Some(bollard::exec::StartExecOptions {
-                        detach: true,
-                        ..Default::default()
-                    }),
-                )
-                .await
-                .map(drop)
+            if let StartExecResults::Attached { mut output, .. } =
+                docker.start_exec(&created.id, None).await?
+            {
+                while output.next().await.is_some() {}
+            }
+            Ok::<(), bollard::errors::Error>(())
         };
-        crate::provider::best_effort(
-            "killing a command's processes inside its sandbox",
-            killed.await,
-        );
+        let killed = tokio::time::timeout(Duration::from_secs(10), killed)
+            .await
+            .unwrap_or_else(|_| {
+                Err(bollard::errors::Error::IOError {
+                    err: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the kill did not finish within 10s",
+                    ),
+                })
+            });
+        crate::provider::best_effort("killing a command's processes inside its sandbox", killed);
         return;
     }
     match docker.inspect_exec(exec_id).await {

@@ -615,9 +615,9 @@ mod cases {
         // Nor inside, where the sandbox has a kernel of its own (a VM,
         // gVisor) and the host does not see its processes.
         let inside = || async {
-            run(p, &id, spec(&["ps", "-o", "args"]))
-                .await
-                .stdout
+            let ps = run(p, &id, spec(&["ps", "-o", "args"])).await;
+            assert_eq!(ps.exit, ExecExit::Exited(0), "ps: {}", ps.stderr);
+            ps.stdout
                 .lines()
                 .filter(|l| l.contains(&format!("sleep {marker}")))
                 .count()
@@ -1913,15 +1913,14 @@ async fn docker_agent_survives_malformed_and_oversized_requests() {
 /// provider that cannot run is not certified and the command exits 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certify_reports_each_check_and_the_server_shows_it() {
-    let server = crate::support::native_server(|_| {}).await;
-    let data = server.data_dir.path().to_path_buf();
+    let (dir, _store) = data_dir_with_image();
+    let data = dir.path().to_path_buf();
     let certify = |args: &[&str]| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"));
         cmd.arg("--data-dir").arg(&data).arg("certify").args(args);
         cmd
     };
-    let image = crate::support::docker_image();
-    let out = certify(&["--provider", "native", "--json", "--image", &image])
+    let out = certify(&["--provider", "native", "--json", "--image", TEST_IMAGE])
         .output()
         .await
         .expect("certify");
@@ -1968,9 +1967,20 @@ async fn certify_reports_each_check_and_the_server_shows_it() {
         0
     );
 
-    // The server reads it at its next health check.
-    let (status, _) = server.post("/providers/test", serde_json::json!({})).await;
-    assert_eq!(status, 200);
+    // A server on that data dir shows it.
+    let server = crate::support::TestServer::start_in(dir, |c| {
+        c.providers.default = "native".into();
+    })
+    .await;
+    // While it runs, certify refuses the data dir (their sandboxes would
+    // share id ranges; its reconciler would remove certify's).
+    let out = certify(&["--provider", "native"])
+        .output()
+        .await
+        .expect("certify");
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("certify with the server stopped"), "{said}");
     let (status, providers) = server.get("/providers").await;
     assert_eq!(status, 200);
     let shown = providers
@@ -1985,7 +1995,11 @@ async fn certify_reports_each_check_and_the_server_shows_it() {
 
     // A provider whose backend is missing: not certified, exit 1, and the
     // table says which check failed.
-    let out = certify(&["--provider", "qemu"])
+    let (other, _store) = data_dir_with_image();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .arg("--data-dir")
+        .arg(other.path())
+        .args(["certify", "--provider", "qemu"])
         .env("STACYVM_PROVIDERS_QEMU_BINARY", "/nonexistent/qemu")
         .output()
         .await

@@ -822,6 +822,9 @@ impl Provider for QemuProvider {
             Ok(_) if host_is_a_vm() => Err(
                 "/dev/kvm opens, but this host is itself a virtual machine (nested guests are unreliable): `accel: auto` uses TCG".to_string(),
             ),
+            Ok(_) if self.config.accel == Accel::Tcg => Ok(
+                "/dev/kvm opens on a host that is not itself a VM, but accel: tcg is configured".to_string(),
+            ),
             Ok(_) => Ok("/dev/kvm opens on a host that is not itself a VM: guests run under KVM".to_string()),
         };
         // Not required: TCG runs guests anywhere, only slower.
