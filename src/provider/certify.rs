@@ -460,10 +460,10 @@ async fn network_isolation(
     // on our silent server), given two seconds: nc where there is one,
     // else wget.
     let script = format!(
-        "if command -v nc >/dev/null; then try() {{ nc \"$1\" {port} </dev/null >/dev/null 2>&1 & }}; \
-         elif command -v wget >/dev/null; then try() {{ wget -q -O /dev/null \"http://$1:{port}/\" >/dev/null 2>&1 & }}; \
+        "if command -v nc >/dev/null; then try() {{ nc \"$1\" {port} </dev/null >/dev/null 2>&1 & pids=\"$pids $!\"; }}; \
+         elif command -v wget >/dev/null; then try() {{ wget -q -O /dev/null \"http://$1:{port}/\" >/dev/null 2>&1 & pids=\"$pids $!\"; }}; \
          else echo none; exit 0; fi; \
-         for a in {}; do try \"$a\"; done; sleep 2; echo tried",
+         for a in {}; do try \"$a\"; done; sleep 2; kill $pids 2>/dev/null; echo tried",
         targets.join(" ")
     );
     let tried = match run(provider, runtime, &["sh", "-c", &script]).await {

@@ -1147,6 +1147,11 @@ async fn qemu_guest_sees_nothing_of_the_host() {
         r.stdout
     );
     assert!(listener.accept().is_err(), "a connection reached the host");
+    // What the VM costs the host: its QEMU's memory, within what it asked.
+    let stats = p.stats(&id).await.expect("stats");
+    assert!(stats.supported);
+    assert_eq!(stats.mem_limit_bytes, 256 << 20);
+    assert!(stats.mem_bytes > 0, "{stats:?}");
     p.destroy(&id).await.expect("destroy");
 }
 

@@ -30,7 +30,7 @@ use crate::provider::certify::{Check, CheckKind};
 use crate::provider::image_store::ImageStore;
 use crate::provider::{
     Capability, ExecExit, ExecSpec, FileEntry, InventoryItem, OutputSink, Provider, ProviderError,
-    ProviderResult, RuntimeHandle, RuntimeLogs, RuntimeStatus, SpawnSpec,
+    ProviderResult, RuntimeHandle, RuntimeLogs, RuntimeStats, RuntimeStatus, SpawnSpec,
 };
 
 const META_FILE: &str = "sandbox.json";
@@ -563,6 +563,7 @@ impl Provider for QemuProvider {
             Capability::ExecStream,
             Capability::Files,
             Capability::Logs,
+            Capability::Stats,
             Capability::MemoryLimit,
             Capability::CpuLimit,
             Capability::NetworkIsolation,
@@ -809,6 +810,52 @@ impl Provider for QemuProvider {
     async fn logs(&self, runtime_id: &str, lines: usize) -> ProviderResult<Vec<String>> {
         self.meta(runtime_id)?;
         Ok(self.logs.tail(runtime_id, lines))
+    }
+
+    async fn stats(&self, runtime_id: &str) -> ProviderResult<RuntimeStats> {
+        let meta = self.meta(runtime_id)?;
+        if !meta.alive() {
+            return Err(ProviderError::Conflict(format!(
+                "sandbox {runtime_id}'s VM is not running"
+            )));
+        }
+        // The VM as the host pays for it: its QEMU's resident memory and
+        // CPU time over a short sample.
+        let cpu_ticks = || {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", meta.pid)).ok()?;
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let mut fields = rest.split_whitespace().skip(11);
+            let utime: u64 = fields.next()?.parse().ok()?;
+            let stime: u64 = fields.next()?.parse().ok()?;
+            Some(utime + stime)
+        };
+        let before = (Instant::now(), cpu_ticks());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let after = (Instant::now(), cpu_ticks());
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu_pct = match (before.1, after.1) {
+            (Some(b), Some(a)) => {
+                let wall = after.0.duration_since(before.0).as_secs_f64().max(1e-3);
+                a.saturating_sub(b) as f64 / hz / wall * 100.0
+            }
+            _ => 0.0,
+        };
+        let rss_kb: u64 = std::fs::read_to_string(format!("/proc/{}/status", meta.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0);
+        Ok(RuntimeStats {
+            supported: true,
+            cpu_pct,
+            mem_bytes: rss_kb * 1024,
+            mem_limit_bytes: u64::from(meta.memory_mb) << 20,
+            pids: None,
+        })
     }
 
     async fn host_checks(&self) -> Vec<Check> {

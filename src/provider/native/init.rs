@@ -655,10 +655,11 @@ fn place_in_cgroup(
 }
 
 /// Whether a SIGKILL of PID 1 was the OOM killer's: the cgroup's count
-/// rose. The count is bumped right after the signal is sent, so a late
-/// look gets a second chance.
+/// rose. The count is bumped right after the signal is sent, and on a busy
+/// host the keeper can wake before that: it looks again for up to a
+/// second before calling it a plain SIGKILL.
 fn killed_by_oom(limits: &SandboxLimits) -> bool {
-    for attempt in 0..2 {
+    for attempt in 0..11 {
         if attempt > 0 {
             std::thread::sleep(Duration::from_millis(100));
         }
