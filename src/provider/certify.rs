@@ -307,7 +307,12 @@ async fn run_sandbox_checks(
         // Nothing of a certification may stay behind: one more try.
         crate::provider::best_effort(
             "removing the certification's sandbox",
-            provider.destroy_by_sandbox_id(&sandbox_id).await,
+            within(
+                STEP_TIMEOUT,
+                "removing the sandbox",
+                provider.destroy_by_sandbox_id(&sandbox_id),
+            )
+            .await,
         );
     }
     checks.push(Check::new(

@@ -1058,6 +1058,10 @@ async fn kill_exec(docker: &Docker, exec_id: &str, inside: Option<(String, u32)>
                     .map(str::to_string)
                     .to_vec(),
             ),
+            // Attached: the daemon ends the attached stream only when the
+            // process ends, so the wait below is for the kill itself.
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
             ..Default::default()
         };
         // Attached and waited for: the exec is over only once its tree is.

@@ -483,6 +483,15 @@ impl SandboxCgroup {
         read_key(&self.file("memory", name)?, "oom_kill")
     }
 
+    /// How often memory use hit the limit (v2 `memory.events` `max`, v1
+    /// `memory.failcnt`): no OOM kill happens without it rising.
+    pub(crate) fn limit_hits(&self) -> Option<u64> {
+        match self.layout {
+            Layout::V2 { .. } => read_key(&self.file("memory", "memory.events")?, "max"),
+            Layout::V1 { .. } => read_number(&self.file("memory", "memory.failcnt")?),
+        }
+    }
+
     /// Current memory use, in bytes.
     pub(crate) fn memory_bytes(&self) -> Option<u64> {
         let name = match self.layout {

@@ -611,6 +611,7 @@ fn start_container(
 struct SandboxLimits {
     cgroup: super::cgroup::SandboxCgroup,
     oom_kills_at_start: u64,
+    limit_hits_at_start: u64,
     memory_mb: u32,
 }
 
@@ -649,6 +650,7 @@ fn place_in_cgroup(
     }
     Ok(SandboxLimits {
         oom_kills_at_start: cgroup.oom_kills().unwrap_or(0),
+        limit_hits_at_start: cgroup.limit_hits().unwrap_or(0),
         cgroup,
         memory_mb: meta.memory_mb,
     })
@@ -656,18 +658,30 @@ fn place_in_cgroup(
 
 /// Whether a SIGKILL of PID 1 was the OOM killer's: the cgroup's count
 /// rose. The count is bumped right after the signal is sent, and on a busy
-/// host the keeper can wake before that: it looks again for up to a
-/// second before calling it a plain SIGKILL.
+/// host the keeper can wake before that: where the sandbox's memory did hit
+/// its limit, it looks again for up to a second before calling it a plain
+/// SIGKILL. A sandbox that never hit its limit (a destroy, `kill -9`) is
+/// not waited for.
 fn killed_by_oom(limits: &SandboxLimits) -> bool {
-    for attempt in 0..11 {
-        if attempt > 0 {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if limits
+    let risen = || {
+        limits
             .cgroup
             .oom_kills()
             .is_some_and(|n| n > limits.oom_kills_at_start)
-        {
+    };
+    if risen() {
+        return true;
+    }
+    let hit_limit = limits
+        .cgroup
+        .limit_hits()
+        .is_some_and(|n| n > limits.limit_hits_at_start);
+    if !hit_limit {
+        return false;
+    }
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        if risen() {
             return true;
         }
     }
