@@ -1057,15 +1057,7 @@ async fn a_native_sandbox_whose_init_is_killed_from_inside_is_reported_and_clean
     assert_failed_with(&server, &mut ws, &id, "SIGTERM").await;
     let dirs = native_dirs(server.data_dir.path());
     assert!(!dirs.contains(&id), "{dirs:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !crate::providers::host_processes_with(&id).is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "processes left: {:?}",
-            crate::providers::host_processes_with(&id)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_no_process_mentions(&id).await;
     server.stop().await;
 }
 
@@ -1347,8 +1339,8 @@ fn qemu_dir(data_dir: &Path, id: &str) -> std::path::PathBuf {
     data_dir.join("sandboxes/qemu").join(id)
 }
 
-/// Waits until no host process mentions `id` (a VM's QEMU names its
-/// sandbox's directory).
+/// Waits (up to 10 s) until no host process mentions `id` (a native
+/// keeper, a VM's QEMU: both name their sandbox).
 async fn until_no_process_mentions(id: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !crate::providers::host_processes_with(id).is_empty() {
