@@ -630,3 +630,127 @@ fn rand_u64() -> u64 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The host's end against a hostile guest: what a VM's root can make
+    //! its agent's port send.
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixListener;
+
+    /// A listener standing in for the VMM's socket; `agent` plays the guest.
+    async fn with_agent<F, Fut>(agent: F) -> (tempfile::TempDir, std::path::PathBuf)
+    where
+        F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            if let Ok((stream, _)) = listener.accept().await {
+                agent(stream).await;
+            }
+        });
+        (dir, path)
+    }
+
+    /// Reads the host's Session frame and answers with a welcome, after
+    /// `before` (garbage, an old session's frames).
+    async fn welcome(stream: &mut tokio::net::UnixStream, before: &[u8]) {
+        let mut session = [0u8; 17];
+        stream.read_exact(&mut session).await.expect("session");
+        let n = u64::from_be_bytes(session[9..17].try_into().expect("8"));
+        stream.write_all(before).await.expect("write");
+        let welcome = Frame::Welcome {
+            version: VERSION,
+            session: n,
+        };
+        stream
+            .write_all(&welcome.encode_tagged(0))
+            .await
+            .expect("write");
+    }
+
+    #[tokio::test]
+    async fn garbage_before_the_welcome_is_skipped_and_a_silent_agent_times_out() {
+        let (_dir, path) = with_agent(|mut s| async move {
+            // A cut-off frame and noise, then the welcome.
+            welcome(&mut s, &[0, 0, 0, 7, 11, 0, 0, 1, 0, 0xff, 0xfe]).await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        let link = AgentLink::open(&path, Duration::from_secs(5), || true).await;
+        assert!(link.is_ok(), "{:?}", link.err());
+
+        let (_dir, path) = with_agent(|s| async move {
+            // Connected, reading nothing, saying nothing.
+            let _held = s;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        let silent = AgentLink::open(&path, Duration::from_millis(300), || true).await;
+        assert!(
+            matches!(silent, Err(LinkError::Timeout(_))),
+            "{:?}",
+            silent.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_frame_closes_the_link_and_ends_its_requests() {
+        let (_dir, path) = with_agent(|mut s| async move {
+            welcome(&mut s, &[]).await;
+            // Request 1's answer claims 1 GiB of output.
+            let mut frame = 1u32.to_be_bytes().to_vec();
+            frame.push(11);
+            frame.extend_from_slice(&(1u32 << 30).to_be_bytes());
+            s.write_all(&frame).await.expect("write");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        let link = AgentLink::open(&path, Duration::from_secs(5), || true)
+            .await
+            .expect("open");
+        let (tx, _rx) = mpsc::channel(4);
+        let spec = ExecSpec {
+            argv: vec!["true".into()],
+            env: Default::default(),
+            workdir: None,
+            timeout: Duration::from_secs(5),
+        };
+        let ended = tokio::time::timeout(Duration::from_secs(3), link.exec(&spec, tx))
+            .await
+            .expect("the request ends with the link");
+        assert!(ended.is_err(), "{ended:?}");
+        assert!(link.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_read_answer_past_its_bound_is_refused_not_buffered() {
+        let (_dir, path) = with_agent(|mut s| async move {
+            welcome(&mut s, &[]).await;
+            // Frames for a request nobody made are dropped; then request
+            // 1 (the read) gets far more than any file may hold.
+            let stray = Frame::Stdout(vec![1; 16]).encode_tagged(99);
+            s.write_all(&stray).await.expect("write");
+            let chunk = Frame::Data(vec![7; stacyvm_agent::MAX_FRAME]).encode_tagged(1);
+            for _ in 0..(MAX_ANSWER_BYTES / stacyvm_agent::MAX_FRAME + 2) {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        })
+        .await;
+        let link = AgentLink::open(&path, Duration::from_secs(5), || true)
+            .await
+            .expect("open");
+        let read = link.read_file("/big").await;
+        match read {
+            Err(ProviderError::Runtime(why)) => assert!(why.contains("too large"), "{why}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|b| b.len())),
+        }
+    }
+}
