@@ -316,13 +316,14 @@ async fn an_init_killed_by_the_oom_killer_is_the_sandbox_cause() {
             .await
             .expect("store")
             .expect("record");
-        if let Some(reason) = record.state_reason.filter(|r| r.contains("OOM")) {
+        if let Some(reason) = record.state_reason.clone().filter(|r| r.contains("OOM")) {
             break reason;
         }
         assert!(
             Instant::now() < deadline,
-            "no OOM cause: {} {:?}",
+            "no OOM cause: {} ({:?}) {:?}",
             record.state,
+            record.state_reason,
             record_file
                 .parent()
                 .map(|d| std::fs::read_to_string(d.join("init.exit")))

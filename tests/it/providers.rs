@@ -412,8 +412,17 @@ async fn spawn(fx: &Fixture) -> String {
     spawn_with_id(fx).await.1
 }
 
+/// MicroVMs booting at once in the suite: under TCG each boot takes a
+/// core for a second or two, and a dozen at once starve the suite's
+/// timing-sensitive tests on a small machine.
+static VM_BOOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// Spawns a sandbox; returns (sandbox id, runtime id).
 async fn spawn_with_id(fx: &Fixture) -> (String, String) {
+    let _boot = match fx.provider.name() {
+        "qemu" => Some(VM_BOOTS.acquire().await.expect("semaphore")),
+        _ => None,
+    };
     let id = format!("t-{}", uuid::Uuid::new_v4().as_simple());
     let handle = fx
         .provider
