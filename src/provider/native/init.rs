@@ -138,6 +138,13 @@ pub(crate) fn status(dir: &Path) -> io::Result<RuntimeStatus> {
     };
     if process_alive(record.pid, record.start)? {
         Ok(RuntimeStatus::Running)
+    } else if !dir.join(EXIT_FILE).exists() && record.keeper_alive() {
+        // Between PID 1's end and the keeper's record of it (it may look
+        // for an OOM kill count first): no verdict yet, or the cause would
+        // be lost as "no end was recorded".
+        Err(io::Error::other(
+            "its init ended and its keeper is still recording how",
+        ))
     } else {
         Ok(RuntimeStatus::Stopped {
             cause: exit_cause(dir),
