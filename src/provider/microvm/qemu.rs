@@ -103,18 +103,7 @@ async fn kill_by_pid_file(dir: &Path) {
     let Some(start) = crate::provider::native::init::start_time(pid).filter(|_| ours) else {
         return;
     };
-    let meta_like = Meta {
-        sandbox_id: String::new(),
-        image: String::new(),
-        memory_mb: 0,
-        vcpus: 0,
-        disk_mb: 0,
-        accel: Accel::Tcg,
-        created_at: chrono::Utc::now(),
-        pid,
-        pid_start: start,
-    };
-    QemuProvider::kill_vm(&meta_like).await;
+    QemuProvider::kill_vm(pid, start).await;
 }
 
 /// What booting needs, found once.
@@ -252,19 +241,20 @@ impl QemuProvider {
 
     /// Kills a VM and waits (up to 5 s) for it to be gone; `false` if it
     /// is still there.
-    async fn kill_vm(meta: &Meta) -> bool {
-        if !meta.alive() {
+    async fn kill_vm(pid: i32, start: u64) -> bool {
+        let alive = || crate::provider::native::init::is_same_process(pid, start);
+        if !alive() {
             return true;
         }
         // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(meta.pid, libc::SIGKILL) };
+        unsafe { libc::kill(pid, libc::SIGKILL) };
         for _ in 0..250 {
-            if !meta.alive() {
+            if !alive() {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::warn!(pid = meta.pid, "a killed VM process is still there");
+        tracing::warn!(pid, "a killed VM process is still there");
         false
     }
 
@@ -483,7 +473,7 @@ impl QemuProvider {
     async fn remove_dir(&self, dir: &Path) -> ProviderResult<()> {
         match read_meta(dir) {
             Ok(meta) => {
-                if !Self::kill_vm(&meta).await {
+                if !Self::kill_vm(meta.pid, meta.pid_start).await {
                     return Err(ProviderError::Runtime(format!(
                         "the VM of {} (pid {}) does not end",
                         dir.display(),
@@ -722,7 +712,7 @@ impl Provider for QemuProvider {
             }
             match read_meta(&entry.path()) {
                 Ok(meta) => {
-                    Self::kill_vm(&meta).await;
+                    Self::kill_vm(meta.pid, meta.pid_start).await;
                 }
                 Err(_) => kill_by_pid_file(&entry.path()).await,
             }
