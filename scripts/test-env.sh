@@ -28,6 +28,8 @@
 #   STACYVM_TEST_RUNSC=1       the Docker daemon runs containers under gVisor on request
 #   STACYVM_TEST_KERNEL        a vmlinuz for microVM guests (Debian's cloud kernel,
 #                              unpacked with its modules under <state>/kernel)
+#   STACYVM_TEST_FIRECRACKER   the Firecracker binary (../shared/tools/firecracker: no
+#                              registry ships one); unset when there is none
 #
 # Knobs (optional, set before sourcing):
 #   STACYVM_TEST_POSTGRES_URL  if already set, no cluster is started and it is used as is
@@ -330,6 +332,24 @@ stacyvm_test_env_cleanup() {
     unset STACYVM_TEST_TMPDIR
 }
 
+# Firecracker: the build beside the repository (no package registry ships
+# one), or STACYVM_TEST_FIRECRACKER, or one on PATH. Without one its tests
+# say they are skipped (nothing here can install it).
+_stacyvm_env_firecracker() {
+    local fc
+    for fc in "${STACYVM_TEST_FIRECRACKER:-}" "$1/../shared/tools/firecracker/firecracker" \
+        /work/shared/tools/firecracker/firecracker "$(command -v firecracker || true)"; do
+        if [ -n "$fc" ] && [ -x "$fc" ]; then
+            STACYVM_TEST_FIRECRACKER=$(realpath "$fc") || return 1
+            export STACYVM_TEST_FIRECRACKER
+            _stacyvm_env_log "firecracker: $STACYVM_TEST_FIRECRACKER ($("$STACYVM_TEST_FIRECRACKER" --version | head -n 1))"
+            return 0
+        fi
+    done
+    _stacyvm_env_log "firecracker: none found (../shared/tools/firecracker/firecracker): its tests are skipped"
+    unset STACYVM_TEST_FIRECRACKER
+}
+
 stacyvm_test_env_setup() {
     local root
     root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) || return 1
@@ -351,6 +371,7 @@ stacyvm_test_env_setup() {
     _stacyvm_env_rootfs || return 1
     _stacyvm_env_image || return 1
     _stacyvm_env_kernel || return 1
+    _stacyvm_env_firecracker "$root" || return 1
     _stacyvm_env_venv || return 1
     _stacyvm_env_log "ready"
 }
@@ -374,7 +395,7 @@ else
     {
         for v in STACYVM_TEST_ROOTFS STACYVM_TEST_IMAGE STACYVM_TEST_POSTGRES_URL \
             STACYVM_TEST_DOCKER STACYVM_TEST_VENV STACYVM_TEST_SCHEMATHESIS STACYVM_TEST_TMPDIR \
-            STACYVM_TEST_KERNEL STACYVM_TEST_RUNSC; do
+            STACYVM_TEST_KERNEL STACYVM_TEST_FIRECRACKER STACYVM_TEST_RUNSC; do
             printf 'export %s=%q\n' "$v" "${!v-}"
         done
     } >"$envfile"

@@ -266,11 +266,19 @@ async fn build_providers(
             config.providers.proot.binary.clone(),
         )),
         Arc::new(crate::provider::microvm::qemu::QemuProvider::new(
-            images,
+            images.clone(),
             sandboxes.join("qemu"),
             config.data_dir.join("vm"),
             config.providers.qemu.clone(),
         )),
+        Arc::new(
+            crate::provider::microvm::firecracker::FirecrackerProvider::new(
+                images,
+                sandboxes.join("firecracker"),
+                config.data_dir.join("vm"),
+                config.providers.firecracker.clone(),
+            ),
+        ),
     ];
     if config.providers.memory.enabled {
         all.push(Arc::new(crate::provider::memory::MemoryProvider::new(

@@ -273,6 +273,8 @@ pub struct ProvidersConfig {
     pub proot: ProotConfig,
     /// MicroVM sandboxes under QEMU (`-M microvm`).
     pub qemu: QemuConfig,
+    /// MicroVM sandboxes under Firecracker (a KVM host).
+    pub firecracker: FirecrackerConfig,
     /// Records without runtimes, for benchmarks of the control plane.
     pub memory: MemoryConfig,
     /// Runtimes behind StacyVM's HTTP provider contract, by the name
@@ -282,7 +284,8 @@ pub struct ProvidersConfig {
 
 /// The providers this build has, by the names sandboxes are spawned on
 /// (a custom provider may take none of them, nor `auto`).
-pub const BUILT_IN_PROVIDERS: [&str; 5] = ["docker", "native", "proot", "qemu", "memory"];
+pub const BUILT_IN_PROVIDERS: [&str; 6] =
+    ["docker", "native", "proot", "qemu", "firecracker", "memory"];
 
 /// How QEMU runs a guest's CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -323,6 +326,43 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             boot_timeout: GoDuration(std::time::Duration::from_secs(60)),
             agent_binary: PathBuf::new(),
+        }
+    }
+}
+
+/// The `firecracker` provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FirecrackerConfig {
+    /// The `firecracker` binary (no distribution packages it: a release
+    /// from its project, or a build of its sources).
+    pub binary: PathBuf,
+    /// The guest kernel: an uncompressed vmlinux, or a bzImage with an
+    /// LZ4 payload (Debian's), which is extracted once; empty: the newest
+    /// `/boot/vmlinuz-*`.
+    pub kernel: PathBuf,
+    /// Its modules; empty: `lib/modules/<release>` beside the kernel's
+    /// `boot/`, else `/lib/modules/<release>`.
+    pub modules_dir: PathBuf,
+    /// How long a VM has to boot to its agent before the spawn fails.
+    pub boot_timeout: GoDuration,
+    /// The static `stacyvm-agent` binary (the guest's `/init`); empty
+    /// means beside the running `stacyvm` executable.
+    pub agent_binary: PathBuf,
+    /// Firecracker's own seccomp filters. Off only for a build that has
+    /// none for this target (`--no-seccomp`).
+    pub seccomp: bool,
+}
+
+impl Default for FirecrackerConfig {
+    fn default() -> Self {
+        FirecrackerConfig {
+            binary: PathBuf::from("firecracker"),
+            kernel: PathBuf::new(),
+            modules_dir: PathBuf::new(),
+            boot_timeout: GoDuration(std::time::Duration::from_secs(30)),
+            agent_binary: PathBuf::new(),
+            seccomp: true,
         }
     }
 }
@@ -670,6 +710,7 @@ impl Default for ProvidersConfig {
             native: NativeConfig::default(),
             proot: ProotConfig::default(),
             qemu: QemuConfig::default(),
+            firecracker: FirecrackerConfig::default(),
             memory: MemoryConfig::default(),
             custom: BTreeMap::new(),
         }
@@ -780,7 +821,7 @@ fn env_key(name: &str) -> Option<String> {
         .find(|s| lower.starts_with(&format!("{s}_")))?;
     let rest = &lower[section.len() + 1..];
     let nested: &[&str] = match *section {
-        "providers" => &["docker", "native", "proot", "qemu"],
+        "providers" => &["docker", "native", "proot", "qemu", "firecracker"],
         "auth" => &["jwt"],
         _ => &[],
     };
@@ -991,7 +1032,7 @@ impl Config {
             || self.providers.custom.contains_key(default);
         if !allowed {
             return Err(ConfigError::Invalid(format!(
-                "providers.default must be auto, docker, native, proot, qemu or a custom provider's name, not {:?}",
+                "providers.default must be auto, docker, native, proot, qemu, firecracker or a custom provider's name, not {:?}",
                 self.providers.default
             )));
         }

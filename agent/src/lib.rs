@@ -59,6 +59,14 @@ pub const RUN_DIR: &str = "/.stacyvm/run";
 /// The agent's socket, inside [`RUN_DIR`].
 pub const SOCKET_NAME: &str = "agent.sock";
 
+/// The vsock port a microVM's agent listens on where the VMM offers vsock
+/// (Firecracker: the host writes `CONNECT 1024` on the VM's Unix socket).
+pub const VSOCK_PORT: u32 = 1024;
+
+/// The kernel parameter that tells the agent to serve on vsock rather than
+/// on a virtio serial port.
+pub const VSOCK_PARAM: &str = "stacyvm.transport=vsock";
+
 /// Why the agent could not start a command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {

@@ -5,9 +5,11 @@
 //! initramfs carries (`/stacyvm/modules`, in the order its `order` file
 //! lists: a distribution kernel has its virtio drivers as modules); mount
 //! the sandbox's disk (`/dev/vda`, ext4) and make it the root; bring up
-//! loopback; find the virtio serial port named [`PORT_NAME`]. Then it
-//! serves the multiplexed protocol (see the crate's docs) on that port
-//! and does PID 1's work: reaping orphans, ending the VM on SIGTERM,
+//! loopback; find the virtio serial port named [`PORT_NAME`], or with
+//! `stacyvm.transport=vsock` on the kernel's command line (Firecracker)
+//! listen on vsock port [`stacyvm_agent::VSOCK_PORT`]. Then it serves the
+//! multiplexed protocol (see the crate's docs) to the host and does PID
+//! 1's work: reaping orphans, ending the VM on SIGTERM,
 //! SIGINT or SIGHUP (`kill 1` inside stops the sandbox, as elsewhere).
 //!
 //! A failed boot step is printed on the console and ends the agent: the
@@ -51,26 +53,114 @@ pub fn main() -> ! {
         eprintln!("stacyvm-agent: boot failed: {e}");
         std::process::exit(1);
     }
-    let port = match find_port() {
-        Ok(port) => port,
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let vsock = cmdline
+        .split_whitespace()
+        .any(|arg| arg == stacyvm_agent::VSOCK_PARAM);
+    let transport = if vsock {
+        listen_vsock(stacyvm_agent::VSOCK_PORT).map(|listener| {
+            eprintln!(
+                "stacyvm-agent: ready on vsock port {}",
+                stacyvm_agent::VSOCK_PORT
+            );
+            Transport::Vsock(listener)
+        })
+    } else {
+        find_port().and_then(|port| {
+            eprintln!("stacyvm-agent: ready on {}", port.display());
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&port)
+                .map(|f| Transport::Port(OwnedFd::from(f)))
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", port.display())))
+        })
+    };
+    match transport {
+        Ok(transport) => serve(transport, signals),
         Err(e) => {
             eprintln!("stacyvm-agent: {e}");
             std::process::exit(1);
         }
+    }
+}
+
+/// Where the host reaches the agent.
+enum Transport {
+    /// A virtio serial port: one stream for the VM's life, on which the
+    /// host's leaving shows as a hang-up.
+    Port(OwnedFd),
+    /// A vsock listener: each host is a connection of its own, and a new
+    /// one replaces the one before (its host has gone, or will).
+    Vsock(OwnedFd),
+}
+
+/// Listens on vsock `port` (any CID), non-blocking; waits for the vsock
+/// transport to be there (its modules were just loaded).
+fn listen_vsock(port: u32) -> io::Result<OwnedFd> {
+    let mut last = None;
+    let mut listener = None;
+    wait_for(
+        || {
+            // SAFETY: socket(2) with constant arguments.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_VSOCK,
+                    libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                    0,
+                )
+            };
+            if fd < 0 {
+                last = Some(io::Error::last_os_error());
+                return false;
+            }
+            // SAFETY: a new descriptor owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: a zeroed sockaddr_vm is valid; its fields set below.
+            let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+            addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+            addr.svm_cid = libc::VMADDR_CID_ANY;
+            addr.svm_port = port;
+            // SAFETY: bind and listen on an owned socket with an address of
+            // the size given.
+            let ok = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+                ) == 0
+                    && libc::listen(fd.as_raw_fd(), 4) == 0
+            };
+            if !ok {
+                last = Some(io::Error::last_os_error());
+                return false;
+            }
+            listener = Some(fd);
+            true
+        },
+        "the vsock transport",
+    )
+    .map_err(|e| match last.take() {
+        Some(why) => io::Error::new(e.kind(), format!("{e} (last error: {why})")),
+        None => e,
+    })?;
+    Ok(listener.expect("set when ready"))
+}
+
+/// A host's connection from the vsock listener, if one waits.
+fn accept(listener: &OwnedFd) -> Option<OwnedFd> {
+    // SAFETY: accept4 on a listening socket this process owns, without
+    // the peer's address.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
     };
-    eprintln!("stacyvm-agent: ready on {}", port.display());
-    let port = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&port)
-    {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("stacyvm-agent: {}: {e}", port.display());
-            std::process::exit(1);
-        }
-    };
-    serve(port, signals)
+    // SAFETY: a new descriptor owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn cstr(s: &str) -> CString {
@@ -317,24 +407,34 @@ fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> libc::c_short 
 /// absent host. Frames of a session that has ended are dropped; a frame
 /// cut off that way is skipped by the host, which looks for its welcome
 /// byte by byte.
+///
+/// It owns the stream under its lock: the stream a host reached the agent
+/// by is replaced (vsock: a connection per host) only between writes.
 struct Out {
-    lock: Mutex<()>,
-    fd: RawFd,
+    stream: Mutex<Option<OwnedFd>>,
     session: AtomicU64,
 }
 
 impl Out {
+    /// Puts `stream` in place of the one before (closed here).
+    fn replace(&self, stream: Option<OwnedFd>) {
+        *locked(&self.stream) = stream;
+    }
+
     fn send(&self, session: u64, id: u32, frame: &Frame) -> io::Result<()> {
-        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let stream = locked(&self.stream);
         let ended = || io::Error::new(io::ErrorKind::BrokenPipe, "the session ended");
         if self.session.load(Ordering::Acquire) != session {
             return Err(ended());
         }
+        let Some(fd) = stream.as_ref().map(AsRawFd::as_raw_fd) else {
+            return Err(ended());
+        };
         let bytes = frame.encode_tagged(id);
         let mut at = 0;
         while at < bytes.len() {
             // SAFETY: writing from a live buffer of that length.
-            let n = unsafe { libc::write(self.fd, bytes[at..].as_ptr().cast(), bytes.len() - at) };
+            let n = unsafe { libc::write(fd, bytes[at..].as_ptr().cast(), bytes.len() - at) };
             if n > 0 {
                 at += n as usize;
                 continue;
@@ -342,7 +442,7 @@ impl Out {
             let e = io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EAGAIN) => {
-                    poll_one(self.fd, libc::POLLOUT, IO_POLL_MS);
+                    poll_one(fd, libc::POLLOUT, IO_POLL_MS);
                     if self.session.load(Ordering::Acquire) != session {
                         return Err(ended());
                     }
@@ -495,7 +595,7 @@ fn refuse(out: &Out, session: u64, id: u32, message: String) {
     }
 }
 
-fn serve(port: File, signals: libc::sigset_t) -> ! {
+fn serve(transport: Transport, signals: libc::sigset_t) -> ! {
     let children = Arc::new(crate::Children::default());
     // SAFETY: signalfd with a valid, initialised set.
     let sigfd = unsafe { libc::signalfd(-1, &signals, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
@@ -506,16 +606,22 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
     // SAFETY: a new descriptor owned by nobody else.
     let sigfd = unsafe { OwnedFd::from_raw_fd(sigfd) };
     crate::install_stop_handlers();
-    let fd = port.as_raw_fd();
-    // SAFETY: fcntl on a descriptor this function owns (`port` lives as
-    // long as the loop below, which never returns).
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-    }
+    let (stream, listener) = match transport {
+        Transport::Port(port) => {
+            // SAFETY: fcntl on a descriptor `out` owns for the life of the
+            // loop below, which never returns.
+            unsafe {
+                let flags = libc::fcntl(port.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(port.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+            (Some(port), None)
+        }
+        Transport::Vsock(listener) => (None, Some(listener)),
+    };
+    // The stream being served (-1: none); only this loop replaces it.
+    let mut fd = stream.as_ref().map_or(-1, AsRawFd::as_raw_fd);
     let out = Arc::new(Out {
-        lock: Mutex::new(()),
-        fd,
+        stream: Mutex::new(stream),
         session: AtomicU64::new(0),
     });
     let running = Arc::new(Running::default());
@@ -524,7 +630,15 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
     let mut session: u64 = 0;
     let mut writes: HashMap<u32, files::Upload> = HashMap::new();
     let mut connected = false;
-    let _keep = port;
+    // The host is gone: a vsock connection closes (the next host makes
+    // its own); a serial port stays for the next.
+    let hang_up = |fd: &mut RawFd, connected: &mut bool| {
+        *connected = false;
+        if listener.is_some() {
+            out.replace(None);
+            *fd = -1;
+        }
+    };
     loop {
         let mut fds = [
             libc::pollfd {
@@ -533,22 +647,46 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
                 revents: 0,
             },
             libc::pollfd {
-                fd,
+                // poll(2) skips a negative descriptor.
+                fd: if connected { fd } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: listener.as_ref().map_or(-1, AsRawFd::as_raw_fd),
                 events: libc::POLLIN,
                 revents: 0,
             },
         ];
-        // While the host is away the port reports a hang-up at once:
+        // While the host is away a serial port reports a hang-up at once:
         // look again at a slow pace.
-        let (watched, timeout) = if connected { (2, -1) } else { (1, 20) };
+        let timeout = if connected || listener.is_some() {
+            -1
+        } else {
+            20
+        };
         // SAFETY: a valid array of pollfd for its length.
-        if unsafe { libc::poll(fds.as_mut_ptr(), watched, timeout) } < 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) } < 0 {
             continue;
         }
         if fds[0].revents != 0 {
             crate::handle_signals(&sigfd, &children);
         }
+        if fds[2].revents & libc::POLLIN != 0
+            && let Some(next) = listener.as_ref().and_then(accept)
+        {
+            // A new host: what the one before started ends with it.
+            end(&out, &running, &mut writes, &mut session);
+            fd = next.as_raw_fd();
+            reader.fd = fd;
+            out.replace(Some(next));
+            connected = true;
+            continue;
+        }
         if !connected {
+            if listener.is_some() {
+                continue;
+            }
             let revents = poll_one(fd, libc::POLLIN, 0);
             if revents & libc::POLLHUP != 0 || revents & libc::POLLIN == 0 {
                 continue;
@@ -556,8 +694,8 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
             connected = true;
         } else if fds[1].revents & libc::POLLHUP != 0 {
             // The host went away: what it started must not run on unseen.
-            connected = false;
             end(&out, &running, &mut writes, &mut session);
+            hang_up(&mut fd, &mut connected);
             continue;
         } else if fds[1].revents == 0 {
             continue;
@@ -566,23 +704,25 @@ fn serve(port: File, signals: libc::sigset_t) -> ! {
         if session == 0 {
             match reader.find_session() {
                 Ok(next) => open_session(&out, next, &mut session),
-                Err(_) => connected = false,
+                Err(_) => hang_up(&mut fd, &mut connected),
             }
             continue;
         }
         let (id, frame) = match stacyvm_agent::read_tagged(&mut reader) {
             Ok(Some(tagged)) => tagged,
             Ok(None) => {
-                connected = false;
                 end(&out, &running, &mut writes, &mut session);
+                hang_up(&mut fd, &mut connected);
                 continue;
             }
             Err(e) => {
                 // Out of step: nothing counts until a new session.
-                if e.kind() != io::ErrorKind::UnexpectedEof {
+                end(&out, &running, &mut writes, &mut session);
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    hang_up(&mut fd, &mut connected);
+                } else {
                     eprintln!("stacyvm-agent: unreadable frame from the host: {e}");
                 }
-                end(&out, &running, &mut writes, &mut session);
                 continue;
             }
         };

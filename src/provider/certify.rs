@@ -34,6 +34,8 @@ pub const FILE: &str = "certification.json";
 pub enum CheckKind {
     /// The backend answers: its binary runs, its daemon or kernel is there.
     Health,
+    /// The runtime's binary runs: its path and version (microVMs).
+    Binary,
     /// `/dev/kvm` opens and guests may use it (microVMs).
     Kvm,
     /// The guest kernel, its modules and the initramfs (microVMs).
@@ -57,6 +59,7 @@ impl CheckKind {
     pub fn as_str(self) -> &'static str {
         match self {
             CheckKind::Health => "health",
+            CheckKind::Binary => "binary",
             CheckKind::Kvm => "kvm",
             CheckKind::Kernel => "kernel",
             CheckKind::Image => "image",

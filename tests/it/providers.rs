@@ -2030,3 +2030,201 @@ async fn certify_reports_each_check_and_the_server_shows_it() {
         "{table}"
     );
 }
+
+/// A firecracker provider on a fresh data dir with the test kernel and
+/// the Firecracker build beside the repository (`STACYVM_TEST_FIRECRACKER`),
+/// `tweak` applied; `None`, said so, without them.
+fn firecracker_provider_with(
+    tweak: impl FnOnce(&mut stacyvm::config::FirecrackerConfig),
+) -> Option<(
+    stacyvm::provider::microvm::firecracker::FirecrackerProvider,
+    tempfile::TempDir,
+)> {
+    let kernel = PathBuf::from(crate::support::require_env("STACYVM_TEST_KERNEL")?);
+    // Not required even in strict runs: nothing can install Firecracker.
+    let Some(binary) = std::env::var_os("STACYVM_TEST_FIRECRACKER").filter(|b| !b.is_empty())
+    else {
+        eprintln!("SKIPPED: no Firecracker binary (STACYVM_TEST_FIRECRACKER)");
+        return None;
+    };
+    let (data, store) = data_dir_with_image();
+    let mut config = stacyvm::config::FirecrackerConfig {
+        binary: binary.into(),
+        kernel,
+        boot_timeout: stacyvm::duration::GoDuration(Duration::from_secs(10)),
+        // The build beside the repository has seccomp filters for musl
+        // only (its README).
+        seccomp: false,
+        ..Default::default()
+    };
+    tweak(&mut config);
+    let provider = stacyvm::provider::microvm::firecracker::FirecrackerProvider::new(
+        store,
+        data.path().join("sandboxes/firecracker"),
+        data.path().join("vm"),
+        config,
+    );
+    Some((provider, data))
+}
+
+/// Host processes whose working directory is under `dir` (Firecracker
+/// runs in its sandbox's directory).
+fn processes_in(dir: &Path) -> Vec<String> {
+    dir_entries(Path::new("/proc"))
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
+        })
+        .collect()
+}
+
+/// The real Firecracker: its version, the kernel extracted from Debian's
+/// bzImage, the API conversation of a boot. Where KVM runs guests the VM
+/// boots to its agent over vsock and serves commands and files; on a host
+/// that is itself a VM (this one: its guests do not reach init) the spawn
+/// fails with Firecracker's output and leaves nothing. Either way destroy
+/// leaves no process, socket or disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecracker_speaks_the_real_api_and_boots_where_kvm_works() {
+    use stacyvm::provider::certify::{CheckKind, CheckStatus};
+    let Some((p, data)) = firecracker_provider_with(|_| {}) else {
+        return;
+    };
+    p.health().await.expect("healthy");
+    let checks = p.host_checks().await;
+    let binary = checks
+        .iter()
+        .find(|c| c.check == CheckKind::Binary)
+        .expect("a binary check");
+    assert_eq!(binary.status, CheckStatus::Pass, "{binary:?}");
+    assert!(binary.detail.contains("Firecracker v"), "{binary:?}");
+    let kernel = checks
+        .iter()
+        .find(|c| c.check == CheckKind::Kernel)
+        .expect("a kernel check");
+    assert_eq!(kernel.status, CheckStatus::Pass, "{kernel:?}");
+    // The vmlinux taken out of the bzImage: an ELF file of tens of MiB.
+    let kernels = data.path().join("vm/kernels");
+    let extracted = dir_entries(&kernels);
+    assert_eq!(extracted.len(), 1, "{extracted:?}");
+    let vmlinux = std::fs::read(kernels.join(&extracted[0])).expect("vmlinux");
+    assert_eq!(&vmlinux[..4], b"\x7fELF");
+    assert!(vmlinux.len() > 20 << 20, "{} bytes", vmlinux.len());
+    assert!(kernel.detail.contains(&extracted[0]), "{kernel:?}");
+
+    let p: Arc<dyn Provider> = Arc::new(p);
+    let spec = vm_spec(TEST_IMAGE);
+    let sandboxes = data.path().join("sandboxes/firecracker");
+    match p.spawn(&spec).await {
+        Ok(handle) => {
+            let id = handle.runtime_id;
+            let r = run(
+                &p,
+                &id,
+                spec_of(&["sh", "-c", "echo hi; cat /proc/1/cmdline"]),
+            )
+            .await;
+            assert_eq!(r.exit, ExecExit::Exited(0));
+            assert!(r.stdout.starts_with("hi\n/init"), "{}", r.stdout);
+            let content = Bytes::from((0..=255u8).cycle().take(300_000).collect::<Vec<_>>());
+            p.write_file(&id, "/workspace/blob", content.clone(), 0o644)
+                .await
+                .expect("write");
+            assert_eq!(
+                p.read_file(&id, "/workspace/blob").await.expect("read"),
+                content
+            );
+            assert_eq!(dir_entries(&sandboxes), vec![id.clone()]);
+            p.destroy(&id).await.expect("destroy");
+        }
+        Err(e) => {
+            assert!(
+                stacyvm::provider::microvm::machine::host_is_a_vm(),
+                "on a host that is not itself a VM the guest must boot: {e}"
+            );
+            let text = e.to_string();
+            eprintln!("this host is a VM; the spawn failed as it should:\n{text}");
+            assert!(text.contains("did not boot to its agent"), "{text}");
+            // Firecracker's own log lines, as the console's last lines.
+            assert!(text.contains("[anonymous-instance:"), "{text}");
+        }
+    }
+    assert_eq!(dir_entries(&sandboxes), Vec::<String>::new());
+    assert_eq!(processes_in(data.path()), Vec::<String>::new());
+    assert!(matches!(
+        p.inspect(&spec.sandbox_id).await,
+        Ok(stacyvm::provider::RuntimeStatus::Missing)
+    ));
+}
+
+/// What Firecracker or its configuration refuses is a clear error, and a
+/// refused VM leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn firecracker_configuration_errors_are_clear_and_leave_nothing() {
+    // A machine Firecracker refuses: its own words, through its API.
+    let Some((p, data)) = firecracker_provider_with(|_| {}) else {
+        return;
+    };
+    let mut spec = vm_spec(TEST_IMAGE);
+    spec.memory_mb = 0;
+    let err = p.spawn(&spec).await.expect_err("no memory");
+    assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("Firecracker refused PUT /machine-config") && text.contains("memory size"),
+        "{text}"
+    );
+    assert_eq!(
+        dir_entries(&data.path().join("sandboxes/firecracker")),
+        Vec::<String>::new()
+    );
+    assert_eq!(processes_in(data.path()), Vec::<String>::new());
+
+    // No binary, or one that is not Firecracker: unhealthy, saying which
+    // setting to change; a spawn fails the same way and leaves nothing.
+    let (p, data) =
+        firecracker_provider_with(|c| c.binary = "/nonexistent/firecracker".into()).expect("fc");
+    let err = p.health().await.expect_err("no binary");
+    assert!(
+        err.to_string().contains("providers.firecracker.binary"),
+        "{err}"
+    );
+    let err = p.spawn(&vm_spec(TEST_IMAGE)).await.expect_err("no binary");
+    assert!(
+        err.to_string().contains("providers.firecracker.binary"),
+        "{err}"
+    );
+    assert_eq!(
+        dir_entries(&data.path().join("sandboxes/firecracker")),
+        Vec::<String>::new()
+    );
+    let (p, _data) = firecracker_provider_with(|c| c.binary = "/bin/true".into()).expect("fc");
+    let err = p.health().await.expect_err("not firecracker");
+    assert!(
+        err.to_string().contains("does not say it is Firecracker"),
+        "{err}"
+    );
+
+    // A kernel that is neither an ELF nor an LZ4 bzImage.
+    let bogus = tempfile::tempdir().expect("tempdir");
+    let (p, _data) = firecracker_provider_with(|c| {
+        let real = c.kernel.clone();
+        let release = real.file_name().expect("name").to_owned();
+        std::fs::write(bogus.path().join(&release), "not a kernel").expect("write");
+        c.modules_dir = real
+            .parent()
+            .and_then(Path::parent)
+            .expect("<root>/boot")
+            .join("lib/modules")
+            .join(
+                release
+                    .to_string_lossy()
+                    .strip_prefix("vmlinuz-")
+                    .expect("vmlinuz-<release>"),
+            );
+        c.kernel = bogus.path().join(release);
+    })
+    .expect("fc");
+    let err = p.health().await.expect_err("bogus kernel");
+    assert!(err.to_string().contains("uncompressed vmlinux"), "{err}");
+}

@@ -10,6 +10,9 @@
 //! - The initramfs (newc cpio) holds the guest agent as `/init` and the
 //!   modules under `/stacyvm/modules` with their load `order`. It is
 //!   cached by the hash of what it holds.
+//! - Firecracker boots an uncompressed ELF kernel: [`vmlinux`] takes the
+//!   LZ4 payload out of a bzImage (Debian's kernels are compressed so),
+//!   cached by the bzImage's hash.
 //! - The root disk is an ext4 image of an image from the local image
 //!   store (`mkfs.ext4 -d`), cached per image and import time; each
 //!   sandbox gets a sparse copy grown to its `disk_mb`.
@@ -331,6 +334,102 @@ async fn run_tool(name: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
     Ok(())
 }
 
+/// The magic number of LZ4's legacy frame, the one the kernel's build
+/// uses for an LZ4 payload.
+const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+
+/// What one block of a legacy frame decompresses to, at most.
+const LZ4_LEGACY_BLOCK: usize = 8 << 20;
+
+/// The most an uncompressed kernel may be (Debian's is about 55 MiB).
+const MAX_VMLINUX: usize = 512 << 20;
+
+const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
+
+/// An uncompressed ELF kernel for `kernel`: `kernel` itself when it is
+/// one, else the LZ4 payload of the bzImage it is, decompressed into
+/// `cache/kernels/` once per bzImage.
+pub fn vmlinux(kernel: &Path, cache: &Path) -> Result<PathBuf, String> {
+    let bytes = std::fs::read(kernel).map_err(|e| format!("{}: {e}", kernel.display()))?;
+    if bytes.starts_with(&ELF_MAGIC) {
+        return Ok(kernel.to_path_buf());
+    }
+    let digest = sha2::Sha256::digest(&bytes);
+    let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let dir = cache.join("kernels");
+    let path = dir.join(format!("vmlinux-{key}"));
+    if path.is_file() {
+        return Ok(path);
+    }
+    let elf = extract_lz4_kernel(&bytes).map_err(|why| {
+        format!(
+            "{}: {why}; give an uncompressed vmlinux instead (`extract-vmlinux` from the kernel's sources makes one)",
+            kernel.display()
+        )
+    })?;
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4().as_simple()));
+    let written = std::fs::write(&tmp, &elf)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| format!("{}: {e}", path.display()));
+    if written.is_err() {
+        crate::provider::best_effort(
+            "removing a half-written vmlinux",
+            std::fs::remove_file(&tmp),
+        );
+    }
+    written.map(|()| path)
+}
+
+/// The ELF kernel inside a bzImage with an LZ4 payload: the first legacy
+/// LZ4 frame whose blocks decompress to an ELF file. The frame ends at
+/// the first block that is short, or at what is not a block (the size
+/// the build appends, the rest of the bzImage).
+fn extract_lz4_kernel(image: &[u8]) -> Result<Vec<u8>, String> {
+    let bound = LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK / 255 + 16;
+    let mut from = 0;
+    while let Some(at) = image[from..]
+        .windows(4)
+        .position(|w| w == LZ4_LEGACY_MAGIC)
+        .map(|p| p + from)
+    {
+        from = at + 4;
+        let mut out = Vec::new();
+        let mut block = vec![0u8; LZ4_LEGACY_BLOCK];
+        let mut pos = at + 4;
+        while let Some(size) = image
+            .get(pos..pos + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        {
+            if size == u32::from_le_bytes(LZ4_LEGACY_MAGIC) as usize {
+                pos += 4;
+                continue;
+            }
+            let Some(input) = image
+                .get(pos + 4..pos + 4 + size)
+                .filter(|_| size > 0 && size <= bound)
+            else {
+                break;
+            };
+            let Ok(n) = lz4_flex::block::decompress_into(input, &mut block) else {
+                break;
+            };
+            if out.len() + n > MAX_VMLINUX {
+                return Err(format!("its kernel is over {} MiB", MAX_VMLINUX >> 20));
+            }
+            out.extend_from_slice(&block[..n]);
+            pos += 4 + size;
+            if n < LZ4_LEGACY_BLOCK {
+                break;
+            }
+        }
+        if out.starts_with(&ELF_MAGIC) {
+            return Ok(out);
+        }
+    }
+    Err("it is neither an ELF kernel nor a bzImage with an LZ4 payload".into())
+}
+
 /// The cached root disk of an image (`rootfs` imported at `imported_at`,
 /// `content_bytes` large), built on first use.
 pub async fn image_disk(
@@ -472,4 +571,74 @@ fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
         at = hole;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bzImage stand-in: setup code, an LZ4 legacy frame of `payload`
+    /// (blocks of 8 MiB), the size the kernel's build appends, and more.
+    fn bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut image = vec![0x90u8; 20_000];
+        image.extend_from_slice(&LZ4_LEGACY_MAGIC);
+        for block in payload.chunks(LZ4_LEGACY_BLOCK) {
+            let compressed = lz4_flex::block::compress(block);
+            image.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+            image.extend_from_slice(&compressed);
+        }
+        image.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        image.extend_from_slice(&[0xffu8; 3000]);
+        image
+    }
+
+    fn elf(len: usize) -> Vec<u8> {
+        let mut bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        bytes[..4].copy_from_slice(&ELF_MAGIC);
+        bytes
+    }
+
+    #[test]
+    fn the_kernel_comes_out_of_an_lz4_bzimage_whole() {
+        // Over two blocks, the last one short; and exactly one block.
+        for len in [LZ4_LEGACY_BLOCK * 2 + 12_345, LZ4_LEGACY_BLOCK] {
+            let payload = elf(len);
+            let out = extract_lz4_kernel(&bzimage(&payload)).expect("extracted");
+            assert_eq!(out.len(), payload.len());
+            assert!(out == payload);
+        }
+        // The magic number by chance before the real frame is skipped.
+        let mut image = LZ4_LEGACY_MAGIC.to_vec();
+        image.extend_from_slice(&[9, 0, 0, 0, 1, 2, 3]);
+        let payload = elf(70_000);
+        image.extend(bzimage(&payload));
+        assert!(extract_lz4_kernel(&image).expect("extracted") == payload);
+    }
+
+    #[test]
+    fn what_is_no_kernel_is_refused_and_an_elf_is_taken_as_it_is() {
+        let not_elf = bzimage(&[0u8; 5000]);
+        let err = extract_lz4_kernel(&not_elf).expect_err("no ELF inside");
+        assert!(err.contains("neither"), "{err}");
+        assert!(extract_lz4_kernel(b"plain text").is_err());
+        let mut truncated = bzimage(&elf(100_000));
+        truncated.truncate(20_100);
+        assert!(extract_lz4_kernel(&truncated).is_err());
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, elf(1000)).expect("write");
+        assert_eq!(vmlinux(&kernel, dir.path()).expect("taken"), kernel);
+        let bz = dir.path().join("vmlinuz");
+        std::fs::write(&bz, bzimage(&elf(50_000))).expect("write");
+        let out = vmlinux(&bz, dir.path()).expect("extracted");
+        assert!(out.starts_with(dir.path().join("kernels")));
+        assert_eq!(std::fs::read(&out).expect("read"), elf(50_000));
+        // Cached: the same path again.
+        assert_eq!(vmlinux(&bz, dir.path()).expect("cached"), out);
+        let bogus = dir.path().join("bogus");
+        std::fs::write(&bogus, "not a kernel").expect("write");
+        let err = vmlinux(&bogus, dir.path()).expect_err("refused");
+        assert!(err.contains("uncompressed vmlinux"), "{err}");
+    }
 }

@@ -15,7 +15,7 @@
 //! holds up the other requests of its VM.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -88,6 +88,69 @@ pub enum LinkError {
     Protocol(String),
 }
 
+/// Where the host reaches a VM's agent.
+#[derive(Debug, Clone)]
+pub enum AgentSocket {
+    /// A Unix socket the VMM joins to the agent's serial port (QEMU).
+    Serial(PathBuf),
+    /// Firecracker's vsock: a Unix socket on which the host asks for the
+    /// guest's `port` with `CONNECT <port>` and hears `OK <n>`; the
+    /// stream is the guest's from then on.
+    Vsock { socket: PathBuf, port: u32 },
+}
+
+/// How long the VMM has to answer a `CONNECT`.
+const CONNECT_ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl AgentSocket {
+    async fn connect(&self) -> std::io::Result<tokio::net::UnixStream> {
+        let (socket, port) = match self {
+            AgentSocket::Serial(path) => return tokio::net::UnixStream::connect(path).await,
+            AgentSocket::Vsock { socket, port } => (socket, *port),
+        };
+        let mut stream = tokio::net::UnixStream::connect(socket).await?;
+        stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .await?;
+        // The answer byte by byte: what follows it is the agent's. The VMM
+        // hangs up while nothing in the guest listens on the port.
+        let mut line = Vec::new();
+        let answer = async {
+            loop {
+                let byte = stream.read_u8().await?;
+                if byte == b'\n' {
+                    return Ok(());
+                }
+                if line.len() >= 32 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the VMM's answer to CONNECT is too long",
+                    ));
+                }
+                line.push(byte);
+            }
+        };
+        tokio::time::timeout(CONNECT_ANSWER_TIMEOUT, answer)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the VMM did not answer CONNECT",
+                )
+            })??;
+        if !line.starts_with(b"OK ") {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                format!(
+                    "the VMM refused vsock port {port}: {}",
+                    String::from_utf8_lossy(&line)
+                ),
+            ));
+        }
+        Ok(stream)
+    }
+}
+
 pub struct AgentLink {
     /// Encoded frames for the writer task (the one writer of the stream).
     writer: mpsc::Sender<Vec<u8>>,
@@ -132,18 +195,18 @@ fn gone() -> ProviderError {
 
 impl AgentLink {
     /// Connects to the agent's socket (the VMM's end of the serial port
-    /// or vsock) and opens a session, waiting up to `within` for the
+    /// or of vsock) and opens a session, waiting up to `within` for the
     /// agent to answer (a VM that is still booting answers when its
     /// agent runs). `alive` is asked between attempts: a VM that died
     /// ends the wait at once.
     pub async fn open(
-        socket: &Path,
+        socket: &AgentSocket,
         within: Duration,
         alive: impl Fn() -> bool,
     ) -> Result<AgentLink, LinkError> {
         let deadline = tokio::time::Instant::now() + within;
         let stream = loop {
-            match tokio::net::UnixStream::connect(socket).await {
+            match socket.connect().await {
                 Ok(stream) => break stream,
                 Err(e) if tokio::time::Instant::now() >= deadline || !alive() => {
                     return Err(LinkError::Connect(e));
@@ -640,7 +703,7 @@ mod tests {
     use tokio::net::UnixListener;
 
     /// A listener standing in for the VMM's socket; `agent` plays the guest.
-    async fn with_agent<F, Fut>(agent: F) -> (tempfile::TempDir, std::path::PathBuf)
+    async fn with_agent<F, Fut>(agent: F) -> (tempfile::TempDir, AgentSocket)
     where
         F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send,
@@ -653,7 +716,7 @@ mod tests {
                 agent(stream).await;
             }
         });
-        (dir, path)
+        (dir, AgentSocket::Serial(path))
     }
 
     /// Reads the host's Session frame and answers with a welcome, after
@@ -696,6 +759,70 @@ mod tests {
             "{:?}",
             silent.err()
         );
+    }
+
+    #[tokio::test]
+    async fn vsock_asks_for_the_agents_port_and_retries_while_nothing_listens() {
+        // Firecracker's side: hang-ups while the guest does not listen yet,
+        // then `OK` for the agent's port, then the agent's stream.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = asked.clone();
+        tokio::spawn(async move {
+            for attempt in 0.. {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut line = Vec::new();
+                loop {
+                    let b = s.read_u8().await.expect("line");
+                    if b == b'\n' {
+                        break;
+                    }
+                    line.push(b);
+                }
+                lock(&seen).push(String::from_utf8(line).expect("utf-8"));
+                if attempt < 2 {
+                    continue; // hang up: nothing listens
+                }
+                s.write_all(b"OK 1073741824\n").await.expect("ok");
+                welcome(&mut s, &[]).await;
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                return;
+            }
+        });
+        let socket = AgentSocket::Vsock {
+            socket: path.clone(),
+            port: 1024,
+        };
+        let link = AgentLink::open(&socket, Duration::from_secs(5), || true).await;
+        assert!(link.is_ok(), "{:?}", link.err());
+        assert_eq!(*lock(&asked), vec!["CONNECT 1024"; 3]);
+
+        // A VMM that answers something else is refused, not spoken to.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("v.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut line = [0u8; 13];
+                if s.read_exact(&mut line).await.is_ok() {
+                    s.write_all(b"NO\n").await.expect("answer");
+                }
+            }
+        });
+        let socket = AgentSocket::Vsock {
+            socket: path,
+            port: 1024,
+        };
+        match AgentLink::open(&socket, Duration::from_millis(300), || true).await {
+            Err(LinkError::Connect(e)) => {
+                assert!(e.to_string().contains("refused vsock port 1024"), "{e}")
+            }
+            other => panic!("expected a refusal, got {:?}", other.err()),
+        }
     }
 
     #[tokio::test]

@@ -13,5 +13,7 @@
 //! - [`qemu`] is the `qemu` provider (`-M microvm`, KVM or TCG).
 
 pub mod assets;
+pub mod firecracker;
 pub mod link;
+pub mod machine;
 pub mod qemu;
