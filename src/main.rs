@@ -38,7 +38,7 @@ enum Command {
         /// Port to listen on (default 7423).
         #[arg(long)]
         port: Option<u16>,
-        /// Default provider: auto, docker, native, proot, qemu or a custom one.
+        /// Default provider: auto, docker, native, proot, qemu, firecracker or a custom one.
         #[arg(long)]
         provider: Option<String>,
         /// Run no worker in this process: every sandbox lives on a

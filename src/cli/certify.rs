@@ -7,7 +7,7 @@ use crate::provider::certify::{Certification, CheckStatus};
 /// per provider.
 pub fn table(results: &[Certification]) -> String {
     let mut out = format!(
-        "{:<10} {:<18} {:<6} {:>9}  {}\n",
+        "{:<12} {:<18} {:<6} {:>9}  {}\n",
         "PROVIDER", "CHECK", "RESULT", "TIME", "DETAIL"
     );
     for result in results {
@@ -26,7 +26,7 @@ pub fn table(results: &[Certification]) -> String {
             let detail = check.detail.lines().next().unwrap_or_default();
             let detail: String = detail.chars().take(120).collect();
             out.push_str(&format!(
-                "{:<10} {:<18} {:<6} {:>9}  {}\n",
+                "{:<12} {:<18} {:<6} {:>9}  {}\n",
                 result.provider,
                 check.check.as_str(),
                 status,
@@ -43,7 +43,7 @@ pub fn table(results: &[Certification]) -> String {
             let failed: Vec<&str> = result.failed().iter().map(|c| c.as_str()).collect();
             format!("NOT certified (failed: {})", failed.join(", "))
         };
-        out.push_str(&format!("{:<10} {verdict}\n", result.provider));
+        out.push_str(&format!("{:<12} {verdict}\n", result.provider));
     }
     out
 }
