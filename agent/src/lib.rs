@@ -201,7 +201,30 @@ pub enum Frame {
     Entry(Entry),
     /// One glob match.
     Path(Vec<u8>),
+    /// Host to a microVM's agent: the settings of a VM that has just been
+    /// made, booted or restored from a snapshot of another VM. Answered
+    /// `Done` or `Failed`.
+    Setup(Setup),
 }
+
+/// What a VM takes from its host when it is made: a VM restored from a
+/// snapshot has the hostname, clock and random state of the VM the
+/// snapshot was taken of, and must not keep them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Setup {
+    pub hostname: Vec<u8>,
+    /// The host's time, in nanoseconds since the Unix epoch.
+    pub unix_nanos: u64,
+    /// Fresh random bytes, credited to the guest's pool before its random
+    /// generator is reseeded.
+    pub entropy: Vec<u8>,
+}
+
+/// The longest hostname a [`Setup`] carries (the kernel's limit).
+pub const MAX_HOSTNAME: usize = 64;
+
+/// The most entropy a [`Setup`] carries.
+pub const MAX_ENTROPY: usize = 64;
 
 const HELLO: u8 = 0;
 const EXEC: u8 = 1;
@@ -217,6 +240,7 @@ const FAILED: u8 = 14;
 const WELCOME: u8 = 15;
 const ENTRY: u8 = 16;
 const PATH: u8 = 17;
+const SETUP: u8 = 18;
 
 /// The longest path either side accepts in a file frame.
 pub const MAX_PATH: usize = 4096;
@@ -230,6 +254,9 @@ const P2: u8 = b'q';
 const MODE: u8 = b'm';
 const FLAG: u8 = b'r';
 const NAME: u8 = b'n';
+const HOSTNAME: u8 = b'h';
+const CLOCK: u8 = b'c';
+const ENTROPY: u8 = b'x';
 const SIZE: u8 = b's';
 const MTIME: u8 = b't';
 
@@ -431,6 +458,13 @@ impl Frame {
                 (ENTRY, p)
             }
             Frame::Path(path) => (PATH, path.clone()),
+            Frame::Setup(setup) => {
+                let mut p = Vec::new();
+                field(&mut p, HOSTNAME, &setup.hostname);
+                field(&mut p, CLOCK, &setup.unix_nanos.to_be_bytes());
+                field(&mut p, ENTROPY, &setup.entropy);
+                (SETUP, p)
+            }
         };
         let mut out = Vec::with_capacity(5 + payload.len());
         out.push(kind);
@@ -454,6 +488,7 @@ impl Frame {
             FILE => 3 * MAX_PATH,
             ENTRY => 4 * MAX_PATH,
             PATH => 2 * MAX_PATH,
+            SETUP => 3 * 5 + MAX_HOSTNAME + 8 + MAX_ENTROPY,
             _ => return Err(bad("unknown frame kind")),
         };
         if len > limit {
@@ -479,6 +514,7 @@ impl Frame {
             Frame::Welcome { .. } => "welcome",
             Frame::Entry(_) => "entry",
             Frame::Path(_) => "path",
+            Frame::Setup(_) => "setup",
         }
     }
 
@@ -522,6 +558,18 @@ impl Frame {
             },
             ENTRY => Frame::Entry(Entry::decode(&payload)?),
             PATH => Frame::Path(payload),
+            SETUP => {
+                let mut setup = Setup::default();
+                for (tag, value) in fields(&payload)? {
+                    match tag {
+                        HOSTNAME if value.len() <= MAX_HOSTNAME => setup.hostname = value.to_vec(),
+                        CLOCK => setup.unix_nanos = u64::from_be_bytes(int(value)?),
+                        ENTROPY if value.len() <= MAX_ENTROPY => setup.entropy = value.to_vec(),
+                        _ => return Err(bad("unknown or oversized field")),
+                    }
+                }
+                Frame::Setup(setup)
+            }
             _ => return Err(bad("unknown frame kind")),
         })
     }
@@ -683,6 +731,11 @@ mod tests {
                 is_dir: false,
                 mtime: -5,
             }),
+            Frame::Setup(Setup {
+                hostname: b"sb-1".to_vec(),
+                unix_nanos: 1_800_000_000_123_456_789,
+                entropy: vec![7; MAX_ENTROPY],
+            }),
         ];
         let ops = [
             FileOp::Read {
@@ -732,6 +785,17 @@ mod tests {
         field(&mut p, P1, b"/x");
         assert!(Frame::decode(FILE, p).is_err(), "a write without a mode");
         assert!(Frame::decode(FILE, Vec::new()).is_err());
+        // A setup with a hostname or entropy past the bounds, or a clock
+        // that is not 8 bytes.
+        for (tag, len) in [
+            (HOSTNAME, MAX_HOSTNAME + 1),
+            (ENTROPY, MAX_ENTROPY + 1),
+            (CLOCK, 4),
+        ] {
+            let mut p = Vec::new();
+            field(&mut p, tag, &vec![b'a'; len]);
+            assert!(Frame::decode(SETUP, p).is_err(), "tag {tag} of {len} bytes");
+        }
     }
 
     #[test]

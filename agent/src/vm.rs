@@ -261,14 +261,8 @@ fn boot() -> io::Result<()> {
         libc::MS_NOSUID | libc::MS_NODEV,
         "mode=1777",
     )?;
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    if let Some(name) = cmdline
-        .split_whitespace()
-        .find_map(|arg| arg.strip_prefix("stacyvm.hostname="))
-    {
-        // SAFETY: a valid buffer of that length.
-        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
-    }
+    // The hostname comes with the host's `Setup`: a VM restored from a
+    // snapshot has its kernel command line from the VM it was taken of.
     loopback_up();
     // The commands' environment: the kernel's leftovers (its unknown
     // parameters, TERM=linux) are not the sandbox's.
@@ -840,10 +834,75 @@ fn serve(transport: Transport, signals: libc::sigset_t) -> ! {
                     refuse(&out, session, id, "no threads".into());
                 }
             }
+            (id, Frame::Setup(setup)) => {
+                let answer = match apply_setup(&setup) {
+                    Ok(()) => Frame::Done,
+                    Err(e) => Frame::Failed {
+                        why: Failure::Other,
+                        message: e.to_string(),
+                    },
+                };
+                if let Err(e) = out.send(session, id, &answer) {
+                    eprintln!("stacyvm-agent: cannot answer request {id}: {e}");
+                }
+            }
             // Anything else from the host is ignored.
             _ => {}
         }
     }
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
+
+/// Takes the host's settings for this VM: its hostname, the time, and
+/// fresh entropy credited to the pool, from which the kernel's random
+/// generator is then reseeded (a VM restored from a snapshot would
+/// otherwise produce the same random numbers as its siblings).
+fn apply_setup(setup: &stacyvm_agent::Setup) -> io::Result<()> {
+    let fail = |what: &str| {
+        let e = io::Error::last_os_error();
+        io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    if !setup.hostname.is_empty() {
+        // SAFETY: a valid buffer of that length.
+        if unsafe { libc::sethostname(setup.hostname.as_ptr().cast(), setup.hostname.len()) } != 0 {
+            return Err(fail("sethostname"));
+        }
+    }
+    if setup.unix_nanos > 0 {
+        let now = libc::timespec {
+            tv_sec: (setup.unix_nanos / 1_000_000_000) as libc::time_t,
+            tv_nsec: (setup.unix_nanos % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: a valid timespec.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } != 0 {
+            return Err(fail("clock_settime"));
+        }
+    }
+    if !setup.entropy.is_empty() {
+        let random = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")?;
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + setup.entropy.len());
+        info.extend_from_slice(&((setup.entropy.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(setup.entropy.len() as i32).to_ne_bytes());
+        info.extend_from_slice(&setup.entropy);
+        // SAFETY: ioctls on an open descriptor; RNDADDENTROPY reads a
+        // rand_pool_info whose buffer holds buf_size bytes.
+        unsafe {
+            if libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) != 0 {
+                return Err(fail("RNDADDENTROPY"));
+            }
+            if libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) != 0 {
+                return Err(fail("RNDRESEEDCRNG"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Begins session `next`: the host hears a welcome carrying its number.

@@ -175,10 +175,17 @@ pub async fn certify(provider: &Arc<dyn Provider>, images: &[String]) -> Certifi
             });
         }
     }
-    checks.push(Check::skip(
-        CheckKind::SnapshotRestore,
-        "no provider of this build restores from snapshots yet",
-    ));
+    if !checks.iter().any(|c| c.check == CheckKind::SnapshotRestore) {
+        let why = if provider
+            .capabilities()
+            .contains(&Capability::SnapshotRestore)
+        {
+            "no sandbox was made to snapshot"
+        } else {
+            "this provider restores no snapshots"
+        };
+        checks.push(Check::skip(CheckKind::SnapshotRestore, why));
+    }
     let certified = checks
         .iter()
         .all(|c| !c.required || c.status == CheckStatus::Pass);
@@ -324,6 +331,73 @@ async fn run_sandbox_checks(
         started.elapsed(),
         destroyed,
     ));
+    if provider
+        .capabilities()
+        .contains(&Capability::SnapshotRestore)
+    {
+        let started = Instant::now();
+        let restored = snapshot_restore(provider, &spec).await;
+        // Not required: a spawn that boots afresh is slower, not unsafe.
+        checks.push(Check::new(
+            CheckKind::SnapshotRestore,
+            false,
+            started.elapsed(),
+            restored,
+        ));
+    }
+}
+
+/// A second sandbox of the first's image and shape: its spawn restores
+/// from the snapshot the first one's boot left, and it runs a command.
+async fn snapshot_restore(
+    provider: &Arc<dyn Provider>,
+    first: &SpawnSpec,
+) -> Result<String, String> {
+    let sandbox_id = format!("cert-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let spec = SpawnSpec {
+        sandbox_id: sandbox_id.clone(),
+        ..first.clone()
+    };
+    let spawned = Instant::now();
+    let runtime = within(SPAWN_TIMEOUT, "the second spawn", provider.spawn(&spec))
+        .await
+        .map_err(|e| format!("the second spawn failed: {e}"));
+    let took = spawned.elapsed();
+    let result = match &runtime {
+        Ok(handle) => {
+            let how = provider
+                .logs(&handle.runtime_id, 5)
+                .await
+                .unwrap_or_default()
+                .join("\n");
+            match run(provider, &handle.runtime_id, &["echo", "restored"]).await {
+                Ok((ExecExit::Exited(0), out)) if out == "restored\n" => {
+                    if how.contains("restored from a snapshot") {
+                        Ok(format!(
+                            "a second spawn restored from the first one's snapshot in {:.2} s and ran echo",
+                            took.as_secs_f64()
+                        ))
+                    } else {
+                        Err(format!(
+                            "the second spawn booted afresh (no snapshot was kept: see the server's log): {how}"
+                        ))
+                    }
+                }
+                other => Err(format!("the restored sandbox's echo ended {other:?}")),
+            }
+        }
+        Err(e) => Err(e.clone()),
+    };
+    crate::provider::best_effort(
+        "removing the certification's second sandbox",
+        within(
+            STEP_TIMEOUT,
+            "removing the sandbox",
+            provider.destroy_by_sandbox_id(&sandbox_id),
+        )
+        .await,
+    );
+    result
 }
 
 /// How long a spawn (a VM's boot) may take.

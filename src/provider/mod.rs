@@ -231,6 +231,9 @@ pub enum Capability {
     MemoryLimit,
     CpuLimit,
     NetworkIsolation,
+    /// Spawns restore from a snapshot of a booted VM of the same image
+    /// and shape (microVMs that support it).
+    SnapshotRestore,
 }
 
 /// Everything that can go wrong inside a provider. The service maps these to

@@ -293,7 +293,7 @@ async fn bad_input_gets_clear_4xx_errors() {
     let (s, b) = server.post("/sandboxes", json!({"ttl": "100h"})).await;
     assert_error(s, &b, 400, "BAD_REQUEST");
     let (s, b) = server
-        .post("/sandboxes", json!({"provider": "firecracker"}))
+        .post("/sandboxes", json!({"provider": "hyperv"}))
         .await;
     assert_error(s, &b, 400, "BAD_REQUEST");
     let (s, b) = server.post("/sandboxes", json!({"memory_mb": 1})).await;

@@ -1156,6 +1156,23 @@ async fn qemu_guest_sees_nothing_of_the_host() {
         r.stdout
     );
     assert!(listener.accept().is_err(), "a connection reached the host");
+    // Its identity and clock come from the host (the agent's `Setup`), not
+    // from its kernel's command line (a snapshot's is another VM's).
+    let r = run(
+        &p,
+        &id,
+        spec(&["sh", "-c", "hostname; date +%s; cat /proc/cmdline"]),
+    )
+    .await;
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some(id.as_str()), "{}", r.stdout);
+    let guest_now: i64 = lines.next().and_then(|l| l.parse().ok()).expect("date");
+    assert!(
+        (guest_now - chrono::Utc::now().timestamp()).abs() <= 5,
+        "the guest's clock is {guest_now}: {}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains(&format!("={id}")), "{}", r.stdout);
     // What the VM costs the host: its QEMU's memory, within what it asked.
     let stats = p.stats(&id).await.expect("stats");
     assert!(stats.supported);

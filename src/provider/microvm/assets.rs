@@ -535,6 +535,15 @@ pub async fn sandbox_disk(base: &Path, dest: &Path, disk_mb: u32) -> Result<(), 
     Ok(())
 }
 
+/// A copy of the disk `from` at `to`, keeping its holes.
+pub async fn copy_disk(from: &Path, to: &Path) -> Result<(), String> {
+    let (from, to) = (from.to_path_buf(), to.to_path_buf());
+    tokio::task::spawn_blocking(move || sparse_copy(&from, &to))
+        .await
+        .map_err(|e| format!("copying a disk: {e}"))?
+        .map_err(|e| format!("copying a disk: {e}"))
+}
+
 /// Copies `from` to `to` keeping its holes (the data ranges only).
 fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
     use rustix::fs::SeekFrom;

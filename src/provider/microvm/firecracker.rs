@@ -57,6 +57,14 @@ const API_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one API request may take.
 const API_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long writing or loading a snapshot may take (its memory file is
+/// the VM's memory).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A snapshot's files in its directory: the VM's state and its memory.
+const SNAPSHOT_STATE: &str = "vm.snap";
+const SNAPSHOT_MEMORY: &str = "mem";
+
 /// The most of an API answer that is read.
 const MAX_API_ANSWER: usize = 64 << 10;
 
@@ -68,6 +76,9 @@ const MODULES: [&str; 3] = ["virtio_mmio", "virtio_blk", "vmw_vsock_virtio_trans
 pub struct Boot {
     /// The uncompressed kernel.
     vmlinux: PathBuf,
+    /// Firecracker's version and its binary's size and time: snapshots
+    /// are restored only by the build that made them.
+    build: String,
 }
 
 /// The last [`CONSOLE_BYTES`] a VM printed.
@@ -133,15 +144,27 @@ pub enum ApiError {
     Connect(std::io::Error),
     #[error("Firecracker's API: {0}")]
     Http(#[from] hyper::Error),
-    #[error("Firecracker's API did not answer within {API_TIMEOUT:?}")]
-    Timeout,
+    #[error("Firecracker's API did not answer within {0:?}")]
+    Timeout(Duration),
     #[error("Firecracker refused {request}: {fault}")]
     Refused { request: String, fault: String },
 }
 
 /// One request to the API socket `socket`: `method path` with a JSON
-/// body; Firecracker's `fault_message` when it refuses.
+/// body (none for `null`), answered within [`API_TIMEOUT`]; Firecracker's `fault_message`
+/// when it refuses.
 pub async fn api(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<Bytes, ApiError> {
+    api_within(API_TIMEOUT, socket, method, path, body).await
+}
+
+/// [`api`] answered within `timeout`.
+pub async fn api_within(
+    timeout: Duration,
     socket: &Path,
     method: hyper::Method,
     path: &str,
@@ -155,13 +178,20 @@ pub async fn api(
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         let connection = tokio::spawn(connection);
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::ACCEPT, "application/json")
-            .body(http_body_util::Full::new(Bytes::from(body.to_string())))
+            .header(hyper::header::ACCEPT, "application/json");
+        // Null: no body (Firecracker refuses one on a GET).
+        let content = if body.is_null() {
+            Bytes::new()
+        } else {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            Bytes::from(body.to_string())
+        };
+        let req = req
+            .body(http_body_util::Full::new(content))
             .expect("a valid request");
         let answer = sender.send_request(req).await;
         let answer = match answer {
@@ -179,9 +209,9 @@ pub async fn api(
         connection.abort();
         answer
     };
-    let (status, body) = tokio::time::timeout(API_TIMEOUT, call)
+    let (status, body) = tokio::time::timeout(timeout, call)
         .await
-        .map_err(|_| ApiError::Timeout)??;
+        .map_err(|_| ApiError::Timeout(timeout))??;
     if status.is_success() {
         return Ok(body);
     }
@@ -289,9 +319,10 @@ impl Firecracker {
     async fn configure(&self, boot: &Boot, launch: &Launch<'_>) -> Result<(), ApiError> {
         let socket = launch.dir.join(API_SOCKET);
         let spec = launch.spec;
-        let hostname: String = spec.sandbox_id.chars().take(63).collect();
+        // Nothing of the sandbox's own: its snapshot may start others (its
+        // hostname comes with the agent's `Setup`).
         let boot_args = format!(
-            "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 pci=off quiet {} stacyvm.hostname={hostname}",
+            "console=ttyS0 8250.nr_uarts=1 reboot=k panic=-1 pci=off quiet {}",
             stacyvm_agent::VSOCK_PARAM
         );
         let put = hyper::Method::PUT;
@@ -365,7 +396,14 @@ impl Vmm for Firecracker {
             .await
             .map_err(|e| ProviderError::Runtime(format!("extracting the kernel: {e}")))?
             .map_err(ProviderError::Unavailable)?;
-        Ok(Boot { vmlinux })
+        let version = self.version().await.map_err(ProviderError::Unavailable)?;
+        let binary = std::fs::metadata(&self.config.binary)
+            .map(|m| format!("{} bytes, modified {:?}", m.len(), m.modified().ok()))
+            .unwrap_or_default();
+        Ok(Boot {
+            vmlinux,
+            build: format!("{version}; {binary}"),
+        })
     }
 
     fn accel(&self, _boot: &Boot) -> Accel {
@@ -402,6 +440,82 @@ impl Vmm for Firecracker {
         // What is left in the pipe arrives within moments of the end.
         tokio::time::sleep(Duration::from_millis(50)).await;
         last_lines(&self.output(pid))
+    }
+
+    const SNAPSHOTS: bool = true;
+
+    fn build(&self, boot: &Boot) -> String {
+        boot.build.clone()
+    }
+
+    async fn snapshot(&self, dir: &Path, into: &Path) -> Result<(), String> {
+        let socket = dir.join(API_SOCKET);
+        let patch = hyper::Method::PATCH;
+        api(
+            &socket,
+            patch.clone(),
+            "/vm",
+            &serde_json::json!({"state": "Paused"}),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let made = async {
+            api_within(
+                SNAPSHOT_TIMEOUT,
+                &socket,
+                hyper::Method::PUT,
+                "/snapshot/create",
+                &serde_json::json!({
+                    "snapshot_type": "Full",
+                    "snapshot_path": into.join(SNAPSHOT_STATE),
+                    "mem_file_path": into.join(SNAPSHOT_MEMORY),
+                }),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            // The disk as the paused guest left it: what its memory says
+            // the disk holds.
+            assets::copy_disk(&dir.join(DISK_FILE), &into.join(DISK_FILE)).await
+        }
+        .await;
+        // Resumed whatever happened: the sandbox is someone's.
+        let resumed = api(
+            &socket,
+            patch,
+            "/vm",
+            &serde_json::json!({"state": "Resumed"}),
+        )
+        .await
+        .map_err(|e| format!("resuming the VM after its snapshot: {e}"));
+        made.and(resumed.map(drop))
+    }
+
+    async fn restore(&self, launch: Launch<'_>, from: &Path) -> ProviderResult<i32> {
+        let pid = self.run(launch.dir).await?;
+        // Its drive (`disk.ext4`) and vsock socket (`v.sock`) were given as
+        // relative paths: they are this sandbox's directory's.
+        let loaded = api_within(
+            SNAPSHOT_TIMEOUT,
+            &launch.dir.join(API_SOCKET),
+            hyper::Method::PUT,
+            "/snapshot/load",
+            &serde_json::json!({
+                "snapshot_path": from.join(SNAPSHOT_STATE),
+                "mem_backend": {
+                    "backend_type": "File",
+                    "backend_path": from.join(SNAPSHOT_MEMORY),
+                },
+                "resume_vm": true,
+            }),
+        )
+        .await;
+        match loaded {
+            Ok(_) => Ok(pid),
+            Err(e) => Err(ProviderError::Runtime(format!(
+                "the VM does not restore from its snapshot: {e}; its output:\n{}",
+                last_lines(&self.output(pid))
+            ))),
+        }
     }
 
     fn forget(&self, pid: i32) {
@@ -466,5 +580,155 @@ impl Vmm for Firecracker {
         });
         checks.push(Check::new(CheckKind::Kernel, true, started.elapsed(), boot));
         checks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The snapshot conversation with the real Firecracker
+    //! (`STACYVM_TEST_FIRECRACKER`, with the test kernel): a VM that has
+    //! started (its guest need not have booted: on a host that is itself a
+    //! VM it never does) is paused, snapshotted and resumed, and another
+    //! Firecracker in another directory resumes from that snapshot, its
+    //! drive and vsock socket its own directory's.
+    use super::*;
+    use crate::provider::SpawnSpec;
+    use crate::provider::microvm::assets::Kernel;
+
+    fn state(body: &Bytes) -> String {
+        serde_json::from_slice::<serde_json::Value>(body).expect("json")["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_started_vm_is_snapshotted_and_another_resumes_from_it() {
+        let (Some(binary), Some(kernel)) = (
+            std::env::var_os("STACYVM_TEST_FIRECRACKER").filter(|v| !v.is_empty()),
+            std::env::var_os("STACYVM_TEST_KERNEL").filter(|v| !v.is_empty()),
+        ) else {
+            eprintln!("SKIPPED: set STACYVM_TEST_FIRECRACKER and STACYVM_TEST_KERNEL");
+            return;
+        };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let vmlinux = assets::vmlinux(Path::new(&kernel), tmp.path()).expect("vmlinux");
+        let initramfs = tmp.path().join("initramfs");
+        std::fs::write(&initramfs, [0u8; 4096]).expect("initramfs");
+        let assets = Assets {
+            kernel: Kernel {
+                image: PathBuf::from(&kernel),
+                modules: tmp.path().to_path_buf(),
+            },
+            initramfs,
+        };
+        let vmm = Firecracker {
+            config: FirecrackerConfig {
+                binary: binary.into(),
+                seccomp: false,
+                ..Default::default()
+            },
+            guest: GuestConfig {
+                kernel: PathBuf::new(),
+                modules_dir: PathBuf::new(),
+                boot_timeout: crate::duration::GoDuration(Duration::from_secs(1)),
+                agent_binary: PathBuf::new(),
+            },
+            consoles: Mutex::default(),
+        };
+        let boot = Boot {
+            vmlinux,
+            build: String::new(),
+        };
+        let spec = SpawnSpec {
+            sandbox_id: "snap-a".into(),
+            image: "none".into(),
+            memory_mb: 128,
+            vcpus: 1,
+            disk_mb: 16,
+        };
+        let (a, b, snap) = (
+            tmp.path().join("a"),
+            tmp.path().join("b"),
+            tmp.path().join("snap"),
+        );
+        for dir in [&a, &b, &snap] {
+            std::fs::create_dir(dir).expect("mkdir");
+        }
+        std::fs::write(a.join(DISK_FILE), vec![0x5au8; 1 << 20]).expect("disk");
+        let launch = Launch {
+            dir: &a,
+            spec: &spec,
+            assets: &assets,
+        };
+        let first = vmm.start(&boot, launch).await.expect("started");
+        let get = |dir: &Path| {
+            let socket = dir.join(API_SOCKET);
+            async move {
+                api(&socket, hyper::Method::GET, "/", &serde_json::Value::Null)
+                    .await
+                    .expect("GET /")
+            }
+        };
+        assert_eq!(state(&get(&a).await), "Running");
+
+        vmm.snapshot(&a, &snap).await.expect("snapshot");
+        assert_eq!(
+            state(&get(&a).await),
+            "Running",
+            "resumed after its snapshot"
+        );
+        let memory = std::fs::metadata(snap.join(SNAPSHOT_MEMORY)).expect("memory file");
+        assert_eq!(memory.len(), 128 << 20);
+        assert!(snap.join(SNAPSHOT_STATE).is_file());
+        assert_eq!(
+            std::fs::read(snap.join(DISK_FILE)).expect("disk copy"),
+            vec![0x5au8; 1 << 20]
+        );
+
+        assets::copy_disk(&snap.join(DISK_FILE), &b.join(DISK_FILE))
+            .await
+            .expect("copy");
+        let launch = Launch {
+            dir: &b,
+            spec: &spec,
+            assets: &assets,
+        };
+        let second = vmm.restore(launch, &snap).await.expect("restored");
+        assert_eq!(state(&get(&b).await), "Running");
+        assert!(b.join(VSOCK_SOCKET).exists(), "its vsock socket is its own");
+        assert_ne!(first, second);
+
+        // A snapshot that is not one is refused in Firecracker's words.
+        let c = tmp.path().join("c");
+        std::fs::create_dir(&c).expect("mkdir");
+        let bogus = tmp.path().join("bogus");
+        std::fs::create_dir(&bogus).expect("mkdir");
+        std::fs::write(bogus.join(SNAPSHOT_STATE), "not a snapshot").expect("write");
+        std::fs::write(bogus.join(SNAPSHOT_MEMORY), "").expect("write");
+        let launch = Launch {
+            dir: &c,
+            spec: &spec,
+            assets: &assets,
+        };
+        let err = vmm.restore(launch, &bogus).await.expect_err("bogus");
+        assert!(
+            err.to_string()
+                .contains("does not restore from its snapshot"),
+            "{err}"
+        );
+
+        for dir in [&a, &b, &c] {
+            let pid: i32 = std::fs::read_to_string(dir.join(PID_FILE))
+                .expect("pid file")
+                .parse()
+                .expect("pid");
+            if dir != &c {
+                assert!(vmm.owns(dir, pid));
+            }
+            if let Some(start) = crate::provider::native::init::start_time(pid) {
+                assert!(machine::kill_vm(pid, start).await);
+            }
+        }
     }
 }

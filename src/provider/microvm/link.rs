@@ -456,14 +456,26 @@ impl AgentLink {
         &self,
         op: FileOp,
         content: Option<Bytes>,
-        mut take: impl FnMut(Frame) -> ProviderResult<()>,
+        take: impl FnMut(Frame) -> ProviderResult<()>,
     ) -> ProviderResult<()> {
         let shown = op.name();
+        self.request(Frame::File(op), shown, content, take).await
+    }
+
+    /// A request answered `Done` or `Failed` (with frames for `take`
+    /// before), after `content` in `Data` frames and a `Done`.
+    async fn request(
+        &self,
+        request: Frame,
+        shown: &'static str,
+        content: Option<Bytes>,
+        mut take: impl FnMut(Frame) -> ProviderResult<()>,
+    ) -> ProviderResult<()> {
         let (id, mut rx, mut registration) = self.register();
         // Err((whether the agent ended the request itself, why)).
         let work = async {
             let unanswered = |e| (false, e);
-            self.send(id, &Frame::File(op)).await.map_err(unanswered)?;
+            self.send(id, &request).await.map_err(unanswered)?;
             if let Some(content) = content {
                 for chunk in content.chunks(WRITE_CHUNK) {
                     self.send(id, &Frame::Data(chunk.to_vec()))
@@ -596,6 +608,29 @@ impl AgentLink {
         self.done(FileOp::Delete {
             path: path.as_bytes().to_vec(),
             recursive,
+        })
+        .await
+    }
+
+    /// Gives a VM that has just been made its hostname, the host's time and
+    /// fresh entropy (a VM restored from a snapshot has its sibling's).
+    pub async fn setup(&self, hostname: &str) -> ProviderResult<()> {
+        let hostname: Vec<u8> = hostname.bytes().take(stacyvm_agent::MAX_HOSTNAME).collect();
+        let unix_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+            .unwrap_or(0);
+        let mut entropy = vec![0u8; 32];
+        let n = rustix::rand::getrandom(&mut entropy[..], rustix::rand::GetRandomFlags::empty())
+            .map_err(|e| ProviderError::Runtime(format!("the host's random numbers: {e}")))?;
+        entropy.truncate(n);
+        let setup = stacyvm_agent::Setup {
+            hostname,
+            unix_nanos,
+            entropy,
+        };
+        self.request(Frame::Setup(setup), "setup", None, |frame| {
+            Err(unexpected(&frame))
         })
         .await
     }

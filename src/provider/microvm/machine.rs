@@ -120,6 +120,31 @@ pub trait Vmm: Send + Sync + 'static {
     /// Whether the VMM's binary runs: its version, or why not.
     async fn version(&self) -> Result<String, String>;
 
+    /// Whether a booted VM's snapshot is kept for later spawns of the same
+    /// image and shape to restore from ([`Vmm::snapshot`], [`Vmm::restore`]).
+    const SNAPSHOTS: bool = false;
+
+    /// What tells the VMM's builds apart: a snapshot is restored only by
+    /// the build that made it.
+    fn build(&self, _boot: &Self::Boot) -> String {
+        String::new()
+    }
+
+    /// Pauses the VM of `dir`, writes its snapshot into `into` with a copy
+    /// of its disk ([`DISK_FILE`]) taken while it is paused, and resumes it.
+    async fn snapshot(&self, _dir: &Path, _into: &Path) -> Result<(), String> {
+        Err(format!("{} takes no snapshots", Self::NAME))
+    }
+
+    /// Starts the VM of `launch` from the snapshot in `from` (its disk is
+    /// in `launch.dir` already): its VMM's pid.
+    async fn restore(&self, _launch: Launch<'_>, _from: &Path) -> ProviderResult<i32> {
+        Err(ProviderError::Unavailable(format!(
+            "{} restores no snapshots",
+            Self::NAME
+        )))
+    }
+
     /// The checks of the host `stacyvm certify` makes before a spawn (KVM,
     /// the kernel), from what [`Vmm::prepare`] found.
     async fn host_checks(&self, boot: Result<(&Assets, &Self::Boot), String>) -> Vec<Check>;
@@ -207,6 +232,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 type Prepared<B> = Arc<(Assets, B)>;
+
+/// How a sandbox's VM was made.
+#[derive(Debug, Clone, Copy)]
+enum Made {
+    Booted(Accel),
+    Restored(Accel),
+}
 
 /// A microVM provider: sandboxes as VMs that `V` runs.
 pub struct MicroVm<V: Vmm> {
@@ -329,8 +361,9 @@ impl<V: Vmm> MicroVm<V> {
     }
 
     /// Builds the sandbox in a hidden directory `tmp` and boots its VM to
-    /// its agent; the caller renames it into place.
-    async fn start(&self, spec: &SpawnSpec, tmp: &Path) -> ProviderResult<(Arc<AgentLink>, Accel)> {
+    /// its agent (restored from a snapshot where one was kept); the caller
+    /// renames it into place.
+    async fn start(&self, spec: &SpawnSpec, tmp: &Path) -> ProviderResult<(Arc<AgentLink>, Made)> {
         let prepared = self.boot().await?;
         let (assets, boot) = (&prepared.0, &prepared.1);
         let missing = || crate::provider::native::image_not_found(&spec.image);
@@ -345,6 +378,22 @@ impl<V: Vmm> MicroVm<V> {
         )
         .await
         .map_err(|e| ProviderError::Runtime(format!("building the VM's disk: {e}")))?;
+        let accel = self.vmm.accel(boot);
+        let snapshot = V::SNAPSHOTS.then(|| self.snapshot_dir(&base, assets, boot, spec));
+        if let Some(snapshot) = snapshot.as_deref().filter(|s| s.is_dir()) {
+            match self.restore(spec, tmp, assets, accel, snapshot).await {
+                Ok(link) => {
+                    link.setup(&spec.sandbox_id).await?;
+                    return Ok((link, Made::Restored(accel)));
+                }
+                Err(e) => {
+                    // A snapshot that does not restore is not tried again.
+                    tracing::warn!(snapshot = %snapshot.display(), error = %e, "a VM did not restore from its snapshot: the snapshot is dropped and the VM boots afresh");
+                    self.remove_dir(tmp).await?;
+                    self.drop_snapshot(snapshot).await;
+                }
+            }
+        }
         std::fs::create_dir(tmp)
             .map_err(|e| ProviderError::Runtime(format!("{}: {e}", tmp.display())))?;
         assets::sandbox_disk(&base, &tmp.join(DISK_FILE), spec.disk_mb)
@@ -356,9 +405,26 @@ impl<V: Vmm> MicroVm<V> {
             assets,
         };
         let pid = self.vmm.start(boot, launch).await?;
+        let link = self.reach_agent(spec, tmp, accel, pid).await?;
+        // Taken before the VM is given its identity: the snapshot holds
+        // nothing of this sandbox's.
+        if let Some(snapshot) = snapshot.as_deref().filter(|s| !s.is_dir()) {
+            self.take_snapshot(tmp, snapshot).await;
+        }
+        link.setup(&spec.sandbox_id).await?;
+        Ok((link, Made::Booted(accel)))
+    }
+
+    /// Records VM `pid` of `tmp` and waits for its agent.
+    async fn reach_agent(
+        &self,
+        spec: &SpawnSpec,
+        tmp: &Path,
+        accel: Accel,
+        pid: i32,
+    ) -> ProviderResult<Arc<AgentLink>> {
         let pid_start = crate::provider::native::init::start_time(pid)
             .ok_or_else(|| ProviderError::Runtime(format!("the VM's {} ended at once", V::NAME)))?;
-        let accel = self.vmm.accel(boot);
         let meta = Meta {
             sandbox_id: spec.sandbox_id.clone(),
             image: spec.image.clone(),
@@ -376,7 +442,7 @@ impl<V: Vmm> MicroVm<V> {
         let timeout = self.vmm.guest().boot_timeout.0;
         let socket = self.vmm.agent_socket(tmp);
         match AgentLink::open(&socket, timeout, || meta.alive()).await {
-            Ok(link) => Ok((Arc::new(link), accel)),
+            Ok(link) => Ok(Arc::new(link)),
             Err(e) => {
                 let console = self.vmm.console_tail(tmp, pid).await;
                 let console = if console.is_empty() {
@@ -389,6 +455,106 @@ impl<V: Vmm> MicroVm<V> {
                 )))
             }
         }
+    }
+
+    /// Where the snapshot of a VM of `base` (an image's disk) with
+    /// `spec`'s shape is kept: one per image, kernel, initramfs, VMM build,
+    /// memory, vCPUs and disk size.
+    fn snapshot_dir(
+        &self,
+        base: &Path,
+        assets: &Assets,
+        boot: &V::Boot,
+        spec: &SpawnSpec,
+    ) -> PathBuf {
+        use sha2::Digest;
+        let mut hash = sha2::Sha256::new();
+        for part in [
+            base.to_string_lossy().as_bytes(),
+            assets.kernel.image.to_string_lossy().as_bytes(),
+            assets.initramfs.to_string_lossy().as_bytes(),
+            self.vmm.build(boot).as_bytes(),
+            format!("{}/{}/{}", spec.memory_mb, spec.vcpus, spec.disk_mb).as_bytes(),
+        ] {
+            hash.update((part.len() as u64).to_be_bytes());
+            hash.update(part);
+        }
+        let key: String = hash.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.cache.join("snapshots").join(key)
+    }
+
+    /// Builds `tmp` from `snapshot` (its disk copied) and resumes the VM
+    /// there to its agent.
+    async fn restore(
+        &self,
+        spec: &SpawnSpec,
+        tmp: &Path,
+        assets: &Assets,
+        accel: Accel,
+        snapshot: &Path,
+    ) -> ProviderResult<Arc<AgentLink>> {
+        std::fs::create_dir(tmp)
+            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", tmp.display())))?;
+        assets::copy_disk(&snapshot.join(DISK_FILE), &tmp.join(DISK_FILE))
+            .await
+            .map_err(|e| ProviderError::Runtime(format!("the sandbox's disk: {e}")))?;
+        let launch = Launch {
+            dir: tmp,
+            spec,
+            assets,
+        };
+        let pid = self.vmm.restore(launch, snapshot).await?;
+        self.reach_agent(spec, tmp, accel, pid).await
+    }
+
+    /// Keeps a snapshot of the VM of `dir` as `snapshot` (best effort: the
+    /// next spawn of its kind boots afresh and tries again).
+    async fn take_snapshot(&self, dir: &Path, snapshot: &Path) {
+        let Some(parent) = snapshot.parent() else {
+            return;
+        };
+        let part = parent.join(format!(".tmp-{}", uuid::Uuid::new_v4().as_simple()));
+        let started = Instant::now();
+        let made = match std::fs::create_dir_all(&part) {
+            Ok(()) => self.vmm.snapshot(dir, &part).await,
+            Err(e) => Err(format!("{}: {e}", part.display())),
+        };
+        let kept = made.and_then(|()| {
+            std::fs::rename(&part, snapshot).map_err(|e| format!("{}: {e}", snapshot.display()))
+        });
+        match kept {
+            Ok(()) => {
+                tracing::info!(snapshot = %snapshot.display(), millis = started.elapsed().as_millis() as u64, "a booted VM's snapshot was kept for the next spawns of its kind")
+            }
+            Err(e) => {
+                // Another spawn of the same kind may have kept one first.
+                if !snapshot.is_dir() {
+                    tracing::warn!(error = %e, "cannot keep a booted VM's snapshot (best effort: the next spawn boots afresh)");
+                }
+                self.drop_snapshot(&part).await;
+            }
+        }
+    }
+
+    /// Removes a snapshot (renamed away first: no spawn takes it meanwhile).
+    async fn drop_snapshot(&self, snapshot: &Path) {
+        let Some(parent) = snapshot.parent() else {
+            return;
+        };
+        let trash = parent.join(format!(".trash-{}", uuid::Uuid::new_v4().as_simple()));
+        if std::fs::rename(snapshot, &trash).is_err() {
+            return;
+        }
+        crate::provider::best_effort(
+            "removing a dropped VM snapshot",
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&trash))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r),
+        );
     }
 
     /// Kills a sandbox directory's VM and removes the directory (renamed
@@ -458,7 +624,7 @@ impl<V: Vmm> Provider for MicroVm<V> {
     }
 
     fn capabilities(&self) -> Vec<Capability> {
-        vec![
+        let mut all = vec![
             Capability::Exec,
             Capability::ExecStream,
             Capability::Files,
@@ -467,7 +633,11 @@ impl<V: Vmm> Provider for MicroVm<V> {
             Capability::MemoryLimit,
             Capability::CpuLimit,
             Capability::NetworkIsolation,
-        ]
+        ];
+        if V::SNAPSHOTS {
+            all.push(Capability::SnapshotRestore);
+        }
+        all
     }
 
     fn isolation(&self) -> &'static str {
@@ -542,12 +712,16 @@ impl<V: Vmm> Provider for MicroVm<V> {
             Err(e) => Err(e),
         };
         match booted {
-            Ok((link, accel)) => {
+            Ok((link, made)) => {
                 lock(&self.links).insert(spec.sandbox_id.clone(), link);
+                let how = match made {
+                    Made::Booted(accel) => format!("{accel:?}, booted"),
+                    Made::Restored(accel) => format!("{accel:?}, restored from a snapshot"),
+                };
                 self.logs.log(
                     &spec.sandbox_id,
                     format!(
-                        "spawned from image {} ({accel:?}, booted in {} ms)",
+                        "spawned from image {} ({how} in {} ms)",
                         spec.image,
                         started.elapsed().as_millis()
                     ),
@@ -634,6 +808,23 @@ impl<V: Vmm> Provider for MicroVm<V> {
             }
         }
         fixed += assets::sweep_cache(&self.cache.join("disks"));
+        // Snapshots half-written or half-removed.
+        let snapshots = self.cache.join("snapshots");
+        for entry in std::fs::read_dir(&snapshots)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") || name.starts_with(".trash-") {
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => fixed += 1,
+                    Err(e) => {
+                        tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a leftover VM snapshot")
+                    }
+                }
+            }
+        }
         Ok(fixed)
     }
 

@@ -88,8 +88,8 @@ impl Qemu {
             Accel::Kvm => ("kvm", "host"),
             _ => ("tcg,tb-size=64", "max"),
         };
-        let hostname: String = spec.sandbox_id.chars().take(63).collect();
-        let mut cmdline = format!("console=ttyS0 quiet panic=-1 stacyvm.hostname={hostname}");
+        // Its hostname comes with the agent's `Setup`, as for every microVM.
+        let mut cmdline = "console=ttyS0 quiet panic=-1".to_string();
         if let Some(khz) = boot.tsc_khz {
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
