@@ -352,6 +352,10 @@ pub struct FirecrackerConfig {
     /// Firecracker's own seccomp filters. Off only for a build that has
     /// none for this target (`--no-seccomp`).
     pub seccomp: bool,
+    /// Snapshots of booted VMs kept (one per image and shape; each holds
+    /// a VM's memory and disk); the least recently used go first. 0: none
+    /// are kept, every spawn boots.
+    pub max_snapshots: usize,
 }
 
 impl Default for FirecrackerConfig {
@@ -363,6 +367,7 @@ impl Default for FirecrackerConfig {
             boot_timeout: GoDuration(std::time::Duration::from_secs(30)),
             agent_binary: PathBuf::new(),
             seccomp: true,
+            max_snapshots: 8,
         }
     }
 }

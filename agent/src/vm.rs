@@ -147,20 +147,36 @@ fn listen_vsock(port: u32) -> io::Result<OwnedFd> {
     Ok(listener.expect("set when ready"))
 }
 
-/// A host's connection from the vsock listener, if one waits.
+/// The host's connection from the vsock listener, if one waits. Only the
+/// host (CID 2) is taken: a process in the guest that reaches the port
+/// (over a loopback transport) is turned away.
 fn accept(listener: &OwnedFd) -> Option<OwnedFd> {
-    // SAFETY: accept4 on a listening socket this process owns, without
-    // the peer's address.
+    // SAFETY: a zeroed sockaddr_vm is valid; accept4 fills it.
+    let mut peer: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: accept4 on a listening socket this process owns, with an
+    // address buffer of the size given.
     let fd = unsafe {
         libc::accept4(
             listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
+            (&raw mut peer).cast(),
+            &mut len,
             libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
         )
     };
+    if fd < 0 {
+        return None;
+    }
     // SAFETY: a new descriptor owned by nobody else.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    if peer.svm_cid != libc::VMADDR_CID_HOST {
+        eprintln!(
+            "stacyvm-agent: refused a vsock connection from CID {}",
+            peer.svm_cid
+        );
+        return None;
+    }
+    Some(conn)
 }
 
 fn cstr(s: &str) -> CString {

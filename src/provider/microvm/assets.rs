@@ -412,7 +412,10 @@ fn extract_lz4_kernel(image: &[u8]) -> Result<Vec<u8>, String> {
                 break;
             };
             let Ok(n) = lz4_flex::block::decompress_into(input, &mut block) else {
-                break;
+                if out.is_empty() {
+                    break;
+                }
+                return Err("a block of its LZ4 payload is damaged".into());
             };
             if out.len() + n > MAX_VMLINUX {
                 return Err(format!("its kernel is over {} MiB", MAX_VMLINUX >> 20));
@@ -424,6 +427,17 @@ fn extract_lz4_kernel(image: &[u8]) -> Result<Vec<u8>, String> {
             }
         }
         if out.starts_with(&ELF_MAGIC) {
+            // The build appends the payload's uncompressed size: a frame
+            // cut short does not end with it.
+            let size = image
+                .get(pos..pos + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+            if size != Some(out.len()) {
+                return Err(format!(
+                    "its LZ4 payload ends after {} bytes without the size the kernel's build appends: the file is truncated or damaged",
+                    out.len()
+                ));
+            }
             return Ok(out);
         }
     }
@@ -633,6 +647,13 @@ mod tests {
         let mut truncated = bzimage(&elf(100_000));
         truncated.truncate(20_100);
         assert!(extract_lz4_kernel(&truncated).is_err());
+        // Cut in its second block: the first one alone is an ELF start,
+        // but not the kernel.
+        let whole = bzimage(&elf(LZ4_LEGACY_BLOCK + 500_000));
+        let first = u32::from_le_bytes(whole[20_004..20_008].try_into().expect("4")) as usize;
+        let cut = &whole[..20_008 + first + 4 + 1000];
+        let err = extract_lz4_kernel(cut).expect_err("cut short");
+        assert!(err.contains("truncated"), "{err}");
 
         let dir = tempfile::tempdir().expect("tempdir");
         let kernel = dir.path().join("vmlinux");

@@ -124,6 +124,11 @@ impl MicroVm<Firecracker> {
             boot_timeout: config.boot_timeout,
             agent_binary: config.agent_binary.clone(),
         };
+        if !config.seccomp {
+            tracing::warn!(
+                "providers.firecracker.seccomp is off: Firecracker runs without its seccomp filters"
+            );
+        }
         let vmm = Firecracker {
             config,
             guest,
@@ -177,7 +182,8 @@ pub async fn api_within(
             .map_err(ApiError::Connect)?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        let connection = tokio::spawn(connection);
+        // Aborted with this future, when it times out too.
+        let connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
         let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
@@ -206,7 +212,7 @@ pub async fn api_within(
             }
             Err(e) => Err(ApiError::Http(e)),
         };
-        connection.abort();
+        drop(connection);
         answer
     };
     let (status, body) = tokio::time::timeout(timeout, call)
@@ -274,25 +280,47 @@ impl Firecracker {
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| ProviderError::Runtime("Firecracker ended at once".into()))?;
         let start = crate::provider::native::init::start_time(pid).unwrap_or_default();
-        let ring = Arc::new(Mutex::new(Ring::default()));
-        lock(&self.consoles).insert(pid, ring.clone());
-        let drained = std::thread::Builder::new()
-            .name(format!("fc-console-{pid}"))
-            .spawn(move || Self::drain(reader, ring));
-        if let Err(e) = drained {
-            tracing::warn!(error = %e, "no thread to read a Firecracker VM's output");
-        }
         tokio::spawn(async move {
             // Reaps it, whoever ends it.
             crate::provider::best_effort_quiet("waiting for a Firecracker VM", child.wait().await);
         });
+        let ring = Arc::new(Mutex::new(Ring::default()));
+        lock(&self.consoles).insert(pid, ring.clone());
+        match self.serve_api(dir, pid, start, reader, ring).await {
+            Ok(()) => Ok(pid),
+            Err(e) => {
+                // Nothing runs on that nobody knows of.
+                machine::kill_vm(pid, start).await;
+                self.forget(pid);
+                Err(e)
+            }
+        }
+    }
+
+    /// Drains Firecracker `pid`'s output, records its pid and waits for its
+    /// API socket.
+    async fn serve_api(
+        &self,
+        dir: &Path,
+        pid: i32,
+        start: u64,
+        reader: std::io::PipeReader,
+        ring: Arc<Mutex<Ring>>,
+    ) -> ProviderResult<()> {
+        // Unread, its output would fill the pipe and stop the guest.
+        std::thread::Builder::new()
+            .name(format!("fc-console-{pid}"))
+            .spawn(move || Self::drain(reader, ring))
+            .map_err(|e| {
+                ProviderError::Runtime(format!("no thread to read the VM's output: {e}"))
+            })?;
         std::fs::write(dir.join(PID_FILE), pid.to_string())
             .map_err(|e| ProviderError::Runtime(format!("{}: {e}", dir.display())))?;
         let socket = dir.join(API_SOCKET);
         let deadline = Instant::now() + API_START_TIMEOUT;
         loop {
             if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-                return Ok(pid);
+                return Ok(());
             }
             let gone = !crate::provider::native::init::is_same_process(pid, start);
             if gone || Instant::now() > deadline {
@@ -444,6 +472,10 @@ impl Vmm for Firecracker {
 
     const SNAPSHOTS: bool = true;
 
+    fn max_snapshots(&self) -> usize {
+        self.config.max_snapshots
+    }
+
     fn build(&self, boot: &Boot) -> String {
         boot.build.clone()
     }
@@ -511,6 +543,10 @@ impl Vmm for Firecracker {
         .await;
         match loaded {
             Ok(_) => Ok(pid),
+            // The snapshot itself is refused: the caller drops it.
+            Err(e @ ApiError::Refused { .. }) => Err(ProviderError::InvalidRequest(format!(
+                "the VM does not restore from its snapshot: {e}"
+            ))),
             Err(e) => Err(ProviderError::Runtime(format!(
                 "the VM does not restore from its snapshot: {e}; its output:\n{}",
                 last_lines(&self.output(pid))
@@ -525,7 +561,13 @@ impl Vmm for Firecracker {
     /// Firecracker `pid` is `dir`'s if it runs there (its working
     /// directory).
     fn owns(&self, dir: &Path, pid: i32) -> bool {
-        std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+        let (Ok(cwd), Ok(dir)) = (
+            std::fs::read_link(format!("/proc/{pid}/cwd")),
+            std::fs::canonicalize(dir),
+        ) else {
+            return false;
+        };
+        cwd == dir
     }
 
     async fn version(&self) -> Result<String, String> {
@@ -698,6 +740,14 @@ mod tests {
         assert_eq!(state(&get(&b).await), "Running");
         assert!(b.join(VSOCK_SOCKET).exists(), "its vsock socket is its own");
         assert_ne!(first, second);
+        // Its drive is its own directory's disk, not the snapshot's.
+        let open: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{second}/fd"))
+            .expect("fds")
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .collect();
+        assert!(open.contains(&b.join(DISK_FILE)), "{open:?}");
+        assert!(!open.contains(&snap.join(DISK_FILE)), "{open:?}");
 
         // A snapshot that is not one is refused in Firecracker's words.
         let c = tmp.path().join("c");

@@ -120,6 +120,11 @@ pub trait Vmm: Send + Sync + 'static {
     /// Whether the VMM's binary runs: its version, or why not.
     async fn version(&self) -> Result<String, String>;
 
+    /// Why the VMM cannot run a sandbox in `dir`, if it cannot.
+    fn refuse_dir(&self, _dir: &Path) -> Option<String> {
+        None
+    }
+
     /// Whether a booted VM's snapshot is kept for later spawns of the same
     /// image and shape to restore from ([`Vmm::snapshot`], [`Vmm::restore`]).
     const SNAPSHOTS: bool = false;
@@ -128,6 +133,11 @@ pub trait Vmm: Send + Sync + 'static {
     /// the build that made it.
     fn build(&self, _boot: &Self::Boot) -> String {
         String::new()
+    }
+
+    /// How many snapshots are kept (the least recently used go first).
+    fn max_snapshots(&self) -> usize {
+        0
     }
 
     /// Pauses the VM of `dir`, writes its snapshot into `into` with a copy
@@ -233,6 +243,32 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 type Prepared<B> = Arc<(Assets, B)>;
 
+/// Why a VM did not restore from its snapshot.
+enum Restore {
+    /// The snapshot itself was refused: it is dropped.
+    Refused(String),
+    /// Something else failed (the snapshot may be fine).
+    Failed(ProviderError),
+}
+
+impl std::fmt::Display for Restore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Restore::Refused(why) => write!(f, "{why}"),
+            Restore::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Marks a snapshot as just used (eviction takes the least recently used).
+fn touch(path: &Path) {
+    let now = std::time::SystemTime::now();
+    crate::provider::best_effort(
+        "marking a VM snapshot as used",
+        std::fs::File::open(path).and_then(|f| f.set_modified(now)),
+    );
+}
+
 /// How a sandbox's VM was made.
 #[derive(Debug, Clone, Copy)]
 enum Made {
@@ -259,11 +295,14 @@ pub struct MicroVm<V: Vmm> {
 impl<V: Vmm> MicroVm<V> {
     /// `dir` holds the sandboxes, `cache` the built boot assets and disks.
     pub fn with_vmm(vmm: V, images: ImageStore, dir: PathBuf, cache: PathBuf) -> Self {
+        // Absolute: a VMM runs with another working directory (Firecracker
+        // in its sandbox's), and its process is matched by its paths.
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
         MicroVm {
             vmm,
             images,
-            dir,
-            cache,
+            dir: absolute(dir),
+            cache: absolute(cache),
             boot: tokio::sync::Mutex::new(None),
             links: Mutex::default(),
             connecting: Mutex::default(),
@@ -384,14 +423,22 @@ impl<V: Vmm> MicroVm<V> {
             match self.restore(spec, tmp, assets, accel, snapshot).await {
                 Ok(link) => {
                     link.setup(&spec.sandbox_id).await?;
+                    touch(snapshot);
                     return Ok((link, Made::Restored(accel)));
                 }
-                Err(e) => {
-                    // A snapshot that does not restore is not tried again.
-                    tracing::warn!(snapshot = %snapshot.display(), error = %e, "a VM did not restore from its snapshot: the snapshot is dropped and the VM boots afresh");
-                    self.remove_dir(tmp).await?;
+                Err(Restore::Refused(e)) => {
+                    // The VMM refuses it (another build, a damaged file):
+                    // it is not tried again.
+                    tracing::warn!(snapshot = %snapshot.display(), error = %e, "the VMM refused a VM snapshot: it is dropped, and the VM boots afresh");
                     self.drop_snapshot(snapshot).await;
                 }
+                Err(Restore::Failed(e)) => {
+                    tracing::warn!(snapshot = %snapshot.display(), error = %e, "a VM restored from its snapshot did not reach its agent: it boots afresh");
+                }
+            }
+            if let Err(e) = self.remove_dir(tmp).await {
+                tracing::warn!(error = %e, "cannot remove a VM that did not restore");
+                return Err(e);
             }
         }
         std::fs::create_dir(tmp)
@@ -405,11 +452,23 @@ impl<V: Vmm> MicroVm<V> {
             assets,
         };
         let pid = self.vmm.start(boot, launch).await?;
-        let link = self.reach_agent(spec, tmp, accel, pid).await?;
+        let (mut link, meta) = self.reach_agent(spec, tmp, accel, pid).await?;
         // Taken before the VM is given its identity: the snapshot holds
         // nothing of this sandbox's.
         if let Some(snapshot) = snapshot.as_deref().filter(|s| !s.is_dir()) {
             self.take_snapshot(tmp, snapshot).await;
+            // A snapshot resets the VM's vsock connections: a new session.
+            drop(link);
+            let socket = self.vmm.agent_socket(tmp);
+            link = Arc::new(
+                AgentLink::open(&socket, RECONNECT_TIMEOUT, || meta.alive())
+                    .await
+                    .map_err(|e| {
+                        ProviderError::Runtime(format!(
+                            "the VM's agent did not answer again after its snapshot: {e}"
+                        ))
+                    })?,
+            );
         }
         link.setup(&spec.sandbox_id).await?;
         Ok((link, Made::Booted(accel)))
@@ -422,7 +481,7 @@ impl<V: Vmm> MicroVm<V> {
         tmp: &Path,
         accel: Accel,
         pid: i32,
-    ) -> ProviderResult<Arc<AgentLink>> {
+    ) -> ProviderResult<(Arc<AgentLink>, Meta)> {
         let pid_start = crate::provider::native::init::start_time(pid)
             .ok_or_else(|| ProviderError::Runtime(format!("the VM's {} ended at once", V::NAME)))?;
         let meta = Meta {
@@ -442,7 +501,7 @@ impl<V: Vmm> MicroVm<V> {
         let timeout = self.vmm.guest().boot_timeout.0;
         let socket = self.vmm.agent_socket(tmp);
         match AgentLink::open(&socket, timeout, || meta.alive()).await {
-            Ok(link) => Ok(Arc::new(link)),
+            Ok(link) => Ok((Arc::new(link), meta)),
             Err(e) => {
                 let console = self.vmm.console_tail(tmp, pid).await;
                 let console = if console.is_empty() {
@@ -495,19 +554,31 @@ impl<V: Vmm> MicroVm<V> {
         assets: &Assets,
         accel: Accel,
         snapshot: &Path,
-    ) -> ProviderResult<Arc<AgentLink>> {
-        std::fs::create_dir(tmp)
-            .map_err(|e| ProviderError::Runtime(format!("{}: {e}", tmp.display())))?;
+    ) -> Result<Arc<AgentLink>, Restore> {
+        std::fs::create_dir(tmp).map_err(|e| {
+            Restore::Failed(ProviderError::Runtime(format!("{}: {e}", tmp.display())))
+        })?;
         assets::copy_disk(&snapshot.join(DISK_FILE), &tmp.join(DISK_FILE))
             .await
-            .map_err(|e| ProviderError::Runtime(format!("the sandbox's disk: {e}")))?;
+            .map_err(|e| Restore::Refused(format!("its disk: {e}")))?;
         let launch = Launch {
             dir: tmp,
             spec,
             assets,
         };
-        let pid = self.vmm.restore(launch, snapshot).await?;
-        self.reach_agent(spec, tmp, accel, pid).await
+        let pid = self
+            .vmm
+            .restore(launch, snapshot)
+            .await
+            .map_err(|e| match e {
+                ProviderError::InvalidRequest(why) => Restore::Refused(why),
+                e => Restore::Failed(e),
+            })?;
+        let (link, _meta) = self
+            .reach_agent(spec, tmp, accel, pid)
+            .await
+            .map_err(Restore::Failed)?;
+        Ok(link)
     }
 
     /// Keeps a snapshot of the VM of `dir` as `snapshot` (best effort: the
@@ -527,7 +598,8 @@ impl<V: Vmm> MicroVm<V> {
         });
         match kept {
             Ok(()) => {
-                tracing::info!(snapshot = %snapshot.display(), millis = started.elapsed().as_millis() as u64, "a booted VM's snapshot was kept for the next spawns of its kind")
+                tracing::info!(snapshot = %snapshot.display(), millis = started.elapsed().as_millis() as u64, "a booted VM's snapshot was kept for the next spawns of its kind");
+                self.evict_snapshots(parent).await;
             }
             Err(e) => {
                 // Another spawn of the same kind may have kept one first.
@@ -536,6 +608,30 @@ impl<V: Vmm> MicroVm<V> {
                 }
                 self.drop_snapshot(&part).await;
             }
+        }
+    }
+
+    /// Drops the least recently used snapshots beyond
+    /// [`Vmm::max_snapshots`] (each holds a VM's memory and disk).
+    async fn evict_snapshots(&self, dir: &Path) {
+        let mut kept: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| {
+                let used = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (used, e.path())
+            })
+            .collect();
+        kept.sort();
+        let over = kept.len().saturating_sub(self.vmm.max_snapshots());
+        for (_, path) in kept.into_iter().take(over) {
+            tracing::info!(snapshot = %path.display(), "dropping the least recently used VM snapshot");
+            self.drop_snapshot(&path).await;
         }
     }
 
@@ -671,12 +767,8 @@ impl<V: Vmm> Provider for MicroVm<V> {
                 longest.display()
             )));
         }
-        // QEMU's option syntax: a comma in a path would start another option.
-        if dir.to_string_lossy().contains(',') {
-            return Err(ProviderError::Unavailable(format!(
-                "{} holds a comma, which a VMM's options cannot carry: choose another data_dir",
-                self.dir.display()
-            )));
+        if let Some(why) = self.vmm.refuse_dir(&dir) {
+            return Err(ProviderError::Unavailable(why));
         }
         if dir.exists() {
             return Err(ProviderError::InvalidRequest(format!(

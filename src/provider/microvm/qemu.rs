@@ -248,6 +248,16 @@ impl Vmm for Qemu {
         AgentSocket::Serial(dir.join(AGENT_SOCKET))
     }
 
+    /// QEMU's option syntax: a comma in a path would start another option.
+    fn refuse_dir(&self, dir: &Path) -> Option<String> {
+        dir.to_string_lossy().contains(',').then(|| {
+            format!(
+                "{} holds a comma, which QEMU's options cannot carry: choose another data_dir",
+                dir.display()
+            )
+        })
+    }
+
     async fn console_tail(&self, dir: &Path, _pid: i32) -> String {
         Self::read_console(dir).await
     }
