@@ -118,6 +118,35 @@ pub struct Exec {
     pub env: Vec<Vec<u8>>,
     /// `None` is the sandbox's default (`/`).
     pub workdir: Option<Vec<u8>>,
+    /// A terminal of this size: the command's stdin, stdout and stderr
+    /// are a PTY's (its output comes as `Stdout`), it leads a session of
+    /// its own with the terminal as its controlling one, and the host may
+    /// send [`Frame::Input`] and [`Frame::Resize`] while it runs.
+    pub pty: Option<WindowSize>,
+}
+
+/// A terminal's size in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+impl WindowSize {
+    fn encode(self) -> [u8; 4] {
+        let mut b = [0u8; 4];
+        b[..2].copy_from_slice(&self.cols.to_be_bytes());
+        b[2..].copy_from_slice(&self.rows.to_be_bytes());
+        b
+    }
+
+    fn decode(value: &[u8]) -> io::Result<WindowSize> {
+        let b: [u8; 4] = int(value)?;
+        Ok(WindowSize {
+            cols: u16::from_be_bytes([b[0], b[1]]),
+            rows: u16::from_be_bytes([b[2], b[3]]),
+        })
+    }
 }
 
 /// A file operation on the agent's own filesystem (a microVM's). Paths
@@ -201,6 +230,10 @@ pub enum Frame {
     Entry(Entry),
     /// One glob match.
     Path(Vec<u8>),
+    /// Host to agent, during a command with a terminal: bytes typed into it.
+    Input(Vec<u8>),
+    /// Host to agent, during a command with a terminal: its new size.
+    Resize(WindowSize),
     /// Host to a microVM's agent: the settings of a VM that has just been
     /// made, booted or restored from a snapshot of another VM. Answered
     /// `Done` or `Failed`.
@@ -233,6 +266,8 @@ const SESSION: u8 = 3;
 const FILE: u8 = 4;
 const DATA: u8 = 5;
 const DONE: u8 = 6;
+const INPUT: u8 = 7;
+const RESIZE: u8 = 8;
 const STDOUT: u8 = 11;
 const STDERR: u8 = 12;
 const EXIT: u8 = 13;
@@ -248,6 +283,7 @@ pub const MAX_PATH: usize = 4096;
 const ARG: u8 = b'a';
 const ENV: u8 = b'e';
 const WORKDIR: u8 = b'w';
+const PTY: u8 = b'y';
 const OP: u8 = b'o';
 const P1: u8 = b'p';
 const P2: u8 = b'q';
@@ -424,9 +460,14 @@ impl Frame {
                 if let Some(dir) = &exec.workdir {
                     field(&mut p, WORKDIR, dir);
                 }
+                if let Some(size) = exec.pty {
+                    field(&mut p, PTY, &size.encode());
+                }
                 (EXEC, p)
             }
             Frame::Kill => (KILL, Vec::new()),
+            Frame::Input(data) => (INPUT, data.clone()),
+            Frame::Resize(size) => (RESIZE, size.encode().to_vec()),
             Frame::Stdout(data) => (STDOUT, data.clone()),
             Frame::Stderr(data) => (STDERR, data.clone()),
             Frame::Exit(code) => (EXIT, code.to_be_bytes().to_vec()),
@@ -480,7 +521,8 @@ impl Frame {
         let limit = match bytes[0] {
             EXEC | DATA => MAX_FRAME,
             KILL | DONE => 0,
-            HELLO | EXIT => 4,
+            HELLO | EXIT | RESIZE => 4,
+            INPUT => CHUNK,
             SESSION => 8,
             WELCOME => 12,
             STDOUT | STDERR => CHUNK,
@@ -503,6 +545,8 @@ impl Frame {
             Frame::Hello { .. } => "hello",
             Frame::Exec(_) => "exec",
             Frame::Kill => "kill",
+            Frame::Input(_) => "input",
+            Frame::Resize(_) => "resize",
             Frame::Stdout(_) => "stdout",
             Frame::Stderr(_) => "stderr",
             Frame::Exit(_) => "exit",
@@ -532,12 +576,15 @@ impl Frame {
                         ARG => exec.argv.push(value),
                         ENV => exec.env.push(value),
                         WORKDIR => exec.workdir = Some(value),
+                        PTY => exec.pty = Some(WindowSize::decode(&value)?),
                         _ => return Err(bad("unknown field")),
                     }
                 }
                 Frame::Exec(exec)
             }
             KILL => Frame::Kill,
+            INPUT => Frame::Input(payload),
+            RESIZE => Frame::Resize(WindowSize::decode(&payload)?),
             STDOUT => Frame::Stdout(payload),
             STDERR => Frame::Stderr(payload),
             EXIT => Frame::Exit(i32::from_be_bytes(int(&payload)?)),
@@ -701,6 +748,20 @@ mod tests {
                 argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo \xff".to_vec()],
                 env: vec![b"A=1".to_vec(), b"EMPTY=".to_vec()],
                 workdir: Some(b"/tmp".to_vec()),
+                pty: None,
+            }),
+            Frame::Exec(Exec {
+                argv: vec![b"sh".to_vec()],
+                pty: Some(WindowSize {
+                    cols: 132,
+                    rows: 43,
+                }),
+                ..Exec::default()
+            }),
+            Frame::Input(b"ls\r\x1b[A".to_vec()),
+            Frame::Resize(WindowSize {
+                cols: u16::MAX,
+                rows: 1,
             }),
             Frame::Exec(Exec::default()),
             Frame::Kill,

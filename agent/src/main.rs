@@ -18,6 +18,11 @@
 //! nothing is killed: background processes live on, and output they write
 //! to the inherited pipes is forwarded for [`DRAIN_GRACE`] more.
 //!
+//! A command with a terminal (`Exec::pty`) gets a PTY instead: it leads a
+//! session of its own with the PTY as its controlling terminal and its
+//! stdin, stdout and stderr; what it prints comes as `Stdout`, and the
+//! client's `Input` and `Resize` go to the PTY while it runs.
+//!
 //! The agent is built static (`-C target-feature=+crt-static`): images
 //! need no libc of their own.
 
@@ -284,6 +289,57 @@ struct Prepared {
     argv: Vec<CString>,
     envp: Vec<CString>,
     workdir: CString,
+    pty: Option<stacyvm_agent::WindowSize>,
+}
+
+/// The most typed input that waits for a terminal's program to read it;
+/// beyond it input is dropped (the program does not read).
+const MAX_PENDING_INPUT: usize = 256 << 10;
+
+/// A new PTY of `size`: its master (non-blocking) and its slave's path.
+fn open_pty(size: stacyvm_agent::WindowSize) -> io::Result<(OwnedFd, CString)> {
+    // SAFETY: posix_openpt returns a new descriptor or -1.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor owned by nobody else.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut name = [0 as libc::c_char; 128];
+    let ws = libc::winsize {
+        ws_row: size.rows.max(1),
+        ws_col: size.cols.max(1),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: calls on the master this function owns, with a name buffer
+    // of the length given and a valid winsize.
+    unsafe {
+        if libc::grantpt(fd) != 0
+            || libc::unlockpt(fd) != 0
+            || libc::ptsname_r(fd, name.as_mut_ptr(), name.len()) != 0
+            || libc::ioctl(fd, libc::TIOCSWINSZ, &ws) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated name into `name`.
+    let slave = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_owned();
+    Ok((master, slave))
+}
+
+/// Sets a terminal's size; its foreground process group hears SIGWINCH.
+fn resize(master: RawFd, size: stacyvm_agent::WindowSize) {
+    let ws = libc::winsize {
+        ws_row: size.rows.max(1),
+        ws_col: size.cols.max(1),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: an ioctl with a valid winsize.
+    unsafe { libc::ioctl(master, libc::TIOCSWINSZ, &ws) };
 }
 
 fn prepare(exec: Exec) -> Result<Prepared, String> {
@@ -340,6 +396,7 @@ fn prepare(exec: Exec) -> Result<Prepared, String> {
             })
             .collect::<Result<_, _>>()?,
         workdir: cstr(exec.workdir.unwrap_or_else(|| b"/".to_vec()))?,
+        pty: exec.pty,
     })
 }
 
@@ -376,6 +433,7 @@ unsafe fn child(
     out: RawFd,
     err: RawFd,
     report: RawFd,
+    slave: Option<&std::ffi::CStr>,
 ) -> ! {
     // SAFETY: each call is async-signal-safe and gets valid pointers.
     unsafe {
@@ -387,18 +445,34 @@ unsafe fn child(
         };
         let errno = || *libc::__errno_location();
         stacyvm_agent::reset_signals();
-        // Own process group: a kill reaches the command and what it
-        // started, and nothing else in the sandbox.
-        libc::setpgid(0, 0);
-        // Close-on-exec: only its copy on 0 reaches the command.
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-        if null >= 0 {
-            libc::dup2(null, 0);
+        if let Some(slave) = slave {
+            // A session of its own (its process group too: a kill reaches
+            // it and what it started), the terminal its controlling one.
+            libc::setsid();
+            let tty = libc::open(slave.as_ptr(), libc::O_RDWR);
+            if tty < 0 || libc::ioctl(tty, libc::TIOCSCTTY, 0) != 0 {
+                fail(b'p', errno());
+            }
+            if libc::dup2(tty, 0) < 0 || libc::dup2(tty, 1) < 0 || libc::dup2(tty, 2) < 0 {
+                fail(b'p', errno());
+            }
+            if tty > 2 {
+                libc::close(tty);
+            }
         } else {
-            libc::close(0);
-        }
-        if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
-            fail(b'p', errno());
+            // Own process group: a kill reaches the command and what it
+            // started, and nothing else in the sandbox.
+            libc::setpgid(0, 0);
+            // Close-on-exec: only its copy on 0 reaches the command.
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if null >= 0 {
+                libc::dup2(null, 0);
+            } else {
+                libc::close(0);
+            }
+            if libc::dup2(out, 1) < 0 || libc::dup2(err, 2) < 0 {
+                fail(b'p', errno());
+            }
         }
         let oom = libc::open(
             c"/proc/self/oom_score_adj".as_ptr(),
@@ -435,13 +509,23 @@ unsafe fn child(
 /// multiplexed stream.
 trait Channel {
     fn send(&mut self, frame: &Frame) -> io::Result<()>;
-    /// A descriptor that turns readable when the caller wants the command
-    /// killed or has gone away.
+    /// A descriptor that turns readable when the caller wants something
+    /// (the command killed, input typed, a terminal resized) or has gone
+    /// away.
     fn control_fd(&self) -> RawFd;
-    /// Reads what made [`Channel::control_fd`] readable: `true` for a
-    /// kill request (the caller still listens), `false` when the caller
-    /// is gone.
-    fn on_control(&mut self) -> bool;
+    /// Reads what made [`Channel::control_fd`] readable.
+    fn on_control(&mut self) -> Control;
+}
+
+/// What a command's caller wants.
+enum Control {
+    Kill,
+    /// The caller is gone: the command must not run on unseen.
+    Gone,
+    Input(Vec<u8>),
+    Resize(stacyvm_agent::WindowSize),
+    /// Nothing (yet).
+    Nothing,
 }
 
 /// One connection, one command.
@@ -456,10 +540,15 @@ impl Channel for Connection {
         self.0.as_raw_fd()
     }
 
-    fn on_control(&mut self) -> bool {
-        // Anything but a kill, or the client leaving: the command must not
-        // run on unseen.
-        matches!(Frame::read_from(&mut self.0), Ok(Some(Frame::Kill)))
+    fn on_control(&mut self) -> Control {
+        // Anything else, or the client leaving: the command must not run
+        // on unseen.
+        match Frame::read_from(&mut self.0) {
+            Ok(Some(Frame::Kill)) => Control::Kill,
+            Ok(Some(Frame::Input(data))) => Control::Input(data),
+            Ok(Some(Frame::Resize(size))) => Control::Resize(size),
+            _ => Control::Gone,
+        }
     }
 }
 
@@ -492,6 +581,10 @@ fn run_command(exec: Exec, children: &Children, chan: &mut dyn Channel) {
     };
     let argv = pointers(&prepared.argv);
     let envp = pointers(&prepared.envp);
+    let terminal = match prepared.pty.map(open_pty).transpose() {
+        Ok(t) => t,
+        Err(e) => return failed(chan, Failure::Other, format!("a terminal: {e}")),
+    };
     let pipes = (|| Ok::<_, io::Error>((pipe()?, pipe()?, pipe()?)))();
     let ((out_r, out_w), (err_r, err_w), (rep_r, rep_w)) = match pipes {
         Ok(p) => p,
@@ -514,6 +607,7 @@ fn run_command(exec: Exec, children: &Children, chan: &mut dyn Channel) {
                     out_w.as_raw_fd(),
                     err_w.as_raw_fd(),
                     rep_w.as_raw_fd(),
+                    terminal.as_ref().map(|(_, slave)| slave.as_c_str()),
                 )
             }
         }
@@ -557,7 +651,15 @@ fn run_command(exec: Exec, children: &Children, chan: &mut dyn Channel) {
         };
         return failed(chan, why, message);
     }
-    let gone = forward(chan, pid, pidfd, out_r, err_r, children);
+    let gone = match terminal {
+        // The terminal is both its output and its input; the pipes carry
+        // nothing.
+        Some((master, _)) => {
+            drop((out_r, err_r));
+            forward(chan, pid, pidfd, Output::Terminal(master), children)
+        }
+        None => forward(chan, pid, pidfd, Output::Pipes(out_r, err_r), children),
+    };
     let code = children.wait(pid);
     if !gone {
         let _ = chan.send(&Frame::Exit(code));
@@ -568,18 +670,37 @@ fn run_command(exec: Exec, children: &Children, chan: &mut dyn Channel) {
 /// exited (or [`DRAIN_GRACE`] after the exit, when a background process
 /// holds a pipe); handles `Kill` and the client going away. Returns
 /// whether the client is gone.
+/// Where a command's output comes from.
+enum Output {
+    /// Its stdout and stderr.
+    Pipes(OwnedFd, OwnedFd),
+    /// A terminal's master (non-blocking), which typed input goes to.
+    Terminal(OwnedFd),
+}
+
 fn forward(
     conn: &mut dyn Channel,
     pid: i32,
     pidfd: Option<OwnedFd>,
-    out: OwnedFd,
-    err: OwnedFd,
+    output: Output,
     children: &Children,
 ) -> bool {
-    let mut files = [
-        Some(std::fs::File::from(out)),
-        Some(std::fs::File::from(err)),
-    ];
+    let (mut files, terminal) = match output {
+        Output::Pipes(out, err) => (
+            [
+                Some(std::fs::File::from(out)),
+                Some(std::fs::File::from(err)),
+            ],
+            None,
+        ),
+        Output::Terminal(master) => {
+            let writer = master.try_clone().ok().map(std::fs::File::from);
+            ([Some(std::fs::File::from(master)), None], writer)
+        }
+    };
+    let mut terminal = terminal;
+    // Typed input the program has not taken yet.
+    let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; CHUNK];
     // Without a pidfd the exit is only learnt from the reaper's table.
     let mut pidfd = pidfd;
@@ -613,6 +734,13 @@ fn forward(
         for f in files.iter().flatten() {
             watch(&mut fds, f.as_raw_fd());
         }
+        if let Some(t) = terminal.as_ref().filter(|_| !pending.is_empty()) {
+            fds.push(libc::pollfd {
+                fd: t.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            });
+        }
         if client_open {
             watch(&mut fds, conn.control_fd());
         }
@@ -630,12 +758,45 @@ fn forward(
             exited_at = Some(Instant::now());
         }
         if client_open && ready(conn.control_fd()) {
-            client_open = conn.on_control();
+            let end = match conn.on_control() {
+                Control::Input(data) => {
+                    if pending.len() + data.len() <= MAX_PENDING_INPUT {
+                        pending.extend_from_slice(&data);
+                    }
+                    false
+                }
+                Control::Resize(size) => {
+                    if let Some(t) = &terminal {
+                        resize(t.as_raw_fd(), size);
+                    }
+                    false
+                }
+                Control::Nothing => false,
+                Control::Kill => true,
+                Control::Gone => {
+                    client_open = false;
+                    true
+                }
+            };
             // After a normal exit nothing is killed: background processes
             // stay.
-            if !killed && exited_at.is_none() {
+            if end && !killed && exited_at.is_none() {
                 kill_tree(pid);
                 killed = true;
+            }
+        }
+        if let Some(t) = terminal.as_mut().filter(|_| !pending.is_empty()) {
+            use std::io::Write as _;
+            match t.write(&pending) {
+                Ok(n) => {
+                    pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    // The terminal is gone (the program ended).
+                    pending.clear();
+                    terminal = None;
+                }
             }
         }
         for (slot, stdout) in files.iter_mut().zip([true, false]) {
@@ -644,6 +805,8 @@ fn forward(
                 continue;
             }
             match file.read(&mut buf) {
+                // A terminal's master is non-blocking.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Ok(0) | Err(_) => *slot = None,
                 Ok(n) if client_open => {
                     let data = buf[..n].to_vec();

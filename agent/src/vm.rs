@@ -535,9 +535,21 @@ struct Request {
     out: Arc<Out>,
     session: u64,
     id: u32,
-    /// Readable when the host asks for a kill (a byte `1`) or the session
-    /// ended (`2`, or the write side closed).
+    /// Readable when the host asks for a kill (a byte `1`), sent input or
+    /// a resize (`3`: the next of `queue`), or the session ended (`2`, or
+    /// the write side closed).
     control: OwnedFd,
+    queue: Arc<Mutex<std::collections::VecDeque<crate::Control>>>,
+}
+
+/// Input and resizes waiting for a command with a terminal, at most.
+const MAX_QUEUED_INPUT: usize = 1 << 20;
+
+/// A running command's side of the main loop: its control pipe's write
+/// end and the queue of what the host sent it.
+struct ExecControl {
+    pipe: OwnedFd,
+    queue: Arc<Mutex<std::collections::VecDeque<crate::Control>>>,
 }
 
 impl crate::Channel for Request {
@@ -549,19 +561,25 @@ impl crate::Channel for Request {
         self.control.as_raw_fd()
     }
 
-    fn on_control(&mut self) -> bool {
+    fn on_control(&mut self) -> crate::Control {
         let mut byte = [0u8; 1];
         // SAFETY: reading one byte into a local buffer.
         let n = unsafe { libc::read(self.control.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
-        n == 1 && byte[0] == 1
+        match (n, byte[0]) {
+            (1, 1) => crate::Control::Kill,
+            (1, 3) => locked(&self.queue)
+                .pop_front()
+                .unwrap_or(crate::Control::Nothing),
+            _ => crate::Control::Gone,
+        }
     }
 }
 
 /// What the main loop keeps per running request, by (session, id).
 #[derive(Default)]
 struct Running {
-    /// The write ends of the running commands' control pipes.
-    execs: Mutex<HashMap<(u64, u32), OwnedFd>>,
+    /// The running commands' control pipes and queues.
+    execs: Mutex<HashMap<(u64, u32), ExecControl>>,
     /// The cancel flags of the running file operations.
     files: Mutex<HashMap<(u64, u32), Arc<AtomicBool>>>,
 }
@@ -573,13 +591,37 @@ fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Running {
     /// The host asks for request `key` to end.
     fn kill(&self, key: (u64, u32)) {
-        if let Some(fd) = locked(&self.execs).get(&key) {
+        if let Some(exec) = locked(&self.execs).get(&key) {
             // SAFETY: writing one byte from a local buffer.
-            unsafe { libc::write(fd.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+            unsafe { libc::write(exec.pipe.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         }
         if let Some(flag) = locked(&self.files).get(&key) {
             flag.store(true, Ordering::Release);
         }
+    }
+
+    /// Input or a resize for command `key` (one with a terminal); dropped
+    /// past [`MAX_QUEUED_INPUT`] (the command does not take it).
+    fn control(&self, key: (u64, u32), control: crate::Control) {
+        let execs = locked(&self.execs);
+        let Some(exec) = execs.get(&key) else {
+            return;
+        };
+        let mut queue = locked(&exec.queue);
+        let queued: usize = queue
+            .iter()
+            .map(|c| match c {
+                crate::Control::Input(d) => d.len(),
+                _ => 4,
+            })
+            .sum();
+        if queued > MAX_QUEUED_INPUT {
+            return;
+        }
+        queue.push_back(control);
+        drop(queue);
+        // SAFETY: writing one byte from a local buffer.
+        unsafe { libc::write(exec.pipe.as_raw_fd(), [3u8].as_ptr().cast(), 1) };
     }
 
     /// Ends every request of `session`: their caller is gone.
@@ -756,7 +798,14 @@ fn serve(transport: Transport, signals: libc::sigset_t) -> ! {
                     refuse(&out, session, id, "no pipes".into());
                     continue;
                 };
-                locked(&running.execs).insert((session, id), control_w);
+                let queue = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+                locked(&running.execs).insert(
+                    (session, id),
+                    ExecControl {
+                        pipe: control_w,
+                        queue: queue.clone(),
+                    },
+                );
                 let (children, done, answering) = (children.clone(), running.clone(), out.clone());
                 let started = crate::spawn_thread(move || {
                     let mut request = Request {
@@ -764,6 +813,7 @@ fn serve(transport: Transport, signals: libc::sigset_t) -> ! {
                         session,
                         id,
                         control: control_r,
+                        queue,
                     };
                     crate::run_command(exec, &children, &mut request);
                     locked(&done.execs).remove(&(session, id));
@@ -772,6 +822,10 @@ fn serve(transport: Transport, signals: libc::sigset_t) -> ! {
                     locked(&running.execs).remove(&(session, id));
                     refuse(&out, session, id, "no threads".into());
                 }
+            }
+            (id, Frame::Input(data)) => running.control((session, id), crate::Control::Input(data)),
+            (id, Frame::Resize(size)) => {
+                running.control((session, id), crate::Control::Resize(size))
             }
             (id, Frame::Kill) => {
                 running.kill((session, id));

@@ -273,18 +273,14 @@ pub async fn exec(
     pid: i32,
     start: u64,
     spec: &ExecSpec,
+    terminal: Option<crate::provider::Terminal>,
     sink: OutputSink,
 ) -> Result<ProviderResult<ExecExit>, Unreachable> {
-    let request = Frame::Exec(Exec {
-        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env: spec
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={v}").into_bytes())
-            .collect(),
-        workdir: spec.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
-    })
-    .encode();
+    let (size, input) = match terminal {
+        Some(t) => (Some(t.size), Some(t.input)),
+        None => (None, None),
+    };
+    let request = Frame::Exec(request(spec, size)).encode();
     if request.len() > 5 + MAX_FRAME {
         return Err(Unreachable(format!(
             "the command is larger than the agent takes ({} MiB)",
@@ -292,7 +288,24 @@ pub async fn exec(
         )));
     }
     let stream = connect(pid, start).await?;
-    Ok(run(stream, &request, spec, sink).await)
+    Ok(run(stream, &request, spec, input, sink).await)
+}
+
+/// The agent's form of a command (on a terminal of `size`, if one).
+pub(crate) fn request(spec: &ExecSpec, size: Option<crate::provider::TerminalSize>) -> Exec {
+    Exec {
+        argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: spec
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}").into_bytes())
+            .collect(),
+        workdir: spec.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
+        pty: size.map(|s| stacyvm_agent::WindowSize {
+            cols: s.cols,
+            rows: s.rows,
+        }),
+    }
 }
 
 /// Sends `request` on a connection past its hello and follows the command
@@ -302,6 +315,7 @@ async fn run(
     stream: tokio::net::UnixStream,
     request: &[u8],
     spec: &ExecSpec,
+    input: Option<tokio::sync::mpsc::Receiver<crate::provider::TerminalInput>>,
     sink: OutputSink,
 ) -> ProviderResult<ExecExit> {
     let (reader, mut writer) = stream.into_split();
@@ -318,11 +332,14 @@ async fn run(
         }
     });
     let writer = tokio::sync::Mutex::new(writer);
-    let kill = || async {
-        let mut writer = writer.lock().await;
-        kill(&mut writer).await;
+    let send = |frame: Frame| {
+        let writer = &writer;
+        async move {
+            let mut writer = writer.lock().await;
+            tell(&mut writer, &frame).await;
+        }
     };
-    follow(frames, kill, spec, sink).await
+    follow(frames, send, spec, input, sink).await
 }
 
 fn lost(e: std::io::Error) -> ProviderError {
@@ -330,28 +347,56 @@ fn lost(e: std::io::Error) -> ProviderError {
 }
 
 /// Follows a command's frames to its end: output into `sink`, the exit,
-/// or a failure to start. At the timeout `kill` asks the agent to kill
-/// the command, which gets [`KILL_GRACE`] to report its end. The same for
-/// a connection of its own (docker) and a request of a microVM's
+/// or a failure to start; a terminal's `input` goes to the agent as it
+/// comes. At the timeout the agent is asked (`send`) to kill the command,
+/// which gets [`KILL_GRACE`] to report its end. The same for a
+/// connection of its own (docker) and a request of a microVM's
 /// multiplexed stream.
-pub(crate) async fn follow<F, K, Fut>(
+pub(crate) async fn follow<F, S, Fut>(
     frames: F,
-    kill: K,
+    send: S,
     spec: &ExecSpec,
+    mut input: Option<tokio::sync::mpsc::Receiver<crate::provider::TerminalInput>>,
     sink: OutputSink,
 ) -> ProviderResult<ExecExit>
 where
     F: futures::Stream<Item = std::io::Result<Frame>>,
-    K: Fn() -> Fut,
+    S: Fn(Frame) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    let kill = || send(Frame::Kill);
     let deadline = tokio::time::sleep(spec.timeout);
     tokio::pin!(deadline);
     tokio::pin!(frames);
     let mut timed_out = false;
     let mut listening = true;
     loop {
+        let typed = async {
+            match input.as_mut() {
+                Some(input) => input.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         let frame = tokio::select! {
+            typed = typed => {
+                match typed {
+                    Some(crate::provider::TerminalInput::Data(data)) => {
+                        for chunk in data.chunks(stacyvm_agent::CHUNK) {
+                            send(Frame::Input(chunk.to_vec())).await;
+                        }
+                    }
+                    Some(crate::provider::TerminalInput::Resize(size)) => {
+                        send(Frame::Resize(stacyvm_agent::WindowSize {
+                            cols: size.cols,
+                            rows: size.rows,
+                        }))
+                        .await;
+                    }
+                    // The user has gone; the caller ends the command.
+                    None => input = None,
+                }
+                continue;
+            }
             frame = frames.next() => frame,
             () = &mut deadline => {
                 if deadline_passed(&mut timed_out, &kill, deadline.as_mut()).await {
@@ -428,15 +473,19 @@ where
     false
 }
 
-/// Asks the agent to kill the command (best effort: an agent that does not
-/// read leaves the exec to end at its grace).
-async fn kill(writer: &mut tokio::net::unix::OwnedWriteHalf) {
-    match tokio::time::timeout(KILL_GRACE, writer.write_all(&Frame::Kill.encode())).await {
+/// Tells the agent `frame` about the command (a kill, typed input, a
+/// resize); best effort: an agent that does not read leaves a kill to end
+/// at its grace.
+async fn tell(writer: &mut tokio::net::unix::OwnedWriteHalf, frame: &Frame) {
+    match tokio::time::timeout(KILL_GRACE, writer.write_all(&frame.encode())).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::debug!(error = %e, "cannot ask the sandbox's agent to kill a command")
+            tracing::debug!(error = %e, frame = frame.kind_name(), "cannot reach the sandbox's agent about a command")
         }
-        Err(_) => tracing::debug!("the sandbox's agent takes no kill request"),
+        Err(_) => tracing::debug!(
+            frame = frame.kind_name(),
+            "the sandbox's agent takes nothing about a command"
+        ),
     }
 }
 
@@ -538,7 +587,7 @@ mod tests {
         let (ours, mut theirs) = pair_after_hello().await;
         let (tx, _rx) = mpsc::channel(4);
         let started = tokio::time::Instant::now();
-        let result = run(ours, &request(), &spec(Duration::from_secs(3)), tx).await;
+        let result = run(ours, &request(), &spec(Duration::from_secs(3)), None, tx).await;
         assert!(matches!(result, Ok(ExecExit::TimedOut)), "{result:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(3) + KILL_GRACE);
         // It was asked to kill, after the command.
@@ -566,7 +615,7 @@ mod tests {
             theirs
         });
         let started = tokio::time::Instant::now();
-        let result = run(ours, &request(), &spec(Duration::from_secs(3)), tx).await;
+        let result = run(ours, &request(), &spec(Duration::from_secs(3)), None, tx).await;
         assert!(matches!(result, Ok(ExecExit::TimedOut)), "{result:?}");
         assert!(started.elapsed() < Duration::from_secs(3) + KILL_GRACE);
         drop(feed.await.unwrap());
@@ -580,7 +629,7 @@ mod tests {
         bytes.extend_from_slice(&(stacyvm_agent::CHUNK as u32 + 1).to_be_bytes());
         theirs.write_all(&bytes).await.unwrap();
         let (tx, _rx) = mpsc::channel(4);
-        let result = run(ours, &request(), &spec(Duration::from_secs(30)), tx).await;
+        let result = run(ours, &request(), &spec(Duration::from_secs(30)), None, tx).await;
         assert!(
             matches!(result, Err(ProviderError::Runtime(_))),
             "{result:?}"
@@ -593,7 +642,7 @@ mod tests {
             .await
             .unwrap();
         let (tx, _rx) = mpsc::channel(4);
-        match run(ours, &request(), &spec(Duration::from_secs(30)), tx).await {
+        match run(ours, &request(), &spec(Duration::from_secs(30)), None, tx).await {
             Err(ProviderError::Runtime(m)) => assert!(m.contains("sent hello"), "{m}"),
             other => panic!("{other:?}"),
         }
@@ -601,7 +650,7 @@ mod tests {
         let (ours, theirs) = pair_after_hello().await;
         drop(theirs);
         let (tx, _rx) = mpsc::channel(4);
-        let result = run(ours, &request(), &spec(Duration::from_secs(30)), tx).await;
+        let result = run(ours, &request(), &spec(Duration::from_secs(30)), None, tx).await;
         assert!(
             matches!(result, Err(ProviderError::Runtime(_))),
             "{result:?}"

@@ -385,7 +385,7 @@ impl DockerProvider {
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
         if let Some(endpoint) = self.endpoint(runtime_id).await {
-            match super::agent::exec(endpoint.pid, endpoint.start, spec, sink.clone()).await {
+            match super::agent::exec(endpoint.pid, endpoint.start, spec, None, sink.clone()).await {
                 Ok(result) => return result,
                 Err(why) => {
                     // Nothing was sent: the Engine API runs it instead, and
@@ -1535,6 +1535,38 @@ impl Provider for DockerProvider {
         let result = self.run_exec(runtime_id, spec, sink).await;
         let outcome = super::describe_exit(&result);
         self.log(runtime_id, format!("exec {:?} -> {outcome}", spec.argv));
+        result
+    }
+
+    async fn exec_terminal(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        terminal: crate::provider::Terminal,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        let Some(endpoint) = self.endpoint(runtime_id).await else {
+            return Err(ProviderError::Unavailable(
+                "terminals need the in-sandbox agent as the container's PID 1 (docker sandboxes under gVisor have none)".into(),
+            ));
+        };
+        let result = match super::agent::exec(
+            endpoint.pid,
+            endpoint.start,
+            spec,
+            Some(terminal),
+            sink,
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(why) => {
+                self.forget_endpoint(runtime_id);
+                Err(ProviderError::Unavailable(why.to_string()))
+            }
+        };
+        let outcome = super::describe_exit(&result);
+        self.log(runtime_id, format!("terminal {:?} -> {outcome}", spec.argv));
         result
     }
 

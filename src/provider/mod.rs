@@ -54,6 +54,28 @@ pub struct OutputChunk {
 /// drop further output (the exec result still carries the exit code).
 pub type OutputSink = mpsc::Sender<OutputChunk>;
 
+/// A terminal's size in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminalSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// What a terminal's user does while its command runs.
+#[derive(Debug, Clone)]
+pub enum TerminalInput {
+    /// Bytes typed (or pasted).
+    Data(Bytes),
+    Resize(TerminalSize),
+}
+
+/// A terminal for a command: its size at the start, and what its user
+/// types and resizes while it runs.
+pub struct Terminal {
+    pub size: TerminalSize,
+    pub input: mpsc::Receiver<TerminalInput>,
+}
+
 /// The capabilities a sandbox's root keeps (Linux names without `CAP_`):
 /// what ordinary root-in-a-container work needs (installing packages,
 /// chown). The docker provider passes them as `cap_add` after dropping all, the
@@ -344,6 +366,22 @@ pub trait Provider: Send + Sync + 'static {
         spec: &ExecSpec,
         sink: OutputSink,
     ) -> ProviderResult<ExecExit>;
+
+    /// Runs a command on a terminal (a PTY in the sandbox): what it prints
+    /// comes to `sink` as stdout, `terminal.input` goes to it. Dropping the
+    /// future kills it and what it started.
+    async fn exec_terminal(
+        &self,
+        _runtime_id: &str,
+        _spec: &ExecSpec,
+        _terminal: Terminal,
+        _sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        Err(ProviderError::Unsupported {
+            provider: self.name(),
+            operation: "terminals",
+        })
+    }
 
     /// Write a file, creating parent directories. `mode` is the permission bits.
     async fn write_file(

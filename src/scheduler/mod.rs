@@ -510,6 +510,15 @@ mod tests {
         ) -> WorkerResult<ExecExit> {
             Err(never())
         }
+        async fn exec_terminal(
+            &self,
+            _: &RuntimeRef,
+            _: &ExecSpec,
+            _: crate::provider::Terminal,
+            _: OutputSink,
+        ) -> WorkerResult<ExecExit> {
+            Err(never())
+        }
         async fn call(&self, _: &RuntimeRef, _: RuntimeCall) -> WorkerResult<RuntimeReply> {
             Err(never())
         }

@@ -15,6 +15,7 @@ pub enum AuditAction {
     AuthDenied,
     SandboxSpawn,
     SandboxExec,
+    SandboxTerminal,
     SandboxExtend,
     SandboxDestroy,
     SandboxExpire,
@@ -39,10 +40,11 @@ pub enum AuditAction {
 
 impl AuditAction {
     /// Every action, for documentation and tests.
-    pub const ALL: [AuditAction; 23] = [
+    pub const ALL: [AuditAction; 24] = [
         AuditAction::AuthDenied,
         AuditAction::SandboxSpawn,
         AuditAction::SandboxExec,
+        AuditAction::SandboxTerminal,
         AuditAction::SandboxExtend,
         AuditAction::SandboxDestroy,
         AuditAction::SandboxExpire,
@@ -71,6 +73,7 @@ impl AuditAction {
             AuditAction::AuthDenied => "auth.denied",
             AuditAction::SandboxSpawn => "sandbox.spawn",
             AuditAction::SandboxExec => "sandbox.exec",
+            AuditAction::SandboxTerminal => "sandbox.terminal",
             AuditAction::SandboxExtend => "sandbox.extend",
             AuditAction::SandboxDestroy => "sandbox.destroy",
             AuditAction::SandboxExpire => "sandbox.expire",

@@ -140,6 +140,7 @@ impl Service {
         reason: Option<String>,
     ) -> Result<()> {
         let id = model.id.clone();
+        self.close_terminals(&id);
         // Without a recorded handle the worker removes whatever exists
         // under the sandbox id (the spawn failed, or the server died
         // mid-spawn).

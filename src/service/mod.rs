@@ -28,6 +28,7 @@ mod shutdown;
 mod spawn_queue;
 mod system;
 mod templates;
+pub mod terminals;
 mod workers;
 
 pub use admission::{AdmissionDecision, AdmissionReason};
@@ -103,6 +104,8 @@ struct Inner {
     pool: pool::PoolState,
     /// Shutdown phases and the running commands they wait for.
     shutdown: shutdown::ShutdownState,
+    /// Terminal sessions, with their scrollback.
+    terminals: terminals::Terminals,
     started_at: Instant,
 }
 
@@ -153,6 +156,7 @@ impl Service {
                 replica,
                 reconcile: Default::default(),
                 shutdown: Default::default(),
+                terminals: Default::default(),
                 started_at: Instant::now(),
             }),
         }

@@ -410,6 +410,20 @@ impl Worker for LocalWorker {
         p.exec(handle, spec, sink).await
     }
 
+    async fn exec_terminal(
+        &self,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        terminal: crate::provider::Terminal,
+        sink: OutputSink,
+    ) -> WorkerResult<ExecExit> {
+        let handle = handle(runtime)?;
+        let p = self.provider(&runtime.provider)?;
+        self.fence
+            .admit(&runtime.sandbox_id, runtime.lease, Operation::Runtime)?;
+        p.exec_terminal(handle, spec, terminal, sink).await
+    }
+
     async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {
         let p = self.provider(&runtime.provider)?;
         self.fence

@@ -284,6 +284,16 @@ pub trait Worker: Send + Sync {
         sink: OutputSink,
     ) -> WorkerResult<ExecExit>;
 
+    /// Runs a command on a terminal (see [`crate::provider::Provider::exec_terminal`]).
+    /// Dropping the future ends it.
+    async fn exec_terminal(
+        &self,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        terminal: crate::provider::Terminal,
+        sink: OutputSink,
+    ) -> WorkerResult<ExecExit>;
+
     /// Any one-shot operation on a runtime.
     async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply>;
 }

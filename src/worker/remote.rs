@@ -413,6 +413,19 @@ impl Worker for RemoteWorker {
             .await
     }
 
+    async fn exec_terminal(
+        &self,
+        _runtime: &RuntimeRef,
+        _spec: &ExecSpec,
+        _terminal: crate::provider::Terminal,
+        _sink: OutputSink,
+    ) -> WorkerResult<ExecExit> {
+        Err(ProviderError::Unavailable(format!(
+            "terminals in sandboxes on remote workers are not there yet (worker {})",
+            self.id
+        )))
+    }
+
     async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {
         let attempts = match call {
             RuntimeCall::Destroy => IDEMPOTENT_ATTEMPTS,

@@ -13,4 +13,5 @@ mod providers;
 mod store;
 mod support;
 mod tenants;
+mod terminals;
 mod workers;

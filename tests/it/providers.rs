@@ -2245,3 +2245,81 @@ async fn firecracker_configuration_errors_are_clear_and_leave_nothing() {
     let err = p.health().await.expect_err("bogus kernel");
     assert!(err.to_string().contains("uncompressed vmlinux"), "{err}");
 }
+
+/// A terminal straight on the provider: the command's output on a PTY of
+/// the size asked, typed input reaching it, a resize it sees, and its
+/// exit. The same agent code serves docker, native and the microVMs.
+async fn terminal_case(fx: &Fixture) {
+    use stacyvm::provider::{Terminal, TerminalInput, TerminalSize};
+    let p = &fx.provider;
+    let id = p
+        .spawn(&vm_spec(&fx.image))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let (input, input_rx) = mpsc::channel(16);
+    let (sink, mut out) = mpsc::channel(64);
+    let terminal = Terminal {
+        size: TerminalSize { cols: 80, rows: 24 },
+        input: input_rx,
+    };
+    let mut sh = spec(&["sh"]);
+    sh.env.insert("TERM".into(), "xterm".into());
+    let (p2, id2) = (p.clone(), id.clone());
+    let run = tokio::spawn(async move { p2.exec_terminal(&id2, &sh, terminal, sink).await });
+    let mut seen = String::new();
+    let mut until = async |want: &str, seen: &mut String| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !seen.contains(want) {
+            match tokio::time::timeout_at(deadline, out.recv()).await {
+                Ok(Some(chunk)) => {
+                    assert_eq!(chunk.stream, StreamKind::Stdout);
+                    seen.push_str(&String::from_utf8_lossy(&chunk.data));
+                }
+                other => panic!("no {want:?} ({other:?}) in {seen:?}"),
+            }
+        }
+    };
+    let typed = |s: &str| TerminalInput::Data(Bytes::from(s.to_string()));
+    input.send(typed("tty; stty size\r")).await.expect("input");
+    until("24 80", &mut seen).await;
+    assert!(seen.contains("/dev/pts/"), "{seen:?}");
+    input
+        .send(TerminalInput::Resize(TerminalSize {
+            cols: 100,
+            rows: 30,
+        }))
+        .await
+        .expect("resize");
+    input
+        .send(typed("stty size; exit 7\r"))
+        .await
+        .expect("input");
+    until("30 100", &mut seen).await;
+    let exit = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the shell ends")
+        .expect("join")
+        .expect("exit");
+    assert_eq!(exit, ExecExit::Exited(7), "{seen:?}");
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_terminal() {
+    terminal_case(&native_fixture().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_terminal() {
+    if let Some(fx) = docker_fixture(true).await {
+        terminal_case(&fx).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_terminal() {
+    if let Some(fx) = qemu_fixture().await {
+        terminal_case(&fx).await;
+    }
+}

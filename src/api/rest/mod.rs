@@ -11,6 +11,7 @@ mod quotas;
 mod sandboxes;
 mod system;
 mod templates;
+mod terminal;
 
 use std::sync::LazyLock;
 
@@ -41,6 +42,7 @@ pub fn router(service: Service) -> Router {
     let body_limit = service.config().server.max_body_bytes;
     let (routes, _) = routes().split_for_parts();
     routes
+        .merge(terminal::router())
         .layer(DefaultBodyLimit::max(body_limit))
         .route(OPENAPI_PATH, axum::routing::get(document))
         .with_state(service)

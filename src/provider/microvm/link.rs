@@ -415,15 +415,30 @@ impl AgentLink {
     /// Runs a command, streaming into `sink`. Dropping the future kills
     /// the command (its request is cancelled on the agent).
     pub async fn exec(&self, spec: &ExecSpec, sink: OutputSink) -> ProviderResult<ExecExit> {
-        let request = Frame::Exec(stacyvm_agent::Exec {
-            argv: spec.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-            env: spec
-                .env
-                .iter()
-                .map(|(k, v)| format!("{k}={v}").into_bytes())
-                .collect(),
-            workdir: spec.workdir.as_ref().map(|w| w.as_bytes().to_vec()),
-        });
+        self.exec_on(spec, None, sink).await
+    }
+
+    /// Runs a command on a terminal (a PTY in the VM).
+    pub async fn exec_terminal(
+        &self,
+        spec: &ExecSpec,
+        terminal: crate::provider::Terminal,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        self.exec_on(spec, Some(terminal), sink).await
+    }
+
+    async fn exec_on(
+        &self,
+        spec: &ExecSpec,
+        terminal: Option<crate::provider::Terminal>,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        let (size, input) = match terminal {
+            Some(t) => (Some(t.size), Some(t.input)),
+            None => (None, None),
+        };
+        let request = Frame::Exec(crate::provider::agent::request(spec, size));
         if request.encode().len() > 5 + stacyvm_agent::MAX_FRAME {
             return Err(ProviderError::InvalidRequest(format!(
                 "the command is larger than the agent takes ({} MiB)",
@@ -435,13 +450,13 @@ impl AgentLink {
         let frames = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|frame| (Ok(frame), rx))
         });
-        let kill = || async move {
+        let send = |frame: Frame| async move {
             crate::provider::best_effort_quiet(
-                "asking the VM's agent to kill a command",
-                self.send(id, &Frame::Kill).await,
+                "telling the VM's agent about a command",
+                self.send(id, &frame).await,
             );
         };
-        let result = crate::provider::agent::follow(frames, kill, spec, sink).await;
+        let result = crate::provider::agent::follow(frames, send, spec, input, sink).await;
         registration.finished();
         match result {
             Err(ProviderError::Runtime(_)) if self.is_closed() => Err(gone()),

@@ -939,6 +939,17 @@ impl<V: Vmm> Provider for MicroVm<V> {
         result
     }
 
+    async fn exec_terminal(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        terminal: crate::provider::Terminal,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        let link = self.link(runtime_id).await?;
+        link.exec_terminal(spec, terminal, sink).await
+    }
+
     async fn write_file(
         &self,
         runtime_id: &str,

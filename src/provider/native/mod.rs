@@ -1045,6 +1045,7 @@ impl NativeProvider {
         runtime_id: &str,
         record: &init::InitRecord,
         spec: &ExecSpec,
+        terminal: Option<crate::provider::Terminal>,
         sink: OutputSink,
     ) -> Result<ProviderResult<ExecExit>, crate::provider::agent::Unreachable> {
         if let Err(e) = crate::provider::check_command(&spec.argv, &spec.env) {
@@ -1059,7 +1060,7 @@ impl NativeProvider {
         };
         let cancel = self.dirs.cancel_token(runtime_id);
         tokio::select! {
-            result = crate::provider::agent::exec(record.pid, record.start, &spec, sink) => result,
+            result = crate::provider::agent::exec(record.pid, record.start, &spec, terminal, sink) => result,
             () = cancel.cancelled() => Ok(Err(ProviderError::Runtime(
                 "the sandbox was destroyed while the command ran".into(),
             ))),
@@ -1251,6 +1252,38 @@ impl Provider for NativeProvider {
         Ok(fixed)
     }
 
+    async fn exec_terminal(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        terminal: crate::provider::Terminal,
+        sink: OutputSink,
+    ) -> ProviderResult<ExecExit> {
+        let meta = self.dirs.meta(runtime_id)?;
+        if meta.ids.is_none() && self.ids.is_some() {
+            return Err(ProviderError::Runtime(format!(
+                "sandbox {runtime_id} predates per-sandbox user ids: its root would be host root, so it runs no commands; destroy it"
+            )));
+        }
+        let record = self.running_init(runtime_id)?;
+        if meta.agent.is_none() || self.agent.is_err() {
+            return Err(ProviderError::Unavailable(
+                "terminals need the in-sandbox agent (providers.native.direct_exec)".into(),
+            ));
+        }
+        let result = match self
+            .exec_via_agent(runtime_id, &record, spec, Some(terminal), sink)
+            .await
+        {
+            Ok(result) => result,
+            Err(why) => Err(ProviderError::Unavailable(why.to_string())),
+        };
+        let outcome = super::describe_exit(&result);
+        self.dirs
+            .log(runtime_id, format!("terminal {:?}: {outcome}", spec.argv));
+        result
+    }
+
     async fn exec(
         &self,
         runtime_id: &str,
@@ -1270,7 +1303,7 @@ impl Provider for NativeProvider {
         let mut direct = None;
         if meta.agent.is_some() && self.agent.is_ok() {
             match self
-                .exec_via_agent(runtime_id, &record, spec, sink.clone())
+                .exec_via_agent(runtime_id, &record, spec, None, sink.clone())
                 .await
             {
                 Ok(result) => direct = Some(result),
