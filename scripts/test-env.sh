@@ -79,6 +79,8 @@ _stacyvm_env_packages() {
     command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
     # The HA pass of the SDK suite puts nginx in front of two replicas.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    # `stacyvm shell` is tested in a real terminal that tmux drives.
+    command -v tmux >/dev/null 2>&1 || missing+=(tmux)
     # The qemu provider's microVMs (QEMU's microvm machine under TCG).
     local qemu_flags=()
     if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then

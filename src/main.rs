@@ -101,6 +101,20 @@ enum Command {
         #[command(subcommand)]
         command: FilesCommand,
     },
+    /// An interactive terminal in a sandbox (its shell, or COMMAND): keys,
+    /// resizes and Ctrl-C reach it; exits with its exit status.
+    Shell {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The sandbox.
+        id: String,
+        /// Come back to a session left open (its output is replayed).
+        #[arg(long)]
+        session: Option<String>,
+        /// A shell command line to run instead of the sandbox's shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// An MCP server on stdin/stdout for agents: tools to create sandboxes,
     /// run commands, use files and destroy sandboxes, each a REST call to
     /// the server with your key. (The server also serves MCP over
@@ -530,6 +544,28 @@ async fn run(cli: Cli, config: Config) -> Result<u8, Box<dyn std::error::Error>>
     match cli.command {
         command @ (Command::Sandbox { .. } | Command::Files { .. }) => {
             return Ok(client(command).await?);
+        }
+        Command::Shell {
+            api,
+            id,
+            session,
+            command,
+        } => {
+            let command = (!command.is_empty()).then(|| command.join(" "));
+            return match stacyvm::cli::shell::shell(
+                &api.target(),
+                &id,
+                session.as_deref(),
+                command.as_deref(),
+            )
+            .await
+            {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    eprintln!("stacyvm: {e}");
+                    Ok(1)
+                }
+            };
         }
         Command::Mcp { api } => stacyvm::cli::mcp::serve_stdio(api.target()).await?,
         Command::Serve { .. } => {

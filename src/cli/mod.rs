@@ -1,11 +1,13 @@
 //! Commands that talk to a running control plane over its REST API (the
 //! server's rules stay in the server): `stacyvm workers ...` for
-//! operators, `stacyvm sandbox ...` and `stacyvm files ...` for users.
+//! operators, `stacyvm sandbox ...`, `stacyvm files ...` and `stacyvm
+//! shell` for users.
 
 pub mod bench;
 pub mod certify;
 pub mod client;
 pub mod mcp;
+pub mod shell;
 pub mod workers;
 
 use std::time::Duration;

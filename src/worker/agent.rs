@@ -54,6 +54,10 @@ pub fn router(
         .route(&format!("{}/inventory", rpc::PREFIX), post(inventory))
         .route(&format!("{}/call", rpc::PREFIX), post(call))
         .route(&format!("{}/exec", rpc::PREFIX), post(exec))
+        .route(
+            &format!("{}/terminal", rpc::PREFIX),
+            axum::routing::get(terminal),
+        )
         // The token is checked before any body is read.
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -189,6 +193,99 @@ async fn exec(State(s): State<AgentState>, Json(req): Json<rpc::Exec>) -> Respon
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(body))
         .unwrap_or_else(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response())
+}
+
+/// The largest message of a terminal's WebSocket.
+const MAX_TERMINAL_MESSAGE: usize = 1 << 20;
+
+/// How long the control plane has to say what the terminal runs.
+const TERMINAL_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A terminal's command over a WebSocket (see [`rpc::TerminalOpen`]). The
+/// command belongs to the socket: when it closes, the command is killed.
+async fn terminal(
+    State(s): State<AgentState>,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    upgrade
+        .max_message_size(MAX_TERMINAL_MESSAGE)
+        .on_upgrade(move |socket| serve_terminal(socket, s.worker.clone()))
+}
+
+async fn serve_terminal(mut socket: axum::extract::ws::WebSocket, worker: Arc<LocalWorker>) {
+    use axum::extract::ws::Message;
+    let open = match tokio::time::timeout(TERMINAL_OPEN_TIMEOUT, socket.recv()).await {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str::<rpc::TerminalOpen>(&text),
+        _ => return,
+    };
+    let end = |end: rpc::TerminalEnd| {
+        Message::Text(serde_json::to_string(&end).unwrap_or_default().into())
+    };
+    let open = match open {
+        Ok(open) => open,
+        Err(e) => {
+            let refused = rpc::TerminalEnd::Error(rpc::WireError::InvalidRequest {
+                message: format!("not a terminal request: {e}"),
+            });
+            crate::provider::best_effort_quiet(
+                "refusing a terminal request",
+                socket.send(end(refused)).await,
+            );
+            return;
+        }
+    };
+    let (input, input_rx) = mpsc::channel(256);
+    let (sink, mut chunks) = mpsc::channel::<OutputChunk>(64);
+    let terminal = crate::provider::Terminal {
+        size: open.size,
+        input: input_rx,
+    };
+    let run = worker.exec_terminal(&open.runtime, &open.spec, terminal, sink);
+    tokio::pin!(run);
+    let mut output_open = true;
+    let result = loop {
+        tokio::select! {
+            chunk = chunks.recv(), if output_open => match chunk {
+                Some(chunk) => {
+                    if socket.send(Message::Binary(chunk.data)).await.is_err() {
+                        return; // the control plane left: dropping `run` kills the command
+                    }
+                }
+                None => output_open = false,
+            },
+            message = socket.recv() => {
+                let sent = match message {
+                    Some(Ok(Message::Binary(data))) => input.try_send(crate::provider::TerminalInput::Data(data)),
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<rpc::TerminalControl>(&text) {
+                        Ok(rpc::TerminalControl::Resize(size)) => input.try_send(crate::provider::TerminalInput::Resize(size)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "a terminal message that is not one");
+                            Ok(())
+                        }
+                    },
+                    Some(Ok(_)) => Ok(()),
+                    Some(Err(_)) | None => return,
+                };
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "terminal input dropped: its command does not keep up");
+                }
+            }
+            result = &mut run => break result,
+        }
+    };
+    while let Ok(chunk) = chunks.try_recv() {
+        if socket.send(Message::Binary(chunk.data)).await.is_err() {
+            return;
+        }
+    }
+    let last = match result {
+        Ok(exit) => rpc::TerminalEnd::Exit(exit),
+        Err(e) => rpc::TerminalEnd::Error(e.into()),
+    };
+    crate::provider::best_effort_quiet(
+        "telling the control plane a terminal's end",
+        socket.send(end(last)).await,
+    );
 }
 
 /// Where and how the worker reports to the control plane.

@@ -257,6 +257,94 @@ impl RemoteWorker {
     }
 
     /// Runs a command on the worker and streams its frames into `sink`.
+    /// A terminal's command over the worker's terminal WebSocket.
+    async fn terminal(
+        &self,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        mut terminal: crate::provider::Terminal,
+        sink: OutputSink,
+    ) -> WorkerResult<ExecExit> {
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}{}/terminal", self.endpoint, rpc::PREFIX)
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| ProviderError::Runtime(format!("worker {}: {e}", self.id)))?;
+        let bearer = format!("Bearer {}", self.credentials.bearer(Audience::Worker));
+        request.headers_mut().insert(
+            "authorization",
+            bearer
+                .parse()
+                .map_err(|_| ProviderError::Runtime("a worker token that is no header".into()))?,
+        );
+        let (mut socket, _) =
+            tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(request))
+                .await
+                .map_err(|_| {
+                    ProviderError::Unavailable(format!("worker {} did not answer", self.id))
+                })?
+                .map_err(|e| ProviderError::Unavailable(format!("worker {}: {e}", self.id)))?;
+        let open = rpc::TerminalOpen {
+            runtime: runtime.clone(),
+            spec: spec.clone(),
+            size: terminal.size,
+        };
+        let open = serde_json::to_string(&open)
+            .map_err(|e| ProviderError::Runtime(format!("a terminal request: {e}")))?;
+        let lost = |e: tokio_tungstenite::tungstenite::Error| {
+            ProviderError::Unavailable(format!(
+                "worker {}: the terminal's connection: {e}",
+                self.id
+            ))
+        };
+        socket
+            .send(Message::Text(open.into()))
+            .await
+            .map_err(lost)?;
+        let mut typing = true;
+        loop {
+            tokio::select! {
+                typed = terminal.input.recv(), if typing => {
+                    let message = match typed {
+                        Some(crate::provider::TerminalInput::Data(data)) => Message::Binary(data),
+                        Some(crate::provider::TerminalInput::Resize(size)) => Message::Text(
+                            serde_json::to_string(&rpc::TerminalControl::Resize(size))
+                                .unwrap_or_default()
+                                .into(),
+                        ),
+                        None => {
+                            typing = false;
+                            continue;
+                        }
+                    };
+                    socket.send(message).await.map_err(lost)?;
+                }
+                message = socket.next() => match message {
+                    Some(Ok(Message::Binary(data))) => {
+                        // Backpressure: a slow session holds the worker's output.
+                        if sink.send(OutputChunk { stream: crate::provider::StreamKind::Stdout, data }).await.is_err() {
+                            return Err(ProviderError::Runtime("nobody reads the terminal".into()));
+                        }
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        return match serde_json::from_str::<rpc::TerminalEnd>(&text) {
+                            Ok(rpc::TerminalEnd::Exit(exit)) => Ok(exit),
+                            Ok(rpc::TerminalEnd::Error(e)) => Err(e.into()),
+                            Err(e) => Err(ProviderError::Runtime(format!("worker {} sent a bad terminal end: {e}", self.id))),
+                        };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(lost(e)),
+                    None => return Err(ProviderError::Unavailable(format!("worker {} closed the terminal's connection", self.id))),
+                },
+            }
+        }
+    }
+
     async fn exec_stream(
         &self,
         runtime: &RuntimeRef,
@@ -415,15 +503,13 @@ impl Worker for RemoteWorker {
 
     async fn exec_terminal(
         &self,
-        _runtime: &RuntimeRef,
-        _spec: &ExecSpec,
-        _terminal: crate::provider::Terminal,
-        _sink: OutputSink,
+        runtime: &RuntimeRef,
+        spec: &ExecSpec,
+        terminal: crate::provider::Terminal,
+        sink: OutputSink,
     ) -> WorkerResult<ExecExit> {
-        Err(ProviderError::Unavailable(format!(
-            "terminals in sandboxes on remote workers are not there yet (worker {})",
-            self.id
-        )))
+        self.while_in_reach(self.terminal(runtime, spec, terminal, sink))
+            .await
     }
 
     async fn call(&self, runtime: &RuntimeRef, call: RuntimeCall) -> WorkerResult<RuntimeReply> {

@@ -127,6 +127,32 @@ pub struct Exec {
     pub spec: ExecSpec,
 }
 
+/// The first message of a terminal's WebSocket (`{PREFIX}/terminal`):
+/// what to run. Then the control plane sends typed input as binary
+/// messages and [`TerminalControl`] as text; the worker sends the output
+/// as binary messages and one [`TerminalEnd`] as text.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TerminalOpen {
+    pub runtime: RuntimeRef,
+    pub spec: ExecSpec,
+    pub size: crate::provider::TerminalSize,
+}
+
+/// What the control plane sends about a running terminal, besides input.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminalControl {
+    Resize(crate::provider::TerminalSize),
+}
+
+/// How a terminal's command ended.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TerminalEnd {
+    Exit(ExecExit),
+    Error(WireError),
+}
+
 /// One line of an exec's answer stream.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

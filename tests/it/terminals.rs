@@ -42,12 +42,12 @@ async fn connect(server: &TestServer, key: Option<&str>, query: &str) -> Result<
 impl Term {
     async fn open(
         server: &TestServer,
-        key: &str,
+        key: Option<&str>,
         query: &str,
         rows: u16,
         cols: u16,
     ) -> (Term, String) {
-        let socket = connect(server, Some(key), query).await.expect("upgraded");
+        let socket = connect(server, key, query).await.expect("upgraded");
         let mut term = Term {
             socket,
             screen: vt100::Parser::new(rows, cols, 0),
@@ -129,8 +129,14 @@ async fn a_terminal_runs_vi_resizes_and_survives_a_reconnect() {
     let id = spawn(&server, &alice).await;
     let path = format!("/sandboxes/{id}/pty");
 
-    let (mut term, session) =
-        Term::open(&server, &alice, &format!("{path}?cols=80&rows=24"), 24, 80).await;
+    let (mut term, session) = Term::open(
+        &server,
+        Some(&alice),
+        &format!("{path}?cols=80&rows=24"),
+        24,
+        80,
+    )
+    .await;
     // The shell sees the size it was opened with.
     term.type_keys("stty size\r").await;
     term.until_screen("24 80").await;
@@ -193,7 +199,7 @@ async fn a_terminal_runs_vi_resizes_and_survives_a_reconnect() {
     // away included, and the same shell takes more.
     let (mut back, again) = Term::open(
         &server,
-        &alice,
+        Some(&alice),
         &format!("{path}?session={session}"),
         30,
         100,
@@ -215,7 +221,7 @@ async fn a_terminal_runs_vi_resizes_and_survives_a_reconnect() {
     // A second client takes the session over; the first is told.
     let (mut second, _) = Term::open(
         &server,
-        &alice,
+        Some(&alice),
         &format!("{path}?session={session}"),
         30,
         100,
@@ -236,5 +242,165 @@ async fn a_terminal_runs_vi_resizes_and_survives_a_reconnect() {
     drop(second);
     let gone = connect(&server, Some(&alice), &format!("{path}?session={session}")).await;
     assert_eq!(gone.err(), Some(404));
+    server.stop().await;
+}
+
+/// A terminal's round trip, for any server and sandbox: the size, typed
+/// input, a resize and the exit (`key`: none in the open mode).
+pub(crate) async fn terminal_round_trip(server: &TestServer, key: Option<&str>, id: &str) {
+    let path = format!("/sandboxes/{id}/pty?cols=80&rows=24");
+    let (mut term, _) = Term::open(server, key, &path, 24, 80).await;
+    term.type_keys("stty size; echo R-$((5*5))\r").await;
+    term.until_screen("R-25").await;
+    assert!(term.screen.screen().contents().contains("24 80"));
+    term.socket
+        .send(Message::Text(
+            json!({"type": "resize", "cols": 90, "rows": 20})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .expect("resize");
+    term.screen.set_size(20, 90);
+    term.type_keys("clear; stty size; exit 2\r").await;
+    let end = loop {
+        let m = term.message().await.expect("the end");
+        if m["type"] == "exit" {
+            break m;
+        }
+    };
+    assert_eq!(end["exit_code"], 2, "{end}");
+    assert!(
+        term.screen.screen().contents().contains("20 90"),
+        "{}",
+        term.screen.screen().contents()
+    );
+}
+
+/// `stacyvm shell` as a user runs it, in a real terminal (tmux): the
+/// window's size and its resize, a full-screen editor, Ctrl-C reaching
+/// the sandbox's command (not the local client), and the shell's exit
+/// status as the CLI's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stacyvm_shell_in_a_real_terminal() {
+    if std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("STACYVM_TEST_STRICT").as_deref() != Ok("1"),
+            "tmux must be installed (STACYVM_TEST_STRICT=1)"
+        );
+        eprintln!("SKIPPED: no tmux");
+        return;
+    }
+    let server = native_server(|_| {}).await;
+    let alice = key(&server, "alice", Role::Owner).await;
+    let id = spawn(&server, &alice).await;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let status = scratch.path().join("status");
+    let name = format!("svm{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let tmux = |args: &[&str]| {
+        let out = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&name)
+            .args(args)
+            .output()
+            .expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let line = format!(
+        "{} shell {id}; echo $? > {}",
+        env!("CARGO_BIN_EXE_stacyvm"),
+        status.display()
+    );
+    // A tmux server of its own, with this environment.
+    let started = std::process::Command::new("tmux")
+        .args([
+            "-L",
+            &name,
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+        ])
+        .args(["-x", "100", "-y", "30", &line])
+        .env("STACYVM_SERVER", server.base.trim_end_matches("/api/v1"))
+        .env("STACYVM_API_KEY", &alice)
+        .env_remove("TMUX")
+        .status()
+        .expect("tmux");
+    assert!(started.success());
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _gone = std::process::Command::new("tmux")
+                .args(["-L", &self.0, "kill-server"])
+                .status();
+        }
+    }
+    let _kill = Kill(name.clone());
+    let until = async |want: &str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let screen = tmux(&["capture-pane", "-p", "-t", &name]);
+            if screen.contains(want) {
+                return screen;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the terminal never showed {want:?}:\n{screen}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let keys = |k: &[&str]| {
+        let mut args = vec!["send-keys", "-t", name.as_str()];
+        args.extend_from_slice(k);
+        tmux(&args);
+    };
+    keys(&["stty size", "Enter"]);
+    until("30 100").await;
+    tmux(&["resize-window", "-t", &name, "-x", "120", "-y", "40"]);
+    keys(&["clear; stty size", "Enter"]);
+    until("40 120").await;
+
+    keys(&["vi /tmp/from-tmux.txt", "Enter"]);
+    until("~").await;
+    keys(&["i", "typed in a real terminal", "Escape"]);
+    // Apart from the Escape: an editor reads ESC and a key at once as one
+    // escape sequence, as it would from a person typing that fast.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    keys(&[":wq", "Enter"]);
+    // Computed by the shell: the editor would show the words, not 42.
+    keys(&["clear; cat /tmp/from-tmux.txt; echo CAT-$((40+2))", "Enter"]);
+    let screen = until("CAT-42").await;
+    assert!(screen.contains("typed in a real terminal"), "{screen}");
+
+    // Ctrl-C interrupts the sandbox's command; the client stays.
+    keys(&["sleep 600", "Enter"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    keys(&["C-c"]);
+    keys(&["echo after-$((3*3))", "Enter"]);
+    until("after-9").await;
+
+    keys(&["exit 4", "Enter"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Ok(text) = std::fs::read_to_string(&status)
+            && !text.trim().is_empty()
+        {
+            break text.trim().to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the CLI did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, "4");
     server.stop().await;
 }

@@ -1552,3 +1552,31 @@ async fn a_client_hanging_up_affects_local_and_remote_commands_alike() {
     a_client_that_hangs_up_leaves_its_command_running(&server, &id).await;
     drop(w1);
 }
+
+/// Terminals of sandboxes on a remote worker: the same round trip as in
+/// process, through the worker's terminal WebSocket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_work_in_process_and_through_a_remote_worker() {
+    let local = crate::support::native_server(|_| {}).await;
+    let (status, body) = local
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_string();
+    crate::terminals::terminal_round_trip(&local, None, &id).await;
+
+    let server = control_plane().await;
+    let w1 = WorkerProcess::start(&base(&server), "w1", "token-one");
+    wait_for_workers(&server, &["w1"]).await;
+    let (status, body) = server
+        .post("/sandboxes", json!({"image": docker_image()}))
+        .await;
+    assert_eq!(
+        (status, body["worker_id"].as_str()),
+        (201, Some("w1")),
+        "{body}"
+    );
+    let id = body["id"].as_str().expect("id").to_string();
+    crate::terminals::terminal_round_trip(&server, None, &id).await;
+    drop(w1);
+}
