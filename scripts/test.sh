@@ -507,8 +507,10 @@ run_schemathesis() {
     "$BIN" image import --data-dir "$data/data" "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_ROOTFS" || return 1
     api_key=$("$BIN" keys create --data-dir "$data/data" --owner schemathesis --admin) || return 1
     # Every provider of this host healthy, qemu included (its spawns boot
-    # microVMs under TCG): an unavailable one would answer 503.
-    printf 'defaults:\n  image: %s\n  max_sandboxes: 6\n  ttl: 10m\n  max_ttl: 30m\n  exec_timeout: 10s\n  max_exec_timeout: 20s\npool:\n  max_warm: 0\nproviders:\n  qemu:\n    kernel: %s\n    boot_timeout: 180s\n' \
+    # microVMs under TCG): an unavailable one would answer 503. Firecracker
+    # cannot boot a guest on this host (itself a VM): the admin's policy
+    # denies it (403), as an operator without KVM would.
+    printf 'defaults:\n  image: %s\n  max_sandboxes: 6\n  ttl: 10m\n  max_ttl: 30m\n  exec_timeout: 10s\n  max_exec_timeout: 20s\npool:\n  max_warm: 0\npolicy:\n  roles:\n    admin:\n      providers:\n        deny: [firecracker]\nproviders:\n  qemu:\n    kernel: %s\n    boot_timeout: 180s\n' \
         "$STACYVM_TEST_IMAGE" "$STACYVM_TEST_KERNEL" >"$data/config.yaml"
     echo "starting: stacyvm serve --port $port (native, authentication on; log: $log)"
     "$BIN" serve --host 127.0.0.1 --port "$port" --data-dir "$data/data" --provider native \

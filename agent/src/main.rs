@@ -524,8 +524,8 @@ enum Control {
     Gone,
     Input(Vec<u8>),
     Resize(stacyvm_agent::WindowSize),
-    /// Nothing (yet).
-    Nothing,
+    /// Several of the above, in order.
+    Batch(Vec<Control>),
 }
 
 /// One connection, one command.
@@ -758,26 +758,28 @@ fn forward(
             exited_at = Some(Instant::now());
         }
         if client_open && ready(conn.control_fd()) {
-            let end = match conn.on_control() {
-                Control::Input(data) => {
-                    if pending.len() + data.len() <= MAX_PENDING_INPUT {
-                        pending.extend_from_slice(&data);
+            let mut end = false;
+            let mut wants = vec![conn.on_control()];
+            while let Some(want) = wants.pop() {
+                match want {
+                    Control::Input(data) => {
+                        if pending.len() + data.len() <= MAX_PENDING_INPUT {
+                            pending.extend_from_slice(&data);
+                        }
                     }
-                    false
-                }
-                Control::Resize(size) => {
-                    if let Some(t) = &terminal {
-                        resize(t.as_raw_fd(), size);
+                    Control::Resize(size) => {
+                        if let Some(t) = &terminal {
+                            resize(t.as_raw_fd(), size);
+                        }
                     }
-                    false
+                    Control::Batch(list) => wants.extend(list.into_iter().rev()),
+                    Control::Kill => end = true,
+                    Control::Gone => {
+                        client_open = false;
+                        end = true;
+                    }
                 }
-                Control::Nothing => false,
-                Control::Kill => true,
-                Control::Gone => {
-                    client_open = false;
-                    true
-                }
-            };
+            }
             // After a normal exit nothing is killed: background processes
             // stay.
             if end && !killed && exited_at.is_none() {

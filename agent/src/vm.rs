@@ -536,20 +536,28 @@ struct Request {
     session: u64,
     id: u32,
     /// Readable when the host asks for a kill (a byte `1`), sent input or
-    /// a resize (`3`: the next of `queue`), or the session ended (`2`, or
-    /// the write side closed).
+    /// a resize (`3`: `queue` turned non-empty), or the session ended
+    /// (`2`, or the write side closed).
     control: OwnedFd,
-    queue: Arc<Mutex<std::collections::VecDeque<crate::Control>>>,
+    queue: Arc<Mutex<Queued>>,
+}
+
+/// What the host sent a command with a terminal, not taken yet.
+#[derive(Default)]
+struct Queued {
+    items: std::collections::VecDeque<crate::Control>,
+    bytes: usize,
 }
 
 /// Input and resizes waiting for a command with a terminal, at most.
 const MAX_QUEUED_INPUT: usize = 1 << 20;
 
 /// A running command's side of the main loop: its control pipe's write
-/// end and the queue of what the host sent it.
+/// end (non-blocking: PID 1's loop never waits on it) and the queue of what
+/// the host sent it.
 struct ExecControl {
     pipe: OwnedFd,
-    queue: Arc<Mutex<std::collections::VecDeque<crate::Control>>>,
+    queue: Arc<Mutex<Queued>>,
 }
 
 impl crate::Channel for Request {
@@ -567,9 +575,12 @@ impl crate::Channel for Request {
         let n = unsafe { libc::read(self.control.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
         match (n, byte[0]) {
             (1, 1) => crate::Control::Kill,
-            (1, 3) => locked(&self.queue)
-                .pop_front()
-                .unwrap_or(crate::Control::Nothing),
+            (1, 3) => {
+                // Everything queued: one wake-up per turn to non-empty.
+                let mut queue = locked(&self.queue);
+                queue.bytes = 0;
+                crate::Control::Batch(queue.items.drain(..).collect())
+            }
             _ => crate::Control::Gone,
         }
     }
@@ -608,20 +619,22 @@ impl Running {
             return;
         };
         let mut queue = locked(&exec.queue);
-        let queued: usize = queue
-            .iter()
-            .map(|c| match c {
-                crate::Control::Input(d) => d.len(),
-                _ => 4,
-            })
-            .sum();
-        if queued > MAX_QUEUED_INPUT {
+        let size = match &control {
+            crate::Control::Input(d) => d.len(),
+            _ => 4,
+        };
+        if queue.bytes + size > MAX_QUEUED_INPUT {
             return;
         }
-        queue.push_back(control);
+        let wake = queue.items.is_empty();
+        queue.items.push_back(control);
+        queue.bytes += size;
         drop(queue);
-        // SAFETY: writing one byte from a local buffer.
-        unsafe { libc::write(exec.pipe.as_raw_fd(), [3u8].as_ptr().cast(), 1) };
+        if wake {
+            // SAFETY: writing one byte from a local buffer to a
+            // non-blocking pipe (a full pipe already wakes the reader).
+            unsafe { libc::write(exec.pipe.as_raw_fd(), [3u8].as_ptr().cast(), 1) };
+        }
     }
 
     /// Ends every request of `session`: their caller is gone.
@@ -798,7 +811,16 @@ fn serve(transport: Transport, signals: libc::sigset_t) -> ! {
                     refuse(&out, session, id, "no pipes".into());
                     continue;
                 };
-                let queue = Arc::new(Mutex::new(std::collections::VecDeque::new()));
+                // SAFETY: fcntl on a descriptor just made.
+                unsafe {
+                    let fd = control_w.as_raw_fd();
+                    libc::fcntl(
+                        fd,
+                        libc::F_SETFL,
+                        libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK,
+                    );
+                }
+                let queue = Arc::new(Mutex::new(Queued::default()));
                 locked(&running.execs).insert(
                     (session, id),
                     ExecControl {

@@ -144,6 +144,15 @@ pub async fn shell(
         let hello: serde_json::Value = serde_json::from_str(&hello).unwrap_or_default();
         session_id = hello["id"].as_str().unwrap_or_default().to_string();
     }
+    // Back to a session: it takes this terminal's size at once.
+    if session.is_some() {
+        let resize = serde_json::json!({"type": "resize", "cols": cols, "rows": rows});
+        crate::provider::best_effort_quiet(
+            "sending the terminal's size",
+            socket.send(Message::Text(resize.to_string().into())).await,
+        );
+    }
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let raw = Raw::enter();
     // Read on a thread of its own, not the runtime's blocking pool: a
     // read that never returns must not keep the process from ending.
@@ -165,14 +174,36 @@ pub async fn shell(
             "a thread to read the keyboard: {e}"
         )));
     }
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
-        .map_err(|e| CliError::Other(format!("SIGWINCH: {e}")))?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let signals = (|| {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::window_change())?,
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })();
+    let (mut winch, mut term, mut hup) =
+        signals.map_err(|e| CliError::Other(format!("signal handlers: {e}")))?;
     let mut stdin_open = true;
     let mut end: Result<u8, String> = Err("the connection was lost".into());
     loop {
         tokio::select! {
+            _ = term.recv() => {
+                end = Err("stopped by SIGTERM".into());
+                break;
+            }
+            _ = hup.recv() => {
+                end = Err("the terminal hung up".into());
+                break;
+            }
             typed = keys.recv(), if stdin_open => match typed {
-                None => stdin_open = false,
+                None => {
+                    stdin_open = false;
+                    // Piped input ended: the remote terminal hears its EOF.
+                    if !interactive && socket.send(Message::Binary(vec![4u8].into())).await.is_err() {
+                        break;
+                    }
+                }
                 Some(bytes) => {
                     if socket.send(Message::Binary(bytes.into())).await.is_err() {
                         break;

@@ -331,16 +331,40 @@ async fn run(
             Err(e) => Some((Err(e), reader)),
         }
     });
-    let writer = tokio::sync::Mutex::new(writer);
+    // One writer, which writes whole frames only (one cut off would put
+    // the agent out of step). Nothing waits on it: typed input it cannot
+    // take is dropped, a kill waits at most KILL_GRACE to be queued. It
+    // ends with this function.
+    let (to_agent, mut queued) = tokio::sync::mpsc::channel::<Frame>(WRITE_QUEUE);
+    let _writing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(frame) = queued.recv().await {
+            if let Err(e) = writer.write_all(&frame.encode()).await {
+                tracing::debug!(error = %e, "the sandbox's agent takes nothing more about a command");
+                return;
+            }
+        }
+    }));
     let send = |frame: Frame| {
-        let writer = &writer;
+        let to_agent = to_agent.clone();
         async move {
-            let mut writer = writer.lock().await;
-            tell(&mut writer, &frame).await;
+            let kind = frame.kind_name();
+            let queued = match frame {
+                Frame::Kill => tokio::time::timeout(KILL_GRACE, to_agent.send(frame))
+                    .await
+                    .map_err(|_| "its queue is full")
+                    .and_then(|sent| sent.map_err(|_| "it is gone")),
+                frame => to_agent.try_send(frame).map_err(|_| "it does not keep up"),
+            };
+            if let Err(why) = queued {
+                tracing::debug!(frame = kind, why, "not sent to the sandbox's agent");
+            }
         }
     };
     follow(frames, send, spec, input, sink).await
 }
+
+/// Frames waiting for the agent (a kill, typed input, resizes).
+const WRITE_QUEUE: usize = 64;
 
 fn lost(e: std::io::Error) -> ProviderError {
     ProviderError::Runtime(format!("the sandbox's agent: {e}"))
@@ -471,22 +495,6 @@ where
     kill().await;
     deadline.reset(tokio::time::Instant::now() + KILL_GRACE);
     false
-}
-
-/// Tells the agent `frame` about the command (a kill, typed input, a
-/// resize); best effort: an agent that does not read leaves a kill to end
-/// at its grace.
-async fn tell(writer: &mut tokio::net::unix::OwnedWriteHalf, frame: &Frame) {
-    match tokio::time::timeout(KILL_GRACE, writer.write_all(&frame.encode())).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, frame = frame.kind_name(), "cannot reach the sandbox's agent about a command")
-        }
-        Err(_) => tracing::debug!(
-            frame = frame.kind_name(),
-            "the sandbox's agent takes nothing about a command"
-        ),
-    }
 }
 
 /// A command that could not start, reported as the Engine API path

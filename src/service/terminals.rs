@@ -34,8 +34,9 @@ pub const MAX_SESSIONS: usize = 1024;
 /// What a session keeps of its output for a client that comes back.
 pub const SCROLLBACK: usize = 256 << 10;
 
-/// Typed input waiting for the runtime, in messages.
-const INPUT_QUEUE: usize = 256;
+/// Typed input waiting for the runtime, in messages (each at most 64 KiB:
+/// the WebSocket's bound).
+const INPUT_QUEUE: usize = 32;
 
 /// The largest terminal a client may ask for.
 const MAX_SIZE: u16 = 1000;
@@ -73,6 +74,21 @@ pub struct Session {
     /// The client attached now (its number, and the token that tells it
     /// another took over), if any.
     attached: Mutex<Option<(u64, CancellationToken)>>,
+    /// Counts detaches: a grace timer ends the session only if no client
+    /// came and went since it began.
+    detaches: std::sync::atomic::AtomicU64,
+}
+
+impl Session {
+    /// Appends output to the scrollback, keeping its last [`SCROLLBACK`]
+    /// bytes.
+    fn append(&self, data: &[u8]) {
+        let mut back = lock(&self.scrollback);
+        back.bytes.extend(data.iter());
+        back.total += data.len() as u64;
+        let over = back.bytes.len().saturating_sub(SCROLLBACK);
+        back.bytes.drain(..over);
+    }
 }
 
 /// Numbers the attachments (to tell whose a slot is).
@@ -209,12 +225,17 @@ impl Terminals {
             return;
         }
         let session = session.clone();
+        let detach = session
+            .detaches
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
         tokio::spawn(async move {
             tokio::select! {
                 () = tokio::time::sleep(GRACE) => {}
                 () = session.cancel.cancelled() => return,
             }
-            if lock(&session.attached).is_none() {
+            let latest = session.detaches.load(std::sync::atomic::Ordering::Acquire) == detach;
+            if latest && lock(&session.attached).is_none() {
                 tracing::info!(session = %session.id, sandbox = %session.sandbox_id, "a terminal session nobody came back to ends");
                 session.cancel.cancel();
             }
@@ -299,6 +320,7 @@ impl Service {
                 changed: watch::channel(0).0,
                 cancel: CancellationToken::new(),
                 attached: Mutex::default(),
+                detaches: Default::default(),
             });
             sessions.insert(session.id.clone(), session.clone());
             (session, input_rx)
@@ -325,12 +347,7 @@ impl Service {
                 tokio::select! {
                     chunk = chunks.recv(), if output_open => match chunk {
                         Some(chunk) => {
-                            let mut back = lock(&running.scrollback);
-                            back.bytes.extend(chunk.data.iter());
-                            back.total += chunk.data.len() as u64;
-                            let over = back.bytes.len().saturating_sub(SCROLLBACK);
-                            back.bytes.drain(..over);
-                            drop(back);
+                            running.append(&chunk.data);
                             running.changed.send_modify(|n| *n += 1);
                         }
                         None => output_open = false,
@@ -341,11 +358,7 @@ impl Service {
             };
             // What the command printed before its end comes first.
             while let Ok(chunk) = chunks.try_recv() {
-                let mut back = lock(&running.scrollback);
-                back.bytes.extend(chunk.data.iter());
-                back.total += chunk.data.len() as u64;
-                let over = back.bytes.len().saturating_sub(SCROLLBACK);
-                back.bytes.drain(..over);
+                running.append(&chunk.data);
             }
             {
                 let mut back = lock(&running.scrollback);
@@ -358,6 +371,8 @@ impl Service {
             // The attached client (it holds the session) reads the end; no
             // other comes to an ended session.
             lock(&service.inner.terminals.sessions).remove(&running.id);
+            // Its grace timers end with it.
+            running.cancel.cancel();
         });
         Ok(self.attach(session))
     }

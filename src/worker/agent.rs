@@ -196,7 +196,7 @@ async fn exec(State(s): State<AgentState>, Json(req): Json<rpc::Exec>) -> Respon
 }
 
 /// The largest message of a terminal's WebSocket.
-const MAX_TERMINAL_MESSAGE: usize = 1 << 20;
+const MAX_TERMINAL_MESSAGE: usize = 64 << 10;
 
 /// How long the control plane has to say what the terminal runs.
 const TERMINAL_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -234,7 +234,7 @@ async fn serve_terminal(mut socket: axum::extract::ws::WebSocket, worker: Arc<Lo
             return;
         }
     };
-    let (input, input_rx) = mpsc::channel(256);
+    let (input, input_rx) = mpsc::channel(32);
     let (sink, mut chunks) = mpsc::channel::<OutputChunk>(64);
     let terminal = crate::provider::Terminal {
         size: open.size,
@@ -243,8 +243,18 @@ async fn serve_terminal(mut socket: axum::extract::ws::WebSocket, worker: Arc<Lo
     let run = worker.exec_terminal(&open.runtime, &open.spec, terminal, sink);
     tokio::pin!(run);
     let mut output_open = true;
+    let mut heard = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(super::remote::TERMINAL_LIVENESS / 3);
     let result = loop {
         tokio::select! {
+            _ = ping.tick() => {
+                // A control plane gone without a word: the command ends.
+                if heard.elapsed() > super::remote::TERMINAL_LIVENESS
+                    || socket.send(Message::Ping(Default::default())).await.is_err()
+                {
+                    return;
+                }
+            }
             chunk = chunks.recv(), if output_open => match chunk {
                 Some(chunk) => {
                     if socket.send(Message::Binary(chunk.data)).await.is_err() {
@@ -254,6 +264,7 @@ async fn serve_terminal(mut socket: axum::extract::ws::WebSocket, worker: Arc<Lo
                 None => output_open = false,
             },
             message = socket.recv() => {
+                heard = tokio::time::Instant::now();
                 let sent = match message {
                     Some(Ok(Message::Binary(data))) => input.try_send(crate::provider::TerminalInput::Data(data)),
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<rpc::TerminalControl>(&text) {

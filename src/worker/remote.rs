@@ -23,6 +23,10 @@ use crate::provider::{
     SpawnSpec,
 };
 
+/// How long a terminal's connection may be silent (the worker pings it
+/// every third of it).
+pub(crate) const TERMINAL_LIVENESS: Duration = Duration::from_secs(90);
+
 /// Connecting to a worker.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A unary call (files, inspect, inventory, ...).
@@ -305,9 +309,31 @@ impl RemoteWorker {
             .send(Message::Text(open.into()))
             .await
             .map_err(lost)?;
+        let (mut to_worker, mut socket) = socket.split();
+        // One writer; typed input never waits on it (what it cannot take
+        // is dropped), so the output below is always read.
+        let (typed_tx, mut typed_rx) = tokio::sync::mpsc::channel::<Message>(64);
+        let _writing = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            while let Some(message) = typed_rx.recv().await {
+                if to_worker.send(message).await.is_err() {
+                    return;
+                }
+            }
+        }));
         let mut typing = true;
+        let mut heard = tokio::time::Instant::now();
+        let mut check = tokio::time::interval(TERMINAL_LIVENESS / 3);
         loop {
             tokio::select! {
+                _ = check.tick() => {
+                    // The worker pings: silence is a lost connection.
+                    if heard.elapsed() > TERMINAL_LIVENESS {
+                        return Err(ProviderError::Unavailable(format!(
+                            "worker {}: the terminal's connection went silent",
+                            self.id
+                        )));
+                    }
+                }
                 typed = terminal.input.recv(), if typing => {
                     let message = match typed {
                         Some(crate::provider::TerminalInput::Data(data)) => Message::Binary(data),
@@ -321,26 +347,40 @@ impl RemoteWorker {
                             continue;
                         }
                     };
-                    socket.send(message).await.map_err(lost)?;
+                    if typed_tx.try_send(message).is_err() {
+                        tracing::debug!(worker = %self.id, "terminal input dropped: the worker does not keep up");
+                    }
                 }
-                message = socket.next() => match message {
-                    Some(Ok(Message::Binary(data))) => {
-                        // Backpressure: a slow session holds the worker's output.
-                        if sink.send(OutputChunk { stream: crate::provider::StreamKind::Stdout, data }).await.is_err() {
-                            return Err(ProviderError::Runtime("nobody reads the terminal".into()));
+                message = socket.next() => {
+                    heard = tokio::time::Instant::now();
+                    match message {
+                        Some(Ok(Message::Binary(data))) => {
+                            // Backpressure: a slow session holds the worker's output.
+                            let chunk = OutputChunk { stream: crate::provider::StreamKind::Stdout, data };
+                            if sink.send(chunk).await.is_err() {
+                                return Err(ProviderError::Runtime("nobody reads the terminal".into()));
+                            }
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            return match serde_json::from_str::<rpc::TerminalEnd>(&text) {
+                                Ok(rpc::TerminalEnd::Exit(exit)) => Ok(exit),
+                                Ok(rpc::TerminalEnd::Error(e)) => Err(e.into()),
+                                Err(e) => Err(ProviderError::Runtime(format!(
+                                    "worker {} sent a bad terminal end: {e}",
+                                    self.id
+                                ))),
+                            };
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(lost(e)),
+                        None => {
+                            return Err(ProviderError::Unavailable(format!(
+                                "worker {} closed the terminal's connection",
+                                self.id
+                            )));
                         }
                     }
-                    Some(Ok(Message::Text(text))) => {
-                        return match serde_json::from_str::<rpc::TerminalEnd>(&text) {
-                            Ok(rpc::TerminalEnd::Exit(exit)) => Ok(exit),
-                            Ok(rpc::TerminalEnd::Error(e)) => Err(e.into()),
-                            Err(e) => Err(ProviderError::Runtime(format!("worker {} sent a bad terminal end: {e}", self.id))),
-                        };
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(lost(e)),
-                    None => return Err(ProviderError::Unavailable(format!("worker {} closed the terminal's connection", self.id))),
-                },
+                }
             }
         }
     }

@@ -181,7 +181,7 @@ async fn a_terminal_runs_vi_resizes_and_survives_a_reconnect() {
     assert!(text.contains("hello from a terminal"), "{text}");
 
     // The client leaves; the shell runs on. Something happens meanwhile.
-    term.type_keys("sleep 1; echo WHILE-AWAY\r").await;
+    term.type_keys("sleep 1; echo WHILE-$((2+2))\r").await;
     drop(term);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
@@ -206,7 +206,8 @@ async fn a_terminal_runs_vi_resizes_and_survives_a_reconnect() {
     )
     .await;
     assert_eq!(again, session);
-    back.until_screen("WHILE-AWAY").await;
+    // Computed by the shell while nobody watched: not the typed line.
+    back.until_screen("WHILE-4").await;
     back.type_keys("echo BACK-$((1+1))\r").await;
     back.until_screen("BACK-2").await;
 
@@ -240,8 +241,24 @@ async fn a_terminal_runs_vi_resizes_and_survives_a_reconnect() {
     };
     assert_eq!(end["exit_code"], 3, "{end}");
     drop(second);
-    let gone = connect(&server, Some(&alice), &format!("{path}?session={session}")).await;
-    assert_eq!(gone.err(), Some(404));
+    // An ended session is gone (its removal follows the end it sent).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match connect(&server, Some(&alice), &format!("{path}?session={session}")).await {
+            Err(404) => break,
+            other => {
+                assert!(tokio::time::Instant::now() < deadline, "{:?}", other.err());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // Another owner cannot open one in Alice's sandbox either.
+    assert_eq!(
+        connect(&server, Some(&bob), &format!("{path}?cols=80&rows=24"))
+            .await
+            .err(),
+        Some(404)
+    );
     server.stop().await;
 }
 

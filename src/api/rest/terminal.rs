@@ -31,6 +31,9 @@ use crate::service::terminals::{Attachment, Output, TerminalRequest};
 /// The largest message a client may send.
 const MAX_MESSAGE: usize = 64 << 10;
 
+/// How long a client may be silent (it is pinged every third of it).
+const LIVENESS: std::time::Duration = std::time::Duration::from_secs(90);
+
 pub fn router() -> axum::Router<Service> {
     axum::Router::new().route("/api/v1/sandboxes/{id}/pty", axum::routing::get(pty))
 }
@@ -87,8 +90,17 @@ async fn serve(mut socket: WebSocket, mut attachment: Attachment) {
         return;
     }
     let taken_over = attachment.taken_over.clone();
+    let mut heard = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(LIVENESS / 3);
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                // A client gone without a word detaches, so the session's
+                // grace begins.
+                if heard.elapsed() > LIVENESS || socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
             output = attachment.next() => {
                 let message = match output {
                     Some(Output::Data { data, skipped }) => {
@@ -117,6 +129,7 @@ async fn serve(mut socket: WebSocket, mut attachment: Attachment) {
                 }
             }
             message = socket.recv() => {
+                heard = tokio::time::Instant::now();
                 let input = match message {
                     Some(Ok(Message::Binary(data))) => TerminalInput::Data(data),
                     Some(Ok(Message::Text(body))) => match serde_json::from_str::<ClientMessage>(&body) {

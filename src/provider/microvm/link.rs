@@ -451,10 +451,18 @@ impl AgentLink {
             rx.recv().await.map(|frame| (Ok(frame), rx))
         });
         let send = |frame: Frame| async move {
-            crate::provider::best_effort_quiet(
-                "telling the VM's agent about a command",
-                self.send(id, &frame).await,
-            );
+            match frame {
+                Frame::Kill => crate::provider::best_effort_quiet(
+                    "asking the VM's agent to kill a command",
+                    self.send(id, &frame).await,
+                ),
+                // Typed input never holds up the command's output: what
+                // the link cannot queue now is dropped.
+                frame => crate::provider::best_effort_quiet(
+                    "typing into a VM's terminal",
+                    self.writer.try_send(frame.encode_tagged(id)),
+                ),
+            }
         };
         let result = crate::provider::agent::follow(frames, send, spec, input, sink).await;
         registration.finished();

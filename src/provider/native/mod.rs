@@ -1040,6 +1040,17 @@ impl NativeProvider {
     /// cannot be reached (nothing was sent). The command's environment is
     /// the exec helper's: the default `PATH` and the request's variables
     /// over nothing inherited.
+    /// A sandbox made before per-sandbox user ids has host root as its
+    /// root: it runs no commands.
+    fn refuse_predating_ids(&self, runtime_id: &str, meta: &SandboxMeta) -> ProviderResult<()> {
+        if meta.ids.is_none() && self.ids.is_some() {
+            return Err(ProviderError::Runtime(format!(
+                "sandbox {runtime_id} predates per-sandbox user ids: its root would be host root, so it runs no commands; destroy it"
+            )));
+        }
+        Ok(())
+    }
+
     async fn exec_via_agent(
         &self,
         runtime_id: &str,
@@ -1260,11 +1271,7 @@ impl Provider for NativeProvider {
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
         let meta = self.dirs.meta(runtime_id)?;
-        if meta.ids.is_none() && self.ids.is_some() {
-            return Err(ProviderError::Runtime(format!(
-                "sandbox {runtime_id} predates per-sandbox user ids: its root would be host root, so it runs no commands; destroy it"
-            )));
-        }
+        self.refuse_predating_ids(runtime_id, &meta)?;
         let record = self.running_init(runtime_id)?;
         if meta.agent.is_none() || self.agent.is_err() {
             return Err(ProviderError::Unavailable(
@@ -1291,11 +1298,7 @@ impl Provider for NativeProvider {
         sink: OutputSink,
     ) -> ProviderResult<ExecExit> {
         let meta = self.dirs.meta(runtime_id)?;
-        if meta.ids.is_none() && self.ids.is_some() {
-            return Err(ProviderError::Runtime(format!(
-                "sandbox {runtime_id} predates per-sandbox user ids: its root would be host root, so it runs no commands; destroy it"
-            )));
-        }
+        self.refuse_predating_ids(runtime_id, &meta)?;
         let record = self.running_init(runtime_id)?;
         let cgroup = self.cgroup(runtime_id);
         let oom_before = cgroup.as_ref().and_then(|c| c.oom_kills());
