@@ -158,11 +158,20 @@ impl Attachment {
     /// Typed input for the command; refused once the session ended, and
     /// dropped (not waited for) when the runtime does not keep up.
     pub fn send(&self, input: TerminalInput) -> Result<()> {
+        self.session.send(input)
+    }
+}
+
+impl Session {
+    /// Typed input or a resize for the command (the one rule for every
+    /// surface): a size within bounds; refused once the session ended;
+    /// dropped, not waited for, when the runtime does not keep up.
+    fn send(&self, input: TerminalInput) -> Result<()> {
         let input = match input {
             TerminalInput::Resize(size) => TerminalInput::Resize(clamp(size)?),
             other => other,
         };
-        match self.session.input.try_send(input) {
+        match self.input.try_send(input) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(Error::ResourceLimit {
                 message: "the terminal takes input more slowly than it is sent".into(),
@@ -412,6 +421,39 @@ impl Service {
             offset: 0,
             service: self.clone(),
         }
+    }
+
+    /// Opens a terminal session and leaves it waiting for a client (for
+    /// GraphQL: the `terminal` subscription attaches); its id.
+    pub async fn start_terminal(
+        &self,
+        caller: &Caller,
+        id: &str,
+        req: TerminalRequest,
+    ) -> Result<String> {
+        let attachment = self.open_terminal(caller, id, req).await?;
+        Ok(attachment.session.id.clone())
+    }
+
+    /// Input or a resize for session `session_id` of sandbox `id`, from
+    /// whatever client (GraphQL mutations).
+    pub async fn terminal_input(
+        &self,
+        caller: &Caller,
+        id: &str,
+        session_id: &str,
+        input: TerminalInput,
+    ) -> Result<()> {
+        self.require_write(caller)?;
+        let model = self.visible_sandbox(caller, id).await?;
+        self.inner
+            .terminals
+            .get(session_id)
+            .filter(|s| s.sandbox_id == model.id && !s.cancel.is_cancelled())
+            .ok_or_else(|| {
+                Error::NotFound(format!("no terminal session {session_id} in sandbox {id}"))
+            })?
+            .send(input)
     }
 
     /// Ends every terminal session of `sandbox_id` (it is being destroyed).

@@ -729,3 +729,126 @@ async fn introspection_can_be_turned_off() {
     assert!(response["data"]["__schema"].is_null(), "{response}");
     closed.stop().await;
 }
+
+/// Terminals over GraphQL: `openTerminal`, the `terminal` subscription
+/// (over the same WebSocket as every subscription), `terminalInput` and
+/// `resizeTerminal`; another owner is turned away with NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminals_over_graphql() {
+    use base64::Engine;
+    let server = crate::support::native_server(|_| {}).await;
+    let alice = crate::support::key(&server, "alice", stacyvm::auth::Role::Owner).await;
+    let bob = crate::support::key(&server, "bob", stacyvm::auth::Role::Owner).await;
+    let gql = |key: String, query: &'static str, variables: Value| {
+        let server = &server;
+        async move {
+            let resp = server
+                .http
+                .post(graphql_url(server))
+                .header("x-api-key", key)
+                .json(&json!({"query": query, "variables": variables}))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            resp.json::<Value>().await.unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    let spawned = gql(
+        alice.clone(),
+        "mutation($i: String) { spawnSandbox(input: {image: $i}) { id } }",
+        json!({"i": crate::support::docker_image()}),
+    )
+    .await;
+    let id = spawned["data"]["spawnSandbox"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{spawned}"))
+        .to_string();
+    let opened = gql(
+        alice.clone(),
+        "mutation($s: ID!) { openTerminal(sandboxId: $s, input: {cols: 80, rows: 24}) { id sandboxId } }",
+        json!({"s": id}),
+    )
+    .await;
+    let session = opened["data"]["openTerminal"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{opened}"))
+        .to_string();
+
+    let url = graphql_url(&server).replace("http://", "ws://") + "/ws";
+    let mut ws = Ws::connect_url_with(&url, json!({"X-API-Key": alice})).await;
+    ws.subscribe(
+        "t",
+        "subscription($s: ID!, $t: ID!) { terminal(sandboxId: $s, sessionId: $t) { __typename ... on TerminalOutput { dataBase64 } ... on TerminalEnd { exitCode error } } }",
+        json!({"s": id, "t": session}),
+    )
+    .await;
+    let input = "mutation($s: ID!, $t: ID!, $d: String!) { terminalInput(sandboxId: $s, sessionId: $t, data: $d) }";
+    let typed = gql(
+        alice.clone(),
+        input,
+        json!({"s": id, "t": session, "d": "stty size; echo G-$((2*4))\r"}),
+    )
+    .await;
+    assert_eq!(typed["data"]["terminalInput"], true, "{typed}");
+    let resize = "mutation($s: ID!, $t: ID!) { resizeTerminal(sandboxId: $s, sessionId: $t, cols: 91, rows: 17) }";
+    let mut screen = String::new();
+    let mut resized = false;
+    let end = loop {
+        let message = ws.recv().await;
+        assert_eq!(message["type"], "next", "{message}");
+        let event = &message["payload"]["data"]["terminal"];
+        match event["__typename"].as_str() {
+            Some("TerminalOutput") => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(event["dataBase64"].as_str().unwrap_or_default())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                screen.push_str(&String::from_utf8_lossy(&bytes));
+                if screen.contains("G-8") && !resized {
+                    assert!(screen.contains("24 80"), "{screen}");
+                    resized = true;
+                    let r = gql(alice.clone(), resize, json!({"s": id, "t": session})).await;
+                    assert_eq!(r["data"]["resizeTerminal"], true, "{r}");
+                    gql(
+                        alice.clone(),
+                        input,
+                        json!({"s": id, "t": session, "d": "stty size; exit 6\r"}),
+                    )
+                    .await;
+                }
+            }
+            Some("TerminalEnd") => break event.clone(),
+            other => panic!("{other:?}: {message}"),
+        }
+    };
+    assert!(screen.contains("17 91"), "{screen}");
+    assert_eq!(end["exitCode"], 6, "{end}");
+
+    // Another owner: neither opens nor types in Alice's sandbox.
+    let theirs = gql(bob.clone(), input, json!({"s": id, "t": session, "d": "x"})).await;
+    assert_eq!(
+        theirs["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "{theirs}"
+    );
+    let open = gql(
+        bob,
+        "mutation($s: ID!) { openTerminal(sandboxId: $s) { id } }",
+        json!({"s": id}),
+    )
+    .await;
+    assert_eq!(
+        open["errors"][0]["extensions"]["code"], "NOT_FOUND",
+        "{open}"
+    );
+    // Bad sizes are the caller's mistake.
+    let bad = gql(
+        alice,
+        "mutation($s: ID!) { openTerminal(sandboxId: $s, input: {cols: 0}) { id } }",
+        json!({"s": id}),
+    )
+    .await;
+    assert_eq!(
+        bad["errors"][0]["extensions"]["code"], "BAD_REQUEST",
+        "{bad}"
+    );
+    server.stop().await;
+}

@@ -12,6 +12,7 @@ mod loaders;
 mod mutation;
 mod query;
 mod subscription;
+mod terminal;
 mod types;
 mod ws;
 

@@ -225,6 +225,62 @@ impl MutationRoot {
         })
     }
 
+    /// Opens a terminal (a PTY) in a sandbox; attach with the `terminal`
+    /// subscription within 5 minutes, type with `terminalInput`.
+    async fn open_terminal(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        #[graphql(default)] input: super::terminal::OpenTerminalInput,
+    ) -> async_graphql::Result<super::terminal::TerminalSession> {
+        let (service, caller) = ctx(cx)?;
+        let id = service
+            .start_terminal(caller, &sandbox_id, input.into())
+            .await
+            .gql()?;
+        Ok(super::terminal::TerminalSession {
+            id: ID(id),
+            sandbox_id,
+        })
+    }
+
+    /// Types into a terminal (UTF-8 text; control keys as their
+    /// characters, e.g. "\r" for Enter).
+    async fn terminal_input(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        session_id: ID,
+        data: String,
+    ) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        let input = crate::provider::TerminalInput::Data(data.into_bytes().into());
+        service
+            .terminal_input(caller, &sandbox_id, &session_id, input)
+            .await
+            .gql()?;
+        Ok(true)
+    }
+
+    /// Resizes a terminal.
+    async fn resize_terminal(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        session_id: ID,
+        cols: u16,
+        rows: u16,
+    ) -> async_graphql::Result<bool> {
+        let (service, caller) = ctx(cx)?;
+        let input =
+            crate::provider::TerminalInput::Resize(crate::provider::TerminalSize { cols, rows });
+        service
+            .terminal_input(caller, &sandbox_id, &session_id, input)
+            .await
+            .gql()?;
+        Ok(true)
+    }
+
     /// Starts a command and returns its execution at once; follow its
     /// output with the `execOutput` subscription.
     async fn start_exec(

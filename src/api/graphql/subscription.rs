@@ -37,6 +37,29 @@ impl SubscriptionRoot {
         Ok(output_stream(follower))
     }
 
+    /// A terminal session's output (its scrollback first), then its end.
+    /// Attaching takes the session over from any other client.
+    async fn terminal(
+        &self,
+        cx: &Context<'_>,
+        sandbox_id: ID,
+        session_id: ID,
+    ) -> async_graphql::Result<impl Stream<Item = super::terminal::TerminalEvent>> {
+        let (service, caller) = ctx(cx)?;
+        let attachment = service
+            .attach_terminal(caller, &sandbox_id, &session_id)
+            .await
+            .gql()?;
+        Ok(futures::stream::unfold(attachment, |mut a| async move {
+            let taken_over = a.taken_over.clone();
+            tokio::select! {
+                next = a.next() => next.map(|o| (super::terminal::TerminalEvent::from(o), a)),
+                // Another client took the session over: this one ends.
+                () = taken_over.cancelled() => None,
+            }
+        }))
+    }
+
     /// Starts a command and follows its output in one operation.
     async fn exec_stream(
         &self,
