@@ -571,31 +571,20 @@ impl Vmm for Firecracker {
     }
 
     async fn version(&self) -> Result<String, String> {
-        let out = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::process::Command::new(&self.config.binary)
-                .arg("--version")
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .output(),
+        let binary = &self.config.binary;
+        let first = machine::binary_version(
+            binary,
+            "Firecracker",
+            "set providers.firecracker.binary to a Firecracker release or build",
         )
-        .await
-        .map_err(|_| "Firecracker did not answer --version within 10s".to_string())?
-        .map_err(|e| {
-            format!(
-                "cannot run {} (set providers.firecracker.binary to a Firecracker release or build): {e}",
-                self.config.binary.display()
-            )
-        })?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let first = text.lines().next().unwrap_or_default().trim();
-        if !out.status.success() || !first.starts_with("Firecracker") {
+        .await?;
+        if !first.starts_with("Firecracker") {
             return Err(format!(
                 "{} --version does not say it is Firecracker",
-                self.config.binary.display()
+                binary.display()
             ));
         }
-        Ok(format!("{}: {first}", self.config.binary.display()))
+        Ok(format!("{}: {first}", binary.display()))
     }
 
     async fn host_checks(&self, boot: Result<(&Assets, &Boot), String>) -> Vec<Check> {

@@ -231,6 +231,31 @@ pub fn host_is_a_vm() -> bool {
         .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"))
 }
 
+/// The first line `binary --version` prints (within 10 s): a VMM's
+/// version. `name` and `hint` (how to get the binary) are for the error.
+pub async fn binary_version(binary: &Path, name: &str, hint: &str) -> Result<String, String> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::process::Command::new(binary)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| format!("{name} did not answer --version within 10s"))?
+    .map_err(|e| format!("cannot run {} ({hint}): {e}", binary.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} --version failed", binary.display()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string())
+}
+
 /// The last [`CONSOLE_LINES`] non-empty lines of `text`.
 pub fn last_lines(text: &str) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();

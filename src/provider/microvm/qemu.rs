@@ -275,31 +275,11 @@ impl Vmm for Qemu {
     }
 
     async fn version(&self) -> Result<String, String> {
-        let out = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::process::Command::new(&self.config.binary)
-                .arg("--version")
-                .stdin(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .map_err(|_| "QEMU did not answer --version within 10s".to_string())?
-        .map_err(|e| {
-            format!(
-                "cannot run {} (Debian: apt-get install qemu-system-x86): {e}",
-                self.config.binary.display()
-            )
-        })?;
-        if !out.status.success() {
-            return Err(format!("{} --version failed", self.config.binary.display()));
-        }
-        let first = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string();
-        Ok(format!("{}: {first}", self.config.binary.display()))
+        let binary = &self.config.binary;
+        let first =
+            machine::binary_version(binary, "QEMU", "Debian: apt-get install qemu-system-x86")
+                .await?;
+        Ok(format!("{}: {first}", binary.display()))
     }
 
     async fn host_checks(&self, boot: Result<(&Assets, &Boot), String>) -> Vec<Check> {
